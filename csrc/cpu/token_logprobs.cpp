@@ -1,0 +1,210 @@
+// C++ CPU kernels for token_logprobs (see kernels/token_logprobs.py for the maths and the
+// layout contract: logits are a strided [D0, D1, V] view, per-row outputs are contiguous [N]).
+//
+// Each row is walked in chunks that are converted to float into a small buffer (L1-resident),
+// so every dtype and stride shares one vectorised inner loop. Rows run in parallel (OpenMP).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "vec_math.h"
+
+namespace gtalign_fast {
+namespace cpu {
+namespace {
+
+constexpr int64_t kChunk = 2048;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+GTALIGN_CPU_CLONES float chunk_max(const float* y, int64_t count) {
+  float result = kNegInf;
+#pragma omp simd reduction(max : result)
+  for (int64_t i = 0; i < count; ++i) result = y[i] > result ? y[i] : result;
+  return result;
+}
+
+// sum exp(y - m_ref) and sum exp(y - m_ref) * (y - m_ref) over a chunk (-inf entries add 0).
+GTALIGN_CPU_CLONES void chunk_exp_sums(const float* y, int64_t count, float m_ref, bool with_entropy,
+                                        float* sum_out, float* centred_out) {
+  float sum = 0.0f, centred = 0.0f;
+  if (with_entropy) {
+#pragma omp simd reduction(+ : sum, centred)
+    for (int64_t i = 0; i < count; ++i) {
+      const float d = y[i] - m_ref;
+      const float e = exp_f32(d);
+      sum += e;
+      centred += e > 0.0f ? e * d : 0.0f;
+    }
+  } else {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < count; ++i) sum += exp_f32(y[i] - m_ref);
+  }
+  *sum_out = sum;
+  *centred_out = centred;
+}
+
+// grad[i] = -g_logp * p_i - g_entropy * p_i * (y_i - lse + H), p_i = exp(y_i - lse).
+GTALIGN_CPU_CLONES void chunk_grad(const float* y, int64_t count, float lse, float g_logp, float g_entropy,
+                                    float entropy, float* grad) {
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) {
+    const float d = y[i] - lse;
+    const float p = exp_f32(d);
+    const float entropy_term = p > 0.0f ? p * (d + entropy) : 0.0f;
+    grad[i] = -g_logp * p - g_entropy * entropy_term;
+  }
+}
+
+struct RowLayout {
+  int64_t d1, stride0, stride1, stride_v, vocab;
+  int64_t offset(int64_t row) const { return (row / d1) * stride0 + (row % d1) * stride1; }
+};
+
+RowLayout layout_of(const at::Tensor& logits3d) {
+  return {logits3d.size(1), logits3d.stride(0), logits3d.stride(1), logits3d.stride(2), logits3d.size(2)};
+}
+
+template <typename scalar_t>
+void forward_rows(const at::Tensor& logits3d, const int64_t* targets, float inv_t, int64_t ignore_index,
+                  float* logp, float* entropy, float* lse_out) {
+  const RowLayout layout = layout_of(logits3d);
+  const scalar_t* base = logits3d.data_ptr<scalar_t>();
+  const int64_t n_rows = logits3d.size(0) * layout.d1;
+  const bool with_entropy = entropy != nullptr;
+  at::parallel_for(0, n_rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer(kChunk);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t target = targets[row];
+      if (target == ignore_index) {
+        logp[row] = 0.0f;
+        lse_out[row] = 0.0f;
+        if (with_entropy) entropy[row] = 0.0f;
+        continue;
+      }
+      const scalar_t* row_ptr = base + layout.offset(row);
+      float m = kNegInf, s = 0.0f, t = 0.0f;
+      for (int64_t start = 0; start < layout.vocab; start += kChunk) {
+        const int64_t count = std::min(kChunk, layout.vocab - start);
+        load_scaled(row_ptr + start * layout.stride_v, layout.stride_v, count, inv_t, buffer.data());
+        const float m_new = std::max(m, chunk_max(buffer.data(), count));
+        // While every value seen is -inf, shift by 0 (exp(-inf - -inf) would be nan).
+        const float m_ref = m_new == kNegInf ? 0.0f : m_new;
+        const float rescale = s > 0.0f ? exp_f32(m - m_ref) : 0.0f;
+        float chunk_s, chunk_t;
+        chunk_exp_sums(buffer.data(), count, m_ref, with_entropy, &chunk_s, &chunk_t);
+        if (with_entropy) t = (s > 0.0f ? rescale * (t + (m - m_ref) * s) : 0.0f) + chunk_t;
+        s = s * rescale + chunk_s;
+        m = m_new;
+      }
+      const float log_s = std::log(s);
+      const float lse = m + log_s;
+      logp[row] = to_float(row_ptr[target * layout.stride_v]) * inv_t - lse;
+      lse_out[row] = lse;
+      if (with_entropy) entropy[row] = log_s - t / s;
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_rows(const float* grad_logp, const float* grad_entropy, const at::Tensor& logits3d,
+                   const int64_t* targets, const float* lse, const float* entropy, float inv_t,
+                   int64_t ignore_index, scalar_t* dlogits) {
+  const RowLayout layout = layout_of(logits3d);
+  const scalar_t* base = logits3d.data_ptr<scalar_t>();
+  const int64_t n_rows = logits3d.size(0) * layout.d1;
+  at::parallel_for(0, n_rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer(kChunk), grad(kChunk);
+    for (int64_t row = begin; row < end; ++row) {
+      scalar_t* out_row = dlogits + row * layout.vocab;
+      const int64_t target = targets[row];
+      if (target == ignore_index) {
+        std::fill(out_row, out_row + layout.vocab, static_cast<scalar_t>(0.0f));
+        continue;
+      }
+      const scalar_t* row_ptr = base + layout.offset(row);
+      // The 1/T of the chain rule is folded into the incoming gradients.
+      const float g_logp = grad_logp[row] * inv_t;
+      const float g_entropy = grad_entropy != nullptr ? grad_entropy[row] * inv_t : 0.0f;
+      const float row_entropy = grad_entropy != nullptr ? entropy[row] : 0.0f;
+      for (int64_t start = 0; start < layout.vocab; start += kChunk) {
+        const int64_t count = std::min(kChunk, layout.vocab - start);
+        load_scaled(row_ptr + start * layout.stride_v, layout.stride_v, count, inv_t, buffer.data());
+        chunk_grad(buffer.data(), count, lse[row], g_logp, g_entropy, row_entropy, grad.data());
+        if (target >= start && target < start + count) grad[target - start] += g_logp;
+        store_as(grad.data(), count, out_row + start);
+      }
+    }
+  });
+}
+
+void check_row_output(const at::Tensor& out, int64_t n_rows, const char* name) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() == n_rows,
+              "token_logprobs: ", name, " must be a contiguous float32 tensor of ", n_rows, " elements");
+}
+
+void token_logprobs_fwd_cpu(const at::Tensor& logits3d, const at::Tensor& targets, double inv_temperature,
+                            int64_t ignore_index, at::Tensor& logp, at::Tensor& entropy, at::Tensor& lse) {
+  TORCH_CHECK(logits3d.dim() == 3, "token_logprobs: logits must be a [D0, D1, V] view");
+  const int64_t n_rows = logits3d.size(0) * logits3d.size(1);
+  TORCH_CHECK(targets.scalar_type() == at::kLong && targets.is_contiguous() && targets.numel() == n_rows,
+              "token_logprobs: targets must be contiguous int64 with one id per row");
+  check_row_output(logp, n_rows, "logp");
+  check_row_output(lse, n_rows, "lse");
+  const bool with_entropy = entropy.numel() > 0;
+  if (with_entropy) check_row_output(entropy, n_rows, "entropy");
+  if (n_rows == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits3d.scalar_type(), "token_logprobs_fwd_cpu", [&] {
+    forward_rows<scalar_t>(logits3d, targets.data_ptr<int64_t>(), static_cast<float>(inv_temperature), ignore_index,
+                           logp.data_ptr<float>(), with_entropy ? entropy.data_ptr<float>() : nullptr,
+                           lse.data_ptr<float>());
+  });
+}
+
+void token_logprobs_bwd_cpu(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
+                            const at::Tensor& logits3d, const at::Tensor& targets, const at::Tensor& lse,
+                            const at::Tensor& entropy, double inv_temperature, int64_t ignore_index,
+                            at::Tensor& dlogits) {
+  TORCH_CHECK(logits3d.dim() == 3, "token_logprobs: logits must be a [D0, D1, V] view");
+  const int64_t n_rows = logits3d.size(0) * logits3d.size(1);
+  TORCH_CHECK(targets.scalar_type() == at::kLong && targets.is_contiguous() && targets.numel() == n_rows,
+              "token_logprobs: targets must be contiguous int64 with one id per row");
+  check_row_output(grad_logp, n_rows, "grad_logp");
+  check_row_output(lse, n_rows, "lse");
+  const bool has_grad_entropy = grad_entropy.has_value() && grad_entropy->defined();
+  if (has_grad_entropy) {
+    check_row_output(*grad_entropy, n_rows, "grad_entropy");
+    check_row_output(entropy, n_rows, "entropy");
+  }
+  TORCH_CHECK(dlogits.is_contiguous() && dlogits.scalar_type() == logits3d.scalar_type() &&
+                  dlogits.numel() == n_rows * logits3d.size(2),
+              "token_logprobs: dlogits must be contiguous [N, V] in the logits' dtype");
+  if (n_rows == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits3d.scalar_type(), "token_logprobs_bwd_cpu", [&] {
+    backward_rows<scalar_t>(grad_logp.data_ptr<float>(), has_grad_entropy ? grad_entropy->data_ptr<float>() : nullptr,
+                            logits3d, targets.data_ptr<int64_t>(), lse.data_ptr<float>(),
+                            has_grad_entropy ? entropy.data_ptr<float>() : nullptr,
+                            static_cast<float>(inv_temperature), ignore_index, dlogits.data_ptr<scalar_t>());
+  });
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace gtalign_fast
+
+TORCH_LIBRARY_FRAGMENT(gtalign_fast_C, m) {
+  m.def(
+      "token_logprobs_fwd(Tensor logits3d, Tensor targets, float inv_temperature, int ignore_index, "
+      "Tensor(a!) logp, Tensor(b!) entropy, Tensor(c!) lse) -> ()");
+  m.def(
+      "token_logprobs_bwd(Tensor grad_logp, Tensor? grad_entropy, Tensor logits3d, Tensor targets, Tensor lse, "
+      "Tensor entropy, float inv_temperature, int ignore_index, Tensor(a!) dlogits) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(gtalign_fast_C, CPU, m) {
+  m.impl("token_logprobs_fwd", &gtalign_fast::cpu::token_logprobs_fwd_cpu);
+  m.impl("token_logprobs_bwd", &gtalign_fast::cpu::token_logprobs_bwd_cpu);
+}

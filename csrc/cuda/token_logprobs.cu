@@ -1,0 +1,179 @@
+// CUDA kernels for token_logprobs (see kernels/token_logprobs.py for the maths and the layout
+// contract: logits are a strided [D0, D1, V] view, per-row outputs are contiguous [N]).
+//
+// One thread block per row (a 1-D grid, so N is not limited to 65535). Each thread keeps an
+// online log-sum-exp state (max m, s = sum exp(y - m), t = sum exp(y - m) * (y - m)) over its
+// strided slice of the vocabulary; the states are merged across the block at the end.
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <cuda_runtime.h>
+
+namespace gtalign_fast {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 512;
+
+
+struct LseState {
+  float m, s, t;
+};
+
+__device__ __forceinline__ LseState merge(LseState a, LseState b) {
+  const float m = fmaxf(a.m, b.m);
+  if (m == -INFINITY) return {m, 0.0f, 0.0f};
+  const float scale_a = a.s > 0.0f ? __expf(a.m - m) : 0.0f;
+  const float scale_b = b.s > 0.0f ? __expf(b.m - m) : 0.0f;
+  const float t_a = a.s > 0.0f ? scale_a * (a.t + (a.m - m) * a.s) : 0.0f;
+  const float t_b = b.s > 0.0f ? scale_b * (b.t + (b.m - m) * b.s) : 0.0f;
+  return {m, a.s * scale_a + b.s * scale_b, t_a + t_b};
+}
+
+__device__ __forceinline__ LseState add_value(LseState state, float y) {
+  if (y == -INFINITY) return state;  // p = 0: contributes nothing
+  if (y > state.m) {
+    const float scale = state.s > 0.0f ? __expf(state.m - y) : 0.0f;
+    const float t = state.s > 0.0f ? scale * (state.t + (state.m - y) * state.s) : 0.0f;
+    return {y, state.s * scale + 1.0f, t};
+  }
+  const float d = y - state.m;
+  const float e = __expf(d);
+  return {state.m, state.s + e, state.t + e * d};
+}
+
+__device__ LseState block_merge(LseState state) {
+  __shared__ LseState warp_states[kThreads / 32];
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    LseState other{__shfl_xor_sync(0xffffffff, state.m, offset), __shfl_xor_sync(0xffffffff, state.s, offset),
+                   __shfl_xor_sync(0xffffffff, state.t, offset)};
+    state = merge(state, other);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) warp_states[warp] = state;
+  __syncthreads();
+  if (warp == 0) {
+    state = lane < blockDim.x / 32 ? warp_states[lane] : LseState{-INFINITY, 0.0f, 0.0f};
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      LseState other{__shfl_xor_sync(0xffffffff, state.m, offset), __shfl_xor_sync(0xffffffff, state.s, offset),
+                     __shfl_xor_sync(0xffffffff, state.t, offset)};
+      state = merge(state, other);
+    }
+  }
+  return state;  // valid in thread 0
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) token_logprobs_fwd_kernel(
+    const scalar_t* __restrict__ logits, const int64_t* __restrict__ targets, float* __restrict__ logp,
+    float* __restrict__ entropy, float* __restrict__ lse_out, int64_t d1, int64_t stride0, int64_t stride1,
+    int64_t stride_v, int64_t vocab, float inv_t, int64_t ignore_index) {
+  const int64_t row = blockIdx.x;
+  const int64_t target = targets[row];
+  if (target == ignore_index) {
+    if (threadIdx.x == 0) {
+      logp[row] = 0.0f;
+      lse_out[row] = 0.0f;
+      if (entropy != nullptr) entropy[row] = 0.0f;
+    }
+    return;
+  }
+  const scalar_t* row_ptr = logits + (row / d1) * stride0 + (row % d1) * stride1;
+  LseState state{-INFINITY, 0.0f, 0.0f};
+  for (int64_t col = threadIdx.x; col < vocab; col += blockDim.x) {
+    state = add_value(state, static_cast<float>(row_ptr[col * stride_v]) * inv_t);
+  }
+  state = block_merge(state);
+  if (threadIdx.x == 0) {
+    const float log_s = logf(state.s);
+    const float lse = state.m + log_s;
+    logp[row] = static_cast<float>(row_ptr[target * stride_v]) * inv_t - lse;
+    lse_out[row] = lse;
+    if (entropy != nullptr) entropy[row] = log_s - state.t / state.s;
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) token_logprobs_bwd_kernel(
+    const float* __restrict__ grad_logp, const float* __restrict__ grad_entropy, const scalar_t* __restrict__ logits,
+    const int64_t* __restrict__ targets, const float* __restrict__ lse, const float* __restrict__ entropy,
+    scalar_t* __restrict__ dlogits, int64_t d1, int64_t stride0, int64_t stride1, int64_t stride_v, int64_t vocab,
+    float inv_t, int64_t ignore_index) {
+  const int64_t row = blockIdx.x;
+  scalar_t* out_row = dlogits + row * vocab;
+  const int64_t target = targets[row];
+  if (target == ignore_index) {
+    for (int64_t col = threadIdx.x; col < vocab; col += blockDim.x) out_row[col] = static_cast<scalar_t>(0.0f);
+    return;
+  }
+  const scalar_t* row_ptr = logits + (row / d1) * stride0 + (row % d1) * stride1;
+  // The 1/T of the chain rule is folded into the incoming gradients.
+  const float g_logp = grad_logp[row] * inv_t;
+  const float g_entropy = grad_entropy != nullptr ? grad_entropy[row] * inv_t : 0.0f;
+  const float row_entropy = grad_entropy != nullptr ? entropy[row] : 0.0f;
+  const float row_lse = lse[row];
+  for (int64_t col = threadIdx.x; col < vocab; col += blockDim.x) {
+    const float d = static_cast<float>(row_ptr[col * stride_v]) * inv_t - row_lse;
+    const float p = __expf(d);
+    float grad = (col == target ? g_logp : 0.0f) - g_logp * p;
+    if (p > 0.0f) grad -= g_entropy * p * (d + row_entropy);
+    out_row[col] = static_cast<scalar_t>(grad);
+  }
+}
+
+void token_logprobs_fwd_cuda(const at::Tensor& logits3d, const at::Tensor& targets, double inv_temperature,
+                             int64_t ignore_index, at::Tensor& logp, at::Tensor& entropy, at::Tensor& lse) {
+  TORCH_CHECK(logits3d.dim() == 3, "token_logprobs: logits must be a [D0, D1, V] view");
+  const int64_t n_rows = logits3d.size(0) * logits3d.size(1);
+  TORCH_CHECK(targets.numel() == n_rows && targets.is_contiguous() && targets.scalar_type() == at::kLong,
+              "token_logprobs: targets must be contiguous int64 with one id per row");
+  TORCH_CHECK(n_rows <= INT32_MAX, "token_logprobs: at most 2^31 - 1 rows per call");
+  if (n_rows == 0) return;
+  const c10::cuda::CUDAGuard guard(logits3d.device());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const bool with_entropy = entropy.numel() > 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits3d.scalar_type(), "token_logprobs_fwd_cuda", [&] {
+    token_logprobs_fwd_kernel<scalar_t><<<static_cast<unsigned int>(n_rows), kThreads, 0, stream>>>(
+        logits3d.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), logp.data_ptr<float>(),
+        with_entropy ? entropy.data_ptr<float>() : nullptr, lse.data_ptr<float>(), logits3d.size(1),
+        logits3d.stride(0), logits3d.stride(1), logits3d.stride(2), logits3d.size(2),
+        static_cast<float>(inv_temperature), ignore_index);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void token_logprobs_bwd_cuda(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
+                             const at::Tensor& logits3d, const at::Tensor& targets, const at::Tensor& lse,
+                             const at::Tensor& entropy, double inv_temperature, int64_t ignore_index,
+                             at::Tensor& dlogits) {
+  const int64_t n_rows = logits3d.size(0) * logits3d.size(1);
+  TORCH_CHECK(dlogits.is_contiguous() && dlogits.scalar_type() == logits3d.scalar_type() &&
+                  dlogits.numel() == n_rows * logits3d.size(2),
+              "token_logprobs: dlogits must be contiguous [N, V] in the logits' dtype");
+  TORCH_CHECK(n_rows <= INT32_MAX, "token_logprobs: at most 2^31 - 1 rows per call");
+  if (n_rows == 0) return;
+  const c10::cuda::CUDAGuard guard(logits3d.device());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const bool has_grad_entropy = grad_entropy.has_value() && grad_entropy->defined();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits3d.scalar_type(), "token_logprobs_bwd_cuda", [&] {
+    token_logprobs_bwd_kernel<scalar_t><<<static_cast<unsigned int>(n_rows), kThreads, 0, stream>>>(
+        grad_logp.data_ptr<float>(), has_grad_entropy ? grad_entropy->data_ptr<float>() : nullptr,
+        logits3d.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), lse.data_ptr<float>(),
+        has_grad_entropy ? entropy.data_ptr<float>() : nullptr, dlogits.data_ptr<scalar_t>(), logits3d.size(1),
+        logits3d.stride(0), logits3d.stride(1), logits3d.stride(2), logits3d.size(2),
+        static_cast<float>(inv_temperature), ignore_index);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace gtalign_fast
+
+TORCH_LIBRARY_IMPL(gtalign_fast_C, CUDA, m) {
+  m.impl("token_logprobs_fwd", &gtalign_fast::cuda::token_logprobs_fwd_cuda);
+  m.impl("token_logprobs_bwd", &gtalign_fast::cuda::token_logprobs_bwd_cuda);
+}

@@ -1,0 +1,193 @@
+"""Backend selection shared by every op.
+
+Each op runs on one of four backends:
+
+``"triton"``     the Triton kernel in ``gtalign_fast.kernels`` (CUDA tensors; CPU tensors only under
+                 ``TRITON_INTERPRET=1``, which is how the tests run it);
+``"cuda"``       the CUDA C++ kernel of the compiled extension ``gtalign_fast._C``;
+``"cpu"``        the C++ CPU kernel of the compiled extension (OpenMP);
+``"reference"``  the pure-PyTorch specification in ``gtalign_fast.reference``.
+
+The backend is chosen, in this order, by the ``backend=`` argument of the call, the environment
+variable ``GTALIGN_FAST_BACKEND_<OP>`` (e.g. ``GTALIGN_FAST_BACKEND_TOKEN_LOGPROBS=triton``), the
+environment variable ``GTALIGN_FAST_BACKEND``, and finally the default for the device. A backend that
+was asked for but cannot run raises; the default never silently changes the maths, and when it
+has to fall back to the reference (no extension on CPU) it says so once with a warning.
+:func:`last_backend` reports what ran, and every launch logs one line at DEBUG level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from typing import Iterator
+
+import torch
+
+logger = logging.getLogger("gtalign_fast")
+
+BACKENDS = ("triton", "cuda", "cpu", "reference")
+ENV_BACKEND = "GTALIGN_FAST_BACKEND"
+
+# Which backend an op uses by default on CUDA tensors. Chosen from bench/run.py measurements
+# (the faster of Triton and CUDA C++); an op missing here uses Triton.
+CUDA_DEFAULTS: dict[str, str] = {}
+
+_last_backend: dict[str, str] = {}
+_warned_fallback: set[str] = set()
+_poison_outputs = os.environ.get("GTALIGN_FAST_POISON", "0") == "1"
+
+# ---------------------------------------------------------------------------------------------
+# The compiled extension
+
+
+def _load_extension():
+    try:
+        from gtalign_fast import _C  # noqa: F401  (importing registers the torch.ops.gtalign_fast_C ops)
+
+        return _C, None
+    except ImportError as error:  # not built (GTALIGN_FAST_NO_EXT=1) or built for another torch
+        return None, error
+
+
+_EXTENSION, _EXTENSION_ERROR = _load_extension()
+
+
+def extension_available() -> bool:
+    """Whether the compiled extension ``gtalign_fast._C`` imported."""
+    return _EXTENSION is not None
+
+
+def extension_has_cuda() -> bool:
+    """Whether the compiled extension holds the CUDA kernels."""
+    return _EXTENSION is not None and bool(_EXTENSION.with_cuda())
+
+
+def _triton_status() -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as error:
+        return False, f"triton is not installed ({error})"
+    return True, ""
+
+
+def triton_interpreted() -> bool:
+    """Whether Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolution
+
+
+def why_unavailable(backend: str, device: torch.device) -> str | None:
+    """Return why ``backend`` cannot run on ``device``, or None when it can."""
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        ok, reason = _triton_status()
+        if not ok:
+            return reason
+        if device.type == "cpu" and not triton_interpreted():
+            return "Triton needs CUDA tensors (or TRITON_INTERPRET=1 set before import, for testing)"
+        if device.type not in ("cpu", "cuda"):
+            return f"Triton does not run on {device.type} tensors"
+        return None
+    if backend in ("cpu", "cuda"):
+        if _EXTENSION is None:
+            return f"the compiled extension gtalign_fast._C is not available ({_EXTENSION_ERROR})"
+        if backend != device.type:
+            return f"the {backend!r} backend runs on {backend} tensors, got {device.type} tensors"
+        if backend == "cuda" and not extension_has_cuda():
+            return "the extension was built without CUDA kernels"
+        return None
+    return f"unknown backend {backend!r}; choose one of {BACKENDS}"
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    """The backends that can run on ``device``, fastest first."""
+    device = torch.device(device)
+    return [b for b in BACKENDS if why_unavailable(b, device) is None]
+
+
+def _default_backend(op: str, device: torch.device) -> str:
+    if device.type == "cuda":
+        preferred = CUDA_DEFAULTS.get(op, "triton")
+        for candidate in (preferred, "triton", "cuda"):
+            if why_unavailable(candidate, device) is None:
+                return candidate
+    elif device.type == "cpu" and why_unavailable("cpu", device) is None:
+        return "cpu"
+    if op not in _warned_fallback:
+        _warned_fallback.add(op)
+        warnings.warn(
+            f"gtalign_fast.{op}: no compiled kernel for {device.type} tensors "
+            f"({why_unavailable('cpu' if device.type == 'cpu' else 'triton', device)}); "
+            "using the pure-PyTorch reference backend (same maths, slower, more memory)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return "reference"
+
+
+def resolve(op: str, device: torch.device, requested: str | None) -> str:
+    """Pick the backend for one call of ``op`` on ``device``.
+
+    Raises
+    ------
+    ValueError
+        If the name is not a backend.
+    RuntimeError
+        If the backend that was asked for (argument or environment) cannot run here.
+    """
+    source = "backend="
+    if not requested:
+        requested = os.environ.get(f"{ENV_BACKEND}_{op.upper()}") or os.environ.get(ENV_BACKEND)
+        source = "environment"
+    if not requested or requested == "auto":
+        return _default_backend(op, device)
+    if requested not in BACKENDS:
+        raise ValueError(f"gtalign_fast.{op}: unknown backend {requested!r} (from {source}); choose one of {BACKENDS}")
+    reason = why_unavailable(requested, device)
+    if reason is not None:
+        raise RuntimeError(f"gtalign_fast.{op}: backend {requested!r} (from {source}) cannot run: {reason}")
+    return requested
+
+
+def record(op: str, backend: str) -> None:
+    """Remember (and log at DEBUG) which backend ran ``op``."""
+    _last_backend[op] = backend
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("gtalign_fast.%s ran on backend %r", op, backend)
+
+
+def last_backend(op: str) -> str | None:
+    """The backend that ran the most recent call of ``op`` (e.g. ``"token_logprobs"``), or None."""
+    return _last_backend.get(op)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output allocation (poisoning for tests)
+
+
+def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocate an op output. Under :func:`poison_outputs` it is filled with NaN (or -1 for
+    integers) so that an element the kernel fails to write makes a test fail."""
+    if not _poison_outputs:
+        return torch.empty(shape, dtype=dtype, device=device)
+    fill = float("nan") if dtype.is_floating_point else -1
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+@contextlib.contextmanager
+def poison_outputs(enabled: bool = True) -> Iterator[None]:
+    """Context manager: outputs allocated by the ops are pre-filled with NaN (tests use this)."""
+    global _poison_outputs
+    previous = _poison_outputs
+    _poison_outputs = enabled
+    try:
+        yield
+    finally:
+        _poison_outputs = previous

@@ -1,0 +1,297 @@
+"""``token_logprobs``: the public op, its torch.library registration and its backends.
+
+Forward and backward are two custom ops, ``gtalign_fast::token_logprobs`` and
+``gtalign_fast::token_logprobs_backward``; autograd links them. Each resolves its backend at run
+time (inside the op), so a compiled graph keeps working when the backend changes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _backend, reference
+
+OP = "token_logprobs"
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout: any [..., V] logits as a strided [D0, D1, V] view, without copying
+
+
+def rows_view(logits: torch.Tensor) -> torch.Tensor:
+    """View ``[..., V]`` logits as ``[D0, D1, V]`` with the original strides (no copy).
+
+    Leading dimensions that are laid out back to back are merged, so a contiguous tensor becomes
+    ``[1, N, V]`` and the ``[:, :-1]`` slice of ``[B, T+1, V]`` logits becomes ``[B, T, V]`` with the
+    row stride of the parent. Raises when more than two leading dimensions cannot be merged.
+    """
+    *leading, vocab = logits.shape
+    leading_strides = logits.stride()[:-1]
+    merged: list[tuple[int, int]] = []  # (size, stride), outermost first
+    for size, stride in zip(leading, leading_strides):
+        if size == 1:
+            continue
+        if merged and merged[-1][1] == stride * size:
+            merged[-1] = (merged[-1][0] * size, stride)
+        else:
+            merged.append((size, stride))
+    if len(merged) > 2:
+        raise ValueError(
+            f"token_logprobs: logits of shape {tuple(logits.shape)} and strides {logits.stride()} have "
+            f"{len(merged)} leading dimensions that cannot be merged into rows; the kernels read at most "
+            "two (e.g. the [:, :-1] slice of [B, T+1, V]). Pass a view with fewer strided dimensions."
+        )
+    while len(merged) < 2:
+        merged.insert(0, (1, 0))
+    (d0, s0), (d1, s1) = merged
+    return logits.as_strided((d0, d1, vocab), (s0, s1, logits.stride(-1)), logits.storage_offset())
+
+
+def _check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    out_of_range = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    if bool(out_of_range.any()):
+        position = int(out_of_range.reshape(-1).nonzero()[0, 0])
+        value = int(targets.reshape(-1)[position])
+        raise IndexError(
+            f"token_logprobs: target id {value} at flat position {position} is outside [0, {vocab}) "
+            f"and is not ignore_index ({ignore_index})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends
+
+
+def _forward_reference(logits, targets, temperature, with_entropy, ignore_index, logp, entropy, lse):
+    ref_logp, ref_entropy = reference.token_logprobs(logits, targets, temperature, with_entropy, ignore_index)
+    logp.copy_(ref_logp.reshape(-1))
+    scaled = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32) / temperature
+    valid = (targets != ignore_index).reshape(-1)
+    lse.copy_(torch.where(valid, torch.logsumexp(scaled, dim=-1).reshape(-1).float(), 0.0))
+    if with_entropy:
+        entropy.copy_(ref_entropy.reshape(-1))
+
+
+def _backward_reference(grad_logp, grad_entropy, logits, targets, temperature, ignore_index, dlogits):
+    with torch.enable_grad():
+        leaf = logits.detach().requires_grad_(True)
+        logp, entropy = reference.token_logprobs(leaf, targets, temperature, grad_entropy is not None, ignore_index)
+        outputs, grads = [logp.reshape(-1)], [grad_logp.to(logp.dtype)]
+        if grad_entropy is not None:
+            outputs.append(entropy.reshape(-1))
+            grads.append(grad_entropy.to(entropy.dtype))
+        (dleaf,) = torch.autograd.grad(outputs, [leaf], grads)
+    dlogits.copy_(dleaf.reshape(dlogits.shape))
+
+
+def _run_forward(name, logits, targets, temperature, with_entropy, ignore_index, logp, entropy, lse):
+    if name == "reference":
+        _forward_reference(logits, targets, temperature, with_entropy, ignore_index, logp, entropy, lse)
+        return
+    view = rows_view(logits)
+    flat_targets = targets.reshape(-1).contiguous()
+    if name == "triton":
+        from gtalign_fast.kernels import token_logprobs as triton_kernels
+
+        triton_kernels.token_logprobs_forward(
+            view, flat_targets, 1.0 / temperature, ignore_index, logp, entropy if with_entropy else None, lse
+        )
+    else:  # "cpu" and "cuda": the compiled extension, dispatched by device
+        torch.ops.gtalign_fast_C.token_logprobs_fwd(view, flat_targets, 1.0 / temperature, ignore_index, logp, entropy, lse)
+
+
+def _run_backward(name, grad_logp, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index, dlogits):
+    if name == "reference":
+        _backward_reference(grad_logp, grad_entropy, logits, targets, temperature, ignore_index, dlogits)
+        return
+    view = rows_view(logits)
+    flat_targets = targets.reshape(-1).contiguous()
+    if name == "triton":
+        from gtalign_fast.kernels import token_logprobs as triton_kernels
+
+        triton_kernels.token_logprobs_backward(
+            grad_logp, grad_entropy, view, flat_targets, lse, entropy, 1.0 / temperature, ignore_index, dlogits
+        )
+    else:
+        torch.ops.gtalign_fast_C.token_logprobs_bwd(
+            grad_logp, grad_entropy, view, flat_targets, lse, entropy, 1.0 / temperature, ignore_index, dlogits
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops
+
+
+@torch.library.custom_op("gtalign_fast::token_logprobs", mutates_args=())
+def _token_logprobs_op(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    with_entropy: bool,
+    ignore_index: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    name = _backend.resolve(OP, logits.device, backend)
+    _backend.record(OP, name)
+    vocab = logits.shape[-1]
+    _check_target_range(targets, vocab, ignore_index)
+    n_rows = targets.numel()
+    logp = _backend.new_output((n_rows,), torch.float32, logits.device)
+    lse = _backend.new_output((n_rows,), torch.float32, logits.device)
+    entropy = _backend.new_output((n_rows if with_entropy else 0,), torch.float32, logits.device)
+    if n_rows > 0:
+        _run_forward(name, logits, targets, temperature, with_entropy, ignore_index, logp, entropy, lse)
+    out_shape = targets.shape
+    return logp.view(out_shape), entropy.view(out_shape if with_entropy else (0,)), lse.view(out_shape)
+
+
+@_token_logprobs_op.register_fake
+def _(logits, targets, temperature, with_entropy, ignore_index, backend):
+    logp = logits.new_empty(targets.shape, dtype=torch.float32)
+    entropy = logits.new_empty(targets.shape if with_entropy else (0,), dtype=torch.float32)
+    return logp, entropy, logits.new_empty(targets.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("gtalign_fast::token_logprobs_backward", mutates_args=())
+def _token_logprobs_backward_op(
+    grad_logp: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    backend: str,
+) -> torch.Tensor:
+    name = _backend.resolve(OP, logits.device, backend)
+    _backend.record(OP, name)
+    dlogits = _backend.new_output(logits.shape, logits.dtype, logits.device)
+    if targets.numel() > 0:
+        grad_logp = grad_logp.reshape(-1).to(torch.float32).contiguous()
+        if grad_entropy is not None:
+            grad_entropy = grad_entropy.reshape(-1).to(torch.float32).contiguous()
+        _run_backward(
+            name, grad_logp, grad_entropy, logits, targets, lse.reshape(-1), entropy.reshape(-1),
+            temperature, ignore_index, dlogits,
+        )
+    return dlogits
+
+
+@_token_logprobs_backward_op.register_fake
+def _(grad_logp, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index, backend):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, targets, temperature, with_entropy, ignore_index, backend = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(logits, targets, lse, entropy)
+    ctx.temperature, ctx.ignore_index, ctx.backend = temperature, ignore_index, backend
+    ctx.with_entropy = with_entropy
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_logp, grad_entropy, grad_lse):
+    logits, targets, lse, entropy = ctx.saved_tensors
+    if grad_logp is None and grad_entropy is None:
+        return None, None, None, None, None, None
+    if grad_logp is None:
+        grad_logp = torch.zeros_like(lse)
+    if not ctx.with_entropy:
+        grad_entropy = None
+    dlogits = _token_logprobs_backward_op(
+        grad_logp, grad_entropy, logits, targets, lse, entropy, ctx.temperature, ctx.ignore_index, ctx.backend
+    )
+    return dlogits, None, None, None, None, None
+
+
+_token_logprobs_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public function
+
+
+def _validate(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> None:
+    if not isinstance(logits, torch.Tensor) or not isinstance(targets, torch.Tensor):
+        raise TypeError("token_logprobs: logits and targets must be tensors")
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"token_logprobs: logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+    if targets.dtype != torch.int64:
+        raise TypeError(f"token_logprobs: targets must be int64 token ids, got {targets.dtype}")
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"token_logprobs: logits must be [..., V] with V >= 1, got shape {tuple(logits.shape)}")
+    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"token_logprobs: targets shape {tuple(targets.shape)} must equal the logits' leading shape "
+            f"{tuple(logits.shape[:-1])}"
+        )
+    if logits.device != targets.device:
+        raise ValueError(f"token_logprobs: logits on {logits.device} but targets on {targets.device}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"token_logprobs: temperature must be a Python float, got {type(temperature).__name__}")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"token_logprobs: temperature must be finite and > 0, got {temperature}")
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    ignore_index: int = -100,
+    backend: str | None = None,
+):
+    """Log-probability of each target token under ``softmax(logits / temperature)``, fused.
+
+    One pass over the vocabulary per row (temperature, online log-sum-exp, gather, optional
+    entropy); the backward is one more pass that writes dlogits. No float32 ``[N, V]`` temporary is
+    ever made, and strided rows are read in place.
+
+    Parameters
+    ----------
+    logits : Tensor, shape ``[..., V]``, float16 / bfloat16 / float32 (float64 accepted)
+        Rows may be strided: the ``[:, :-1]`` slice of ``[B, T+1, V]`` logits is read without a copy.
+    targets : Tensor, shape ``[...]``, int64
+        Token ids in ``[0, V)``, or ``ignore_index``.
+    temperature : float, default 1.0
+        Finite and ``> 0``; the logits are divided by it: ``logp = z_t / T - logsumexp(z / T)``.
+    with_entropy : bool, default False
+        Also return the entropy of ``softmax(logits / T)`` (differentiable), from the same pass.
+    ignore_index : int, default -100
+        Positions whose target equals it give 0 (log-prob and entropy) and zero gradient.
+    backend : {"triton", "cuda", "cpu", "reference"}, optional
+        Force a backend; default: ``GTALIGN_FAST_BACKEND[_TOKEN_LOGPROBS]``, else the C++ kernel on
+        CPU and the Triton kernel on CUDA.
+
+    Returns
+    -------
+    logp : Tensor, shape ``[...]``, float32
+        Returned alone when ``with_entropy`` is False.
+    (logp, entropy) : tuple of Tensor, shape ``[...]``, float32
+        When ``with_entropy`` is True.
+
+    Raises
+    ------
+    TypeError
+        Integer logits, non-int64 targets, a non-float temperature.
+    ValueError
+        Shape or device mismatch, temperature not finite or ``<= 0``, V = 0.
+    IndexError
+        A target outside ``[0, V)`` that is not ``ignore_index``.
+
+    Notes
+    -----
+    Backward gives ``dlogits`` in the logits' dtype, contiguous, with
+    ``dz_j = (g_logp (1[j = t] - p_j) - g_H p_j (log p_j + H)) / T``.
+    """
+    _validate(logits, targets, temperature)
+    logp, entropy, _ = _token_logprobs_op(
+        logits, targets, float(temperature), bool(with_entropy), int(ignore_index), backend or ""
+    )
+    return (logp, entropy) if with_entropy else logp

@@ -1,0 +1,14 @@
+"""Public ops of gtalign_fast: one function per op, with a documented contract.
+
+Every op dispatches to a backend (see :mod:`gtalign_fast._backend`): ``backend=`` per call,
+``GTALIGN_FAST_BACKEND[_<OP>]`` in the environment, or the default for the device;
+:func:`last_backend` reports what ran. The ops are ``torch.library`` custom ops with fake
+(meta) kernels and registered autograd, so ``torch.compile(fullgraph=True)`` traces through them.
+"""
+
+from __future__ import annotations
+
+from ._backend import available_backends, last_backend, poison_outputs
+from ._token_logprobs import token_logprobs
+
+__all__ = ["token_logprobs", "last_backend", "available_backends", "poison_outputs"]

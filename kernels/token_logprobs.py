@@ -1,0 +1,178 @@
+"""Triton kernels for ``token_logprobs``: the log-prob of one target token per row of logits,
+with an optional entropy, and the backward that writes dlogits in one pass.
+
+Layout contract (shared with the C++ kernels): the logits are a strided view ``[D0, D1, V]``
+(``N = D0 * D1`` rows; the ``[:, :-1]`` slice of ``[B, T+1, V]`` logits is such a view, read in
+place), targets and the per-row outputs are contiguous ``[N]``, dlogits is contiguous ``[N, V]``.
+
+Forward, per row, in one pass over the vocabulary (an online log-sum-exp): with ``y = z / T``
+and ``m`` the running maximum, keep ``s = sum exp(y - m)`` and ``t = sum exp(y - m) * (y - m)``.
+Then ``lse = m + log s``, ``logp = y_t - lse`` and ``entropy = log s - t / s``.
+
+Backward, per row: with ``p = exp(y - lse)``,
+``dz = (g_logp * (onehot_t - p) - g_entropy * p * (y - lse + H)) / T``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# One program handles one row; the vocabulary is walked in blocks of this many elements.
+MAX_BLOCK_V = 4096
+
+
+@triton.jit
+def _token_logprobs_fwd_kernel(
+    logits_ptr,
+    targets_ptr,
+    logp_ptr,
+    entropy_ptr,
+    lse_ptr,
+    D1,
+    stride0,
+    stride1,
+    stride_v,
+    V,
+    inv_temperature,
+    ignore_index,
+    WITH_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + (row // D1) * stride0 + (row % D1) * stride1
+    inv_t = tl.cast(inv_temperature, tl.float32)
+    target = tl.load(targets_ptr + row)
+    valid = target != ignore_index
+    # Ignored rows (prompt tokens, padding) skip the vocabulary walk entirely.
+    v_end = tl.where(valid, V, 0)
+
+    m = tl.cast(float("-inf"), tl.float32)
+    s = tl.cast(0.0, tl.float32)
+    t = tl.cast(0.0, tl.float32)
+    for start in range(0, v_end, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        y = tl.load(row_ptr + cols * stride_v, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_t
+        m_new = tl.maximum(m, tl.max(y, axis=0))
+        # While every value seen is -inf, shift by 0 instead (exp(-inf - -inf) would be nan).
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        rescale = tl.exp(m - m_ref)
+        e = tl.exp(y - m_ref)
+        if WITH_ENTROPY:
+            shift = tl.where(s > 0, m - m_ref, 0.0)
+            centred = tl.where(e > 0, y - m_ref, 0.0)
+            t = rescale * (t + shift * s) + tl.sum(e * centred, axis=0)
+        s = s * rescale + tl.sum(e, axis=0)
+        m = m_new
+
+    log_s = tl.log(s)
+    lse = m + log_s
+    safe_target = tl.where(valid, target, 0)
+    y_target = tl.load(row_ptr + safe_target * stride_v).to(tl.float32) * inv_t
+    tl.store(logp_ptr + row, tl.where(valid, y_target - lse, 0.0))
+    tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
+    if WITH_ENTROPY:
+        tl.store(entropy_ptr + row, tl.where(valid, log_s - t / s, 0.0))
+
+
+@triton.jit
+def _token_logprobs_bwd_kernel(
+    grad_logp_ptr,
+    grad_entropy_ptr,
+    logits_ptr,
+    targets_ptr,
+    lse_ptr,
+    entropy_ptr,
+    dlogits_ptr,
+    D1,
+    stride0,
+    stride1,
+    stride_v,
+    V,
+    inv_temperature,
+    ignore_index,
+    HAS_GRAD_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + (row // D1) * stride0 + (row % D1) * stride1
+    out_ptr = dlogits_ptr + row * V
+    inv_t = tl.cast(inv_temperature, tl.float32)
+    target = tl.load(targets_ptr + row)
+    valid = target != ignore_index
+    # Fold the 1/T of the chain rule into the incoming gradients; ignored rows get zero gradient.
+    g_logp = tl.where(valid, tl.load(grad_logp_ptr + row), 0.0) * inv_t
+    lse = tl.load(lse_ptr + row)
+    if HAS_GRAD_ENTROPY:
+        g_entropy = tl.where(valid, tl.load(grad_entropy_ptr + row), 0.0) * inv_t
+        entropy = tl.load(entropy_ptr + row)
+
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        in_row = cols < V
+        y = tl.load(row_ptr + cols * stride_v, mask=in_row, other=float("-inf")).to(tl.float32) * inv_t
+        p = tl.where(valid, tl.exp(y - lse), 0.0)
+        grad = tl.where(cols == target, g_logp, 0.0) - g_logp * p
+        if HAS_GRAD_ENTROPY:
+            # p * (log p + H); zero where p == 0 (y = -inf would give 0 * inf).
+            grad -= g_entropy * tl.where(p > 0, p * (y - lse + entropy), 0.0)
+        tl.store(out_ptr + cols, grad.to(dlogits_ptr.dtype.element_ty), mask=in_row)
+
+
+def _block_size(vocab_size: int) -> int:
+    return min(MAX_BLOCK_V, triton.next_power_of_2(max(vocab_size, 16)))
+
+
+def _num_warps(block_v: int) -> int:
+    return 8 if block_v >= 2048 else 4
+
+
+def token_logprobs_forward(
+    logits3d: torch.Tensor,
+    targets: torch.Tensor,
+    inv_temperature: float,
+    ignore_index: int,
+    logp: torch.Tensor,
+    entropy: torch.Tensor | None,
+    lse: torch.Tensor,
+) -> None:
+    """Launch the forward kernel: fills ``logp``, ``lse`` and (when given) ``entropy``, all ``[N]``."""
+    d0, d1, vocab = logits3d.shape
+    n_rows = d0 * d1
+    if n_rows == 0:
+        return
+    block_v = _block_size(vocab)
+    s0, s1, sv = logits3d.stride()
+    _token_logprobs_fwd_kernel[(n_rows,)](
+        logits3d, targets, logp, entropy if entropy is not None else logp, lse,
+        d1, s0, s1, sv, vocab, inv_temperature, ignore_index,
+        WITH_ENTROPY=entropy is not None, BLOCK_V=block_v, num_warps=_num_warps(block_v),
+    )
+
+
+def token_logprobs_backward(
+    grad_logp: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    logits3d: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    inv_temperature: float,
+    ignore_index: int,
+    dlogits: torch.Tensor,
+) -> None:
+    """Launch the backward kernel: writes every element of ``dlogits`` (contiguous ``[N, V]``)."""
+    d0, d1, vocab = logits3d.shape
+    n_rows = d0 * d1
+    if n_rows == 0:
+        return
+    block_v = _block_size(vocab)
+    s0, s1, sv = logits3d.stride()
+    has_grad_entropy = grad_entropy is not None
+    _token_logprobs_bwd_kernel[(n_rows,)](
+        grad_logp, grad_entropy if has_grad_entropy else grad_logp, logits3d, targets, lse,
+        entropy if has_grad_entropy else lse, dlogits,
+        d1, s0, s1, sv, vocab, inv_temperature, ignore_index,
+        HAS_GRAD_ENTROPY=has_grad_entropy, BLOCK_V=block_v, num_warps=_num_warps(block_v),
+    )
