@@ -65,31 +65,43 @@ def _check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) ->
 # Backends
 
 
-def _forward_reference(logits, targets, temperature, with_entropy, ignore_index, logp, entropy, lse):
+# The reference backend computes in float64 (the slow, exact path: it materialises [N, V]).
+
+
+def _forward_reference(logits, targets, temperature, with_entropy, ignore_index, logp, entropy, stats):
+    logits = logits.double()
     ref_logp, ref_entropy = reference.token_logprobs(logits, targets, temperature, with_entropy, ignore_index)
     logp.copy_(ref_logp.reshape(-1))
-    scaled = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32) / temperature
+    scaled = (logits / temperature).reshape(-1, logits.shape[-1])
+    row_max = scaled.max(dim=-1).values
+    log_sum = torch.logsumexp(scaled - row_max.unsqueeze(-1), dim=-1)
     valid = (targets != ignore_index).reshape(-1)
-    lse.copy_(torch.where(valid, torch.logsumexp(scaled, dim=-1).reshape(-1).float(), 0.0))
+    stats.copy_(torch.where(valid.unsqueeze(-1), torch.stack([row_max, log_sum], dim=-1), 0.0))
     if with_entropy:
         entropy.copy_(ref_entropy.reshape(-1))
 
 
 def _backward_reference(grad_logp, grad_entropy, logits, targets, temperature, ignore_index, dlogits):
-    with torch.enable_grad():
-        leaf = logits.detach().requires_grad_(True)
-        logp, entropy = reference.token_logprobs(leaf, targets, temperature, grad_entropy is not None, ignore_index)
-        outputs, grads = [logp.reshape(-1)], [grad_logp.to(logp.dtype)]
-        if grad_entropy is not None:
-            outputs.append(entropy.reshape(-1))
-            grads.append(grad_entropy.to(entropy.dtype))
-        (dleaf,) = torch.autograd.grad(outputs, [leaf], grads)
-    dlogits.copy_(dleaf.reshape(dlogits.shape))
+    # Custom ops run below autograd, so the gradient is written out in closed form here:
+    # dz = (g_logp * (onehot - p) - g_entropy * p * (log p + H)) / T.
+    scaled = logits.double() / temperature
+    log_probs = torch.log_softmax(scaled, dim=-1)
+    probs = log_probs.exp()
+    valid = (targets != ignore_index).unsqueeze(-1)
+    g_logp = grad_logp.reshape(targets.shape).to(scaled.dtype).unsqueeze(-1)
+    onehot = torch.zeros_like(scaled).scatter_(-1, targets.clamp(min=0).unsqueeze(-1), 1.0)
+    grad = g_logp * (onehot - probs)
+    if grad_entropy is not None:
+        entropy = -(probs * torch.where(probs > 0, log_probs, torch.zeros_like(log_probs))).sum(-1, keepdim=True)
+        g_entropy = grad_entropy.reshape(targets.shape).to(scaled.dtype).unsqueeze(-1)
+        grad = grad - g_entropy * torch.where(probs > 0, probs * (log_probs + entropy), torch.zeros_like(probs))
+    grad = torch.where(valid, grad / temperature, torch.zeros_like(grad))
+    dlogits.copy_(grad.reshape(dlogits.shape))
 
 
-def _run_forward(name, logits, targets, temperature, with_entropy, ignore_index, logp, entropy, lse):
+def _run_forward(name, logits, targets, temperature, with_entropy, ignore_index, logp, entropy, stats):
     if name == "reference":
-        _forward_reference(logits, targets, temperature, with_entropy, ignore_index, logp, entropy, lse)
+        _forward_reference(logits, targets, temperature, with_entropy, ignore_index, logp, entropy, stats)
         return
     view = rows_view(logits)
     flat_targets = targets.reshape(-1).contiguous()
@@ -97,13 +109,13 @@ def _run_forward(name, logits, targets, temperature, with_entropy, ignore_index,
         from gtalign_fast.kernels import token_logprobs as triton_kernels
 
         triton_kernels.token_logprobs_forward(
-            view, flat_targets, 1.0 / temperature, ignore_index, logp, entropy if with_entropy else None, lse
+            view, flat_targets, 1.0 / temperature, ignore_index, logp, entropy if with_entropy else None, stats
         )
     else:  # "cpu" and "cuda": the compiled extension, dispatched by device
-        torch.ops.gtalign_fast_C.token_logprobs_fwd(view, flat_targets, 1.0 / temperature, ignore_index, logp, entropy, lse)
+        torch.ops.gtalign_fast_C.token_logprobs_fwd(view, flat_targets, 1.0 / temperature, ignore_index, logp, entropy, stats)
 
 
-def _run_backward(name, grad_logp, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index, dlogits):
+def _run_backward(name, grad_logp, grad_entropy, logits, targets, stats, entropy, temperature, ignore_index, dlogits):
     if name == "reference":
         _backward_reference(grad_logp, grad_entropy, logits, targets, temperature, ignore_index, dlogits)
         return
@@ -113,11 +125,11 @@ def _run_backward(name, grad_logp, grad_entropy, logits, targets, lse, entropy, 
         from gtalign_fast.kernels import token_logprobs as triton_kernels
 
         triton_kernels.token_logprobs_backward(
-            grad_logp, grad_entropy, view, flat_targets, lse, entropy, 1.0 / temperature, ignore_index, dlogits
+            grad_logp, grad_entropy, view, flat_targets, stats, entropy, 1.0 / temperature, ignore_index, dlogits
         )
     else:
         torch.ops.gtalign_fast_C.token_logprobs_bwd(
-            grad_logp, grad_entropy, view, flat_targets, lse, entropy, 1.0 / temperature, ignore_index, dlogits
+            grad_logp, grad_entropy, view, flat_targets, stats, entropy, 1.0 / temperature, ignore_index, dlogits
         )
 
 
@@ -140,19 +152,20 @@ def _token_logprobs_op(
     _check_target_range(targets, vocab, ignore_index)
     n_rows = targets.numel()
     logp = _backend.new_output((n_rows,), torch.float32, logits.device)
-    lse = _backend.new_output((n_rows,), torch.float32, logits.device)
+    # Per row (max of z/T, log sum exp(z/T - max)), saved for the backward.
+    stats = _backend.new_output((n_rows, 2), torch.float32, logits.device)
     entropy = _backend.new_output((n_rows if with_entropy else 0,), torch.float32, logits.device)
     if n_rows > 0:
-        _run_forward(name, logits, targets, temperature, with_entropy, ignore_index, logp, entropy, lse)
+        _run_forward(name, logits, targets, temperature, with_entropy, ignore_index, logp, entropy, stats)
     out_shape = targets.shape
-    return logp.view(out_shape), entropy.view(out_shape if with_entropy else (0,)), lse.view(out_shape)
+    return logp.view(out_shape), entropy.view(out_shape if with_entropy else (0,)), stats
 
 
 @_token_logprobs_op.register_fake
 def _(logits, targets, temperature, with_entropy, ignore_index, backend):
     logp = logits.new_empty(targets.shape, dtype=torch.float32)
     entropy = logits.new_empty(targets.shape if with_entropy else (0,), dtype=torch.float32)
-    return logp, entropy, logits.new_empty(targets.shape, dtype=torch.float32)
+    return logp, entropy, logits.new_empty((targets.numel(), 2), dtype=torch.float32)
 
 
 @torch.library.custom_op("gtalign_fast::token_logprobs_backward", mutates_args=())
@@ -161,7 +174,7 @@ def _token_logprobs_backward_op(
     grad_entropy: torch.Tensor | None,
     logits: torch.Tensor,
     targets: torch.Tensor,
-    lse: torch.Tensor,
+    stats: torch.Tensor,
     entropy: torch.Tensor,
     temperature: float,
     ignore_index: int,
@@ -175,36 +188,36 @@ def _token_logprobs_backward_op(
         if grad_entropy is not None:
             grad_entropy = grad_entropy.reshape(-1).to(torch.float32).contiguous()
         _run_backward(
-            name, grad_logp, grad_entropy, logits, targets, lse.reshape(-1), entropy.reshape(-1),
+            name, grad_logp, grad_entropy, logits, targets, stats, entropy.reshape(-1),
             temperature, ignore_index, dlogits,
         )
     return dlogits
 
 
 @_token_logprobs_backward_op.register_fake
-def _(grad_logp, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index, backend):
+def _(grad_logp, grad_entropy, logits, targets, stats, entropy, temperature, ignore_index, backend):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
     logits, targets, temperature, with_entropy, ignore_index, backend = inputs
-    _, entropy, lse = output
-    ctx.save_for_backward(logits, targets, lse, entropy)
+    _, entropy, stats = output
+    ctx.save_for_backward(logits, targets, stats, entropy)
     ctx.temperature, ctx.ignore_index, ctx.backend = temperature, ignore_index, backend
     ctx.with_entropy = with_entropy
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_logp, grad_entropy, grad_lse):
-    logits, targets, lse, entropy = ctx.saved_tensors
+def _backward(ctx, grad_logp, grad_entropy, grad_stats):
+    logits, targets, stats, entropy = ctx.saved_tensors
     if grad_logp is None and grad_entropy is None:
         return None, None, None, None, None, None
     if grad_logp is None:
-        grad_logp = torch.zeros_like(lse)
+        grad_logp = torch.zeros(targets.shape, dtype=torch.float32, device=stats.device)
     if not ctx.with_entropy:
         grad_entropy = None
     dlogits = _token_logprobs_backward_op(
-        grad_logp, grad_entropy, logits, targets, lse, entropy, ctx.temperature, ctx.ignore_index, ctx.backend
+        grad_logp, grad_entropy, logits, targets, stats, entropy, ctx.temperature, ctx.ignore_index, ctx.backend
     )
     return dlogits, None, None, None, None, None
 

@@ -7,10 +7,12 @@ place), targets and the per-row outputs are contiguous ``[N]``, dlogits is conti
 
 Forward, per row, in one pass over the vocabulary (an online log-sum-exp): with ``y = z / T``
 and ``m`` the running maximum, keep ``s = sum exp(y - m)`` and ``t = sum exp(y - m) * (y - m)``.
-Then ``lse = m + log s``, ``logp = y_t - lse`` and ``entropy = log s - t / s``.
+Then ``logp = (y_t - m) - log s`` and ``entropy = log s - t / s``. The pair ``(m, log s)`` is saved
+per row for the backward (``lse = m + log s`` is never formed: at |y| ~ 1e4 its float32 rounding
+alone would be 1e-3; differences to ``m`` are exact).
 
-Backward, per row: with ``p = exp(y - lse)``,
-``dz = (g_logp * (onehot_t - p) - g_entropy * p * (y - lse + H)) / T``.
+Backward, per row: with ``p = exp((y - m) - log s)``,
+``dz = (g_logp * (onehot_t - p) - g_entropy * p * (log p + H)) / T``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def _token_logprobs_fwd_kernel(
     targets_ptr,
     logp_ptr,
     entropy_ptr,
-    lse_ptr,
+    stats_ptr,
     D1,
     stride0,
     stride1,
@@ -66,12 +68,14 @@ def _token_logprobs_fwd_kernel(
         s = s * rescale + tl.sum(e, axis=0)
         m = m_new
 
+    # Ignored rows never summed anything; log(1) keeps them free of log(0) warnings.
+    s = tl.where(valid, s, 1.0)
     log_s = tl.log(s)
-    lse = m + log_s
     safe_target = tl.where(valid, target, 0)
     y_target = tl.load(row_ptr + safe_target * stride_v).to(tl.float32) * inv_t
-    tl.store(logp_ptr + row, tl.where(valid, y_target - lse, 0.0))
-    tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
+    tl.store(logp_ptr + row, tl.where(valid, (y_target - m) - log_s, 0.0))
+    tl.store(stats_ptr + 2 * row, tl.where(valid, m, 0.0))
+    tl.store(stats_ptr + 2 * row + 1, tl.where(valid, log_s, 0.0))
     if WITH_ENTROPY:
         tl.store(entropy_ptr + row, tl.where(valid, log_s - t / s, 0.0))
 
@@ -82,7 +86,7 @@ def _token_logprobs_bwd_kernel(
     grad_entropy_ptr,
     logits_ptr,
     targets_ptr,
-    lse_ptr,
+    stats_ptr,
     entropy_ptr,
     dlogits_ptr,
     D1,
@@ -103,7 +107,8 @@ def _token_logprobs_bwd_kernel(
     valid = target != ignore_index
     # Fold the 1/T of the chain rule into the incoming gradients; ignored rows get zero gradient.
     g_logp = tl.where(valid, tl.load(grad_logp_ptr + row), 0.0) * inv_t
-    lse = tl.load(lse_ptr + row)
+    row_max = tl.load(stats_ptr + 2 * row)
+    log_sum = tl.load(stats_ptr + 2 * row + 1)
     if HAS_GRAD_ENTROPY:
         g_entropy = tl.where(valid, tl.load(grad_entropy_ptr + row), 0.0) * inv_t
         entropy = tl.load(entropy_ptr + row)
@@ -112,11 +117,12 @@ def _token_logprobs_bwd_kernel(
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols < V
         y = tl.load(row_ptr + cols * stride_v, mask=in_row, other=float("-inf")).to(tl.float32) * inv_t
-        p = tl.where(valid, tl.exp(y - lse), 0.0)
+        log_p = (y - row_max) - log_sum
+        p = tl.where(valid, tl.exp(log_p), 0.0)
         grad = tl.where(cols == target, g_logp, 0.0) - g_logp * p
         if HAS_GRAD_ENTROPY:
             # p * (log p + H); zero where p == 0 (y = -inf would give 0 * inf).
-            grad -= g_entropy * tl.where(p > 0, p * (y - lse + entropy), 0.0)
+            grad -= g_entropy * p * tl.where(p > 0, log_p + entropy, 0.0)
         tl.store(out_ptr + cols, grad.to(dlogits_ptr.dtype.element_ty), mask=in_row)
 
 
@@ -135,9 +141,10 @@ def token_logprobs_forward(
     ignore_index: int,
     logp: torch.Tensor,
     entropy: torch.Tensor | None,
-    lse: torch.Tensor,
+    stats: torch.Tensor,
 ) -> None:
-    """Launch the forward kernel: fills ``logp``, ``lse`` and (when given) ``entropy``, all ``[N]``."""
+    """Launch the forward kernel: fills ``logp`` and (when given) ``entropy``, ``[N]``, and the
+    per-row ``stats`` ``[N, 2]`` = (max of z/T, log of the sum of exp(z/T - max))."""
     d0, d1, vocab = logits3d.shape
     n_rows = d0 * d1
     if n_rows == 0:
@@ -145,7 +152,7 @@ def token_logprobs_forward(
     block_v = _block_size(vocab)
     s0, s1, sv = logits3d.stride()
     _token_logprobs_fwd_kernel[(n_rows,)](
-        logits3d, targets, logp, entropy if entropy is not None else logp, lse,
+        logits3d, targets, logp, entropy if entropy is not None else logp, stats,
         d1, s0, s1, sv, vocab, inv_temperature, ignore_index,
         WITH_ENTROPY=entropy is not None, BLOCK_V=block_v, num_warps=_num_warps(block_v),
     )
@@ -156,7 +163,7 @@ def token_logprobs_backward(
     grad_entropy: torch.Tensor | None,
     logits3d: torch.Tensor,
     targets: torch.Tensor,
-    lse: torch.Tensor,
+    stats: torch.Tensor,
     entropy: torch.Tensor | None,
     inv_temperature: float,
     ignore_index: int,
@@ -171,8 +178,8 @@ def token_logprobs_backward(
     s0, s1, sv = logits3d.stride()
     has_grad_entropy = grad_entropy is not None
     _token_logprobs_bwd_kernel[(n_rows,)](
-        grad_logp, grad_entropy if has_grad_entropy else grad_logp, logits3d, targets, lse,
-        entropy if has_grad_entropy else lse, dlogits,
+        grad_logp, grad_entropy if has_grad_entropy else grad_logp, logits3d, targets, stats,
+        entropy if has_grad_entropy else grad_logp, dlogits,
         d1, s0, s1, sv, vocab, inv_temperature, ignore_index,
         HAS_GRAD_ENTROPY=has_grad_entropy, BLOCK_V=block_v, num_warps=_num_warps(block_v),
     )

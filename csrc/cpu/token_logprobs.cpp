@@ -47,12 +47,12 @@ GTALIGN_CPU_CLONES void chunk_exp_sums(const float* y, int64_t count, float m_re
   *centred_out = centred;
 }
 
-// grad[i] = -g_logp * p_i - g_entropy * p_i * (y_i - lse + H), p_i = exp(y_i - lse).
-GTALIGN_CPU_CLONES void chunk_grad(const float* y, int64_t count, float lse, float g_logp, float g_entropy,
-                                    float entropy, float* grad) {
+// grad[i] = -g_logp * p_i - g_entropy * p_i * (log p_i + H), log p_i = (y_i - m) - log s.
+GTALIGN_CPU_CLONES void chunk_grad(const float* y, int64_t count, float row_max, float log_sum, float g_logp,
+                                    float g_entropy, float entropy, float* grad) {
 #pragma omp simd
   for (int64_t i = 0; i < count; ++i) {
-    const float d = y[i] - lse;
+    const float d = (y[i] - row_max) - log_sum;
     const float p = exp_f32(d);
     const float entropy_term = p > 0.0f ? p * (d + entropy) : 0.0f;
     grad[i] = -g_logp * p - g_entropy * entropy_term;
@@ -70,7 +70,7 @@ RowLayout layout_of(const at::Tensor& logits3d) {
 
 template <typename scalar_t>
 void forward_rows(const at::Tensor& logits3d, const int64_t* targets, float inv_t, int64_t ignore_index,
-                  float* logp, float* entropy, float* lse_out) {
+                  float* logp, float* entropy, float* stats) {
   const RowLayout layout = layout_of(logits3d);
   const scalar_t* base = logits3d.data_ptr<scalar_t>();
   const int64_t n_rows = logits3d.size(0) * layout.d1;
@@ -81,7 +81,7 @@ void forward_rows(const at::Tensor& logits3d, const int64_t* targets, float inv_
       const int64_t target = targets[row];
       if (target == ignore_index) {
         logp[row] = 0.0f;
-        lse_out[row] = 0.0f;
+        stats[2 * row] = stats[2 * row + 1] = 0.0f;
         if (with_entropy) entropy[row] = 0.0f;
         continue;
       }
@@ -101,9 +101,10 @@ void forward_rows(const at::Tensor& logits3d, const int64_t* targets, float inv_
         m = m_new;
       }
       const float log_s = std::log(s);
-      const float lse = m + log_s;
-      logp[row] = to_float(row_ptr[target * layout.stride_v]) * inv_t - lse;
-      lse_out[row] = lse;
+      // (y_t - m) - log s, never m + log s: at |y| ~ 1e4 that sum alone rounds by 1e-3.
+      logp[row] = (to_float(row_ptr[target * layout.stride_v]) * inv_t - m) - log_s;
+      stats[2 * row] = m;
+      stats[2 * row + 1] = log_s;
       if (with_entropy) entropy[row] = log_s - t / s;
     }
   });
@@ -111,7 +112,7 @@ void forward_rows(const at::Tensor& logits3d, const int64_t* targets, float inv_
 
 template <typename scalar_t>
 void backward_rows(const float* grad_logp, const float* grad_entropy, const at::Tensor& logits3d,
-                   const int64_t* targets, const float* lse, const float* entropy, float inv_t,
+                   const int64_t* targets, const float* stats, const float* entropy, float inv_t,
                    int64_t ignore_index, scalar_t* dlogits) {
   const RowLayout layout = layout_of(logits3d);
   const scalar_t* base = logits3d.data_ptr<scalar_t>();
@@ -133,7 +134,7 @@ void backward_rows(const float* grad_logp, const float* grad_entropy, const at::
       for (int64_t start = 0; start < layout.vocab; start += kChunk) {
         const int64_t count = std::min(kChunk, layout.vocab - start);
         load_scaled(row_ptr + start * layout.stride_v, layout.stride_v, count, inv_t, buffer.data());
-        chunk_grad(buffer.data(), count, lse[row], g_logp, g_entropy, row_entropy, grad.data());
+        chunk_grad(buffer.data(), count, stats[2 * row], stats[2 * row + 1], g_logp, g_entropy, row_entropy, grad.data());
         if (target >= start && target < start + count) grad[target - start] += g_logp;
         store_as(grad.data(), count, out_row + start);
       }
@@ -141,31 +142,31 @@ void backward_rows(const float* grad_logp, const float* grad_entropy, const at::
   });
 }
 
-void check_row_output(const at::Tensor& out, int64_t n_rows, const char* name) {
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() == n_rows,
-              "token_logprobs: ", name, " must be a contiguous float32 tensor of ", n_rows, " elements");
+void check_row_output(const at::Tensor& out, int64_t numel, const char* name) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() == numel,
+              "token_logprobs: ", name, " must be a contiguous float32 tensor of ", numel, " elements");
 }
 
 void token_logprobs_fwd_cpu(const at::Tensor& logits3d, const at::Tensor& targets, double inv_temperature,
-                            int64_t ignore_index, at::Tensor& logp, at::Tensor& entropy, at::Tensor& lse) {
+                            int64_t ignore_index, at::Tensor& logp, at::Tensor& entropy, at::Tensor& stats) {
   TORCH_CHECK(logits3d.dim() == 3, "token_logprobs: logits must be a [D0, D1, V] view");
   const int64_t n_rows = logits3d.size(0) * logits3d.size(1);
   TORCH_CHECK(targets.scalar_type() == at::kLong && targets.is_contiguous() && targets.numel() == n_rows,
               "token_logprobs: targets must be contiguous int64 with one id per row");
   check_row_output(logp, n_rows, "logp");
-  check_row_output(lse, n_rows, "lse");
+  check_row_output(stats, 2 * n_rows, "stats");
   const bool with_entropy = entropy.numel() > 0;
   if (with_entropy) check_row_output(entropy, n_rows, "entropy");
   if (n_rows == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits3d.scalar_type(), "token_logprobs_fwd_cpu", [&] {
     forward_rows<scalar_t>(logits3d, targets.data_ptr<int64_t>(), static_cast<float>(inv_temperature), ignore_index,
                            logp.data_ptr<float>(), with_entropy ? entropy.data_ptr<float>() : nullptr,
-                           lse.data_ptr<float>());
+                           stats.data_ptr<float>());
   });
 }
 
 void token_logprobs_bwd_cpu(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
-                            const at::Tensor& logits3d, const at::Tensor& targets, const at::Tensor& lse,
+                            const at::Tensor& logits3d, const at::Tensor& targets, const at::Tensor& stats,
                             const at::Tensor& entropy, double inv_temperature, int64_t ignore_index,
                             at::Tensor& dlogits) {
   TORCH_CHECK(logits3d.dim() == 3, "token_logprobs: logits must be a [D0, D1, V] view");
@@ -173,7 +174,7 @@ void token_logprobs_bwd_cpu(const at::Tensor& grad_logp, const std::optional<at:
   TORCH_CHECK(targets.scalar_type() == at::kLong && targets.is_contiguous() && targets.numel() == n_rows,
               "token_logprobs: targets must be contiguous int64 with one id per row");
   check_row_output(grad_logp, n_rows, "grad_logp");
-  check_row_output(lse, n_rows, "lse");
+  check_row_output(stats, 2 * n_rows, "stats");
   const bool has_grad_entropy = grad_entropy.has_value() && grad_entropy->defined();
   if (has_grad_entropy) {
     check_row_output(*grad_entropy, n_rows, "grad_entropy");
@@ -185,7 +186,7 @@ void token_logprobs_bwd_cpu(const at::Tensor& grad_logp, const std::optional<at:
   if (n_rows == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits3d.scalar_type(), "token_logprobs_bwd_cpu", [&] {
     backward_rows<scalar_t>(grad_logp.data_ptr<float>(), has_grad_entropy ? grad_entropy->data_ptr<float>() : nullptr,
-                            logits3d, targets.data_ptr<int64_t>(), lse.data_ptr<float>(),
+                            logits3d, targets.data_ptr<int64_t>(), stats.data_ptr<float>(),
                             has_grad_entropy ? entropy.data_ptr<float>() : nullptr,
                             static_cast<float>(inv_temperature), ignore_index, dlogits.data_ptr<scalar_t>());
   });
@@ -198,9 +199,9 @@ void token_logprobs_bwd_cpu(const at::Tensor& grad_logp, const std::optional<at:
 TORCH_LIBRARY_FRAGMENT(gtalign_fast_C, m) {
   m.def(
       "token_logprobs_fwd(Tensor logits3d, Tensor targets, float inv_temperature, int ignore_index, "
-      "Tensor(a!) logp, Tensor(b!) entropy, Tensor(c!) lse) -> ()");
+      "Tensor(a!) logp, Tensor(b!) entropy, Tensor(c!) stats) -> ()");
   m.def(
-      "token_logprobs_bwd(Tensor grad_logp, Tensor? grad_entropy, Tensor logits3d, Tensor targets, Tensor lse, "
+      "token_logprobs_bwd(Tensor grad_logp, Tensor? grad_entropy, Tensor logits3d, Tensor targets, Tensor stats, "
       "Tensor entropy, float inv_temperature, int ignore_index, Tensor(a!) dlogits) -> ()");
 }
 

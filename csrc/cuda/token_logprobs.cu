@@ -5,7 +5,8 @@
 // online log-sum-exp state (max m, s = sum exp(y - m), t = sum exp(y - m) * (y - m)) over its
 // strided slice of the vocabulary; the states are merged across the block at the end.
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 #include <torch/types.h>
@@ -69,14 +70,14 @@ __device__ LseState block_merge(LseState state) {
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) token_logprobs_fwd_kernel(
     const scalar_t* __restrict__ logits, const int64_t* __restrict__ targets, float* __restrict__ logp,
-    float* __restrict__ entropy, float* __restrict__ lse_out, int64_t d1, int64_t stride0, int64_t stride1,
+    float* __restrict__ entropy, float* __restrict__ stats, int64_t d1, int64_t stride0, int64_t stride1,
     int64_t stride_v, int64_t vocab, float inv_t, int64_t ignore_index) {
   const int64_t row = blockIdx.x;
   const int64_t target = targets[row];
   if (target == ignore_index) {
     if (threadIdx.x == 0) {
       logp[row] = 0.0f;
-      lse_out[row] = 0.0f;
+      stats[2 * row] = stats[2 * row + 1] = 0.0f;
       if (entropy != nullptr) entropy[row] = 0.0f;
     }
     return;
@@ -89,9 +90,10 @@ __global__ void __launch_bounds__(kThreads) token_logprobs_fwd_kernel(
   state = block_merge(state);
   if (threadIdx.x == 0) {
     const float log_s = logf(state.s);
-    const float lse = state.m + log_s;
-    logp[row] = static_cast<float>(row_ptr[target * stride_v]) * inv_t - lse;
-    lse_out[row] = lse;
+    // (y_t - m) - log s, never m + log s: at |y| ~ 1e4 that sum alone rounds by 1e-3.
+    logp[row] = (static_cast<float>(row_ptr[target * stride_v]) * inv_t - state.m) - log_s;
+    stats[2 * row] = state.m;
+    stats[2 * row + 1] = log_s;
     if (entropy != nullptr) entropy[row] = log_s - state.t / state.s;
   }
 }
@@ -99,7 +101,7 @@ __global__ void __launch_bounds__(kThreads) token_logprobs_fwd_kernel(
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) token_logprobs_bwd_kernel(
     const float* __restrict__ grad_logp, const float* __restrict__ grad_entropy, const scalar_t* __restrict__ logits,
-    const int64_t* __restrict__ targets, const float* __restrict__ lse, const float* __restrict__ entropy,
+    const int64_t* __restrict__ targets, const float* __restrict__ stats, const float* __restrict__ entropy,
     scalar_t* __restrict__ dlogits, int64_t d1, int64_t stride0, int64_t stride1, int64_t stride_v, int64_t vocab,
     float inv_t, int64_t ignore_index) {
   const int64_t row = blockIdx.x;
@@ -114,9 +116,9 @@ __global__ void __launch_bounds__(kThreads) token_logprobs_bwd_kernel(
   const float g_logp = grad_logp[row] * inv_t;
   const float g_entropy = grad_entropy != nullptr ? grad_entropy[row] * inv_t : 0.0f;
   const float row_entropy = grad_entropy != nullptr ? entropy[row] : 0.0f;
-  const float row_lse = lse[row];
+  const float row_max = stats[2 * row], log_sum = stats[2 * row + 1];
   for (int64_t col = threadIdx.x; col < vocab; col += blockDim.x) {
-    const float d = static_cast<float>(row_ptr[col * stride_v]) * inv_t - row_lse;
+    const float d = (static_cast<float>(row_ptr[col * stride_v]) * inv_t - row_max) - log_sum;  // log p
     const float p = __expf(d);
     float grad = (col == target ? g_logp : 0.0f) - g_logp * p;
     if (p > 0.0f) grad -= g_entropy * p * (d + row_entropy);
@@ -125,7 +127,7 @@ __global__ void __launch_bounds__(kThreads) token_logprobs_bwd_kernel(
 }
 
 void token_logprobs_fwd_cuda(const at::Tensor& logits3d, const at::Tensor& targets, double inv_temperature,
-                             int64_t ignore_index, at::Tensor& logp, at::Tensor& entropy, at::Tensor& lse) {
+                             int64_t ignore_index, at::Tensor& logp, at::Tensor& entropy, at::Tensor& stats) {
   TORCH_CHECK(logits3d.dim() == 3, "token_logprobs: logits must be a [D0, D1, V] view");
   const int64_t n_rows = logits3d.size(0) * logits3d.size(1);
   TORCH_CHECK(targets.numel() == n_rows && targets.is_contiguous() && targets.scalar_type() == at::kLong,
@@ -133,12 +135,12 @@ void token_logprobs_fwd_cuda(const at::Tensor& logits3d, const at::Tensor& targe
   TORCH_CHECK(n_rows <= INT32_MAX, "token_logprobs: at most 2^31 - 1 rows per call");
   if (n_rows == 0) return;
   const c10::cuda::CUDAGuard guard(logits3d.device());
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   const bool with_entropy = entropy.numel() > 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits3d.scalar_type(), "token_logprobs_fwd_cuda", [&] {
     token_logprobs_fwd_kernel<scalar_t><<<static_cast<unsigned int>(n_rows), kThreads, 0, stream>>>(
         logits3d.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), logp.data_ptr<float>(),
-        with_entropy ? entropy.data_ptr<float>() : nullptr, lse.data_ptr<float>(), logits3d.size(1),
+        with_entropy ? entropy.data_ptr<float>() : nullptr, stats.data_ptr<float>(), logits3d.size(1),
         logits3d.stride(0), logits3d.stride(1), logits3d.stride(2), logits3d.size(2),
         static_cast<float>(inv_temperature), ignore_index);
   });
@@ -146,7 +148,7 @@ void token_logprobs_fwd_cuda(const at::Tensor& logits3d, const at::Tensor& targe
 }
 
 void token_logprobs_bwd_cuda(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
-                             const at::Tensor& logits3d, const at::Tensor& targets, const at::Tensor& lse,
+                             const at::Tensor& logits3d, const at::Tensor& targets, const at::Tensor& stats,
                              const at::Tensor& entropy, double inv_temperature, int64_t ignore_index,
                              at::Tensor& dlogits) {
   const int64_t n_rows = logits3d.size(0) * logits3d.size(1);
@@ -156,12 +158,12 @@ void token_logprobs_bwd_cuda(const at::Tensor& grad_logp, const std::optional<at
   TORCH_CHECK(n_rows <= INT32_MAX, "token_logprobs: at most 2^31 - 1 rows per call");
   if (n_rows == 0) return;
   const c10::cuda::CUDAGuard guard(logits3d.device());
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   const bool has_grad_entropy = grad_entropy.has_value() && grad_entropy->defined();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits3d.scalar_type(), "token_logprobs_bwd_cuda", [&] {
     token_logprobs_bwd_kernel<scalar_t><<<static_cast<unsigned int>(n_rows), kThreads, 0, stream>>>(
         grad_logp.data_ptr<float>(), has_grad_entropy ? grad_entropy->data_ptr<float>() : nullptr,
-        logits3d.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), lse.data_ptr<float>(),
+        logits3d.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), stats.data_ptr<float>(),
         has_grad_entropy ? entropy.data_ptr<float>() : nullptr, dlogits.data_ptr<scalar_t>(), logits3d.size(1),
         logits3d.stride(0), logits3d.stride(1), logits3d.stride(2), logits3d.size(2),
         static_cast<float>(inv_temperature), ignore_index);

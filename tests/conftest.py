@@ -1,0 +1,36 @@
+"""Test configuration shared by every test file.
+
+Triton kernels run on CPU tensors under the Triton interpreter, which must be switched on before
+any ``@triton.jit`` function is defined, so it is set here, before gtalign_fast is imported.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from gtalign_fast import _backend  # noqa: E402
+
+# Backends the kernel tests compare with the reference on this machine (CPU tensors); on a GPU
+# machine the CUDA backends are added and the tensors move there.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def kernel_backends() -> list[str]:
+    """Every non-reference backend that can run on DEVICE."""
+    return [b for b in _backend.available_backends(DEVICE) if b != "reference"]
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs():
+    """Every op output is allocated pre-filled with NaN, so an element a kernel does not write
+    fails the comparison with the reference."""
+    with _backend.poison_outputs(True):
+        yield
