@@ -18,6 +18,14 @@
 #define GTALIGN_CPU_CLONES
 #endif
 
+// Force inlining of the element-wise helpers into the multi-versioned loops (GCC otherwise
+// keeps them as out-of-line calls there, which blocks vectorisation).
+#if defined(__GNUC__)
+#define GTALIGN_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define GTALIGN_ALWAYS_INLINE inline
+#endif
+
 namespace gtalign_fast {
 namespace cpu {
 
@@ -25,7 +33,7 @@ namespace cpu {
 // and written without branches or calls so that `#pragma omp simd` loops vectorise
 // (std::exp is a libm call that blocks vectorisation without -ffast-math, and -ffast-math
 // would break the -inf handling the kernels rely on).
-static inline float exp_f32(float x) {
+static GTALIGN_ALWAYS_INLINE float exp_f32(float x) {
   const float kLog2e = 1.44269504088896341f;
   const float kLn2Hi = 0.693359375f;
   const float kLn2Lo = -2.12194440e-4f;
@@ -46,11 +54,10 @@ static inline float exp_f32(float x) {
   // Scale by 2^n in two steps so that results down to the denormal range stay exact-ish.
   const int32_t ni = static_cast<int32_t>(n);
   const int32_t half = ni / 2;
-  int32_t bits_a = (half + 127) << 23;
-  int32_t bits_b = (ni - half + 127) << 23;
-  float scale_a, scale_b;
-  std::memcpy(&scale_a, &bits_a, sizeof(float));
-  std::memcpy(&scale_b, &bits_b, sizeof(float));
+  const int32_t bits_a = (half + 127) << 23;
+  const int32_t bits_b = (ni - half + 127) << 23;
+  const float scale_a = __builtin_bit_cast(float, bits_a);
+  const float scale_b = __builtin_bit_cast(float, bits_b);
   float result = p * scale_a * scale_b;
   result = x < -104.0f ? 0.0f : result;
   result = x > 88.7f ? std::numeric_limits<float>::infinity() : result;
@@ -58,7 +65,7 @@ static inline float exp_f32(float x) {
 }
 
 template <typename scalar_t>
-static inline float to_float(scalar_t value) {
+static GTALIGN_ALWAYS_INLINE float to_float(scalar_t value) {
   return static_cast<float>(value);
 }
 

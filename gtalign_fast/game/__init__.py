@@ -1,0 +1,93 @@
+"""GTAlign itself: the reasoning chain, mutual welfare, judges, the batch reward and pricing.
+
+Pure Python (standard library only): importing it needs no compiled extension and no torch.
+
+- :mod:`.chain`: split / validate a completion, parse the payoff matrix (:class:`PayoffMatrix`),
+  the format reward F, payoff diversity P, the Pareto frontier, canonical payoff text.
+- :mod:`.welfare`: U, L and W of one completion (:func:`score_completion`, the only place the
+  formulas live) and the variants.
+- :mod:`.judges`: answer judges (rule-based math, character BLEU, OpenAI-compatible server).
+- :mod:`.reward`: :class:`GTAlignReward` for trainers and :func:`normalize_by_source`.
+- :mod:`.pricing`: :class:`PricingPolicy` (payoff edits) and :func:`choose_action`.
+"""
+
+from .chain import (
+    ACTIONS,
+    MAX_PAYOFF_CHARS,
+    MAX_TEXT_CHARS,
+    PAYOFF_KEYS,
+    QUESTION_TYPES,
+    TAGS,
+    Cell,
+    Chain,
+    PayoffError,
+    PayoffMatrix,
+    extract_tag,
+    format_matches,
+    format_payoff,
+    format_reward,
+    make_key,
+    pareto_frontier,
+    parse_payoff,
+    parse_payoff_strict,
+    payoff_diversity,
+    split_chain,
+    split_key,
+)
+from .judges import (
+    AnswerScore,
+    BleuJudge,
+    CompositeJudge,
+    Judge,
+    JudgeItem,
+    JudgeStats,
+    MathJudge,
+    OpenAIJudge,
+    analyze_pareto_score,
+    as_judge,
+    char_bleu,
+    extract_boxed,
+    math_answers_equal,
+    normalize_math_answer,
+    run_judge,
+    scaled_verdict,
+    wildguard_verdict,
+)
+from .pricing import DEFAULT_EXPECTED_TOKENS, RULES, ActionChoice, PricingPolicy, choose_action, disagreement_point
+from .reward import GTAlignReward, RewardBatch, completion_text, normalize_by_source
+from .welfare import (
+    DEFAULT_WEIGHTS,
+    LOGGED_FIELDS,
+    VARIANTS,
+    ScoreResult,
+    WelfareWeights,
+    combine_welfare,
+    length_window,
+    llm_welfare,
+    llm_welfare_pareto,
+    reasoning_efficiency,
+    score_chain,
+    score_completion,
+    user_welfare,
+)
+
+__all__ = [
+    # chain
+    "ACTIONS", "MAX_PAYOFF_CHARS", "MAX_TEXT_CHARS", "PAYOFF_KEYS", "QUESTION_TYPES", "TAGS", "Cell",
+    "Chain", "PayoffError", "PayoffMatrix", "extract_tag", "format_matches", "format_payoff",
+    "format_reward", "make_key", "pareto_frontier", "parse_payoff", "parse_payoff_strict",
+    "payoff_diversity", "split_chain", "split_key",
+    # welfare
+    "DEFAULT_WEIGHTS", "LOGGED_FIELDS", "VARIANTS", "ScoreResult", "WelfareWeights", "combine_welfare",
+    "length_window", "llm_welfare", "llm_welfare_pareto", "reasoning_efficiency", "score_chain",
+    "score_completion", "user_welfare",
+    # judges
+    "AnswerScore", "BleuJudge", "CompositeJudge", "Judge", "JudgeItem", "JudgeStats", "MathJudge",
+    "OpenAIJudge", "analyze_pareto_score", "as_judge", "char_bleu", "extract_boxed",
+    "math_answers_equal", "normalize_math_answer", "run_judge", "scaled_verdict", "wildguard_verdict",
+    # reward
+    "GTAlignReward", "RewardBatch", "completion_text", "normalize_by_source",
+    # pricing
+    "DEFAULT_EXPECTED_TOKENS", "RULES", "ActionChoice", "PricingPolicy", "choose_action",
+    "disagreement_point",
+]
