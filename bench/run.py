@@ -218,6 +218,7 @@ def run_case(case: Case, device: torch.device, limits: dict) -> dict:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    row.update(case.extra)  # cases may fill `extra` while they run (e.g. a step's split)
     row["median_ms"] = seconds * 1e3
     row["peak_extra_MiB"] = None if peak is None else peak / 2**20
     fractions = []

@@ -2,19 +2,29 @@
 //
 // The kernels themselves register as torch operators in the `gtalign_fast_C` namespace, one
 // file per op: csrc/cpu/<op>.cpp defines the schema (TORCH_LIBRARY_FRAGMENT) and the CPU kernel,
-// csrc/cuda/<op>.cu the CUDA kernel. Importing this module loads the library, which registers
-// them; Python reaches them as torch.ops.gtalign_fast_C.<op>.
-#include <torch/extension.h>
+// csrc/cuda/<op>.cu the CUDA kernel. Importing this module loads the shared library, which
+// registers them; Python reaches them as torch.ops.gtalign_fast_C.<op>.
+//
+// Plain CPython API on purpose: this file needs nothing from torch, and skipping pybind11 and
+// torch/extension.h saves a minute of compile time per build.
+#include <Python.h>
 
-static bool with_cuda() {
+static PyObject* with_cuda(PyObject* /*self*/, PyObject* /*args*/) {
 #ifdef GTALIGN_WITH_CUDA
-  return true;
+  Py_RETURN_TRUE;
 #else
-  return false;
+  Py_RETURN_FALSE;
 #endif
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "gtalign_fast compiled kernels (operators under torch.ops.gtalign_fast_C)";
-  m.def("with_cuda", &with_cuda, "Whether the CUDA kernels were compiled in");
-}
+static PyMethodDef kMethods[] = {
+    {"with_cuda", with_cuda, METH_NOARGS, "Whether the CUDA kernels were compiled in."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+static PyModuleDef kModule = {
+    PyModuleDef_HEAD_INIT, "_C", "gtalign_fast compiled kernels (operators under torch.ops.gtalign_fast_C)", -1,
+    kMethods,
+};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&kModule); }

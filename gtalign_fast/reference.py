@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["token_logprobs"]
+__all__ = ["token_logprobs", "grpo_loss", "GRPO_LOSS_TYPES", "welfare_advantages", "cobb_douglas", "philox_uniform", "sample", "linear_token_logprobs"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -64,3 +64,434 @@ def token_logprobs(
     entropy = log_norm - (probs * finite_scaled).sum(dim=-1)
     entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
     return logp, entropy
+
+
+# ---------------------------------------------------------------------------------------------
+# grpo_loss
+
+GRPO_LOSS_TYPES = (
+    "grpo", "bnpo", "dr_grpo", "dapo",
+    "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm",
+)
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logp: torch.Tensor | None = None,
+    beta: float = 0.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+    delta: float | None = None,
+    dual_clip: float | None = None,
+    loss_type: str = "grpo",
+    importance_sampling_level: str = "token",
+    max_completion_length: int | None = None,
+    num_items_in_batch=None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped-surrogate GRPO / PPO policy loss with k3 KL, written plainly from TRL and verl.
+
+    Parameters
+    ----------
+    logp, old_logp, ref_logp : Tensor, shape ``[B, T]``
+        Per-token log-probs of the policy, of the sampling policy (None: on-policy,
+        ``old = logp.detach()``) and of the reference model.
+    advantages : Tensor, shape ``[B]`` or ``[B, T]``
+    mask : Tensor, shape ``[B, T]``; nonzero = the token counts.
+    Other arguments: see :func:`gtalign_fast.ops.grpo_loss`.
+
+    Returns
+    -------
+    loss : Tensor, 0-dim; float64 for float64 inputs, float32 otherwise.
+    metrics : dict of 0-dim Tensors
+        ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean``,
+        ``ratio_mean`` and, when ``ref_logp`` is given, ``kl``.
+    """
+    dtype = _compute_dtype(logp.dtype)
+    logp = logp.to(dtype)
+    old = logp.detach() if old_logp is None else old_logp.to(dtype)
+    valid = mask != 0
+    weight = valid.to(dtype)
+    batch, length = logp.shape
+    adv = advantages.to(dtype)
+    adv = adv.unsqueeze(1) if adv.dim() == 1 else adv
+    epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
+
+    # Importance ratio (verl clamps the log-ratio to [-20, 20] before exp).
+    log_ratio = logp - old
+    row_tokens = weight.sum(-1).clamp(min=1.0)
+    if importance_sampling_level == "sequence":
+        # GSPO as TRL: the exp of the masked mean log-ratio of the sequence, shape [B, 1].
+        log_ratio = ((log_ratio * weight).sum(-1) / row_tokens).unsqueeze(-1)
+    ratio = torch.exp(torch.clamp(log_ratio, -20.0, 20.0))
+
+    # Clipped surrogate: coef_2 is clipped from the raw ratio, delta caps coef_1 (TRL's order).
+    coef_1 = ratio if delta is None else torch.clamp(ratio, max=delta)
+    coef_2 = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
+    if dual_clip is not None:
+        # verl's dual clip: for A < 0 the loss is capped at -A * c.
+        per_token_loss = torch.where(adv < 0, torch.min(-adv * dual_clip, per_token_loss), per_token_loss)
+    per_token_loss = per_token_loss.expand(batch, length)
+
+    if ref_logp is not None:
+        # k3 ("low_var_kl" in verl): log-ratio clamped to [-20, 20], the estimate to [-10, 10].
+        kl_log_ratio = torch.clamp(ref_logp.to(dtype) - logp, -20.0, 20.0)
+        per_token_kl = torch.clamp(torch.exp(kl_log_ratio) - kl_log_ratio - 1, -10.0, 10.0)
+        if beta != 0.0:
+            per_token_loss = per_token_loss + beta * per_token_kl
+
+    masked_loss = per_token_loss * weight
+    total_tokens = weight.sum().clamp(min=1.0)
+    norm_length = length if max_completion_length is None else max_completion_length
+    if loss_type in ("grpo", "seq-mean-token-mean"):
+        loss = (masked_loss.sum(-1) / row_tokens).mean()
+    elif loss_type in ("bnpo", "token-mean"):
+        loss = masked_loss.sum() / total_tokens
+    elif loss_type == "dr_grpo":
+        loss = masked_loss.sum() / (batch * norm_length)
+    elif loss_type == "dapo":
+        normaliser = total_tokens if num_items_in_batch is None else num_items_in_batch
+        if isinstance(normaliser, torch.Tensor):
+            normaliser = normaliser.to(dtype).reshape(())
+        loss = masked_loss.sum() / normaliser
+    elif loss_type == "seq-mean-token-sum":
+        loss = masked_loss.sum(-1).mean()
+    elif loss_type == "seq-mean-token-sum-norm":
+        loss = masked_loss.sum() / norm_length
+    else:
+        raise ValueError(f"grpo_loss: unknown loss_type {loss_type!r}; choose one of {GRPO_LOSS_TYPES}")
+
+    # Metrics (TRL): low clip only where A < 0, high clip only where A > 0; token means, or
+    # means over sequences when the ratio and the advantage are both per sequence.
+    with torch.no_grad():
+        is_low = ((coef_1 < 1 - epsilon_low) & (adv < 0)).to(dtype)
+        is_high = ((coef_1 > 1 + epsilon_high) & (adv > 0)).to(dtype)
+        is_region = torch.maximum(is_low, is_high)
+
+        def batch_mean(x: torch.Tensor) -> torch.Tensor:
+            if x.shape[1] == 1:
+                return x.mean()
+            return (x.expand(batch, length) * weight).sum() / total_tokens
+
+        metrics = {
+            "clip_ratio/low_mean": batch_mean(is_low),
+            "clip_ratio/high_mean": batch_mean(is_high),
+            "clip_ratio/region_mean": batch_mean(is_region),
+            "ratio_mean": batch_mean(ratio if is_low.shape[1] == 1 else ratio.expand(batch, length)),
+        }
+        if ref_logp is not None:
+            metrics["kl"] = (per_token_kl * weight).sum() / total_tokens
+    return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# welfare_advantages
+
+_SCALES = ("group", "batch", "none")
+
+
+def _group_bounds(group, n: int) -> list[tuple[int, int]]:
+    """``[(start, end), ...]`` of every group, from a fixed size or an offsets tensor."""
+    if isinstance(group, torch.Tensor):
+        edges = [int(x) for x in group.tolist()]
+        return list(zip(edges[:-1], edges[1:]))
+    return [(start, start + group) for start in range(0, n, group)]
+
+
+def _std(deviation_sq_sum: torch.Tensor, count: int, unbiased: bool) -> torch.Tensor:
+    """Standard deviation from the sum of squared deviations; 0 for fewer than 2 values."""
+    if count < 2:
+        return torch.zeros_like(deviation_sq_sum)
+    return torch.sqrt(deviation_sq_sum / (count - 1 if unbiased else count))
+
+
+def cobb_douglas(user: torch.Tensor, llm: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``W = U^alpha * L^(1 - alpha)`` in log space; NaN where U or L is NaN (reward missing).
+
+    A zero exponent drops its factor (``0^0 = 1``): alpha = 0 gives ``W = L``, alpha = 1 gives ``W = U``;
+    otherwise U = 0 or L = 0 gives W = 0. Inputs must be >= 0 (or NaN); this function does not check.
+    """
+    log_w = torch.zeros_like(user)
+    if alpha > 0:
+        log_w = log_w + alpha * torch.log(user)
+    if alpha < 1:
+        log_w = log_w + (1 - alpha) * torch.log(llm)
+    welfare = torch.exp(log_w)
+    missing = torch.isnan(user) | torch.isnan(llm)
+    return torch.where(missing, torch.full_like(welfare, float("nan")), welfare)
+
+
+def welfare_advantages(
+    user: torch.Tensor,
+    llm: torch.Tensor,
+    group,
+    alpha: float = 0.5,
+    scale: str = "group",
+    eps: float = 1e-6,
+    unbiased: bool = True,
+    mask: torch.Tensor | None = None,
+):
+    """Cobb-Douglas welfare and GRPO group advantages, written plainly one group at a time.
+
+    Parameters
+    ----------
+    user, llm : Tensor, shape ``[N]``, float32 or float64
+        U and L per completion, ``>= 0``; NaN marks a missing reward.
+    group : int or Tensor
+        A fixed group size dividing N, or int64 offsets ``[G+1]`` (0 first, N last, non-decreasing).
+    alpha : float in [0, 1]
+    scale : {"group", "batch", "none"}
+        Divide ``W - group mean`` by the group std + eps, by the batch std + eps, or not at all.
+    eps : float >= 0
+    unbiased : bool
+        Bessel-corrected (``n - 1``) or population (``n``) standard deviations.
+    mask : Tensor, shape ``[N, T]``, optional
+        Where non-zero, ``token_advantages[i, t] = advantages[i]``; 0 elsewhere.
+
+    Returns
+    -------
+    tuple ``(welfare [N], advantages [N], group_mean [G], group_std [G], group_all_equal [G] bool,
+    token_advantages [N, T] or None)``; float64 for float64 inputs, float32 otherwise.
+
+    Notes
+    -----
+    Statistics use only the valid (non-NaN) rewards of a group. A group with no valid reward has
+    mean 0; a group with fewer than 2 valid rewards has std 0. ``group_all_equal`` is True when the
+    valid rewards of a group are all exactly equal (vacuously for fewer than 2); such groups, and
+    missing rewards, get advantage 0 (and std 0). The batch std of ``scale="batch"`` is taken over
+    every valid reward of the batch. A zero denominator (std + eps == 0) gives advantage 0.
+    """
+    if scale not in _SCALES:
+        raise ValueError(f"welfare_advantages: scale must be one of {_SCALES}, got {scale!r}")
+    dtype = _compute_dtype(user.dtype)
+    u, l = user.to(dtype), llm.to(dtype)
+    bad = (u < 0) | (l < 0) | torch.isinf(u) | torch.isinf(l)
+    if bool(bad.any()):
+        raise ValueError("welfare_advantages: user and llm rewards must be finite and >= 0 (NaN = missing)")
+    welfare = cobb_douglas(u, l, alpha)
+    valid = ~torch.isnan(welfare)
+    bounds = _group_bounds(group, welfare.numel())
+    zero = torch.zeros((), dtype=dtype, device=u.device)
+
+    means, stds, all_equal = [], [], []
+    for start, end in bounds:
+        rewards = welfare[start:end][valid[start:end]]
+        count = rewards.numel()
+        mean = rewards.mean() if count > 0 else zero
+        equal = count < 2 or bool(rewards.min() == rewards.max())
+        std = zero if equal else _std(((rewards - mean) ** 2).sum(), count, unbiased)
+        means.append(mean)
+        stds.append(std)
+        all_equal.append(equal)
+    group_mean = torch.stack(means) if means else torch.zeros(0, dtype=dtype, device=u.device)
+    group_std = torch.stack(stds) if stds else torch.zeros(0, dtype=dtype, device=u.device)
+
+    batch_rewards = welfare[valid]
+    batch_std = _std(((batch_rewards - batch_rewards.mean()) ** 2).sum(), batch_rewards.numel(), unbiased)
+
+    advantages = torch.zeros_like(welfare)
+    for g, (start, end) in enumerate(bounds):
+        if all_equal[g]:
+            continue
+        centred = welfare[start:end] - group_mean[g]
+        if scale == "group":
+            denominator = group_std[g] + eps
+        elif scale == "batch":
+            denominator = batch_std + eps
+        else:
+            denominator = torch.ones((), dtype=dtype, device=u.device)
+        scaled = centred / denominator if bool(denominator > 0) else torch.zeros_like(centred)
+        advantages[start:end] = torch.where(valid[start:end], scaled, zero)
+
+    token_advantages = None
+    if mask is not None:
+        token_advantages = torch.where(mask != 0, advantages[:, None], zero)
+    group_all_equal = torch.tensor(all_equal, dtype=torch.bool, device=u.device).reshape(len(bounds))
+    return welfare, advantages, group_mean, group_std, group_all_equal, token_advantages
+
+
+# ---------------------------------------------------------------------------------------------
+# sample_ (the fused sampling kernel): the counter-based noise and the sampling specification
+
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_MASK32 = 0xFFFFFFFF
+
+
+def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of ``a * b`` for a 32-bit constant ``a`` and uint32 values held in
+    int64 ``b``, without int64 overflow (``b`` is split into 16-bit halves)."""
+    low_product = b.bitwise_and(0xFFFF) * a  # < 2**48
+    high_product = b.bitwise_right_shift(16) * a  # < 2**48
+    high = (low_product.bitwise_right_shift(16) + high_product).bitwise_right_shift(16)
+    low = (low_product + high_product.bitwise_and(0xFFFF).bitwise_left_shift(16)).bitwise_and(_MASK32)
+    return high, low
+
+
+def philox_uniform(seeds: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The uniform noise every ``sample_`` backend draws: ``u[b, j]`` for row seed ``seeds[b]``.
+
+    Philox4x32-10 with key ``(seed mod 2**32, seed div 2**32)`` (the seed read as uint64) and
+    counter ``(j, 0, 0, 0)``, exactly as Triton's ``tl.randint(seed, j)``; the first output word
+    ``r`` becomes ``u = ((r >> 8) + 0.5) / 2**24``, in ``[2**-25, 1 - 2**-25]`` (never 0 or 1, so
+    the Gumbel noise ``-log(-log u)`` is finite: within ``[-2.86, 17.33]``).
+
+    Parameters
+    ----------
+    seeds : Tensor, shape ``[B]``, int64
+    vocab : int
+
+    Returns
+    -------
+    Tensor, shape ``[B, vocab]``, float32
+    """
+    seeds = seeds.to(torch.int64).reshape(-1, 1)
+    k0 = seeds.bitwise_and(_MASK32)
+    k1 = seeds.bitwise_right_shift(32).bitwise_and(_MASK32)  # arithmetic shift, then masked: uint64 high word
+    c0 = torch.arange(vocab, dtype=torch.int64, device=seeds.device).expand(seeds.shape[0], vocab)
+    c1 = torch.zeros_like(c0)
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    for _ in range(10):
+        hi_b, lo_b = _mulhilo32(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo32(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A).bitwise_and(_MASK32)
+        k1 = (k1 + _PHILOX_KEY_B).bitwise_and(_MASK32)
+    return (c0.bitwise_right_shift(8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    bias_ids: torch.Tensor | None,
+    bias_values: torch.Tensor | None,
+    forced: torch.Tensor,
+    seeds: torch.Tensor,
+    uniform: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Specification of ``sample_`` (not in place): sort-based filters and a Gumbel-max draw.
+
+    Per row ``b`` (all per-row arguments are ``[B]`` tensors here):
+
+    1. biases: ``z[b, id] = round_to_dtype(float32(z[b, id]) + bias)`` for each id ``>= 0``;
+    2. temperature: ``y = z / T`` (``T = 0`` is greedy and uses ``T = 1`` for the log-probs);
+    3. top-k (``0 < k < V``): keep ``y >= `` the k-th largest value (ties with it are all kept);
+    4. top-p (``p < 1``): of what top-k kept, keep ``y >= tau`` for the largest row value ``tau``
+       whose kept mass ``sum(exp(y) for y >= tau)`` is ``>= p`` times the top-k mass (ties kept);
+    5. min-p (``> 0``): keep ``exp(y - max y) >= min_p``;
+    6. a forced token (``forced[b] >= 0``) replaces the kept set by that one token;
+    7. token: the forced one, else the argmax over kept tokens of ``y + g`` (``g = -log(-log u)``,
+       Gumbel noise from ``uniform``; no noise when greedy); ties go to the lowest index.
+
+    Parameters
+    ----------
+    logits : Tensor ``[B, V]``, any float dtype (read only)
+    temperature, top_p, min_p : Tensor ``[B]``, float
+    top_k, forced, seeds : Tensor ``[B]``, int64 (``top_k = 0``: off; ``forced = -1``: none)
+    bias_ids, bias_values : Tensor ``[B, K]`` (int64, ``-1`` = padding; float) or None
+    uniform : Tensor ``[B, V]``, float32, optional
+        The noise; default :func:`philox_uniform` of ``seeds`` (what every backend uses).
+
+    Returns
+    -------
+    tokens : Tensor ``[B]``, int64
+    logprobs : Tensor ``[B]``, float64
+        Log-prob of the token under the processed distribution (0 for a forced token).
+    raw_logprobs : Tensor ``[B]``, float64
+        Log-prob of the token under ``softmax(z_original / T)`` (no bias, no filter).
+    processed : Tensor ``[B, V]``, logits' dtype
+        What ``sample_`` leaves in the buffer: ``y`` where kept, ``-inf`` elsewhere.
+    """
+    batch, vocab = logits.shape
+    rows = torch.arange(batch, device=logits.device)
+    biased = logits.clone()
+    if bias_ids is not None:
+        valid = bias_ids >= 0
+        row_index = rows[:, None].expand_as(bias_ids)[valid]
+        col_index = bias_ids[valid]
+        add_dtype = torch.promote_types(logits.dtype, torch.float32)
+        biased[row_index, col_index] = (
+            biased[row_index, col_index].to(add_dtype) + bias_values[valid].to(add_dtype)
+        ).to(logits.dtype)
+
+    greedy = temperature == 0
+    inv_t = torch.where(greedy, 1.0, 1.0 / temperature.double().clamp_min(1e-300))[:, None]
+    raw_y = logits.double() * inv_t
+    raw_lse = torch.logsumexp(raw_y, dim=-1)
+    y = biased.double() * inv_t
+    row_max = y.max(dim=-1, keepdim=True).values
+    weights = torch.exp(y - row_max)
+
+    ordered = y.sort(dim=-1, descending=True).values
+    minus_inf = torch.full((batch,), float("-inf"), dtype=torch.float64, device=logits.device)
+    k_active = (top_k > 0) & (top_k < vocab)
+    kth = ordered.gather(1, (top_k.clamp(1, vocab) - 1)[:, None]).squeeze(1)
+    tau_k = torch.where(k_active, kth, minus_inf)
+    ordered_weights = torch.exp(ordered - row_max) * (ordered >= tau_k[:, None])
+    cumulative = ordered_weights.cumsum(dim=-1)
+    target = top_p.double() * cumulative[:, -1]
+    first_enough = (cumulative < target[:, None]).sum(dim=-1).clamp_max(vocab - 1)
+    tau_p = torch.where(top_p < 1, ordered.gather(1, first_enough[:, None]).squeeze(1), minus_inf)
+    tau = torch.maximum(tau_k, tau_p)
+    log_min_p = torch.where(min_p > 0, torch.log(min_p.double().clamp_min(1e-300)), minus_inf)
+    keep = (y >= tau[:, None]) & ((y - row_max) >= log_min_p[:, None])
+    is_forced = forced >= 0
+    forced_hot = torch.arange(vocab, device=logits.device)[None, :] == forced[:, None]
+    keep = torch.where(is_forced[:, None], forced_hot, keep)
+
+    if uniform is None:
+        uniform = philox_uniform(seeds, vocab)
+    gumbel = -torch.log(-torch.log(uniform.double()))
+    noisy = torch.where(greedy[:, None], y, y + gumbel)
+    score = torch.where(keep, noisy, float("-inf"))
+    tokens = torch.where(is_forced, forced, score.argmax(dim=-1))
+
+    kept_mass = (weights * keep).sum(dim=-1)
+    y_token = y.gather(1, tokens[:, None]).squeeze(1)
+    logprobs = torch.where(is_forced, 0.0, y_token - row_max.squeeze(1) - torch.log(kept_mass))
+    raw_logprobs = raw_y.gather(1, tokens[:, None]).squeeze(1) - raw_lse
+    processed = torch.where(keep, y, float("-inf")).to(logits.dtype)
+    return tokens, logprobs, raw_logprobs, processed
+
+
+# ---------------------------------------------------------------------------------------------
+# linear_token_logprobs
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`token_logprobs` of the LM-head logits ``hidden @ weight.T + bias``.
+
+    Parameters
+    ----------
+    hidden : Tensor, shape ``[..., H]``; weight : Tensor, shape ``[V, H]``; bias : Tensor ``[V]`` or None
+        Any float dtype; the logits are formed in float64 for float64 inputs and in float32
+        otherwise (never rounded to a half dtype).
+    targets, temperature, with_entropy, ignore_index
+        As in :func:`token_logprobs`.
+
+    Returns
+    -------
+    (logp, entropy) as in :func:`token_logprobs` (this materialises the ``[..., V]`` logits).
+    """
+    dtype = _compute_dtype(hidden.dtype)
+    logits = torch.nn.functional.linear(
+        hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+    )
+    return token_logprobs(logits, targets, temperature, with_entropy, ignore_index)

@@ -37,7 +37,7 @@ GTALIGN_CPU_CLONES void chunk_exp_sums(const float* y, int64_t count, float m_re
       const float d = y[i] - m_ref;
       const float e = exp_f32(d);
       sum += e;
-      centred += e > 0.0f ? e * d : 0.0f;
+      centred += blend(e > 0.0f, e * d, 0.0f);  // d = -inf where e = 0
     }
   } else {
 #pragma omp simd reduction(+ : sum)
@@ -54,7 +54,7 @@ GTALIGN_CPU_CLONES void chunk_grad(const float* y, int64_t count, float row_max,
   for (int64_t i = 0; i < count; ++i) {
     const float d = (y[i] - row_max) - log_sum;
     const float p = exp_f32(d);
-    const float entropy_term = p > 0.0f ? p * (d + entropy) : 0.0f;
+    const float entropy_term = blend(p > 0.0f, p * (d + entropy), 0.0f);
     grad[i] = -g_logp * p - g_entropy * entropy_term;
   }
 }

@@ -1,0 +1,205 @@
+"""Benchmark rows for one GRPO training step (suite ``e2e``): our trainer vs TRL's GRPOTrainer.
+
+Same randomly initialised Qwen2-shaped model, prompts, lengths, seed and reward for every
+provider. The step is split into its phases, one row each, so the table shows where time goes:
+
+``grpo_step``        one whole optimizer step (generation + scoring + update)
+``grpo_generation``  sampling ``num_generations`` completions per prompt (KV cache, SteeringSampler)
+``grpo_scoring``     reward functions + the fused welfare / advantage op
+``grpo_update``      the micro-batched policy update (fused LM head + GRPO loss, backward, AdamW)
+
+Every completion has exactly ``max_completion_length`` tokens (the tokenizer's EOS lies outside the
+model's vocabulary, so it is never sampled): ``extra["tokens_per_step"]`` divided by the median
+time is the step's throughput in tokens/s. ``flops`` counts model FLOPs (2 N D to generate and
+score, 6 N D to train, N = parameters, D = tokens) so the TFLOP/s column is comparable across
+providers. Peak memory is what ``bench/run.py`` measures around one call.
+
+CPU: a tiny (hidden 64) and a small (hidden 256) model. CUDA: a Qwen2.5-0.5B-shaped model
+(vocabulary 151936), bf16 autocast, 8 prompts x 8 completions of 256 tokens.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+from bench.common import Case, missing, skipped
+
+OPS = ("grpo_step", "grpo_generation", "grpo_scoring", "grpo_update")
+
+
+@dataclass(frozen=True)
+class Setup:
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    prompts: int
+    generations: int
+    prompt_len: int
+    completion_len: int
+    bf16: bool
+
+    @property
+    def completions(self) -> int:
+        return self.prompts * self.generations
+
+    def shape(self) -> dict:
+        return {"model": self.name, "H": self.hidden, "layers": self.layers, "V": self.vocab,
+                "prompts": self.prompts, "G": self.generations, "P": self.prompt_len, "C": self.completion_len}
+
+
+def _setups(device: torch.device) -> list[Setup]:
+    if device.type == "cuda":
+        return [Setup("qwen2.5-0.5b-shaped", 896, 24, 14, 2, 4864, 151936, 8, 8, 64, 256, True)]
+    return [
+        Setup("tiny", 64, 2, 4, 2, 128, 512, 2, 8, 16, 32, False),
+        Setup("small", 256, 4, 4, 2, 768, 8192, 2, 8, 32, 48, False),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared inputs: tokenizer, model, data, reward
+
+
+def _tokenizer(vocab: int):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<pad>": 0, **{f"w{i}": i for i in range(1, vocab)}, "<eos>": vocab}  # EOS is never sampled
+    core = Tokenizer(WordLevel(words, unk_token="<pad>"))
+    core.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<pad>")
+
+
+def _model(setup: Setup, tokenizer):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=setup.vocab, hidden_size=setup.hidden, intermediate_size=setup.intermediate,
+        num_hidden_layers=setup.layers, num_attention_heads=setup.heads, num_key_value_heads=setup.kv_heads,
+        max_position_embeddings=setup.prompt_len + setup.completion_len + 8, tie_word_embeddings=True,
+        pad_token_id=0, eos_token_id=None, attn_implementation="sdpa",  # the sampler reads EOS from the tokenizer
+    )
+    return Qwen2ForCausalLM(config)
+
+
+def _dataset(setup: Setup, rows: int = 64) -> list[dict]:
+    rng = random.Random(0)
+    def prompt() -> str:
+        return " ".join(f"w{rng.randrange(1, setup.vocab)}" for _ in range(setup.prompt_len))
+
+    return [{"prompt": prompt()} for _ in range(rows)]
+
+
+def distinct_tokens(completion_ids, **_) -> list[float]:
+    """A cheap reward with spread: the fraction of distinct tokens in the completion."""
+    return [len(set(ids)) / max(1, len(ids)) for ids in completion_ids]
+
+
+def _parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _flops(setup: Setup, n_params: int, phase: str) -> float:
+    tokens = setup.completions * (setup.prompt_len + setup.completion_len)
+    per_phase = {"grpo_generation": 2, "grpo_scoring": 0, "grpo_update": 6, "grpo_step": 8}
+    return float(per_phase[phase] * n_params * tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ours
+
+
+def _our_trainer(setup: Setup, device: torch.device):
+    from gtalign_fast import GRPOConfig, GRPOTrainer
+
+    tokenizer = _tokenizer(setup.vocab)
+    args = GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="gtalign_e2e_"), max_steps=10**6, logging_steps=10**6, save_steps=0,
+        num_generations=setup.generations, per_device_train_batch_size=setup.completions,
+        max_completion_length=setup.completion_len, max_prompt_length=None, bf16=setup.bf16,
+        gradient_checkpointing=False, use_cpu=device.type == "cpu", disable_tqdm=True, seed=0,
+    )
+    return GRPOTrainer(_model(setup, tokenizer), distinct_tokens, args=args, train_dataset=_dataset(setup),
+                       processing_class=tokenizer)
+
+
+def _ours(setup: Setup, device: torch.device, phase: str):
+    def make():
+        trainer = _our_trainer(setup, device)
+        rows = trainer._process_rows(0)
+        prompts = [row["prompt"] for row in rows]
+
+        def step():
+            metrics = trainer._training_step()
+            trainer.step += 1
+            return metrics
+
+        if phase == "grpo_step":
+            return step
+        if phase == "grpo_generation":
+            return lambda: trainer._generate(prompts, 0)
+        gen = trainer._generate(prompts, 0)
+        completion_ids = [ids[m.bool()].tolist() for ids, m in zip(gen.completion_ids, gen.completion_mask)]
+        if phase == "grpo_scoring":
+            return lambda: trainer._advantages(trainer._score(prompts, rows, completion_ids))
+        rollout = trainer._make_rollout(0)
+        return lambda: trainer._update(rollout)
+
+    return make
+
+
+# ---------------------------------------------------------------------------------------------
+# TRL (when installed): one trainer.train() call of one step on the same model, data and reward
+
+
+def _trl(setup: Setup, device: torch.device):
+    def make():
+        import datasets
+        from trl import GRPOConfig as TRLConfig
+        from trl import GRPOTrainer as TRLTrainer
+
+        tokenizer = _tokenizer(setup.vocab)
+        args = TRLConfig(
+            output_dir=tempfile.mkdtemp(prefix="trl_e2e_"), max_steps=1, logging_steps=10**6, save_strategy="no",
+            report_to="none", num_generations=setup.generations, per_device_train_batch_size=setup.completions,
+            max_completion_length=setup.completion_len, bf16=setup.bf16, gradient_checkpointing=False,
+            use_cpu=device.type == "cpu", seed=0, disable_tqdm=True,
+        )
+        trainer = TRLTrainer(model=_model(setup, tokenizer), reward_funcs=distinct_tokens, args=args,
+                             train_dataset=datasets.Dataset.from_list(_dataset(setup)), processing_class=tokenizer)
+        return trainer.train
+
+    return make
+
+
+def cases(device: torch.device, suite: str) -> list[Case]:
+    if suite != "e2e":
+        return []
+    out: list[Case] = []
+    for setup in _setups(device):
+        n_params = _parameters(_model(setup, _tokenizer(setup.vocab)))
+        dtype = "bf16-autocast" if setup.bf16 else "float32"
+        extra = {"tokens_per_step": setup.completions * (setup.prompt_len + setup.completion_len),
+                 "completion_tokens_per_step": setup.completions * setup.completion_len, "parameters": n_params}
+        for phase in OPS:
+            out.append(Case(phase, "gtalign_fast", "full", setup.shape(), dtype, _ours(setup, device, phase),
+                            flops=_flops(setup, n_params, phase), extra=dict(extra)))
+        reason = missing("trl") or missing("datasets")
+        if reason:
+            out.extend(skipped("grpo_step", "trl", ["full"], setup.shape(), dtype, reason))
+        else:
+            out.append(Case("grpo_step", "trl", "full", setup.shape(), dtype, _trl(setup, device),
+                            flops=_flops(setup, n_params, "grpo_step"),
+                            extra={**extra, "note": "one trainer.train() call with max_steps=1"}))
+    return out

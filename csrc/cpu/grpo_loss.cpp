@@ -1,0 +1,471 @@
+// C++ CPU kernels for grpo_loss (see kernels/grpo_loss.py for the maths, the row_stats columns
+// and the layout contract: per-token inputs are strided [B, T] views, advantages float32 (time
+// stride 0 when per sequence), mask uint8; dlogp / dref contiguous [B, T]).
+//
+// Forward: sequences run in parallel (OpenMP), each walked once (twice at sequence level) in
+// chunks that are converted to float into small L1-resident buffers, so every dtype and stride
+// shares one branch-free `omp simd` loop; then a serial reduction over the B rows gives the
+// weights, loss and metrics. Backward: one pass per sequence, same chunking. Derivatives follow torch's conventions (clamp passes the
+// gradient on the closed interval, min splits it evenly on ties), as in the Triton kernels.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "vec_math.h"
+
+namespace gtalign_fast {
+namespace cpu {
+namespace {
+
+constexpr int64_t kNumStats = 8;
+constexpr int64_t kChunk = 512;  // tokens per L1-resident chunk
+enum Stat : int64_t { kLossSum = 0, kTokens, kLow, kHigh, kRegion, kKlSum, kRatioSum, kSeqGrad };
+enum Mode : int64_t { kSeqMean = 0, kTokenMean = 1, kNormaliserTensor = 2, kConstant = 3 };
+constexpr float kLogRatioLimit = 20.0f;
+constexpr float kKlLimit = 10.0f;
+
+// GTALIGN_ALWAYS_INLINE (vec_math.h): the per-token helpers must be inlined into the `omp simd`
+// loops for those to vectorise.
+
+struct ClipParams {
+  float low_bound, high_bound, delta, dual_clip, beta;
+  bool has_dual_clip;
+};
+
+ClipParams clip_params(double beta, double eps_low, double eps_high, double delta, double dual_clip) {
+  return {1.0f - static_cast<float>(eps_low), 1.0f + static_cast<float>(eps_high), static_cast<float>(delta),
+          static_cast<float>(dual_clip), static_cast<float>(beta), dual_clip > 0.0};
+}
+
+// Per-token policy loss, d loss / d ratio, and coef_1 = min(ratio, delta). Branch-free (selects
+// only), so that the chunk loops below vectorise.
+struct PolicyTerm {
+  float loss, dloss_dratio, coef_1;
+};
+
+GTALIGN_ALWAYS_INLINE PolicyTerm policy_term(float ratio, float adv, const ClipParams& p) {
+  const float coef_1 = ratio <= p.delta ? ratio : p.delta;  // ternaries, not fminf: a libm call stops vectorisation
+  const float gate_1 = ratio <= p.delta ? 1.0f : 0.0f;
+  const float coef_2 = std::min(std::max(ratio, p.low_bound), p.high_bound);
+  const float gate_2 = ((ratio >= p.low_bound) & (ratio <= p.high_bound)) ? 1.0f : 0.0f;
+  const float s1 = coef_1 * adv, s2 = coef_2 * adv;
+  // torch.min splits the gradient evenly between equal arguments (on-policy every token ties).
+  const float gate = s1 < s2 ? gate_1 : (s1 > s2 ? gate_2 : 0.5f * (gate_1 + gate_2));
+  float loss = -(s1 < s2 ? s1 : s2);
+  float dloss = -adv * gate;
+  // verl's dual clip: the loss of a negative-advantage token is capped at -c * A.
+  // Bitwise & on bools, not &&: short-circuits are branches, and branches stop vectorisation.
+  const bool dual = p.has_dual_clip & (adv < 0.0f);
+  const float cap = -adv * p.dual_clip;
+  const bool capped = dual & (loss > cap);
+  const bool tie = dual & (loss == cap);
+  dloss = capped ? 0.0f : (tie ? 0.5f * dloss : dloss);
+  loss = capped ? cap : loss;
+  return {loss, dloss, coef_1};
+}
+
+// exp(clamp(l, -20, 20)) and its derivative w.r.t. l (0 where clamped, torch.clamp's convention).
+GTALIGN_ALWAYS_INLINE float clamped_exp(float log_ratio, float* dratio) {
+  const float clamped = std::min(std::max(log_ratio, -kLogRatioLimit), kLogRatioLimit);
+  const float ratio = exp_f32(clamped);
+  *dratio = ((log_ratio >= -kLogRatioLimit) & (log_ratio <= kLogRatioLimit)) ? ratio : 0.0f;
+  return ratio;
+}
+
+// k3 KL clamp(exp(d) - d - 1, -10, 10) with d = clamp(ref - logp, -20, 20), and d kl / d ref.
+GTALIGN_ALWAYS_INLINE float k3_term(float logp, float ref, float* dkl_dref) {
+  const float d = ref - logp;
+  const float d_clamped = std::min(std::max(d, -kLogRatioLimit), kLogRatioLimit);
+  const float e = exp_f32(d_clamped);
+  const float kl = e - d_clamped - 1.0f;
+  const bool pass = (d >= -kLogRatioLimit) & (d <= kLogRatioLimit) & (kl >= -kKlLimit) & (kl <= kKlLimit);
+  *dkl_dref = pass ? e - 1.0f : 0.0f;
+  return std::min(std::max(kl, -kKlLimit), kKlLimit);
+}
+
+// A strided [B, T] view: element (b, t) at data[b * row + t * col].
+template <typename T>
+struct View {
+  const T* data;
+  int64_t row, col;
+};
+
+template <typename T>
+View<T> view_of(const at::Tensor& tensor) {
+  return {tensor.data_ptr<T>(), tensor.stride(0), tensor.stride(1)};
+}
+
+template <typename T>
+View<T> optional_view(const std::optional<at::Tensor>& tensor) {
+  if (!tensor.has_value() || !tensor->defined()) return {nullptr, 0, 0};
+  return view_of<T>(*tensor);
+}
+
+template <typename scalar_t>
+struct Inputs {
+  View<scalar_t> logp, old, ref;
+  View<float> adv;
+  View<uint8_t> mask;
+  int64_t length;
+};
+
+// One chunk of a row, converted to float in L1-resident buffers so that every dtype and stride
+// shares one vectorised loop. On-policy, old = logp (log-ratio exactly 0, ratio exactly 1).
+struct Chunk {
+  float logp[kChunk], old[kChunk], ref[kChunk], adv[kChunk], valid[kChunk];
+  // Filled by exp_chunk: token ratio and d ratio / d logp, k3 KL and d kl / d ref.
+  float ratio[kChunk], dratio[kChunk], kl[kChunk], dkl_dref[kChunk];
+};
+
+template <typename T>
+void load_row_chunk(const View<T>& view, int64_t b, int64_t start, int64_t count, float* dst) {
+  const T* src = view.data + b * view.row + start * view.col;
+  load_scaled(src, view.col, count, 1.0f, dst);
+}
+
+inline void load_mask_chunk(const View<uint8_t>& view, int64_t b, int64_t start, int64_t count, float* dst) {
+  const uint8_t* src = view.data + b * view.row + start * view.col;
+  const int64_t stride = view.col;
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) dst[i] = src[i * stride] != 0 ? 1.0f : 0.0f;
+}
+
+template <typename scalar_t>
+void load_chunk(const Inputs<scalar_t>& in, int64_t b, int64_t start, int64_t count, bool need_adv, Chunk* c) {
+  load_mask_chunk(in.mask, b, start, count, c->valid);
+  load_row_chunk(in.logp, b, start, count, c->logp);
+  if (in.old.data != nullptr) {
+    load_row_chunk(in.old, b, start, count, c->old);
+  } else {
+    std::copy(c->logp, c->logp + count, c->old);
+  }
+  if (in.ref.data != nullptr) load_row_chunk(in.ref, b, start, count, c->ref);
+  if (need_adv) load_row_chunk(in.adv, b, start, count, c->adv);
+}
+
+struct RowSums {
+  float loss = 0, tokens = 0, low = 0, high = 0, kl = 0, ratio = 0, dpg = 0;
+};
+
+// The exponentials of one chunk (ratio and k3), in a loop of their own: GCC vectorises the
+// exp loop and the select-heavy policy loop separately but not fused.
+GTALIGN_CPU_CLONES void exp_chunk(Chunk* c, int64_t count, float ref_on) {
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) {
+    float dratio, dkl_dref;
+    c->ratio[i] = clamped_exp(c->logp[i] - c->old[i], &dratio);
+    c->dratio[i] = dratio;
+    c->kl[i] = ref_on * k3_term(c->logp[i], c->ref[i], &dkl_dref);
+    c->dkl_dref[i] = ref_on * dkl_dref;
+  }
+}
+
+// Sums of one chunk of a row (kSeqLevel: every token uses the sequence's ratio). No run-time
+// flag inside the loop (GCC keeps a scalar fallback for loops with invariant branches).
+template <bool kSeqLevel>
+GTALIGN_ALWAYS_INLINE void forward_chunk_body(const Chunk& c, int64_t count, const ClipParams params,
+                                              float seq_ratio, RowSums* sums) {
+  const ClipParams p = params;  // a local copy: loads through a reference inside the loop block vectorisation
+  float loss = 0, tokens = 0, low = 0, high = 0, kl_sum = 0, ratio_sum = 0, dpg_sum = 0;
+#pragma omp simd reduction(+ : loss, tokens, low, high, kl_sum, ratio_sum, dpg_sum)
+  for (int64_t i = 0; i < count; ++i) {
+    const bool valid = c.valid[i] != 0.0f;
+    const float ratio = kSeqLevel ? seq_ratio : c.ratio[i];
+    const float adv = c.adv[i];
+    const PolicyTerm term = policy_term(ratio, adv, p);
+    const float kl = c.kl[i];
+    loss += valid ? term.loss + p.beta * kl : 0.0f;
+    tokens += static_cast<float>(valid);
+    kl_sum += valid ? kl : 0.0f;
+    ratio_sum += valid ? ratio : 0.0f;
+    dpg_sum += valid ? term.dloss_dratio : 0.0f;
+    low += static_cast<float>(valid & (term.coef_1 < p.low_bound) & (adv < 0.0f));
+    high += static_cast<float>(valid & (term.coef_1 > p.high_bound) & (adv > 0.0f));
+  }
+  sums->loss += loss;
+  sums->tokens += tokens;
+  sums->low += low;
+  sums->high += high;
+  sums->kl += kl_sum;
+  sums->ratio += ratio_sum;
+  sums->dpg += dpg_sum;
+}
+
+GTALIGN_CPU_CLONES void forward_chunk_token(const Chunk& c, int64_t count, const ClipParams& p, RowSums* sums) {
+  forward_chunk_body<false>(c, count, p, 1.0f, sums);
+}
+
+GTALIGN_CPU_CLONES void forward_chunk_sequence(const Chunk& c, int64_t count, const ClipParams& p, float seq_ratio,
+                                               RowSums* sums) {
+  forward_chunk_body<true>(c, count, p, seq_ratio, sums);
+}
+
+// Sum of the masked log-ratios of one chunk, and its token count (sequence level, first pass).
+GTALIGN_CPU_CLONES void log_ratio_chunk(const Chunk& c, int64_t count, float* sum_out, float* count_out) {
+  float sum = 0, tokens = 0;
+#pragma omp simd reduction(+ : sum, tokens)
+  for (int64_t i = 0; i < count; ++i) {
+    const bool valid = c.valid[i] != 0.0f;
+    sum += valid ? c.logp[i] - c.old[i] : 0.0f;
+    tokens += valid ? 1.0f : 0.0f;
+  }
+  *sum_out += sum;
+  *count_out += tokens;
+}
+
+template <typename scalar_t>
+void forward_row(const Inputs<scalar_t>& in, int64_t b, const ClipParams& p, bool seq_level, bool row_metrics,
+                 Chunk* c, float* stats) {
+  float seq_ratio = 1.0f, seq_dratio = 1.0f;
+  if (seq_level) {
+    float lr_sum = 0.0f, tokens = 0.0f;
+    for (int64_t start = 0; start < in.length; start += kChunk) {
+      const int64_t count = std::min(kChunk, in.length - start);
+      load_chunk(in, b, start, count, false, c);
+      log_ratio_chunk(*c, count, &lr_sum, &tokens);
+    }
+    seq_ratio = clamped_exp(lr_sum / std::max(tokens, 1.0f), &seq_dratio);
+  }
+  RowSums sums;
+  for (int64_t start = 0; start < in.length; start += kChunk) {
+    const int64_t count = std::min(kChunk, in.length - start);
+    load_chunk(in, b, start, count, true, c);
+    exp_chunk(c, count, in.ref.data != nullptr ? 1.0f : 0.0f);
+    if (seq_level) {
+      forward_chunk_sequence(*c, count, p, seq_ratio, &sums);
+    } else {
+      forward_chunk_token(*c, count, p, &sums);
+    }
+  }
+  float low = sums.low, high = sums.high, ratio = sums.ratio;
+  float region = low + high;  // exclusive: they need opposite signs of A
+  if (row_metrics) {
+    // Per-sequence ratio and advantage: one 0/1 indicator per row, as TRL's GSPO metrics.
+    const float adv = in.adv.data[b * in.adv.row];
+    const float coef_1 = std::min(seq_ratio, p.delta);
+    low = (coef_1 < p.low_bound && adv < 0.0f) ? 1.0f : 0.0f;
+    high = (coef_1 > p.high_bound && adv > 0.0f) ? 1.0f : 0.0f;
+    region = std::max(low, high);
+    ratio = seq_ratio;
+  }
+  stats[kLossSum] = sums.loss;
+  stats[kTokens] = sums.tokens;
+  stats[kLow] = low;
+  stats[kHigh] = high;
+  stats[kRegion] = region;
+  stats[kKlSum] = sums.kl;
+  stats[kRatioSum] = ratio;
+  stats[kSeqGrad] = seq_level ? sums.dpg * seq_dratio / std::max(sums.tokens, 1.0f) : 0.0f;
+}
+
+// Serial reduction over the B rows: metrics, per-row weights of the aggregation mode, the loss.
+void finalize(const float* stats, int64_t batch, int64_t mode, double const_weight, const float* num_items,
+              bool row_metrics, float* loss, float* metrics, float* weights) {
+  double tokens = 0, low = 0, high = 0, region = 0, kl = 0, ratio = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* s = stats + b * kNumStats;
+    tokens += s[kTokens];
+    low += s[kLow];
+    high += s[kHigh];
+    region += s[kRegion];
+    kl += s[kKlSum];
+    ratio += s[kRatioSum];
+  }
+  const double total_tokens = std::max(tokens, 1.0);
+  const double metric_count = row_metrics ? static_cast<double>(batch) : total_tokens;
+  metrics[0] = static_cast<float>(low / metric_count);
+  metrics[1] = static_cast<float>(high / metric_count);
+  metrics[2] = static_cast<float>(region / metric_count);
+  metrics[3] = static_cast<float>(kl / total_tokens);
+  metrics[4] = static_cast<float>(ratio / metric_count);
+
+  double shared_weight = const_weight;
+  if (mode == kTokenMean) shared_weight = 1.0 / total_tokens;
+  if (mode == kNormaliserTensor) shared_weight = 1.0 / static_cast<double>(*num_items);
+  double total = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* s = stats + b * kNumStats;
+    const double weight =
+        mode == kSeqMean ? 1.0 / (static_cast<double>(batch) * std::max<double>(s[kTokens], 1.0)) : shared_weight;
+    weights[b] = static_cast<float>(weight);
+    total += weight * s[kLossSum];
+  }
+  *loss = static_cast<float>(total);
+}
+
+// d loss / d logp (and d loss / d ref) of one chunk, scaled by the row's weight times the
+// incoming gradient; masked tokens get exactly 0. Same structure as forward_chunk_body.
+template <bool kSeqLevel>
+GTALIGN_ALWAYS_INLINE void backward_chunk_body(const Chunk& c, int64_t count, const ClipParams params,
+                                               float seq_grad, float row_scale, float* dlogp, float* dref) {
+  const ClipParams p = params;  // a local copy, as in forward_chunk_body
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) {
+    const bool valid = c.valid[i] != 0.0f;
+    const float policy_grad =
+        kSeqLevel ? seq_grad : policy_term(c.ratio[i], c.adv[i], p).dloss_dratio * c.dratio[i];
+    const float kl_grad = p.beta * c.dkl_dref[i];
+    dlogp[i] = valid ? row_scale * (policy_grad - kl_grad) : 0.0f;
+    dref[i] = valid ? row_scale * kl_grad : 0.0f;
+  }
+}
+
+GTALIGN_CPU_CLONES void backward_chunk_token(const Chunk& c, int64_t count, const ClipParams& p, float row_scale,
+                                             float* dlogp, float* dref) {
+  backward_chunk_body<false>(c, count, p, 0.0f, row_scale, dlogp, dref);
+}
+
+GTALIGN_CPU_CLONES void backward_chunk_sequence(const Chunk& c, int64_t count, const ClipParams& p, float seq_grad,
+                                                float row_scale, float* dlogp, float* dref) {
+  backward_chunk_body<true>(c, count, p, seq_grad, row_scale, dlogp, dref);
+}
+
+template <typename scalar_t>
+void backward_row(const Inputs<scalar_t>& in, int64_t b, const ClipParams& p, bool seq_level, float row_scale,
+                  float seq_grad, Chunk* c, float* dlogp_buffer, float* dref_buffer, scalar_t* dlogp, scalar_t* dref) {
+  for (int64_t start = 0; start < in.length; start += kChunk) {
+    const int64_t count = std::min(kChunk, in.length - start);
+    load_chunk(in, b, start, count, true, c);
+    exp_chunk(c, count, in.ref.data != nullptr ? 1.0f : 0.0f);
+    if (seq_level) {
+      backward_chunk_sequence(*c, count, p, seq_grad, row_scale, dlogp_buffer, dref_buffer);
+    } else {
+      backward_chunk_token(*c, count, p, row_scale, dlogp_buffer, dref_buffer);
+    }
+    store_as(dlogp_buffer, count, dlogp + b * in.length + start);
+    if (dref != nullptr) store_as(dref_buffer, count, dref + b * in.length + start);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks and entry points
+
+void check_bt(const at::Tensor& tensor, const at::Tensor& logp, const char* name) {
+  TORCH_CHECK(tensor.dim() == 2 && tensor.size(0) == logp.size(0) && tensor.size(1) == logp.size(1),
+              "grpo_loss: ", name, " must be a [B, T] view like logp");
+}
+
+void check_float_out(const at::Tensor& out, int64_t numel, const char* name) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() == numel,
+              "grpo_loss: ", name, " must be a contiguous float32 tensor of ", numel, " elements");
+}
+
+template <typename scalar_t>
+Inputs<scalar_t> make_inputs(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
+                             const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages,
+                             const at::Tensor& mask) {
+  return {view_of<scalar_t>(logp), optional_view<scalar_t>(old_logp), optional_view<scalar_t>(ref_logp),
+          view_of<float>(advantages), view_of<uint8_t>(mask), logp.size(1)};
+}
+
+void check_inputs(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
+                  const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask) {
+  TORCH_CHECK(logp.dim() == 2, "grpo_loss: logp must be [B, T]");
+  for (const auto* other : {&old_logp, &ref_logp}) {
+    if (other->has_value() && (*other)->defined()) {
+      check_bt(**other, logp, "old_logp / ref_logp");
+      TORCH_CHECK((*other)->scalar_type() == logp.scalar_type(), "grpo_loss: old_logp / ref_logp need logp's dtype");
+    }
+  }
+  check_bt(advantages, logp, "advantages");
+  TORCH_CHECK(advantages.scalar_type() == at::kFloat, "grpo_loss: advantages must be float32 here");
+  check_bt(mask, logp, "mask");
+  TORCH_CHECK(mask.scalar_type() == at::kByte, "grpo_loss: mask must be uint8 here");
+}
+
+void grpo_loss_fwd_cpu(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
+                       const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask,
+                       const std::optional<at::Tensor>& num_items, double beta, double epsilon_low, double epsilon_high,
+                       double delta, double dual_clip, bool seq_level, bool row_metrics, int64_t mode,
+                       double const_weight, at::Tensor& loss, at::Tensor& metrics, at::Tensor& row_stats,
+                       at::Tensor& row_weights) {
+  check_inputs(logp, old_logp, ref_logp, advantages, mask);
+  const int64_t batch = logp.size(0);
+  check_float_out(loss, 1, "loss");
+  check_float_out(metrics, 5, "metrics");
+  check_float_out(row_stats, batch * kNumStats, "row_stats");
+  check_float_out(row_weights, batch, "row_weights");
+  TORCH_CHECK(mode != kNormaliserTensor || (num_items.has_value() && num_items->numel() == 1 &&
+                                            num_items->scalar_type() == at::kFloat),
+              "grpo_loss: num_items must be a float32 tensor of one element");
+  const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip);
+  float* stats = row_stats.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logp.scalar_type(), "grpo_loss_fwd_cpu", [&] {
+    const Inputs<scalar_t> in = make_inputs<scalar_t>(logp, old_logp, ref_logp, advantages, mask);
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(in.length, 1));
+    at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
+      std::unique_ptr<Chunk> chunk(new Chunk());  // zeroed: absent inputs read as 0
+      for (int64_t b = begin; b < end; ++b) {
+        forward_row(in, b, params, seq_level, row_metrics, chunk.get(), stats + b * kNumStats);
+      }
+    });
+  });
+  finalize(stats, batch, mode, const_weight, mode == kNormaliserTensor ? num_items->data_ptr<float>() : nullptr,
+           row_metrics, loss.data_ptr<float>(), metrics.data_ptr<float>(), row_weights.data_ptr<float>());
+}
+
+void grpo_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& row_weights, const at::Tensor& row_stats,
+                       const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
+                       const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask,
+                       double beta, double epsilon_low, double epsilon_high, double delta, double dual_clip,
+                       bool seq_level, at::Tensor& dlogp, at::Tensor& dref) {
+  check_inputs(logp, old_logp, ref_logp, advantages, mask);
+  const int64_t batch = logp.size(0), length = logp.size(1);
+  check_float_out(grad_loss, 1, "grad_loss");
+  check_float_out(row_weights, batch, "row_weights");
+  check_float_out(row_stats, batch * kNumStats, "row_stats");
+  TORCH_CHECK(dlogp.is_contiguous() && dlogp.scalar_type() == logp.scalar_type() && dlogp.numel() == batch * length,
+              "grpo_loss: dlogp must be contiguous [B, T] in logp's dtype");
+  const bool ref_grad = dref.numel() > 0;
+  if (ref_grad) {
+    TORCH_CHECK(ref_logp.has_value() && ref_logp->defined(), "grpo_loss: a ref_logp gradient needs ref_logp");
+    TORCH_CHECK(dref.is_contiguous() && dref.scalar_type() == logp.scalar_type() && dref.numel() == batch * length,
+                "grpo_loss: dref must be contiguous [B, T] in logp's dtype");
+  }
+  const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip);
+  const float grad = grad_loss.data_ptr<float>()[0];
+  const float* weights = row_weights.data_ptr<float>();
+  const float* stats = row_stats.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logp.scalar_type(), "grpo_loss_bwd_cpu", [&] {
+    const Inputs<scalar_t> in = make_inputs<scalar_t>(logp, old_logp, ref_logp, advantages, mask);
+    scalar_t* dlogp_data = dlogp.data_ptr<scalar_t>();
+    scalar_t* dref_data = ref_grad ? dref.data_ptr<scalar_t>() : nullptr;
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(length, 1));
+    at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
+      std::unique_ptr<Chunk> chunk(new Chunk());  // zeroed: absent inputs read as 0
+      std::vector<float> dlogp_buffer(kChunk), dref_buffer(kChunk);
+      for (int64_t b = begin; b < end; ++b) {
+        backward_row(in, b, params, seq_level, grad * weights[b], stats[b * kNumStats + kSeqGrad], chunk.get(),
+                     dlogp_buffer.data(), dref_buffer.data(), dlogp_data, dref_data);
+      }
+    });
+  });
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace gtalign_fast
+
+TORCH_LIBRARY_FRAGMENT(gtalign_fast_C, m) {
+  m.def(
+      "grpo_loss_fwd(Tensor logp, Tensor? old_logp, Tensor? ref_logp, Tensor advantages, Tensor mask, "
+      "Tensor? num_items, float beta, float epsilon_low, float epsilon_high, float delta, float dual_clip, "
+      "bool seq_level, bool row_metrics, int mode, float const_weight, Tensor(a!) loss, Tensor(b!) metrics, "
+      "Tensor(c!) row_stats, Tensor(d!) row_weights) -> ()");
+  m.def(
+      "grpo_loss_bwd(Tensor grad_loss, Tensor row_weights, Tensor row_stats, Tensor logp, Tensor? old_logp, "
+      "Tensor? ref_logp, Tensor advantages, Tensor mask, float beta, float epsilon_low, float epsilon_high, "
+      "float delta, float dual_clip, bool seq_level, Tensor(a!) dlogp, Tensor(b!) dref) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(gtalign_fast_C, CPU, m) {
+  m.impl("grpo_loss_fwd", &gtalign_fast::cpu::grpo_loss_fwd_cpu);
+  m.impl("grpo_loss_bwd", &gtalign_fast::cpu::grpo_loss_bwd_cpu);
+}

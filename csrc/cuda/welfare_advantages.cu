@@ -1,0 +1,326 @@
+// CUDA kernel for welfare_advantages (see kernels/welfare_advantages.py for the maths and the
+// layout contract): Cobb-Douglas welfare, per-group statistics over the valid (non-NaN) rewards,
+// advantages and their scatter over each completion's tokens, in one launch.
+//
+// A team of TEAM threads owns one group at a time (a warp for small groups, the whole block for
+// large ones) and walks the groups with a grid-stride loop; the 1-D grid over blocks allows G in
+// the millions. Every thread of a team reads back only the elements it wrote itself, except in the
+// token scatter, which follows a team barrier. scale = "batch" needs the batch std before any
+// advantage is written; a grid has no barrier, so that mode runs as a single block that visits
+// every group twice (one launch; slower at very large N).
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <cuda_runtime.h>
+#include <math_constants.h>
+
+#include <algorithm>
+#include <type_traits>
+
+namespace gtalign_fast {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+// Groups at most this long (on average) get a warp each; longer ones the whole block.
+constexpr int64_t kWarpTeamMaxAverage = 64;
+
+enum ScaleMode : int64_t { kScaleGroup = 0, kScaleBatch = 1, kScaleNone = 2 };
+
+template <typename mask_t>
+struct Params {
+  const float* __restrict__ user;
+  const float* __restrict__ llm;
+  const int64_t* __restrict__ offsets;  // nullptr: fixed-size groups
+  int64_t group_size, n_groups;
+  float alpha;
+  double eps;
+  int64_t scale_mode;
+  bool unbiased;
+  const mask_t* __restrict__ mask;  // nullptr: no token scatter
+  int64_t tokens, mask_stride0, mask_stride1;
+  float* __restrict__ welfare;
+  float* __restrict__ advantages;
+  float* __restrict__ group_mean;
+  float* __restrict__ group_std;
+  bool* __restrict__ group_all_equal;
+  float* __restrict__ token_advantages;
+
+  __device__ int64_t start(int64_t g) const { return offsets != nullptr ? offsets[g] : g * group_size; }
+};
+
+// W in log space; NaN for a missing reward; -inf for a negative or infinite one (the Python side
+// raises). A zero exponent drops its factor (0^0 = 1).
+__device__ __forceinline__ float cobb_douglas(float u, float l, float alpha) {
+  const float log_u = alpha > 0.0f ? alpha * logf(u) : 0.0f;
+  const float log_l = alpha < 1.0f ? (1.0f - alpha) * logf(l) : 0.0f;
+  float w = expf(log_u + log_l);
+  if (isnan(u) || isnan(l)) w = CUDART_NAN_F;
+  if (u < 0.0f || l < 0.0f || isinf(u) || isinf(l)) w = -CUDART_INF_F;
+  return w;
+}
+
+// mask[i, t] != 0 for every mask dtype (half / bfloat16 compare as float: their != is ambiguous).
+template <typename T>
+__device__ __forceinline__ bool nonzero(T value) {
+  if constexpr (std::is_integral_v<T> || std::is_floating_point_v<T>) {
+    return value != T(0);
+  } else {
+    return static_cast<float>(value) != 0.0f;
+  }
+}
+
+struct SumOp {
+  template <typename T>
+  __device__ T operator()(T a, T b) const { return a + b; }
+};
+struct MinOp {
+  __device__ float operator()(float a, float b) const { return fminf(a, b); }
+};
+struct MaxOp {
+  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+// Reduce over the team; every thread of the team gets the result.
+template <int TEAM, typename T, typename Op>
+__device__ T team_reduce(T value, Op op) {
+  for (int offset = 16; offset > 0; offset >>= 1) value = op(value, __shfl_xor_sync(0xffffffff, value, offset));
+  if constexpr (TEAM == 32) {
+    return value;
+  } else {
+    __shared__ T warp_values[kWarps];
+    __syncthreads();  // the previous reduction has finished reading warp_values
+    if (threadIdx.x % 32 == 0) warp_values[threadIdx.x / 32] = value;
+    __syncthreads();
+    T result = warp_values[0];
+    for (int w = 1; w < kWarps; ++w) result = op(result, warp_values[w]);
+    return result;
+  }
+}
+
+template <int TEAM>
+__device__ __forceinline__ void team_sync() {
+  if constexpr (TEAM == 32) {
+    __syncwarp();
+  } else {
+    __syncthreads();
+  }
+}
+
+struct Moments {
+  double count, mean, m2;
+  bool all_equal;
+};
+
+// Statistics of one group; writes W. Each thread reads back only its own elements.
+template <int TEAM, typename mask_t>
+__device__ Moments group_moments(const Params<mask_t>& p, int64_t begin, int64_t end, int lane) {
+  double sum = 0.0, count = 0.0;
+  float lowest = CUDART_INF_F, highest = -CUDART_INF_F;
+  for (int64_t i = begin + lane; i < end; i += TEAM) {
+    const float w = cobb_douglas(p.user[i], p.llm[i], p.alpha);
+    p.welfare[i] = w;
+    if (!isnan(w)) {
+      sum += w;
+      count += 1.0;
+      lowest = fminf(lowest, w);
+      highest = fmaxf(highest, w);
+    }
+  }
+  Moments m;
+  m.count = team_reduce<TEAM>(count, SumOp{});
+  const double total = team_reduce<TEAM>(sum, SumOp{});
+  lowest = team_reduce<TEAM>(lowest, MinOp{});
+  highest = team_reduce<TEAM>(highest, MaxOp{});
+  m.mean = m.count > 0.0 ? total / m.count : 0.0;
+  // Exact comparison: std == 0 iff every valid reward is the same number (vacuous below 2).
+  m.all_equal = m.count < 2.0 || lowest == highest;
+  double m2 = 0.0;
+  if (!m.all_equal) {
+    for (int64_t i = begin + lane; i < end; i += TEAM) {
+      const float w = p.welfare[i];
+      if (!isnan(w)) {
+        const double d = static_cast<double>(w) - m.mean;
+        m2 += d * d;
+      }
+    }
+  }
+  m.m2 = team_reduce<TEAM>(m2, SumOp{});
+  return m;
+}
+
+__device__ __forceinline__ double std_of(double count, double m2, bool unbiased) {
+  if (count < 2.0) return 0.0;
+  return sqrt(m2 / (unbiased ? count - 1.0 : count));
+}
+
+// 1 / (std + eps), 0 if that is not finite, 1 for scale = "none".
+__device__ __forceinline__ float inverse_denominator(int64_t scale_mode, double std, double eps) {
+  if (scale_mode == kScaleNone) return 1.0f;
+  const double denominator = std + eps;
+  return denominator > 0.0 ? static_cast<float>(1.0 / denominator) : 0.0f;
+}
+
+// Advantages of one group, then (after a team barrier) its tokens.
+template <int TEAM, typename mask_t>
+__device__ void write_group(const Params<mask_t>& p, int64_t begin, int64_t end, int lane, float mean, float inv,
+                            bool zero) {
+  for (int64_t i = begin + lane; i < end; i += TEAM) {
+    const float w = p.welfare[i];
+    p.advantages[i] = (zero || isnan(w)) ? 0.0f : (w - mean) * inv;
+  }
+  if (p.mask == nullptr) return;
+  team_sync<TEAM>();  // advantages of other lanes are read below
+  for (int64_t flat = begin * p.tokens + lane; flat < end * p.tokens; flat += TEAM) {
+    const int64_t row = flat / p.tokens, col = flat - row * p.tokens;
+    const bool on = nonzero(p.mask[row * p.mask_stride0 + col * p.mask_stride1]);
+    p.token_advantages[flat] = on ? p.advantages[row] : 0.0f;
+  }
+}
+
+template <int TEAM, typename mask_t>
+__device__ void store_stats(const Params<mask_t>& p, int64_t g, const Moments& m, int lane, double* std_out) {
+  const double std = m.all_equal ? 0.0 : std_of(m.count, m.m2, p.unbiased);
+  if (lane == 0) {
+    p.group_mean[g] = static_cast<float>(m.mean);
+    p.group_std[g] = static_cast<float>(std);
+    p.group_all_equal[g] = m.all_equal;
+  }
+  *std_out = std;
+}
+
+template <int TEAM, typename mask_t>
+__global__ void __launch_bounds__(kThreads) welfare_advantages_kernel(Params<mask_t> p) {
+  constexpr int kTeamsPerBlock = kThreads / TEAM;
+  const int lane = threadIdx.x % TEAM;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kTeamsPerBlock + threadIdx.x / TEAM;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kTeamsPerBlock;
+  // Every thread of a warp belongs to one team, so a team's loop trip count is uniform.
+  if (p.scale_mode != kScaleBatch) {
+    for (int64_t g = first; g < p.n_groups; g += stride) {
+      const int64_t begin = p.start(g), end = p.start(g + 1);
+      const Moments m = group_moments<TEAM>(p, begin, end, lane);
+      double std;
+      store_stats<TEAM>(p, g, m, lane, &std);
+      const float inv = inverse_denominator(p.scale_mode, static_cast<float>(std), p.eps);
+      write_group<TEAM>(p, begin, end, lane, static_cast<float>(m.mean), inv, m.all_equal || inv == 0.0f);
+    }
+    return;
+  }
+  // scale = "batch": a single block. Each team merges its groups (Chan et al.), then the teams.
+  __shared__ double team_count[kTeamsPerBlock], team_mean[kTeamsPerBlock], team_m2[kTeamsPerBlock];
+  __shared__ float batch_inv;
+  double count = 0.0, mean = 0.0, m2 = 0.0;
+  for (int64_t g = first; g < p.n_groups; g += stride) {
+    const Moments m = group_moments<TEAM>(p, p.start(g), p.start(g + 1), lane);
+    double std;
+    store_stats<TEAM>(p, g, m, lane, &std);
+    if (m.count > 0.0) {
+      const double total = count + m.count, delta = m.mean - mean;
+      mean += delta * m.count / total;
+      m2 += m.m2 + delta * delta * count * m.count / total;
+      count = total;
+    }
+  }
+  if (lane == 0) {
+    team_count[threadIdx.x / TEAM] = count;
+    team_mean[threadIdx.x / TEAM] = mean;
+    team_m2[threadIdx.x / TEAM] = m2;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double c = 0.0, mu = 0.0, s = 0.0;
+    for (int t = 0; t < kTeamsPerBlock; ++t) {
+      if (team_count[t] == 0.0) continue;
+      const double total = c + team_count[t], delta = team_mean[t] - mu;
+      mu += delta * team_count[t] / total;
+      s += team_m2[t] + delta * delta * c * team_count[t] / total;
+      c = total;
+    }
+    batch_inv = inverse_denominator(kScaleBatch, std_of(c, s, p.unbiased), p.eps);
+  }
+  __syncthreads();  // also makes the group statistics stored above visible to the whole block
+  const float inv = batch_inv;
+  for (int64_t g = first; g < p.n_groups; g += stride) {
+    write_group<TEAM>(p, p.start(g), p.start(g + 1), lane, p.group_mean[g], inv, p.group_all_equal[g] || inv == 0.0f);
+  }
+}
+
+template <int TEAM, typename mask_t>
+void launch(const Params<mask_t>& params, cudaStream_t stream) {
+  constexpr int64_t kTeamsPerBlock = kThreads / TEAM;
+  int64_t blocks = (params.n_groups + kTeamsPerBlock - 1) / kTeamsPerBlock;
+  blocks = params.scale_mode == kScaleBatch ? 1 : std::min<int64_t>(blocks, INT32_MAX);
+  welfare_advantages_kernel<TEAM, mask_t><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(params);
+}
+
+void welfare_advantages_cuda(const at::Tensor& user, const at::Tensor& llm, const std::optional<at::Tensor>& offsets,
+                             int64_t group_size, double alpha, int64_t scale_mode, double eps, bool unbiased,
+                             const std::optional<at::Tensor>& mask, at::Tensor& welfare, at::Tensor& advantages,
+                             at::Tensor& group_mean, at::Tensor& group_std, at::Tensor& group_all_equal,
+                             at::Tensor& token_advantages) {
+  const int64_t n_rows = user.numel();
+  TORCH_CHECK(user.scalar_type() == at::kFloat && llm.scalar_type() == at::kFloat && user.is_contiguous() &&
+                  llm.is_contiguous() && llm.numel() == n_rows,
+              "welfare_advantages: user and llm must be contiguous float32 [N]");
+  const bool has_offsets = offsets.has_value() && offsets->defined();
+  TORCH_CHECK(has_offsets || (group_size >= 1 && n_rows % group_size == 0),
+              "welfare_advantages: group size must divide N");
+  TORCH_CHECK(!has_offsets || (offsets->scalar_type() == at::kLong && offsets->is_contiguous()),
+              "welfare_advantages: offsets must be contiguous int64 [G+1]");
+  const int64_t n_groups = has_offsets ? offsets->numel() - 1 : n_rows / group_size;
+  TORCH_CHECK(welfare.numel() == n_rows && advantages.numel() == n_rows && group_mean.numel() == n_groups &&
+                  group_std.numel() == n_groups && group_all_equal.numel() == n_groups,
+              "welfare_advantages: output sizes do not match N and G");
+  const bool has_mask = mask.has_value() && mask->defined() && mask->numel() > 0;
+  if (has_mask) {
+    TORCH_CHECK(mask->dim() == 2 && mask->size(0) == n_rows && token_advantages.is_contiguous() &&
+                    token_advantages.numel() == mask->numel(),
+                "welfare_advantages: mask must be [N, T] and token_advantages contiguous [N, T]");
+  }
+  if (n_groups == 0) return;
+  const c10::cuda::CUDAGuard guard(user.device());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t average = n_rows / n_groups;
+  const at::ScalarType mask_type = has_mask ? mask->scalar_type() : at::kBool;
+  AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, mask_type, "welfare_advantages_cuda", [&] {
+    Params<scalar_t> params{user.data_ptr<float>(),
+                            llm.data_ptr<float>(),
+                            has_offsets ? offsets->data_ptr<int64_t>() : nullptr,
+                            group_size,
+                            n_groups,
+                            static_cast<float>(alpha),
+                            eps,
+                            scale_mode,
+                            unbiased,
+                            has_mask ? mask->data_ptr<scalar_t>() : nullptr,
+                            has_mask ? mask->size(1) : 0,
+                            has_mask ? mask->stride(0) : 0,
+                            has_mask ? mask->stride(1) : 0,
+                            welfare.data_ptr<float>(),
+                            advantages.data_ptr<float>(),
+                            group_mean.data_ptr<float>(),
+                            group_std.data_ptr<float>(),
+                            group_all_equal.data_ptr<bool>(),
+                            has_mask ? token_advantages.data_ptr<float>() : nullptr};
+    if (average <= kWarpTeamMaxAverage) {
+      launch<32>(params, stream);
+    } else {
+      launch<kThreads>(params, stream);
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace gtalign_fast
+
+TORCH_LIBRARY_IMPL(gtalign_fast_C, CUDA, m) {
+  m.impl("welfare_advantages", &gtalign_fast::cuda::welfare_advantages_cuda);
+}

@@ -1,0 +1,341 @@
+"""``sample_``: the public op, its torch.library registration and its backends.
+
+One custom op, ``gtalign_fast::sample_``, mutates the logits buffer in place and returns the
+tokens, both log-probs and a per-row status word; the public function validates the arguments
+before and turns a bad status (NaN logits, rows with no finite logit) into an exception after.
+Sampling has no gradient, so no autograd is registered.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from . import _backend, reference
+
+# The key for backend resolution: last_backend("sample"), GTALIGN_FAST_BACKEND_SAMPLE.
+OP = "sample"
+LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Bias slots per row: the Triton kernel holds them in registers.
+MAX_BIASES = 1024
+_GOLDEN = 0x9E3779B97F4A7C15
+_MASK64 = (1 << 64) - 1
+
+# Status words the kernels write per row (0 = fine).
+_STATUS_MESSAGES = {
+    1: "contains NaN or +inf logits",
+    2: "has no finite logit (all -inf)",
+    3: "has no finite logit left after the biases (all -inf)",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Row seeds
+
+
+def _signed64(value: int) -> int:
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def row_seeds(seed: int, batch: int, device: torch.device) -> torch.Tensor:
+    """The per-row seeds ``sample_`` uses for a scalar ``seed``: ``seed + row * 0x9E3779B97F4A7C15``
+    (mod 2**64, as int64), so rows draw independent Philox streams."""
+    return torch.tensor([_signed64(seed + row * _GOLDEN) for row in range(batch)], dtype=torch.int64, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends
+
+
+def _status_reference(logits: torch.Tensor, biased: torch.Tensor) -> torch.Tensor:
+    bad = (torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1)
+    no_raw = torch.isneginf(logits).all(dim=-1)
+    no_processed = torch.isneginf(biased).all(dim=-1)
+    status = torch.where(no_processed, 3, 0)
+    status = torch.where(no_raw, 2, status)
+    return torch.where(bad, 1, status).to(torch.int32)
+
+
+def _run_reference(logits, temperature, top_k, top_p, min_p, forced, seeds, bias_ids, bias_values, outputs):
+    tokens, logprobs, raw_logprobs, status = outputs
+    ref_tokens, ref_logprobs, ref_raw, processed = reference.sample(
+        logits, temperature, top_k, top_p, min_p, bias_ids, bias_values, forced, seeds
+    )
+    # The status needs the biased row; the reference's processed row has it where rows are fine.
+    biased = logits.clone()
+    if bias_ids is not None:
+        valid = bias_ids >= 0
+        rows = torch.arange(logits.shape[0], device=logits.device)[:, None].expand_as(bias_ids)[valid]
+        biased[rows, bias_ids[valid]] = (biased[rows, bias_ids[valid]].float() + bias_values[valid]).to(logits.dtype)
+    status.copy_(_status_reference(logits, biased))
+    logits.copy_(processed)
+    tokens.copy_(ref_tokens)
+    logprobs.copy_(ref_logprobs)
+    raw_logprobs.copy_(ref_raw)
+
+
+def _run(name, logits, temperature, top_k, top_p, min_p, forced, seeds, bias_ids, bias_values, outputs):
+    if name == "reference":
+        _run_reference(logits, temperature, top_k, top_p, min_p, forced, seeds, bias_ids, bias_values, outputs)
+    elif name == "triton":
+        from gtalign_fast.kernels import sample as triton_kernels
+
+        triton_kernels.sample(logits, temperature, top_k, top_p, min_p, forced, seeds, bias_ids, bias_values, *outputs)
+    else:  # "cpu" (and "cuda" if a CUDA kernel is ever registered): the compiled extension
+        torch.ops.gtalign_fast_C.sample(
+            logits, temperature, top_k, top_p, min_p, forced, seeds, bias_ids, bias_values, *outputs
+        )
+
+
+def uniform_noise(seeds: torch.Tensor, vocab: int, backend: str = "reference") -> torch.Tensor:
+    """The ``[B, vocab]`` uniform noise a backend draws for row seeds ``seeds`` (``[B]`` int64).
+    Every backend draws the same bits; exposed so tests can check that."""
+    seeds = seeds.to(torch.int64).contiguous()
+    if backend == "triton":
+        from gtalign_fast.kernels import sample as triton_kernels
+
+        return triton_kernels.uniform_noise(seeds, vocab)
+    if backend in ("cpu", "cuda"):
+        out = torch.empty((seeds.shape[0], vocab), dtype=torch.float32, device=seeds.device)
+        torch.ops.gtalign_fast_C.sample_uniform(seeds, out)
+        return out
+    return reference.philox_uniform(seeds, vocab)
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom op
+
+
+@torch.library.custom_op("gtalign_fast::sample_", mutates_args=("logits",))
+def _sample_op(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    forced: torch.Tensor,
+    seeds: torch.Tensor,
+    bias_ids: torch.Tensor | None,
+    bias_values: torch.Tensor | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    name = _backend.resolve(OP, logits.device, backend)
+    _backend.record(OP, name)
+    batch = logits.shape[0]
+    outputs = (
+        _backend.new_output((batch,), torch.int64, logits.device),
+        _backend.new_output((batch,), torch.float32, logits.device),
+        _backend.new_output((batch,), torch.float32, logits.device),
+        _backend.new_output((batch,), torch.int32, logits.device),
+    )
+    _run(name, logits, temperature, top_k, top_p, min_p, forced, seeds, bias_ids, bias_values, outputs)
+    return outputs
+
+
+@_sample_op.register_fake
+def _(logits, temperature, top_k, top_p, min_p, forced, seeds, bias_ids, bias_values, backend):
+    batch = logits.shape[0]
+    return (
+        logits.new_empty((batch,), dtype=torch.int64),
+        logits.new_empty((batch,), dtype=torch.float32),
+        logits.new_empty((batch,), dtype=torch.float32),
+        logits.new_empty((batch,), dtype=torch.int32),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: every argument becomes a contiguous [B] (or [B, K]) tensor on the logits' device
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _per_row(value, name: str, batch: int, device: torch.device, integer: bool) -> torch.Tensor:
+    """A scalar or ``[B]`` tensor as a contiguous ``[B]`` float32 / int64 tensor."""
+    dtype = torch.int64 if integer else torch.float32
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 1 or value.shape[0] != batch:
+            raise ValueError(f"sample_: {name} must be a scalar or a [B] = [{batch}] tensor, got shape {tuple(value.shape)}")
+        if value.device != device:
+            raise ValueError(f"sample_: {name} is on {value.device} but logits are on {device}")
+        if integer and (value.dtype.is_floating_point or value.dtype == torch.bool):
+            raise TypeError(f"sample_: {name} must hold integers, got {value.dtype}")
+        if not integer and value.dtype == torch.bool:
+            raise TypeError(f"sample_: {name} must hold numbers, got {value.dtype}")
+        return value.to(dtype).contiguous()
+    if integer and not (isinstance(value, numbers.Integral) and not isinstance(value, bool)):
+        raise TypeError(f"sample_: {name} must be an int or a [B] int tensor, got {type(value).__name__}")
+    if not integer and not _is_number(value):
+        raise TypeError(f"sample_: {name} must be a float or a [B] tensor, got {type(value).__name__}")
+    return torch.full((batch,), value, dtype=dtype, device=device)
+
+
+def _first_bad(bad: torch.Tensor) -> int | None:
+    """Index of the first True in a [B] mask, or None (one host sync)."""
+    flat = bad.reshape(-1)
+    if not bool(flat.any()):
+        return None
+    return int(flat.nonzero()[0, 0])
+
+
+def _check_range(values: torch.Tensor, bad: torch.Tensor, name: str, rule: str, error=ValueError) -> None:
+    row = _first_bad(bad)
+    if row is not None:
+        raise error(f"sample_: {name} must be {rule}; row {row} has {values.reshape(-1)[row].item()}")
+
+
+def _validate_logits(logits) -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"sample_: logits must be a tensor, got {type(logits).__name__}")
+    if logits.dtype not in LOGIT_DTYPES:
+        raise TypeError(f"sample_: logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    if logits.dim() != 2:
+        raise ValueError(f"sample_: logits must be [B, V], got shape {tuple(logits.shape)}")
+    batch, vocab = logits.shape
+    if batch == 0 or vocab == 0:
+        raise ValueError(f"sample_: logits must have B >= 1 rows and V >= 1 columns, got {tuple(logits.shape)}")
+    if vocab >= 2**31:
+        raise ValueError(f"sample_: V = {vocab} must be below 2**31 (the noise counter is 32-bit)")
+
+
+def _validate_biases(bias_ids, bias_values, batch: int, vocab: int, device: torch.device):
+    if bias_ids is None and bias_values is None:
+        return None, None
+    if bias_ids is None or bias_values is None:
+        raise ValueError("sample_: bias_ids and bias_values must be given together")
+    if not isinstance(bias_ids, torch.Tensor) or not isinstance(bias_values, torch.Tensor):
+        raise TypeError("sample_: bias_ids and bias_values must be tensors")
+    if bias_ids.dtype.is_floating_point or bias_ids.dtype == torch.bool:
+        raise TypeError(f"sample_: bias_ids must be an integer tensor, got {bias_ids.dtype}")
+    if not bias_values.dtype.is_floating_point:
+        raise TypeError(f"sample_: bias_values must be a float tensor, got {bias_values.dtype}")
+    if bias_ids.dim() != 2 or bias_ids.shape[0] != batch or bias_values.shape != bias_ids.shape:
+        raise ValueError(
+            f"sample_: bias_ids and bias_values must both be [B, K] with B = {batch}, got "
+            f"{tuple(bias_ids.shape)} and {tuple(bias_values.shape)}"
+        )
+    if bias_ids.device != device or bias_values.device != device:
+        raise ValueError(f"sample_: bias tensors must be on the logits' device {device}")
+    if bias_ids.shape[1] > MAX_BIASES:
+        raise ValueError(f"sample_: at most {MAX_BIASES} biases per row, got K = {bias_ids.shape[1]}")
+    if bias_ids.shape[1] == 0:
+        return None, None
+    ids = bias_ids.to(torch.int64).contiguous()
+    values = bias_values.to(torch.float32).contiguous()
+    _check_range(ids, (ids < -1) | (ids >= vocab), "bias_ids", f"-1 (padding) or in [0, {vocab})", IndexError)
+    # A bias may ban a token (-inf) but not force one (+inf) or be NaN: use `forced` for that.
+    bad_value = torch.isnan(values) | torch.isposinf(values)
+    _check_range(values, bad_value.any(dim=1), "bias_values", "finite or -inf")
+    ordered = ids.sort(dim=1).values
+    duplicate = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(dim=1)
+    row = _first_bad(duplicate)
+    if row is not None:
+        raise ValueError(f"sample_: bias_ids row {row} names a token twice; give each token one bias")
+    return ids, values
+
+
+def sample_(
+    logits: torch.Tensor,
+    *,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    min_p=0.0,
+    bias_ids: torch.Tensor | None = None,
+    bias_values: torch.Tensor | None = None,
+    forced=None,
+    seed=None,
+    backend: str | None = None,
+):
+    """Sample one token per row, in place on the logits, with the whole logits-processing chain fused.
+
+    Per row, in this order: sparse biases, temperature, top-k, top-p, min-p, forced token, then a
+    seeded Gumbel-max draw (``argmax(y + g)``, ``g = -log(-log u)``, ``u`` from Philox on
+    (row seed, column)). The buffer ends up holding the processed logits (``y`` where kept,
+    ``-inf`` elsewhere) in its own dtype. No ``[B, V]`` float32 copy is made: thresholds are found
+    by bisection over the row (see ``gtalign_fast/kernels/sample.py``), not by sorting.
+
+    Parameters
+    ----------
+    logits : Tensor, shape ``[B, V]``, float32 / bfloat16 / float16
+        Modified in place. Rows may be strided (e.g. ``model_logits[:, -1, :]``).
+    temperature : float or Tensor ``[B]``, default 1.0
+        ``>= 0``; ``y = (z + bias) / T``. ``0`` is greedy: the argmax of the processed logits, with
+        both log-probs then reported at ``T = 1``.
+    top_k : int or Tensor ``[B]`` of int, default 0
+        ``>= 0``; keep the tokens ``>=`` the k-th largest processed value (every token tied with it
+        is kept). ``0`` or ``>= V``: off.
+    top_p : float or Tensor ``[B]``, default 1.0
+        In ``(0, 1]``; of the top-k tokens keep the smallest head (whole tie groups) whose mass is
+        ``>= p`` of the top-k mass. ``1``: off.
+    min_p : float or Tensor ``[B]``, default 0.0
+        In ``[0, 1]``; keep tokens with ``p >= min_p * p_max``. ``0``: off.
+    bias_ids, bias_values : Tensor ``[B, K]``, optional
+        Sparse logit biases: ids (int, ``-1`` = unused slot, no id twice in a row) and values
+        (float, finite or ``-inf`` to ban a token), added to the logits before the temperature.
+    forced : int or Tensor ``[B]`` of int, optional
+        A token per row to emit regardless of the distribution (``-1`` = none). A forced row's
+        processed distribution is that one token: its ``logprobs`` is 0 and the buffer row is
+        ``-inf`` except at the forced token.
+    seed : int or Tensor ``[B]`` of int64, optional
+        A tensor gives each row its own seed (a row's draw then depends only on its seed, not on
+        its position in the batch); an int seeds row ``b`` with ``seed + b * 0x9E3779B97F4A7C15``;
+        None draws a seed from torch's default CPU generator. The same seeds give the same tokens
+        on the same backend (the CPU and Triton backends draw the same noise bits).
+    backend : {"triton", "cpu", "reference"}, optional
+        Default: ``GTALIGN_FAST_BACKEND[_SAMPLE]``, else the C++ kernel on CPU, Triton on CUDA.
+
+    Returns
+    -------
+    tokens : Tensor ``[B]``, int64
+    logprobs : Tensor ``[B]``, float32
+        Log-prob of the token under the processed distribution (what was sampled from).
+    raw_logprobs : Tensor ``[B]``, float32
+        Log-prob of the token under ``softmax(z / T)``: temperature only, no bias or filter
+        (what a trainer recomputes).
+
+    Raises
+    ------
+    TypeError
+        Non-float logits or float64, wrong argument types.
+    ValueError
+        Bad shapes, an empty batch, ``T < 0``, ``top_k < 0``, ``top_p`` outside ``(0, 1]``,
+        ``min_p`` outside ``[0, 1]``, NaN / +inf bias values, a token biased twice in a row, NaN or
+        +inf logits, a row without a finite logit (the buffer is then partly processed).
+    IndexError
+        A forced token or bias id outside ``[0, V)`` (other than -1).
+    """
+    _validate_logits(logits)
+    batch, vocab = logits.shape
+    device = logits.device
+    temperature = _per_row(temperature, "temperature", batch, device, integer=False)
+    _check_range(temperature, ~torch.isfinite(temperature) | (temperature < 0), "temperature", "finite and >= 0")
+    top_k = _per_row(top_k, "top_k", batch, device, integer=True)
+    _check_range(top_k, top_k < 0, "top_k", ">= 0 (0 = off)")
+    top_p = _per_row(top_p, "top_p", batch, device, integer=False)
+    _check_range(top_p, ~((top_p > 0) & (top_p <= 1)), "top_p", "in (0, 1]")
+    min_p = _per_row(min_p, "min_p", batch, device, integer=False)
+    _check_range(min_p, ~((min_p >= 0) & (min_p <= 1)), "min_p", "in [0, 1]")
+    forced = _per_row(-1 if forced is None else forced, "forced", batch, device, integer=True)
+    _check_range(forced, (forced < -1) | (forced >= vocab), "forced", f"-1 (none) or a token id in [0, {vocab})", IndexError)
+    ids, values = _validate_biases(bias_ids, bias_values, batch, vocab, device)
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()))
+    if isinstance(seed, torch.Tensor):
+        seeds = _per_row(seed, "seed", batch, device, integer=True)
+    elif isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+        seeds = row_seeds(int(seed), batch, device)
+    else:
+        raise TypeError(f"sample_: seed must be an int, a [B] int64 tensor or None, got {type(seed).__name__}")
+
+    tokens, logprobs, raw_logprobs, status = _sample_op(
+        logits, temperature, top_k, top_p, min_p, forced, seeds, ids, values, backend or ""
+    )
+    row = _first_bad(status != 0)
+    if row is not None:
+        raise ValueError(f"sample_: logits row {row} {_STATUS_MESSAGES.get(int(status[row]), 'is invalid')}")
+    return tokens, logprobs, raw_logprobs
+

@@ -1,0 +1,398 @@
+"""Triton kernels for ``grpo_loss``: the clipped-surrogate GRPO / PPO policy loss with k3 KL, its
+metrics, and the backward, from per-token log-probs.
+
+Layout contract (shared with the C++ and CUDA kernels): ``logp``, ``old_logp``, ``ref_logp``,
+``advantages`` and ``mask`` are strided ``[B, T]`` views (``[B]`` advantages arrive expanded, with
+a time stride of 0; the mask is uint8, nonzero = the token counts). ``dlogp`` and ``dref`` are
+contiguous ``[B, T]``.
+
+Forward, two launches:
+
+1. ``_grpo_loss_rows_kernel``, one program per sequence (a 1-D grid over B), walks the row in
+   blocks of tokens and writes the row's partial sums to ``row_stats[B, NUM_STATS]`` (columns
+   below). Sequence-level importance sampling (GSPO) walks the row twice: once for the masked mean
+   log-ratio, once for the loss.
+2. ``_grpo_loss_finalize_kernel``, one program, reduces the ``[B]`` partial sums: the per-row loss
+   weights of the aggregation mode (they need the global token count), the loss, the metrics.
+
+Per token, with ``r`` the importance ratio (``exp`` of the log-ratio clamped to [-20, 20]):
+``coef_1 = min(r, delta)``, ``coef_2 = clip(r, 1 - eps_low, 1 + eps_high)``,
+``pg = -min(coef_1 * A, coef_2 * A)``, dual clip (A < 0): ``pg = min(pg, -c * A)``;
+``kl = clip(exp(d) - d - 1, -10, 10)`` with ``d = clip(ref - logp, -20, 20)``;
+``loss_t = pg + beta * kl``; the loss is ``sum_b w_b * sum_t mask * loss_t``.
+
+Backward, one launch, one program per row:
+``dlogp_t = g * w_b * mask_t * (dpg/dr * dr/dlogp_t - beta * dkl/dref_t)`` and
+``dref_t = g * w_b * mask_t * beta * dkl/dref_t``. Every derivative follows torch's conventions
+(``clamp`` passes the gradient on the closed interval, ``min`` splits it evenly on ties), so the
+kernels agree with autograd through the reference. At sequence level ``dpg/dr * dr/dlogp_t`` is
+the same for every token of the row; the forward stores it in ``row_stats[:, SEQ_GRAD]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Columns of row_stats, one row per sequence.
+LOSS_SUM = 0  # sum_t mask * (pg + beta * kl)
+TOKENS = 1  # sum_t mask
+LOW = 2  # low-clipped tokens (or, with per-row metrics, the row's 0/1 indicator)
+HIGH = 3  # high-clipped tokens (or indicator)
+REGION = 4  # either (or indicator)
+KL_SUM = 5  # sum_t mask * kl
+RATIO_SUM = 6  # sum_t mask * r (or, with per-row metrics, the row's ratio)
+SEQ_GRAD = 7  # sequence level: d(sum_t mask * pg) / d logp_t for each masked token; else 0
+NUM_STATS = 8
+
+# Aggregation modes of the finalize step (see gtalign_fast/_grpo_loss.py for the mapping).
+MODE_SEQ_MEAN = 0  # w_b = 1 / (B * max(n_b, 1))
+MODE_TOKEN_MEAN = 1  # w_b = 1 / max(sum_b n_b, 1)
+MODE_NORMALISER_TENSOR = 2  # w_b = 1 / num_items (a device tensor: no host sync)
+MODE_CONSTANT = 3  # w_b = const_weight
+
+# Metrics vector written by the finalize step.
+METRIC_NAMES = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "kl", "ratio_mean")
+
+MAX_BLOCK_T = 1024
+MAX_BLOCK_B = 1024
+LOG_RATIO_LIMIT = 20.0
+KL_LIMIT = 10.0
+
+
+@triton.jit
+def _policy_term(ratio, adv, low_bound, high_bound, delta, dual_clip, DUAL_CLIP: tl.constexpr):
+    """Per-token policy loss ``pg``, its derivative ``d pg / d ratio`` and ``coef_1``."""
+    coef_1 = tl.minimum(ratio, delta)
+    gate_1 = tl.where(ratio <= delta, 1.0, 0.0)
+    coef_2 = tl.minimum(tl.maximum(ratio, low_bound), high_bound)
+    gate_2 = tl.where((ratio >= low_bound) & (ratio <= high_bound), 1.0, 0.0)
+    surrogate_1 = coef_1 * adv
+    surrogate_2 = coef_2 * adv
+    # torch.min splits the gradient evenly between equal arguments (on-policy every token ties).
+    gate = tl.where(surrogate_1 < surrogate_2, gate_1, tl.where(surrogate_1 > surrogate_2, gate_2, 0.5 * (gate_1 + gate_2)))
+    pg = -tl.minimum(surrogate_1, surrogate_2)
+    dpg = -adv * gate
+    if DUAL_CLIP:
+        # verl: for A < 0 the loss is capped at -c * A (no gradient once capped).
+        cap = -adv * dual_clip
+        capped = (adv < 0) & (pg > cap)
+        tie = (adv < 0) & (pg == cap)
+        pg = tl.where(capped, cap, pg)
+        dpg = tl.where(capped, 0.0, tl.where(tie, 0.5 * dpg, dpg))
+    return pg, dpg, coef_1
+
+
+@triton.jit
+def _k3_term(logp, ref):
+    """k3 KL ``exp(d) - d - 1`` (d = ref - logp, both clamped as verl does) and ``d kl / d ref``."""
+    d = ref - logp
+    d_clamped = tl.minimum(tl.maximum(d, -20.0), 20.0)
+    e = tl.exp(d_clamped)
+    kl = e - d_clamped - 1.0
+    gate = (d >= -20.0) & (d <= 20.0) & (kl >= -10.0) & (kl <= 10.0)
+    kl = tl.minimum(tl.maximum(kl, -10.0), 10.0)
+    return kl, tl.where(gate, e - 1.0, 0.0)
+
+
+@triton.jit
+def _token_ratio(logp, old):
+    """Token-level importance ratio and ``d ratio / d logp`` (0 where the log-ratio is clamped)."""
+    log_ratio = logp - old
+    ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -20.0), 20.0))
+    dratio = tl.where((log_ratio >= -20.0) & (log_ratio <= 20.0), ratio, 0.0)
+    return ratio, dratio
+
+
+@triton.jit
+def _grpo_loss_rows_kernel(
+    logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, stats_ptr,
+    T,
+    s_lb, s_lt, s_ob, s_ot, s_rb, s_rt, s_ab, s_at, s_mb, s_mt,
+    beta, eps_low, eps_high, delta, dual_clip,
+    ON_POLICY: tl.constexpr,
+    HAS_REF: tl.constexpr,
+    SEQ_LEVEL: tl.constexpr,
+    ROW_METRICS: tl.constexpr,
+    DUAL_CLIP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    beta = tl.cast(beta, tl.float32)
+    low_bound = 1.0 - tl.cast(eps_low, tl.float32)
+    high_bound = 1.0 + tl.cast(eps_high, tl.float32)
+    delta = tl.cast(delta, tl.float32)
+    dual_clip = tl.cast(dual_clip, tl.float32)
+    offsets = tl.arange(0, BLOCK_T)
+
+    # Sequence level (GSPO): first the masked mean log-ratio of the row.
+    seq_ratio = tl.cast(1.0, tl.float32)
+    seq_dratio = tl.cast(1.0, tl.float32)
+    if SEQ_LEVEL:
+        lr_acc = tl.zeros([BLOCK_T], tl.float32)
+        n_acc = tl.zeros([BLOCK_T], tl.float32)
+        for start in range(0, T, BLOCK_T):
+            cols = start + offsets
+            in_row = cols < T
+            valid = tl.load(mask_ptr + row * s_mb + cols * s_mt, mask=in_row, other=0) != 0
+            n_acc += tl.where(valid, 1.0, 0.0)
+            if not ON_POLICY:
+                lp = tl.load(logp_ptr + row * s_lb + cols * s_lt, mask=valid, other=0.0).to(tl.float32)
+                old = tl.load(old_ptr + row * s_ob + cols * s_ot, mask=valid, other=0.0).to(tl.float32)
+                lr_acc += tl.where(valid, lp - old, 0.0)
+        mean_lr = tl.sum(lr_acc, axis=0) / tl.maximum(tl.sum(n_acc, axis=0), 1.0)
+        seq_ratio = tl.exp(tl.minimum(tl.maximum(mean_lr, -20.0), 20.0))
+        seq_dratio = tl.where((mean_lr >= -20.0) & (mean_lr <= 20.0), seq_ratio, 0.0)
+
+    loss_acc = tl.zeros([BLOCK_T], tl.float32)
+    tokens_acc = tl.zeros([BLOCK_T], tl.float32)
+    low_acc = tl.zeros([BLOCK_T], tl.float32)
+    high_acc = tl.zeros([BLOCK_T], tl.float32)
+    kl_acc = tl.zeros([BLOCK_T], tl.float32)
+    ratio_acc = tl.zeros([BLOCK_T], tl.float32)
+    dpg_acc = tl.zeros([BLOCK_T], tl.float32)
+    for start in range(0, T, BLOCK_T):
+        cols = start + offsets
+        in_row = cols < T
+        valid = tl.load(mask_ptr + row * s_mb + cols * s_mt, mask=in_row, other=0) != 0
+        lp = tl.load(logp_ptr + row * s_lb + cols * s_lt, mask=valid, other=0.0).to(tl.float32)
+        adv = tl.load(adv_ptr + row * s_ab + cols * s_at, mask=valid, other=0.0).to(tl.float32)
+        if SEQ_LEVEL:
+            ratio = tl.zeros([BLOCK_T], tl.float32) + seq_ratio
+        elif ON_POLICY:
+            ratio = tl.zeros([BLOCK_T], tl.float32) + 1.0
+        else:
+            old = tl.load(old_ptr + row * s_ob + cols * s_ot, mask=valid, other=0.0).to(tl.float32)
+            ratio, _ = _token_ratio(lp, old)
+        pg, dpg, coef_1 = _policy_term(ratio, adv, low_bound, high_bound, delta, dual_clip, DUAL_CLIP)
+        token_loss = pg
+        if HAS_REF:
+            ref = tl.load(ref_ptr + row * s_rb + cols * s_rt, mask=valid, other=0.0).to(tl.float32)
+            kl, _ = _k3_term(lp, ref)
+            kl_acc += tl.where(valid, kl, 0.0)
+            token_loss += beta * kl
+        loss_acc += tl.where(valid, token_loss, 0.0)
+        tokens_acc += tl.where(valid, 1.0, 0.0)
+        dpg_acc += tl.where(valid, dpg, 0.0)
+        if not ROW_METRICS:
+            low_acc += tl.where(valid & (coef_1 < low_bound) & (adv < 0), 1.0, 0.0)
+            high_acc += tl.where(valid & (coef_1 > high_bound) & (adv > 0), 1.0, 0.0)
+            ratio_acc += tl.where(valid, ratio, 0.0)
+
+    tokens = tl.sum(tokens_acc, axis=0)
+    if ROW_METRICS:
+        # Per-sequence ratio and advantage: one 0/1 indicator per row, as TRL's GSPO metrics.
+        row_adv = tl.load(adv_ptr + row * s_ab).to(tl.float32)
+        row_coef_1 = tl.minimum(seq_ratio, delta)
+        low = tl.where((row_coef_1 < low_bound) & (row_adv < 0), 1.0, 0.0)
+        high = tl.where((row_coef_1 > high_bound) & (row_adv > 0), 1.0, 0.0)
+        region = tl.maximum(low, high)
+        ratio_stat = seq_ratio
+    else:
+        low = tl.sum(low_acc, axis=0)
+        high = tl.sum(high_acc, axis=0)
+        # low and high exclude each other (they need opposite signs of A).
+        region = low + high
+        ratio_stat = tl.sum(ratio_acc, axis=0)
+    seq_grad = tl.cast(0.0, tl.float32)
+    if SEQ_LEVEL:
+        seq_grad = tl.sum(dpg_acc, axis=0) * seq_dratio / tl.maximum(tokens, 1.0)
+    out = stats_ptr + row * 8
+    tl.store(out + 0, tl.sum(loss_acc, axis=0))
+    tl.store(out + 1, tokens)
+    tl.store(out + 2, low)
+    tl.store(out + 3, high)
+    tl.store(out + 4, region)
+    tl.store(out + 5, tl.sum(kl_acc, axis=0))
+    tl.store(out + 6, ratio_stat)
+    tl.store(out + 7, seq_grad)
+
+
+@triton.jit
+def _grpo_loss_finalize_kernel(
+    stats_ptr, num_items_ptr, loss_ptr, metrics_ptr, weights_ptr,
+    B, const_weight,
+    MODE: tl.constexpr,
+    ROW_METRICS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    const_weight = tl.cast(const_weight, tl.float32)
+    offsets = tl.arange(0, BLOCK_B)
+    tokens_acc = tl.zeros([BLOCK_B], tl.float32)
+    low_acc = tl.zeros([BLOCK_B], tl.float32)
+    high_acc = tl.zeros([BLOCK_B], tl.float32)
+    region_acc = tl.zeros([BLOCK_B], tl.float32)
+    kl_acc = tl.zeros([BLOCK_B], tl.float32)
+    ratio_acc = tl.zeros([BLOCK_B], tl.float32)
+    for start in range(0, B, BLOCK_B):
+        rows = (start + offsets).to(tl.int64)
+        in_batch = rows < B
+        base = stats_ptr + rows * 8
+        tokens_acc += tl.load(base + 1, mask=in_batch, other=0.0)
+        low_acc += tl.load(base + 2, mask=in_batch, other=0.0)
+        high_acc += tl.load(base + 3, mask=in_batch, other=0.0)
+        region_acc += tl.load(base + 4, mask=in_batch, other=0.0)
+        kl_acc += tl.load(base + 5, mask=in_batch, other=0.0)
+        ratio_acc += tl.load(base + 6, mask=in_batch, other=0.0)
+    total_tokens = tl.maximum(tl.sum(tokens_acc, axis=0), 1.0)
+    batch = tl.cast(B, tl.float32)
+    metric_count = batch if ROW_METRICS else total_tokens
+    tl.store(metrics_ptr + 0, tl.sum(low_acc, axis=0) / metric_count)
+    tl.store(metrics_ptr + 1, tl.sum(high_acc, axis=0) / metric_count)
+    tl.store(metrics_ptr + 2, tl.sum(region_acc, axis=0) / metric_count)
+    tl.store(metrics_ptr + 3, tl.sum(kl_acc, axis=0) / total_tokens)
+    tl.store(metrics_ptr + 4, tl.sum(ratio_acc, axis=0) / metric_count)
+
+    if MODE == 1:
+        shared_weight = 1.0 / total_tokens
+    elif MODE == 2:
+        shared_weight = 1.0 / tl.load(num_items_ptr).to(tl.float32)
+    else:
+        shared_weight = const_weight
+    loss_acc = tl.zeros([BLOCK_B], tl.float32)
+    for start in range(0, B, BLOCK_B):
+        rows = (start + offsets).to(tl.int64)
+        in_batch = rows < B
+        base = stats_ptr + rows * 8
+        if MODE == 0:
+            weight = 1.0 / (batch * tl.maximum(tl.load(base + 1, mask=in_batch, other=1.0), 1.0))
+        else:
+            weight = tl.zeros([BLOCK_B], tl.float32) + shared_weight
+        loss_acc += tl.where(in_batch, weight * tl.load(base + 0, mask=in_batch, other=0.0), 0.0)
+        tl.store(weights_ptr + rows, weight, mask=in_batch)
+    tl.store(loss_ptr, tl.sum(loss_acc, axis=0))
+
+
+@triton.jit
+def _grpo_loss_bwd_kernel(
+    grad_loss_ptr, weights_ptr, stats_ptr,
+    logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, dlogp_ptr, dref_ptr,
+    T,
+    s_lb, s_lt, s_ob, s_ot, s_rb, s_rt, s_ab, s_at, s_mb, s_mt,
+    beta, eps_low, eps_high, delta, dual_clip,
+    ON_POLICY: tl.constexpr,
+    HAS_REF: tl.constexpr,
+    REF_GRAD: tl.constexpr,
+    SEQ_LEVEL: tl.constexpr,
+    DUAL_CLIP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    beta = tl.cast(beta, tl.float32)
+    low_bound = 1.0 - tl.cast(eps_low, tl.float32)
+    high_bound = 1.0 + tl.cast(eps_high, tl.float32)
+    delta = tl.cast(delta, tl.float32)
+    dual_clip = tl.cast(dual_clip, tl.float32)
+    row_scale = tl.load(grad_loss_ptr).to(tl.float32) * tl.load(weights_ptr + row)
+    seq_grad = tl.load(stats_ptr + row * 8 + 7)
+    offsets = tl.arange(0, BLOCK_T)
+    for start in range(0, T, BLOCK_T):
+        cols = start + offsets
+        in_row = cols < T
+        valid = tl.load(mask_ptr + row * s_mb + cols * s_mt, mask=in_row, other=0) != 0
+        lp = tl.load(logp_ptr + row * s_lb + cols * s_lt, mask=valid, other=0.0).to(tl.float32)
+        if SEQ_LEVEL:
+            dloss = tl.zeros([BLOCK_T], tl.float32) + seq_grad
+        else:
+            adv = tl.load(adv_ptr + row * s_ab + cols * s_at, mask=valid, other=0.0).to(tl.float32)
+            if ON_POLICY:
+                ratio = tl.zeros([BLOCK_T], tl.float32) + 1.0
+                dratio = ratio
+            else:
+                old = tl.load(old_ptr + row * s_ob + cols * s_ot, mask=valid, other=0.0).to(tl.float32)
+                ratio, dratio = _token_ratio(lp, old)
+            _, dpg, _ = _policy_term(ratio, adv, low_bound, high_bound, delta, dual_clip, DUAL_CLIP)
+            dloss = dpg * dratio
+        if HAS_REF:
+            ref = tl.load(ref_ptr + row * s_rb + cols * s_rt, mask=valid, other=0.0).to(tl.float32)
+            _, dkl_dref = _k3_term(lp, ref)
+            dloss -= beta * dkl_dref
+            if REF_GRAD:
+                dref = tl.where(valid, row_scale * beta * dkl_dref, 0.0)
+                tl.store(dref_ptr + row * T + cols, dref.to(dref_ptr.dtype.element_ty), mask=in_row)
+        dlogp = tl.where(valid, row_scale * dloss, 0.0)
+        tl.store(dlogp_ptr + row * T + cols, dlogp.to(dlogp_ptr.dtype.element_ty), mask=in_row)
+
+
+def _block_t(length: int) -> int:
+    return min(MAX_BLOCK_T, triton.next_power_of_2(max(length, 16)))
+
+
+def _strides(*tensors):
+    """Flattened (row, time) strides of [B, T] views; an absent tensor gives (0, 0)."""
+    out = []
+    for tensor in tensors:
+        out.extend(tensor.stride() if tensor is not None else (0, 0))
+    return out
+
+
+def grpo_loss_forward(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    num_items: torch.Tensor | None,
+    beta: float,
+    eps_low: float,
+    eps_high: float,
+    delta: float,
+    dual_clip: float,
+    seq_level: bool,
+    row_metrics: bool,
+    mode: int,
+    const_weight: float,
+    loss: torch.Tensor,
+    metrics: torch.Tensor,
+    row_stats: torch.Tensor,
+    row_weights: torch.Tensor,
+) -> None:
+    """Launch the row kernel and the finalize kernel (inputs validated and [B, T]-shaped)."""
+    batch, length = logp.shape
+    block_t = _block_t(length)
+    _grpo_loss_rows_kernel[(batch,)](
+        logp, old_logp if old_logp is not None else logp, ref_logp if ref_logp is not None else logp,
+        advantages, mask, row_stats,
+        length, *_strides(logp, old_logp, ref_logp, advantages, mask),
+        beta, eps_low, eps_high, delta, dual_clip,
+        ON_POLICY=old_logp is None, HAS_REF=ref_logp is not None, SEQ_LEVEL=seq_level,
+        ROW_METRICS=row_metrics, DUAL_CLIP=dual_clip > 0, BLOCK_T=block_t, num_warps=4,
+    )
+    _grpo_loss_finalize_kernel[(1,)](
+        row_stats, num_items if num_items is not None else row_stats, loss, metrics, row_weights,
+        batch, const_weight,
+        MODE=mode, ROW_METRICS=row_metrics, BLOCK_B=min(MAX_BLOCK_B, triton.next_power_of_2(max(batch, 16))),
+        num_warps=4,
+    )
+
+
+def grpo_loss_backward(
+    grad_loss: torch.Tensor,
+    row_weights: torch.Tensor,
+    row_stats: torch.Tensor,
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+    eps_low: float,
+    eps_high: float,
+    delta: float,
+    dual_clip: float,
+    seq_level: bool,
+    dlogp: torch.Tensor,
+    dref: torch.Tensor | None,
+) -> None:
+    """Launch the backward kernel: writes every element of ``dlogp`` (and ``dref`` when given)."""
+    batch, length = logp.shape
+    _grpo_loss_bwd_kernel[(batch,)](
+        grad_loss, row_weights, row_stats,
+        logp, old_logp if old_logp is not None else logp, ref_logp if ref_logp is not None else logp,
+        advantages, mask, dlogp, dref if dref is not None else dlogp,
+        length, *_strides(logp, old_logp, ref_logp, advantages, mask),
+        beta, eps_low, eps_high, delta, dual_clip,
+        ON_POLICY=old_logp is None, HAS_REF=ref_logp is not None, REF_GRAD=dref is not None,
+        SEQ_LEVEL=seq_level, DUAL_CLIP=dual_clip > 0, BLOCK_T=_block_t(length), num_warps=4,
+    )

@@ -1,0 +1,258 @@
+"""Triton kernel for ``welfare_advantages``: Cobb-Douglas welfare, group statistics, advantages
+and their scatter over each completion's tokens, in one launch.
+
+Layout contract (shared with the C++ kernels): ``user``, ``llm``, ``welfare`` and ``advantages``
+are contiguous float32 ``[N]``; groups are contiguous row ranges given either by a fixed size
+(``offsets`` is None) or by int64 offsets ``[G+1]`` (already validated: 0 first, N last,
+non-decreasing); ``group_mean``, ``group_std`` (float32) and ``group_all_equal`` (bool) are ``[G]``;
+the optional mask ``[N, T]`` is read with its strides, ``token_advantages`` is contiguous ``[N, T]``.
+
+Maths, per completion i in group g (only valid, i.e. non-NaN, rewards enter the statistics):
+``W_i = exp(alpha log U_i + (1 - alpha) log L_i)`` (a zero exponent drops its factor; NaN where U or
+L is NaN; -inf marks a negative or infinite U or L, which the caller turns into a ValueError);
+``mean_g``, ``std_g`` (population or Bessel, 0 below two valid rewards), ``all_equal_g`` (the valid
+rewards are all the same number: exact min == max, vacuous below two);
+``A_i = (W_i - mean_g) / (std + eps)`` with the group's or the batch's std, or ``W_i - mean_g``;
+``A_i = 0`` for missing rewards and all-equal groups.
+
+Work split: a program owns a tile of ``ROWS`` consecutive groups and walks their members in
+``[ROWS, COLS]`` chunks (several small groups per program, so groups of 8 do not waste a program
+each; one group per program with a long loop when groups are large). The grid is 1-D over tiles
+(axis 0 allows 2^31 - 1 programs, so G can be in the millions). ``scale="batch"`` needs the batch
+std before any advantage can be written and a Triton grid has no barrier, so it runs as a single
+program that visits every tile twice (still one launch; slower on a GPU at very large N).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+SCALE_GROUP, SCALE_BATCH, SCALE_NONE = 0, 1, 2
+# Elements of one [ROWS, COLS] chunk and of one block of the token scatter.
+TILE_ELEMENTS = 1024
+BLOCK_TOKENS = 1024
+
+
+@triton.jit
+def _welfare(u, l, alpha):
+    """Cobb-Douglas welfare in log space (see the module docstring for NaN / -inf)."""
+    log_u = tl.where(alpha > 0, alpha * tl.log(u), 0.0)
+    log_l = tl.where(alpha < 1, (1.0 - alpha) * tl.log(l), 0.0)
+    w = tl.exp(log_u + log_l)
+    w = tl.where((u != u) | (l != l), float("nan"), w)
+    invalid = (u < 0) | (l < 0) | (u == float("inf")) | (l == float("inf"))
+    return tl.where(invalid, float("-inf"), w)
+
+
+@triton.jit
+def _tile_groups(tile, offsets_ptr, G, group_size, FIXED: tl.constexpr, ROWS: tl.constexpr):
+    """The groups of one tile: ids, which exist, their first row and their length."""
+    groups = tl.arange(0, ROWS).to(tl.int64) + tile * ROWS  # tile * ROWS <= G + ROWS: no int32 overflow
+    live = groups < G
+    if FIXED:
+        starts = groups * group_size
+        lens = tl.where(live, group_size, 0).to(tl.int64)
+    else:
+        starts = tl.load(offsets_ptr + groups, mask=live, other=0)
+        lens = tl.where(live, tl.load(offsets_ptr + groups + 1, mask=live, other=0) - starts, 0)
+    return groups, live, starts, lens
+
+
+@triton.jit
+def _chunk_welfare(user_ptr, llm_ptr, starts, lens, c0, alpha, COLS: tl.constexpr):
+    """W of one [ROWS, COLS] chunk of the tile's members, their flat index and which are real."""
+    cols = c0 + tl.arange(0, COLS).to(tl.int64)
+    in_group = cols[None, :] < lens[:, None]
+    index = starts[:, None] + cols[None, :]
+    u = tl.load(user_ptr + index, mask=in_group, other=0.0)
+    l = tl.load(llm_ptr + index, mask=in_group, other=0.0)
+    return _welfare(u, l, alpha), index, in_group
+
+
+@triton.jit
+def _tile_moments(user_ptr, llm_ptr, welfare_ptr, starts, lens, alpha, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Per group: count, mean, sum of squared deviations and all-equal flag; writes W.
+
+    Two passes (mean, then deviations) so the variance has no cancellation; sums in float64.
+    """
+    max_len = tl.max(lens, axis=0)
+    total = tl.zeros([ROWS], tl.float64)
+    count = tl.zeros([ROWS], tl.float64)
+    lowest = tl.full([ROWS], float("inf"), tl.float32)
+    highest = tl.full([ROWS], float("-inf"), tl.float32)
+    for c0 in range(0, max_len, COLS):
+        w, index, in_group = _chunk_welfare(user_ptr, llm_ptr, starts, lens, c0, alpha, COLS)
+        tl.store(welfare_ptr + index, w, mask=in_group)
+        valid = in_group & (w == w)
+        total += tl.sum(tl.where(valid, w, 0.0), axis=1).to(tl.float64)
+        count += tl.sum(valid.to(tl.float32), axis=1).to(tl.float64)
+        lowest = tl.minimum(lowest, tl.min(tl.where(valid, w, float("inf")), axis=1))
+        highest = tl.maximum(highest, tl.max(tl.where(valid, w, float("-inf")), axis=1))
+    mean = tl.where(count > 0, total / tl.maximum(count, 1.0), 0.0)
+    mean32 = mean.to(tl.float32)
+    m2 = tl.zeros([ROWS], tl.float64)
+    for c0 in range(0, max_len, COLS):
+        w, index, in_group = _chunk_welfare(user_ptr, llm_ptr, starts, lens, c0, alpha, COLS)
+        deviation = tl.where(in_group & (w == w), w - mean32[:, None], 0.0)
+        m2 += tl.sum(deviation * deviation, axis=1).to(tl.float64)
+    all_equal = (count < 2) | (lowest == highest)
+    return count, mean, m2, all_equal
+
+
+@triton.jit
+def _std(count, m2, UNBIASED: tl.constexpr):
+    """Standard deviation from (count, m2); 0 below two values."""
+    if UNBIASED:
+        divisor = count - 1.0
+    else:
+        divisor = count
+    return tl.where(count >= 2, tl.sqrt(m2 / tl.maximum(divisor, 1.0)), 0.0)
+
+
+@triton.jit
+def _inverse_denominator(std, eps, SCALE: tl.constexpr):
+    """1 / (std + eps) (0 if that is not finite), or 1 for scale="none"; float32."""
+    if SCALE == 2:
+        inv = tl.full(std.shape, 1.0, tl.float64)
+    else:
+        denominator = std + eps
+        inv = tl.where(denominator > 0, 1.0 / tl.where(denominator > 0, denominator, 1.0), 0.0)
+    return inv.to(tl.float32)
+
+
+@triton.jit
+def _tile_advantages(user_ptr, llm_ptr, advantages_ptr, starts, lens, alpha, mean32, inv32, zero_group,
+                     COLS: tl.constexpr):
+    """A = (W - mean) * inv per member; 0 for missing rewards and for groups flagged zero."""
+    max_len = tl.max(lens, axis=0)
+    for c0 in range(0, max_len, COLS):
+        w, index, in_group = _chunk_welfare(user_ptr, llm_ptr, starts, lens, c0, alpha, COLS)
+        keep = (w == w) & (zero_group == 0)[:, None]
+        advantage = tl.where(keep, (w - mean32[:, None]) * inv32[:, None], 0.0)
+        tl.store(advantages_ptr + index, advantage, mask=in_group)
+
+
+@triton.jit
+def _tile_tokens(advantages_ptr, mask_ptr, tokens_ptr, starts, lens, live, T, mask_stride0, mask_stride1,
+                 BLOCK: tl.constexpr):
+    """token_advantages[i, t] = A_i where mask[i, t] != 0, for the tile's rows (a contiguous range)."""
+    # The A_i were just stored by other threads of this program: make them visible first.
+    tl.debug_barrier()
+    first_row = tl.min(tl.where(live, starts, 2**62), axis=0)
+    end_row = tl.max(tl.where(live, starts + lens, 0), axis=0)
+    end = end_row * T
+    for f0 in range(first_row * T, end, BLOCK):
+        flat = f0 + tl.arange(0, BLOCK).to(tl.int64)
+        inside = flat < end
+        row = flat // T
+        col = flat - row * T
+        advantage = tl.load(advantages_ptr + row, mask=inside, other=0.0)
+        on = tl.load(mask_ptr + row * mask_stride0 + col * mask_stride1, mask=inside, other=0)
+        tl.store(tokens_ptr + flat, tl.where(on != 0, advantage, 0.0), mask=inside)
+
+
+@triton.jit
+def _welfare_advantages_kernel(
+    user_ptr, llm_ptr, offsets_ptr, mask_ptr,
+    welfare_ptr, advantages_ptr, mean_ptr, std_ptr, equal_ptr, tokens_ptr,
+    G, group_size, n_tiles, alpha_arg, eps_arg, T, mask_stride0, mask_stride1,
+    FIXED: tl.constexpr, SCALE: tl.constexpr, UNBIASED: tl.constexpr, HAS_MASK: tl.constexpr,
+    ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    alpha = tl.cast(alpha_arg, tl.float32)
+    eps = tl.cast(eps_arg, tl.float64)
+    if SCALE == 1:
+        # Batch std: the only program. Pass 1 writes W and the group statistics and merges every
+        # group into the batch moments (Chan et al.'s parallel merge); pass 2 writes advantages.
+        batch_count = tl.cast(0.0, tl.float64)
+        batch_mean = tl.cast(0.0, tl.float64)
+        batch_m2 = tl.cast(0.0, tl.float64)
+        for tile in range(0, n_tiles):
+            groups, live, starts, lens = _tile_groups(tile, offsets_ptr, G, group_size, FIXED, ROWS)
+            count, mean, m2, all_equal = _tile_moments(user_ptr, llm_ptr, welfare_ptr, starts, lens, alpha, ROWS, COLS)
+            std = tl.where(all_equal, 0.0, _std(count, m2, UNBIASED))
+            tl.store(mean_ptr + groups, mean.to(tl.float32), mask=live)
+            tl.store(std_ptr + groups, std.to(tl.float32), mask=live)
+            tl.store(equal_ptr + groups, all_equal, mask=live)
+            tile_count = tl.sum(count, axis=0)
+            tile_mean = tl.sum(count * mean, axis=0) / tl.maximum(tile_count, 1.0)
+            tile_m2 = tl.sum(m2 + count * (mean - tile_mean) * (mean - tile_mean), axis=0)
+            merged = batch_count + tile_count
+            delta = tile_mean - batch_mean
+            share = tl.where(merged > 0, tile_count / tl.maximum(merged, 1.0), 0.0)
+            batch_mean += delta * share
+            batch_m2 += tile_m2 + delta * delta * batch_count * share
+            batch_count = merged
+        batch_std = _std(batch_count, batch_m2, UNBIASED)
+        tl.debug_barrier()  # the group statistics stored above are read back below
+        for tile in range(0, n_tiles):
+            groups, live, starts, lens = _tile_groups(tile, offsets_ptr, G, group_size, FIXED, ROWS)
+            mean32 = tl.load(mean_ptr + groups, mask=live, other=0.0)
+            all_equal = tl.load(equal_ptr + groups, mask=live, other=1).to(tl.int32)
+            inv32 = _inverse_denominator(tl.full([ROWS], 0.0, tl.float64) + batch_std, eps, SCALE)
+            _tile_advantages(user_ptr, llm_ptr, advantages_ptr, starts, lens, alpha, mean32, inv32,
+                             all_equal | (inv32 == 0).to(tl.int32), COLS)
+            if HAS_MASK:
+                _tile_tokens(advantages_ptr, mask_ptr, tokens_ptr, starts, lens, live, T, mask_stride0,
+                             mask_stride1, BLOCK_T)
+    else:
+        tile = tl.program_id(0)
+        groups, live, starts, lens = _tile_groups(tile, offsets_ptr, G, group_size, FIXED, ROWS)
+        count, mean, m2, all_equal = _tile_moments(user_ptr, llm_ptr, welfare_ptr, starts, lens, alpha, ROWS, COLS)
+        std = tl.where(all_equal, 0.0, _std(count, m2, UNBIASED))
+        tl.store(mean_ptr + groups, mean.to(tl.float32), mask=live)
+        tl.store(std_ptr + groups, std.to(tl.float32), mask=live)
+        tl.store(equal_ptr + groups, all_equal, mask=live)
+        inv32 = _inverse_denominator(std, eps, SCALE)
+        _tile_advantages(user_ptr, llm_ptr, advantages_ptr, starts, lens, alpha, mean.to(tl.float32), inv32,
+                         (all_equal | (inv32 == 0)).to(tl.int32), COLS)
+        if HAS_MASK:
+            _tile_tokens(advantages_ptr, mask_ptr, tokens_ptr, starts, lens, live, T, mask_stride0, mask_stride1,
+                         BLOCK_T)
+
+
+def tile_shape(n_rows: int, n_groups: int) -> tuple[int, int]:
+    """(ROWS, COLS): COLS covers an average group in one chunk (up to TILE_ELEMENTS), ROWS fills
+    the rest of the tile with further groups. Chosen from the shapes alone (no device sync)."""
+    average = -(-n_rows // max(n_groups, 1))
+    cols = min(TILE_ELEMENTS, max(2, triton.next_power_of_2(max(average, 1))))
+    rows = max(1, min(TILE_ELEMENTS // cols, triton.next_power_of_2(max(n_groups, 1))))
+    return rows, cols
+
+
+def welfare_advantages(
+    user: torch.Tensor,
+    llm: torch.Tensor,
+    offsets: torch.Tensor | None,
+    group_size: int,
+    alpha: float,
+    scale_mode: int,
+    eps: float,
+    unbiased: bool,
+    mask: torch.Tensor | None,
+    welfare: torch.Tensor,
+    advantages: torch.Tensor,
+    group_mean: torch.Tensor,
+    group_std: torch.Tensor,
+    group_all_equal: torch.Tensor,
+    token_advantages: torch.Tensor,
+) -> None:
+    """Launch the kernel once; fills every output (same contract as the C++ op)."""
+    n_rows = user.numel()
+    n_groups = offsets.numel() - 1 if offsets is not None else n_rows // group_size
+    if n_groups == 0:
+        return
+    rows, cols = tile_shape(n_rows, n_groups)
+    n_tiles = triton.cdiv(n_groups, rows)
+    has_mask = mask is not None and mask.shape[1] > 0
+    grid = (1,) if scale_mode == SCALE_BATCH else (n_tiles,)
+    _welfare_advantages_kernel[grid](
+        user, llm, offsets if offsets is not None else user, mask if has_mask else user,
+        welfare, advantages, group_mean, group_std, group_all_equal, token_advantages if has_mask else welfare,
+        n_groups, group_size, n_tiles, alpha, eps,
+        mask.shape[1] if has_mask else 0, mask.stride(0) if has_mask else 0, mask.stride(1) if has_mask else 0,
+        FIXED=offsets is None, SCALE=scale_mode, UNBIASED=bool(unbiased), HAS_MASK=has_mask,
+        ROWS=rows, COLS=cols, BLOCK_T=BLOCK_TOKENS, num_warps=4,
+    )

@@ -1,0 +1,354 @@
+"""grpo_loss: every backend against the float64 reference, loss, metrics and gradients."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from gtalign_fast import ops, reference
+
+from .conftest import DEVICE, kernel_backends
+
+BACKENDS = kernel_backends() + ["reference"]
+LOSS_TYPES = reference.GRPO_LOSS_TYPES
+LEVELS = ("token", "sequence")
+# Clip settings: plain PPO clip; clip-higher with TRL's two-sided delta; verl's dual clip.
+CLIPS = {
+    "clip": dict(epsilon_low=0.2),
+    "clip_higher_delta": dict(epsilon_low=0.2, epsilon_high=0.28, delta=1.25),
+    "dual_clip": dict(epsilon_low=0.2, epsilon_high=0.3, dual_clip=3.0),
+}
+BETAS = (0.0, 0.04)
+
+# float32 kernels against the float64 reference (ANCHORS.md: fp32 atol 2e-5 rtol 1e-3 or tighter).
+LOSS_TOL = dict(atol=1e-6, rtol=1e-5)
+GRAD_TOL = dict(atol=1e-7, rtol=1e-5)
+METRIC_TOL = dict(atol=1e-6, rtol=1e-5)
+
+
+def _interpreted_triton(backend: str) -> bool:
+    return backend == "triton" and DEVICE.type == "cpu"
+
+
+def _inputs(batch, length, seed, *, adv_2d=False, dtype=torch.float32, spread=0.35, empty_row=True):
+    """Random [B, T] log-probs whose ratios straddle both clip bounds, ragged masks with an
+    empty row, mixed-sign advantages (a few exactly 0)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    logp = -2.0 * torch.rand(batch, length, generator=generator, dtype=torch.float64) - 0.05
+    old = logp - spread * randn(batch, length)
+    ref = logp + 0.5 * randn(batch, length)
+    advantages = randn(batch, length) if adv_2d else randn(batch)
+    advantages.view(-1)[-1] = 0.0  # A = 0: the two surrogates tie
+    lengths = torch.randint(1, length + 1, (batch,), generator=generator)
+    mask = torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)
+    mask &= torch.rand(batch, length, generator=generator) > 0.1  # holes (tool tokens, padding)
+    if empty_row and batch > 1:
+        mask[1] = False
+    to = dict(device=DEVICE)
+    return (logp.to(dtype).to(**to), old.to(dtype).to(**to), ref.to(dtype).to(**to),
+            advantages.to(**to).float(), mask.to(**to))
+
+
+def _reference(logp, old, advantages, mask, ref, want_ref_grad, **kwargs):
+    """float64 reference loss, metrics and gradients (w.r.t. logp and, if asked, ref_logp)."""
+    leaf = logp.detach().double().requires_grad_(True)
+    ref_leaf = None if ref is None else ref.detach().double().requires_grad_(want_ref_grad)
+    old64 = None if old is None else old.double()
+    loss, metrics = reference.grpo_loss(leaf, old64, advantages.double(), mask, ref_leaf, **kwargs)
+    inputs = [leaf] + ([ref_leaf] if want_ref_grad else [])
+    grads = torch.autograd.grad(loss, inputs)
+    return loss, metrics, grads[0], (grads[1] if want_ref_grad else None)
+
+
+def _check(backend, logp, old, advantages, mask, ref=None, *, ref_grad=False, grad_tol=GRAD_TOL, **kwargs):
+    leaf = logp.detach().clone().requires_grad_(True)
+    ref_leaf = None if ref is None else ref.detach().clone().requires_grad_(ref_grad)
+    loss, metrics = ops.grpo_loss(leaf, old, advantages, mask, ref_logp=ref_leaf, backend=backend, **kwargs)
+    assert ops.last_backend("grpo_loss") == backend
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    inputs = [leaf] + ([ref_leaf] if ref_grad else [])
+    grads = torch.autograd.grad(loss, inputs)
+
+    ref_loss, ref_metrics, ref_dlogp, ref_dref = _reference(logp, old, advantages, mask, ref, ref_grad, **kwargs)
+    torch.testing.assert_close(loss.double(), ref_loss, **LOSS_TOL)
+    assert set(metrics) == set(ref_metrics)
+    for name, value in metrics.items():
+        assert value.dtype == torch.float32 and value.shape == () and not value.requires_grad
+        torch.testing.assert_close(value.double(), ref_metrics[name], **METRIC_TOL, msg=name)
+    assert grads[0].dtype == logp.dtype and grads[0].shape == logp.shape
+    torch.testing.assert_close(grads[0].double(), ref_dlogp, **grad_tol)
+    assert (grads[0][mask == 0] == 0).all(), "masked tokens must get exactly zero gradient"
+    if ref_grad:
+        torch.testing.assert_close(grads[1].double(), ref_dref, **grad_tol)
+    return loss, metrics, grads
+
+
+def _configurations(backend):
+    """Every loss type x level x clip setting x beta x advantage shape. The Triton interpreter is
+    slow on CPU: there each (loss type, level, clip) gets one (beta, advantage shape) pair, rotated
+    so that every pair still meets every loss type and clip setting."""
+    for index, (loss_type, level, clip) in enumerate(itertools.product(LOSS_TYPES, LEVELS, CLIPS)):
+        pairs = list(itertools.product(BETAS, (False, True)))
+        if _interpreted_triton(backend):
+            pairs = [pairs[(index + index // len(CLIPS)) % len(pairs)]]
+        for beta, adv_2d in pairs:
+            yield loss_type, level, clip, beta, adv_2d
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_reference_every_configuration(backend):
+    for seed, (loss_type, level, clip, beta, adv_2d) in enumerate(_configurations(backend)):
+        logp, old, ref, advantages, mask = _inputs(5, 23, seed, adv_2d=adv_2d)
+        kwargs = dict(CLIPS[clip], beta=beta, loss_type=loss_type, importance_sampling_level=level)
+        try:
+            _check(backend, logp, old, advantages, mask, ref, ref_grad=beta > 0, **kwargs)
+        except AssertionError as error:
+            raise AssertionError(f"{backend} {loss_type} {level} {clip} beta={beta} adv_2d={adv_2d}: {error}") from None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 1), (1, 40), (7, 3), (3, 1500)], ids=str)
+def test_awkward_sizes(backend, shape):
+    # (3, 1500) walks several blocks of tokens per row.
+    for level in LEVELS:
+        logp, old, ref, advantages, mask = _inputs(*shape, seed=sum(shape), empty_row=shape[0] > 2)
+        _check(backend, logp, old, advantages, mask, ref, ref_grad=True, beta=0.04, loss_type="grpo",
+               importance_sampling_level=level, epsilon_high=0.28)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_input_dtypes(backend, dtype):
+    # Math in float32 whatever the input dtype; the gradient comes back in the input's dtype.
+    logp, old, ref, advantages, mask = _inputs(4, 19, seed=3, dtype=dtype)
+    tol = GRAD_TOL if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-2)  # one rounding of the output
+    for level in LEVELS:
+        _check(backend, logp, old, advantages, mask, ref, ref_grad=True, grad_tol=tol, beta=0.04,
+               loss_type="bnpo", importance_sampling_level=level)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_on_policy_loss_is_kl_but_gradient_is_not_zero(backend):
+    # On-policy GRPO with group-normalised advantages: the surrogate is -mean(A) = 0, so the loss
+    # equals beta * KL, yet the policy gradient is -A / n per token and must not vanish.
+    batch, length, group, beta = 8, 17, 4, 0.04
+    logp, _, ref, _, mask = _inputs(batch, length, seed=11, empty_row=False)
+    rewards = torch.randn(batch // group, group, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    advantages = ((rewards - rewards.mean(1, keepdim=True)) / rewards.std(1, keepdim=True)).reshape(-1)
+    advantages = advantages.float().to(DEVICE)
+    for level in LEVELS:
+        loss, metrics, grads = _check(backend, logp, None, advantages, mask, ref, beta=beta, loss_type="grpo",
+                                      importance_sampling_level=level)
+        weight = mask.double()
+        kl = metrics["kl"]  # masked token mean of k3; the loss uses the per-sequence mean
+        d = ref.double() - logp.double()
+        per_token_kl = torch.exp(d) - d - 1
+        expected = beta * ((per_token_kl * weight).sum(1) / weight.sum(1)).mean()
+        torch.testing.assert_close(loss.double(), expected, atol=1e-6, rtol=1e-5)
+        assert kl > 0
+        assert metrics["ratio_mean"] == 1.0 and metrics["clip_ratio/region_mean"] == 0.0
+        assert grads[0].abs().max() > 1e-3, "on-policy gradient vanished"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clamps_extreme_log_ratios_and_kl(backend):
+    # Log-ratios beyond +-20 are clamped before exp, k3 beyond 10 is clamped: no inf, no nan,
+    # zero gradient through the clamps, exactly as autograd through torch.clamp.
+    logp, old, ref, advantages, mask = _inputs(3, 8, seed=21, empty_row=False)
+    old[0, :4] = logp[0, :4] - torch.tensor([25.0, -30.0, 19.5, -19.5], device=DEVICE)
+    ref[1, :4] = logp[1, :4] + torch.tensor([5.0, -25.0, 30.0, -5.0], device=DEVICE)
+    for level, dual_clip in itertools.product(LEVELS, (None, 3.0)):
+        loss, _, grads = _check(backend, logp, old, advantages, mask, ref, ref_grad=True, beta=0.1,
+                                loss_type="dr_grpo", importance_sampling_level=level, dual_clip=dual_clip)
+        assert torch.isfinite(loss) and torch.isfinite(grads[0]).all() and torch.isfinite(grads[1]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs_and_mask_dtypes(backend):
+    # Read in place: logp as the [:, :-1] slice, advantages as a transposed float64 view, masks
+    # of several dtypes (nonzero = counted).
+    logp, old, ref, _, mask = _inputs(4, 12, seed=8)
+    wide = torch.cat([logp, torch.zeros(4, 1, device=DEVICE)], dim=1)
+    strided_logp = wide[:, :-1]
+    advantages = torch.randn(12, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(DEVICE).t()
+    for mask_dtype in (torch.bool, torch.uint8, torch.int64, torch.float32):
+        typed_mask = mask.to(mask_dtype) * (3 if mask_dtype == torch.int64 else 1)
+        _check(backend, strided_logp, old, advantages, typed_mask, ref, ref_grad=True, beta=0.04,
+               loss_type="seq-mean-token-sum")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_masked_gives_zero_loss_not_nan(backend):
+    logp, old, ref, advantages, mask = _inputs(3, 6, seed=4)
+    empty = torch.zeros_like(mask)
+    for loss_type, level in itertools.product(LOSS_TYPES, LEVELS):
+        leaf = logp.clone().requires_grad_(True)
+        loss, metrics = ops.grpo_loss(leaf, old, advantages, empty, ref_logp=ref, beta=0.04, loss_type=loss_type,
+                                      importance_sampling_level=level, backend=backend)
+        (grad,) = torch.autograd.grad(loss, leaf)
+        assert loss.item() == 0.0 and (grad == 0).all()
+        assert all(math.isfinite(value.item()) for value in metrics.values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_normalisers(backend):
+    # dapo with a global token count (number, or a device tensor read without a host sync);
+    # dr_grpo / seq-mean-token-sum-norm with max_completion_length.
+    logp, old, ref, advantages, mask = _inputs(4, 10, seed=9)
+    for num_items in (57, 57.0, torch.tensor(57, device=DEVICE), torch.tensor([57.0], device=DEVICE)):
+        _check(backend, logp, old, advantages, mask, ref, loss_type="dapo", num_items_in_batch=num_items)
+    for loss_type in ("dr_grpo", "seq-mean-token-sum-norm"):
+        _check(backend, logp, old, advantages, mask, ref, loss_type=loss_type, max_completion_length=32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_only_where_asked(backend):
+    logp, old, ref, advantages, mask = _inputs(3, 7, seed=12)
+    leaf = logp.clone().requires_grad_(True)
+    old_leaf, ref_leaf, adv_leaf = old.clone().requires_grad_(True), ref.clone(), advantages.clone().requires_grad_(True)
+    loss, _ = ops.grpo_loss(leaf, old_leaf, adv_leaf, mask, ref_logp=ref_leaf, beta=0.04, backend=backend)
+    loss.backward()
+    assert leaf.grad is not None and old_leaf.grad is None and adv_leaf.grad is None and ref_leaf.grad is None
+
+
+def test_end_to_end_gradient_wrt_logits():
+    # grpo_loss(token_logprobs(logits / T)) against the float64 reference chain, per backend.
+    batch, length, vocab, temperature = 3, 9, 11, 0.7
+    generator = torch.Generator().manual_seed(17)
+    logits = (torch.randn(batch, length, vocab, generator=generator, dtype=torch.float64) * 2).to(DEVICE)
+    targets = torch.randint(0, vocab, (batch, length), generator=generator).to(DEVICE)
+    _, _, _, advantages, mask = _inputs(batch, length, seed=17)
+    with torch.no_grad():
+        base = reference.token_logprobs(logits, targets, temperature)[0]
+        old = (base - 0.3 * torch.randn(base.shape, generator=generator, dtype=torch.float64).to(DEVICE)).float()
+        ref = (base + 0.3 * torch.randn(base.shape, generator=generator, dtype=torch.float64).to(DEVICE)).float()
+    kwargs = dict(beta=0.04, epsilon_high=0.28, loss_type="grpo")
+
+    ref_logits = logits.clone().requires_grad_(True)
+    ref_logp = reference.token_logprobs(ref_logits, targets, temperature)[0]
+    ref_loss, _ = reference.grpo_loss(ref_logp, old.double(), advantages.double(), mask, ref.double(), **kwargs)
+    (expected,) = torch.autograd.grad(ref_loss, ref_logits)
+    for backend in BACKENDS:
+        leaf = logits.float().requires_grad_(True)
+        logp = ops.token_logprobs(leaf, targets, temperature=temperature, backend=backend)
+        loss, _ = ops.grpo_loss(logp, old, advantages, mask, ref_logp=ref, backend=backend, **kwargs)
+        (grad,) = torch.autograd.grad(loss, leaf)
+        torch.testing.assert_close(loss.double(), ref_loss, **LOSS_TOL, msg=backend)
+        torch.testing.assert_close(grad.double(), expected, **GRAD_TOL, msg=backend)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compiler):
+    backend = kernel_backends()[0] if kernel_backends() else "reference"
+    logp, old, ref, advantages, mask = _inputs(4, 9, seed=30)
+
+    def step(x, ref_x):
+        loss, metrics = ops.grpo_loss(x, old, advantages, mask, ref_logp=ref_x, beta=0.04, epsilon_high=0.28,
+                                      importance_sampling_level="sequence", loss_type="dapo", backend=backend)
+        return loss, metrics["clip_ratio/region_mean"], metrics["kl"]
+
+    compiled = torch.compile(step, fullgraph=True, backend=compiler)
+    results = []
+    for fn in (step, compiled):
+        x, ref_x = logp.clone().requires_grad_(True), ref.clone().requires_grad_(True)
+        loss, region, kl = fn(x, ref_x)
+        loss.backward()
+        results.append((loss, region, kl, x.grad, ref_x.grad))
+    for eager, traced in zip(*results):
+        torch.testing.assert_close(traced, eager)
+
+
+def test_custom_op_registration():
+    # Schema, fake kernel and autograd registration agree with the real kernels.
+    from gtalign_fast import _grpo_loss
+
+    logp, old, ref, advantages, mask = _inputs(3, 5, seed=31)
+    backend = kernel_backends()[0] if kernel_backends() else "reference"
+    args = (logp.requires_grad_(True), old, ref, advantages, mask, None, 0.04, 0.2, 0.28, 1.5, 3.0, "grpo", False, 5,
+            None, backend)
+    torch.library.opcheck(_grpo_loss._grpo_loss_op, args, test_utils=("test_schema", "test_faketensor",
+                                                                     "test_autograd_registration"))
+
+
+BAD_INPUTS = [
+    (dict(logp=[[0.0]]), TypeError, "logp must be a tensor"),
+    (dict(logp=torch.zeros(2, 3, dtype=torch.int64)), TypeError, "logp must be float"),
+    (dict(logp=torch.zeros(6)), ValueError, r"logp must be \[B, T\]"),
+    (dict(logp=torch.zeros(0, 3)), ValueError, "B >= 1"),
+    (dict(old_logp=torch.zeros(2, 4)), ValueError, "old_logp must have shape"),
+    (dict(old_logp=torch.zeros(2, 3, dtype=torch.float64)), TypeError, "old_logp must have logp's dtype"),
+    (dict(advantages=torch.zeros(3)), ValueError, "advantages must have shape"),
+    (dict(advantages=torch.zeros(2, dtype=torch.int64)), TypeError, "advantages must be one of"),
+    (dict(mask=torch.ones(3, 2)), ValueError, "mask must have shape"),
+    (dict(loss_type="ppo"), ValueError, "unknown loss_type"),
+    (dict(importance_sampling_level="token-seq"), ValueError, "importance_sampling_level"),
+    (dict(beta=0.04), ValueError, "needs ref_logp"),
+    (dict(beta=-1.0, ref_logp=torch.zeros(2, 3)), ValueError, "beta must be"),
+    (dict(epsilon_low=float("nan")), ValueError, "epsilon_low must be finite"),
+    (dict(epsilon_high="0.2"), TypeError, "epsilon_high must be a Python float"),
+    (dict(delta=0.0), ValueError, "delta must be"),
+    (dict(dual_clip=1.0), ValueError, "dual_clip must be"),
+    (dict(max_completion_length=0), ValueError, "max_completion_length must be"),
+    (dict(max_completion_length=2.5), TypeError, "max_completion_length must be an int"),
+    (dict(num_items_in_batch=0), ValueError, "num_items_in_batch must be"),
+    (dict(num_items_in_batch=torch.ones(2)), ValueError, "num_items_in_batch must hold one number"),
+    (dict(ref_logp=torch.zeros(2, 3, dtype=torch.float16)), TypeError, "ref_logp must have logp's dtype"),
+    (dict(backend="tpu"), ValueError, "unknown backend"),
+]
+
+
+@pytest.mark.parametrize("override,error,match", BAD_INPUTS, ids=[m for _, _, m in BAD_INPUTS])
+def test_bad_input_raises(override, error, match):
+    args = dict(logp=torch.zeros(2, 3), old_logp=torch.zeros(2, 3), advantages=torch.zeros(2), mask=torch.ones(2, 3))
+    kwargs = {}
+    for key, value in override.items():
+        if key in args:
+            args[key] = value.to(DEVICE) if isinstance(value, torch.Tensor) else value
+        else:
+            kwargs[key] = value.to(DEVICE) if isinstance(value, torch.Tensor) else value
+    args = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    with pytest.raises(error, match=match):
+        ops.grpo_loss(args["logp"], args["old_logp"], args["advantages"], args["mask"], **kwargs)
+
+
+def test_matches_trl_when_installed():
+    # TRL's own GRPOTrainer._compute_loss on the same tensors, for its loss types (1e-5, float32).
+    trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer")
+    import types
+
+    logp, old, ref, advantages, mask = _inputs(4, 11, seed=40, empty_row=False)
+    for loss_type, level in itertools.product(("grpo", "bnpo", "dr_grpo", "dapo"), LEVELS):
+        args = types.SimpleNamespace(delta=None, use_bias_correction_kl=False, vllm_importance_sampling_correction=False,
+                                     top_entropy_quantile=1.0, off_policy_mask_threshold=None)
+        accelerator = types.SimpleNamespace(num_processes=1, gather=lambda x: x)
+        trainer = types.SimpleNamespace(
+            beta=0.04, epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type, importance_sampling_level=level,
+            max_completion_length=logp.shape[1], current_gradient_accumulation_steps=1, args=args, tools=None,
+            accelerator=accelerator, model=types.SimpleNamespace(training=True), _metrics={"train": {}},
+            top_entropy_quantile=1.0, use_liger_kernel=False, use_vllm=False, num_iterations=2,
+            vllm_importance_sampling_correction=False, temperature=1.0,
+        )
+        leaf = logp.clone().requires_grad_(True)
+        trainer._get_per_token_logps_and_entropies = lambda *a, **k: (leaf, None)
+        inputs = dict(prompt_ids=torch.zeros(4, 1, dtype=torch.long), prompt_mask=torch.ones(4, 1, dtype=torch.long),
+                      completion_ids=torch.zeros(4, logp.shape[1], dtype=torch.long), completion_mask=mask.long(),
+                      advantages=advantages, old_per_token_logps=old, ref_per_token_logps=ref,
+                      num_items_in_batch=mask.sum())
+        try:
+            trl_loss = trl_grpo.GRPOTrainer._compute_loss(trainer, None, inputs)
+        except (AttributeError, KeyError, TypeError) as error:
+            pytest.skip(f"this TRL version's _compute_loss needs more trainer state: {error!r}")
+        (trl_grad,) = torch.autograd.grad(trl_loss, leaf)
+        ours = logp.clone().requires_grad_(True)
+        loss, _ = ops.grpo_loss(ours, old, advantages, mask, ref_logp=ref, beta=0.04, epsilon_high=0.28,
+                                loss_type=loss_type, importance_sampling_level=level, num_items_in_batch=mask.sum())
+        (grad,) = torch.autograd.grad(loss, ours)
+        torch.testing.assert_close(loss, trl_loss.float(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grad, trl_grad.float(), atol=1e-5, rtol=1e-5)
