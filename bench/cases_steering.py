@@ -67,7 +67,8 @@ class Setup:
     free_tokens: int  # tokens sampled after <analyze>
 
     def shape(self) -> dict:
-        return {"B": self.rows, "P": self.prompt_tokens, "free": self.free_tokens, "H": self.hidden, "layers": self.layers}
+        return {"B": self.rows, "P": self.prompt_tokens, "free": self.free_tokens, "H": self.hidden,
+                "layers": self.layers}
 
 
 def _setups(suite: str, device: torch.device) -> list[Setup]:
@@ -162,8 +163,8 @@ class _Workload:
         self.model = build_model(setup, self.tokenizer, device)
         script = _script(self.tokenizer)
         self.arguments = dict(
-            prompts=_prompts(setup, self.tokenizer), max_new_tokens=len(script) + setup.free_tokens, temperature=1.0, top_p=0.95,
-            seed=list(range(setup.rows)), forced_tokens=[script] * setup.rows,
+            prompts=_prompts(setup, self.tokenizer), max_new_tokens=len(script) + setup.free_tokens,
+            temperature=1.0, top_p=0.95, seed=list(range(setup.rows)), forced_tokens=[script] * setup.rows,
         )
 
     def sampler(self, mode: str) -> SteeringSampler:
@@ -208,8 +209,8 @@ def cases(device: torch.device, suite: str) -> list[Case]:
         return []
     reason = missing("transformers") or missing("tokenizers")
     if reason:
-        return [row for setup in setups for mode in PROVIDERS.values()
-                for row in skipped(OP, mode, ["full"], setup.shape(), "float32", reason)]
+        return [row for setup in setups for provider in PROVIDERS.values()
+                for row in skipped(OP, provider, ["full"], setup.shape(), "float32", reason)]
     rows: list[Case] = []
     for setup in setups:
         workload = _Workload(setup, device)

@@ -24,8 +24,9 @@ next-token logits against such a fresh forward. Every row samples with its own s
 seed mixed with the row's step count), so a row draws the same tokens alone or in any batch.
 
 Optional logit steering after an edit (``steer_analyze``, mode ``"rewrite"`` only): once an
-edited row opens ``<analyze>``, the steering text (by default the chosen action's key, e.g.
-``DQ_DA``, as the tokenizer encodes it without special tokens) is pushed through ``sample_``:
+edited row opens ``<analyze>``, the steering text (by default the key of the action the steered
+matrix picks under ``rule``, e.g. ``DQ_DA``, as the tokenizer encodes it without special tokens)
+is pushed through ``sample_``'s ``forced`` / ``bias_ids`` arguments:
 
 - ``"force"``: the row's next draws are forced to the steering tokens, in sequence, so the block
   opens by naming the chosen key and the model goes on from there;
@@ -35,8 +36,9 @@ edited row opens ``<analyze>``, the steering text (by default the chosen action'
   the key is written in full or ``</analyze>`` closes;
 - ``"off"`` (default): no steering; decoding is exactly what it is without the option.
 
-Tokens forced by ``generate(forced_tokens=...)`` take precedence over steering. Trainers see the
-same log-probs either way: ``raw_logprobs`` of ``sample_`` ignore biases and forcing.
+Tokens forced by ``generate(forced_tokens=...)`` take precedence over steering. The log-prob
+reported for a steered token is the model's own (``softmax(z / T)``, without the bias or the
+forcing: what a trainer recomputes); steered tokens are off-policy draws.
 
 Mode ``"reference"`` reproduces the reference's two calls: decoding stops at ``</payoff>``, the
 steered matrix picks an action, and the model is asked again from scratch with the prompt and a
@@ -207,7 +209,8 @@ def _check_steering(mode: str, steer_analyze, steer_strength, steer_template) ->
     if steer_analyze not in STEER_MODES:
         raise ValueError(f"SteeringSampler: steer_analyze must be one of {STEER_MODES}, got {steer_analyze!r}")
     if steer_analyze != "off" and mode != "rewrite":
-        raise ValueError(f"SteeringSampler: steer_analyze={steer_analyze!r} needs mode='rewrite' (it steers edited rows), got mode={mode!r}")
+        raise ValueError(f"SteeringSampler: steer_analyze={steer_analyze!r} needs mode='rewrite' (it steers "
+                         f"edited rows), got mode={mode!r}")
     if not isinstance(steer_strength, numbers.Real) or isinstance(steer_strength, bool):
         raise TypeError(f"SteeringSampler: steer_strength must be a float, got {type(steer_strength).__name__}")
     if not (math.isfinite(steer_strength) and steer_strength > 0):

@@ -218,7 +218,8 @@ def test_steer_off_changes_nothing(qwen, tokenizer):
     settings = dict(max_new_tokens=len(script) + 6, top_p=0.9, seed=[31, 32], forced_tokens=[script, None])
     prompts = ["Q: short", "A free row"]
     default = SteeringSampler(qwen, tokenizer, policy=POLICY, mode="rewrite").generate(prompts, **settings)
-    off = SteeringSampler(qwen, tokenizer, policy=POLICY, mode="rewrite", steer_analyze="off").generate(prompts, **settings)
+    off = SteeringSampler(qwen, tokenizer, policy=POLICY, mode="rewrite", steer_analyze="off").generate(
+        prompts, **settings)
     # Steering on, but the policy edits nothing: no row is steered, the output is the plain one.
     identity = PricingPolicy.identity()
     plain = SteeringSampler(qwen, tokenizer, policy=identity, mode="rewrite").generate(prompts, **settings)
@@ -236,8 +237,11 @@ def test_steer_bias_pushes_the_key_and_reports_raw_logprobs(qwen, tokenizer):
     script = _chain_script(tokenizer)
     sampler = SteeringSampler(qwen, tokenizer, policy=POLICY, mode="rewrite", steer_analyze="bias",
                               steer_strength=40.0, steer_template="{action}")
-    out = sampler.generate(["Q: bias"], max_new_tokens=len(script) + 4, temperature=0.8, seed=[41],
-                           forced_tokens=[script])
+    settings = dict(max_new_tokens=len(script) + 4, temperature=0.8, seed=[41, 42], forced_tokens=[script, None])
+    out = sampler.generate(["Q: bias", "A free row"], **settings)
+    # The free row shares every draw with a biased row (its bias slot is unused): unchanged.
+    off = SteeringSampler(qwen, tokenizer, policy=POLICY, mode="rewrite").generate(["Q: bias", "A free row"], **settings)
+    _same_row(out, off, 1, 1)
     event = out.events[0]
     assert event.steer_ids == _ids(tokenizer, event.action.action) and event.steer_status == "named"
     assert event.steer_draws == len(event.steer_ids)

@@ -1,14 +1,16 @@
 // C++ CPU kernels for token_logprobs (see kernels/token_logprobs.py for the maths and the
 // layout contract: logits are a strided [D0, D1, V] view, per-row outputs are contiguous [N]).
 //
-// Each row is walked in chunks that are converted to float into a small buffer (L1-resident),
-// so every dtype and stride shares one vectorised inner loop. Rows run in parallel (OpenMP).
+// Each row is walked in chunks. Contiguous float32 rows are read in place; other dtypes and
+// strides are first converted into a small L1-resident float buffer, so that every case shares one
+// vectorised inner loop. Rows run in parallel (OpenMP).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "vec_math.h"
@@ -20,43 +22,57 @@ namespace {
 constexpr int64_t kChunk = 2048;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-GTALIGN_CPU_CLONES float chunk_max(const float* y, int64_t count) {
+// The chunk functions read raw logits x and work on y = x * inv_t (inv_t > 0), so that a
+// contiguous float32 row is read in place, with no copy into a buffer.
+
+GTALIGN_CPU_CLONES float chunk_max(const float* x, int64_t count) {
   float result = kNegInf;
 #pragma omp simd reduction(max : result)
-  for (int64_t i = 0; i < count; ++i) result = y[i] > result ? y[i] : result;
+  for (int64_t i = 0; i < count; ++i) result = x[i] > result ? x[i] : result;
   return result;
 }
 
 // sum exp(y - m_ref) and sum exp(y - m_ref) * (y - m_ref) over a chunk (-inf entries add 0).
-GTALIGN_CPU_CLONES void chunk_exp_sums(const float* y, int64_t count, float m_ref, bool with_entropy,
+GTALIGN_CPU_CLONES void chunk_exp_sums(const float* x, int64_t count, float inv_t, float m_ref, bool with_entropy,
                                         float* sum_out, float* centred_out) {
   float sum = 0.0f, centred = 0.0f;
   if (with_entropy) {
 #pragma omp simd reduction(+ : sum, centred)
     for (int64_t i = 0; i < count; ++i) {
-      const float d = y[i] - m_ref;
+      const float d = x[i] * inv_t - m_ref;
       const float e = exp_f32(d);
       sum += e;
       centred += blend(e > 0.0f, e * d, 0.0f);  // d = -inf where e = 0
     }
   } else {
 #pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < count; ++i) sum += exp_f32(y[i] - m_ref);
+    for (int64_t i = 0; i < count; ++i) sum += exp_f32(x[i] * inv_t - m_ref);
   }
   *sum_out = sum;
   *centred_out = centred;
 }
 
 // grad[i] = -g_logp * p_i - g_entropy * p_i * (log p_i + H), log p_i = (y_i - m) - log s.
-GTALIGN_CPU_CLONES void chunk_grad(const float* y, int64_t count, float row_max, float log_sum, float g_logp,
-                                    float g_entropy, float entropy, float* grad) {
+GTALIGN_CPU_CLONES void chunk_grad(const float* x, int64_t count, float inv_t, float row_max, float log_sum,
+                                    float g_logp, float g_entropy, float entropy, float* grad) {
 #pragma omp simd
   for (int64_t i = 0; i < count; ++i) {
-    const float d = (y[i] - row_max) - log_sum;
+    const float d = (x[i] * inv_t - row_max) - log_sum;
     const float p = exp_f32(d);
     const float entropy_term = blend(p > 0.0f, p * (d + entropy), 0.0f);
     grad[i] = -g_logp * p - g_entropy * entropy_term;
   }
+}
+
+// A chunk of a row as float values: the row itself when it is contiguous float32 (no copy),
+// otherwise a converted copy in `buffer`.
+template <typename scalar_t>
+const float* chunk_as_float(const scalar_t* src, int64_t stride, int64_t count, float* buffer) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (stride == 1) return src;
+  }
+  load_scaled(src, stride, count, 1.0f, buffer);
+  return buffer;
 }
 
 struct RowLayout {
@@ -89,13 +105,13 @@ void forward_rows(const at::Tensor& logits3d, const int64_t* targets, float inv_
       float m = kNegInf, s = 0.0f, t = 0.0f;
       for (int64_t start = 0; start < layout.vocab; start += kChunk) {
         const int64_t count = std::min(kChunk, layout.vocab - start);
-        load_scaled(row_ptr + start * layout.stride_v, layout.stride_v, count, inv_t, buffer.data());
-        const float m_new = std::max(m, chunk_max(buffer.data(), count));
+        const float* x = chunk_as_float(row_ptr + start * layout.stride_v, layout.stride_v, count, buffer.data());
+        const float m_new = std::max(m, chunk_max(x, count) * inv_t);
         // While every value seen is -inf, shift by 0 (exp(-inf - -inf) would be nan).
         const float m_ref = m_new == kNegInf ? 0.0f : m_new;
         const float rescale = s > 0.0f ? exp_f32(m - m_ref) : 0.0f;
         float chunk_s, chunk_t;
-        chunk_exp_sums(buffer.data(), count, m_ref, with_entropy, &chunk_s, &chunk_t);
+        chunk_exp_sums(x, count, inv_t, m_ref, with_entropy, &chunk_s, &chunk_t);
         if (with_entropy) t = (s > 0.0f ? rescale * (t + (m - m_ref) * s) : 0.0f) + chunk_t;
         s = s * rescale + chunk_s;
         m = m_new;
@@ -133,10 +149,12 @@ void backward_rows(const float* grad_logp, const float* grad_entropy, const at::
       const float row_entropy = grad_entropy != nullptr ? entropy[row] : 0.0f;
       for (int64_t start = 0; start < layout.vocab; start += kChunk) {
         const int64_t count = std::min(kChunk, layout.vocab - start);
-        load_scaled(row_ptr + start * layout.stride_v, layout.stride_v, count, inv_t, buffer.data());
-        chunk_grad(buffer.data(), count, stats[2 * row], stats[2 * row + 1], g_logp, g_entropy, row_entropy, grad.data());
-        if (target >= start && target < start + count) grad[target - start] += g_logp;
-        store_as(grad.data(), count, out_row + start);
+        const float* x = chunk_as_float(row_ptr + start * layout.stride_v, layout.stride_v, count, buffer.data());
+        // float32 gradients are written straight into dlogits; other dtypes go through `grad`.
+        float* grad_out = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(out_row + start) : grad.data();
+        chunk_grad(x, count, inv_t, stats[2 * row], stats[2 * row + 1], g_logp, g_entropy, row_entropy, grad_out);
+        if (target >= start && target < start + count) grad_out[target - start] += g_logp;
+        if constexpr (!std::is_same_v<scalar_t, float>) store_as(grad.data(), count, out_row + start);
       }
     }
   });
