@@ -178,6 +178,10 @@ def _trl(setup: Setup, device: torch.device):
         )
         trainer = TRLTrainer(model=_model(setup, tokenizer), reward_funcs=distinct_tokens, args=args,
                              train_dataset=datasets.Dataset.from_list(_dataset(setup)), processing_class=tokenizer)
+        # With tqdm disabled, transformers prints every log dict to stdout: keep the table readable.
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
         return trainer.train
 
     return make

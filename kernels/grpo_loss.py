@@ -97,12 +97,40 @@ def _k3_term(logp, ref):
 
 
 @triton.jit
-def _token_ratio(logp, old):
-    """Token-level importance ratio and ``d ratio / d logp`` (0 where the log-ratio is clamped)."""
-    log_ratio = logp - old
+def _clamped_exp(log_ratio):
+    """``exp(clamp(log_ratio, -20, 20))`` and its derivative (0 where the log-ratio is clamped)."""
     ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -20.0), 20.0))
     dratio = tl.where((log_ratio >= -20.0) & (log_ratio <= 20.0), ratio, 0.0)
     return ratio, dratio
+
+
+@triton.jit
+def _token_ratio(logp, old):
+    """Token-level importance ratio and ``d ratio / d logp`` (0 where the log-ratio is clamped)."""
+    return _clamped_exp(logp - old)
+
+
+@triton.jit
+def _loss_params(beta, eps_low, eps_high, delta, dual_clip):
+    """The float kernel arguments (they arrive as Python floats) as float32, with the epsilons turned
+    into the clip bounds: ``(beta, 1 - eps_low, 1 + eps_high, delta, dual_clip)``."""
+    low_bound = 1.0 - tl.cast(eps_low, tl.float32)
+    high_bound = 1.0 + tl.cast(eps_high, tl.float32)
+    return tl.cast(beta, tl.float32), low_bound, high_bound, tl.cast(delta, tl.float32), tl.cast(dual_clip, tl.float32)
+
+
+@triton.jit
+def _load_tokens(ptr, row, stride_b, cols, stride_t, valid):
+    """The ``valid`` tokens ``cols`` of row ``row`` of a strided [B, T] view, as float32 (0 elsewhere)."""
+    return tl.load(ptr + row * stride_b + cols * stride_t, mask=valid, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_valid(mask_ptr, row, s_mb, cols, s_mt, T):
+    """``(in_row, valid)`` for the tokens ``cols`` of row ``row``: inside the row, and inside and masked in."""
+    in_row = cols < T
+    valid = tl.load(mask_ptr + row * s_mb + cols * s_mt, mask=in_row, other=0) != 0
+    return in_row, valid
 
 
 @triton.jit
@@ -119,11 +147,7 @@ def _grpo_loss_rows_kernel(
     BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    beta = tl.cast(beta, tl.float32)
-    low_bound = 1.0 - tl.cast(eps_low, tl.float32)
-    high_bound = 1.0 + tl.cast(eps_high, tl.float32)
-    delta = tl.cast(delta, tl.float32)
-    dual_clip = tl.cast(dual_clip, tl.float32)
+    beta, low_bound, high_bound, delta, dual_clip = _loss_params(beta, eps_low, eps_high, delta, dual_clip)
     offsets = tl.arange(0, BLOCK_T)
 
     # Sequence level (GSPO): first the masked mean log-ratio of the row.
@@ -134,16 +158,14 @@ def _grpo_loss_rows_kernel(
         n_acc = tl.zeros([BLOCK_T], tl.float32)
         for start in range(0, T, BLOCK_T):
             cols = start + offsets
-            in_row = cols < T
-            valid = tl.load(mask_ptr + row * s_mb + cols * s_mt, mask=in_row, other=0) != 0
+            _, valid = _load_valid(mask_ptr, row, s_mb, cols, s_mt, T)
             n_acc += tl.where(valid, 1.0, 0.0)
             if not ON_POLICY:
-                lp = tl.load(logp_ptr + row * s_lb + cols * s_lt, mask=valid, other=0.0).to(tl.float32)
-                old = tl.load(old_ptr + row * s_ob + cols * s_ot, mask=valid, other=0.0).to(tl.float32)
+                lp = _load_tokens(logp_ptr, row, s_lb, cols, s_lt, valid)
+                old = _load_tokens(old_ptr, row, s_ob, cols, s_ot, valid)
                 lr_acc += tl.where(valid, lp - old, 0.0)
         mean_lr = tl.sum(lr_acc, axis=0) / tl.maximum(tl.sum(n_acc, axis=0), 1.0)
-        seq_ratio = tl.exp(tl.minimum(tl.maximum(mean_lr, -20.0), 20.0))
-        seq_dratio = tl.where((mean_lr >= -20.0) & (mean_lr <= 20.0), seq_ratio, 0.0)
+        seq_ratio, seq_dratio = _clamped_exp(mean_lr)
 
     loss_acc = tl.zeros([BLOCK_T], tl.float32)
     tokens_acc = tl.zeros([BLOCK_T], tl.float32)
@@ -154,21 +176,20 @@ def _grpo_loss_rows_kernel(
     dpg_acc = tl.zeros([BLOCK_T], tl.float32)
     for start in range(0, T, BLOCK_T):
         cols = start + offsets
-        in_row = cols < T
-        valid = tl.load(mask_ptr + row * s_mb + cols * s_mt, mask=in_row, other=0) != 0
-        lp = tl.load(logp_ptr + row * s_lb + cols * s_lt, mask=valid, other=0.0).to(tl.float32)
-        adv = tl.load(adv_ptr + row * s_ab + cols * s_at, mask=valid, other=0.0).to(tl.float32)
+        _, valid = _load_valid(mask_ptr, row, s_mb, cols, s_mt, T)
+        lp = _load_tokens(logp_ptr, row, s_lb, cols, s_lt, valid)
+        adv = _load_tokens(adv_ptr, row, s_ab, cols, s_at, valid)
         if SEQ_LEVEL:
             ratio = tl.zeros([BLOCK_T], tl.float32) + seq_ratio
         elif ON_POLICY:
             ratio = tl.zeros([BLOCK_T], tl.float32) + 1.0
         else:
-            old = tl.load(old_ptr + row * s_ob + cols * s_ot, mask=valid, other=0.0).to(tl.float32)
+            old = _load_tokens(old_ptr, row, s_ob, cols, s_ot, valid)
             ratio, _ = _token_ratio(lp, old)
         pg, dpg, coef_1 = _policy_term(ratio, adv, low_bound, high_bound, delta, dual_clip, DUAL_CLIP)
         token_loss = pg
         if HAS_REF:
-            ref = tl.load(ref_ptr + row * s_rb + cols * s_rt, mask=valid, other=0.0).to(tl.float32)
+            ref = _load_tokens(ref_ptr, row, s_rb, cols, s_rt, valid)
             kl, _ = _k3_term(lp, ref)
             kl_acc += tl.where(valid, kl, 0.0)
             token_loss += beta * kl
@@ -279,33 +300,28 @@ def _grpo_loss_bwd_kernel(
     BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    beta = tl.cast(beta, tl.float32)
-    low_bound = 1.0 - tl.cast(eps_low, tl.float32)
-    high_bound = 1.0 + tl.cast(eps_high, tl.float32)
-    delta = tl.cast(delta, tl.float32)
-    dual_clip = tl.cast(dual_clip, tl.float32)
+    beta, low_bound, high_bound, delta, dual_clip = _loss_params(beta, eps_low, eps_high, delta, dual_clip)
     row_scale = tl.load(grad_loss_ptr).to(tl.float32) * tl.load(weights_ptr + row)
     seq_grad = tl.load(stats_ptr + row * 8 + 7)
     offsets = tl.arange(0, BLOCK_T)
     for start in range(0, T, BLOCK_T):
         cols = start + offsets
-        in_row = cols < T
-        valid = tl.load(mask_ptr + row * s_mb + cols * s_mt, mask=in_row, other=0) != 0
-        lp = tl.load(logp_ptr + row * s_lb + cols * s_lt, mask=valid, other=0.0).to(tl.float32)
+        in_row, valid = _load_valid(mask_ptr, row, s_mb, cols, s_mt, T)
+        lp = _load_tokens(logp_ptr, row, s_lb, cols, s_lt, valid)
         if SEQ_LEVEL:
             dloss = tl.zeros([BLOCK_T], tl.float32) + seq_grad
         else:
-            adv = tl.load(adv_ptr + row * s_ab + cols * s_at, mask=valid, other=0.0).to(tl.float32)
+            adv = _load_tokens(adv_ptr, row, s_ab, cols, s_at, valid)
             if ON_POLICY:
                 ratio = tl.zeros([BLOCK_T], tl.float32) + 1.0
                 dratio = ratio
             else:
-                old = tl.load(old_ptr + row * s_ob + cols * s_ot, mask=valid, other=0.0).to(tl.float32)
+                old = _load_tokens(old_ptr, row, s_ob, cols, s_ot, valid)
                 ratio, dratio = _token_ratio(lp, old)
             _, dpg, _ = _policy_term(ratio, adv, low_bound, high_bound, delta, dual_clip, DUAL_CLIP)
             dloss = dpg * dratio
         if HAS_REF:
-            ref = tl.load(ref_ptr + row * s_rb + cols * s_rt, mask=valid, other=0.0).to(tl.float32)
+            ref = _load_tokens(ref_ptr, row, s_rb, cols, s_rt, valid)
             _, dkl_dref = _k3_term(lp, ref)
             dloss -= beta * dkl_dref
             if REF_GRAD:

@@ -112,6 +112,19 @@ def _std(count, m2, UNBIASED: tl.constexpr):
 
 
 @triton.jit
+def _tile_statistics(user_ptr, llm_ptr, welfare_ptr, mean_ptr, std_ptr, equal_ptr, groups, live, starts, lens, alpha,
+                     UNBIASED: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Write W and the group statistics (mean, std, all-equal flag) of a tile of groups; returns
+    ``(count, mean, m2, all_equal, std)`` (float64 but for the flag) for the advantages."""
+    count, mean, m2, all_equal = _tile_moments(user_ptr, llm_ptr, welfare_ptr, starts, lens, alpha, ROWS, COLS)
+    std = tl.where(all_equal, 0.0, _std(count, m2, UNBIASED))
+    tl.store(mean_ptr + groups, mean.to(tl.float32), mask=live)
+    tl.store(std_ptr + groups, std.to(tl.float32), mask=live)
+    tl.store(equal_ptr + groups, all_equal, mask=live)
+    return count, mean, m2, all_equal, std
+
+
+@triton.jit
 def _inverse_denominator(std, eps, SCALE: tl.constexpr):
     """1 / (std + eps) (0 if that is not finite), or 1 for scale="none"; float32."""
     if SCALE == 2:
@@ -171,11 +184,8 @@ def _welfare_advantages_kernel(
         batch_m2 = tl.cast(0.0, tl.float64)
         for tile in range(0, n_tiles):
             groups, live, starts, lens = _tile_groups(tile, offsets_ptr, G, group_size, FIXED, ROWS)
-            count, mean, m2, all_equal = _tile_moments(user_ptr, llm_ptr, welfare_ptr, starts, lens, alpha, ROWS, COLS)
-            std = tl.where(all_equal, 0.0, _std(count, m2, UNBIASED))
-            tl.store(mean_ptr + groups, mean.to(tl.float32), mask=live)
-            tl.store(std_ptr + groups, std.to(tl.float32), mask=live)
-            tl.store(equal_ptr + groups, all_equal, mask=live)
+            count, mean, m2, _, _ = _tile_statistics(user_ptr, llm_ptr, welfare_ptr, mean_ptr, std_ptr, equal_ptr,
+                                                     groups, live, starts, lens, alpha, UNBIASED, ROWS, COLS)
             tile_count = tl.sum(count, axis=0)
             tile_mean = tl.sum(count * mean, axis=0) / tl.maximum(tile_count, 1.0)
             tile_m2 = tl.sum(m2 + count * (mean - tile_mean) * (mean - tile_mean), axis=0)
@@ -200,11 +210,8 @@ def _welfare_advantages_kernel(
     else:
         tile = tl.program_id(0)
         groups, live, starts, lens = _tile_groups(tile, offsets_ptr, G, group_size, FIXED, ROWS)
-        count, mean, m2, all_equal = _tile_moments(user_ptr, llm_ptr, welfare_ptr, starts, lens, alpha, ROWS, COLS)
-        std = tl.where(all_equal, 0.0, _std(count, m2, UNBIASED))
-        tl.store(mean_ptr + groups, mean.to(tl.float32), mask=live)
-        tl.store(std_ptr + groups, std.to(tl.float32), mask=live)
-        tl.store(equal_ptr + groups, all_equal, mask=live)
+        _, mean, _, all_equal, std = _tile_statistics(user_ptr, llm_ptr, welfare_ptr, mean_ptr, std_ptr, equal_ptr,
+                                                      groups, live, starts, lens, alpha, UNBIASED, ROWS, COLS)
         inv32 = _inverse_denominator(std, eps, SCALE)
         _tile_advantages(user_ptr, llm_ptr, advantages_ptr, starts, lens, alpha, mean.to(tl.float32), inv32,
                          (all_equal | (inv32 == 0)).to(tl.int32), COLS)

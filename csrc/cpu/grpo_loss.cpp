@@ -18,38 +18,22 @@
 #include <optional>
 #include <vector>
 
+#include "../grpo_loss_common.h"
 #include "vec_math.h"
 
 namespace gtalign_fast {
 namespace cpu {
 namespace {
 
-constexpr int64_t kNumStats = 8;
+using namespace gtalign_fast::grpo;  // row_stats columns, modes, limits, ClipParams (../grpo_loss_common.h)
+
 constexpr int64_t kChunk = 512;  // tokens per L1-resident chunk
-enum Stat : int64_t { kLossSum = 0, kTokens, kLow, kHigh, kRegion, kKlSum, kRatioSum, kSeqGrad };
-enum Mode : int64_t { kSeqMean = 0, kTokenMean = 1, kNormaliserTensor = 2, kConstant = 3 };
-constexpr float kLogRatioLimit = 20.0f;
-constexpr float kKlLimit = 10.0f;
 
 // GTALIGN_ALWAYS_INLINE (vec_math.h): the per-token helpers must be inlined into the `omp simd`
 // loops for those to vectorise.
 
-struct ClipParams {
-  float low_bound, high_bound, delta, dual_clip, beta;
-  bool has_dual_clip;
-};
-
-ClipParams clip_params(double beta, double eps_low, double eps_high, double delta, double dual_clip) {
-  return {1.0f - static_cast<float>(eps_low), 1.0f + static_cast<float>(eps_high), static_cast<float>(delta),
-          static_cast<float>(dual_clip), static_cast<float>(beta), dual_clip > 0.0};
-}
-
 // Per-token policy loss, d loss / d ratio, and coef_1 = min(ratio, delta). Branch-free (selects
 // only), so that the chunk loops below vectorise.
-struct PolicyTerm {
-  float loss, dloss_dratio, coef_1;
-};
-
 GTALIGN_ALWAYS_INLINE PolicyTerm policy_term(float ratio, float adv, const ClipParams& p) {
   const float coef_1 = ratio <= p.delta ? ratio : p.delta;  // ternaries, not fminf: a libm call stops vectorisation
   const float gate_1 = ratio <= p.delta ? 1.0f : 0.0f;

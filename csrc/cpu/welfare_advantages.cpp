@@ -18,6 +18,7 @@
 #include <mutex>
 #include <vector>
 
+#include "../welfare_advantages_common.h"
 #include "vec_math.h"
 
 namespace gtalign_fast {
@@ -29,9 +30,8 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 // Rows per unit of parallel work: enough that a thread's share amortises the fork.
 constexpr int64_t kRowsPerTask = 4096;
 
-
-enum ScaleMode : int64_t { kScaleGroup = 0, kScaleBatch = 1, kScaleNone = 2 };
-
+// Scale modes, std and 1 / (std + eps), argument checks (../welfare_advantages_common.h).
+using namespace gtalign_fast::welfare;
 
 // W for rows [begin, end); NaN for a missing reward, -inf for an invalid one (negative or
 // infinite U or L: the Python side turns that into a ValueError). A zero exponent drops its
@@ -67,11 +67,6 @@ struct Moments {
     count = total;
   }
 };
-
-static inline double std_of(const Moments& moments, bool unbiased) {
-  if (moments.count < 2.0) return 0.0;
-  return std::sqrt(moments.m2 / (unbiased ? moments.count - 1.0 : moments.count));
-}
 
 struct GroupResult {
   Moments moments;
@@ -190,17 +185,9 @@ struct Outputs {
   bool* group_all_equal;
 };
 
-// 1 / (std + eps), or 0 when that is not finite (std = eps = 0 only happens when every
-// difference underflows; the advantages are then 0 rather than inf).
-static inline float inverse_denominator(int64_t scale_mode, double std, double eps) {
-  if (scale_mode == kScaleNone) return 1.0f;
-  const double denominator = std + eps;
-  return denominator > 0.0 ? static_cast<float>(1.0 / denominator) : 0.0f;
-}
-
 static inline void store_group(const GroupResult& result, bool unbiased, int64_t g, const Outputs& out) {
   out.group_mean[g] = static_cast<float>(result.moments.mean);
-  out.group_std[g] = result.all_equal ? 0.0f : static_cast<float>(std_of(result.moments, unbiased));
+  out.group_std[g] = result.all_equal ? 0.0f : static_cast<float>(std_of(result.moments.count, result.moments.m2, unbiased));
   out.group_all_equal[g] = result.all_equal;
 }
 
@@ -262,7 +249,7 @@ void run_batch(const float* user, const float* llm, const GroupLayout& groups, i
     const std::lock_guard<std::mutex> guard(batch_lock);
     batch.merge(local);
   });
-  const float inv = inverse_denominator(kScaleBatch, std_of(batch, unbiased), eps);
+  const float inv = inverse_denominator(kScaleBatch, std_of(batch.count, batch.m2, unbiased), eps);
   at::parallel_for(0, groups.count, grain, [&](int64_t g_begin, int64_t g_end) {
     batch_advantages_pass(groups, g_begin, g_end, inv, out);
     scatter.rows(out.advantages, groups.start(g_begin), groups.start(g_end));
@@ -288,36 +275,15 @@ void raise_on_bad_rewards(const float* user, const float* llm, int64_t n_rows, c
   }
 }
 
-void check_output(const at::Tensor& out, int64_t numel, at::ScalarType dtype, const char* name) {
-  TORCH_CHECK(out.scalar_type() == dtype && out.is_contiguous() && out.numel() == numel, "welfare_advantages: ",
-              name, " must be a contiguous ", c10::toString(dtype), " tensor of ", numel, " elements");
-}
-
 void welfare_advantages_cpu(const at::Tensor& user, const at::Tensor& llm, const std::optional<at::Tensor>& offsets,
                             int64_t group_size, double alpha, int64_t scale_mode, double eps, bool unbiased,
                             const std::optional<at::Tensor>& mask, at::Tensor& welfare, at::Tensor& advantages,
                             at::Tensor& group_mean, at::Tensor& group_std, at::Tensor& group_all_equal,
                             at::Tensor& token_advantages) {
   const int64_t n_rows = user.numel();
-  TORCH_CHECK(user.scalar_type() == at::kFloat && llm.scalar_type() == at::kFloat && user.is_contiguous() &&
-                  llm.is_contiguous() && llm.numel() == n_rows,
-              "welfare_advantages: user and llm must be contiguous float32 [N]");
-  TORCH_CHECK(scale_mode >= kScaleGroup && scale_mode <= kScaleNone, "welfare_advantages: bad scale mode");
+  const int64_t n_groups = check_inputs(user, llm, offsets, group_size, scale_mode);
   const bool has_offsets = offsets.has_value() && offsets->defined();
-  int64_t n_groups;
-  if (has_offsets) {
-    TORCH_CHECK(offsets->scalar_type() == at::kLong && offsets->is_contiguous() && offsets->numel() >= 1,
-                "welfare_advantages: offsets must be contiguous int64 [G+1]");
-    n_groups = offsets->numel() - 1;
-  } else {
-    TORCH_CHECK(group_size >= 1 && n_rows % group_size == 0, "welfare_advantages: group size must divide N");
-    n_groups = n_rows / group_size;
-  }
-  check_output(welfare, n_rows, at::kFloat, "welfare");
-  check_output(advantages, n_rows, at::kFloat, "advantages");
-  check_output(group_mean, n_groups, at::kFloat, "group_mean");
-  check_output(group_std, n_groups, at::kFloat, "group_std");
-  check_output(group_all_equal, n_groups, at::kBool, "group_all_equal");
+  check_outputs(welfare, advantages, group_mean, group_std, group_all_equal, n_rows, n_groups);
   const bool has_mask = mask.has_value() && mask->defined();
   if (has_mask) {
     TORCH_CHECK(mask->dim() == 2 && mask->size(0) == n_rows, "welfare_advantages: mask must be [N, T]");

@@ -18,31 +18,16 @@
 
 #include <optional>
 
+#include "../grpo_loss_common.h"
+
 namespace gtalign_fast {
 namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kNumStats = 8;
-enum Stat : int { kLossSum = 0, kTokens, kLow, kHigh, kRegion, kKlSum, kRatioSum, kSeqGrad };
-enum Mode : int64_t { kSeqMean = 0, kTokenMean = 1, kNormaliserTensor = 2, kConstant = 3 };
-constexpr float kLogRatioLimit = 20.0f;
-constexpr float kKlLimit = 10.0f;
 
-struct ClipParams {
-  float low_bound, high_bound, delta, dual_clip, beta;
-  bool has_dual_clip;
-};
-
-ClipParams clip_params(double beta, double eps_low, double eps_high, double delta, double dual_clip) {
-  return {1.0f - static_cast<float>(eps_low), 1.0f + static_cast<float>(eps_high), static_cast<float>(delta),
-          static_cast<float>(dual_clip), static_cast<float>(beta), dual_clip > 0.0};
-}
-
-struct PolicyTerm {
-  float loss, dloss_dratio, coef_1;
-};
+using namespace gtalign_fast::grpo;  // row_stats columns, modes, limits, ClipParams (../grpo_loss_common.h)
 
 __device__ __forceinline__ PolicyTerm policy_term(float ratio, float adv, const ClipParams& p) {
   const float coef_1 = ratio <= p.delta ? ratio : p.delta;

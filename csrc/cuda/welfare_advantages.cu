@@ -21,6 +21,8 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "../welfare_advantages_common.h"
+
 namespace gtalign_fast {
 namespace cuda {
 namespace {
@@ -30,7 +32,8 @@ constexpr int kWarps = kThreads / 32;
 // Groups at most this long (on average) get a warp each; longer ones the whole block.
 constexpr int64_t kWarpTeamMaxAverage = 64;
 
-enum ScaleMode : int64_t { kScaleGroup = 0, kScaleBatch = 1, kScaleNone = 2 };
+// Scale modes, std and 1 / (std + eps), argument checks (../welfare_advantages_common.h).
+using namespace gtalign_fast::welfare;
 
 template <typename mask_t>
 struct Params {
@@ -154,18 +157,6 @@ __device__ Moments group_moments(const Params<mask_t>& p, int64_t begin, int64_t
   return m;
 }
 
-__device__ __forceinline__ double std_of(double count, double m2, bool unbiased) {
-  if (count < 2.0) return 0.0;
-  return sqrt(m2 / (unbiased ? count - 1.0 : count));
-}
-
-// 1 / (std + eps), 0 if that is not finite, 1 for scale = "none".
-__device__ __forceinline__ float inverse_denominator(int64_t scale_mode, double std, double eps) {
-  if (scale_mode == kScaleNone) return 1.0f;
-  const double denominator = std + eps;
-  return denominator > 0.0 ? static_cast<float>(1.0 / denominator) : 0.0f;
-}
-
 // Advantages of one group, then (after a team barrier) its tokens.
 template <int TEAM, typename mask_t>
 __device__ void write_group(const Params<mask_t>& p, int64_t begin, int64_t end, int lane, float mean, float inv,
@@ -265,18 +256,9 @@ void welfare_advantages_cuda(const at::Tensor& user, const at::Tensor& llm, cons
                              at::Tensor& group_mean, at::Tensor& group_std, at::Tensor& group_all_equal,
                              at::Tensor& token_advantages) {
   const int64_t n_rows = user.numel();
-  TORCH_CHECK(user.scalar_type() == at::kFloat && llm.scalar_type() == at::kFloat && user.is_contiguous() &&
-                  llm.is_contiguous() && llm.numel() == n_rows,
-              "welfare_advantages: user and llm must be contiguous float32 [N]");
+  const int64_t n_groups = check_inputs(user, llm, offsets, group_size, scale_mode);
   const bool has_offsets = offsets.has_value() && offsets->defined();
-  TORCH_CHECK(has_offsets || (group_size >= 1 && n_rows % group_size == 0),
-              "welfare_advantages: group size must divide N");
-  TORCH_CHECK(!has_offsets || (offsets->scalar_type() == at::kLong && offsets->is_contiguous()),
-              "welfare_advantages: offsets must be contiguous int64 [G+1]");
-  const int64_t n_groups = has_offsets ? offsets->numel() - 1 : n_rows / group_size;
-  TORCH_CHECK(welfare.numel() == n_rows && advantages.numel() == n_rows && group_mean.numel() == n_groups &&
-                  group_std.numel() == n_groups && group_all_equal.numel() == n_groups,
-              "welfare_advantages: output sizes do not match N and G");
+  check_outputs(welfare, advantages, group_mean, group_std, group_all_equal, n_rows, n_groups);
   const bool has_mask = mask.has_value() && mask->defined() && mask->numel() > 0;
   if (has_mask) {
     TORCH_CHECK(mask->dim() == 2 && mask->size(0) == n_rows && token_advantages.is_contiguous() &&

@@ -1,0 +1,38 @@
+// Definitions shared by the grpo_loss C++ CPU kernel (csrc/cpu/grpo_loss.cpp, g++) and CUDA kernel
+// (csrc/cuda/grpo_loss.cu, nvcc): the row_stats columns, the aggregation modes, the clamp limits
+// and the clip parameters (see kernels/grpo_loss.py for their meaning). Host code only: the
+// per-token maths stays in each file, written for its own compiler (omp simd selects on the CPU,
+// fminf / expf on the GPU).
+#pragma once
+
+#include <cstdint>
+
+namespace gtalign_fast {
+namespace grpo {
+
+constexpr int64_t kNumStats = 8;
+// Columns of row_stats, one row per sequence.
+enum Stat : int64_t { kLossSum = 0, kTokens, kLow, kHigh, kRegion, kKlSum, kRatioSum, kSeqGrad };
+// Aggregation modes of the finalize step (the mapping from loss_type is in gtalign_fast/_grpo_loss.py).
+enum Mode : int64_t { kSeqMean = 0, kTokenMean = 1, kNormaliserTensor = 2, kConstant = 3 };
+constexpr float kLogRatioLimit = 20.0f;  // log-ratios are clamped to [-20, 20]
+constexpr float kKlLimit = 10.0f;        // k3 KL values are clamped to [-10, 10]
+
+// The op's float arguments as the kernels use them (passed to the CUDA kernels by value).
+struct ClipParams {
+  float low_bound, high_bound, delta, dual_clip, beta;
+  bool has_dual_clip;
+};
+
+inline ClipParams clip_params(double beta, double eps_low, double eps_high, double delta, double dual_clip) {
+  return {1.0f - static_cast<float>(eps_low), 1.0f + static_cast<float>(eps_high), static_cast<float>(delta),
+          static_cast<float>(dual_clip), static_cast<float>(beta), dual_clip > 0.0};
+}
+
+// Per-token policy loss, d loss / d ratio, and coef_1 = min(ratio, delta).
+struct PolicyTerm {
+  float loss, dloss_dratio, coef_1;
+};
+
+}  // namespace grpo
+}  // namespace gtalign_fast
