@@ -17,6 +17,7 @@ import re
 import resource
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Sequence
 
@@ -278,6 +279,11 @@ class CompletionScorer(nn.Module):
         # position t predicts token t + 1: the completion is predicted by the C positions before its end
         hidden = hidden[:, -(n_completion + 1) : -1].reshape(-1, hidden.shape[-1])
         head = self.model.get_output_embeddings()
+        if is_dtensor(head.weight):  # the known ZeRO-3 / FSDP bug: a fused loss that reads a head shard
+            raise RuntimeError(
+                "CompletionScorer: the LM head weight is still sharded (a DTensor); under FSDP2 the scorer must "
+                "be the fully_shard root and be called as a module, so that its pre-forward all-gathers the head"
+            )
         # custom ops sit outside autocast: cast the head as autocast would cast a Linear
         weight = head.weight.to(hidden.dtype)
         bias = head.bias.to(hidden.dtype) if getattr(head, "bias", None) is not None else None
@@ -285,10 +291,113 @@ class CompletionScorer(nn.Module):
             hidden, weight, targets.reshape(-1), bias=bias, temperature=self.temperature,
             with_entropy=with_entropy, backend=self.backend,
         )
+        # copies, not views: FSDP2's pre-backward hook on a module output is lost by in-place ops on a view
         if with_entropy:
             logp, entropy = result
-            return logp.view_as(targets), entropy.view_as(targets)
-        return result.view_as(targets), None
+            return logp.reshape(targets.shape).clone(), entropy.reshape(targets.shape).clone()
+        return result.reshape(targets.shape).clone(), None
+
+
+    def lm_forward(self, **kwargs: Any) -> Any:
+        """The wrapped model's own forward (generation). Registered as an FSDP forward method when
+        the scorer is the FSDP2 root, so FSDP's pre-forward runs before the model reads its weights."""
+        return self.model(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP2
+
+
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def full_value(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (e.g. the gradient norm over FSDP2 shards); other tensors unchanged."""
+    return tensor.full_tensor() if is_dtensor(tensor) else tensor
+
+
+def fsdp_shard(scorer: CompletionScorer, device: torch.device, world: int) -> None:
+    """Shard ``scorer`` with FSDP2: each decoder layer is its own unit, the scorer is the root.
+
+    The root owns what no layer owns: embeddings, final norm and the LM head. Making the SCORER the
+    root (not the causal LM) puts the fused log-prob computation inside the root's forward, so the
+    LM head has been all-gathered when ``linear_token_logprobs`` reads it; generation reaches the
+    model through :meth:`CompletionScorer.lm_forward`, registered as a forward method of the root.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    layers = getattr(scorer.model.base_model, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ValueError(
+            "GRPOTrainer: distributed_strategy='fsdp2' shards each decoder layer, found at "
+            "model.base_model.layers (an nn.ModuleList); this model has none"
+        )
+    mesh = init_device_mesh(device.type, (world,))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(scorer, mesh=mesh)
+    register_fsdp_forward_method(scorer, "lm_forward")
+
+
+class RootForward(nn.Module):
+    """What the sampler calls as "the model" under FSDP2: the causal LM's forward, through the FSDP
+    root (``scorer.lm_forward``). The scorer is held, not registered, so nothing is counted twice."""
+
+    def __init__(self, scorer: CompletionScorer) -> None:
+        super().__init__()
+        object.__setattr__(self, "scorer", scorer)
+        self.config = scorer.model.config
+
+    def parameters(self, recurse: bool = True):
+        return self.scorer.parameters(recurse)
+
+    def forward(self, **kwargs: Any) -> Any:
+        return self.scorer.lm_forward(**kwargs)
+
+
+@contextmanager
+def fsdp_gathered(root: nn.Module):
+    """Every FSDP2 unit under ``root`` unsharded for the block (one all-gather of the whole model),
+    and kept so through each forward: the block runs without collectives, so processes may run
+    different numbers of forwards (generation stops when THIS process's rows are done). The full
+    parameters must fit one device while the block runs (as TRL's ``ds3_gather_for_generation``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in root.modules() if isinstance(m, FSDPModule)]
+    root.set_reshard_after_forward(False)
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+        root.set_reshard_after_forward(True)  # layers: free after forward, all-gather again in backward
+        root.set_reshard_after_forward(False, recurse=False)  # the root keeps its own (FSDP2's root default)
+
+
+def rebind_optimizer(optimizer: torch.optim.Optimizer, names_before: dict[int, str], model: nn.Module) -> None:
+    """Point an optimizer built on the unsharded model at the FSDP2 parameters (same names).
+
+    ``fully_shard`` registers new (DTensor) parameters, so a user optimizer made beforehand would
+    update tensors the model no longer uses."""
+    if optimizer.state:
+        raise ValueError("GRPOTrainer: distributed_strategy='fsdp2' needs an optimizer without state yet")
+    after = dict(model.named_parameters())
+    for group in optimizer.param_groups:
+        try:
+            group["params"] = [after[names_before[id(p)]] for p in group["params"]]
+        except KeyError as error:
+            raise ValueError(
+                "GRPOTrainer: the optimizer holds a tensor that is not a parameter of the model; "
+                "distributed_strategy='fsdp2' can only re-point optimizers built on model.parameters()"
+            ) from error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -568,12 +677,31 @@ def rotate_checkpoints(output_dir: str, keep: int | None) -> None:
         shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
-def load_model_weights(model: nn.Module, directory: str) -> None:
+def load_model_weights(model: nn.Module, directory: str, fsdp: bool = False) -> None:
     """Load the weights ``save_pretrained`` wrote into ``model`` in place (exactly, no dtype change).
 
     Keys missing from the files must be tied to a loaded tensor (``save_pretrained`` writes a tied
-    LM head once); anything else missing or unexpected is an error.
+    LM head once); anything else missing or unexpected is an error. With ``fsdp`` every process
+    reads the full tensors and keeps its shards (``set_model_state_dict``).
     """
+    state = read_model_weights(directory)
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        result = set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise RuntimeError(f"GRPOTrainer: checkpoint {directory} has unexpected weights {result.unexpected_keys[:5]}")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(params[name]) for name in state if name in params}
+    untied = [k for k in result.missing_keys if k not in params or id(params[k]) not in loaded]
+    if untied:
+        raise RuntimeError(f"GRPOTrainer: checkpoint {directory} lacks weights {untied[:5]}")
+
+
+def read_model_weights(directory: str) -> dict[str, torch.Tensor]:
+    """The full state ``save_pretrained`` wrote to ``directory`` (single or sharded safetensors)."""
     from safetensors.torch import load_file
 
     single = os.path.join(directory, "model.safetensors")
@@ -588,10 +716,4 @@ def load_model_weights(model: nn.Module, directory: str) -> None:
             state.update(load_file(os.path.join(directory, name)))
     else:
         raise FileNotFoundError(f"GRPOTrainer: no model.safetensors(.index.json) in {directory}")
-    result = model.load_state_dict(state, strict=False)
-    if result.unexpected_keys:
-        raise RuntimeError(f"GRPOTrainer: checkpoint {directory} has unexpected weights {result.unexpected_keys[:5]}")
-    loaded = {p.data_ptr() for name, p in model.state_dict().items() if name in state}
-    untied = [k for k in result.missing_keys if model.state_dict()[k].data_ptr() not in loaded]
-    if untied:
-        raise RuntimeError(f"GRPOTrainer: checkpoint {directory} lacks weights {untied[:5]}")
+    return state

@@ -18,6 +18,9 @@ One optimizer step, the whole story (``GRPOTrainer._training_step``)::
 
 Scale out: ``torchrun --nproc_per_node N script.py`` (DDP; NCCL on GPUs, gloo on CPU). Rewards are gathered
 so advantages, token counts (dapo) and metrics are global; checkpoints are written by rank 0 only.
+``GRPOConfig(distributed_strategy="fsdp2")`` shards the model with FSDP2 instead (each decoder layer,
+then the log-prob module as the root; see ``GRPOConfig``) for models whose training state does not
+fit one device.
 """
 
 from __future__ import annotations
@@ -37,9 +40,10 @@ from torch import nn
 
 from . import _backend, ops
 from ._trainer_utils import (
-    SCHEDULERS, TRAINER_STATE, CompletionScorer, Dist, MetricSinks, MetricWindow, PromptOrder, Rollout,
-    Timer, call_reward_funcs, fused_head_problem, is_welfare_reward, latest_checkpoint, load_model_weights,
-    lr_lambda, pad_rows, peak_memory_gib, reward_name, rotate_checkpoints, row_seeds,
+    SCHEDULERS, TRAINER_STATE, CompletionScorer, Dist, MetricSinks, MetricWindow, PromptOrder, RootForward,
+    Rollout, Timer, call_reward_funcs, fsdp_gathered, fsdp_shard, full_value, fused_head_problem,
+    is_welfare_reward, latest_checkpoint, load_model_weights, lr_lambda, pad_rows, peak_memory_gib,
+    rebind_optimizer, reward_name, rotate_checkpoints, row_seeds,
 )
 
 logger = logging.getLogger("gtalign_fast.trainer")
@@ -61,6 +65,7 @@ LOSS_TYPES = {
     "seq-mean-token-sum-norm": "sequences",
 }
 SCALE_REWARDS = ("group", "batch", "none")
+DISTRIBUTED_STRATEGIES = ("ddp", "fsdp2")
 STEERING_MODES = ("off", "rewrite", "reference")
 
 TrainOutput = namedtuple("TrainOutput", ["global_step", "training_loss", "metrics"])
@@ -115,6 +120,18 @@ class GRPOConfig:
         How rollouts steer; None: "rewrite" when ``pricing_policy`` is set, else "off".
     max_consecutive_nan_steps : int
         A non-finite loss or gradient norm skips the step; this many in a row stop training.
+    distributed_strategy : {"ddp", "fsdp2"}
+        How several processes share the model (transformers' ``fsdp`` string option is not used).
+        "ddp" (default): a full replica per process, gradients all-reduced; with one process the
+        model is used as is. "fsdp2": ``torch.distributed.fsdp.fully_shard`` on each decoder layer
+        (``model.base_model.layers``), then on the log-prob module as the root (embeddings, final
+        norm and LM head are the root's, all-gathered in its forward, so the fused LM head reads
+        the full weight); the reference model is sharded the same way. Needs ``torch.distributed``
+        initialised (torchrun, or ``init_process_group`` before the trainer; one process is allowed).
+        Gradients are reduce-scattered on every micro-batch (no unsharded gradient accumulation);
+        generation all-gathers the whole model once per rollout (it must fit one device for
+        that while optimizer state and gradients stay sharded); checkpoints hold full tensors
+        written by rank 0, and resuming re-shards them.
     """
 
     # -- output, logging, checkpoints
@@ -173,6 +190,7 @@ class GRPOConfig:
     pricing_policy: Any = None
     steering_mode: str | None = None
     max_consecutive_nan_steps: int = 5
+    distributed_strategy: str = "ddp"
 
     def __post_init__(self) -> None:
         if isinstance(self.scale_rewards, bool):  # TRL accepts True / False
@@ -259,6 +277,10 @@ class GRPOConfig:
             self._fail("logging_steps must be >= 1 and save_steps >= 0 (0: no checkpoints)")
         if self.max_consecutive_nan_steps < 1:
             self._fail(f"max_consecutive_nan_steps must be >= 1, got {self.max_consecutive_nan_steps}")
+        if self.distributed_strategy not in DISTRIBUTED_STRATEGIES:
+            self._fail(
+                f"distributed_strategy must be one of {DISTRIBUTED_STRATEGIES}, got {self.distributed_strategy!r}"
+            )
         unknown = set(self.report_to) - {"none", "all", "tensorboard", "jsonl"}
         if unknown:
             self._fail(
@@ -322,6 +344,12 @@ class GRPOTrainer:
         self.args = args = args if args is not None else GRPOConfig()
         self.dist = Dist(use_cpu=args.use_cpu)
         self.device = self.dist.device
+        self.fsdp = args.distributed_strategy == "fsdp2"
+        if self.fsdp and not self.dist.enabled:
+            raise ValueError(
+                "GRPOTrainer: distributed_strategy='fsdp2' needs torch.distributed initialised (launch with "
+                "torchrun, or call torch.distributed.init_process_group first; world size 1 is fine)"
+            )
         torch.manual_seed(args.seed)
         self.model = self._load_model(model).to(self.device)
         self.processing_class = self._load_tokenizer(model, processing_class)
@@ -434,7 +462,12 @@ class GRPOTrainer:
         self.scorer = CompletionScorer(self.model, **scoring)
         self.ref_scorer = None if self.ref_model is None else CompletionScorer(self.ref_model, **scoring)
         self.train_scorer: nn.Module = self.scorer
-        if self.dist.world > 1:  # DDP wraps the whole scoring forward, LM head included
+        # parameter names before sharding, to re-point an optimizer the caller built on them
+        self._names_before_sharding = {id(p): name for name, p in self.model.named_parameters()}
+        if self.fsdp:  # the scorers become FSDP2 roots; the training forward is the scorer itself
+            for scorer in filter(None, (self.scorer, self.ref_scorer)):
+                fsdp_shard(scorer, self.device, self.dist.world)
+        elif self.dist.world > 1:  # DDP wraps the whole scoring forward, LM head included
             from torch.nn.parallel import DistributedDataParallel
 
             device_ids = [self.device] if self.device.type == "cuda" else None
@@ -446,8 +479,9 @@ class GRPOTrainer:
 
         if self.args.min_p:
             raise ValueError("GRPOTrainer: min_p is not supported by the SteeringSampler; leave it None")
+        # under FSDP2 the sampler calls the model through the root, so its pre-forward hooks run
         return SteeringSampler(
-            self.model, self.processing_class, policy=self.args.pricing_policy, mode=self.args.steering_mode,
+            RootForward(self.scorer) if self.fsdp else self.model, self.processing_class, policy=self.args.pricing_policy, mode=self.args.steering_mode,
             backend=self.backend,
         )
 
@@ -465,6 +499,8 @@ class GRPOTrainer:
                 params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
                 weight_decay=args.weight_decay,
             )
+        elif self.fsdp:
+            rebind_optimizer(optimizer, self._names_before_sharding, self.model)
         if scheduler is None:
             warmup = args.warmup_steps or math.ceil(args.warmup_ratio * self.max_steps)
             schedule = lr_lambda(args.lr_scheduler_type, warmup, self.max_steps)
@@ -595,7 +631,7 @@ class GRPOTrainer:
         was_training = self.model.training
         self.model.eval()
         try:
-            with self._autocast():
+            with self._gathered_for_generation(), self._autocast():
                 out = self.sampler.generate(
                     self._tokenize_prompts(prompts), max_new_tokens=self.args.max_completion_length,
                     temperature=self.args.temperature, top_k=self.args.top_k, top_p=self.args.top_p,
@@ -764,7 +800,7 @@ class GRPOTrainer:
         """Clip, step, schedule; skip the step when the loss or the gradient norm is not finite."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grad_norm = full_value(torch.nn.utils.clip_grad_norm_(params, max_norm))  # FSDP2: a DTensor
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
         out = {"grad_norm": float(grad_norm), "learning_rate": self.lr_scheduler.get_last_lr()[0]}
         if finite:
@@ -791,6 +827,11 @@ class GRPOTrainer:
             return self.train_scorer.no_sync()  # gradient accumulation: all-reduce once, on the last micro-batch
         return contextlib.nullcontext()
 
+    def _gathered_for_generation(self):
+        # FSDP2: one all-gather per rollout, and decoding without collectives (processes may stop at
+        # different steps); all-gathering each layer per decoded token would also need lock-step decoding
+        return fsdp_gathered(self.scorer) if self.fsdp else contextlib.nullcontext()
+
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
@@ -807,9 +848,10 @@ class GRPOTrainer:
     def save_model(self, output_dir: str | None = None) -> None:
         """Write the model (``save_pretrained``) and the tokenizer to ``output_dir`` (rank 0 only)."""
         output_dir = output_dir or self.args.output_dir
+        state = self._full_model_state() if self.fsdp else None
         if self.dist.is_main:
             os.makedirs(output_dir, exist_ok=True)
-            self.model.save_pretrained(output_dir)
+            self.model.save_pretrained(output_dir, state_dict=state)
             if hasattr(self.processing_class, "save_pretrained"):
                 self.processing_class.save_pretrained(output_dir)
         self.dist.barrier()
@@ -819,11 +861,13 @@ class GRPOTrainer:
         self.save_model(path)
         # a rollout that later steps will reuse (num_iterations > 1) must survive the restart
         pending = self.rollout if self.args.num_iterations > 1 else None
-        if self.dist.is_main:  # DDP keeps the optimizer state identical on every process: one copy
+        # DDP keeps the optimizer state identical on every process; FSDP2 gathers the shards (collective)
+        optimizer_state = self._full_optimizer_state() if self.fsdp else self.optimizer.state_dict()
+        if self.dist.is_main:  # one copy
             state = {
                 "step": self.step,
                 "nan_streak": self.nan_streak,
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "lr_scheduler": self.lr_scheduler.state_dict(),
                 "rollout": None if pending is None else pending.state_dict(),
                 "rng_cpu": torch.get_rng_state(),
@@ -838,13 +882,39 @@ class GRPOTrainer:
         self.callbacks("on_save", checkpoint=path)
         return path
 
+    def _full_model_state(self) -> dict:
+        """FSDP2: the full model state on rank 0's CPU (empty elsewhere); every process must call it."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _full_optimizer_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(self.model, self.optimizer, options=options)
+
+    def _load_full_optimizer_state(self, saved: dict) -> None:
+        """FSDP2: every process reads the full optimizer state and keeps its shards."""
+        if not saved["state"]:  # no tensors to shard (SGD without momentum): the hyper-parameters only
+            for group, saved_group in zip(self.optimizer.param_groups, saved["param_groups"]):
+                group.update({k: v for k, v in saved_group.items() if k != "params"})
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(self.model, self.optimizer, saved, options=options)
+
     def _load_checkpoint(self, path: str) -> None:
         state_file = os.path.join(path, TRAINER_STATE)
         if not os.path.isfile(state_file):
             raise FileNotFoundError(f"GRPOTrainer: {path} is not a checkpoint (no {TRAINER_STATE})")
-        load_model_weights(self.model, path)
+        load_model_weights(self.model, path, fsdp=self.fsdp)
         state = torch.load(state_file, map_location=self.device, weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp:
+            self._load_full_optimizer_state(state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.step, self.nan_streak = int(state["step"]), int(state["nan_streak"])
         self.rollout = Rollout.from_state_dict(state["rollout"], self.device) if state["rollout"] else None

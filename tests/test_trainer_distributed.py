@@ -7,11 +7,17 @@ weighted by its share of the global batch; the sum must be exactly the one-proce
 Generation is replaced by a deterministic function of (prompt text, completion index), so both
 runs train on the same completions whatever the process layout (sampling seeds depend on the rank).
 The optimizer is SGD with lr 1 and no clipping: the parameter change is the gradient itself.
+
+The same comparison runs with ``distributed_strategy="fsdp2"`` (FSDP2 ``fully_shard`` on CPU with
+gloo, fused LM head, reference model sharded too), plus its rank-0 full-tensor checkpoint and a
+resume that re-shards it.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import tempfile
 import zlib
 
 import pytest
@@ -19,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gtalign_fast._trainer_utils import pad_rows
+from gtalign_fast._trainer_utils import full_value, pad_rows
 from gtalign_fast.trainer import Generation
 from tests.test_trainer import install_missing_ops, toy
 
@@ -64,22 +70,45 @@ def fixed_generate(trainer):
     trainer._generate = generate
 
 
-def train_config(name: str, world: int, output_dir: str) -> dict[str, torch.Tensor]:
+def make_trainer(name: str, world: int, output_dir: str, sgd: bool = True, **extra):
     overrides, accumulation = CONFIGS[name]
     per_process = GLOBAL_COMPLETIONS // world
     tokenizer = toy.build_tokenizer()
     model = toy.build_model(tokenizer, seed=0)
     args = toy.toy_config(
         output_dir, STEPS, seed=0, per_device_train_batch_size=per_process // accumulation,
-        gradient_accumulation_steps=accumulation, max_grad_norm=0.0, **overrides,
+        gradient_accumulation_steps=accumulation, max_grad_norm=0.0, use_fused_lm_head=True, **overrides, **extra,
     )
     trainer = toy.GRPOTrainer(
         model, [toy.ToyWelfareReward(tokenizer)], args=args, train_dataset=toy.build_dataset(32, 0),
-        processing_class=tokenizer, optimizers=(torch.optim.SGD(model.parameters(), lr=1.0), None),
+        processing_class=tokenizer, optimizers=(torch.optim.SGD(model.parameters(), lr=1.0) if sgd else None, None),
     )
     fixed_generate(trainer)
+    return trainer
+
+
+def parameters(trainer) -> dict[str, torch.Tensor]:
+    """Full parameter values (FSDP2 holds DTensor shards)."""
+    return {k: full_value(v.detach()).clone() for k, v in trainer.model.named_parameters()}
+
+
+def train_config(name: str, world: int, output_dir: str, **extra) -> dict[str, torch.Tensor]:
+    trainer = make_trainer(name, world, output_dir, **extra)
     trainer.train()
-    return {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+    return parameters(trainer)
+
+
+def sampled(trainer) -> torch.Tensor:
+    """Real sampler completions of the first two prompts (batch 0), through the trainer's generation path."""
+    prompts = [toy.build_dataset(32, 0)[i]["prompt"] for i in range(2)]
+    return toy.GRPOTrainer._generate(trainer, prompts, 0).completion_ids.cpu()
+
+
+@functools.lru_cache(maxsize=None)
+def one_process(name: str) -> dict[str, torch.Tensor]:
+    """The one-process, unsharded update both distributed tests compare with (computed once)."""
+    install_missing_ops()
+    return train_config(name, 1, tempfile.mkdtemp(prefix=f"gtalign-one-{name}-"))
 
 
 def _worker(rank: int, world: int, directory: str) -> None:
@@ -99,10 +128,9 @@ def test_two_processes_make_the_same_update_as_one(tmp_path, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     two = torch.load(tmp_path / "two_processes.pt")
-    install_missing_ops(monkeypatch)
     before = {k: v.detach().clone() for k, v in toy.build_model(toy.build_tokenizer(), seed=0).named_parameters()}
     for name in CONFIGS:
-        one = train_config(name, 1, str(tmp_path / f"one-{name}"))
+        one = one_process(name)
         moved = max(float((one[k] - before[k]).abs().max()) for k in one)
         assert moved > 1e-4, f"{name}: the update did not move the parameters"
         for key in one:
@@ -110,3 +138,69 @@ def test_two_processes_make_the_same_update_as_one(tmp_path, monkeypatch):
     # the metrics were written once (rank 0) per step
     with open(tmp_path / "dapo-batch" / "metrics.jsonl") as handle:
         assert len(handle.readlines()) == STEPS
+
+
+def _fsdp_worker(rank: int, world: int, directory: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=world)
+    try:
+        install_missing_ops()
+        results = {}
+        for name in CONFIGS:
+            output_dir = os.path.join(directory, name)
+            trainer = make_trainer(name, world, output_dir, distributed_strategy="fsdp2", save_steps=STEPS)
+            trainer.train()
+            results[name] = parameters(trainer)
+            results[f"{name}/sampled"] = sampled(trainer)  # generation with the whole model gathered
+        # resume: a fresh sharded trainer loads the rank-0 checkpoint and holds the trained weights again
+        resumed = make_trainer("dapo-batch", world, os.path.join(directory, "resumed"), distributed_strategy="fsdp2")
+        resumed._load_checkpoint(os.path.join(directory, "dapo-batch", f"checkpoint-{STEPS}"))
+        results["resumed"] = parameters(resumed)
+        # AdamW (sharded state): resuming from step 1 and training step 2 equals the uninterrupted run
+        adam_dir = os.path.join(directory, "adam")
+        uninterrupted = make_trainer("dapo-batch", world, adam_dir, sgd=False, distributed_strategy="fsdp2", save_steps=1)
+        uninterrupted.train()
+        results["adam"] = parameters(uninterrupted)
+        again = make_trainer("dapo-batch", world, os.path.join(directory, "adam2"), sgd=False,
+                             distributed_strategy="fsdp2")
+        again.train(resume_from_checkpoint=os.path.join(adam_dir, "checkpoint-1"))
+        results["adam_resumed"] = parameters(again)
+        if rank == 0:
+            torch.save(results, os.path.join(directory, "fsdp.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(300)
+def test_fsdp2_two_processes_make_the_same_update_as_one(tmp_path, monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    mp.spawn(_fsdp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    two = torch.load(tmp_path / "fsdp.pt")
+    for name in CONFIGS:
+        one = one_process(name)
+        for key in one:
+            torch.testing.assert_close(two[name][key], one[key], atol=2e-6, rtol=1e-4, msg=f"fsdp2 {name}: {key}")
+        # rank 0's sampling seeds are the first rows' seeds of one process: the same completions
+        plain = make_trainer(name, 1, str(tmp_path / f"plain-{name}"))
+        plain.model.load_state_dict(one)
+        assert torch.equal(two[f"{name}/sampled"], sampled(plain)), name
+    # rank 0 wrote full tensors (not shards), and resuming re-sharded them
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "dapo-batch" / f"checkpoint-{STEPS}" / "model.safetensors"))
+    for key, value in two["dapo-batch"].items():
+        assert saved[key].shape == value.shape, key
+        torch.testing.assert_close(saved[key], value, atol=0, rtol=0, msg=f"checkpoint: {key}")
+        torch.testing.assert_close(two["resumed"][key], value, atol=0, rtol=0, msg=f"resumed: {key}")
+    for key, value in two["adam"].items():
+        torch.testing.assert_close(two["adam_resumed"][key], value, atol=1e-6, rtol=1e-5, msg=f"adam resume: {key}")
+
+
+def test_fsdp2_needs_an_initialised_process_group(tmp_path, monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    install_missing_ops(monkeypatch)
+    with pytest.raises(ValueError, match="fsdp2.*torch.distributed initialised"):
+        make_trainer("dapo-batch", 1, str(tmp_path), distributed_strategy="fsdp2")
+    with pytest.raises(ValueError, match="distributed_strategy must be one of"):
+        toy.toy_config(str(tmp_path), 1, distributed_strategy="fsdp")
