@@ -14,7 +14,6 @@ on the same ``[B, T+1, V]`` logits (CUDA only: Liger needs it; on CPU the row sa
 
 from __future__ import annotations
 
-import types
 
 import torch
 
@@ -96,26 +95,10 @@ def _torch_compile(logp, old, ref, advantages, mask):
 
 
 def _trl(logp, old, ref, advantages, mask):
-    """TRL's own GRPOTrainer._compute_loss on a minimal stand-in for the trainer state."""
-    from trl.trainer.grpo_trainer import GRPOTrainer
+    """TRL's own GRPOTrainer._compute_loss (see gtalign_fast.testing.trl_grpo_loss)."""
+    from gtalign_fast.testing import trl_grpo_loss
 
-    args = types.SimpleNamespace(delta=None, use_bias_correction_kl=False, vllm_importance_sampling_correction=False,
-                                 top_entropy_quantile=1.0, off_policy_mask_threshold=None)
-    trainer = types.SimpleNamespace(
-        beta=HYPER["beta"], epsilon_low=HYPER["epsilon_low"], epsilon_high=HYPER["epsilon_high"], loss_type="grpo",
-        importance_sampling_level="token", max_completion_length=logp.shape[1], current_gradient_accumulation_steps=1,
-        args=args, tools=None, accelerator=types.SimpleNamespace(num_processes=1, gather=lambda x: x),
-        model=types.SimpleNamespace(training=True), _metrics={"train": {}}, top_entropy_quantile=1.0,
-        use_liger_kernel=False, use_vllm=False, num_iterations=2, vllm_importance_sampling_correction=False,
-        temperature=1.0, _get_per_token_logps_and_entropies=lambda *a, **k: (logp, None),
-    )
-    batch, length = logp.shape
-    inputs = dict(prompt_ids=torch.zeros(batch, 1, dtype=torch.long, device=logp.device),
-                  prompt_mask=torch.ones(batch, 1, dtype=torch.long, device=logp.device),
-                  completion_ids=torch.zeros(batch, length, dtype=torch.long, device=logp.device),
-                  completion_mask=mask.long(), advantages=advantages, old_per_token_logps=old,
-                  ref_per_token_logps=ref, num_items_in_batch=mask.sum())
-    return GRPOTrainer._compute_loss(trainer, None, inputs)
+    return trl_grpo_loss(logp, old, advantages, mask, ref_logp=ref, **HYPER)
 
 
 def _ours(backend):

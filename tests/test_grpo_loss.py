@@ -320,40 +320,14 @@ def test_bad_input_raises(override, error, match):
 
 def test_matches_trl_when_installed():
     # TRL's own GRPOTrainer._compute_loss on the same tensors, for its loss types (1e-5, float32).
-    trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer")
-    import collections
-    import inspect
-    import types
+    pytest.importorskip("trl.trainer.grpo_trainer")
+    from gtalign_fast.testing import trl_grpo_loss
 
     logp, old, ref, advantages, mask = _inputs(4, 11, seed=40, empty_row=False)
     for loss_type, level in itertools.product(("grpo", "bnpo", "dr_grpo", "dapo"), LEVELS):
-        args = types.SimpleNamespace(delta=None, use_bias_correction_kl=False, vllm_importance_sampling_correction=False,
-                                     top_entropy_quantile=1.0, off_policy_mask_threshold=None, steps_per_generation=1)
-        accelerator = types.SimpleNamespace(num_processes=1, gather=lambda x: x, gather_for_metrics=lambda x: x,
-                                            reduce=lambda x, reduction="sum": x, sync_gradients=True)
-        trainer = types.SimpleNamespace(
-            beta=0.04, epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type, importance_sampling_level=level,
-            max_completion_length=logp.shape[1], current_gradient_accumulation_steps=1, args=args, tools=None,
-            accelerator=accelerator, model=types.SimpleNamespace(training=True),
-            _metrics={"train": collections.defaultdict(list), "eval": collections.defaultdict(list)},
-            top_entropy_quantile=1.0, use_liger_kernel=False, use_vllm=False, num_iterations=2,
-            vllm_importance_sampling_correction=False, temperature=1.0, aux_loss_enabled=False,
-            off_policy_mask_threshold=None, _entropy_bonus_enabled=False,
-        )
         leaf = logp.clone().requires_grad_(True)
-        entropies = torch.zeros_like(logp)
-        # TRL >= 1.x returns (logps, entropies, aux_loss); older versions (logps, entropies).
-        returns_aux = "aux_loss" in inspect.getsource(trl_grpo.GRPOTrainer._compute_loss)
-        outputs = (leaf, entropies, None) if returns_aux else (leaf, entropies)
-        trainer._get_per_token_logps_and_entropies = lambda *a, **k: outputs
-        inputs = dict(prompt_ids=torch.zeros(4, 1, dtype=torch.long), prompt_mask=torch.ones(4, 1, dtype=torch.long),
-                      completion_ids=torch.zeros(4, logp.shape[1], dtype=torch.long), completion_mask=mask.long(),
-                      advantages=advantages, old_per_token_logps=old, ref_per_token_logps=ref,
-                      num_items_in_batch=mask.sum())
-        try:
-            trl_loss = trl_grpo.GRPOTrainer._compute_loss(trainer, None, inputs)
-        except (AttributeError, KeyError, TypeError) as error:
-            pytest.skip(f"this TRL version's _compute_loss needs more trainer state: {error!r}")
+        trl_loss = trl_grpo_loss(leaf, old, advantages, mask, ref_logp=ref, beta=0.04, epsilon_high=0.28,
+                                 loss_type=loss_type, importance_sampling_level=level)
         (trl_grad,) = torch.autograd.grad(trl_loss, leaf)
         ours = logp.clone().requires_grad_(True)
         loss, _ = ops.grpo_loss(ours, old, advantages, mask, ref_logp=ref, beta=0.04, epsilon_high=0.28,

@@ -35,14 +35,15 @@ constexpr int64_t kChunk = 512;  // tokens per L1-resident chunk
 // Per-token policy loss, d loss / d ratio, and coef_1 = min(ratio, delta). Branch-free (selects
 // only), so that the chunk loops below vectorise.
 GTALIGN_ALWAYS_INLINE PolicyTerm policy_term(float ratio, float adv, const ClipParams& p) {
-  const float coef_1 = ratio <= p.delta ? ratio : p.delta;  // ternaries, not fminf: a libm call stops vectorisation
-  const float gate_1 = ratio <= p.delta ? 1.0f : 0.0f;
+  // Selections through blend (vec_math.h), not ?: : GCC turns ?: into branches, which stop vectorisation.
+  const float coef_1 = blend(ratio <= p.delta, ratio, p.delta);
+  const float gate_1 = blend(ratio <= p.delta, 1.0f, 0.0f);
   const float coef_2 = std::min(std::max(ratio, p.low_bound), p.high_bound);
-  const float gate_2 = ((ratio >= p.low_bound) & (ratio <= p.high_bound)) ? 1.0f : 0.0f;
+  const float gate_2 = blend((ratio >= p.low_bound) & (ratio <= p.high_bound), 1.0f, 0.0f);
   const float s1 = coef_1 * adv, s2 = coef_2 * adv;
   // torch.min splits the gradient evenly between equal arguments (on-policy every token ties).
-  const float gate = s1 < s2 ? gate_1 : (s1 > s2 ? gate_2 : 0.5f * (gate_1 + gate_2));
-  float loss = -(s1 < s2 ? s1 : s2);
+  const float gate = blend(s1 < s2, gate_1, blend(s1 > s2, gate_2, 0.5f * (gate_1 + gate_2)));
+  float loss = -blend(s1 < s2, s1, s2);
   float dloss = -adv * gate;
   // verl's dual clip: the loss of a negative-advantage token is capped at -c * A.
   // Bitwise & on bools, not &&: short-circuits are branches, and branches stop vectorisation.
@@ -50,8 +51,8 @@ GTALIGN_ALWAYS_INLINE PolicyTerm policy_term(float ratio, float adv, const ClipP
   const float cap = -adv * p.dual_clip;
   const bool capped = dual & (loss > cap);
   const bool tie = dual & (loss == cap);
-  dloss = capped ? 0.0f : (tie ? 0.5f * dloss : dloss);
-  loss = capped ? cap : loss;
+  dloss = blend(capped, 0.0f, blend(tie, 0.5f * dloss, dloss));
+  loss = blend(capped, cap, loss);
   return {loss, dloss, coef_1};
 }
 
@@ -59,7 +60,7 @@ GTALIGN_ALWAYS_INLINE PolicyTerm policy_term(float ratio, float adv, const ClipP
 GTALIGN_ALWAYS_INLINE float clamped_exp(float log_ratio, float* dratio) {
   const float clamped = std::min(std::max(log_ratio, -kLogRatioLimit), kLogRatioLimit);
   const float ratio = exp_f32(clamped);
-  *dratio = ((log_ratio >= -kLogRatioLimit) & (log_ratio <= kLogRatioLimit)) ? ratio : 0.0f;
+  *dratio = blend((log_ratio >= -kLogRatioLimit) & (log_ratio <= kLogRatioLimit), ratio, 0.0f);
   return ratio;
 }
 
@@ -70,7 +71,7 @@ GTALIGN_ALWAYS_INLINE float k3_term(float logp, float ref, float* dkl_dref) {
   const float e = exp_f32(d_clamped);
   const float kl = e - d_clamped - 1.0f;
   const bool pass = (d >= -kLogRatioLimit) & (d <= kLogRatioLimit) & (kl >= -kKlLimit) & (kl <= kKlLimit);
-  *dkl_dref = pass ? e - 1.0f : 0.0f;
+  *dkl_dref = blend(pass, e - 1.0f, 0.0f);
   return std::min(std::max(kl, -kKlLimit), kKlLimit);
 }
 
@@ -165,11 +166,11 @@ GTALIGN_ALWAYS_INLINE void forward_chunk_body(const Chunk& c, int64_t count, con
     const float adv = c.adv[i];
     const PolicyTerm term = policy_term(ratio, adv, p);
     const float kl = c.kl[i];
-    loss += valid ? term.loss + p.beta * kl : 0.0f;
+    loss += blend(valid, term.loss + p.beta * kl, 0.0f);
     tokens += static_cast<float>(valid);
-    kl_sum += valid ? kl : 0.0f;
-    ratio_sum += valid ? ratio : 0.0f;
-    dpg_sum += valid ? term.dloss_dratio : 0.0f;
+    kl_sum += blend(valid, kl, 0.0f);
+    ratio_sum += blend(valid, ratio, 0.0f);
+    dpg_sum += blend(valid, term.dloss_dratio, 0.0f);
     low += static_cast<float>(valid & (term.coef_1 < p.low_bound) & (adv < 0.0f));
     high += static_cast<float>(valid & (term.coef_1 > p.high_bound) & (adv > 0.0f));
   }
@@ -197,8 +198,8 @@ GTALIGN_CPU_CLONES void log_ratio_chunk(const Chunk& c, int64_t count, float* su
 #pragma omp simd reduction(+ : sum, tokens)
   for (int64_t i = 0; i < count; ++i) {
     const bool valid = c.valid[i] != 0.0f;
-    sum += valid ? c.logp[i] - c.old[i] : 0.0f;
-    tokens += valid ? 1.0f : 0.0f;
+    sum += blend(valid, c.logp[i] - c.old[i], 0.0f);
+    tokens += static_cast<float>(valid);
   }
   *sum_out += sum;
   *count_out += tokens;

@@ -202,6 +202,7 @@ void token_logprobs_bwd_cpu(const at::Tensor& grad_logp, const std::optional<at:
                   dlogits.numel() == n_rows * logits3d.size(2),
               "token_logprobs: dlogits must be contiguous [N, V] in the logits' dtype");
   if (n_rows == 0) return;
+  advise_huge_pages(dlogits.data_ptr(), dlogits.nbytes());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits3d.scalar_type(), "token_logprobs_bwd_cpu", [&] {
     backward_rows<scalar_t>(grad_logp.data_ptr<float>(), has_grad_entropy ? grad_entropy->data_ptr<float>() : nullptr,
                             logits3d, targets.data_ptr<int64_t>(), stats.data_ptr<float>(),

@@ -6,9 +6,14 @@
 #include <c10/util/Half.h>
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 // Compile the hot loops for several instruction sets and pick at load time (GCC function
 // multi-versioning), so a source build is fast on AVX2 / AVX-512 machines and still runs anywhere.
@@ -133,6 +138,23 @@ template <typename scalar_t>
 static inline void store_as(const float* src, int64_t count, scalar_t* dst) {
 #pragma omp simd
   for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+}
+
+// Ask Linux for transparent huge pages on a large output buffer that is about to be written for
+// the first time. A freshly allocated [N, V] gradient otherwise costs one page fault per 4 KiB
+// (about half the backward's time at N = 2048, V = 32000); with 2 MiB pages that cost mostly goes.
+// Only a hint: harmless where huge pages are off, and pages already touched keep their size.
+static inline void advise_huge_pages(void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = 2u << 20;
+  if (bytes < 2 * kHugePage) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHugePage - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
 }
 
 }  // namespace cpu

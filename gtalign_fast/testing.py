@@ -1,0 +1,73 @@
+"""Helpers for checking gtalign_fast against the peers' own code (parity tests, benchmarks)."""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import types
+
+import torch
+
+
+def trl_grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    ref_logp: torch.Tensor | None = None,
+    beta: float = 0.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    loss_type: str = "grpo",
+    importance_sampling_level: str = "token",
+    num_items_in_batch: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """TRL's own ``GRPOTrainer._compute_loss`` on given per-token log-probs.
+
+    Runs TRL's code (not a re-implementation) on a minimal stand-in for the trainer state: one
+    process, no gradient accumulation, no vLLM, no entropy masking. Differentiable w.r.t. ``logp``.
+
+    Parameters
+    ----------
+    logp, old_logp : Tensor, shape ``[B, T]``
+    advantages : Tensor, shape ``[B]`` or ``[B, T]``
+    mask : Tensor, shape ``[B, T]``
+    ref_logp : Tensor, shape ``[B, T]``, optional
+        Needed when ``beta != 0``.
+
+    Raises
+    ------
+    ImportError
+        When TRL is not installed.
+    """
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    args = types.SimpleNamespace(delta=None, use_bias_correction_kl=False, vllm_importance_sampling_correction=False,
+                                 top_entropy_quantile=1.0, off_policy_mask_threshold=None, steps_per_generation=1)
+    accelerator = types.SimpleNamespace(num_processes=1, gather=lambda x: x, gather_for_metrics=lambda x: x,
+                                        reduce=lambda x, reduction="sum": x, sync_gradients=True)
+    # TRL >= 1.0 returns (logps, entropies, aux_loss) from this method; older versions a pair.
+    returns_aux = "aux_loss" in inspect.getsource(GRPOTrainer._compute_loss)
+    entropies = torch.zeros_like(logp)
+    outputs = (logp, entropies, None) if returns_aux else (logp, entropies)
+    trainer = types.SimpleNamespace(
+        beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, loss_type=loss_type,
+        importance_sampling_level=importance_sampling_level, max_completion_length=logp.shape[1],
+        current_gradient_accumulation_steps=1, args=args, tools=None, accelerator=accelerator,
+        model=types.SimpleNamespace(training=True),
+        _metrics={"train": collections.defaultdict(list), "eval": collections.defaultdict(list)},
+        top_entropy_quantile=1.0, use_liger_kernel=False, use_vllm=False, num_iterations=2,
+        vllm_importance_sampling_correction=False, temperature=1.0, aux_loss_enabled=False,
+        off_policy_mask_threshold=None, _entropy_bonus_enabled=False,
+        _get_per_token_logps_and_entropies=lambda *a, **k: outputs,
+    )
+    batch, length = logp.shape
+    device = logp.device
+    inputs = dict(prompt_ids=torch.zeros(batch, 1, dtype=torch.long, device=device),
+                  prompt_mask=torch.ones(batch, 1, dtype=torch.long, device=device),
+                  completion_ids=torch.zeros(batch, length, dtype=torch.long, device=device),
+                  completion_mask=mask.long(), advantages=advantages, old_per_token_logps=old_logp,
+                  ref_per_token_logps=ref_logp,
+                  num_items_in_batch=mask.sum() if num_items_in_batch is None else num_items_in_batch)
+    return GRPOTrainer._compute_loss(trainer, None, inputs)
