@@ -26,6 +26,7 @@ import importlib
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -76,6 +77,13 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     return f"{model} ({os.cpu_count()} cores)"
+
+
+def device_slug(name: str) -> str:
+    """A file-name form of a device name: "NVIDIA H200" -> "nvidia-h200",
+    "Intel(R) Xeon(R) Processor (2 cores)" -> "intel-xeon-processor-2-cores"."""
+    name = re.sub(r"\((r|tm)\)", "", name.lower())
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
 
 
 def environment(device: torch.device) -> dict:
@@ -354,7 +362,7 @@ def main(argv=None) -> int:
     print(markdown_table(rows))
 
     os.makedirs(args.out, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in env["device"].split("(")[0].strip()).strip("-").lower()
+    slug = device_slug(env["device"])
     stem = os.path.join(args.out, f"{slug}-{args.suite}{('-' + args.tag) if args.tag else ''}")
     with open(stem + ".json", "w") as handle:
         json.dump({"suite": args.suite, "environment": env, "limits": limits, "rows": rows}, handle, indent=1)
