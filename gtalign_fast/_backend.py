@@ -19,6 +19,7 @@ has to fall back to the reference (no extension on CPU) it says so once with a w
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import warnings
@@ -44,12 +45,14 @@ _poison_outputs = os.environ.get("GTALIGN_FAST_POISON", "0") == "1"
 
 
 def _load_extension():
+    if importlib.util.find_spec("gtalign_fast._C") is None:
+        return None, "not built (installed with GTALIGN_FAST_NO_EXT=1, or the build was skipped)"
     try:
         from gtalign_fast import _C  # noqa: F401  (importing registers the torch.ops.gtalign_fast_C ops)
 
         return _C, None
-    except ImportError as error:  # not built (GTALIGN_FAST_NO_EXT=1) or built for another torch
-        return None, error
+    except ImportError as error:  # e.g. built against another torch: rebuild with pip install -e .
+        return None, f"import failed: {error}; rebuild it against this torch (pip install -e . --no-build-isolation)"
 
 
 _EXTENSION, _EXTENSION_ERROR = _load_extension()
