@@ -38,7 +38,7 @@ GTALIGN_ALWAYS_INLINE PolicyTerm policy_term(float ratio, float adv, const ClipP
   // Selections through blend (vec_math.h), not ?: : GCC turns ?: into branches, which stop vectorisation.
   const float coef_1 = blend(ratio <= p.delta, ratio, p.delta);
   const float gate_1 = blend(ratio <= p.delta, 1.0f, 0.0f);
-  const float coef_2 = std::min(std::max(ratio, p.low_bound), p.high_bound);
+  const float coef_2 = clamp_f32(ratio, p.low_bound, p.high_bound);
   const float gate_2 = blend((ratio >= p.low_bound) & (ratio <= p.high_bound), 1.0f, 0.0f);
   const float s1 = coef_1 * adv, s2 = coef_2 * adv;
   // torch.min splits the gradient evenly between equal arguments (on-policy every token ties).
@@ -58,7 +58,7 @@ GTALIGN_ALWAYS_INLINE PolicyTerm policy_term(float ratio, float adv, const ClipP
 
 // exp(clamp(l, -20, 20)) and its derivative w.r.t. l (0 where clamped, torch.clamp's convention).
 GTALIGN_ALWAYS_INLINE float clamped_exp(float log_ratio, float* dratio) {
-  const float clamped = std::min(std::max(log_ratio, -kLogRatioLimit), kLogRatioLimit);
+  const float clamped = clamp_f32(log_ratio, -kLogRatioLimit, kLogRatioLimit);
   const float ratio = exp_f32(clamped);
   *dratio = blend((log_ratio >= -kLogRatioLimit) & (log_ratio <= kLogRatioLimit), ratio, 0.0f);
   return ratio;
@@ -67,12 +67,12 @@ GTALIGN_ALWAYS_INLINE float clamped_exp(float log_ratio, float* dratio) {
 // k3 KL clamp(exp(d) - d - 1, -10, 10) with d = clamp(ref - logp, -20, 20), and d kl / d ref.
 GTALIGN_ALWAYS_INLINE float k3_term(float logp, float ref, float* dkl_dref) {
   const float d = ref - logp;
-  const float d_clamped = std::min(std::max(d, -kLogRatioLimit), kLogRatioLimit);
+  const float d_clamped = clamp_f32(d, -kLogRatioLimit, kLogRatioLimit);
   const float e = exp_f32(d_clamped);
   const float kl = e - d_clamped - 1.0f;
   const bool pass = (d >= -kLogRatioLimit) & (d <= kLogRatioLimit) & (kl >= -kKlLimit) & (kl <= kKlLimit);
   *dkl_dref = blend(pass, e - 1.0f, 0.0f);
-  return std::min(std::max(kl, -kKlLimit), kKlLimit);
+  return clamp_f32(kl, -kKlLimit, kKlLimit);
 }
 
 // A strided [B, T] view: element (b, t) at data[b * row + t * col].
@@ -119,7 +119,7 @@ inline void load_mask_chunk(const View<uint8_t>& view, int64_t b, int64_t start,
   const uint8_t* src = view.data + b * view.row + start * view.col;
   const int64_t stride = view.col;
 #pragma omp simd
-  for (int64_t i = 0; i < count; ++i) dst[i] = src[i * stride] != 0 ? 1.0f : 0.0f;
+  for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<float>(src[i * stride] != 0);
 }
 
 template <typename scalar_t>
@@ -297,8 +297,8 @@ GTALIGN_ALWAYS_INLINE void backward_chunk_body(const Chunk& c, int64_t count, co
     const float policy_grad =
         kSeqLevel ? seq_grad : policy_term(c.ratio[i], c.adv[i], p).dloss_dratio * c.dratio[i];
     const float kl_grad = p.beta * c.dkl_dref[i];
-    dlogp[i] = valid ? row_scale * (policy_grad - kl_grad) : 0.0f;
-    dref[i] = valid ? row_scale * kl_grad : 0.0f;
+    dlogp[i] = blend(valid, row_scale * (policy_grad - kl_grad), 0.0f);
+    dref[i] = blend(valid, row_scale * kl_grad, 0.0f);
   }
 }
 

@@ -43,6 +43,12 @@ static GTALIGN_ALWAYS_INLINE float blend(bool c, float a, float b) {
   return __builtin_bit_cast(float, (__builtin_bit_cast(int32_t, a) & mask) | (__builtin_bit_cast(int32_t, b) & ~mask));
 }
 
+// min(max(x, lo), hi) through blend, so that it stays branch-free inside simd loops (NaN passes
+// through, as torch.clamp does).
+static GTALIGN_ALWAYS_INLINE float clamp_f32(float x, float lo, float hi) {
+  return blend(x < lo, lo, blend(x > hi, hi, x));
+}
+
 // exp(x) for float, accurate to about 2 ulp over the whole range, exp(-inf) = 0, exp(+inf) = inf,
 // NaN in NaN out, written without branches or calls so that `#pragma omp simd` loops vectorise
 // (std::exp is a libm call that blocks vectorisation without -ffast-math, and -ffast-math would
