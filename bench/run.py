@@ -114,7 +114,6 @@ def measure_limits(device: torch.device) -> dict:
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     matmul_seconds = time_function(lambda: a @ b, device, min_time=0.3)
-    del source, target, a, b
     return {
         "bandwidth_GBps": 2 * numel * 4 / copy_seconds / 1e9,
         "matmul_TFLOPs": 2 * size**3 / matmul_seconds / 1e12,

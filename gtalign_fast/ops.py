@@ -9,10 +9,22 @@ Every op dispatches to a backend (see :mod:`gtalign_fast._backend`): ``backend=`
 from __future__ import annotations
 
 from ._backend import available_backends, last_backend, poison_outputs
-from ._token_logprobs import token_logprobs
 from ._grpo_loss import grpo_loss
 from ._linear_token_logprobs import linear_token_logprobs
-from ._welfare_advantages import WelfareAdvantages, welfare_advantages
 from ._sample import sample_
+from ._token_logprobs import token_logprobs
+from ._welfare_advantages import WelfareAdvantages, welfare_advantages
 
-__all__ = ["sample_", "token_logprobs", "grpo_loss", "linear_token_logprobs", "welfare_advantages", "WelfareAdvantages", "last_backend", "available_backends", "poison_outputs"]
+__all__ = [
+    # ops
+    "token_logprobs",
+    "linear_token_logprobs",
+    "welfare_advantages",
+    "WelfareAdvantages",
+    "grpo_loss",
+    "sample_",
+    # backend control
+    "last_backend",
+    "available_backends",
+    "poison_outputs",
+]

@@ -10,7 +10,16 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["token_logprobs", "grpo_loss", "GRPO_LOSS_TYPES", "welfare_advantages", "cobb_douglas", "philox_uniform", "sample", "linear_token_logprobs"]
+__all__ = [
+    "token_logprobs",
+    "linear_token_logprobs",
+    "welfare_advantages",
+    "cobb_douglas",
+    "grpo_loss",
+    "GRPO_LOSS_TYPES",
+    "sample",
+    "philox_uniform",
+]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
