@@ -135,8 +135,13 @@ def _default_backend(op: str, device: torch.device) -> str:
     return "reference"
 
 
-def resolve(op: str, device: torch.device, requested: str | None) -> str:
+def resolve(op: str, device: torch.device, requested: str | None, *, availability=None, default=None) -> str:
     """Pick the backend for one call of ``op`` on ``device``.
+
+    ``availability(name, device)`` (why a backend cannot run, or None) and ``default(device)``
+    replace this module's rules for an op whose backends differ (``linear_token_logprobs`` runs its
+    "cpu"/"cuda" paths in PyTorch, without the extension); the precedence (argument, then
+    environment, then default) stays the same.
 
     Raises
     ------
@@ -145,15 +150,16 @@ def resolve(op: str, device: torch.device, requested: str | None) -> str:
     RuntimeError
         If the backend that was asked for (argument or environment) cannot run here.
     """
+    check = availability or why_unavailable
     source = "backend="
     if not requested:
         requested = os.environ.get(f"{ENV_BACKEND}_{op.upper()}") or os.environ.get(ENV_BACKEND)
         source = "environment"
     if not requested or requested == "auto":
-        return _default_backend(op, device)
+        return default(device) if default is not None else _default_backend(op, device)
     if requested not in BACKENDS:
         raise ValueError(f"gtalign_fast.{op}: unknown backend {requested!r} (from {source}); choose one of {BACKENDS}")
-    reason = why_unavailable(requested, device)
+    reason = check(requested, device)
     if reason is not None:
         raise RuntimeError(f"gtalign_fast.{op}: backend {requested!r} (from {source}) cannot run: {reason}")
     return requested

@@ -28,7 +28,6 @@ extension.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -51,7 +50,7 @@ CHUNK_SIZE_CAP = 1 << 20
 
 
 # ---------------------------------------------------------------------------------------------
-# Backend resolution (same precedence as _backend.resolve)
+# Backend resolution: _backend.resolve with this op's own availability rules
 
 
 def _why_unavailable(name: str, device: torch.device) -> str | None:
@@ -66,29 +65,18 @@ def _why_unavailable(name: str, device: torch.device) -> str | None:
     return f"unknown backend {name!r}; choose one of {BACKENDS}"
 
 
+def _default_backend(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "triton" if _why_unavailable("triton", device) is None else "cuda"
+    return "cpu" if device.type == "cpu" else "reference"
+
+
 def _resolve_backend(device: torch.device, requested: str) -> str:
-    source = "backend="
-    if not requested:
-        requested = os.environ.get(f"{_backend.ENV_BACKEND}_{OP.upper()}") or os.environ.get(_backend.ENV_BACKEND)
-        source = "environment"
-    if not requested or requested == "auto":
-        if device.type == "cuda":
-            return "triton" if _why_unavailable("triton", device) is None else "cuda"
-        return "cpu" if device.type == "cpu" else "reference"
-    if requested not in BACKENDS:
-        raise ValueError(f"gtalign_fast.{OP}: unknown backend {requested!r} (from {source}); choose one of {BACKENDS}")
-    reason = _why_unavailable(requested, device)
-    if reason is not None:
-        raise RuntimeError(f"gtalign_fast.{OP}: backend {requested!r} (from {source}) cannot run: {reason}")
-    return requested
+    return _backend.resolve(OP, device, requested, availability=_why_unavailable, default=_default_backend)
 
 
 # ---------------------------------------------------------------------------------------------
 # Shared helpers
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def chunk_shape(n_rows: int, vocab: int, chunk_size: int, device: torch.device) -> tuple[int, int]:
@@ -138,7 +126,7 @@ def _gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     Triton interpreter has no half ``tl.dot``)."""
     if device.type == "cuda" and dtype in HALF_DTYPES and not _backend.triton_interpreted():
         return dtype
-    return _compute_dtype(dtype)
+    return reference.compute_dtype(dtype)
 
 
 def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
@@ -222,7 +210,7 @@ class _OnlineStats:
 def _forward_chunked(hidden, weight, bias, targets, inv_t, with_entropy, chunk_size):
     """Return ``(logp, lse, entropy or None)`` ``[N]`` in the compute dtype; all rows valid."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
-    dtype = _compute_dtype(hidden.dtype)
+    dtype = reference.compute_dtype(hidden.dtype)
     rows_per_chunk, cols_per_chunk = chunk_shape(n_rows, vocab, chunk_size, hidden.device)
     capacity = rows_per_chunk * cols_per_chunk
     buffer = torch.empty(capacity, dtype=dtype, device=hidden.device)
@@ -292,7 +280,7 @@ def _backward_chunks(name, hidden, weight, bias, targets, lse, entropy, g_logp, 
     n_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
-    dtype = _compute_dtype(hidden.dtype)
+    dtype = reference.compute_dtype(hidden.dtype)
     gemm_dtype = _gemm_dtype(hidden.dtype, device)
     rows_per_chunk, cols_per_chunk = chunk_shape(n_rows, vocab, chunk_size, device)
     capacity = rows_per_chunk * cols_per_chunk
@@ -359,7 +347,7 @@ def _forward_reference(hidden, weight, bias, targets, temperature, with_entropy,
     logp.copy_(ref_logp)
     if with_entropy:
         entropy.copy_(ref_entropy)
-    dtype = _compute_dtype(hidden.dtype)
+    dtype = reference.compute_dtype(hidden.dtype)
     logits = torch.nn.functional.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
     lse.copy_(torch.where(targets != ignore_index, torch.logsumexp(logits / temperature, dim=-1), 0.0))
 
@@ -410,7 +398,7 @@ def _backward_reference(g_logp, g_entropy, hidden, weight, bias, targets, temper
                         dhidden, dweight, dbias):
     """Materialised logits and the closed-form gradient (autograd is not reachable inside a
     custom op's kernel): ``dz = (g (onehot - p) - g_H p (log p + H)) / T``."""
-    dtype = _compute_dtype(hidden.dtype)
+    dtype = reference.compute_dtype(hidden.dtype)
     h, w = hidden.to(dtype), weight.to(dtype)
     logits = torch.nn.functional.linear(h, w, None if bias is None else bias.to(dtype))
     log_p = torch.log_softmax(logits / temperature, dim=-1)
@@ -454,7 +442,7 @@ def _run_backward(name, g_logp, g_entropy, hidden, weight, bias, targets, lse, e
         if dhidden is not None:
             dhidden_rows = torch.empty_like(hidden)
     if name != "triton":  # the PyTorch chunks run in the compute dtype (index_put_ needs one dtype)
-        dtype = _compute_dtype(hidden.dtype)
+        dtype = reference.compute_dtype(hidden.dtype)
         g_logp = g_logp.to(dtype)
         g_entropy = None if g_entropy is None else g_entropy.to(dtype)
     _backward_chunks(

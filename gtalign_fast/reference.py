@@ -22,7 +22,7 @@ __all__ = [
 ]
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64 (reference values); every other float type is computed in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -59,7 +59,7 @@ def token_logprobs(
     entropy : Tensor, shape ``[...]``, or None
         ``-sum_j p_j log p_j``, with ``0 log 0 = 0``.
     """
-    scaled = logits.to(_compute_dtype(logits.dtype)) / temperature
+    scaled = logits.to(compute_dtype(logits.dtype)) / temperature
     log_norm = torch.logsumexp(scaled, dim=-1)
     valid = targets != ignore_index
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
@@ -118,7 +118,7 @@ def grpo_loss(
         ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean``,
         ``ratio_mean`` and, when ``ref_logp`` is given, ``kl``.
     """
-    dtype = _compute_dtype(logp.dtype)
+    dtype = compute_dtype(logp.dtype)
     logp = logp.to(dtype)
     old = logp.detach() if old_logp is None else old_logp.to(dtype)
     valid = mask != 0
@@ -275,7 +275,7 @@ def welfare_advantages(
     """
     if scale not in _SCALES:
         raise ValueError(f"welfare_advantages: scale must be one of {_SCALES}, got {scale!r}")
-    dtype = _compute_dtype(user.dtype)
+    dtype = compute_dtype(user.dtype)
     u, l = user.to(dtype), llm.to(dtype)
     bad = (u < 0) | (l < 0) | torch.isinf(u) | torch.isinf(l)
     if bool(bad.any()):
@@ -499,7 +499,7 @@ def linear_token_logprobs(
     -------
     (logp, entropy) as in :func:`token_logprobs` (this materialises the ``[..., V]`` logits).
     """
-    dtype = _compute_dtype(hidden.dtype)
+    dtype = compute_dtype(hidden.dtype)
     logits = torch.nn.functional.linear(
         hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
     )
