@@ -15,6 +15,7 @@ resume that re-shards it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import tempfile
@@ -111,22 +112,34 @@ def one_process(name: str) -> dict[str, torch.Tensor]:
     return train_config(name, 1, tempfile.mkdtemp(prefix=f"gtalign-one-{name}-"))
 
 
-def _worker(rank: int, world: int, directory: str) -> None:
+@contextlib.contextmanager
+def _process_group(rank: int, world: int, directory: str):
+    """A gloo process group rendezvousing through a file in ``directory``."""
     dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=world)
     try:
         install_missing_ops()
-        results = {name: train_config(name, world, os.path.join(directory, name)) for name in CONFIGS}
-        if rank == 0:
-            torch.save(results, os.path.join(directory, "two_processes.pt"))
+        yield
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.timeout(300)
-def test_two_processes_make_the_same_update_as_one(tmp_path, monkeypatch):
+def _spawn_two_processes(worker, tmp_path, monkeypatch) -> None:
+    # torchrun variables from the environment would override the spawned ranks
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
-    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+
+
+def _worker(rank: int, world: int, directory: str) -> None:
+    with _process_group(rank, world, directory):
+        results = {name: train_config(name, world, os.path.join(directory, name)) for name in CONFIGS}
+        if rank == 0:
+            torch.save(results, os.path.join(directory, "two_processes.pt"))
+
+
+@pytest.mark.timeout(300)
+def test_two_processes_make_the_same_update_as_one(tmp_path, monkeypatch):
+    _spawn_two_processes(_worker, tmp_path, monkeypatch)
     two = torch.load(tmp_path / "two_processes.pt")
     before = {k: v.detach().clone() for k, v in toy.build_model(toy.build_tokenizer(), seed=0).named_parameters()}
     for name in CONFIGS:
@@ -141,9 +154,7 @@ def test_two_processes_make_the_same_update_as_one(tmp_path, monkeypatch):
 
 
 def _fsdp_worker(rank: int, world: int, directory: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=world)
-    try:
-        install_missing_ops()
+    with _process_group(rank, world, directory):
         results = {}
         for name in CONFIGS:
             output_dir = os.path.join(directory, name)
@@ -166,15 +177,11 @@ def _fsdp_worker(rank: int, world: int, directory: str) -> None:
         results["adam_resumed"] = parameters(again)
         if rank == 0:
             torch.save(results, os.path.join(directory, "fsdp.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.timeout(300)
 def test_fsdp2_two_processes_make_the_same_update_as_one(tmp_path, monkeypatch):
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(name, raising=False)
-    mp.spawn(_fsdp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    _spawn_two_processes(_fsdp_worker, tmp_path, monkeypatch)
     two = torch.load(tmp_path / "fsdp.pt")
     for name in CONFIGS:
         one = one_process(name)
