@@ -48,6 +48,10 @@ SUITES = ("default", "full", "e2e")
 
 
 def git_commit() -> str:
+    """Short hash of HEAD (``-dirty`` with uncommitted changes); ``GTALIGN_FAST_COMMIT`` names it
+    where the tree is a copy without ``.git`` (a remote GPU machine)."""
+    if os.environ.get("GTALIGN_FAST_COMMIT"):
+        return os.environ["GTALIGN_FAST_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
@@ -335,6 +339,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def write_json(path: str, suite: str, env: dict, limits: dict, rows: list[dict], complete: bool) -> None:
+    """The result file; ``complete`` is False while the run is still going (or was stopped)."""
+    with open(path + ".tmp", "w") as handle:
+        json.dump({"suite": suite, "complete": complete, "environment": env, "limits": limits, "rows": rows},
+                  handle, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -352,19 +364,19 @@ def main(argv=None) -> int:
         progress = tqdm(cases, desc="bench", unit="case", file=sys.stderr)
     except ImportError:
         progress = cases
+    os.makedirs(args.out, exist_ok=True)
+    slug = device_slug(env["device"])
+    stem = os.path.join(args.out, f"{slug}-{args.suite}{('-' + args.tag) if args.tag else ''}")
     rows = []
     for case in progress:
         if hasattr(progress, "set_postfix_str"):
             progress.set_postfix_str(f"{case.op} {case.provider} {case.mode}")
         rows.append(run_case(case, device, limits))
+        # Written after every row, so a run stopped part-way (a time limit) keeps what it measured.
+        write_json(stem + ".json", args.suite, env, limits, rows, complete=False)
     add_speedups(rows)
     print(markdown_table(rows))
-
-    os.makedirs(args.out, exist_ok=True)
-    slug = device_slug(env["device"])
-    stem = os.path.join(args.out, f"{slug}-{args.suite}{('-' + args.tag) if args.tag else ''}")
-    with open(stem + ".json", "w") as handle:
-        json.dump({"suite": args.suite, "environment": env, "limits": limits, "rows": rows}, handle, indent=1)
+    write_json(stem + ".json", args.suite, env, limits, rows, complete=True)
     print(f"\nwrote {os.path.relpath(stem + '.json', os.getcwd())}")
     if not args.no_plot:
         problem = plot(rows, stem + ".png", f"gtalign_fast {args.suite} on {env['device']} @ {env['commit']}")

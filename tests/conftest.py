@@ -1,15 +1,19 @@
 """Test configuration shared by every test file.
 
-Triton kernels run on CPU tensors under the Triton interpreter, which must be switched on before
-any ``@triton.jit`` function is defined, so it is set here, before gtalign_fast is imported.
+Without a GPU, Triton kernels run on CPU tensors under the Triton interpreter, which must be
+switched on before any ``@triton.jit`` function is defined, so it is set here, before gtalign_fast
+is imported. With a GPU the compiled kernels are tested (set TRITON_INTERPRET=1 yourself to
+interpret them there too).
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from gtalign_fast import _backend  # noqa: E402
 

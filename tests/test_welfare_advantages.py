@@ -387,3 +387,26 @@ def test_custom_op_registration():
             _welfare_advantages._welfare_advantages_op, args,
             test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
         )
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="counts CUDA kernel launches")
+@pytest.mark.parametrize("backend", [b for b in kernel_backends() if b in ("triton", "cuda")])
+@pytest.mark.parametrize("scale", ["group", "batch"])
+def test_one_launch_on_cuda(backend, scale):
+    """The fused maths is one kernel launch; the only other kernels are the [G]-sized finiteness
+    check of the means that turns a negative or infinite reward into a ValueError."""
+    from torch.profiler import DeviceType, ProfilerActivity, profile
+
+    from gtalign_fast import _backend
+
+    user, llm = _rewards(65536, seed=30)
+    mask = torch.ones(65536, 16, dtype=torch.bool, device=DEVICE)
+    ops.welfare_advantages(user, llm, 8, scale=scale, mask=mask, backend=backend)  # compile, warm up
+    torch.cuda.synchronize()
+    with _backend.poison_outputs(False), profile(activities=[ProfilerActivity.CUDA]) as trace:
+        ops.welfare_advantages(user, llm, 8, scale=scale, mask=mask, backend=backend)
+        torch.cuda.synchronize()
+    kernels = [event.name for event in trace.events() if event.device_type == DeviceType.CUDA]
+    fused = [name for name in kernels if "welfare_advantages" in name]
+    assert len(fused) == 1, kernels
+    assert len(kernels) <= 3, kernels  # fused kernel + isfinite + all
