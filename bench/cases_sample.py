@@ -68,7 +68,7 @@ def cases(device: torch.device, suite: str) -> list[Case]:
     else:
         return []
     rows: list[Case] = []
-    backends = [b for b in available_backends(device) if b in ("triton", "cpu", "cuda")]
+    backends = [b for b in available_backends(device, "sample") if b in ("triton", "cpu", "cuda")]
     for batch, vocab, dtype_name in shapes:
         dtype = dtype_of(dtype_name)
         shape = {"B": batch, "V": vocab, **SETTINGS}

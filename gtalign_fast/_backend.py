@@ -36,6 +36,11 @@ ENV_BACKEND = "GTALIGN_FAST_BACKEND"
 # (the faster of Triton and CUDA C++); an op missing here uses Triton.
 CUDA_DEFAULTS: dict[str, str] = {}
 
+# Backends an op does not have, with the reason (every other op has every backend of BACKENDS).
+MISSING_BACKENDS: dict[str, dict[str, str]] = {
+    "sample": {"cuda": "sample_ has no CUDA C++ kernel; on CUDA tensors its compiled backend is 'triton'"},
+}
+
 _last_backend: dict[str, str] = {}
 _warned_fallback: set[str] = set()
 _poison_outputs = os.environ.get("GTALIGN_FAST_POISON", "0") == "1"
@@ -109,17 +114,18 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
     return f"unknown backend {backend!r}; choose one of {BACKENDS}"
 
 
-def available_backends(device: torch.device | str) -> list[str]:
-    """The backends that can run on ``device``, fastest first."""
+def available_backends(device: torch.device | str, op: str | None = None) -> list[str]:
+    """The backends that can run on ``device`` (those of ``op``, when given), fastest first."""
     device = torch.device(device)
-    return [b for b in BACKENDS if why_unavailable(b, device) is None]
+    missing = MISSING_BACKENDS.get(op, {}) if op else {}
+    return [b for b in BACKENDS if b not in missing and why_unavailable(b, device) is None]
 
 
 def _default_backend(op: str, device: torch.device) -> str:
     if device.type == "cuda":
         preferred = CUDA_DEFAULTS.get(op, "triton")
         for candidate in (preferred, "triton", "cuda"):
-            if why_unavailable(candidate, device) is None:
+            if candidate in available_backends(device, op):
                 return candidate
     elif device.type == "cpu" and why_unavailable("cpu", device) is None:
         return "cpu"
@@ -159,7 +165,7 @@ def resolve(op: str, device: torch.device, requested: str | None, *, availabilit
         return default(device) if default is not None else _default_backend(op, device)
     if requested not in BACKENDS:
         raise ValueError(f"gtalign_fast.{op}: unknown backend {requested!r} (from {source}); choose one of {BACKENDS}")
-    reason = check(requested, device)
+    reason = MISSING_BACKENDS.get(op, {}).get(requested) or check(requested, device)
     if reason is not None:
         raise RuntimeError(f"gtalign_fast.{op}: backend {requested!r} (from {source}) cannot run: {reason}")
     return requested

@@ -83,7 +83,7 @@ def _run(name, logits, temperature, top_k, top_p, min_p, forced, seeds, bias_ids
         from gtalign_fast.kernels import sample as triton_kernels
 
         triton_kernels.sample(logits, temperature, top_k, top_p, min_p, forced, seeds, bias_ids, bias_values, *outputs)
-    else:  # "cpu" (and "cuda" if a CUDA kernel is ever registered): the compiled extension
+    else:  # "cpu": the compiled extension (no CUDA C++ kernel: _backend.MISSING_BACKENDS)
         torch.ops.gtalign_fast_C.sample(
             logits, temperature, top_k, top_p, min_p, forced, seeds, bias_ids, bias_values, *outputs
         )
@@ -97,10 +97,12 @@ def uniform_noise(seeds: torch.Tensor, vocab: int, backend: str = "reference") -
         from gtalign_fast.kernels import sample as triton_kernels
 
         return triton_kernels.uniform_noise(seeds, vocab)
-    if backend in ("cpu", "cuda"):
+    if backend == "cpu":
         out = torch.empty((seeds.shape[0], vocab), dtype=torch.float32, device=seeds.device)
         torch.ops.gtalign_fast_C.sample_uniform(seeds, out)
         return out
+    if backend != "reference":
+        raise ValueError(f"uniform_noise: backend must be 'triton', 'cpu' or 'reference', got {backend!r}")
     return reference.philox_uniform(seeds, vocab)
 
 

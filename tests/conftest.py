@@ -22,9 +22,9 @@ from gtalign_fast import _backend  # noqa: E402
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def kernel_backends() -> list[str]:
-    """Every non-reference backend that can run on DEVICE."""
-    return [b for b in _backend.available_backends(DEVICE) if b != "reference"]
+def kernel_backends(op: str | None = None) -> list[str]:
+    """Every non-reference backend (of ``op``, when given) that can run on DEVICE."""
+    return [b for b in _backend.available_backends(DEVICE, op) if b != "reference"]
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from gtalign_fast._sample import row_seeds, uniform_noise
 
 from .conftest import DEVICE, kernel_backends
 
-BACKENDS = kernel_backends() + ["reference"]
+BACKENDS = kernel_backends("sample") + ["reference"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Log-probs are float32 sums over the same (rounded) inputs the reference sees in float64.
 LOGP_TOL = dict(atol=2e-5, rtol=1e-3)
@@ -335,3 +335,10 @@ def test_fake_tensor_shapes():
         tokens, logp, raw, status = _sample_op(logits, f, i, f, f * 0, i - 1, i, None, None, "")
     assert tokens.shape == (3,) and tokens.dtype == torch.int64
     assert logp.dtype == raw.dtype == torch.float32 and status.dtype == torch.int32
+
+
+def test_cuda_backend_is_refused_with_a_reason():
+    """sample_ has no CUDA C++ kernel: asking for it names the backend to use instead."""
+    logits = torch.randn(2, 7, device=DEVICE)
+    with pytest.raises(RuntimeError, match="no CUDA C\\+\\+ kernel.*'triton'"):
+        ops.sample_(logits, temperature=1.0, seed=0, backend="cuda")

@@ -393,8 +393,8 @@ def test_custom_op_registration():
 @pytest.mark.parametrize("backend", [b for b in kernel_backends() if b in ("triton", "cuda")])
 @pytest.mark.parametrize("scale", ["group", "batch"])
 def test_one_launch_on_cuda(backend, scale):
-    """The fused maths is one kernel launch; the only other kernels are the [G]-sized finiteness
-    check of the means that turns a negative or infinite reward into a ValueError."""
+    """The fused maths is one kernel launch; the only other kernel is the [G]-sized sum of the
+    means that tells whether a negative or infinite reward must be reported (a ValueError)."""
     from torch.profiler import DeviceType, ProfilerActivity, profile
 
     from gtalign_fast import _backend
@@ -406,7 +406,8 @@ def test_one_launch_on_cuda(backend, scale):
     with _backend.poison_outputs(False), profile(activities=[ProfilerActivity.CUDA]) as trace:
         ops.welfare_advantages(user, llm, 8, scale=scale, mask=mask, backend=backend)
         torch.cuda.synchronize()
-    kernels = [event.name for event in trace.events() if event.device_type == DeviceType.CUDA]
-    fused = [name for name in kernels if "welfare_advantages" in name]
-    assert len(fused) == 1, kernels
-    assert len(kernels) <= 3, kernels  # fused kernel + isfinite + all
+    kernels = [event.name for event in trace.events()
+               if event.device_type == DeviceType.CUDA and not event.name.startswith(("Memcpy", "Memset"))]
+    listing = "\n".join(kernels)
+    assert sum("welfare_advantages" in name for name in kernels) == 1, listing
+    assert len(kernels) == 2, listing
