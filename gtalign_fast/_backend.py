@@ -32,9 +32,14 @@ logger = logging.getLogger("gtalign_fast")
 BACKENDS = ("triton", "cuda", "cpu", "reference")
 ENV_BACKEND = "GTALIGN_FAST_BACKEND"
 
-# Which backend an op uses by default on CUDA tensors. Chosen from bench/run.py measurements
-# (the faster of Triton and CUDA C++); an op missing here uses Triton.
-CUDA_DEFAULTS: dict[str, str] = {}
+# Which backend an op uses by default on CUDA tensors: the faster of Triton and CUDA C++ in
+# bench/results/nvidia-h100-80gb-hbm3-default.json (H100, torch 2.11, triton 3.6). An op missing
+# here uses Triton: token_logprobs (Triton 2.0x faster fwd+bwd at N=8192 V=151936 bf16; CUDA C++
+# wins only at float32 V=32000) and sample_ (no CUDA C++ kernel).
+CUDA_DEFAULTS: dict[str, str] = {
+    "welfare_advantages": "cuda",  # 0.049 ms vs Triton 0.080 ms at N=65536, groups of 8
+    "grpo_loss": "cuda",  # fwd+bwd 0.69 ms vs Triton 0.81 ms at B=16 T=1024 (fwd 0.042 vs 0.51)
+}
 
 # Backends an op does not have, with the reason (every other op has every backend of BACKENDS).
 MISSING_BACKENDS: dict[str, dict[str, str]] = {

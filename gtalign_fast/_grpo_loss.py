@@ -450,7 +450,7 @@ def grpo_loss(
         on the device, without a host sync). Ignored by the other loss types.
     backend : {"triton", "cuda", "cpu", "reference"}, optional
         Force a backend; default: ``GTALIGN_FAST_BACKEND[_GRPO_LOSS]``, else the C++ kernel on CPU
-        and the Triton kernel on CUDA.
+        and the CUDA C++ kernel on CUDA (the faster there, see ``_backend.CUDA_DEFAULTS``).
 
     Returns
     -------

@@ -4,11 +4,15 @@ autouse fixture), awkward groupings, every option, the token scatter, errors, to
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from gtalign_fast import ops, reference
+from gtalign_fast import _backend, ops, reference
 
 from .conftest import DEVICE, kernel_backends
 
@@ -176,6 +180,48 @@ def test_near_equal_rewards(backend):
     result = _check(user, llm, 8, backend, eps=0.0, atol=2e-3, rtol=2e-3)
     assert not bool(result.group_all_equal[0])
     assert abs(float(result.advantages.std()) - 1.0) < 2e-3
+
+
+# The C++ kernel reduces fixed groups of 8 eight at a time with AVX2 / AVX-512 intrinsics; the
+# same groups given as offsets take its generic path, which must give the same bits. Checked on
+# this CPU's best variant and, in a subprocess, on the AVX2 and plain ones (ATEN_CPU_CAPABILITY).
+_GROUPS_OF_8_CHECK = """
+import torch
+from gtalign_fast import ops
+generator = torch.Generator().manual_seed(21)
+n_rows = 8 * (3 * 64 + 5)  # several chunks of 64 groups and a tail of 5 groups
+user = torch.rand(n_rows, generator=generator) * 0.92 + 1e-4
+llm = torch.rand(n_rows, generator=generator) * 0.92 + 1e-4
+user[torch.rand(n_rows, generator=generator) < 0.1] = float("nan")
+user[torch.rand(n_rows, generator=generator) < 0.05] = 0.0
+user[8:16], llm[8:16] = 0.37, 0.61  # all equal
+user[40:48] = float("nan")  # no valid reward
+user[49:56] = float("nan")  # one valid reward
+offsets = torch.arange(0, n_rows + 1, 8, dtype=torch.int64)
+for scale in ("group", "none"):
+    for unbiased in (True, False):
+        for eps in (1e-6, 0.0):
+            options = dict(scale=scale, unbiased=unbiased, eps=eps, backend="cpu")
+            fixed = ops.welfare_advantages(user, llm, 8, **options)
+            generic = ops.welfare_advantages(user, llm, offsets, **options)
+            for name, a, b in zip(fixed._fields, fixed[:5], generic[:5]):
+                if a.dtype != torch.bool:  # compare the bits (NaN == NaN)
+                    a, b = a.view(torch.int32), b.view(torch.int32)
+                assert torch.equal(a, b), (scale, unbiased, eps, name)
+"""
+
+
+@pytest.mark.skipif(_backend.why_unavailable("cpu", torch.device("cpu")) is not None, reason="no C++ CPU kernel")
+@pytest.mark.parametrize("capability", ["best", "avx2", "default"])
+def test_cpu_groups_of_8_match_generic_path(capability):
+    if capability == "best":
+        exec(_GROUPS_OF_8_CHECK, {})
+        return
+    root = Path(__file__).resolve().parents[1]
+    environment = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    out = subprocess.run([sys.executable, "-c", _GROUPS_OF_8_CHECK], capture_output=True, text=True, timeout=120,
+                         cwd=root, env=environment)
+    assert out.returncode == 0, out.stderr
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@
 // contiguous runs of groups: W of a whole run is computed in one vectorised loop (the log and exp
 // below are branch-free so `#pragma omp simd` vectorises them), then each group is reduced and
 // written while its rows are still in L1. scale = "batch" needs the std of the whole batch before
-// any advantage is written, so it runs in two parallel passes with a merge in between.
+// any advantage is written, so it runs in two parallel passes with a merge in between. Fixed
+// groups of 8 with scale = "group" / "none" take a vectorised path that reduces 8 groups at once
+// (see groups_of_8_pass), bit for bit the same results.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -15,8 +17,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <mutex>
+#include <string>
 #include <vector>
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>  // the groups-of-8 path (AVX2 / AVX-512, chosen at run time)
+#endif
 
 #include "../welfare_advantages_common.h"
 #include "vec_math.h"
@@ -227,12 +234,260 @@ GTALIGN_CPU_CLONES void batch_advantages_pass(const GroupLayout& groups, int64_t
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Fixed groups of 8 (GRPO's usual num_generations), scale = "group" or "none", on AVX2 / AVX-512.
+//
+// The generic path reduces one group at a time, and each group is one long serial chain
+// (sum -> mean -> m2 -> std -> 1 / (std + eps)) of float64 divisions and a square root; with
+// 8 rows per group that chain, not the arithmetic, sets the speed. Here 8 groups are reduced at
+// once, one group per vector lane: the 8 x 8 block of W is transposed in registers, so that
+// every per-group reduction becomes a plain vertical one and each division or square root
+// serves 4 (AVX2) or 8 (AVX-512) groups. The maths, and the order of every float64 sum, are
+// those of reduce_group / store_group / write_advantages, so both paths give the same bits.
+//
+// Intrinsics under target attributes, chosen at run time (groups_of_8_kernel): the build itself
+// assumes no instruction set beyond x86-64. The float helpers are AVX2 functions, which GCC
+// inlines into the AVX-512 entry point as well (its target includes AVX2).
+using BlocksOf8Fn = void (*)(int64_t g_begin, int64_t g_end, double eps, bool unbiased, bool scale_none,
+                             const Outputs& out);
+
+constexpr int64_t kBlockGroups = 8;  // groups per block: one per float lane of a __m256
+// Groups per chunk: W of a chunk (512 rows, 2 KiB) is computed and then reduced while in L1.
+constexpr int64_t kChunkGroups = 64;
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define GTALIGN_AVX2 __attribute__((target("avx2"), always_inline)) inline
+#define GTALIGN_AVX512 __attribute__((target("avx2,avx512f,avx512vl"), always_inline)) inline
+
+// In-register transpose of an 8 x 8 float block: r[k] becomes column k (it is its own inverse).
+GTALIGN_AVX2 void transpose8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+// A block of 8 groups: col[k], lane j = row k of group g + j.
+struct Block {
+  __m256 col[8];
+  __m256 valid[8];  // lane masks: W is not NaN
+  __m256 count;     // valid rows per group (exact in float)
+  __m256 all_equal;  // lane mask: fewer than two valid rows, or all valid W equal
+};
+
+// Per-group results, rounded to float as they are stored (inv_denominator = 1 / (std + eps)).
+struct BlockStats {
+  __m256 mean, std, inv_denominator;
+};
+
+// Loads and transposes W of groups g .. g + 7; counts the valid rows and finds the all-equal
+// groups (lowest == highest valid W, compared in float as reduce_group does).
+GTALIGN_AVX2 Block load_block(const float* welfare) {
+  Block b;
+  for (int k = 0; k < 8; ++k) b.col[k] = _mm256_loadu_ps(welfare + 8 * k);
+  transpose8(b.col);
+  const __m256 inf = _mm256_set1_ps(kInf), minus_inf = _mm256_set1_ps(-kInf), one = _mm256_set1_ps(1.0f);
+  __m256 lowest = inf, highest = minus_inf;
+  b.count = _mm256_setzero_ps();
+  for (int k = 0; k < 8; ++k) {
+    b.valid[k] = _mm256_cmp_ps(b.col[k], b.col[k], _CMP_ORD_Q);
+    b.count = _mm256_add_ps(b.count, _mm256_and_ps(b.valid[k], one));
+    lowest = _mm256_min_ps(lowest, _mm256_blendv_ps(inf, b.col[k], b.valid[k]));
+    highest = _mm256_max_ps(highest, _mm256_blendv_ps(minus_inf, b.col[k], b.valid[k]));
+  }
+  b.all_equal = _mm256_or_ps(_mm256_cmp_ps(b.count, _mm256_set1_ps(2.0f), _CMP_LT_OQ),
+                             _mm256_cmp_ps(lowest, highest, _CMP_EQ_OQ));
+  return b;
+}
+
+// Lanes 4 * HALF .. 4 * HALF + 3 of a float vector, widened to double.
+template <int HALF>
+GTALIGN_AVX2 __m256d widen(__m256 x) {
+  return _mm256_cvtps_pd(HALF == 0 ? _mm256_castps256_ps128(x) : _mm256_extractf128_ps(x, 1));
+}
+
+// Groups 4 * HALF .. 4 * HALF + 3 of a block (AVX2: 4 doubles per vector), in float64: the mean,
+// then the squared deviations (two passes, summed over the rows in order, as reduce_group does),
+// std_of and inverse_denominator. The results are float, in lanes 0..3.
+template <int HALF>
+GTALIGN_AVX2 void half_block_stats(const Block& b, double eps, bool unbiased, bool scale_none, __m128& mean_out,
+                                   __m128& std_out, __m128& inv_out) {
+  const __m256d zero = _mm256_setzero_pd(), one = _mm256_set1_pd(1.0);
+  __m256d x[8], valid[8];
+  __m256d sum = zero;
+  for (int k = 0; k < 8; ++k) {
+    const __m256d w = widen<HALF>(b.col[k]);
+    valid[k] = _mm256_cmp_pd(w, w, _CMP_ORD_Q);
+    x[k] = _mm256_and_pd(w, valid[k]);  // a missing reward adds 0
+    sum = _mm256_add_pd(sum, x[k]);
+  }
+  const __m256d count = widen<HALF>(b.count);
+  const __m256d mean = _mm256_and_pd(_mm256_div_pd(sum, count), _mm256_cmp_pd(count, zero, _CMP_GT_OQ));
+  __m256d m2 = zero;
+  for (int k = 0; k < 8; ++k) {
+    const __m256d d = _mm256_sub_pd(x[k], mean);
+    m2 = _mm256_add_pd(m2, _mm256_and_pd(_mm256_mul_pd(d, d), valid[k]));
+  }
+  // The all-equal mask, widened from 32- to 64-bit lanes: those groups have std 0.
+  const __m256i flags = _mm256_castps_si256(b.all_equal);
+  const __m256d all_equal = _mm256_castsi256_pd(
+      _mm256_cvtepi32_epi64(HALF == 0 ? _mm256_castsi256_si128(flags) : _mm256_extracti128_si256(flags, 1)));
+  const __m256d divisor = unbiased ? _mm256_sub_pd(count, one) : count;
+  const __m256d std = _mm256_andnot_pd(all_equal, _mm256_sqrt_pd(_mm256_div_pd(m2, divisor)));
+  mean_out = _mm256_cvtpd_ps(mean);
+  std_out = _mm256_cvtpd_ps(std);
+  if (scale_none) {
+    inv_out = _mm_set1_ps(1.0f);
+  } else {
+    // From the float std, as the generic path reads it back from group_std; 0 if std + eps is 0.
+    const __m256d denominator = _mm256_add_pd(_mm256_cvtps_pd(std_out), _mm256_set1_pd(eps));
+    inv_out = _mm256_cvtpd_ps(_mm256_and_pd(_mm256_div_pd(one, denominator),
+                                            _mm256_cmp_pd(denominator, zero, _CMP_GT_OQ)));
+  }
+}
+
+GTALIGN_AVX2 BlockStats block_stats_avx2(const Block& b, double eps, bool unbiased, bool scale_none) {
+  __m128 mean[2], std[2], inv[2];
+  half_block_stats<0>(b, eps, unbiased, scale_none, mean[0], std[0], inv[0]);
+  half_block_stats<1>(b, eps, unbiased, scale_none, mean[1], std[1], inv[1]);
+  return {_mm256_set_m128(mean[1], mean[0]), _mm256_set_m128(std[1], std[0]), _mm256_set_m128(inv[1], inv[0])};
+}
+
+// The same for all 8 groups at once (AVX-512: 8 doubles per vector, lane masks in k registers).
+GTALIGN_AVX512 BlockStats block_stats_avx512(const Block& b, double eps, bool unbiased, bool scale_none) {
+  const __m512d zero = _mm512_setzero_pd(), one = _mm512_set1_pd(1.0);
+  __m512d x[8];
+  __mmask8 valid[8];
+  __m512d sum = zero;
+  for (int k = 0; k < 8; ++k) {
+    const __m512d w = _mm512_cvtps_pd(b.col[k]);
+    valid[k] = _mm512_cmp_pd_mask(w, w, _CMP_ORD_Q);
+    x[k] = _mm512_maskz_mov_pd(valid[k], w);  // a missing reward adds 0
+    sum = _mm512_add_pd(sum, x[k]);
+  }
+  const __m512d count = _mm512_cvtps_pd(b.count);
+  const __m512d mean = _mm512_maskz_div_pd(_mm512_cmp_pd_mask(count, zero, _CMP_GT_OQ), sum, count);
+  __m512d m2 = zero;
+  for (int k = 0; k < 8; ++k) {
+    const __m512d d = _mm512_sub_pd(x[k], mean);
+    m2 = _mm512_mask_add_pd(m2, valid[k], m2, _mm512_mul_pd(d, d));
+  }
+  const __mmask8 all_equal = static_cast<__mmask8>(_mm256_movemask_ps(b.all_equal));
+  const __m512d divisor = unbiased ? _mm512_sub_pd(count, one) : count;
+  const __m512d std = _mm512_maskz_sqrt_pd(static_cast<__mmask8>(~all_equal), _mm512_div_pd(m2, divisor));
+  BlockStats s;
+  s.mean = _mm512_cvtpd_ps(mean);
+  s.std = _mm512_cvtpd_ps(std);
+  if (scale_none) {
+    s.inv_denominator = _mm256_set1_ps(1.0f);
+  } else {
+    const __m512d denominator = _mm512_add_pd(_mm512_cvtps_pd(s.std), _mm512_set1_pd(eps));
+    const __mmask8 positive = _mm512_cmp_pd_mask(denominator, zero, _CMP_GT_OQ);
+    s.inv_denominator = _mm512_cvtpd_ps(_mm512_maskz_div_pd(positive, one, denominator));
+  }
+  return s;
+}
+
+// Stores the per-group results of groups g .. g + 7 and the advantages of their 64 rows, as
+// store_group and write_advantages do (0 for all-equal groups and a zero 1 / (std + eps)).
+GTALIGN_AVX2 void store_block(Block& b, const BlockStats& s, int64_t g, const Outputs& out) {
+  _mm256_storeu_ps(out.group_mean + g, s.mean);
+  _mm256_storeu_ps(out.group_std + g, s.std);
+  // The flags as bytes 0 / 1: pack the 32-bit lane masks (-1 / 0) down to 8 bits, keep bit 0.
+  const __m256i flags = _mm256_castps_si256(b.all_equal);
+  const __m128i flags16 = _mm_packs_epi32(_mm256_castsi256_si128(flags), _mm256_extracti128_si256(flags, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(out.group_all_equal + g),
+                   _mm_and_si128(_mm_packs_epi16(flags16, flags16), _mm_set1_epi8(1)));
+
+  const __m256 zero = _mm256_or_ps(b.all_equal, _mm256_cmp_ps(s.inv_denominator, _mm256_setzero_ps(), _CMP_EQ_OQ));
+  for (int k = 0; k < 8; ++k) {
+    const __m256 centred = _mm256_sub_ps(_mm256_blendv_ps(s.mean, b.col[k], b.valid[k]), s.mean);  // missing: 0
+    b.col[k] = _mm256_andnot_ps(zero, _mm256_mul_ps(centred, s.inv_denominator));
+  }
+  transpose8(b.col);  // back to one group per vector
+  float* advantages = out.advantages + g * 8;
+  for (int k = 0; k < 8; ++k) _mm256_storeu_ps(advantages + 8 * k, b.col[k]);
+}
+
+// Whole blocks of groups [g_begin, g_end) (a multiple of 8 groups), W already computed.
+__attribute__((target("avx2"))) void blocks_of_8_avx2(int64_t g_begin, int64_t g_end, double eps, bool unbiased,
+                                                      bool scale_none, const Outputs& out) {
+  for (int64_t g = g_begin; g < g_end; g += kBlockGroups) {
+    Block b = load_block(out.welfare + g * 8);
+    store_block(b, block_stats_avx2(b, eps, unbiased, scale_none), g, out);
+  }
+}
+
+__attribute__((target("avx2,avx512f,avx512vl"))) void blocks_of_8_avx512(int64_t g_begin, int64_t g_end, double eps,
+                                                                         bool unbiased, bool scale_none,
+                                                                         const Outputs& out) {
+  for (int64_t g = g_begin; g < g_end; g += kBlockGroups) {
+    Block b = load_block(out.welfare + g * 8);
+    store_block(b, block_stats_avx512(b, eps, unbiased, scale_none), g, out);
+  }
+}
+
+// The best kernel for this CPU, or nullptr (no AVX2: the generic path runs). Like ATen's own
+// kernels, it honours ATEN_CPU_CAPABILITY=default / avx2 (tests use it to run every variant).
+BlocksOf8Fn groups_of_8_kernel() {
+  static const BlocksOf8Fn kernel = [] {
+    const char* capability = std::getenv("ATEN_CPU_CAPABILITY");
+    const std::string cap = capability != nullptr ? capability : "";
+    const bool avx2 = cap != "default" && __builtin_cpu_supports("avx2");
+    const bool avx512 =
+        avx2 && cap != "avx2" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+    return avx512 ? blocks_of_8_avx512 : avx2 ? blocks_of_8_avx2 : static_cast<BlocksOf8Fn>(nullptr);
+  }();
+  return kernel;
+}
+#else
+BlocksOf8Fn groups_of_8_kernel() { return nullptr; }
+#endif  // x86-64 GCC / Clang
+
+// Groups [g_begin, g_end) of 8 rows each: W, then statistics and advantages, chunk by chunk; the
+// last groups (fewer than a block) go through the generic path.
+void groups_of_8_pass(BlocksOf8Fn blocks, const float* user, const float* llm, const GroupLayout& groups,
+                      int64_t g_begin, int64_t g_end, float alpha, int64_t scale_mode, double eps, bool unbiased,
+                      const Outputs& out) {
+  const int64_t blocks_end = g_begin + (g_end - g_begin) / kBlockGroups * kBlockGroups;
+  for (int64_t g = g_begin; g < blocks_end; g += kChunkGroups) {
+    const int64_t chunk_end = std::min(g + kChunkGroups, blocks_end);
+    welfare_rows(user, llm, g * 8, chunk_end * 8, alpha, out.welfare);
+    blocks(g, chunk_end, eps, unbiased, scale_mode == kScaleNone, out);
+  }
+  if (blocks_end < g_end) {
+    groups_pass(user, llm, groups, blocks_end, g_end, alpha, scale_mode, eps, unbiased, out, nullptr);
+  }
+}
+
 template <typename mask_t>
 void run_group_or_none(const float* user, const float* llm, const GroupLayout& groups, int64_t n_rows, float alpha,
                        int64_t scale_mode, double eps, bool unbiased, const Outputs& out,
                        const TokenScatter<mask_t>& scatter) {
+  // Fixed groups of 8: the vectorised path (when the CPU has AVX2).
+  const BlocksOf8Fn blocks = groups.offsets == nullptr && groups.group_size == 8 ? groups_of_8_kernel() : nullptr;
   at::parallel_for(0, groups.count, groups_per_task(groups, n_rows), [&](int64_t g_begin, int64_t g_end) {
-    groups_pass(user, llm, groups, g_begin, g_end, alpha, scale_mode, eps, unbiased, out, nullptr);
+    if (blocks != nullptr) {
+      groups_of_8_pass(blocks, user, llm, groups, g_begin, g_end, alpha, scale_mode, eps, unbiased, out);
+    } else {
+      groups_pass(user, llm, groups, g_begin, g_end, alpha, scale_mode, eps, unbiased, out, nullptr);
+    }
     scatter.rows(out.advantages, groups.start(g_begin), groups.start(g_end));
   });
 }
