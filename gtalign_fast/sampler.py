@@ -47,6 +47,8 @@ fixed instruction for that action (a second prefill). Mode ``"off"``: plain samp
 
 from __future__ import annotations
 
+import inspect
+
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -365,9 +367,19 @@ class SteeringSampler:
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def _cache_argument(self) -> str:
+        """The name the model's forward takes its KV cache under: transformers 5.2x renamed
+        ``past_key_values`` (deprecated, removed in 5.40) to ``cache``; older releases know only
+        the first."""
+        if not hasattr(self, "_cache_name"):
+            forward = getattr(self.model, "module", self.model).forward  # unwrap DDP
+            self._cache_name = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+        return self._cache_name
+
     def _forward(self, feed, mask, positions, cache):
-        out = self.model(input_ids=feed, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
-        return out.logits, out.past_key_values
+        name = self._cache_argument()
+        out = self.model(input_ids=feed, attention_mask=mask, position_ids=positions, use_cache=True, **{name: cache})
+        return out.logits, getattr(out, name)
 
     def _decode_rows(self, rows: list[_Row], max_new_tokens: int, settings: dict, keep_edit_logits: bool,
                      stop_at_payoff: bool) -> int:

@@ -455,8 +455,15 @@ class GRPOTrainer:
                 problem = fused_head_problem(model)
                 if problem:
                     raise ValueError(f"GRPOTrainer: use_fused_lm_head=True but {problem}; set use_fused_lm_head=False")
-        if args.gradient_checkpointing and hasattr(self.model, "gradient_checkpointing_enable"):
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if args.gradient_checkpointing:
+            # transformers 5.2x renamed gradient_checkpointing_enable (deprecated, removed in v6).
+            if hasattr(self.model, "activation_checkpointing_enable"):
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            elif hasattr(self.model, "gradient_checkpointing_enable"):
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                raise ValueError(f"gradient_checkpointing=True, but {type(self.model).__name__} has no "
+                                 "activation_checkpointing_enable / gradient_checkpointing_enable method")
         backend = args.kernel_backend if args.kernel_backend not in (None, "auto") else None
         scoring = dict(temperature=args.temperature, fused_head=args.use_fused_lm_head, backend=backend)
         self.scorer = CompletionScorer(self.model, **scoring)
