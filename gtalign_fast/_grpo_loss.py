@@ -6,6 +6,10 @@ Forward and backward are two custom ops, ``gtalign_fast::grpo_loss`` and
 tensors the backward needs: ``row_stats [B, 8]`` (partial sums of each sequence, see
 ``kernels/grpo_loss.py``) and ``row_weights [B]`` (the weight of each sequence's token sum in the
 loss, which the aggregation mode fixes).
+
+Plain eager calls skip torch.library's per-call machinery (see :func:`_plain_eager`): they run
+the same forward and backward through a ``torch.autograd.Function``. The custom ops serve
+torch.compile, export, fake tensors and the other tracing modes.
 """
 
 from __future__ import annotations
@@ -69,19 +73,28 @@ def _kernel_mask(mask: torch.Tensor) -> torch.Tensor:
 def _kernel_advantages(advantages: torch.Tensor, shape) -> torch.Tensor:
     """float32 ``[B, T]`` view of the advantages; ``[B]`` ones are expanded with time stride 0."""
     advantages = advantages.to(torch.float32)
-    return advantages.unsqueeze(1).expand(shape) if advantages.dim() == 1 else advantages
+    if advantages.dim() == 1:  # = unsqueeze(1).expand(shape), in one op (a few us less per call)
+        return advantages.as_strided(shape, (advantages.stride(0), 0))
+    return advantages
+
+
+_EXTENSION_OPS: dict[tuple[str, str], object] = {}  # (name, dispatch key) -> op, once found
 
 
 def _extension_op(name: str, device: torch.device):
     """The extension's kernel ``name``, or a clear error when the built extension predates it."""
-    ops = torch.ops.gtalign_fast_C
     key = "CUDA" if device.type == "cuda" else "CPU"
+    op = _EXTENSION_OPS.get((name, key))
+    if op is not None:
+        return op
+    ops = torch.ops.gtalign_fast_C
     if not hasattr(ops, name) or not torch._C._dispatch_has_kernel_for_dispatch_key(f"gtalign_fast_C::{name}", key):
         raise RuntimeError(
             f"gtalign_fast.grpo_loss: the compiled extension has no {key} {name} kernel; rebuild it "
             "(python setup.py build_ext --inplace)"
         )
-    return getattr(ops, name)
+    op = _EXTENSION_OPS[(name, key)] = getattr(ops, name)
+    return op
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,6 +207,13 @@ def _grpo_loss_op(
     num_items_value: float | None,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, beta, epsilon_low, epsilon_high,
+                    delta, dual_clip, loss_type, sequence_level, max_completion_length, num_items_value, backend)
+
+
+def _forward(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, beta, epsilon_low, epsilon_high, delta,
+             dual_clip, loss_type, sequence_level, max_completion_length, num_items_value, backend):
+    """The forward op's body: (loss, metrics, row_stats, row_weights)."""
     name = _backend.resolve(OP, logp.device, backend)
     _backend.record(OP, name)
     batch = logp.shape[0]
@@ -244,6 +264,15 @@ def _grpo_loss_backward_op(
     ref_grad: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward_impl(grad_loss, row_stats, row_weights, logp, old_logp, ref_logp, advantages, mask,
+                          num_items_tensor, beta, epsilon_low, epsilon_high, delta, dual_clip, loss_type, sequence_level,
+                          max_completion_length, num_items_value, ref_grad, backend)
+
+
+def _backward_impl(grad_loss, row_stats, row_weights, logp, old_logp, ref_logp, advantages, mask, num_items_tensor,
+                   beta, epsilon_low, epsilon_high, delta, dual_clip, loss_type, sequence_level, max_completion_length,
+                   num_items_value, ref_grad, backend):
+    """The backward op's body: (dlogp, dref)."""
     name = _backend.resolve(OP, logp.device, backend)
     _backend.record(OP, name)
     dlogp = _backend.new_output(logp.shape, logp.dtype, logp.device)
@@ -272,13 +301,13 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_loss, _grad_metrics, _grad_row_stats, _grad_row_weights):
+def _backward(ctx, grad_loss, _grad_metrics, _grad_row_stats, _grad_row_weights, backward_fn=None):
     n_inputs = 16
     if grad_loss is None:
         return (None,) * n_inputs
     logp, old_logp, ref_logp, advantages, mask, num_items_tensor, row_stats, row_weights = ctx.saved_tensors
     ref_grad = ref_logp is not None and ctx.needs_input_grad[2]
-    dlogp, dref = _grpo_loss_backward_op(
+    dlogp, dref = (backward_fn or _grpo_loss_backward_op)(
         grad_loss, row_stats, row_weights, logp, old_logp, ref_logp, advantages, mask, num_items_tensor,
         *ctx.scalars, ref_grad, ctx.backend,
     )
@@ -289,6 +318,53 @@ def _backward(ctx, grad_loss, _grad_metrics, _grad_row_stats, _grad_row_weights)
 
 
 _grpo_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Eager path
+#
+# A call of the custom op costs more than the B=16, T=1024 CPU kernel itself: with autograd on,
+# torch.library rebuilds the argument list of its 16-argument schema about 17 times per call
+# (torch/_library/utils.py fill_defaults, ~80 us), and the dispatch through Python adds ~20 us
+# per op. Ordinary eager calls therefore run the same _forward / _backward_impl through a plain
+# autograd.Function (~10 us); everything else goes through the custom ops.
+
+
+def _plain_eager(*tensors) -> bool:
+    """Whether this is an ordinary eager call: not traced by torch.compile, no torch-function or
+    dispatch mode (fake tensors, make_fx, export), no functorch transform (vmap, grad), and only
+    plain tensors (no subclasses)."""
+    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
+        return False
+    return all(t is None or type(t) is torch.Tensor for t in tensors)
+
+
+class _EagerGrpoLoss(torch.autograd.Function):
+    """The custom op's forward and backward (same functions, same kernels) without torch.library."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        outputs = _forward(*inputs)
+        _setup_context(ctx, inputs, outputs)
+        ctx.mark_non_differentiable(*outputs[1:])
+        return outputs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads, backward_fn=_backward_impl)
+
+
+def _run(*inputs):
+    """(loss, metrics, row_stats, row_weights) of the op's ``inputs``, by the cheapest route."""
+    logp, old_logp, ref_logp, advantages, mask, num_items_tensor = inputs[:6]
+    if not _plain_eager(logp, old_logp, ref_logp, advantages, mask, num_items_tensor):
+        return _grpo_loss_op(*inputs)
+    if torch.is_grad_enabled() and (logp.requires_grad or (ref_logp is not None and ref_logp.requires_grad)):
+        return _EagerGrpoLoss.apply(*inputs)
+    return _forward(*inputs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,7 +559,7 @@ def grpo_loss(
     else:
         num_items_tensor = None
         num_items_value = None if num_items_in_batch is None else float(num_items_in_batch)
-    loss, metrics, _, _ = _grpo_loss_op(
+    loss, metrics, _, _ = _run(
         logp,
         None if old_logp is None else old_logp.detach(),
         ref_logp,

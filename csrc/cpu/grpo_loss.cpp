@@ -3,9 +3,9 @@
 // stride 0 when per sequence), mask uint8; dlogp / dref contiguous [B, T]).
 //
 // Forward: sequences run in parallel (OpenMP), each walked once (twice at sequence level) in
-// chunks that are converted to float into small L1-resident buffers, so every dtype and stride
-// shares one branch-free `omp simd` loop; then a serial reduction over the B rows gives the
-// weights, loss and metrics. Backward: one pass per sequence, same chunking. Derivatives follow torch's conventions (clamp passes the
+// chunks read as float arrays (in place for contiguous float32, else converted into small
+// L1-resident buffers), so every dtype and stride shares one branch-free `omp simd` loop; then a
+// serial reduction over the B rows gives the weights, loss and metrics. Backward: one pass per sequence, same chunking. Derivatives follow torch's conventions (clamp passes the
 // gradient on the closed interval, min splits it evenly on ties), as in the Triton kernels.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -16,6 +16,7 @@
 #include <cmath>
 #include <memory>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "../grpo_loss_common.h"
@@ -32,14 +33,19 @@ constexpr int64_t kChunk = 512;  // tokens per L1-resident chunk
 // GTALIGN_ALWAYS_INLINE (vec_math.h): the per-token helpers must be inlined into the `omp simd`
 // loops for those to vectorise.
 
+// 1.0f where c holds, else 0.0f, for the counts in the `omp simd reduction` loops below. Not
+// static_cast<float>(c): GCC 12 does vectorise such a loop but then keeps only its scalar copy
+// (the vector one lands on a dead path), so the whole reduction ran scalar in every clone.
+GTALIGN_ALWAYS_INLINE float indicator(bool c) { return blend(c, 1.0f, 0.0f); }
+
 // Per-token policy loss, d loss / d ratio, and coef_1 = min(ratio, delta). Branch-free (selects
 // only), so that the chunk loops below vectorise.
 GTALIGN_ALWAYS_INLINE PolicyTerm policy_term(float ratio, float adv, const ClipParams& p) {
   // Selections through blend (vec_math.h), not ?: : GCC turns ?: into branches, which stop vectorisation.
   const float coef_1 = blend(ratio <= p.delta, ratio, p.delta);
-  const float gate_1 = blend(ratio <= p.delta, 1.0f, 0.0f);
+  const float gate_1 = indicator(ratio <= p.delta);
   const float coef_2 = clamp_f32(ratio, p.low_bound, p.high_bound);
-  const float gate_2 = blend((ratio >= p.low_bound) & (ratio <= p.high_bound), 1.0f, 0.0f);
+  const float gate_2 = indicator((ratio >= p.low_bound) & (ratio <= p.high_bound));
   const float s1 = coef_1 * adv, s2 = coef_2 * adv;
   // torch.min splits the gradient evenly between equal arguments (on-policy every token ties).
   const float gate = blend(s1 < s2, gate_1, blend(s1 > s2, gate_2, 0.5f * (gate_1 + gate_2)));
@@ -101,78 +107,96 @@ struct Inputs {
   int64_t length;
 };
 
-// One chunk of a row, converted to float in L1-resident buffers so that every dtype and stride
-// shares one vectorised loop. On-policy, old = logp (log-ratio exactly 0, ratio exactly 1).
+// One chunk of a row as float arrays, so that every dtype and stride shares one vectorised loop.
+// The input pointers point straight into the tensors where a row is already contiguous float32
+// (the usual case: no copy), else into the L1-resident buffers, which then hold a converted copy.
+// On-policy, old = logp (log-ratio exactly 0, ratio exactly 1); without ref_logp, ref points to
+// ref_buffer, which stays zero.
 struct Chunk {
-  float logp[kChunk], old[kChunk], ref[kChunk], adv[kChunk], valid[kChunk];
-  // Filled by exp_chunk: token ratio and d ratio / d logp, k3 KL and d kl / d ref.
+  const float *logp, *old, *ref, *adv, *valid;
+  float logp_buffer[kChunk], old_buffer[kChunk], ref_buffer[kChunk], adv_buffer[kChunk], valid_buffer[kChunk];
+  // Filled by exp_chunk (backward only): token ratio and d ratio / d logp, k3 KL and d kl / d ref.
   float ratio[kChunk], dratio[kChunk], kl[kChunk], dkl_dref[kChunk];
 };
 
+// Tokens [start, start + count) of row b as floats: the tensor's own memory when it already is a
+// contiguous float row, else a converted copy in `buffer`.
 template <typename T>
-void load_row_chunk(const View<T>& view, int64_t b, int64_t start, int64_t count, float* dst) {
+const float* load_row_chunk(const View<T>& view, int64_t b, int64_t start, int64_t count, float* buffer) {
   const T* src = view.data + b * view.row + start * view.col;
-  load_scaled(src, view.col, count, 1.0f, dst);
+  if constexpr (std::is_same_v<T, float>) {
+    if (view.col == 1) return src;
+  }
+  if (view.col == 0) {  // one value per row (per-sequence advantages, expanded with time stride 0)
+    std::fill_n(buffer, count, static_cast<float>(*src));
+  } else {
+    load_scaled(src, view.col, count, 1.0f, buffer);
+  }
+  return buffer;
 }
 
-inline void load_mask_chunk(const View<uint8_t>& view, int64_t b, int64_t start, int64_t count, float* dst) {
+inline const float* load_mask_chunk(const View<uint8_t>& view, int64_t b, int64_t start, int64_t count,
+                                    float* buffer) {
   const uint8_t* src = view.data + b * view.row + start * view.col;
   const int64_t stride = view.col;
 #pragma omp simd
-  for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<float>(src[i * stride] != 0);
+  for (int64_t i = 0; i < count; ++i) buffer[i] = static_cast<float>(src[i * stride] != 0);
+  return buffer;
 }
 
 template <typename scalar_t>
 void load_chunk(const Inputs<scalar_t>& in, int64_t b, int64_t start, int64_t count, bool need_adv, Chunk* c) {
-  load_mask_chunk(in.mask, b, start, count, c->valid);
-  load_row_chunk(in.logp, b, start, count, c->logp);
-  if (in.old.data != nullptr) {
-    load_row_chunk(in.old, b, start, count, c->old);
-  } else {
-    std::copy(c->logp, c->logp + count, c->old);
-  }
-  if (in.ref.data != nullptr) load_row_chunk(in.ref, b, start, count, c->ref);
-  if (need_adv) load_row_chunk(in.adv, b, start, count, c->adv);
+  c->valid = load_mask_chunk(in.mask, b, start, count, c->valid_buffer);
+  c->logp = load_row_chunk(in.logp, b, start, count, c->logp_buffer);
+  c->old = in.old.data != nullptr ? load_row_chunk(in.old, b, start, count, c->old_buffer) : c->logp;
+  c->ref = in.ref.data != nullptr ? load_row_chunk(in.ref, b, start, count, c->ref_buffer) : c->ref_buffer;
+  c->adv = need_adv ? load_row_chunk(in.adv, b, start, count, c->adv_buffer) : c->adv_buffer;
 }
 
 struct RowSums {
   float loss = 0, tokens = 0, low = 0, high = 0, kl = 0, ratio = 0, dpg = 0;
 };
 
-// The exponentials of one chunk (ratio and k3), in a loop of their own: GCC vectorises the
-// exp loop and the select-heavy policy loop separately but not fused.
+// The exponentials of one chunk (ratio and k3) and their derivatives, for the backward, in a
+// loop of their own (the forward computes them inside its reduction loop instead).
 GTALIGN_CPU_CLONES void exp_chunk(Chunk* c, int64_t count, float ref_on) {
+  const float *logp = c->logp, *old = c->old, *ref = c->ref;  // locals: see forward_chunk_body
 #pragma omp simd
   for (int64_t i = 0; i < count; ++i) {
     float dratio, dkl_dref;
-    c->ratio[i] = clamped_exp(c->logp[i] - c->old[i], &dratio);
+    c->ratio[i] = clamped_exp(logp[i] - old[i], &dratio);
     c->dratio[i] = dratio;
-    c->kl[i] = ref_on * k3_term(c->logp[i], c->ref[i], &dkl_dref);
+    c->kl[i] = ref_on * k3_term(logp[i], ref[i], &dkl_dref);
     c->dkl_dref[i] = ref_on * dkl_dref;
   }
 }
 
-// Sums of one chunk of a row (kSeqLevel: every token uses the sequence's ratio). No run-time
-// flag inside the loop (GCC keeps a scalar fallback for loops with invariant branches).
-template <bool kSeqLevel>
+// Sums of one chunk of a row, exponentials included (one pass over the chunk, no ratio / kl
+// arrays). kSeqLevel: every token uses the sequence's ratio (no per-token exp). kRef: ref_logp
+// was given (without it the k3 exp is skipped and the KL is 0). No run-time flag inside the
+// loop (GCC keeps a scalar fallback for loops with invariant branches).
+template <bool kSeqLevel, bool kRef>
 GTALIGN_ALWAYS_INLINE void forward_chunk_body(const Chunk& c, int64_t count, const ClipParams params,
                                               float seq_ratio, RowSums* sums) {
   const ClipParams p = params;  // a local copy: loads through a reference inside the loop block vectorisation
+  // The same for the chunk's pointers: read through `c` inside the loop, GCC keeps it scalar.
+  const float *logp = c.logp, *old = c.old, *ref = c.ref, *adv_in = c.adv, *valid_in = c.valid;
   float loss = 0, tokens = 0, low = 0, high = 0, kl_sum = 0, ratio_sum = 0, dpg_sum = 0;
 #pragma omp simd reduction(+ : loss, tokens, low, high, kl_sum, ratio_sum, dpg_sum)
   for (int64_t i = 0; i < count; ++i) {
-    const bool valid = c.valid[i] != 0.0f;
-    const float ratio = kSeqLevel ? seq_ratio : c.ratio[i];
-    const float adv = c.adv[i];
+    const bool valid = valid_in[i] != 0.0f;
+    float unused;
+    const float ratio = kSeqLevel ? seq_ratio : clamped_exp(logp[i] - old[i], &unused);
+    const float kl = kRef ? k3_term(logp[i], ref[i], &unused) : 0.0f;
+    const float adv = adv_in[i];
     const PolicyTerm term = policy_term(ratio, adv, p);
-    const float kl = c.kl[i];
     loss += blend(valid, term.loss + p.beta * kl, 0.0f);
-    tokens += static_cast<float>(valid);
+    tokens += indicator(valid);
     kl_sum += blend(valid, kl, 0.0f);
     ratio_sum += blend(valid, ratio, 0.0f);
-    dpg_sum += blend(valid, term.dloss_dratio, 0.0f);
-    low += static_cast<float>(valid & (term.coef_1 < p.low_bound) & (adv < 0.0f));
-    high += static_cast<float>(valid & (term.coef_1 > p.high_bound) & (adv > 0.0f));
+    if (kSeqLevel) dpg_sum += blend(valid, term.dloss_dratio, 0.0f);  // only the sequence level needs it
+    low += indicator(valid & (term.coef_1 < p.low_bound) & (adv < 0.0f));
+    high += indicator(valid & (term.coef_1 > p.high_bound) & (adv > 0.0f));
   }
   sums->loss += loss;
   sums->tokens += tokens;
@@ -183,23 +207,34 @@ GTALIGN_ALWAYS_INLINE void forward_chunk_body(const Chunk& c, int64_t count, con
   sums->dpg += dpg_sum;
 }
 
-GTALIGN_CPU_CLONES void forward_chunk_token(const Chunk& c, int64_t count, const ClipParams& p, RowSums* sums) {
-  forward_chunk_body<false>(c, count, p, 1.0f, sums);
+// The four instantiations behind two multi-versioned entry points (the ref branch is outside the loop).
+GTALIGN_CPU_CLONES void forward_chunk_token(const Chunk& c, int64_t count, const ClipParams& p, bool has_ref,
+                                            RowSums* sums) {
+  if (has_ref) {
+    forward_chunk_body<false, true>(c, count, p, 1.0f, sums);
+  } else {
+    forward_chunk_body<false, false>(c, count, p, 1.0f, sums);
+  }
 }
 
-GTALIGN_CPU_CLONES void forward_chunk_sequence(const Chunk& c, int64_t count, const ClipParams& p, float seq_ratio,
-                                               RowSums* sums) {
-  forward_chunk_body<true>(c, count, p, seq_ratio, sums);
+GTALIGN_CPU_CLONES void forward_chunk_sequence(const Chunk& c, int64_t count, const ClipParams& p, bool has_ref,
+                                               float seq_ratio, RowSums* sums) {
+  if (has_ref) {
+    forward_chunk_body<true, true>(c, count, p, seq_ratio, sums);
+  } else {
+    forward_chunk_body<true, false>(c, count, p, seq_ratio, sums);
+  }
 }
 
 // Sum of the masked log-ratios of one chunk, and its token count (sequence level, first pass).
 GTALIGN_CPU_CLONES void log_ratio_chunk(const Chunk& c, int64_t count, float* sum_out, float* count_out) {
+  const float *logp = c.logp, *old = c.old, *valid_in = c.valid;  // locals: see forward_chunk_body
   float sum = 0, tokens = 0;
 #pragma omp simd reduction(+ : sum, tokens)
   for (int64_t i = 0; i < count; ++i) {
-    const bool valid = c.valid[i] != 0.0f;
-    sum += blend(valid, c.logp[i] - c.old[i], 0.0f);
-    tokens += static_cast<float>(valid);
+    const bool valid = valid_in[i] != 0.0f;
+    sum += blend(valid, logp[i] - old[i], 0.0f);
+    tokens += indicator(valid);
   }
   *sum_out += sum;
   *count_out += tokens;
@@ -222,11 +257,11 @@ void forward_row(const Inputs<scalar_t>& in, int64_t b, const ClipParams& p, boo
   for (int64_t start = 0; start < in.length; start += kChunk) {
     const int64_t count = std::min(kChunk, in.length - start);
     load_chunk(in, b, start, count, true, c);
-    exp_chunk(c, count, in.ref.data != nullptr ? 1.0f : 0.0f);
+    const bool has_ref = in.ref.data != nullptr;
     if (seq_level) {
-      forward_chunk_sequence(*c, count, p, seq_ratio, &sums);
+      forward_chunk_sequence(*c, count, p, has_ref, seq_ratio, &sums);
     } else {
-      forward_chunk_token(*c, count, p, &sums);
+      forward_chunk_token(*c, count, p, has_ref, &sums);
     }
   }
   float low = sums.low, high = sums.high, ratio = sums.ratio;
@@ -290,12 +325,13 @@ void finalize(const float* stats, int64_t batch, int64_t mode, double const_weig
 template <bool kSeqLevel>
 GTALIGN_ALWAYS_INLINE void backward_chunk_body(const Chunk& c, int64_t count, const ClipParams params,
                                                float seq_grad, float row_scale, float* dlogp, float* dref) {
-  const ClipParams p = params;  // a local copy, as in forward_chunk_body
+  const ClipParams p = params;  // local copies, as in forward_chunk_body
+  const float *adv = c.adv, *valid_in = c.valid;
 #pragma omp simd
   for (int64_t i = 0; i < count; ++i) {
-    const bool valid = c.valid[i] != 0.0f;
+    const bool valid = valid_in[i] != 0.0f;
     const float policy_grad =
-        kSeqLevel ? seq_grad : policy_term(c.ratio[i], c.adv[i], p).dloss_dratio * c.dratio[i];
+        kSeqLevel ? seq_grad : policy_term(c.ratio[i], adv[i], p).dloss_dratio * c.dratio[i];
     const float kl_grad = p.beta * c.dkl_dref[i];
     dlogp[i] = blend(valid, row_scale * (policy_grad - kl_grad), 0.0f);
     dref[i] = blend(valid, row_scale * kl_grad, 0.0f);
@@ -319,13 +355,24 @@ void backward_row(const Inputs<scalar_t>& in, int64_t b, const ClipParams& p, bo
     const int64_t count = std::min(kChunk, in.length - start);
     load_chunk(in, b, start, count, true, c);
     exp_chunk(c, count, in.ref.data != nullptr ? 1.0f : 0.0f);
-    if (seq_level) {
-      backward_chunk_sequence(*c, count, p, seq_grad, row_scale, dlogp_buffer, dref_buffer);
-    } else {
-      backward_chunk_token(*c, count, p, row_scale, dlogp_buffer, dref_buffer);
+    scalar_t* dlogp_out = dlogp + b * in.length + start;
+    scalar_t* dref_out = dref != nullptr ? dref + b * in.length + start : nullptr;
+    // float32 gradients go straight into the outputs; other dtypes through the buffers.
+    float* dlogp_chunk = dlogp_buffer;
+    float* dref_chunk = dref_buffer;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      dlogp_chunk = dlogp_out;
+      if (dref_out != nullptr) dref_chunk = dref_out;
     }
-    store_as(dlogp_buffer, count, dlogp + b * in.length + start);
-    if (dref != nullptr) store_as(dref_buffer, count, dref + b * in.length + start);
+    if (seq_level) {
+      backward_chunk_sequence(*c, count, p, seq_grad, row_scale, dlogp_chunk, dref_chunk);
+    } else {
+      backward_chunk_token(*c, count, p, row_scale, dlogp_chunk, dref_chunk);
+    }
+    if constexpr (!std::is_same_v<scalar_t, float>) {
+      store_as(dlogp_chunk, count, dlogp_out);
+      if (dref_out != nullptr) store_as(dref_chunk, count, dref_out);
+    }
   }
 }
 
