@@ -188,8 +188,7 @@ def _run_backward(name, grad_loss, args, row_stats, row_weights, ref_grad, dlogp
 # Custom ops
 
 
-@torch.library.custom_op("gtalign_fast::grpo_loss", mutates_args=())
-def _grpo_loss_op(
+def _forward(
     logp: torch.Tensor,
     old_logp: torch.Tensor | None,
     ref_logp: torch.Tensor | None,
@@ -207,12 +206,6 @@ def _grpo_loss_op(
     num_items_value: float | None,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, beta, epsilon_low, epsilon_high,
-                    delta, dual_clip, loss_type, sequence_level, max_completion_length, num_items_value, backend)
-
-
-def _forward(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, beta, epsilon_low, epsilon_high, delta,
-             dual_clip, loss_type, sequence_level, max_completion_length, num_items_value, backend):
     """The forward op's body: (loss, metrics, row_stats, row_weights)."""
     name = _backend.resolve(OP, logp.device, backend)
     _backend.record(OP, name)
@@ -229,6 +222,10 @@ def _forward(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, beta,
     return loss, metrics, row_stats, row_weights
 
 
+# The custom op runs the same function; the plain one stays callable for the eager path below.
+_grpo_loss_op = torch.library.custom_op("gtalign_fast::grpo_loss", mutates_args=())(_forward)
+
+
 @_grpo_loss_op.register_fake
 def _(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, beta, epsilon_low, epsilon_high, delta, dual_clip,
       loss_type, sequence_level, max_completion_length, num_items_value, backend):
@@ -241,8 +238,7 @@ def _(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, beta, epsilo
     )
 
 
-@torch.library.custom_op("gtalign_fast::grpo_loss_backward", mutates_args=())
-def _grpo_loss_backward_op(
+def _backward_impl(
     grad_loss: torch.Tensor,
     row_stats: torch.Tensor,
     row_weights: torch.Tensor,
@@ -264,14 +260,6 @@ def _grpo_loss_backward_op(
     ref_grad: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _backward_impl(grad_loss, row_stats, row_weights, logp, old_logp, ref_logp, advantages, mask,
-                          num_items_tensor, beta, epsilon_low, epsilon_high, delta, dual_clip, loss_type, sequence_level,
-                          max_completion_length, num_items_value, ref_grad, backend)
-
-
-def _backward_impl(grad_loss, row_stats, row_weights, logp, old_logp, ref_logp, advantages, mask, num_items_tensor,
-                   beta, epsilon_low, epsilon_high, delta, dual_clip, loss_type, sequence_level, max_completion_length,
-                   num_items_value, ref_grad, backend):
     """The backward op's body: (dlogp, dref)."""
     name = _backend.resolve(OP, logp.device, backend)
     _backend.record(OP, name)
@@ -282,6 +270,9 @@ def _backward_impl(grad_loss, row_stats, row_weights, logp, old_logp, ref_logp, 
     grad_loss = grad_loss.to(torch.float32).reshape(())
     _run_backward(name, grad_loss, args, row_stats, row_weights, ref_grad, dlogp, dref)
     return dlogp, dref
+
+
+_grpo_loss_backward_op = torch.library.custom_op("gtalign_fast::grpo_loss_backward", mutates_args=())(_backward_impl)
 
 
 @_grpo_loss_backward_op.register_fake
