@@ -129,8 +129,9 @@ def available_backends(device: torch.device | str, op: str | None = None) -> lis
 def _default_backend(op: str, device: torch.device) -> str:
     if device.type == "cuda":
         preferred = CUDA_DEFAULTS.get(op, "triton")
+        runnable = available_backends(device, op)
         for candidate in (preferred, "triton", "cuda"):
-            if candidate in available_backends(device, op):
+            if candidate in runnable:
                 return candidate
     elif device.type == "cpu" and why_unavailable("cpu", device) is None:
         return "cpu"
