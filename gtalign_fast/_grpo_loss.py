@@ -324,12 +324,12 @@ _grpo_loss_op.register_autograd(_backward, setup_context=_setup_context)
 def _plain_eager(*tensors) -> bool:
     """Whether this is an ordinary eager call: not traced by torch.compile, no torch-function or
     dispatch mode (fake tensors, make_fx, export), no functorch transform (vmap, grad), and only
-    plain tensors (no subclasses)."""
+    plain tensors and Parameters (no subclasses such as DTensor)."""
     if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
         return False
-    return all(t is None or type(t) is torch.Tensor for t in tensors)
+    return all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
 
 
 class _EagerGrpoLoss(torch.autograd.Function):

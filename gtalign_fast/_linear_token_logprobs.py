@@ -32,6 +32,7 @@ import math
 import torch
 
 from . import _backend, reference
+from ._token_logprobs import check_target_range
 
 OP = "linear_token_logprobs"
 BACKENDS = ("triton", "cuda", "cpu", "reference")
@@ -90,16 +91,6 @@ def chunk_shape(n_rows: int, vocab: int, chunk_size: int, device: torch.device) 
         cols = min(vocab, max(MIN_COLS, min(MAX_COLS, budget // max(n_rows, 1))))
     rows = min(max(n_rows, 1), max(1, budget // cols))
     return rows, cols
-
-
-def _check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    out_of_range = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
-    if bool(out_of_range.any()):
-        position = int(out_of_range.nonzero()[0, 0])
-        raise IndexError(
-            f"{OP}: target id {int(targets[position])} at position {position} is outside [0, {vocab}) "
-            f"and is not ignore_index ({ignore_index})"
-        )
 
 
 _MM_OUT_DTYPE_OK: dict[str, bool] = {}
@@ -482,7 +473,7 @@ def _linear_token_logprobs_op(
     name = _resolve_backend(hidden.device, backend)
     _backend.record(OP, name)
     _check_backend_dtype(name, hidden.dtype)
-    _check_target_range(targets, weight.shape[0], ignore_index)
+    check_target_range(targets, weight.shape[0], ignore_index, op=OP)
     n_rows = targets.shape[0]
     logp = _backend.new_output((n_rows,), torch.float32, hidden.device)
     lse = _backend.new_output((n_rows,), torch.float32, hidden.device)

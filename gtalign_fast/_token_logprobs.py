@@ -50,13 +50,15 @@ def rows_view(logits: torch.Tensor) -> torch.Tensor:
     return logits.as_strided((d0, d1, vocab), (s0, s1, logits.stride(-1)), logits.storage_offset())
 
 
-def _check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+def check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int, op: str = OP) -> None:
+    """IndexError naming the first target id outside ``[0, vocab)`` that is not ``ignore_index``
+    (shared with linear_token_logprobs). One reduction, and a host sync on CUDA."""
     out_of_range = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
     if bool(out_of_range.any()):
         position = int(out_of_range.reshape(-1).nonzero()[0, 0])
         value = int(targets.reshape(-1)[position])
         raise IndexError(
-            f"token_logprobs: target id {value} at flat position {position} is outside [0, {vocab}) "
+            f"{op}: target id {value} at position {position} (flattened) is outside [0, {vocab}) "
             f"and is not ignore_index ({ignore_index})"
         )
 
@@ -149,7 +151,7 @@ def _token_logprobs_op(
     name = _backend.resolve(OP, logits.device, backend)
     _backend.record(OP, name)
     vocab = logits.shape[-1]
-    _check_target_range(targets, vocab, ignore_index)
+    check_target_range(targets, vocab, ignore_index)
     n_rows = targets.numel()
     logp = _backend.new_output((n_rows,), torch.float32, logits.device)
     # Per row (max of z/T, log sum exp(z/T - max)), saved for the backward.

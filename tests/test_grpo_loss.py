@@ -335,3 +335,31 @@ def test_matches_trl_when_installed():
         (grad,) = torch.autograd.grad(loss, ours)
         torch.testing.assert_close(loss, trl_loss.float(), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(grad, trl_grad.float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", kernel_backends() + ["reference"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_eager_path_equals_custom_op(backend, level):
+    """Plain eager calls skip the custom op (an autograd.Function over the same forward and
+    backward); through the op (as torch.compile and export take it) the results are the same bits."""
+    from gtalign_fast import _grpo_loss
+
+    logp, old, ref, advantages, mask = _inputs(5, 37, seed=32)
+    options = dict(ref_logp=None, beta=0.04, epsilon_high=0.28, importance_sampling_level=level, loss_type="dapo",
+                   backend=backend)
+    results = []
+    for through_op in (False, True):
+        original = _grpo_loss._plain_eager
+        if through_op:
+            _grpo_loss._plain_eager = lambda *tensors: False
+        try:
+            x, ref_x = logp.clone().requires_grad_(True), ref.clone().requires_grad_(True)
+            loss, metrics = ops.grpo_loss(x, old, advantages, mask, **{**options, "ref_logp": ref_x})
+            loss.backward()
+        finally:
+            _grpo_loss._plain_eager = original
+        results.append((loss, *metrics.values(), x.grad, ref_x.grad))
+    subclass = type("Subclass", (torch.Tensor,), {})
+    assert _grpo_loss._plain_eager(logp, None) and not _grpo_loss._plain_eager(logp.as_subclass(subclass))
+    for eager, through_op in zip(*results):
+        assert torch.equal(eager, through_op)
