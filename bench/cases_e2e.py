@@ -153,8 +153,11 @@ def _ours(setup: Setup, device: torch.device, phase: str):
         completion_ids = [ids[m.bool()].tolist() for ids, m in zip(gen.completion_ids, gen.completion_mask)]
         if phase == "grpo_scoring":
             return lambda: trainer._advantages(trainer._score(prompts, rows, completion_ids))
-        rollout = trainer._make_rollout(0)
-        return lambda: trainer._update(rollout)
+        step()  # makes the rollout of batch 0 (and trains on it once)
+        # every later step reuses that rollout (as with num_iterations > 1, but without old log-probs,
+        # like a num_iterations = 1 step): what is timed is the policy update alone
+        trainer.args.num_iterations = 10**9
+        return step
 
     return make
 

@@ -14,7 +14,6 @@ on the same ``[B, T+1, V]`` logits (CUDA only: Liger needs it; on CPU the row sa
 
 from __future__ import annotations
 
-
 import torch
 
 from bench.common import Case, dtype_of, grad_closure, missing, skipped

@@ -130,7 +130,9 @@ def cases(device: torch.device, suite: str) -> list[Case]:
                 rows.extend(skipped(OP, name, MODES, shape, dtype_name, reason))
                 continue
             for mode in MODES:
-                executed = useful[mode] + (2 * n * hidden_size * vocab if name.startswith("gtalign") and mode == "full" else 0)
-                rows.append(Case(OP, name, mode, shape, dtype_name, _make(compute, n, hidden_size, vocab, dtype, device, mode),
+                recompute = 2 * n * hidden_size * vocab if name.startswith("gtalign") and mode == "full" else 0
+                executed = useful[mode] + recompute
+                fn = _make(compute, n, hidden_size, vocab, dtype, device, mode)
+                rows.append(Case(OP, name, mode, shape, dtype_name, fn,
                                  bytes=traffic[mode], flops=useful[mode], extra={"flops_executed": executed}))
     return rows

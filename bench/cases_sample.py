@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 from bench.common import Case, dtype_of, missing, skipped
-
 from gtalign_fast import ops
 from gtalign_fast._backend import available_backends
 

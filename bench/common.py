@@ -76,4 +76,6 @@ def grad_closure(outputs, inputs, grads) -> Callable[[], Any]:
 
 
 def dtype_of(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}[name]
+    """The torch dtype named ``name`` (``"float32"``, ``"bfloat16"``, ...)."""
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+    return dtypes[name]

@@ -14,6 +14,7 @@ Examples
     python bench/run.py                       # the default suite, about two minutes
     python bench/run.py --suite full --ops token_logprobs,grpo_loss
     python bench/run.py --suite e2e           # trainer step throughput vs TRL
+    python bench/run.py --plot-only bench/results/*.json   # redraw the PNGs from committed results
 """
 
 from __future__ import annotations
@@ -214,7 +215,8 @@ def collect_cases(device: torch.device, suite: str, ops: set[str] | None) -> lis
             module = importlib.import_module(module_name)
             cases.extend(module.cases(device, suite))
         except Exception as error:  # noqa: BLE001 - one broken case file is a row, not a lost run
-            reason = f"error building cases: {type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''}"
+            first_line = str(error).splitlines()[0][:120] if str(error) else ""
+            reason = f"error building cases: {type(error).__name__}: {first_line}"
             cases.append(Case(op_name, "-", "-", {}, "-", None, skip=reason))
     return cases
 
@@ -290,44 +292,281 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: str, title: str) -> str | None:
-    """One panel per (op, shape, dtype): time per provider and mode (log scale)."""
-    try:
-        import matplotlib
+# The plot. Bars on a log axis cut just under the smallest bar made 23.5 ms vs 37.8 ms look like a
+# tenfold gap, so every axis here is linear and starts at 0, and each bar carries its number.
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+BASELINE = "torch-eager"
+_MODE_ORDER = {"fwd": 0, "bwd": 1, "full": 2}
+# One colour per provider in every panel, so a reader can follow a provider across panels; ours in
+# blues, the eager baseline grey, the peers in distinct hues.
+_PROVIDER_COLOURS = {
+    "torch-eager": "#8c8c8c", "torch-compile": "#ff7f0e", "trl": "#2ca02c", "liger": "#9467bd",
+    "flash-attn": "#8c564b", "verl": "#e377c2", "flashinfer": "#bcbd22", "reference-two-call": "#8c8c8c",
+}
+_OUR_COLOURS = ("#1f4e99", "#3a7dd8", "#7fb0ee", "#0b2a5c")
+_OTHER_COLOURS = ("#17becf", "#d62728", "#7f7f7f", "#aec7e8")
+
+
+def _provider_colour(provider: str, ours: list[str]) -> str:
+    if provider.startswith("gtalign_fast"):
+        if provider not in ours:
+            ours.append(provider)
+        return _OUR_COLOURS[ours.index(provider) % len(_OUR_COLOURS)]
+    if provider in _PROVIDER_COLOURS:
+        return _PROVIDER_COLOURS[provider]
+    return _OTHER_COLOURS[sum(map(ord, provider)) % len(_OTHER_COLOURS)]  # stable across runs
+
+
+def _format_ms(ms: float) -> str:
+    return f"{ms:.3g} ms" if ms < 1000 else f"{ms:,.0f} ms"
+
+
+def _format_speedup(speedup: float) -> str:
+    return f"{speedup:.0f}x" if speedup >= 9.95 else f"{speedup:.2g}x"
+
+
+def _timed(row: dict) -> bool:
+    return bool(row.get("median_ms")) and row.get("status", "ok") == "ok"
+
+
+def plot_panels(rows: list[dict]) -> list[dict]:
+    """Group result rows into plot panels, one per (op, mode, shape, dtype).
+
+    Parameters
+    ----------
+    rows : list of dict
+        Result rows as ``run_case`` writes them (``op``, ``provider``, ``mode``, ``shape``,
+        ``dtype``, ``status``, ``median_ms``).
+
+    Returns
+    -------
+    list of dict
+        In the order the bench ran the ops (modes as fwd, bwd, full), each with ``op``, ``mode``,
+        ``shape``, ``dtype``, ``family`` (the (shape, dtype) the layout keeps on one line),
+        ``baseline_ms`` (the torch eager time, or None when the panel has none: then it plots
+        time instead of speed-up), ``bars`` (timed rows, ours first, then eager, then the peers)
+        and ``missing`` (rows that did not run, with their reason).
+    """
+    panels: dict[tuple, dict] = {}
+    first_seen: dict[tuple, int] = {}
+    for index, row in enumerate(rows):
+        key = (row["op"], row["shape"], row["dtype"], row["mode"])
+        first_seen.setdefault(key[:3], index)
+        panel = panels.setdefault(key, {"op": row["op"], "shape": row["shape"], "dtype": row["dtype"],
+                                        "mode": row["mode"], "family": (row["shape"], row["dtype"]),
+                                        "baseline_ms": None, "bars": [], "missing": []})
+        (panel["bars"] if _timed(row) else panel["missing"]).append(row)
+    for panel in panels.values():
+        # Ours on top, the eager reference right under it, the peers after: the comparison a reader
+        # makes first is ours against eager.
+        panel["bars"].sort(key=lambda r: (0 if r["provider"].startswith("gtalign_fast") else
+                                          1 if r["provider"] == BASELINE else 2))
+        panel["baseline_ms"] = next((r["median_ms"] for r in panel["bars"] if r["provider"] == BASELINE), None)
+    return [panels[key] for key in sorted(
+        panels, key=lambda k: (first_seen[k[:3]], _MODE_ORDER.get(k[3], len(_MODE_ORDER)), k[3]))]
+
+
+def _layout(panels: list[dict], columns: int) -> list[list[dict]]:
+    """Panels in grid lines of ``columns``; a family (same shape and dtype: the modes of one op, the
+    phases of one e2e model) starts a new line rather than break across two, when it fits on one."""
+    lines: list[list[dict]] = []
+    families: list[list[dict]] = []
+    for panel in panels:
+        if families and families[-1][0]["family"] == panel["family"]:
+            families[-1].append(panel)
+        else:
+            families.append([panel])
+    for family in families:
+        for panel in family:
+            fits = lines and len(lines[-1]) + (len(family) if panel is family[0] else 1) <= columns
+            if not fits:
+                lines.append([])
+            lines[-1].append(panel)
+    return lines
+
+
+def _wrap(text: str, width: int) -> str:
+    """Wrap a shape such as ``model=tiny,H=64,...`` at its commas."""
+    lines, line = [], ""
+    for part in text.split(","):
+        candidate = f"{line},{part}" if line else part
+        if line and len(candidate) > width:
+            lines.append(line + ",")
+            line = part
+        else:
+            line = candidate
+    return "\n".join(lines + [line])
+
+
+def _draw_panel(axis, panel: dict, colours: list[str], slots: int) -> None:
+    """Horizontal bars of one panel: speed-up over eager (with the 1x line) or, without an eager
+    row, median time; both on a linear axis from 0. Rows that did not run are listed by name with
+    their reason where their bar would be, never drawn as a zero-length bar. ``slots`` rows of
+    space (the longest panel on this line), so bars are equally thick side by side."""
+    baseline = panel["baseline_ms"]
+    bars, missing = panel["bars"], panel["missing"]
+    names = [r["provider"] for r in bars] + [r["provider"] for r in missing]
+    positions = list(range(len(names)))
+    # Linear, explicitly (and first: setting the scale resets the tick formatter set below).
+    axis.set_xscale("linear")
+    if baseline:
+        values = [baseline / r["median_ms"] for r in bars]
+        labels = [f"{_format_ms(r['median_ms'])} · {_format_speedup(v)}" for r, v in zip(bars, values)]
+        axis.set_xlabel("speed-up over torch eager (longer is faster)", fontsize=7.5)
+    else:
+        values = [r["median_ms"] for r in bars]
+        labels = [_format_ms(v) for v in values]
+        axis.set_xlabel("median time, ms (shorter is faster)", fontsize=7.5)
+    container = axis.barh(positions[:len(bars)], values, height=0.7,
+                          color=[_provider_colour(r["provider"], colours) for r in bars])
+    # A white backing, so the 1x line does not run through the label of a bar that ends near 1x.
+    axis.bar_label(container, labels=labels, padding=3, fontsize=7.5,
+                   bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.85, "pad": 0.6})
+    if baseline:
+        # Only across the bars: through the listed rows it would strike out their reasons.
+        axis.plot([1.0, 1.0], [-0.5, len(bars) - 0.5], color="#444444", linestyle="--", linewidth=1,
+                  zorder=2.5, gid="eager-1x")
+        axis.xaxis.set_major_formatter(lambda value, _: f"{value:g}x")
+    for position, row in zip(positions[len(bars):], missing):
+        reason = row["status"] if len(row["status"]) <= 58 else row["status"][:57] + "…"
+        axis.text(0.01, position, reason, transform=axis.get_yaxis_transform(), va="center", ha="left",
+                  fontsize=7, color="#777777", style="italic")
+    axis.set_yticks(positions)
+    axis.set_yticklabels(names, fontsize=8)
+    for tick, _ in zip(axis.get_yticklabels()[len(bars):], missing):
+        tick.set_color("#777777")
+    axis.set_ylim(max(slots, len(names)) - 0.5, -0.5)  # first row on top
+    # Room right of the longest bar for its label; the 1x line always in view.
+    right = max(values + ([1.0] if baseline else []), default=1.0)
+    axis.set_xlim(0, right * 1.42)
+    axis.tick_params(axis="x", labelsize=7)
+    axis.grid(axis="x", color="#e6e6e6", linewidth=0.6)
+    axis.set_axisbelow(True)
+    for side in ("top", "right"):
+        axis.spines[side].set_visible(False)
+    title = f"{panel['op']} · {panel['mode']}"
+    details = _wrap(panel["shape"], 46) + (f" · {panel['dtype']}" if panel["dtype"] not in ("", "-") else "")
+    axis.set_title(f"{title}\n{details}", fontsize=8.5, loc="left")
+
+
+def plot_title(suite: str, env: dict, complete: bool = True) -> str:
+    """The figure title: suite, device, the versions that decide the numbers, commit and date.
+
+    Parameters
+    ----------
+    suite : str
+        The suite name (``default``, ``full``, ``e2e``).
+    env : dict
+        The ``environment`` block of a result file (see ``environment``).
+    complete : bool
+        False for a run stopped part-way; the title says so.
+    """
+    versions = [f"torch {env.get('torch')}"]
+    if env.get("cuda"):
+        versions.append(f"CUDA {env['cuda']}")
+    versions.append(f"triton {env.get('triton') or '-'}")
+    for key, name in (("trl", "TRL"), ("liger_kernel", "Liger")):
+        if env.get(key):
+            versions.append(f"{name} {env[key]}")
+    when = (env.get("date") or "")[:10]
+    line1 = f"gtalign_fast bench, {suite} suite, on {env.get('device', 'unknown device')}"
+    line2 = " · ".join(versions + [f"commit {env.get('commit', 'unknown')}"] + ([when] if when else []))
+    return f"{line1}{'' if complete else '  (INCOMPLETE RUN)'}\n{line2}"
+
+
+def plot_figure(rows: list[dict], title: str, columns: int | None = None):
+    """Draw the result rows: one panel per (op, mode, shape, dtype).
+
+    Each panel shows horizontal bars of the speed-up over torch eager on a linear axis from 0, with
+    a dashed line at 1x, each bar labelled with its median time and speed-up ("0.36 ms · 6.3x");
+    a panel without a timed eager row (the e2e suite, steering) shows median time in ms from 0
+    instead. Rows that did not run are listed with their reason, without a bar.
+
+    Parameters
+    ----------
+    rows : list of dict
+        Result rows (``run_case``'s, or a result file's ``rows``).
+    title : str
+        Figure title (see ``plot_title``).
+    columns : int, optional
+        Panels per line; default: the largest family (modes of one shape), between 2 and 4.
+
+    Returns
+    -------
+    matplotlib.figure.Figure or None
+        None when no row was timed.
+    """
+    # A bare Figure, not pyplot: no global backend or figure registry to manage, and it renders
+    # with Agg when saved to PNG on a machine without a display.
+    from matplotlib.figure import Figure
+
+    panels = plot_panels(rows)
+    if not any(panel["bars"] for panel in panels):
+        return None
+    if columns is None:
+        family_sizes: dict[tuple, int] = {}
+        for panel in panels:
+            family_sizes[panel["family"]] = family_sizes.get(panel["family"], 0) + 1
+        columns = min(4, max(2, max(family_sizes.values())))
+    lines = _layout(panels, columns)
+    # Height follows the content: a panel line is as tall as its longest panel needs (0.24 in per
+    # provider row, plus title and axis), so many panels stay readable instead of being squeezed.
+    slots = [max(len(p["bars"]) + len(p["missing"]) for p in line) for line in lines]
+    heights = [1.25 + 0.24 * count for count in slots]
+    figure = Figure(figsize=((5.6 if columns <= 3 else 4.5) * columns, sum(heights) + 1.0), layout="constrained")
+    grid = figure.add_gridspec(len(lines), columns, height_ratios=heights)
+    colours: list[str] = []
+    for line_index, line in enumerate(lines):
+        for column, panel in enumerate(line):
+            _draw_panel(figure.add_subplot(grid[line_index, column]), panel, colours, slots[line_index])
+    speedup_panels = sum(bool(panel["baseline_ms"]) for panel in panels)
+    if speedup_panels == len(panels):
+        reading = "bars: speed-up over torch eager (linear axis from 0, dashed line = 1x)"
+    elif speedup_panels == 0:
+        reading = "bars: median time in ms (linear axis from 0)"
+    else:
+        reading = ("bars: speed-up over torch eager (linear axis from 0, dashed line = 1x), or median time in ms "
+                   "(from 0) where a panel has no eager row")
+    figure.suptitle(f"{title}\n{reading}; rows without a bar did not run", fontsize=10)
+    return figure
+
+
+def plot(rows: list[dict], path: str, title: str) -> str | None:
+    """Save ``plot_figure(rows, title)`` as a PNG at ``path``.
+
+    Returns
+    -------
+    str or None
+        Why no plot was written, or None when it was.
+    """
+    try:
+        figure = plot_figure(rows, title)
     except ImportError:
         return "matplotlib not installed: no plot"
-    timed = [r for r in rows if r["median_ms"]]
-    groups = sorted({(r["op"], r["shape"], r["dtype"]) for r in timed})
-    if not groups:
+    if figure is None:
         return "nothing timed: no plot"
-    columns = min(3, len(groups))
-    lines = (len(groups) + columns - 1) // columns
-    figure, axes = plt.subplots(lines, columns, figsize=(6 * columns, 3.8 * lines), squeeze=False)
-    for axis, (op, shape, dtype) in zip(axes.flat, groups):
-        group = [r for r in timed if (r["op"], r["shape"], r["dtype"]) == (op, shape, dtype)]
-        providers = sorted({r["provider"] for r in group}, key=lambda p: (not p.startswith("gtalign"), p))
-        modes = [m for m in ("fwd", "bwd", "full") if any(r["mode"] == m for r in group)]
-        width = 0.8 / max(len(modes), 1)
-        for index, mode in enumerate(modes):
-            values = [next((r["median_ms"] for r in group if r["provider"] == p and r["mode"] == mode), 0)
-                      for p in providers]
-            axis.bar([i + index * width for i in range(len(providers))], values, width, label=mode)
-        axis.set_xticks([i + width * (len(modes) - 1) / 2 for i in range(len(providers))])
-        axis.set_xticklabels(providers, rotation=30, ha="right", fontsize=8)
-        axis.set_yscale("log")
-        axis.set_ylabel("median ms (log)")
-        axis.set_title(f"{op}  {shape}  {dtype}", fontsize=9)
-        axis.legend(fontsize=7)
-    for axis in list(axes.flat)[len(groups):]:
-        axis.axis("off")
-    figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
     return None
+
+
+def plot_only(paths: list[str]) -> int:
+    """Redraw the PNG beside each result JSON (``X.json`` -> ``X.png``) without running anything.
+
+    Returns
+    -------
+    int
+        The exit status: 1 when a plot could not be written.
+    """
+    status = 0
+    for json_path in paths:
+        with open(json_path) as handle:
+            result = json.load(handle)
+        png_path = os.path.splitext(json_path)[0] + ".png"
+        title = plot_title(result.get("suite", "?"), result.get("environment", {}), result.get("complete", True))
+        problem = plot(result["rows"], png_path, title)
+        print(problem or f"wrote {os.path.relpath(png_path, os.getcwd())}")
+        status |= problem is not None
+    return status
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -340,6 +579,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"), help="folder for the JSON and PNG")
     parser.add_argument("--tag", default="", help="suffix for the result file names")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    parser.add_argument("--plot-only", nargs="+", metavar="JSON", default=None,
+                        help="run nothing: redraw X.png beside each given result file X.json")
     return parser.parse_args(argv)
 
 
@@ -353,6 +594,8 @@ def write_json(path: str, suite: str, env: dict, limits: dict, rows: list[dict],
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.plot_only:
+        return plot_only(args.plot_only)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     env = environment(device)
     print(f"# gtalign_fast bench: suite={args.suite} on {env['device']} (torch {env['torch']}, "
@@ -383,7 +626,7 @@ def main(argv=None) -> int:
     write_json(stem + ".json", args.suite, env, limits, rows, complete=True)
     print(f"\nwrote {os.path.relpath(stem + '.json', os.getcwd())}")
     if not args.no_plot:
-        problem = plot(rows, stem + ".png", f"gtalign_fast {args.suite} on {env['device']} @ {env['commit']}")
+        problem = plot(rows, stem + ".png", plot_title(args.suite, env))
         print(problem or f"wrote {os.path.relpath(stem + '.png', os.getcwd())}")
     return 0
 

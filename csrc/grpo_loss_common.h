@@ -3,6 +3,10 @@
 // and the clip parameters (see kernels/grpo_loss.py for their meaning). Host code only: the
 // per-token maths stays in each file, written for its own compiler (omp simd selects on the CPU,
 // fminf / expf on the GPU).
+//
+// The constants mirror gtalign_fast/_grpo_constants.py, which the Python code and the Triton
+// kernels use; tests/test_constants.py parses this file and checks every value against it, so the
+// enum and constexpr lines below keep their simple `name = literal` form.
 #pragma once
 
 #include <cstdint>
@@ -13,8 +17,13 @@ namespace grpo {
 constexpr int64_t kNumStats = 8;
 // Columns of row_stats, one row per sequence.
 enum Stat : int64_t { kLossSum = 0, kTokens, kLow, kHigh, kRegion, kKlSum, kRatioSum, kSeqGrad };
+static_assert(kSeqGrad + 1 == kNumStats, "one row_stats column per Stat");
 // Aggregation modes of the finalize step (the mapping from loss_type is in gtalign_fast/_grpo_loss.py).
 enum Mode : int64_t { kSeqMean = 0, kTokenMean = 1, kNormaliserTensor = 2, kConstant = 3 };
+constexpr int64_t kNumMetrics = 5;
+// Entries of the metrics vector the finalize step writes (their names: METRIC_NAMES in Python).
+enum Metric : int64_t { kMetricLow = 0, kMetricHigh, kMetricRegion, kMetricKl, kMetricRatio };
+static_assert(kMetricRatio + 1 == kNumMetrics, "one metrics entry per Metric");
 constexpr float kLogRatioLimit = 20.0f;  // log-ratios are clamped to [-20, 20]
 constexpr float kKlLimit = 10.0f;        // k3 KL values are clamped to [-10, 10]
 

@@ -67,7 +67,7 @@ def make_row(rng: random.Random) -> dict:
     pricing = rng.choice(PRICINGS)
     user = [rng.randrange(10) for _ in ACTIONS]
     llm = [rng.randrange(10) for _ in ACTIONS]
-    words = [pricing] + [w for a, u, l in zip(ACTIONS, user, llm) for w in (a, str(u), str(l))] + ["act"]
+    words = [pricing] + [w for a, u, lm in zip(ACTIONS, user, llm) for w in (a, str(u), str(lm))] + ["act"]
     priced_user, priced_llm = priced_payoffs(pricing, user, llm)
     return {"prompt": " ".join(words), "user_payoff": priced_user, "llm_payoff": priced_llm,
             "best": best_action(priced_user, priced_llm)}
@@ -82,7 +82,7 @@ class ToyWelfare(list):
     """Per-completion rewards: the list holds W (for logging); ``.user`` / ``.llm`` feed the trainer."""
 
     def __init__(self, user: list[float], llm: list[float]) -> None:
-        super().__init__(math.sqrt(u * l) for u, l in zip(user, llm))
+        super().__init__(math.sqrt(u * lm) for u, lm in zip(user, llm))
         self.user, self.llm = user, llm
 
 

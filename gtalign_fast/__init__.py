@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 # name -> module that defines it, imported on first attribute access
 _LAZY = {
     "game": "gtalign_fast.game",
-    "GRPOConfig": "gtalign_fast.trainer",
+    "GRPOConfig": "gtalign_fast.grpo_config",
     "GRPOTrainer": "gtalign_fast.trainer",
     "SteeringSampler": "gtalign_fast.sampler",
 }

@@ -120,7 +120,8 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
 
 
 def available_backends(device: torch.device | str, op: str | None = None) -> list[str]:
-    """The backends that can run on ``device`` (those of ``op``, when given), fastest first."""
+    """The backends that can run on ``device`` (those of ``op``, when given), in the order of
+    :data:`BACKENDS` (not a speed ranking: the default per device is :data:`CUDA_DEFAULTS`)."""
     device = torch.device(device)
     missing = MISSING_BACKENDS.get(op, {}) if op else {}
     return [b for b in BACKENDS if b not in missing and why_unavailable(b, device) is None]

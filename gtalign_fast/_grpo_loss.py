@@ -1,41 +1,56 @@
-"""``grpo_loss``: the public op, its torch.library registration and its backends.
+"""``grpo_loss``: the public op and its backends.
 
-Forward and backward are two custom ops, ``gtalign_fast::grpo_loss`` and
-``gtalign_fast::grpo_loss_backward``; autograd links them. Each resolves its backend at run time
-(inside the op). The forward returns, besides the loss and the metrics, two small per-row
-tensors the backward needs: ``row_stats [B, 8]`` (partial sums of each sequence, see
-``kernels/grpo_loss.py``) and ``row_weights [B]`` (the weight of each sequence's token sum in the
-loss, which the aggregation mode fixes).
-
-Plain eager calls skip torch.library's per-call machinery (see :func:`_plain_eager`): they run
-the same forward and backward through a ``torch.autograd.Function``. The custom ops serve
-torch.compile, export, fake tensors and the other tracing modes.
+Forward and backward are two :class:`~gtalign_fast._op.Op` (custom ops ``gtalign_fast::grpo_loss``
+and ``gtalign_fast::grpo_loss_backward``); autograd links them. The forward returns, besides the
+loss and the metrics, two small per-row tensors the backward needs: ``row_stats [B, NUM_STATS]``
+(partial sums of each sequence, columns ``STAT_*`` of :mod:`gtalign_fast._grpo_constants`) and
+``row_weights [B]`` (the weight of each sequence's token sum in the loss, which the aggregation
+mode fixes).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from typing import NamedTuple
 
 import torch
 
-from . import _backend, reference
+from . import reference
+from ._grpo_constants import (
+    METRIC_NAMES,
+    MODE_CONSTANT,
+    MODE_NORMALISER_TENSOR,
+    MODE_SEQ_MEAN,
+    MODE_TOKEN_MEAN,
+    NUM_METRICS,
+    NUM_STATS,
+)
+from ._op import Op, Output, extension_kernel
 
 OP = "grpo_loss"
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LOSS_TYPES = reference.GRPO_LOSS_TYPES
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
-METRIC_NAMES = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "kl", "ratio_mean")
-NUM_STATS = 8
-
-# Aggregation modes of the finalize step (same numbers in kernels/grpo_loss.py and the C++/CUDA code).
-MODE_SEQ_MEAN = 0  # w_b = 1 / (B * max(n_b, 1))
-MODE_TOKEN_MEAN = 1  # w_b = 1 / max(sum n_b, 1)
-MODE_NORMALISER_TENSOR = 2  # w_b = 1 / num_items, read on the device
-MODE_CONSTANT = 3  # w_b = const_weight
 
 
-def aggregation(loss_type: str, batch: int, norm_length: int, num_items_value: float | None, has_num_items_tensor: bool):
+class GrpoLossOptions(NamedTuple):
+    """The scalar arguments of the op, as the public function normalised them."""
+
+    beta: float
+    epsilon_low: float
+    epsilon_high: float
+    delta: float | None
+    dual_clip: float | None
+    loss_type: str
+    sequence_level: bool
+    max_completion_length: int  # L of dr_grpo / seq-mean-token-sum-norm
+    num_items_value: float | None  # dapo's normaliser when given as a number
+
+
+def aggregation(
+    loss_type: str, batch: int, norm_length: int, num_items_value: float | None, has_num_items_tensor: bool
+):
     """The finalize mode and the constant per-row weight of ``loss_type`` (see the docstring of
     :func:`grpo_loss` for the formulas)."""
     if loss_type in ("grpo", "seq-mean-token-mean"):
@@ -78,40 +93,32 @@ def _kernel_advantages(advantages: torch.Tensor, shape) -> torch.Tensor:
     return advantages
 
 
-_EXTENSION_OPS: dict[tuple[str, str], object] = {}  # (name, dispatch key) -> op, once found
-
-
-def _extension_op(name: str, device: torch.device):
-    """The extension's kernel ``name``, or a clear error when the built extension predates it."""
-    key = "CUDA" if device.type == "cuda" else "CPU"
-    op = _EXTENSION_OPS.get((name, key))
-    if op is not None:
-        return op
-    ops = torch.ops.gtalign_fast_C
-    if not hasattr(ops, name) or not torch._C._dispatch_has_kernel_for_dispatch_key(f"gtalign_fast_C::{name}", key):
-        raise RuntimeError(
-            f"gtalign_fast.grpo_loss: the compiled extension has no {key} {name} kernel; rebuild it "
-            "(python setup.py build_ext --inplace)"
-        )
-    op = _EXTENSION_OPS[(name, key)] = getattr(ops, name)
-    return op
-
-
 # ---------------------------------------------------------------------------------------------
-# Backends
+# Forward
 
 
-def _reference_loss(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, beta, epsilon_low, epsilon_high,
-                    delta, dual_clip, loss_type, sequence_level, max_completion_length, num_items_value):
-    num_items = num_items_tensor if num_items_tensor is not None else num_items_value
+def _reference_loss(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, options: GrpoLossOptions):
+    num_items = num_items_tensor if num_items_tensor is not None else options.num_items_value
     return reference.grpo_loss(
-        logp, old_logp, advantages, mask, ref_logp, beta, epsilon_low, epsilon_high, delta, dual_clip, loss_type,
-        "sequence" if sequence_level else "token", max_completion_length, num_items,
+        logp, old_logp, advantages, mask, ref_logp, options.beta, options.epsilon_low, options.epsilon_high,
+        options.delta, options.dual_clip, options.loss_type, "sequence" if options.sequence_level else "token",
+        options.max_completion_length, num_items,
     )
 
 
-def _forward_reference(args, loss, metrics, row_stats, row_weights):
-    ref_loss, ref_metrics = _reference_loss(*args)
+def _forward_outputs(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, options):
+    batch = logp.shape[0]
+    return (
+        Output((), torch.float32),  # loss
+        Output((NUM_METRICS,), torch.float32),  # metrics, in METRIC_NAMES order
+        Output((batch, NUM_STATS), torch.float32),  # row_stats
+        Output((batch,), torch.float32),  # row_weights
+    )
+
+
+def _forward_reference(*args):
+    *inputs, options, loss, metrics, row_stats, row_weights = args
+    ref_loss, ref_metrics = _reference_loss(*inputs, options)
     loss.copy_(ref_loss)
     for index, name in enumerate(METRIC_NAMES):
         metrics[index] = ref_metrics[name] if name in ref_metrics else 0.0
@@ -120,23 +127,61 @@ def _forward_reference(args, loss, metrics, row_stats, row_weights):
     row_weights.zero_()
 
 
-def _run_forward(name, args, mode, const_weight, row_metrics, loss, metrics, row_stats, row_weights):
-    (logp, old_logp, ref_logp, advantages, mask, num_items_tensor, beta, epsilon_low, epsilon_high, delta, dual_clip,
-     _loss_type, sequence_level, _length, _num_items_value) = args
-    if name == "reference":
-        _forward_reference(args, loss, metrics, row_stats, row_weights)
-        return
-    kernel_args = (
+def _forward_args(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, options, *outputs) -> tuple:
+    """The kernels' arguments (the same for the Triton, C++ CPU and CUDA launchers)."""
+    mode, const_weight = aggregation(options.loss_type, logp.shape[0], options.max_completion_length,
+                                     options.num_items_value, num_items_tensor is not None)
+    row_metrics = options.sequence_level and advantages.dim() == 1
+    return (
         logp, old_logp, ref_logp, _kernel_advantages(advantages, logp.shape), _kernel_mask(mask), num_items_tensor,
-        beta, epsilon_low, epsilon_high, math.inf if delta is None else delta, 0.0 if dual_clip is None else dual_clip,
-        sequence_level, row_metrics, mode, const_weight, loss, metrics, row_stats, row_weights,
+        *_clip_args(options), options.sequence_level, row_metrics, mode, const_weight, *outputs,
     )
-    if name == "triton":
-        from gtalign_fast.kernels import grpo_loss as triton_kernels
 
-        triton_kernels.grpo_loss_forward(*kernel_args)
-    else:  # "cpu" and "cuda": the compiled extension, dispatched by device
-        _extension_op("grpo_loss_fwd", logp.device)(*kernel_args)
+
+def _clip_args(options: GrpoLossOptions) -> tuple[float, float, float, float, float]:
+    """(beta, epsilon_low, epsilon_high, delta, dual_clip) as the kernels take them: no delta is
+    +inf, no dual clip is 0."""
+    delta = math.inf if options.delta is None else options.delta
+    dual_clip = 0.0 if options.dual_clip is None else options.dual_clip
+    return options.beta, options.epsilon_low, options.epsilon_high, delta, dual_clip
+
+
+def _forward_triton(*args):
+    from gtalign_fast.kernels import grpo_loss as triton_kernels
+
+    triton_kernels.grpo_loss_forward(*_forward_args(*args))
+
+
+def _forward_extension(*args):
+    """The C++ CPU and CUDA kernels of the compiled extension, dispatched by device."""
+    extension_kernel("grpo_loss_fwd", args[0].device)(*_forward_args(*args))
+
+
+FORWARD = Op(
+    "grpo_loss",
+    inputs="Tensor logp, Tensor? old_logp, Tensor? ref_logp, Tensor advantages, Tensor mask, Tensor? num_items_tensor",
+    options=GrpoLossOptions,
+    returns=("loss", "metrics", "row_stats", "row_weights"),
+    outputs=_forward_outputs,
+    backends={
+        "triton": _forward_triton,
+        "cpu": _forward_extension,
+        "cuda": _forward_extension,
+        "reference": _forward_reference,
+    },
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+
+
+def _backward_outputs(grad_loss, row_stats, row_weights, logp, old_logp, ref_logp, *rest):
+    *_, ref_grad, _options = rest
+    return (
+        Output(logp.shape, logp.dtype),  # dlogp, contiguous
+        Output(ref_logp.shape if ref_grad else (0,), logp.dtype),  # dref
+    )
 
 
 @contextlib.contextmanager
@@ -151,211 +196,79 @@ def _autograd_inside_op():
         yield
 
 
-def _backward_reference(grad_loss, args, ref_grad, dlogp, dref):
-    logp, ref_logp = args[0], args[2]
+def _backward_reference(grad_loss, row_stats, row_weights, logp, old_logp, ref_logp, advantages, mask,
+                        num_items_tensor, ref_grad, options, dlogp, dref):
     with _autograd_inside_op():
         leaves = [logp.detach().requires_grad_(True)]
         ref_leaf = ref_logp.detach().requires_grad_(True) if ref_grad else ref_logp
         if ref_grad:
             leaves.append(ref_leaf)
-        loss, _ = _reference_loss(leaves[0], args[1], ref_leaf, *args[3:])
+        loss, _ = _reference_loss(leaves[0], old_logp, ref_leaf, advantages, mask, num_items_tensor, options)
         grads = torch.autograd.grad(loss, leaves, grad_loss.to(loss.dtype))
     dlogp.copy_(grads[0])
     if ref_grad:
         dref.copy_(grads[1])
 
 
-def _run_backward(name, grad_loss, args, row_stats, row_weights, ref_grad, dlogp, dref):
-    (logp, old_logp, ref_logp, advantages, mask, _num_items_tensor, beta, epsilon_low, epsilon_high, delta,
-     dual_clip, _loss_type, sequence_level, _length, _num_items_value) = args
-    if name == "reference":
-        _backward_reference(grad_loss, args, ref_grad, dlogp, dref)
-        return
-    kernel_args = (
-        grad_loss, row_weights, row_stats, logp, old_logp, ref_logp, _kernel_advantages(advantages, logp.shape),
-        _kernel_mask(mask), beta, epsilon_low, epsilon_high, math.inf if delta is None else delta,
-        0.0 if dual_clip is None else dual_clip, sequence_level,
-    )
-    if name == "triton":
-        from gtalign_fast.kernels import grpo_loss as triton_kernels
-
-        triton_kernels.grpo_loss_backward(*kernel_args, dlogp, dref if ref_grad else None)
-    else:
-        _extension_op("grpo_loss_bwd", logp.device)(*kernel_args, dlogp, dref)
-
-
-# ---------------------------------------------------------------------------------------------
-# Custom ops
-
-
-def _forward(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor | None,
-    ref_logp: torch.Tensor | None,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    num_items_tensor: torch.Tensor | None,
-    beta: float,
-    epsilon_low: float,
-    epsilon_high: float,
-    delta: float | None,
-    dual_clip: float | None,
-    loss_type: str,
-    sequence_level: bool,
-    max_completion_length: int,
-    num_items_value: float | None,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The forward op's body: (loss, metrics, row_stats, row_weights)."""
-    name = _backend.resolve(OP, logp.device, backend)
-    _backend.record(OP, name)
-    batch = logp.shape[0]
-    mode, const_weight = aggregation(loss_type, batch, max_completion_length, num_items_value, num_items_tensor is not None)
-    row_metrics = sequence_level and advantages.dim() == 1
-    loss = _backend.new_output((), torch.float32, logp.device)
-    metrics = _backend.new_output((len(METRIC_NAMES),), torch.float32, logp.device)
-    row_stats = _backend.new_output((batch, NUM_STATS), torch.float32, logp.device)
-    row_weights = _backend.new_output((batch,), torch.float32, logp.device)
-    args = (logp, old_logp, ref_logp, advantages, mask, num_items_tensor, beta, epsilon_low, epsilon_high, delta,
-            dual_clip, loss_type, sequence_level, max_completion_length, num_items_value)
-    _run_forward(name, args, mode, const_weight, row_metrics, loss, metrics, row_stats, row_weights)
-    return loss, metrics, row_stats, row_weights
-
-
-# The custom op runs the same function; the plain one stays callable for the eager path below.
-_grpo_loss_op = torch.library.custom_op("gtalign_fast::grpo_loss", mutates_args=())(_forward)
-
-
-@_grpo_loss_op.register_fake
-def _(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, beta, epsilon_low, epsilon_high, delta, dual_clip,
-      loss_type, sequence_level, max_completion_length, num_items_value, backend):
-    batch = logp.shape[0]
+def _backward_args(grad_loss, row_stats, row_weights, logp, old_logp, ref_logp, advantages, mask,
+                   _num_items_tensor, _ref_grad, options) -> tuple:
+    """The kernels' arguments before the outputs (the same for every launcher)."""
     return (
-        logp.new_empty((), dtype=torch.float32),
-        logp.new_empty((len(METRIC_NAMES),), dtype=torch.float32),
-        logp.new_empty((batch, NUM_STATS), dtype=torch.float32),
-        logp.new_empty((batch,), dtype=torch.float32),
+        grad_loss.to(torch.float32).reshape(()), row_weights, row_stats, logp, old_logp, ref_logp,
+        _kernel_advantages(advantages, logp.shape), _kernel_mask(mask), *_clip_args(options), options.sequence_level,
     )
 
 
-def _backward_impl(
-    grad_loss: torch.Tensor,
-    row_stats: torch.Tensor,
-    row_weights: torch.Tensor,
-    logp: torch.Tensor,
-    old_logp: torch.Tensor | None,
-    ref_logp: torch.Tensor | None,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    num_items_tensor: torch.Tensor | None,
-    beta: float,
-    epsilon_low: float,
-    epsilon_high: float,
-    delta: float | None,
-    dual_clip: float | None,
-    loss_type: str,
-    sequence_level: bool,
-    max_completion_length: int,
-    num_items_value: float | None,
-    ref_grad: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The backward op's body: (dlogp, dref)."""
-    name = _backend.resolve(OP, logp.device, backend)
-    _backend.record(OP, name)
-    dlogp = _backend.new_output(logp.shape, logp.dtype, logp.device)
-    dref = _backend.new_output(ref_logp.shape if ref_grad else (0,), logp.dtype, logp.device)
-    args = (logp, old_logp, ref_logp, advantages, mask, num_items_tensor, beta, epsilon_low, epsilon_high, delta,
-            dual_clip, loss_type, sequence_level, max_completion_length, num_items_value)
-    grad_loss = grad_loss.to(torch.float32).reshape(())
-    _run_backward(name, grad_loss, args, row_stats, row_weights, ref_grad, dlogp, dref)
-    return dlogp, dref
+def _backward_triton(*args):
+    from gtalign_fast.kernels import grpo_loss as triton_kernels
+
+    *inputs, dlogp, dref = args
+    ref_grad = inputs[9]
+    triton_kernels.grpo_loss_backward(*_backward_args(*inputs), dlogp, dref if ref_grad else None)
 
 
-_grpo_loss_backward_op = torch.library.custom_op("gtalign_fast::grpo_loss_backward", mutates_args=())(_backward_impl)
+def _backward_extension(*args):
+    *inputs, dlogp, dref = args
+    extension_kernel("grpo_loss_bwd", inputs[3].device)(*_backward_args(*inputs), dlogp, dref)
 
 
-@_grpo_loss_backward_op.register_fake
-def _(grad_loss, row_stats, row_weights, logp, old_logp, ref_logp, advantages, mask, num_items_tensor, beta,
-      epsilon_low, epsilon_high, delta, dual_clip, loss_type, sequence_level, max_completion_length, num_items_value,
-      ref_grad, backend):
-    dlogp = torch.empty(logp.shape, dtype=logp.dtype, device=logp.device)  # contiguous, like the kernels'
-    dref = torch.empty(ref_logp.shape if ref_grad else (0,), dtype=logp.dtype, device=logp.device)
-    return dlogp, dref
+BACKWARD = Op(
+    "grpo_loss_backward",
+    key="grpo_loss",
+    inputs=(
+        "Tensor grad_loss, Tensor row_stats, Tensor row_weights, Tensor logp, Tensor? old_logp, Tensor? ref_logp, "
+        "Tensor advantages, Tensor mask, Tensor? num_items_tensor, bool ref_grad"
+    ),
+    options=GrpoLossOptions,
+    returns=("dlogp", "dref"),
+    outputs=_backward_outputs,
+    backends={
+        "triton": _backward_triton,
+        "cpu": _backward_extension,
+        "cuda": _backward_extension,
+        "reference": _backward_reference,
+    },
+)
 
 
-def _setup_context(ctx, inputs, output):
-    (logp, old_logp, ref_logp, advantages, mask, num_items_tensor, *scalars, backend) = inputs
-    _, _, row_stats, row_weights = output
-    ctx.save_for_backward(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, row_stats, row_weights)
-    ctx.scalars, ctx.backend = scalars, backend
-    ctx.set_materialize_grads(False)
+def _save(ctx, inputs, options, outputs) -> None:
+    _, _, row_stats, row_weights = outputs
+    ctx.save_for_backward(*inputs, row_stats, row_weights)
 
 
-def _backward(ctx, grad_loss, _grad_metrics, _grad_row_stats, _grad_row_weights, backward_fn=None):
-    n_inputs = 16
+def _backward(ctx, grad_loss, _grad_metrics, _grad_row_stats, _grad_row_weights):
     if grad_loss is None:
-        return (None,) * n_inputs
+        return (None,) * 6
     logp, old_logp, ref_logp, advantages, mask, num_items_tensor, row_stats, row_weights = ctx.saved_tensors
-    ref_grad = ref_logp is not None and ctx.needs_input_grad[2]
-    dlogp, dref = (backward_fn or _grpo_loss_backward_op)(
-        grad_loss, row_stats, row_weights, logp, old_logp, ref_logp, advantages, mask, num_items_tensor,
-        *ctx.scalars, ref_grad, ctx.backend,
+    ref_grad = ref_logp is not None and ctx.needs_grad[2]
+    dlogp, dref = BACKWARD(
+        grad_loss, row_stats, row_weights, logp, old_logp, ref_logp, advantages, mask, num_items_tensor, ref_grad,
+        options=ctx.options, backend=ctx.backend,
     )
-    grads = [None] * n_inputs
-    grads[0] = dlogp
-    grads[2] = dref if ref_grad else None
-    return tuple(grads)
+    return dlogp, None, dref if ref_grad else None, None, None, None
 
 
-_grpo_loss_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-# ---------------------------------------------------------------------------------------------
-# Eager path
-#
-# A call of the custom op costs more than the B=16, T=1024 CPU kernel itself: with autograd on,
-# torch.library rebuilds the argument list of its 16-argument schema about 17 times per call
-# (torch/_library/utils.py fill_defaults, ~80 us), and the dispatch through Python adds ~20 us
-# per op. Ordinary eager calls therefore run the same _forward / _backward_impl through a plain
-# autograd.Function (~10 us); everything else goes through the custom ops.
-
-
-def _plain_eager(*tensors) -> bool:
-    """Whether this is an ordinary eager call: not traced by torch.compile, no torch-function or
-    dispatch mode (fake tensors, make_fx, export), no functorch transform (vmap, grad), and only
-    plain tensors and Parameters (no subclasses such as DTensor)."""
-    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
-        return False
-    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
-        return False
-    return all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
-
-
-class _EagerGrpoLoss(torch.autograd.Function):
-    """The custom op's forward and backward (same functions, same kernels) without torch.library."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        outputs = _forward(*inputs)
-        _setup_context(ctx, inputs, outputs)
-        ctx.mark_non_differentiable(*outputs[1:])
-        return outputs
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, *grads):
-        return _backward(ctx, *grads, backward_fn=_backward_impl)
-
-
-def _run(*inputs):
-    """(loss, metrics, row_stats, row_weights) of the op's ``inputs``, by the cheapest route."""
-    logp, old_logp, ref_logp, advantages, mask, num_items_tensor = inputs[:6]
-    if not _plain_eager(logp, old_logp, ref_logp, advantages, mask, num_items_tensor):
-        return _grpo_loss_op(*inputs)
-    if torch.is_grad_enabled() and (logp.requires_grad or (ref_logp is not None and ref_logp.requires_grad)):
-        return _EagerGrpoLoss.apply(*inputs)
-    return _forward(*inputs)
+FORWARD.register_autograd(_save, _backward, differentiable=(0,))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,8 +371,8 @@ def grpo_loss(
     """Clipped-surrogate GRPO / PPO / GSPO policy loss with k3 KL and its metrics, fused.
 
     One pass over the tokens forward (plus a tiny reduction over the ``B`` sequences) and one pass
-    backward, in float32 whatever the input dtype. Conventions are TRL's and verl's (see
-    ``/work/shared/ANCHORS.md``); ``gtalign_fast.reference.grpo_loss`` is the specification.
+    backward, in float32 whatever the input dtype. Conventions are TRL's (``GRPOTrainer._compute_loss``)
+    and verl's (``compute_policy_loss``, ``agg_loss``); ``gtalign_fast.reference.grpo_loss`` is the specification.
 
     Per token, with the log-ratio ``l = logp - old_logp`` clamped to [-20, 20] and ``r = exp(l)``::
 
@@ -550,24 +463,20 @@ def grpo_loss(
     else:
         num_items_tensor = None
         num_items_value = None if num_items_in_batch is None else float(num_items_in_batch)
-    loss, metrics, _, _ = _run(
-        logp,
-        None if old_logp is None else old_logp.detach(),
-        ref_logp,
-        advantages.detach(),
-        mask.detach(),
-        num_items_tensor,
-        float(beta),
-        float(epsilon_low),
-        float(epsilon_low if epsilon_high is None else epsilon_high),
-        None if delta is None else float(delta),
-        None if dual_clip is None else float(dual_clip),
-        loss_type,
-        importance_sampling_level == "sequence",
-        int(logp.shape[1] if max_completion_length is None else max_completion_length),
-        num_items_value,
-        backend or "",
+    options = GrpoLossOptions(
+        beta=float(beta),
+        epsilon_low=float(epsilon_low),
+        epsilon_high=float(epsilon_low if epsilon_high is None else epsilon_high),
+        delta=None if delta is None else float(delta),
+        dual_clip=None if dual_clip is None else float(dual_clip),
+        loss_type=loss_type,
+        sequence_level=importance_sampling_level == "sequence",
+        max_completion_length=int(logp.shape[1] if max_completion_length is None else max_completion_length),
+        num_items_value=num_items_value,
     )
+    old_logp = None if old_logp is None else old_logp.detach()
+    loss, metrics, _, _ = FORWARD(logp, old_logp, ref_logp, advantages.detach(), mask.detach(), num_items_tensor,
+                                  options=options, backend=backend or "")
     names = METRIC_NAMES if ref_logp is not None else tuple(n for n in METRIC_NAMES if n != "kl")
     metrics = metrics.detach()
     return loss, {name: metrics[METRIC_NAMES.index(name)] for name in names}

@@ -12,42 +12,37 @@ Backends (resolved inside the op, at run time, like every gtalign_fast op):
                  one tiled-matmul kernel with the online log-sum-exp in its epilogue (no logits
                  written at all); the backward recomputes logits tiles into ``dz`` chunks and hands
                  the two products to cuBLAS. Default on CUDA tensors.
-``"cpu"``        the chunked PyTorch path on CPU tensors (BLAS ``addmm`` per chunk + in-place
-                 elementwise work on the one chunk buffer). Default on CPU tensors.
+``"cpu"``        the chunked PyTorch path on CPU tensors (``gtalign_fast.kernels.linear_token_logprobs_chunked``:
+                 BLAS ``addmm`` per chunk + in-place elementwise work on the one chunk buffer). Default
+                 on CPU tensors.
 ``"cuda"``       the same chunked PyTorch path on CUDA tensors, built on cuBLAS -- not a hand-written
                  CUDA kernel. Default on CUDA only when Triton is not installed.
 ``"reference"``  materialises the logits and calls :func:`gtalign_fast.reference.token_logprobs`
                  (float64-capable; for tests, O(N V) memory).
 
 The backend is chosen by ``backend=``, then ``GTALIGN_FAST_BACKEND_LINEAR_TOKEN_LOGPROBS``, then
-``GTALIGN_FAST_BACKEND``, then the device default. This op does not go through
-``_backend.resolve`` because its CPU / CUDA paths are pure PyTorch and do not need the compiled
+``GTALIGN_FAST_BACKEND``, then the device default. The op gives ``_backend.resolve`` its own
+availability rules because its CPU / CUDA paths are pure PyTorch and do not need the compiled
 extension.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple
 
 import torch
 
+from gtalign_fast.kernels import linear_token_logprobs_chunked as chunked
+
 from . import _backend, reference
+from ._op import Op, Output
 from ._token_logprobs import check_target_range
 
 OP = "linear_token_logprobs"
 BACKENDS = ("triton", "cuda", "cpu", "reference")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-# Elements of one chunk of logits (float32): 8 Mi elements = 32 MiB on CPU (fits the caches of
-# the BLAS blocking well enough, small next to the weight), 32 Mi = 128 MiB on GPU (big enough
-# GEMMs for cuBLAS). The chunk's columns are clamped to [MIN_COLS, MAX_COLS] so the GEMMs stay
-# efficient when N is huge (rows are then chunked too) or tiny.
-CHUNK_ELEMENTS = {"cpu": 8 * 2**20, "cuda": 32 * 2**20}
-MIN_COLS, MAX_COLS = 1024, 8192
-# An explicit chunk_size is capped here, so the Triton backward's grid axis 1 (column tiles of
-# one chunk, >= 32 columns each) stays far below the 65535 limit whatever V is.
-CHUNK_SIZE_CAP = 1 << 20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,266 +67,12 @@ def _default_backend(device: torch.device) -> str:
     return "cpu" if device.type == "cpu" else "reference"
 
 
-def _resolve_backend(device: torch.device, requested: str) -> str:
-    return _backend.resolve(OP, device, requested, availability=_why_unavailable, default=_default_backend)
-
-
 # ---------------------------------------------------------------------------------------------
-# Shared helpers
+# Backends
 
 
-def chunk_shape(n_rows: int, vocab: int, chunk_size: int, device: torch.device) -> tuple[int, int]:
-    """``(rows, cols)`` of one chunk of logits: ``cols`` vocabulary entries (``chunk_size`` when
-    given) and as many rows as fit the device's element budget, so the chunk never grows with V
-    nor (beyond the budget) with N."""
-    budget = CHUNK_ELEMENTS["cuda" if device.type == "cuda" else "cpu"]
-    if chunk_size > 0:
-        cols = min(chunk_size, vocab, CHUNK_SIZE_CAP)
-    else:
-        cols = min(vocab, max(MIN_COLS, min(MAX_COLS, budget // max(n_rows, 1))))
-    rows = min(max(n_rows, 1), max(1, budget // cols))
-    return rows, cols
-
-
-_MM_OUT_DTYPE_OK: dict[str, bool] = {}
-
-
-def _mm_float(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``a @ b`` with a ``dtype`` (float32/64) result: half inputs keep the tensor cores on CUDA
-    through ``out_dtype`` when this torch has it; elsewhere the operands are upcast (same maths:
-    exact products, float32 accumulation, no rounding of the result to half)."""
-    if a.dtype == dtype and b.dtype == dtype:
-        return a @ b
-    if a.device.type == "cuda" and a.dtype == b.dtype and dtype == torch.float32:
-        if _MM_OUT_DTYPE_OK.get("cuda", True):
-            try:
-                return torch.mm(a, b, out_dtype=torch.float32)
-            except (RuntimeError, TypeError, NotImplementedError):
-                _MM_OUT_DTYPE_OK["cuda"] = False
-    return a.to(dtype) @ b.to(dtype)
-
-
-def _gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """dtype of ``dz`` for the backward products: the input's half type on CUDA (tensor cores,
-    float32 accumulation in cuBLAS), the compute dtype elsewhere (CPU half GEMMs are slow and the
-    Triton interpreter has no half ``tl.dot``)."""
-    if device.type == "cuda" and dtype in HALF_DTYPES and not _backend.triton_interpreted():
-        return dtype
-    return reference.compute_dtype(dtype)
-
-
-def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
-    """``acc = a @ b`` (first) or ``acc += a @ b``, accumulating in ``acc``'s dtype."""
-    if a.dtype == acc.dtype and b.dtype == acc.dtype:
-        if first:
-            torch.mm(a, b, out=acc)
-        else:
-            acc.addmm_(a, b)
-    elif first:
-        acc.copy_(_mm_float(a, b, acc.dtype))
-    else:
-        acc.add_(_mm_float(a, b, acc.dtype))
-
-
-# ---------------------------------------------------------------------------------------------
-# Chunked PyTorch path ("cpu" / "cuda"): forward
-
-
-def _chunk_logits(h_rows, w_chunk, b_chunk, inv_t, buffer) -> torch.Tensor:
-    """``y = (h_rows @ w_chunk.T + b_chunk) * inv_t`` in the compute dtype, in ``buffer`` when the
-    dtypes allow a BLAS ``out=`` (``w_chunk`` / ``b_chunk`` already in the compute dtype there)."""
-    if h_rows.dtype != buffer.dtype and w_chunk.dtype == buffer.dtype:
-        h_rows = h_rows.to(buffer.dtype)  # CPU half inputs: upcast the rows, keep BLAS out=
-    if h_rows.dtype == buffer.dtype:
-        if b_chunk is not None:
-            torch.addmm(b_chunk, h_rows, w_chunk.T, out=buffer)
-        else:
-            torch.mm(h_rows, w_chunk.T, out=buffer)
-        y = buffer
-    else:
-        y = _mm_float(h_rows, w_chunk.T, buffer.dtype)
-        if b_chunk is not None:
-            y.add_(b_chunk)
-    if inv_t != 1.0:
-        y.mul_(inv_t)
-    return y
-
-
-class _OnlineStats:
-    """Per-row online log-sum-exp state across vocabulary chunks: running max ``m``,
-    ``s = sum exp(y - m)``, ``t = sum exp(y - m) (y - m)`` (entropy only) and the target logit."""
-
-    def __init__(self, n_rows, dtype, device, with_entropy):
-        self.m = torch.full((n_rows,), float("-inf"), dtype=dtype, device=device)
-        self.s = torch.zeros((n_rows,), dtype=dtype, device=device)
-        self.t = torch.zeros((n_rows,), dtype=dtype, device=device) if with_entropy else None
-        self.y_target = torch.zeros((n_rows,), dtype=dtype, device=device)
-
-    def update(self, rows: slice, y, targets_rows, col_start, work, nonfinite_bias):
-        """Fold the chunk ``y`` ``[R, C]`` (columns from ``col_start``) into rows ``rows``.
-        ``y`` is overwritten (centred, then exponentiated); ``work`` is a second buffer like ``y``
-        (entropy only)."""
-        n_cols = y.shape[1]
-        local = targets_rows - col_start
-        in_chunk = (local >= 0) & (local < n_cols)
-        picked = y.gather(1, local.clamp(0, n_cols - 1).unsqueeze(1)).squeeze(1)
-        self.y_target[rows] += torch.where(in_chunk, picked, torch.zeros_like(picked))
-
-        m_old = self.m[rows]
-        m_new = torch.maximum(m_old, y.amax(dim=1))
-        # While every value seen is -inf (a -inf bias), shift by 0 instead (-inf - -inf is nan).
-        m_ref = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-        rescale = torch.exp(m_old - m_ref)
-        y.sub_(m_ref.unsqueeze(1))
-        s_old = self.s[rows]
-        if self.t is not None:
-            e = torch.exp(y, out=work)
-            chunk_s = e.sum(dim=1)
-            e.mul_(y)
-            if nonfinite_bias:
-                e.nan_to_num_(nan=0.0)  # 0 * -inf where the bias is -inf: p = 0 adds nothing
-            shift = torch.where(s_old > 0, m_old - m_ref, torch.zeros_like(m_ref))
-            self.t[rows] = rescale * (self.t[rows] + shift * s_old) + e.sum(dim=1)
-        else:
-            chunk_s = y.exp_().sum(dim=1)
-        self.s[rows] = s_old * rescale + chunk_s
-        self.m[rows] = m_new
-
-
-def _forward_chunked(hidden, weight, bias, targets, inv_t, with_entropy, chunk_size):
-    """Return ``(logp, lse, entropy or None)`` ``[N]`` in the compute dtype; all rows valid."""
-    n_rows, vocab = hidden.shape[0], weight.shape[0]
-    dtype = reference.compute_dtype(hidden.dtype)
-    rows_per_chunk, cols_per_chunk = chunk_shape(n_rows, vocab, chunk_size, hidden.device)
-    capacity = rows_per_chunk * cols_per_chunk
-    buffer = torch.empty(capacity, dtype=dtype, device=hidden.device)
-    work = torch.empty(capacity, dtype=dtype, device=hidden.device) if with_entropy else None
-    nonfinite_bias = bias is not None and not bool(torch.isfinite(bias).all())
-    stats = _OnlineStats(n_rows, dtype, hidden.device, with_entropy)
-    for col_start in range(0, vocab, cols_per_chunk):
-        col_end = min(vocab, col_start + cols_per_chunk)
-        w_chunk = weight[col_start:col_end].to(dtype) if hidden.device.type == "cpu" else weight[col_start:col_end]
-        b_chunk = None if bias is None else bias[col_start:col_end].to(dtype)
-        for row_start in range(0, n_rows, rows_per_chunk):
-            rows = slice(row_start, min(n_rows, row_start + rows_per_chunk))
-            shape = (rows.stop - rows.start, col_end - col_start)
-            y = _chunk_logits(hidden[rows], w_chunk, b_chunk, inv_t, buffer[: shape[0] * shape[1]].view(shape))
-            chunk_work = work[: y.numel()].view(shape) if work is not None else None
-            stats.update(rows, y, targets[rows], col_start, chunk_work, nonfinite_bias)
-    log_s = torch.log(stats.s)
-    lse = stats.m + log_s
-    entropy = log_s - stats.t / stats.s if with_entropy else None
-    return stats.y_target - lse, lse, entropy
-
-
-# ---------------------------------------------------------------------------------------------
-# Backward driver (chunked; dz from PyTorch or from the Triton kernel)
-
-
-def _dz_chunked(h_rows, w_chunk, b_chunk, targets_rows, lse_rows, entropy_rows, g_rows, g_entropy_rows,
-                inv_t, col_start, buffer, work, nonfinite_bias):
-    """``dz`` ``[R, C]`` of one chunk, computed in place in ``buffer`` (``work`` with entropy).
-    ``g_rows`` / ``g_entropy_rows`` already hold the ``1/T`` factor."""
-    z = _chunk_logits(h_rows, w_chunk, b_chunk, inv_t, buffer)
-    z.sub_(lse_rows.unsqueeze(1))  # log p
-    if g_entropy_rows is None:
-        z.exp_().mul_(-g_rows.unsqueeze(1))  # -g p
-    else:
-        p = torch.exp(z, out=work)
-        z.add_(entropy_rows.unsqueeze(1)).mul_(p)  # p (log p + H)
-        if nonfinite_bias:
-            z.nan_to_num_(nan=0.0)
-        z.mul_(-g_entropy_rows.unsqueeze(1)).addcmul_(p, g_rows.unsqueeze(1), value=-1.0)
-    local = targets_rows - col_start
-    hit = ((local >= 0) & (local < z.shape[1])).nonzero().squeeze(1)
-    z.index_put_((hit, local[hit]), g_rows[hit], accumulate=True)  # + g onehot
-    return z
-
-
-def _dz_triton(h_rows, w_chunk, b_chunk, targets_rows, lse_rows, entropy_rows, g_rows, g_entropy_rows,
-               inv_t, ignore_index, col_start, buffer):
-    from gtalign_fast.kernels import linear_token_logprobs as kernels
-
-    # The kernel folds 1/T itself: hand it the raw upstream gradients.
-    kernels.backward_dz(
-        h_rows, w_chunk, b_chunk, targets_rows, lse_rows, entropy_rows,
-        g_rows, g_entropy_rows, inv_t, ignore_index, col_start, buffer,
-    )
-    return buffer
-
-
-def _backward_chunks(name, hidden, weight, bias, targets, lse, entropy, g_logp, g_entropy, inv_t, ignore_index,
-                     chunk_size, dhidden, dweight, dbias):
-    """Accumulate the gradients of the (all valid) rows into ``dhidden`` ``[N, H]``,
-    ``dweight`` ``[V, H]``, ``dbias`` ``[V]`` (each may be None: not needed).
-
-    Vocabulary chunks outside, row chunks inside: the weight-gradient chunk is finished (and
-    written once) before the next chunk starts, so its float32 accumulator stays one chunk big.
-    """
-    n_rows, hidden_size = hidden.shape
-    vocab = weight.shape[0]
-    device = hidden.device
-    dtype = reference.compute_dtype(hidden.dtype)
-    gemm_dtype = _gemm_dtype(hidden.dtype, device)
-    rows_per_chunk, cols_per_chunk = chunk_shape(n_rows, vocab, chunk_size, device)
-    capacity = rows_per_chunk * cols_per_chunk
-    buffer = torch.empty(capacity, dtype=dtype if name != "triton" else gemm_dtype, device=device)
-    work = torch.empty(capacity, dtype=dtype, device=device) if (g_entropy is not None and name != "triton") else None
-    nonfinite_bias = bias is not None and not bool(torch.isfinite(bias).all())
-    g_scaled = g_logp * inv_t if name != "triton" else g_logp
-    g_entropy_scaled = (g_entropy * inv_t if name != "triton" else g_entropy) if g_entropy is not None else None
-
-    dh_acc = None
-    if dhidden is not None:
-        dh_acc = dhidden.zero_() if dhidden.dtype == dtype else torch.zeros((n_rows, hidden_size), dtype=dtype, device=device)
-    dw_buffer = None
-    if dweight is not None and dweight.dtype != dtype:
-        dw_buffer = torch.empty((cols_per_chunk, hidden_size), dtype=dtype, device=device)
-    db_acc = torch.zeros((vocab,), dtype=dtype, device=device) if dbias is not None else None
-
-    for col_start in range(0, vocab, cols_per_chunk):
-        cols = slice(col_start, min(vocab, col_start + cols_per_chunk))
-        n_cols = cols.stop - cols.start
-        w_raw = weight[cols]
-        w_compute = w_raw.to(dtype) if (name != "triton" and device.type == "cpu") else w_raw
-        w_gemm = w_compute if w_compute.dtype == gemm_dtype else w_raw.to(gemm_dtype)
-        b_chunk = None if bias is None else (bias[cols].to(dtype) if name != "triton" else bias[cols].contiguous())
-        dw_acc = None
-        if dweight is not None:
-            dw_acc = dweight[cols] if dw_buffer is None else dw_buffer[:n_cols]
-        for row_start in range(0, n_rows, rows_per_chunk):
-            rows = slice(row_start, min(n_rows, row_start + rows_per_chunk))
-            shape = (rows.stop - rows.start, n_cols)
-            chunk = buffer[: shape[0] * shape[1]].view(shape)
-            ent_rows = entropy[rows] if g_entropy is not None else None
-            g_ent_rows = g_entropy_scaled[rows] if g_entropy is not None else None
-            if name == "triton":
-                dz = _dz_triton(hidden[rows], w_raw, b_chunk, targets[rows], lse[rows], ent_rows,
-                                g_scaled[rows], g_ent_rows, inv_t, ignore_index, col_start, chunk)
-            else:
-                dz = _dz_chunked(hidden[rows], w_compute, b_chunk, targets[rows], lse[rows], ent_rows,
-                                 g_scaled[rows], g_ent_rows, inv_t, col_start, chunk,
-                                 work[: chunk.numel()].view(shape) if work is not None else None, nonfinite_bias)
-            if db_acc is not None:
-                db_acc[cols] += dz.sum(dim=0, dtype=dtype)
-            dz = dz.to(gemm_dtype)  # CUDA "cuda" path with half inputs: tensor-core products
-            if dh_acc is not None:
-                _accumulate_mm(dh_acc[rows], dz, w_gemm, first=False)
-            if dw_acc is not None:
-                _accumulate_mm(dw_acc, dz.T, hidden[rows].to(gemm_dtype), first=row_start == 0)
-        if dw_buffer is not None:
-            dweight[cols].copy_(dw_acc)
-    if dh_acc is not None and dh_acc is not dhidden:
-        dhidden.copy_(dh_acc)
-    if dbias is not None:
-        dbias.copy_(db_acc)
-
-
-# ---------------------------------------------------------------------------------------------
-# Backends: forward and backward runners
-
-
-def _forward_reference(hidden, weight, bias, targets, temperature, with_entropy, ignore_index, logp, entropy, lse):
+def _forward_reference(hidden, weight, bias, targets, options, logp, entropy, lse):
+    temperature, with_entropy, ignore_index, _ = options
     ref_logp, ref_entropy = reference.linear_token_logprobs(
         hidden, weight, targets, bias, temperature, with_entropy, ignore_index
     )
@@ -352,10 +93,10 @@ def _valid_rows(targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None
     return valid.nonzero().squeeze(1)
 
 
-def _run_forward(name, hidden, weight, bias, targets, temperature, with_entropy, ignore_index, chunk_size,
-                 logp, entropy, lse):
-    if name == "reference":
-        _forward_reference(hidden, weight, bias, targets, temperature, with_entropy, ignore_index, logp, entropy, lse)
+def _forward_chunks(name, hidden, weight, bias, targets, options, logp, entropy, lse):
+    """The Triton and chunked forwards: only the valid rows, results scattered back."""
+    temperature, with_entropy, ignore_index, chunk_size = options
+    if targets.numel() == 0:
         return
     rows = _valid_rows(targets, ignore_index)
     outputs = [logp, lse] + ([entropy] if with_entropy else [])
@@ -376,7 +117,9 @@ def _run_forward(name, hidden, weight, bias, targets, temperature, with_entropy,
         lse_v, log_s, y_target, t_over_s = kernels.merge_partials(*partials)
         values = [y_target - lse_v, lse_v] + ([log_s - t_over_s] if with_entropy else [])
     else:
-        logp_v, lse_v, entropy_v = _forward_chunked(hidden, weight, bias, targets, inv_t, with_entropy, chunk_size)
+        logp_v, lse_v, entropy_v = chunked.forward_chunked(
+            hidden, weight, bias, targets, inv_t, with_entropy, chunk_size
+        )
         values = [logp_v, lse_v] + ([entropy_v] if with_entropy else [])
     for out, value in zip(outputs, values):
         if rows is None:
@@ -385,10 +128,11 @@ def _run_forward(name, hidden, weight, bias, targets, temperature, with_entropy,
             out.index_copy_(0, rows, value.to(out.dtype))
 
 
-def _backward_reference(g_logp, g_entropy, hidden, weight, bias, targets, temperature, ignore_index,
-                        dhidden, dweight, dbias):
+def _backward_reference(g_logp, g_entropy, hidden, weight, bias, targets, lse, entropy, need_hidden, need_weight,
+                        need_bias, options, dhidden, dweight, dbias):
     """Materialised logits and the closed-form gradient (autograd is not reachable inside a
     custom op's kernel): ``dz = (g (onehot - p) - g_H p (log p + H)) / T``."""
+    temperature, _, ignore_index, _ = options
     dtype = reference.compute_dtype(hidden.dtype)
     h, w = hidden.to(dtype), weight.to(dtype)
     logits = torch.nn.functional.linear(h, w, None if bias is None else bias.to(dtype))
@@ -404,20 +148,24 @@ def _backward_reference(g_logp, g_entropy, hidden, weight, bias, targets, temper
         entropy = -plogp.sum(dim=1, keepdim=True)
         dz -= g_h * (plogp + p * entropy)
     dz /= temperature
-    if dhidden is not None:
+    if need_hidden:
         dhidden.copy_(dz @ w)
-    if dweight is not None:
+    if need_weight:
         dweight.copy_(dz.T @ h)
-    if dbias is not None:
+    if need_bias:
         dbias.copy_(dz.sum(dim=0))
 
 
-def _run_backward(name, g_logp, g_entropy, hidden, weight, bias, targets, lse, entropy, temperature, ignore_index,
-                  chunk_size, dhidden, dweight, dbias):
-    if name == "reference":
-        _backward_reference(g_logp, g_entropy, hidden, weight, bias, targets, temperature, ignore_index,
-                            dhidden, dweight, dbias)
+def _backward_chunks(name, g_logp, g_entropy, hidden, weight, bias, targets, lse, entropy, need_hidden, need_weight,
+                     need_bias, options, dhidden, dweight, dbias):
+    """The Triton and chunked backwards: only the valid rows; a gradient not asked for is None."""
+    temperature, _, ignore_index, chunk_size = options
+    dhidden, dweight, dbias = (out if need else None for out, need in
+                               ((dhidden, need_hidden), (dweight, need_weight), (dbias, need_bias)))
+    if dhidden is None and dweight is None and dbias is None:
         return
+    g_logp = g_logp.to(torch.float32).contiguous()
+    g_entropy = None if g_entropy is None else g_entropy.to(torch.float32).contiguous()
     rows = _valid_rows(targets, ignore_index)
     dhidden_rows = dhidden
     if targets.numel() == 0 or (rows is not None and rows.numel() == 0):
@@ -436,7 +184,7 @@ def _run_backward(name, g_logp, g_entropy, hidden, weight, bias, targets, lse, e
         dtype = reference.compute_dtype(hidden.dtype)
         g_logp = g_logp.to(dtype)
         g_entropy = None if g_entropy is None else g_entropy.to(dtype)
-    _backward_chunks(
+    chunked.backward_chunked(
         name, hidden, weight, bias, targets.contiguous(), lse.contiguous(),
         None if g_entropy is None else entropy.contiguous(), g_logp.contiguous(),
         None if g_entropy is None else g_entropy.contiguous(), 1.0 / temperature, ignore_index, chunk_size,
@@ -446,8 +194,9 @@ def _run_backward(name, g_logp, g_entropy, hidden, weight, bias, targets, lse, e
         dhidden.zero_().index_copy_(0, rows, dhidden_rows)
 
 
-def _check_backend_dtype(name: str, dtype: torch.dtype) -> None:
-    if name == "triton" and dtype == torch.float64:
+def _check_data(hidden, weight, bias, targets, options, backend) -> None:
+    check_target_range(targets, weight.shape[0], options.ignore_index, op=OP)
+    if backend == "triton" and hidden.dtype == torch.float64:
         raise TypeError(
             f"{OP}: the 'triton' backend takes float16 / bfloat16 / float32 inputs, got float64; "
             "use backend='cpu' / 'cuda' (chunked, float64 maths) or 'reference'"
@@ -455,120 +204,93 @@ def _check_backend_dtype(name: str, dtype: torch.dtype) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Custom ops
+# The ops
 
 
-@torch.library.custom_op("gtalign_fast::linear_token_logprobs", mutates_args=())
-def _linear_token_logprobs_op(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    temperature: float,
-    with_entropy: bool,
-    ignore_index: int,
-    chunk_size: int,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    name = _resolve_backend(hidden.device, backend)
-    _backend.record(OP, name)
-    _check_backend_dtype(name, hidden.dtype)
-    check_target_range(targets, weight.shape[0], ignore_index, op=OP)
+class LinearTokenLogprobsOptions(NamedTuple):
+    temperature: float
+    with_entropy: bool
+    ignore_index: int
+    chunk_size: int  # vocabulary entries per chunk; 0 = automatic
+
+
+def _forward_outputs(hidden, weight, bias, targets, options):
     n_rows = targets.shape[0]
-    logp = _backend.new_output((n_rows,), torch.float32, hidden.device)
-    lse = _backend.new_output((n_rows,), torch.float32, hidden.device)
-    entropy = _backend.new_output((n_rows if with_entropy else 0,), torch.float32, hidden.device)
-    if n_rows > 0:
-        _run_forward(name, hidden, weight, bias, targets, temperature, with_entropy, ignore_index, chunk_size,
-                     logp, entropy, lse)
-    return logp, entropy, lse
+    return (
+        Output((n_rows,), torch.float32),  # logp
+        Output((n_rows if options.with_entropy else 0,), torch.float32),  # entropy
+        Output((n_rows,), torch.float32),  # lse: log-sum-exp of z / T per row, for the backward
+    )
 
 
-@_linear_token_logprobs_op.register_fake
-def _(hidden, weight, bias, targets, temperature, with_entropy, ignore_index, chunk_size, backend):
-    n_rows = targets.shape[0]
-    logp = hidden.new_empty((n_rows,), dtype=torch.float32)
-    entropy = hidden.new_empty((n_rows if with_entropy else 0,), dtype=torch.float32)
-    return logp, entropy, hidden.new_empty((n_rows,), dtype=torch.float32)
+def _backend_functions(chunks, reference_fn) -> dict:
+    """Triton and the chunked PyTorch path share one driver, told which one runs."""
+    return {name: functools.partial(chunks, name) for name in ("triton", "cpu", "cuda")} | {"reference": reference_fn}
 
 
-@torch.library.custom_op("gtalign_fast::linear_token_logprobs_backward", mutates_args=())
-def _linear_token_logprobs_backward_op(
-    grad_logp: torch.Tensor,
-    grad_entropy: torch.Tensor | None,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    lse: torch.Tensor,
-    entropy: torch.Tensor,
-    temperature: float,
-    ignore_index: int,
-    chunk_size: int,
-    need_hidden: bool,
-    need_weight: bool,
-    need_bias: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(dhidden, dweight, dbias)``; a gradient that is not needed is an empty ``[0]``."""
-    name = _resolve_backend(hidden.device, backend)
-    _backend.record(OP, name)
-    device = hidden.device
-    dhidden = _backend.new_output(hidden.shape, hidden.dtype, device) if need_hidden else None
-    dweight = _backend.new_output(weight.shape, weight.dtype, device) if need_weight else None
-    dbias = _backend.new_output(bias.shape, bias.dtype, device) if (need_bias and bias is not None) else None
-    if dhidden is not None or dweight is not None or dbias is not None:
-        grad_logp = grad_logp.to(torch.float32).contiguous()
-        if grad_entropy is not None:
-            grad_entropy = grad_entropy.to(torch.float32).contiguous()
-        _run_backward(name, grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature,
-                      ignore_index, chunk_size, dhidden, dweight, dbias)
-    # Outputs may not alias each other: a fresh empty tensor for each gradient not asked for.
-    return tuple(out if out is not None else hidden.new_empty((0,)) for out in (dhidden, dweight, dbias))
+FORWARD = Op(
+    "linear_token_logprobs",
+    inputs="Tensor hidden, Tensor weight, Tensor? bias, Tensor targets",
+    options=LinearTokenLogprobsOptions,
+    returns=("logp", "entropy", "lse"),
+    outputs=_forward_outputs,
+    check=_check_data,
+    backends=_backend_functions(_forward_chunks, _forward_reference),
+    availability=_why_unavailable,
+    default=_default_backend,
+)
 
 
-@_linear_token_logprobs_backward_op.register_fake
-def _(grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature, ignore_index, chunk_size,
-      need_hidden, need_weight, need_bias, backend):
-    dhidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else hidden.new_empty((0,))
-    dweight = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_weight else hidden.new_empty((0,))
-    dbias = torch.empty_like(bias) if (need_bias and bias is not None) else hidden.new_empty((0,))
-    return dhidden, dweight, dbias
+def _backward_outputs(grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy, need_hidden, need_weight,
+                      need_bias, options):
+    """A gradient that is not needed is an empty ``[0]`` (outputs may not alias each other)."""
+    return (
+        Output(hidden.shape if need_hidden else (0,), hidden.dtype),
+        Output(weight.shape if need_weight else (0,), hidden.dtype),
+        Output(bias.shape if need_bias else (0,), hidden.dtype),
+    )
 
 
-def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, temperature, with_entropy, ignore_index, chunk_size, backend = inputs
-    _, entropy, lse = output
+BACKWARD = Op(
+    "linear_token_logprobs_backward",
+    key=OP,
+    inputs=(
+        "Tensor grad_logp, Tensor? grad_entropy, Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
+        "Tensor lse, Tensor entropy, bool need_hidden, bool need_weight, bool need_bias"
+    ),
+    options=LinearTokenLogprobsOptions,
+    returns=("dhidden", "dweight", "dbias"),
+    outputs=_backward_outputs,
+    backends=_backend_functions(_backward_chunks, _backward_reference),
+    availability=_why_unavailable,
+    default=_default_backend,
+)
+
+
+def _save(ctx, inputs, options, outputs) -> None:
+    hidden, weight, bias, targets = inputs
+    _, entropy, lse = outputs
     ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-    ctx.temperature, ctx.with_entropy, ctx.ignore_index = temperature, with_entropy, ignore_index
-    ctx.chunk_size, ctx.backend = chunk_size, backend
-    ctx.has_bias = bias is not None
-    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_logp, grad_entropy, grad_lse):
+def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
     hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
-    need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-    no_grads = (None,) * 9
     if grad_logp is None and grad_entropy is None:
-        return no_grads
+        return None, None, None, None
     if grad_logp is None:
         grad_logp = torch.zeros_like(lse)
-    if not ctx.with_entropy:
+    if not ctx.options.with_entropy:
         grad_entropy = None
-    dhidden, dweight, dbias = _linear_token_logprobs_backward_op(
-        grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy, ctx.temperature, ctx.ignore_index,
-        ctx.chunk_size, bool(need_hidden), bool(need_weight), bool(need_bias and ctx.has_bias), ctx.backend,
+    need_hidden, need_weight, need_bias = ctx.needs_grad[:3]
+    need_bias = bool(need_bias and bias is not None)
+    dhidden, dweight, dbias = BACKWARD(
+        grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy, bool(need_hidden), bool(need_weight),
+        need_bias, options=ctx.options, backend=ctx.backend,
     )
-    return (
-        dhidden if need_hidden else None,
-        dweight if need_weight else None,
-        dbias if (need_bias and ctx.has_bias) else None,
-        None, None, None, None, None, None,
-    )
+    return dhidden if need_hidden else None, dweight if need_weight else None, dbias if need_bias else None, None
 
 
-_linear_token_logprobs_op.register_autograd(_backward, setup_context=_setup_context)
+FORWARD.register_autograd(_save, _backward, differentiable=(0, 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -694,9 +416,9 @@ def linear_token_logprobs(
     """
     _validate(hidden, weight, targets, bias, temperature, chunk_size)
     hidden_rows = hidden.reshape(-1, hidden.shape[-1])
-    logp, entropy, _ = _linear_token_logprobs_op(
-        hidden_rows, weight, bias, targets.reshape(-1), float(temperature), bool(with_entropy),
-        int(ignore_index), int(chunk_size or 0), backend or "",
+    options = LinearTokenLogprobsOptions(
+        float(temperature), bool(with_entropy), int(ignore_index), int(chunk_size or 0)
     )
+    logp, entropy, _ = FORWARD(hidden_rows, weight, bias, targets.reshape(-1), options=options, backend=backend or "")
     logp = logp.view(targets.shape)
     return (logp, entropy.view(targets.shape)) if with_entropy else logp

@@ -1,6 +1,7 @@
-"""``sample_``: the public op, its torch.library registration and its backends.
+"""``sample_``: the public op and its backends.
 
-One custom op, ``gtalign_fast::sample_``, mutates the logits buffer in place and returns the
+One :class:`~gtalign_fast._op.Op` (custom op ``gtalign_fast::sample_``) mutates the logits buffer
+in place and returns the
 tokens, both log-probs and a per-row status word; the public function validates the arguments
 before and turns a bad status (NaN logits, rows with no finite logit) into an exception after.
 Sampling has no gradient, so no autograd is registered.
@@ -12,37 +13,23 @@ import numbers
 
 import torch
 
-from . import _backend, reference
+from . import _sample_constants as constants
+from . import reference
+from ._op import Op, Output, extension_kernel
+from ._seeds import batch_row_seeds
 
 # The key for backend resolution: last_backend("sample"), GTALIGN_FAST_BACKEND_SAMPLE.
 OP = "sample"
 LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Bias slots per row: the Triton kernel holds them in registers.
 MAX_BIASES = 1024
-_GOLDEN = 0x9E3779B97F4A7C15
-_MASK64 = (1 << 64) - 1
 
-# Status words the kernels write per row (0 = fine).
+# What a row's status word (written by every backend) means.
 _STATUS_MESSAGES = {
-    1: "contains NaN or +inf logits",
-    2: "has no finite logit (all -inf)",
-    3: "has no finite logit left after the biases (all -inf)",
+    constants.STATUS_BAD_LOGITS: "contains NaN or +inf logits",
+    constants.STATUS_NO_FINITE_LOGIT: "has no finite logit (all -inf)",
+    constants.STATUS_NO_FINITE_LOGIT_AFTER_BIAS: "has no finite logit left after the biases (all -inf)",
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# Row seeds
-
-
-def _signed64(value: int) -> int:
-    value &= _MASK64
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def row_seeds(seed: int, batch: int, device: torch.device) -> torch.Tensor:
-    """The per-row seeds ``sample_`` uses for a scalar ``seed``: ``seed + row * 0x9E3779B97F4A7C15``
-    (mod 2**64, as int64), so rows draw independent Philox streams."""
-    return torch.tensor([_signed64(seed + row * _GOLDEN) for row in range(batch)], dtype=torch.int64, device=device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,13 +40,13 @@ def _status_reference(logits: torch.Tensor, biased: torch.Tensor) -> torch.Tenso
     bad = (torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1)
     no_raw = torch.isneginf(logits).all(dim=-1)
     no_processed = torch.isneginf(biased).all(dim=-1)
-    status = torch.where(no_processed, 3, 0)
-    status = torch.where(no_raw, 2, status)
-    return torch.where(bad, 1, status).to(torch.int32)
+    status = torch.where(no_processed, constants.STATUS_NO_FINITE_LOGIT_AFTER_BIAS, constants.STATUS_OK)
+    status = torch.where(no_raw, constants.STATUS_NO_FINITE_LOGIT, status)
+    return torch.where(bad, constants.STATUS_BAD_LOGITS, status).to(torch.int32)
 
 
-def _run_reference(logits, temperature, top_k, top_p, min_p, forced, seeds, bias_ids, bias_values, outputs):
-    tokens, logprobs, raw_logprobs, status = outputs
+def _run_reference(logits, temperature, top_k, top_p, min_p, forced, seeds, bias_ids, bias_values,
+                   tokens, logprobs, raw_logprobs, status):
     ref_tokens, ref_logprobs, ref_raw, processed = reference.sample(
         logits, temperature, top_k, top_p, min_p, bias_ids, bias_values, forced, seeds
     )
@@ -76,17 +63,14 @@ def _run_reference(logits, temperature, top_k, top_p, min_p, forced, seeds, bias
     raw_logprobs.copy_(ref_raw)
 
 
-def _run(name, logits, temperature, top_k, top_p, min_p, forced, seeds, bias_ids, bias_values, outputs):
-    if name == "reference":
-        _run_reference(logits, temperature, top_k, top_p, min_p, forced, seeds, bias_ids, bias_values, outputs)
-    elif name == "triton":
-        from gtalign_fast.kernels import sample as triton_kernels
+def _run_triton(*args):
+    from gtalign_fast.kernels import sample as triton_kernels
 
-        triton_kernels.sample(logits, temperature, top_k, top_p, min_p, forced, seeds, bias_ids, bias_values, *outputs)
-    else:  # "cpu": the compiled extension (no CUDA C++ kernel: _backend.MISSING_BACKENDS)
-        torch.ops.gtalign_fast_C.sample(
-            logits, temperature, top_k, top_p, min_p, forced, seeds, bias_ids, bias_values, *outputs
-        )
+    triton_kernels.sample(*args)
+
+
+def _run_cpu(*args):  # no CUDA C++ kernel: _backend.MISSING_BACKENDS
+    extension_kernel("sample", args[0].device)(*args)
 
 
 def uniform_noise(seeds: torch.Tensor, vocab: int, backend: str = "reference") -> torch.Tensor:
@@ -99,7 +83,7 @@ def uniform_noise(seeds: torch.Tensor, vocab: int, backend: str = "reference") -
         return triton_kernels.uniform_noise(seeds, vocab)
     if backend == "cpu":
         out = torch.empty((seeds.shape[0], vocab), dtype=torch.float32, device=seeds.device)
-        torch.ops.gtalign_fast_C.sample_uniform(seeds, out)
+        extension_kernel("sample_uniform", seeds.device)(seeds, out)
         return out
     if backend != "reference":
         raise ValueError(f"uniform_noise: backend must be 'triton', 'cpu' or 'reference', got {backend!r}")
@@ -107,44 +91,31 @@ def uniform_noise(seeds: torch.Tensor, vocab: int, backend: str = "reference") -
 
 
 # ---------------------------------------------------------------------------------------------
-# Custom op
+# The op
 
 
-@torch.library.custom_op("gtalign_fast::sample_", mutates_args=("logits",))
-def _sample_op(
-    logits: torch.Tensor,
-    temperature: torch.Tensor,
-    top_k: torch.Tensor,
-    top_p: torch.Tensor,
-    min_p: torch.Tensor,
-    forced: torch.Tensor,
-    seeds: torch.Tensor,
-    bias_ids: torch.Tensor | None,
-    bias_values: torch.Tensor | None,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    name = _backend.resolve(OP, logits.device, backend)
-    _backend.record(OP, name)
-    batch = logits.shape[0]
-    outputs = (
-        _backend.new_output((batch,), torch.int64, logits.device),
-        _backend.new_output((batch,), torch.float32, logits.device),
-        _backend.new_output((batch,), torch.float32, logits.device),
-        _backend.new_output((batch,), torch.int32, logits.device),
-    )
-    _run(name, logits, temperature, top_k, top_p, min_p, forced, seeds, bias_ids, bias_values, outputs)
-    return outputs
-
-
-@_sample_op.register_fake
-def _(logits, temperature, top_k, top_p, min_p, forced, seeds, bias_ids, bias_values, backend):
+def _outputs(logits, *_per_row):
     batch = logits.shape[0]
     return (
-        logits.new_empty((batch,), dtype=torch.int64),
-        logits.new_empty((batch,), dtype=torch.float32),
-        logits.new_empty((batch,), dtype=torch.float32),
-        logits.new_empty((batch,), dtype=torch.int32),
+        Output((batch,), torch.int64),  # tokens
+        Output((batch,), torch.float32),  # logprobs
+        Output((batch,), torch.float32),  # raw_logprobs
+        Output((batch,), torch.int32),  # status
     )
+
+
+OP_DEF = Op(
+    "sample_",
+    key=OP,
+    inputs=(
+        "Tensor(a!) logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, Tensor forced, "
+        "Tensor seeds, Tensor? bias_ids, Tensor? bias_values"
+    ),
+    mutates=("logits",),
+    returns=("tokens", "logprobs", "raw_logprobs", "status"),
+    outputs=_outputs,
+    backends={"triton": _run_triton, "cpu": _run_cpu, "reference": _run_reference},
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +131,9 @@ def _per_row(value, name: str, batch: int, device: torch.device, integer: bool) 
     dtype = torch.int64 if integer else torch.float32
     if isinstance(value, torch.Tensor):
         if value.dim() != 1 or value.shape[0] != batch:
-            raise ValueError(f"sample_: {name} must be a scalar or a [B] = [{batch}] tensor, got shape {tuple(value.shape)}")
+            raise ValueError(
+                f"sample_: {name} must be a scalar or a [B] = [{batch}] tensor, got shape {tuple(value.shape)}"
+            )
         if value.device != device:
             raise ValueError(f"sample_: {name} is on {value.device} but logits are on {device}")
         if integer and (value.dtype.is_floating_point or value.dtype == torch.bool):
@@ -322,19 +295,21 @@ def sample_(
     min_p = _per_row(min_p, "min_p", batch, device, integer=False)
     _check_range(min_p, ~((min_p >= 0) & (min_p <= 1)), "min_p", "in [0, 1]")
     forced = _per_row(-1 if forced is None else forced, "forced", batch, device, integer=True)
-    _check_range(forced, (forced < -1) | (forced >= vocab), "forced", f"-1 (none) or a token id in [0, {vocab})", IndexError)
+    _check_range(
+        forced, (forced < -1) | (forced >= vocab), "forced", f"-1 (none) or a token id in [0, {vocab})", IndexError
+    )
     ids, values = _validate_biases(bias_ids, bias_values, batch, vocab, device)
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()))
     if isinstance(seed, torch.Tensor):
         seeds = _per_row(seed, "seed", batch, device, integer=True)
     elif isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
-        seeds = row_seeds(int(seed), batch, device)
+        seeds = batch_row_seeds(int(seed), batch, device)
     else:
         raise TypeError(f"sample_: seed must be an int, a [B] int64 tensor or None, got {type(seed).__name__}")
 
-    tokens, logprobs, raw_logprobs, status = _sample_op(
-        logits, temperature, top_k, top_p, min_p, forced, seeds, ids, values, backend or ""
+    tokens, logprobs, raw_logprobs, status = OP_DEF(
+        logits, temperature, top_k, top_p, min_p, forced, seeds, ids, values, backend=backend or ""
     )
     row = _first_bad(status != 0)
     if row is not None:

@@ -1,17 +1,21 @@
-"""``token_logprobs``: the public op, its torch.library registration and its backends.
+"""``token_logprobs``: the public op and its backends.
 
-Forward and backward are two custom ops, ``gtalign_fast::token_logprobs`` and
-``gtalign_fast::token_logprobs_backward``; autograd links them. Each resolves its backend at run
-time (inside the op), so a compiled graph keeps working when the backend changes.
+Forward and backward are two :class:`~gtalign_fast._op.Op` (custom ops
+``gtalign_fast::token_logprobs`` and ``gtalign_fast::token_logprobs_backward``); autograd links
+them. Each resolves its backend at run time (inside the op), so a compiled graph keeps working
+when the backend changes.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
-from . import _backend, reference
+from . import reference
+from ._op import Op, Output, extension_kernel
+from ._token_logprobs_constants import NUM_STATS
 
 OP = "token_logprobs"
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -64,32 +68,92 @@ def check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int, op:
 
 
 # ---------------------------------------------------------------------------------------------
-# Backends
+# Forward
 
 
-# The reference backend computes in float64 (the slow, exact path: it materialises [N, V]).
+class TokenLogprobsOptions(NamedTuple):
+    temperature: float
+    with_entropy: bool
+    ignore_index: int
 
 
-def _forward_reference(logits, targets, temperature, with_entropy, ignore_index, logp, entropy, stats):
+def _forward_outputs(logits, targets, options):
+    """(logp, entropy, stats); stats holds per row (max of z/T, log sum exp(z/T - max)) for the
+    backward (columns STAT_* of _token_logprobs_constants)."""
+    entropy_shape = targets.shape if options.with_entropy else (0,)
+    stats_shape = (targets.numel(), NUM_STATS)
+    return (
+        Output(targets.shape, torch.float32),
+        Output(entropy_shape, torch.float32),
+        Output(stats_shape, torch.float32),
+    )
+
+
+def _forward_reference(logits, targets, options, logp, entropy, stats):
+    """float64 through the reference (the slow, exact path: it materialises [N, V])."""
+    temperature, with_entropy, ignore_index = options
     logits = logits.double()
     ref_logp, ref_entropy = reference.token_logprobs(logits, targets, temperature, with_entropy, ignore_index)
-    logp.copy_(ref_logp.reshape(-1))
+    logp.copy_(ref_logp)
     scaled = (logits / temperature).reshape(-1, logits.shape[-1])
     row_max = scaled.max(dim=-1).values
     log_sum = torch.logsumexp(scaled - row_max.unsqueeze(-1), dim=-1)
     valid = (targets != ignore_index).reshape(-1)
     stats.copy_(torch.where(valid.unsqueeze(-1), torch.stack([row_max, log_sum], dim=-1), 0.0))
     if with_entropy:
-        entropy.copy_(ref_entropy.reshape(-1))
+        entropy.copy_(ref_entropy)
 
 
-def _backward_reference(grad_logp, grad_entropy, logits, targets, temperature, ignore_index, dlogits):
-    # Custom ops run below autograd, so the gradient is written out in closed form here:
+def _forward_kernel(launch, logits, targets, options, logp, entropy, stats) -> None:
+    """Call a kernel launcher (they share one signature) on rows read in place and flat outputs."""
+    if targets.numel() > 0:
+        launch(rows_view(logits), targets.reshape(-1).contiguous(), 1.0 / options.temperature, options.ignore_index,
+               logp.view(-1), entropy.view(-1), stats)
+
+
+def _forward_triton(*args):
+    from gtalign_fast.kernels import token_logprobs as triton_kernels
+
+    _forward_kernel(triton_kernels.token_logprobs_forward, *args)
+
+
+def _forward_extension(*args):
+    """The C++ CPU and CUDA kernels of the compiled extension, dispatched by device."""
+    _forward_kernel(extension_kernel("token_logprobs_fwd", args[0].device), *args)
+
+
+FORWARD = Op(
+    "token_logprobs",
+    inputs="Tensor logits, Tensor targets",
+    options=TokenLogprobsOptions,
+    returns=("logp", "entropy", "stats"),
+    outputs=_forward_outputs,
+    check=lambda logits, targets, options, _backend: check_target_range(targets, logits.shape[-1],
+                                                                          options.ignore_index),
+    backends={
+        "triton": _forward_triton,
+        "cpu": _forward_extension,
+        "cuda": _forward_extension,
+        "reference": _forward_reference,
+    },
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+
+
+def _backward_outputs(grad_logp, grad_entropy, logits, targets, stats, entropy, options):
+    return (Output(logits.shape, logits.dtype),)  # contiguous, whatever the logits' strides
+
+
+def _backward_reference(grad_logp, grad_entropy, logits, targets, stats, entropy, options, dlogits):
+    # The closed form, in float64 (autograd is not reachable inside a custom op's kernel):
     # dz = (g_logp * (onehot - p) - g_entropy * p * (log p + H)) / T.
-    scaled = logits.double() / temperature
+    scaled = logits.double() / options.temperature
     log_probs = torch.log_softmax(scaled, dim=-1)
     probs = log_probs.exp()
-    valid = (targets != ignore_index).unsqueeze(-1)
+    valid = (targets != options.ignore_index).unsqueeze(-1)
     g_logp = grad_logp.reshape(targets.shape).to(scaled.dtype).unsqueeze(-1)
     onehot = torch.zeros_like(scaled).scatter_(-1, targets.clamp(min=0).unsqueeze(-1), 1.0)
     grad = g_logp * (onehot - probs)
@@ -97,134 +161,65 @@ def _backward_reference(grad_logp, grad_entropy, logits, targets, temperature, i
         entropy = -(probs * torch.where(probs > 0, log_probs, torch.zeros_like(log_probs))).sum(-1, keepdim=True)
         g_entropy = grad_entropy.reshape(targets.shape).to(scaled.dtype).unsqueeze(-1)
         grad = grad - g_entropy * torch.where(probs > 0, probs * (log_probs + entropy), torch.zeros_like(probs))
-    grad = torch.where(valid, grad / temperature, torch.zeros_like(grad))
+    grad = torch.where(valid, grad / options.temperature, torch.zeros_like(grad))
     dlogits.copy_(grad.reshape(dlogits.shape))
 
 
-def _run_forward(name, logits, targets, temperature, with_entropy, ignore_index, logp, entropy, stats):
-    if name == "reference":
-        _forward_reference(logits, targets, temperature, with_entropy, ignore_index, logp, entropy, stats)
-        return
-    view = rows_view(logits)
-    flat_targets = targets.reshape(-1).contiguous()
-    if name == "triton":
-        from gtalign_fast.kernels import token_logprobs as triton_kernels
-
-        triton_kernels.token_logprobs_forward(
-            view, flat_targets, 1.0 / temperature, ignore_index, logp, entropy if with_entropy else None, stats
-        )
-    else:  # "cpu" and "cuda": the compiled extension, dispatched by device
-        torch.ops.gtalign_fast_C.token_logprobs_fwd(view, flat_targets, 1.0 / temperature, ignore_index, logp, entropy, stats)
-
-
-def _run_backward(name, grad_logp, grad_entropy, logits, targets, stats, entropy, temperature, ignore_index, dlogits):
-    if name == "reference":
-        _backward_reference(grad_logp, grad_entropy, logits, targets, temperature, ignore_index, dlogits)
-        return
-    view = rows_view(logits)
-    flat_targets = targets.reshape(-1).contiguous()
-    if name == "triton":
-        from gtalign_fast.kernels import token_logprobs as triton_kernels
-
-        triton_kernels.token_logprobs_backward(
-            grad_logp, grad_entropy, view, flat_targets, stats, entropy, 1.0 / temperature, ignore_index, dlogits
-        )
-    else:
-        torch.ops.gtalign_fast_C.token_logprobs_bwd(
-            grad_logp, grad_entropy, view, flat_targets, stats, entropy, 1.0 / temperature, ignore_index, dlogits
-        )
-
-
-# ---------------------------------------------------------------------------------------------
-# Custom ops
-
-
-@torch.library.custom_op("gtalign_fast::token_logprobs", mutates_args=())
-def _token_logprobs_op(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    temperature: float,
-    with_entropy: bool,
-    ignore_index: int,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    name = _backend.resolve(OP, logits.device, backend)
-    _backend.record(OP, name)
-    vocab = logits.shape[-1]
-    check_target_range(targets, vocab, ignore_index)
-    n_rows = targets.numel()
-    logp = _backend.new_output((n_rows,), torch.float32, logits.device)
-    # Per row (max of z/T, log sum exp(z/T - max)), saved for the backward.
-    stats = _backend.new_output((n_rows, 2), torch.float32, logits.device)
-    entropy = _backend.new_output((n_rows if with_entropy else 0,), torch.float32, logits.device)
-    if n_rows > 0:
-        _run_forward(name, logits, targets, temperature, with_entropy, ignore_index, logp, entropy, stats)
-    out_shape = targets.shape
-    return logp.view(out_shape), entropy.view(out_shape if with_entropy else (0,)), stats
-
-
-@_token_logprobs_op.register_fake
-def _(logits, targets, temperature, with_entropy, ignore_index, backend):
-    logp = logits.new_empty(targets.shape, dtype=torch.float32)
-    entropy = logits.new_empty(targets.shape if with_entropy else (0,), dtype=torch.float32)
-    return logp, entropy, logits.new_empty((targets.numel(), 2), dtype=torch.float32)
-
-
-@torch.library.custom_op("gtalign_fast::token_logprobs_backward", mutates_args=())
-def _token_logprobs_backward_op(
-    grad_logp: torch.Tensor,
-    grad_entropy: torch.Tensor | None,
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    stats: torch.Tensor,
-    entropy: torch.Tensor,
-    temperature: float,
-    ignore_index: int,
-    backend: str,
-) -> torch.Tensor:
-    name = _backend.resolve(OP, logits.device, backend)
-    _backend.record(OP, name)
-    dlogits = _backend.new_output(logits.shape, logits.dtype, logits.device)
+def _backward_kernel(launch, grad_logp, grad_entropy, logits, targets, stats, entropy, options, dlogits) -> None:
+    """Call a kernel launcher on float32 flat upstream gradients and logits rows read in place."""
     if targets.numel() > 0:
-        grad_logp = grad_logp.reshape(-1).to(torch.float32).contiguous()
-        if grad_entropy is not None:
-            grad_entropy = grad_entropy.reshape(-1).to(torch.float32).contiguous()
-        _run_backward(
-            name, grad_logp, grad_entropy, logits, targets, stats, entropy.reshape(-1),
-            temperature, ignore_index, dlogits,
-        )
-    return dlogits
+        grad_entropy = None if grad_entropy is None else grad_entropy.reshape(-1).to(torch.float32).contiguous()
+        launch(grad_logp.reshape(-1).to(torch.float32).contiguous(), grad_entropy, rows_view(logits),
+               targets.reshape(-1).contiguous(), stats, entropy.reshape(-1), 1.0 / options.temperature,
+               options.ignore_index, dlogits)
 
 
-@_token_logprobs_backward_op.register_fake
-def _(grad_logp, grad_entropy, logits, targets, stats, entropy, temperature, ignore_index, backend):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+def _backward_triton(*args):
+    from gtalign_fast.kernels import token_logprobs as triton_kernels
+
+    _backward_kernel(triton_kernels.token_logprobs_backward, *args)
 
 
-def _setup_context(ctx, inputs, output):
-    logits, targets, temperature, with_entropy, ignore_index, backend = inputs
-    _, entropy, stats = output
+def _backward_extension(*args):
+    _backward_kernel(extension_kernel("token_logprobs_bwd", args[2].device), *args)
+
+
+BACKWARD = Op(
+    "token_logprobs_backward",
+    key="token_logprobs",
+    inputs="Tensor grad_logp, Tensor? grad_entropy, Tensor logits, Tensor targets, Tensor stats, Tensor entropy",
+    options=TokenLogprobsOptions,
+    returns=("dlogits",),
+    outputs=_backward_outputs,
+    backends={
+        "triton": _backward_triton,
+        "cpu": _backward_extension,
+        "cuda": _backward_extension,
+        "reference": _backward_reference,
+    },
+)
+
+
+def _save(ctx, inputs, options, outputs) -> None:
+    logits, targets = inputs
+    _, entropy, stats = outputs
     ctx.save_for_backward(logits, targets, stats, entropy)
-    ctx.temperature, ctx.ignore_index, ctx.backend = temperature, ignore_index, backend
-    ctx.with_entropy = with_entropy
-    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_logp, grad_entropy, grad_stats):
+def _backward(ctx, grad_logp, grad_entropy, _grad_stats):
     logits, targets, stats, entropy = ctx.saved_tensors
     if grad_logp is None and grad_entropy is None:
-        return None, None, None, None, None, None
+        return None, None
     if grad_logp is None:
         grad_logp = torch.zeros(targets.shape, dtype=torch.float32, device=stats.device)
-    if not ctx.with_entropy:
+    if not ctx.options.with_entropy:
         grad_entropy = None
-    dlogits = _token_logprobs_backward_op(
-        grad_logp, grad_entropy, logits, targets, stats, entropy, ctx.temperature, ctx.ignore_index, ctx.backend
-    )
-    return dlogits, None, None, None, None, None
+    (dlogits,) = BACKWARD(grad_logp, grad_entropy, logits, targets, stats, entropy, options=ctx.options,
+                          backend=ctx.backend)
+    return dlogits, None
 
 
-_token_logprobs_op.register_autograd(_backward, setup_context=_setup_context)
+FORWARD.register_autograd(_save, _backward, differentiable=(0, 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,7 +301,6 @@ def token_logprobs(
     ``dz_j = (g_logp (1[j = t] - p_j) - g_H p_j (log p_j + H)) / T``.
     """
     _validate(logits, targets, temperature)
-    logp, entropy, _ = _token_logprobs_op(
-        logits, targets, float(temperature), bool(with_entropy), int(ignore_index), backend or ""
-    )
+    options = TokenLogprobsOptions(float(temperature), bool(with_entropy), int(ignore_index))
+    logp, entropy, _ = FORWARD(logits, targets, options=options, backend=backend or "")
     return (logp, entropy) if with_entropy else logp

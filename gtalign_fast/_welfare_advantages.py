@@ -1,9 +1,10 @@
-"""``welfare_advantages``: the public op, its torch.library registration and its backends.
+"""``welfare_advantages``: the public op and its backends.
 
-One custom op, ``gtalign_fast::welfare_advantages``, resolves its backend at run time (inside
-the op, so a compiled graph keeps working when the backend changes) and launches one kernel.
-Rewards are data, not parameters: the op is not differentiable (no autograd is registered and
-the inputs are detached), but it has a fake kernel so ``torch.compile(fullgraph=True)`` traces it.
+One :class:`~gtalign_fast._op.Op` (custom op ``gtalign_fast::welfare_advantages``) resolves its
+backend at run time (inside the op, so a compiled graph keeps working when the backend changes)
+and launches one kernel. Rewards are data, not parameters: the op is not differentiable (no
+autograd is registered and the inputs are detached), but it has a fake kernel so
+``torch.compile(fullgraph=True)`` traces it.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from typing import NamedTuple
 
 import torch
 
-from . import _backend, reference
+from . import reference
+from ._op import Op, Output, extension_kernel
+from ._welfare_constants import SCALES
 
 OP = "welfare_advantages"
-SCALES = {"group": 0, "batch": 1, "none": 2}
 
 
 class WelfareAdvantages(NamedTuple):
@@ -62,98 +64,86 @@ def _check_rewards(user: torch.Tensor, llm: torch.Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Backends
+# The op
 
 
-def _run_reference(user, llm, offsets, group_size, alpha, scale, eps, unbiased, mask, outputs):
-    group = offsets if offsets is not None else group_size
-    results = reference.welfare_advantages(user, llm, group, alpha, scale, eps, unbiased, mask)
+class WelfareOptions(NamedTuple):
+    group_size: int  # fixed group size, or 0 when offsets are given
+    alpha: float
+    scale: str
+    eps: float
+    unbiased: bool
+
+
+def _check_data(user, llm, offsets, mask, options, backend) -> None:
+    if offsets is not None:
+        _check_offsets(offsets, user.numel())
+    if backend == "reference":  # the kernels mark bad rewards themselves (see _after_kernel)
+        _check_rewards(user, llm)
+
+
+def _outputs(user, llm, offsets, mask, options):
+    n_rows = user.shape[0]
+    n_groups = offsets.shape[0] - 1 if offsets is not None else n_rows // options.group_size
+    return (
+        Output((n_rows,), torch.float32),  # welfare
+        Output((n_rows,), torch.float32),  # advantages
+        Output((n_groups,), torch.float32),  # group_mean
+        Output((n_groups,), torch.float32),  # group_std
+        Output((n_groups,), torch.bool),  # group_all_equal
+        Output(tuple(mask.shape) if mask is not None else (0,), torch.float32),  # token_advantages
+    )
+
+
+def _run_reference(user, llm, offsets, mask, options, *outputs):
+    group = offsets if offsets is not None else options.group_size
+    results = reference.welfare_advantages(
+        user, llm, group, options.alpha, options.scale, options.eps, options.unbiased, mask
+    )
     for out, value in zip(outputs, results):
         if value is not None and out.numel() > 0:
             out.copy_(value.reshape(out.shape))
 
 
-def _run_kernel(name, user, llm, offsets, group_size, alpha, scale, eps, unbiased, mask, outputs):
-    arguments = (user, llm, offsets, group_size, alpha, SCALES[scale], eps, unbiased, mask, *outputs)
-    if name == "triton":
-        from gtalign_fast.kernels import welfare_advantages as triton_kernels
-
-        triton_kernels.welfare_advantages(*arguments)
-    else:  # "cpu" and "cuda": the compiled extension, dispatched by device
-        torch.ops.gtalign_fast_C.welfare_advantages(*arguments)
+def _kernel_args(user, llm, offsets, mask, options, *outputs) -> tuple:
+    return (user, llm, offsets, options.group_size, options.alpha, SCALES[options.scale], options.eps,
+            options.unbiased, mask, *outputs)
 
 
-# ---------------------------------------------------------------------------------------------
-# Custom op
-
-
-def _n_groups(n_rows: int, offsets: torch.Tensor | None, group_size: int) -> int:
-    return offsets.shape[0] - 1 if offsets is not None else n_rows // group_size
-
-
-def _welfare_advantages_impl(
-    user: torch.Tensor,
-    llm: torch.Tensor,
-    offsets: torch.Tensor | None,
-    group_size: int,
-    alpha: float,
-    scale: str,
-    eps: float,
-    unbiased: bool,
-    mask: torch.Tensor | None,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    name = _backend.resolve(OP, user.device, backend)
-    _backend.record(OP, name)
-    n_rows, device = user.numel(), user.device
-    if offsets is not None:
-        _check_offsets(offsets, n_rows)
-    if name == "reference":
+def _after_kernel(user, llm, group_mean) -> None:
+    """The kernels mark a negative or infinite reward with W = -inf, which makes its group's mean,
+    and so the sum of the [G] means, non-finite: one small reduction (no scan of the [N] inputs)
+    and one scalar read. A sum that overflows only costs the exact check, which raises only for a
+    bad reward. (The C++ CPU kernel checks itself, with the same error.)"""
+    if group_mean.numel() > 0 and not math.isfinite(group_mean.sum().item()):
         _check_rewards(user, llm)
-    n_groups = _n_groups(n_rows, offsets, group_size)
-    outputs = (
-        _backend.new_output((n_rows,), torch.float32, device),
-        _backend.new_output((n_rows,), torch.float32, device),
-        _backend.new_output((n_groups,), torch.float32, device),
-        _backend.new_output((n_groups,), torch.float32, device),
-        _backend.new_output((n_groups,), torch.bool, device),
-        _backend.new_output(tuple(mask.shape) if mask is not None else (0,), torch.float32, device),
-    )
-    if name == "reference":
-        _run_reference(user, llm, offsets, group_size, alpha, scale, eps, unbiased, mask, outputs)
-    else:
-        _run_kernel(name, user, llm, offsets, group_size, alpha, scale, eps, unbiased, mask, outputs)
-        # The kernels mark a negative or infinite reward with W = -inf, which makes its group's
-        # mean, and so the sum of the [G] means, non-finite: one small reduction (no scan of the
-        # [N] inputs) and one scalar read. A sum that overflows only costs the exact check, which
-        # raises only for a bad reward. (The C++ CPU kernel checks itself, with the same error.)
-        if name != "cpu" and n_groups > 0 and not math.isfinite(outputs[2].sum().item()):
-            _check_rewards(user, llm)
-    return outputs
 
 
-def _welfare_advantages_fake(user, llm, offsets, group_size, alpha, scale, eps, unbiased, mask, backend):
-    n_rows = user.shape[0]
-    n_groups = _n_groups(n_rows, offsets, group_size)
-    return (
-        user.new_empty((n_rows,), dtype=torch.float32),
-        user.new_empty((n_rows,), dtype=torch.float32),
-        user.new_empty((n_groups,), dtype=torch.float32),
-        user.new_empty((n_groups,), dtype=torch.float32),
-        user.new_empty((n_groups,), dtype=torch.bool),
-        user.new_empty(tuple(mask.shape) if mask is not None else (0,), dtype=torch.float32),
-    )
+def _run_triton(*args):
+    from gtalign_fast.kernels import welfare_advantages as triton_kernels
+
+    triton_kernels.welfare_advantages(*_kernel_args(*args))
+    _after_kernel(args[0], args[1], args[7])
 
 
-# Registered with torch.library's low-level API rather than @torch.library.custom_op: the op has
-# no autograd formula (rewards are data) and returns fresh tensors, so custom_op's Python autograd
-# and alias-checking layers would only add ~18 us to every call (about a tenth of the whole op at
-# N = 65k on CPU); the dispatcher alone costs ~1 us. The schema is the one custom_op would infer.
-_LIBRARY = torch.library.Library("gtalign_fast", "FRAGMENT")
-_LIBRARY.define(OP + torch.library.infer_schema(_welfare_advantages_impl, mutates_args=()))
-_LIBRARY.impl(OP, _welfare_advantages_impl, "CompositeExplicitAutograd")
-torch.library.register_fake(f"gtalign_fast::{OP}", _welfare_advantages_fake, lib=_LIBRARY)
-_welfare_advantages_op = torch.ops.gtalign_fast.welfare_advantages.default
+def _run_cpu(*args):
+    extension_kernel("welfare_advantages", args[0].device)(*_kernel_args(*args))
+
+
+def _run_cuda(*args):
+    _run_cpu(*args)
+    _after_kernel(args[0], args[1], args[7])
+
+
+OP_DEF = Op(
+    "welfare_advantages",
+    inputs="Tensor user, Tensor llm, Tensor? offsets, Tensor? mask",
+    options=WelfareOptions,
+    returns=("welfare", "advantages", "group_mean", "group_std", "group_all_equal", "token_advantages"),
+    outputs=_outputs,
+    check=_check_data,
+    backends={"triton": _run_triton, "cpu": _run_cpu, "cuda": _run_cuda, "reference": _run_reference},
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,9 +164,13 @@ def _validate_rewards(user, llm) -> None:
         if values.dtype != torch.float32:
             raise TypeError(f"welfare_advantages: {name} must be float32, got {values.dtype}")
         if values.dim() != 1 or values.shape[0] == 0:
-            raise ValueError(f"welfare_advantages: {name} must be a non-empty 1-D tensor [N], got shape {tuple(values.shape)}")
+            raise ValueError(
+                f"welfare_advantages: {name} must be a non-empty 1-D tensor [N], got shape {tuple(values.shape)}"
+            )
     if user.shape != llm.shape:
-        raise ValueError(f"welfare_advantages: user {tuple(user.shape)} and llm {tuple(llm.shape)} must have the same shape")
+        raise ValueError(
+            f"welfare_advantages: user {tuple(user.shape)} and llm {tuple(llm.shape)} must have the same shape"
+        )
     if user.device != llm.device:
         raise ValueError(f"welfare_advantages: user on {user.device} but llm on {llm.device}")
 
@@ -187,12 +181,17 @@ def _validate_group(group, n_rows: int, device: torch.device) -> tuple[torch.Ten
         if group.dtype != torch.int64:
             raise TypeError(f"welfare_advantages: group offsets must be int64, got {group.dtype}")
         if group.dim() != 1 or group.shape[0] < 2:
-            raise ValueError(f"welfare_advantages: group offsets must be 1-D [G+1] with G >= 1, got shape {tuple(group.shape)}")
+            raise ValueError(
+                f"welfare_advantages: group offsets must be 1-D [G+1] with G >= 1, got shape {tuple(group.shape)}"
+            )
         if group.device != device:
             raise ValueError(f"welfare_advantages: group offsets on {group.device} but rewards on {device}")
         return group.contiguous(), 0
     if isinstance(group, bool) or not isinstance(group, int):
-        raise TypeError(f"welfare_advantages: group must be an int (group size) or an int64 offsets tensor, got {type(group).__name__}")
+        raise TypeError(
+            "welfare_advantages: group must be an int (group size) or an int64 offsets tensor, "
+            f"got {type(group).__name__}"
+        )
     if group < 1 or n_rows % group != 0:
         raise ValueError(f"welfare_advantages: group size {group} must be >= 1 and divide N = {n_rows}")
     return None, group
@@ -290,8 +289,10 @@ def welfare_advantages(
     _check_number("eps", eps, 0.0, math.inf)
     if scale not in SCALES:
         raise ValueError(f"welfare_advantages: scale must be one of {tuple(SCALES)}, got {scale!r}")
-    welfare, advantages, group_mean, group_std, all_equal, tokens = _welfare_advantages_op(
-        user.detach().contiguous(), llm.detach().contiguous(), offsets, group_size, float(alpha), scale, float(eps),
-        bool(unbiased), mask.detach() if mask is not None else None, backend or "",
+    options = WelfareOptions(group_size, float(alpha), scale, float(eps), bool(unbiased))
+    welfare, advantages, group_mean, group_std, all_equal, tokens = OP_DEF(
+        user.detach().contiguous(), llm.detach().contiguous(), offsets, mask.detach() if mask is not None else None,
+        options=options, backend=backend or "",
     )
-    return WelfareAdvantages(welfare, advantages, group_mean, group_std, all_equal, tokens if mask is not None else None)
+    token_advantages = tokens if mask is not None else None
+    return WelfareAdvantages(welfare, advantages, group_mean, group_std, all_equal, token_advantages)

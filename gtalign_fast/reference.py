@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ._grpo_constants import KL_LIMIT, LOG_RATIO_LIMIT
+
 __all__ = [
     "token_logprobs",
     "linear_token_logprobs",
@@ -134,7 +136,7 @@ def grpo_loss(
     if importance_sampling_level == "sequence":
         # GSPO as TRL: the exp of the masked mean log-ratio of the sequence, shape [B, 1].
         log_ratio = ((log_ratio * weight).sum(-1) / row_tokens).unsqueeze(-1)
-    ratio = torch.exp(torch.clamp(log_ratio, -20.0, 20.0))
+    ratio = torch.exp(torch.clamp(log_ratio, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
 
     # Clipped surrogate: coef_2 is clipped from the raw ratio, delta caps coef_1 (TRL's order).
     coef_1 = ratio if delta is None else torch.clamp(ratio, max=delta)
@@ -147,8 +149,8 @@ def grpo_loss(
 
     if ref_logp is not None:
         # k3 ("low_var_kl" in verl): log-ratio clamped to [-20, 20], the estimate to [-10, 10].
-        kl_log_ratio = torch.clamp(ref_logp.to(dtype) - logp, -20.0, 20.0)
-        per_token_kl = torch.clamp(torch.exp(kl_log_ratio) - kl_log_ratio - 1, -10.0, 10.0)
+        kl_log_ratio = torch.clamp(ref_logp.to(dtype) - logp, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+        per_token_kl = torch.clamp(torch.exp(kl_log_ratio) - kl_log_ratio - 1, -KL_LIMIT, KL_LIMIT)
         if beta != 0.0:
             per_token_loss = per_token_loss + beta * per_token_kl
 
@@ -276,11 +278,11 @@ def welfare_advantages(
     if scale not in _SCALES:
         raise ValueError(f"welfare_advantages: scale must be one of {_SCALES}, got {scale!r}")
     dtype = compute_dtype(user.dtype)
-    u, l = user.to(dtype), llm.to(dtype)
-    bad = (u < 0) | (l < 0) | torch.isinf(u) | torch.isinf(l)
+    u, lm = user.to(dtype), llm.to(dtype)
+    bad = (u < 0) | (lm < 0) | torch.isinf(u) | torch.isinf(lm)
     if bool(bad.any()):
         raise ValueError("welfare_advantages: user and llm rewards must be finite and >= 0 (NaN = missing)")
-    welfare = cobb_douglas(u, l, alpha)
+    welfare = cobb_douglas(u, lm, alpha)
     valid = ~torch.isnan(welfare)
     bounds = _group_bounds(group, welfare.numel())
     zero = torch.zeros((), dtype=dtype, device=u.device)

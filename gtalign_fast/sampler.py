@@ -48,7 +48,6 @@ fixed instruction for that action (a second prefill). Mode ``"off"``: plain samp
 from __future__ import annotations
 
 import inspect
-
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -57,6 +56,7 @@ from typing import Any, Sequence
 import torch
 
 from ._sample import sample_
+from ._seeds import signed64, splitmix64, step_seed
 from .game.chain import format_payoff, parse_payoff
 from .game.pricing import ActionChoice, PricingPolicy, choose_action
 
@@ -66,8 +66,6 @@ MODES = ("rewrite", "reference", "off")
 STEER_MODES = ("off", "bias", "force")
 OPEN_TAG, CLOSE_TAG = "<payoff>", "</payoff>"
 OPEN_ANALYZE, CLOSE_ANALYZE = "<analyze>", "</analyze>"
-_GOLDEN = 0x9E3779B97F4A7C15
-_MASK64 = (1 << 64) - 1
 
 ACTION_INSTRUCTIONS = {
     "DA": "Answer the question directly.",
@@ -76,23 +74,6 @@ ACTION_INSTRUCTIONS = {
 }
 """Instructions the ``"reference"`` mode appends to the prompt for the chosen action (override
 with ``SteeringSampler(..., action_instructions=...)``)."""
-
-
-def _splitmix64(value: int) -> int:
-    value = (value + _GOLDEN) & _MASK64
-    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return value ^ (value >> 31)
-
-
-def _signed64(value: int) -> int:
-    value &= _MASK64
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def step_seed(row_seed: int, step: int) -> int:
-    """The sampling seed of a row at its ``step``-th draw (int64): depends on nothing else."""
-    return _signed64(_splitmix64((row_seed & _MASK64) ^ _splitmix64(step)))
 
 
 @dataclass
@@ -204,7 +185,6 @@ class _Row:
     event: SteeringEvent | None = None
     hide: list[int] = field(default_factory=list)  # cache columns to hide before the next forward
     steer: _Steer | None = None  # analyze steering after an edit
-
 
 
 def _check_steering(mode: str, steer_analyze, steer_strength, steer_template) -> None:
@@ -344,7 +324,9 @@ class SteeringSampler:
         if len(seeds) != n_rows:
             raise ValueError(f"SteeringSampler.generate: {len(seeds)} seeds for {n_rows} rows")
         if forced_tokens is not None and len(forced_tokens) != n_rows:
-            raise ValueError(f"SteeringSampler.generate: forced_tokens has {len(forced_tokens)} entries for {n_rows} rows")
+            raise ValueError(
+                f"SteeringSampler.generate: forced_tokens has {len(forced_tokens)} entries for {n_rows} rows"
+            )
         rows = [
             _Row(prompt_ids=ids, seed=s, forced=None if forced_tokens is None else forced_tokens[r])
             for r, (ids, s) in enumerate(zip(prompt_ids, seeds))
@@ -629,7 +611,7 @@ class SteeringSampler:
             instruction = self.action_instructions[event.action.action]
             prompt_text = self.tokenizer.decode(row.prompt_ids) + "\n" + instruction + "\n"
             new_prompt = self._encode(prompt_text)
-            second.append((r, _Row(prompt_ids=new_prompt, seed=_signed64(_splitmix64(row.seed)), forced=None)))
+            second.append((r, _Row(prompt_ids=new_prompt, seed=signed64(splitmix64(row.seed)), forced=None)))
             event.status, event.reason = "reasked", f"second call with the {event.action.action} instruction"
             event.tokens_refed = len(new_prompt)
         if not second:
@@ -652,7 +634,8 @@ class SteeringSampler:
         for r, row in enumerate(rows):
             if row.event is None:
                 status = "off" if self.mode == "off" else "no_payoff"
-                row.event = SteeringEvent(row=r, status=status, reason="mode off" if status == "off" else "no </payoff> closed")
+                reason = "mode off" if status == "off" else "no </payoff> closed"
+                row.event = SteeringEvent(row=r, status=status, reason=reason)
             if row.steer is not None:
                 row.event.steer_draws, row.event.steer_status = row.steer.draws, row.steer.status
             events.append(row.event)

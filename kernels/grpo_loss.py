@@ -9,9 +9,9 @@ contiguous ``[B, T]``.
 Forward, two launches:
 
 1. ``_grpo_loss_rows_kernel``, one program per sequence (a 1-D grid over B), walks the row in
-   blocks of tokens and writes the row's partial sums to ``row_stats[B, NUM_STATS]`` (columns
-   below). Sequence-level importance sampling (GSPO) walks the row twice: once for the masked mean
-   log-ratio, once for the loss.
+   blocks of tokens and writes the row's partial sums to ``row_stats[B, NUM_STATS]`` (the
+   ``STAT_*`` columns of ``gtalign_fast._grpo_constants``). Sequence-level importance sampling
+   (GSPO) walks the row twice: once for the masked mean log-ratio, once for the loss.
 2. ``_grpo_loss_finalize_kernel``, one program, reduces the ``[B]`` partial sums: the per-row loss
    weights of the aggregation mode (they need the global token count), the loss, the metrics.
 
@@ -26,7 +26,7 @@ Backward, one launch, one program per row:
 ``dref_t = g * w_b * mask_t * beta * dkl/dref_t``. Every derivative follows torch's conventions
 (``clamp`` passes the gradient on the closed interval, ``min`` splits it evenly on ties), so the
 kernels agree with autograd through the reference. At sequence level ``dpg/dr * dr/dlogp_t`` is
-the same for every token of the row; the forward stores it in ``row_stats[:, SEQ_GRAD]``.
+the same for every token of the row; the forward stores it in ``row_stats[:, STAT_SEQ_GRAD]``.
 """
 
 from __future__ import annotations
@@ -35,30 +35,35 @@ import torch
 import triton
 import triton.language as tl
 
-# Columns of row_stats, one row per sequence.
-LOSS_SUM = 0  # sum_t mask * (pg + beta * kl)
-TOKENS = 1  # sum_t mask
-LOW = 2  # low-clipped tokens (or, with per-row metrics, the row's 0/1 indicator)
-HIGH = 3  # high-clipped tokens (or indicator)
-REGION = 4  # either (or indicator)
-KL_SUM = 5  # sum_t mask * kl
-RATIO_SUM = 6  # sum_t mask * r (or, with per-row metrics, the row's ratio)
-SEQ_GRAD = 7  # sequence level: d(sum_t mask * pg) / d logp_t for each masked token; else 0
-NUM_STATS = 8
+from gtalign_fast import _grpo_constants as constants
 
-# Aggregation modes of the finalize step (see gtalign_fast/_grpo_loss.py for the mapping).
-MODE_SEQ_MEAN = 0  # w_b = 1 / (B * max(n_b, 1))
-MODE_TOKEN_MEAN = 1  # w_b = 1 / max(sum_b n_b, 1)
-MODE_NORMALISER_TENSOR = 2  # w_b = 1 / num_items (a device tensor: no host sync)
-MODE_CONSTANT = 3  # w_b = const_weight
+# The row_stats columns, aggregation modes, metrics and clamp limits are defined once, in
+# gtalign_fast/_grpo_constants.py (documented there; csrc/grpo_loss_common.h holds the same values
+# for the C++ and CUDA kernels). Triton reads a global inside @triton.jit code only when it is a
+# tl.constexpr, so the kernels see them through these bindings.
+STAT_LOSS_SUM = tl.constexpr(constants.STAT_LOSS_SUM)
+STAT_TOKENS = tl.constexpr(constants.STAT_TOKENS)
+STAT_LOW = tl.constexpr(constants.STAT_LOW)
+STAT_HIGH = tl.constexpr(constants.STAT_HIGH)
+STAT_REGION = tl.constexpr(constants.STAT_REGION)
+STAT_KL_SUM = tl.constexpr(constants.STAT_KL_SUM)
+STAT_RATIO_SUM = tl.constexpr(constants.STAT_RATIO_SUM)
+STAT_SEQ_GRAD = tl.constexpr(constants.STAT_SEQ_GRAD)
+NUM_STATS = tl.constexpr(constants.NUM_STATS)
+MODE_SEQ_MEAN = tl.constexpr(constants.MODE_SEQ_MEAN)
+MODE_TOKEN_MEAN = tl.constexpr(constants.MODE_TOKEN_MEAN)
+MODE_NORMALISER_TENSOR = tl.constexpr(constants.MODE_NORMALISER_TENSOR)
+METRIC_LOW = tl.constexpr(constants.METRIC_LOW)
+METRIC_HIGH = tl.constexpr(constants.METRIC_HIGH)
+METRIC_REGION = tl.constexpr(constants.METRIC_REGION)
+METRIC_KL = tl.constexpr(constants.METRIC_KL)
+METRIC_RATIO = tl.constexpr(constants.METRIC_RATIO)
+LOG_RATIO_LIMIT = tl.constexpr(constants.LOG_RATIO_LIMIT)
+KL_LIMIT = tl.constexpr(constants.KL_LIMIT)
 
-# Metrics vector written by the finalize step.
-METRIC_NAMES = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "kl", "ratio_mean")
-
+# Tile bounds of the launches (tuning, not part of the layout contract).
 MAX_BLOCK_T = 1024
 MAX_BLOCK_B = 1024
-LOG_RATIO_LIMIT = 20.0
-KL_LIMIT = 10.0
 
 
 @triton.jit
@@ -71,7 +76,9 @@ def _policy_term(ratio, adv, low_bound, high_bound, delta, dual_clip, DUAL_CLIP:
     surrogate_1 = coef_1 * adv
     surrogate_2 = coef_2 * adv
     # torch.min splits the gradient evenly between equal arguments (on-policy every token ties).
-    gate = tl.where(surrogate_1 < surrogate_2, gate_1, tl.where(surrogate_1 > surrogate_2, gate_2, 0.5 * (gate_1 + gate_2)))
+    gate = tl.where(
+        surrogate_1 < surrogate_2, gate_1, tl.where(surrogate_1 > surrogate_2, gate_2, 0.5 * (gate_1 + gate_2))
+    )
     pg = -tl.minimum(surrogate_1, surrogate_2)
     dpg = -adv * gate
     if DUAL_CLIP:
@@ -88,19 +95,19 @@ def _policy_term(ratio, adv, low_bound, high_bound, delta, dual_clip, DUAL_CLIP:
 def _k3_term(logp, ref):
     """k3 KL ``exp(d) - d - 1`` (d = ref - logp, both clamped as verl does) and ``d kl / d ref``."""
     d = ref - logp
-    d_clamped = tl.minimum(tl.maximum(d, -20.0), 20.0)
+    d_clamped = tl.minimum(tl.maximum(d, -LOG_RATIO_LIMIT), LOG_RATIO_LIMIT)
     e = tl.exp(d_clamped)
     kl = e - d_clamped - 1.0
-    gate = (d >= -20.0) & (d <= 20.0) & (kl >= -10.0) & (kl <= 10.0)
-    kl = tl.minimum(tl.maximum(kl, -10.0), 10.0)
+    gate = (d >= -LOG_RATIO_LIMIT) & (d <= LOG_RATIO_LIMIT) & (kl >= -KL_LIMIT) & (kl <= KL_LIMIT)
+    kl = tl.minimum(tl.maximum(kl, -KL_LIMIT), KL_LIMIT)
     return kl, tl.where(gate, e - 1.0, 0.0)
 
 
 @triton.jit
 def _clamped_exp(log_ratio):
     """``exp(clamp(log_ratio, -20, 20))`` and its derivative (0 where the log-ratio is clamped)."""
-    ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -20.0), 20.0))
-    dratio = tl.where((log_ratio >= -20.0) & (log_ratio <= 20.0), ratio, 0.0)
+    ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -LOG_RATIO_LIMIT), LOG_RATIO_LIMIT))
+    dratio = tl.where((log_ratio >= -LOG_RATIO_LIMIT) & (log_ratio <= LOG_RATIO_LIMIT), ratio, 0.0)
     return ratio, dratio
 
 
@@ -219,15 +226,15 @@ def _grpo_loss_rows_kernel(
     seq_grad = tl.cast(0.0, tl.float32)
     if SEQ_LEVEL:
         seq_grad = tl.sum(dpg_acc, axis=0) * seq_dratio / tl.maximum(tokens, 1.0)
-    out = stats_ptr + row * 8
-    tl.store(out + 0, tl.sum(loss_acc, axis=0))
-    tl.store(out + 1, tokens)
-    tl.store(out + 2, low)
-    tl.store(out + 3, high)
-    tl.store(out + 4, region)
-    tl.store(out + 5, tl.sum(kl_acc, axis=0))
-    tl.store(out + 6, ratio_stat)
-    tl.store(out + 7, seq_grad)
+    out = stats_ptr + row * NUM_STATS
+    tl.store(out + STAT_LOSS_SUM, tl.sum(loss_acc, axis=0))
+    tl.store(out + STAT_TOKENS, tokens)
+    tl.store(out + STAT_LOW, low)
+    tl.store(out + STAT_HIGH, high)
+    tl.store(out + STAT_REGION, region)
+    tl.store(out + STAT_KL_SUM, tl.sum(kl_acc, axis=0))
+    tl.store(out + STAT_RATIO_SUM, ratio_stat)
+    tl.store(out + STAT_SEQ_GRAD, seq_grad)
 
 
 @triton.jit
@@ -249,38 +256,38 @@ def _grpo_loss_finalize_kernel(
     for start in range(0, B, BLOCK_B):
         rows = (start + offsets).to(tl.int64)
         in_batch = rows < B
-        base = stats_ptr + rows * 8
-        tokens_acc += tl.load(base + 1, mask=in_batch, other=0.0)
-        low_acc += tl.load(base + 2, mask=in_batch, other=0.0)
-        high_acc += tl.load(base + 3, mask=in_batch, other=0.0)
-        region_acc += tl.load(base + 4, mask=in_batch, other=0.0)
-        kl_acc += tl.load(base + 5, mask=in_batch, other=0.0)
-        ratio_acc += tl.load(base + 6, mask=in_batch, other=0.0)
+        base = stats_ptr + rows * NUM_STATS
+        tokens_acc += tl.load(base + STAT_TOKENS, mask=in_batch, other=0.0)
+        low_acc += tl.load(base + STAT_LOW, mask=in_batch, other=0.0)
+        high_acc += tl.load(base + STAT_HIGH, mask=in_batch, other=0.0)
+        region_acc += tl.load(base + STAT_REGION, mask=in_batch, other=0.0)
+        kl_acc += tl.load(base + STAT_KL_SUM, mask=in_batch, other=0.0)
+        ratio_acc += tl.load(base + STAT_RATIO_SUM, mask=in_batch, other=0.0)
     total_tokens = tl.maximum(tl.sum(tokens_acc, axis=0), 1.0)
     batch = tl.cast(B, tl.float32)
     metric_count = batch if ROW_METRICS else total_tokens
-    tl.store(metrics_ptr + 0, tl.sum(low_acc, axis=0) / metric_count)
-    tl.store(metrics_ptr + 1, tl.sum(high_acc, axis=0) / metric_count)
-    tl.store(metrics_ptr + 2, tl.sum(region_acc, axis=0) / metric_count)
-    tl.store(metrics_ptr + 3, tl.sum(kl_acc, axis=0) / total_tokens)
-    tl.store(metrics_ptr + 4, tl.sum(ratio_acc, axis=0) / metric_count)
+    tl.store(metrics_ptr + METRIC_LOW, tl.sum(low_acc, axis=0) / metric_count)
+    tl.store(metrics_ptr + METRIC_HIGH, tl.sum(high_acc, axis=0) / metric_count)
+    tl.store(metrics_ptr + METRIC_REGION, tl.sum(region_acc, axis=0) / metric_count)
+    tl.store(metrics_ptr + METRIC_KL, tl.sum(kl_acc, axis=0) / total_tokens)
+    tl.store(metrics_ptr + METRIC_RATIO, tl.sum(ratio_acc, axis=0) / metric_count)
 
-    if MODE == 1:
+    if MODE == MODE_TOKEN_MEAN:
         shared_weight = 1.0 / total_tokens
-    elif MODE == 2:
+    elif MODE == MODE_NORMALISER_TENSOR:
         shared_weight = 1.0 / tl.load(num_items_ptr).to(tl.float32)
-    else:
+    else:  # MODE_CONSTANT (MODE_SEQ_MEAN has a weight per row and never reads it)
         shared_weight = const_weight
     loss_acc = tl.zeros([BLOCK_B], tl.float32)
     for start in range(0, B, BLOCK_B):
         rows = (start + offsets).to(tl.int64)
         in_batch = rows < B
-        base = stats_ptr + rows * 8
-        if MODE == 0:
-            weight = 1.0 / (batch * tl.maximum(tl.load(base + 1, mask=in_batch, other=1.0), 1.0))
+        base = stats_ptr + rows * NUM_STATS
+        if MODE == MODE_SEQ_MEAN:
+            weight = 1.0 / (batch * tl.maximum(tl.load(base + STAT_TOKENS, mask=in_batch, other=1.0), 1.0))
         else:
             weight = tl.zeros([BLOCK_B], tl.float32) + shared_weight
-        loss_acc += tl.where(in_batch, weight * tl.load(base + 0, mask=in_batch, other=0.0), 0.0)
+        loss_acc += tl.where(in_batch, weight * tl.load(base + STAT_LOSS_SUM, mask=in_batch, other=0.0), 0.0)
         tl.store(weights_ptr + rows, weight, mask=in_batch)
     tl.store(loss_ptr, tl.sum(loss_acc, axis=0))
 
@@ -302,7 +309,7 @@ def _grpo_loss_bwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     beta, low_bound, high_bound, delta, dual_clip = _loss_params(beta, eps_low, eps_high, delta, dual_clip)
     row_scale = tl.load(grad_loss_ptr).to(tl.float32) * tl.load(weights_ptr + row)
-    seq_grad = tl.load(stats_ptr + row * 8 + 7)
+    seq_grad = tl.load(stats_ptr + row * NUM_STATS + STAT_SEQ_GRAD)
     offsets = tl.arange(0, BLOCK_T)
     for start in range(0, T, BLOCK_T):
         cols = start + offsets

@@ -37,10 +37,19 @@ import torch
 import triton
 import triton.language as tl
 
-# The vocabulary is walked in blocks of this many elements.
+from gtalign_fast import _sample_constants as constants
+
+# The per-row status words are defined once, in gtalign_fast/_sample_constants.py (the C++ kernel
+# reads them from csrc/sample_common.h). Triton reads a global inside @triton.jit code only when it
+# is a tl.constexpr.
+STATUS_OK = tl.constexpr(constants.STATUS_OK)
+STATUS_BAD_LOGITS = tl.constexpr(constants.STATUS_BAD_LOGITS)
+STATUS_NO_FINITE_LOGIT = tl.constexpr(constants.STATUS_NO_FINITE_LOGIT)
+STATUS_NO_FINITE_LOGIT_AFTER_BIAS = tl.constexpr(constants.STATUS_NO_FINITE_LOGIT_AFTER_BIAS)
+
+# The vocabulary is walked in blocks of this many elements. The bias slots of a row are held in
+# registers (BLOCK_K of them); the Python side bounds K (gtalign_fast._sample.MAX_BIASES).
 MAX_BLOCK_V = 2048
-# Bias slots are held in registers; more than this per row is refused by the Python side.
-MAX_BIASES = 1024
 
 
 @triton.jit
@@ -176,8 +185,16 @@ def _sample_kernel(
         m, s, _ = _row_stats(row_ptr, stride_v, V, inv_t, BLOCK_V)
     else:
         m, s = m_raw, s_raw
-    status = tl.where(bad != 0, 1, tl.where(m_raw == float("-inf"), 2, tl.where(m == float("-inf"), 3, 0)))
-    ok = status == 0
+    status = tl.where(
+        bad != 0,
+        STATUS_BAD_LOGITS,
+        tl.where(
+            m_raw == float("-inf"),
+            STATUS_NO_FINITE_LOGIT,
+            tl.where(m == float("-inf"), STATUS_NO_FINITE_LOGIT_AFTER_BIAS, STATUS_OK),
+        ),
+    )
+    ok = status == STATUS_OK
 
     # C. top-k threshold: the largest key whose probe keeps >= k tokens.
     lo = _key(tl.cast(float("-inf"), tl.float32))

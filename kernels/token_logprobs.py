@@ -21,6 +21,15 @@ import torch
 import triton
 import triton.language as tl
 
+from gtalign_fast import _token_logprobs_constants as constants
+
+# The columns of the per-row stats are defined once, in gtalign_fast/_token_logprobs_constants.py
+# (the C++ and CUDA kernels read them from csrc/token_logprobs_common.h). Triton reads a global
+# inside @triton.jit code only when it is a tl.constexpr.
+STAT_ROW_MAX = tl.constexpr(constants.STAT_ROW_MAX)
+STAT_LOG_SUM = tl.constexpr(constants.STAT_LOG_SUM)
+NUM_STATS = tl.constexpr(constants.NUM_STATS)
+
 # One program handles one row; the vocabulary is walked in blocks of this many elements.
 MAX_BLOCK_V = 4096
 
@@ -74,8 +83,8 @@ def _token_logprobs_fwd_kernel(
     safe_target = tl.where(valid, target, 0)
     y_target = tl.load(row_ptr + safe_target * stride_v).to(tl.float32) * inv_t
     tl.store(logp_ptr + row, tl.where(valid, (y_target - m) - log_s, 0.0))
-    tl.store(stats_ptr + 2 * row, tl.where(valid, m, 0.0))
-    tl.store(stats_ptr + 2 * row + 1, tl.where(valid, log_s, 0.0))
+    tl.store(stats_ptr + row * NUM_STATS + STAT_ROW_MAX, tl.where(valid, m, 0.0))
+    tl.store(stats_ptr + row * NUM_STATS + STAT_LOG_SUM, tl.where(valid, log_s, 0.0))
     if WITH_ENTROPY:
         tl.store(entropy_ptr + row, tl.where(valid, log_s - t / s, 0.0))
 
@@ -107,8 +116,8 @@ def _token_logprobs_bwd_kernel(
     valid = target != ignore_index
     # Fold the 1/T of the chain rule into the incoming gradients; ignored rows get zero gradient.
     g_logp = tl.where(valid, tl.load(grad_logp_ptr + row), 0.0) * inv_t
-    row_max = tl.load(stats_ptr + 2 * row)
-    log_sum = tl.load(stats_ptr + 2 * row + 1)
+    row_max = tl.load(stats_ptr + row * NUM_STATS + STAT_ROW_MAX)
+    log_sum = tl.load(stats_ptr + row * NUM_STATS + STAT_LOG_SUM)
     if HAS_GRAD_ENTROPY:
         g_entropy = tl.where(valid, tl.load(grad_entropy_ptr + row), 0.0) * inv_t
         entropy = tl.load(entropy_ptr + row)
@@ -140,11 +149,12 @@ def token_logprobs_forward(
     inv_temperature: float,
     ignore_index: int,
     logp: torch.Tensor,
-    entropy: torch.Tensor | None,
+    entropy: torch.Tensor,
     stats: torch.Tensor,
 ) -> None:
-    """Launch the forward kernel: fills ``logp`` and (when given) ``entropy``, ``[N]``, and the
-    per-row ``stats`` ``[N, 2]`` = (max of z/T, log of the sum of exp(z/T - max))."""
+    """Launch the forward kernel: fills ``logp`` and (unless it is empty: no entropy) ``entropy``,
+    ``[N]``, and the per-row ``stats`` ``[N, NUM_STATS]`` = (max of z/T, log of the sum of
+    exp(z/T - max)). The arguments are those of the C++ kernels."""
     d0, d1, vocab = logits3d.shape
     n_rows = d0 * d1
     if n_rows == 0:
@@ -152,9 +162,9 @@ def token_logprobs_forward(
     block_v = _block_size(vocab)
     s0, s1, sv = logits3d.stride()
     _token_logprobs_fwd_kernel[(n_rows,)](
-        logits3d, targets, logp, entropy if entropy is not None else logp, stats,
+        logits3d, targets, logp, entropy if entropy.numel() > 0 else logp, stats,
         d1, s0, s1, sv, vocab, inv_temperature, ignore_index,
-        WITH_ENTROPY=entropy is not None, BLOCK_V=block_v, num_warps=_num_warps(block_v),
+        WITH_ENTROPY=entropy.numel() > 0, BLOCK_V=block_v, num_warps=_num_warps(block_v),
     )
 
 

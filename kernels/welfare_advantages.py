@@ -29,20 +29,26 @@ import torch
 import triton
 import triton.language as tl
 
-SCALE_GROUP, SCALE_BATCH, SCALE_NONE = 0, 1, 2
+from gtalign_fast import _welfare_constants as constants
+
+# The scale modes are defined once, in gtalign_fast/_welfare_constants.py (the C++ and CUDA kernels
+# read them from csrc/welfare_advantages_common.h). Triton reads a global inside @triton.jit code
+# only when it is a tl.constexpr.
+SCALE_BATCH = tl.constexpr(constants.SCALE_BATCH)
+SCALE_NONE = tl.constexpr(constants.SCALE_NONE)
 # Elements of one [ROWS, COLS] chunk and of one block of the token scatter.
 TILE_ELEMENTS = 1024
 BLOCK_TOKENS = 1024
 
 
 @triton.jit
-def _welfare(u, l, alpha):
+def _welfare(u, lm, alpha):
     """Cobb-Douglas welfare in log space (see the module docstring for NaN / -inf)."""
     log_u = tl.where(alpha > 0, alpha * tl.log(u), 0.0)
-    log_l = tl.where(alpha < 1, (1.0 - alpha) * tl.log(l), 0.0)
+    log_l = tl.where(alpha < 1, (1.0 - alpha) * tl.log(lm), 0.0)
     w = tl.exp(log_u + log_l)
-    w = tl.where((u != u) | (l != l), float("nan"), w)
-    invalid = (u < 0) | (l < 0) | (u == float("inf")) | (l == float("inf"))
+    w = tl.where((u != u) | (lm != lm), float("nan"), w)
+    invalid = (u < 0) | (lm < 0) | (u == float("inf")) | (lm == float("inf"))
     return tl.where(invalid, float("-inf"), w)
 
 
@@ -67,8 +73,8 @@ def _chunk_welfare(user_ptr, llm_ptr, starts, lens, c0, alpha, COLS: tl.constexp
     in_group = cols[None, :] < lens[:, None]
     index = starts[:, None] + cols[None, :]
     u = tl.load(user_ptr + index, mask=in_group, other=0.0)
-    l = tl.load(llm_ptr + index, mask=in_group, other=0.0)
-    return _welfare(u, l, alpha), index, in_group
+    lm = tl.load(llm_ptr + index, mask=in_group, other=0.0)
+    return _welfare(u, lm, alpha), index, in_group
 
 
 @triton.jit
@@ -127,7 +133,7 @@ def _tile_statistics(user_ptr, llm_ptr, welfare_ptr, mean_ptr, std_ptr, equal_pt
 @triton.jit
 def _inverse_denominator(std, eps, SCALE: tl.constexpr):
     """1 / (std + eps) (0 if that is not finite), or 1 for scale="none"; float32."""
-    if SCALE == 2:
+    if SCALE == SCALE_NONE:
         inv = tl.full(std.shape, 1.0, tl.float64)
     else:
         denominator = std + eps
@@ -176,7 +182,7 @@ def _welfare_advantages_kernel(
 ):
     alpha = tl.cast(alpha_arg, tl.float32)
     eps = tl.cast(eps_arg, tl.float64)
-    if SCALE == 1:
+    if SCALE == SCALE_BATCH:
         # Batch std: the only program. Pass 1 writes W and the group statistics and merges every
         # group into the batch moments (Chan et al.'s parallel merge); pass 2 writes advantages.
         batch_count = tl.cast(0.0, tl.float64)
@@ -254,7 +260,7 @@ def welfare_advantages(
     rows, cols = tile_shape(n_rows, n_groups)
     n_tiles = triton.cdiv(n_groups, rows)
     has_mask = mask is not None and mask.shape[1] > 0
-    grid = (1,) if scale_mode == SCALE_BATCH else (n_tiles,)
+    grid = (1,) if scale_mode == constants.SCALE_BATCH else (n_tiles,)
     _welfare_advantages_kernel[grid](
         user, llm, offsets if offsets is not None else user, mask if has_mask else user,
         welfare, advantages, group_mean, group_std, group_all_equal, token_advantages if has_mask else welfare,

@@ -165,7 +165,9 @@ def test_format_matches_equals_regex_on_generated_text(parts):
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.sampled_from(range(8)), max_size=12), st.text(alphabet=" \nx", max_size=3))
 def test_format_matches_equals_regex_on_tag_soup(order, filler):
-    tags = ["<thinking>", "</thinking>", "<payoff>", "</payoff>", "<analyze>", "</analyze>", "<response>", "</response>"]
+    tags = [
+        "<thinking>", "</thinking>", "<payoff>", "</payoff>", "<analyze>", "</analyze>", "<response>", "</response>"
+    ]
     text = "<thinking>" + filler.join(tags[i] for i in order) + filler
     assert format_matches(text) == reference_format(text)
 
@@ -207,7 +209,8 @@ def test_parse_python_literal_forms(text):
 def test_parse_python_numbers():
     base = {k: {"LLM": 1, "user": 1} for k in PAYOFF_KEYS}
     text = repr(base)
-    for literal, value in [("1_0", 10.0), ("0x1F", 31.0), (".5", 0.5), ("1.", 1.0), ("1e1", 10.0), ("- 2.5", -2.5), ("0", 0.0)]:
+    cases = [("1_0", 10.0), ("0x1F", 31.0), (".5", 0.5), ("1.", 1.0), ("1e1", 10.0), ("- 2.5", -2.5), ("0", 0.0)]
+    for literal, value in cases:
         m = parse_payoff(text.replace("'LLM': 1,", f"'LLM': {literal},", 1))
         assert m is not None, literal
         assert m["DQ_AQ"].llm == value
@@ -331,7 +334,7 @@ def test_format_payoff_canonical_text():
 
 _VALUES = st.floats(min_value=-9.9, max_value=9.9, allow_nan=False).map(lambda x: round(x, 1))
 _MATRICES = st.lists(st.tuples(_VALUES, _VALUES), min_size=6, max_size=6).map(
-    lambda pairs: PayoffMatrix(tuple(Cell(l, u) for l, u in pairs))
+    lambda pairs: PayoffMatrix(tuple(Cell(llm, user) for llm, user in pairs))
 )
 
 
@@ -413,11 +416,18 @@ def test_over_long_text_is_a_hard_failure(monkeypatch):
     assert split_chain(text).hard_failure and not format_matches(text)
 
 
-_MUTATION_ALPHABET = st.sampled_from(list("{}[]'\"\u201c\u201d:,.-+0123456789eE \n<>/_#\\") + ["NaN", "LLM", "user", "DQ_AQ", "</payoff>", "<response>", "True"])
+_MUTATION_ALPHABET = st.sampled_from(
+    list("{}[]'\"\u201c\u201d:,.-+0123456789eE \n<>/_#\\")
+    + ["NaN", "LLM", "user", "DQ_AQ", "</payoff>", "<response>", "True"]
+)
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(_MATRICES, st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 3), _MUTATION_ALPHABET), max_size=6), st.data())
+@given(
+    _MATRICES,
+    st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 3), _MUTATION_ALPHABET), max_size=6),
+    st.data(),
+)
 def test_mutated_chains_never_raise(matrix, mutations, data):
     text = chain(payoff=format_payoff(matrix, indent=data.draw(st.sampled_from([None, 1]))))
     chars = list(text)

@@ -336,7 +336,8 @@ def test_client_reads_verdicts_in_order(server):
     stats = judge.stats
     assert stats.items == 5 and stats.requests == 5 and stats.failures == 0 and stats.retries == 0
     body = server.bodies[0]
-    assert body["model"] == "judge-model" and body["max_tokens"] == 32 and body["temperature"] == 0.0 and body["top_k"] == 20
+    assert body["model"] == "judge-model" and body["max_tokens"] == 32
+    assert body["temperature"] == 0.0 and body["top_k"] == 20
     assert body["messages"][0]["role"] == "user"
     assert set(server.auth) == {"Bearer secret"}
 
@@ -396,7 +397,8 @@ def test_client_does_not_retry_a_400_and_survives_a_dead_server(server):
     assert judge.stats.requests == 1
     dead = OpenAIJudge("http://127.0.0.1:9/v1", "m", timeout=0.2, max_retries=1, backoff=0.0)
     out = dead.judge_batch(_items("MODE=ok:1", "MODE=ok:1"))
-    assert all(s.failed for s in out) and dead.stats.failures == 2 and dead.stats.connection_errors + dead.stats.timeouts == 4
+    assert all(s.failed for s in out) and dead.stats.failures == 2
+    assert dead.stats.connection_errors + dead.stats.timeouts == 4
     dead.reset_stats()
     assert dead.stats.failures == 0
 

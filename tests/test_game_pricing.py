@@ -169,12 +169,21 @@ def test_then_composes():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.floats(-5, 5).map(lambda x: round(x, 1)), min_size=12, max_size=12), st.floats(-3, 3), st.floats(-3, 3))
+@given(
+    st.lists(st.floats(-5, 5).map(lambda x: round(x, 1)), min_size=12, max_size=12),
+    st.floats(-3, 3),
+    st.floats(-3, 3),
+)
 def test_policy_results_reparse(values, s_llm, s_user):
     m = PayoffMatrix(tuple(Cell(values[2 * i], values[2 * i + 1]) for i in range(6)))
-    for policy in (PricingPolicy.reference(s_llm, s_user), PricingPolicy.per_token_api(0.003), PricingPolicy.subscription()):
+    for policy in (
+        PricingPolicy.reference(s_llm, s_user),
+        PricingPolicy.per_token_api(0.003),
+        PricingPolicy.subscription(),
+    ):
         out = policy.apply(m)
-        assert parse_payoff(out.to_text()) == PayoffMatrix(tuple(Cell(round(c.llm, 6), round(c.user, 6)) for c in out.cells))
+        rounded = PayoffMatrix(tuple(Cell(round(c.llm, 6), round(c.user, 6)) for c in out.cells))
+        assert parse_payoff(out.to_text()) == rounded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +273,10 @@ def test_rule_errors():
 
 
 @settings(max_examples=80, deadline=None)
-@given(st.lists(st.floats(-5, 5).map(lambda x: round(x, 1)), min_size=12, max_size=12), st.sampled_from(["nash", "welfare", "pareto", "reference_nash"]))
+@given(
+    st.lists(st.floats(-5, 5).map(lambda x: round(x, 1)), min_size=12, max_size=12),
+    st.sampled_from(["nash", "welfare", "pareto", "reference_nash"]),
+)
 def test_choices_are_valid_and_welfare_is_on_the_frontier(values, rule):
     m = PayoffMatrix(tuple(Cell(values[2 * i], values[2 * i + 1]) for i in range(6)))
     choice = choose_action(m, rule)

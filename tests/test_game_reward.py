@@ -116,8 +116,10 @@ def test_reward_matches_score_completion_and_has_logged_fields():
 def test_chat_completions_and_prompts():
     judge = CountingJudge()
     reward = GTAlignReward(judge, name="welfare")
-    completions = [[{"role": "assistant", "content": chain("hello")}],
-                   [{"role": "user", "content": "x"}, {"role": "assistant", "content": [{"type": "text", "text": chain("hi")}]}]]
+    completions = [
+        [{"role": "assistant", "content": chain("hello")}],
+        [{"role": "user", "content": "x"}, {"role": "assistant", "content": [{"type": "text", "text": chain("hi")}]}],
+    ]
     prompts = [[{"role": "system", "content": "s"}, {"role": "user", "content": "question one"}], "question two"]
     out = reward(prompts=prompts, completions=completions, completion_ids=[[1], [2]], trainer_state=object())
     assert not any(f["hard_failure"] for f in out.fields)
@@ -196,8 +198,12 @@ def test_normalized_output_and_variants():
     assert linear[0] == pytest.approx((linear.user[0] + linear.llm[0]) / 2)
     pareto = GTAlignReward(lambda item: 1.0, variant="pareto")
     out = pareto(completions=[chain("r", "Choose DQ_DA"), chain("r", "Choose VQ_CQ"), "broken"])
-    assert out.llm[0] == pytest.approx(score_completion(chain("r", "Choose DQ_DA"), 1.0, variant="pareto", pareto=1).llm_reward)
-    assert out.llm[1] == pytest.approx(score_completion(chain("r", "Choose VQ_CQ"), 1.0, variant="pareto", pareto=0).llm_reward)
+    assert out.llm[0] == pytest.approx(
+        score_completion(chain("r", "Choose DQ_DA"), 1.0, variant="pareto", pareto=1).llm_reward
+    )
+    assert out.llm[1] == pytest.approx(
+        score_completion(chain("r", "Choose VQ_CQ"), 1.0, variant="pareto", pareto=0).llm_reward
+    )
     assert out[2] == 0.0
     snapped = GTAlignReward(lambda item: 1.0, variant="pareto", pareto_judge=lambda text, m: 0.6)
     assert snapped(completions=[chain("r")]).llm[0] == pytest.approx(
@@ -207,7 +213,9 @@ def test_normalized_output_and_variants():
 
 def test_hostile_batch_never_raises():
     reward = GTAlignReward(lambda item: 1.0)
-    hostile = [None, 12, "", "<payoff>" + "{" * 100_000, chain("x" * 1_000_000), [{"role": "assistant"}], {"content": 3}]
+    hostile = [
+        None, 12, "", "<payoff>" + "{" * 100_000, chain("x" * 1_000_000), [{"role": "assistant"}], {"content": 3}
+    ]
     out = reward(completions=hostile, data_source=["a"] * len(hostile))
     assert len(out) == len(hostile) and all(math.isfinite(v) for v in out)
     assert out.hard_failures == len(hostile) - 1

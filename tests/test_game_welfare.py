@@ -18,7 +18,6 @@ from gtalign_fast.game import (
 )
 from gtalign_fast.game.welfare import combine_welfare, length_window, score_chain
 
-
 # ---------------------------------------------------------------------------------------------
 # Independent implementation of the formulas (GTAlign section 3), written from the definitions
 # ---------------------------------------------------------------------------------------------
@@ -43,7 +42,9 @@ def hand_scores(text: str, a_user: float, a_llm: float, F: float, P: float) -> t
 
 
 # ---------------------------------------------------------------------------------------------
-# The worked example of GTALIGN.md section 3
+# The worked example of the GTAlign paper (arXiv 2510.08872), section 3: a 400-word completion with an
+# 800-character reasoning and a 150-word response, F = P = 1; a correct answer scores U = 0.673, L = 0.872,
+# W = 0.766, a wrong one U = 0.173, L = 0.472, W = 0.285
 # ---------------------------------------------------------------------------------------------
 
 # P = 1: every cell has user != LLM with a relative gap > 10%
@@ -93,21 +94,36 @@ def test_worked_example_wrong_answer():
 # Realistic chains, checked against the formulas computed by hand
 # ---------------------------------------------------------------------------------------------
 
-MATH_CHAIN = """<thinking>The user asks for the sum of the interior angles of a hexagon. The question is DQ: it is precise and has one answer. DA costs few tokens and carries little risk; CQ would waste the user's time; AQ adds a follow-up nobody needs.</thinking>
-<payoff>{"DQ_AQ": {"LLM": 2.1, "user": 2.4}, "DQ_CQ": {"LLM": 1.2, "user": 0.8}, "DQ_DA": {"LLM": 3.8, "user": 4.1}, "VQ_AQ": {"LLM": 1.5, "user": 1.9}, "VQ_CQ": {"LLM": 1.0, "user": 1.3}, "VQ_DA": {"LLM": 2.0, "user": 2.0}}</payoff>
-<analyze>The question is DQ. Pareto frontier: DQ_DA (3.8, 4.1) dominates every other cell. Highest welfare: DQ_DA. Choose DQ_DA.</analyze>
-<response>A hexagon has 6 sides, so the sum of its interior angles is (6 - 2) x 180 = 720 degrees. The answer is \\boxed{720}.</response>"""
+MATH_CHAIN = (
+    "<thinking>The user asks for the sum of the interior angles of a hexagon. The question is DQ: it is "
+    "precise and has one answer. DA costs few tokens and carries little risk; CQ would waste the user's time; "
+    "AQ adds a follow-up nobody needs.</thinking>\n"
+    '<payoff>{"DQ_AQ": {"LLM": 2.1, "user": 2.4}, "DQ_CQ": {"LLM": 1.2, "user": 0.8}, '
+    '"DQ_DA": {"LLM": 3.8, "user": 4.1}, "VQ_AQ": {"LLM": 1.5, "user": 1.9}, '
+    '"VQ_CQ": {"LLM": 1.0, "user": 1.3}, "VQ_DA": {"LLM": 2.0, "user": 2.0}}</payoff>\n'
+    "<analyze>The question is DQ. Pareto frontier: DQ_DA (3.8, 4.1) dominates every other cell. Highest "
+    "welfare: DQ_DA. Choose DQ_DA.</analyze>\n"
+    "<response>A hexagon has 6 sides, so the sum of its interior angles is (6 - 2) x 180 = 720 degrees. The "
+    "answer is \\boxed{720}.</response>"
+)
 
-CLARIFY_CHAIN = """<thinking>"Write me something about dogs" is vague: a poem, an essay, a training guide? VQ. A clarifying question avoids a long answer that misses the point.</thinking>
-<payoff>{'DQ_AQ': {'LLM': 2.0, 'user': 2.2}, 'DQ_CQ': {'LLM': 1.1, 'user': 1.0}, 'DQ_DA': {'LLM': 2.5, 'user': 2.1}, 'VQ_AQ': {'LLM': 2.6, 'user': 2.9}, 'VQ_CQ': {'LLM': 3.1, 'user': 3.4}, 'VQ_DA': {'LLM': 1.2, 'user': 0.9}}</payoff>
-
-<analyze>VQ. Frontier: VQ_CQ (3.1, 3.4). VQ_CQ has the largest sum 6.5. Pick VQ_CQ.</analyze>
-<response>Happy to help! What kind of piece would you like about dogs: a short poem, an informative article, or tips for training a puppy?</response>"""
+CLARIFY_CHAIN = (
+    '<thinking>"Write me something about dogs" is vague: a poem, an essay, a training guide? VQ. A clarifying '
+    "question avoids a long answer that misses the point.</thinking>\n"
+    "<payoff>{'DQ_AQ': {'LLM': 2.0, 'user': 2.2}, 'DQ_CQ': {'LLM': 1.1, 'user': 1.0}, "
+    "'DQ_DA': {'LLM': 2.5, 'user': 2.1}, 'VQ_AQ': {'LLM': 2.6, 'user': 2.9}, "
+    "'VQ_CQ': {'LLM': 3.1, 'user': 3.4}, 'VQ_DA': {'LLM': 1.2, 'user': 0.9}}</payoff>\n"
+    "\n"
+    "<analyze>VQ. Frontier: VQ_CQ (3.1, 3.4). VQ_CQ has the largest sum 6.5. Pick VQ_CQ.</analyze>\n"
+    "<response>Happy to help! What kind of piece would you like about dogs: a short poem, an informative "
+    "article, or tips for training a puppy?</response>"
+)
 
 EQUAL_CELLS_CHAIN = (
     "<thinking>short</thinking><payoff>{\"DQ_AQ\": {\"LLM\": 1, \"user\": 1}, \"DQ_CQ\": {\"LLM\": 2, \"user\": 2}, "
-    "\"DQ_DA\": {\"LLM\": 3, \"user\": 3.2}, \"VQ_AQ\": {\"LLM\": 1, \"user\": 1}, \"VQ_CQ\": {\"LLM\": 0, \"user\": 0}, "
-    "\"VQ_DA\": {\"LLM\": -1, \"user\": -1}}</payoff><analyze>DQ_DA</analyze><response>"
+    "\"DQ_DA\": {\"LLM\": 3, \"user\": 3.2}, \"VQ_AQ\": {\"LLM\": 1, \"user\": 1}, "
+    "\"VQ_CQ\": {\"LLM\": 0, \"user\": 0}, \"VQ_DA\": {\"LLM\": -1, \"user\": -1}}</payoff>"
+    "<analyze>DQ_DA</analyze><response>"
     + " ".join(["long"] * 700)
     + "</response>"
 )
@@ -126,8 +142,8 @@ def test_realistic_chains_match_hand_computation(text, a_user, a_llm, F, P):
     matrix = split_chain(text).matrix.to_dict()
     p_hand = 0.0
     for cell in matrix.values():
-        u, l = cell["user"], cell["LLM"]
-        p_hand += (1 / 12) * (u != l) + (1 / 12) * (abs(u - l) / max(abs(u), abs(l), 1e-8) > 0.1)
+        u, lm = cell["user"], cell["LLM"]
+        p_hand += (1 / 12) * (u != lm) + (1 / 12) * (abs(u - lm) / max(abs(u), abs(lm), 1e-8) > 0.1)
     assert p_hand == pytest.approx(P)
     U, L, W = hand_scores(text, a_user, a_llm, F, P)
     r = score_completion(text, a_user, a_llm)
@@ -207,7 +223,13 @@ def test_pareto_ablation_formula(pareto):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"variant": "pareto"}, {"variant": "pareto", "pareto": 0.3}, {"variant": "nash"}, {"alpha": 1.5}, {"variant": "pareto", "pareto": math.nan}],
+    [
+        {"variant": "pareto"},
+        {"variant": "pareto", "pareto": 0.3},
+        {"variant": "nash"},
+        {"alpha": 1.5},
+        {"variant": "pareto", "pareto": math.nan},
+    ],
 )
 def test_invalid_arguments_raise(kwargs):
     with pytest.raises(ValueError):
@@ -256,8 +278,8 @@ def test_length_window_and_combine():
 @given(st.floats(0, 1), st.floats(0, 1), st.integers(0, 1500), st.integers(0, 3000))
 def test_bounds_of_u_and_l(a_user, a_llm, response_words, reasoning_chars):
     text = (
-        "<thinking>" + "t" * reasoning_chars + "</thinking><payoff>" + DIVERSE + "</payoff><analyze>a</analyze><response>"
-        + " ".join(["w"] * response_words) + "</response>"
+        "<thinking>" + "t" * reasoning_chars + "</thinking><payoff>" + DIVERSE
+        + "</payoff><analyze>a</analyze><response>" + " ".join(["w"] * response_words) + "</response>"
     )
     r = score_completion(text, a_user, a_llm)
     assert 1e-4 <= r.user_reward <= 1e-4 + 0.5 + 0.2 + 0.3

@@ -8,8 +8,9 @@ import torch
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
-from gtalign_fast import ops, reference
 from gtalign_fast import _linear_token_logprobs as module
+from gtalign_fast import ops, reference
+from gtalign_fast.kernels import linear_token_logprobs_chunked as chunked
 
 from .conftest import DEVICE
 
@@ -54,7 +55,8 @@ def _check(hidden, weight, bias, targets, backend, temperature=1.0, with_entropy
     """Compare one backend with the float64 reference: logp (and entropy) and the gradients of
     every input that requires one, under random upstream gradients."""
     dtype = hidden.dtype
-    leaves = [None if x is None else x.detach().clone().requires_grad_(r) for x, r in zip((hidden, weight, bias), requires)]
+    inputs = zip((hidden, weight, bias), requires)
+    leaves = [None if x is None else x.detach().clone().requires_grad_(r) for x, r in inputs]
     out = ops.linear_token_logprobs(
         leaves[0], leaves[1], targets, bias=leaves[2], temperature=temperature, with_entropy=with_entropy,
         chunk_size=chunk_size, backend=backend,
@@ -63,7 +65,8 @@ def _check(hidden, weight, bias, targets, backend, temperature=1.0, with_entropy
     logp, entropy = out if with_entropy else (out, None)
     assert logp.dtype == torch.float32 and logp.shape == targets.shape
 
-    ref_leaves = [None if x is None else x.detach().double().requires_grad_(r) for x, r in zip((hidden, weight, bias), requires)]
+    inputs = zip((hidden, weight, bias), requires)
+    ref_leaves = [None if x is None else x.detach().double().requires_grad_(r) for x, r in inputs]
     ref_logp, ref_entropy = reference.linear_token_logprobs(
         ref_leaves[0], ref_leaves[1], targets, ref_leaves[2], temperature, with_entropy
     )
@@ -133,10 +136,10 @@ def test_empty_batch_and_all_ignored(backend):
 
 def test_many_chunks_rows_and_columns(monkeypatch):
     """The chunked path with several row chunks and vocabulary chunks (a tiny element budget)."""
-    monkeypatch.setitem(module.CHUNK_ELEMENTS, DEVICE.type, 600)
+    monkeypatch.setitem(chunked.CHUNK_ELEMENTS, DEVICE.type, 600)
     hidden, weight, bias, targets = _inputs(70, 32, 1000, torch.float32, seed=5)
-    assert module.chunk_shape(70, 1000, 0, DEVICE) == (1, 1000)
-    assert module.chunk_shape(70, 1000, 100, DEVICE) == (6, 100)
+    assert chunked.chunk_shape(70, 1000, 0, DEVICE) == (1, 1000)
+    assert chunked.chunk_shape(70, 1000, 100, DEVICE) == (6, 100)
     _check(hidden, weight, bias, targets, DEVICE.type, 1.1, with_entropy=True, chunk_size=100)
     hidden, weight, bias, targets = _inputs(70, 32, 1000, torch.bfloat16, seed=5)
     _check(hidden, weight, bias, targets, DEVICE.type, 1.1, with_entropy=True, chunk_size=100)
@@ -148,8 +151,11 @@ def test_half_precision_products(monkeypatch, backend, dtype):
     """The GPU route for half inputs: dz rounded to the input dtype, products with float32
     results (``_mm_float``), float32 accumulators for dhidden and the dW chunk. Forced here on
     CPU so that the code path runs where there is no GPU."""
-    monkeypatch.setattr(module, "_gemm_dtype", lambda dtype, device: dtype if dtype in module.HALF_DTYPES else module._compute_dtype(dtype))
-    monkeypatch.setitem(module.CHUNK_ELEMENTS, DEVICE.type, 500)  # several row chunks: dW accumulates
+    def half_products(dtype, device):
+        return dtype if dtype in chunked.HALF_DTYPES else reference.compute_dtype(dtype)
+
+    monkeypatch.setattr(chunked, "_gemm_dtype", half_products)
+    monkeypatch.setitem(chunked.CHUNK_ELEMENTS, DEVICE.type, 500)  # several row chunks: dW accumulates
     hidden, weight, bias, targets = _inputs(41, 32, 60, dtype, seed=19)
     _check(hidden, weight, bias, targets, backend, 1.2, with_entropy=True, chunk_size=25, half_products=True)
 
@@ -359,5 +365,5 @@ def test_opcheck():
     hidden, weight, bias, targets = _inputs(6, 8, 12, torch.float32, seed=18)
     leaves = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
     torch.library.opcheck(
-        module._linear_token_logprobs_op, (leaves[0], leaves[1], leaves[2], targets, 1.0, True, -100, 5, DEVICE.type),
+        module.FORWARD.custom_op, (leaves[0], leaves[1], leaves[2], targets, 1.0, True, -100, 5, DEVICE.type),
     )

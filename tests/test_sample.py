@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from gtalign_fast import ops, reference
-from gtalign_fast._sample import row_seeds, uniform_noise
+from gtalign_fast._sample import uniform_noise
+from gtalign_fast._seeds import batch_row_seeds
 
 from .conftest import DEVICE, kernel_backends
 
@@ -217,7 +218,7 @@ def test_same_seed_same_tokens(backend):
     assert torch.equal(first, second)
     assert not torch.equal(first, other)
     # Per-row seeds: a row's draw does not depend on its position in the batch.
-    seeds = row_seeds(123, 5, DEVICE)
+    seeds = batch_row_seeds(123, 5, DEVICE)
     alone = ops.sample_(logits[3:4].clone(), top_p=0.9, seed=seeds[3:4], backend=backend)[0]
     assert int(alone[0]) == int(first[3])
 
@@ -231,7 +232,8 @@ def test_empirical_distribution_matches(backend):
     draws = 60 if backend == "triton" and DEVICE.type == "cpu" else 6000
     base = torch.tensor([2.0, 1.5, 1.0, 0.9, 0.3, 0.0, -0.5, -1.0, -3.0, 0.95], device=DEVICE)
     logits = base.expand(draws, -1).contiguous()
-    settings = dict(temperature=0.8, top_k=7, top_p=0.95, bias_ids=torch.tensor([[4, 8]], device=DEVICE).expand(draws, 2),
+    bias_ids = torch.tensor([[4, 8]], device=DEVICE).expand(draws, 2)
+    settings = dict(temperature=0.8, top_k=7, top_p=0.95, bias_ids=bias_ids,
                     bias_values=torch.tensor([[0.5, 2.0]], device=DEVICE).expand(draws, 2))
     tokens, logp, _ = ops.sample_(logits.clone(), seed=2024, backend=backend, **settings)
     one = _to_device({
@@ -299,7 +301,8 @@ def test_nan_and_inf_logits_raise(backend):
         (dict(bias_ids=torch.tensor([[1], [2]])), ValueError, "given together"),
         (dict(bias_ids=torch.tensor([[1], [10]]), bias_values=torch.zeros(2, 1)), IndexError, "bias_ids"),
         (dict(bias_ids=torch.tensor([[1, 1], [2, 3]]), bias_values=torch.zeros(2, 2)), ValueError, "twice"),
-        (dict(bias_ids=torch.tensor([[1], [2]]), bias_values=torch.tensor([[float("nan")], [0.0]])), ValueError, "finite or -inf"),
+        (dict(bias_ids=torch.tensor([[1], [2]]), bias_values=torch.tensor([[float("nan")], [0.0]])), ValueError,
+         "finite or -inf"),
         (dict(bias_ids=torch.tensor([[1], [2]]), bias_values=torch.zeros(2, 2)), ValueError, "\\[B, K\\]"),
     ],
 )
@@ -327,12 +330,12 @@ def test_fake_tensor_shapes():
     # The fake (meta) kernel gives the output shapes without running a backend.
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from gtalign_fast._sample import _sample_op
+    from gtalign_fast._sample import OP_DEF
 
     with FakeTensorMode():
         logits = torch.empty(3, 11)
         f, i = torch.ones(3), torch.zeros(3, dtype=torch.int64)
-        tokens, logp, raw, status = _sample_op(logits, f, i, f, f * 0, i - 1, i, None, None, "")
+        tokens, logp, raw, status = OP_DEF.custom_op(logits, f, i, f, f * 0, i - 1, i, None, None, "")
     assert tokens.shape == (3,) and tokens.dtype == torch.int64
     assert logp.dtype == raw.dtype == torch.float32 and status.dtype == torch.int32
 

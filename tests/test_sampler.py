@@ -240,7 +240,8 @@ def test_steer_bias_pushes_the_key_and_reports_raw_logprobs(qwen, tokenizer):
     settings = dict(max_new_tokens=len(script) + 4, temperature=0.8, seed=[41, 42], forced_tokens=[script, None])
     out = sampler.generate(["Q: bias", "A free row"], **settings)
     # The free row shares every draw with a biased row (its bias slot is unused): unchanged.
-    off = SteeringSampler(qwen, tokenizer, policy=POLICY, mode="rewrite").generate(["Q: bias", "A free row"], **settings)
+    rewrite = SteeringSampler(qwen, tokenizer, policy=POLICY, mode="rewrite")
+    off = rewrite.generate(["Q: bias", "A free row"], **settings)
     _same_row(out, off, 1, 1)
     event = out.events[0]
     assert event.steer_ids == _ids(tokenizer, event.action.action) and event.steer_status == "named"

@@ -83,7 +83,8 @@ def test_matches_reference(backend, dtype, temperature, with_entropy):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "shape,vocab",
-    [((1,), 1), ((4,), 1), ((1,), 7), ((2, 3), 33), ((5,), 4097), ((2,), 50_257), ((1,), 262_144), ((0,), 11), ((2, 0), 5)],
+    [((1,), 1), ((4,), 1), ((1,), 7), ((2, 3), 33), ((5,), 4097), ((2,), 50_257), ((1,), 262_144), ((0,), 11),
+     ((2, 0), 5)],
     ids=lambda value: str(value),
 )
 def test_awkward_sizes(backend, shape, vocab):

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from gtalign_fast import GRPOConfig, GRPOTrainer, ops, reference
-from gtalign_fast._trainer_utils import RewardScores, is_welfare_reward
+from gtalign_fast.scoring import RewardScores, RewardSpec, is_welfare_reward
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "toy_gtalign_game.py"
 
@@ -239,7 +239,7 @@ def test_training_step_with_gtalign_reward(tmp_path):
 
     trainer = sgd_trainer(tmp_path)
     reward = GTAlignReward(judges.MathJudge())
-    trainer.reward_funcs, trainer.reward_names, trainer.welfare_flags = [reward], ["gtalign"], [True]
+    trainer.rewards = [RewardSpec(reward, 1.0, "gtalign", True)]
     trainer.train()  # toy completions are no GTAlign chain: every one is a hard failure, W = 0
     (row,) = read_metrics(trainer)
     assert row["welfare/W"] == 0.0 and row["welfare/hard_failures"] == 16 and row["frac_reward_zero_std"] == 1.0
@@ -247,8 +247,7 @@ def test_training_step_with_gtalign_reward(tmp_path):
 
 def test_float_rewards_get_group_advantages_even_when_negative(tmp_path):
     trainer = sgd_trainer(tmp_path, scale_rewards="group", advantage_eps=1e-4)
-    trainer.reward_funcs, trainer.welfare_flags = [lambda **_: None, lambda **_: None], [False, False]
-    trainer.reward_names, trainer.reward_weights, trainer.single_welfare = ["a", "b"], [1.0, 0.5], False
+    trainer.rewards = [RewardSpec(lambda **_: None, 1.0, "a", False), RewardSpec(lambda **_: None, 0.5, "b", False)]
     g = trainer.args.num_generations
     torch.manual_seed(1)
     per_func = torch.randn(2 * g, 2) * 3 - 2  # negative rewards: outside Cobb-Douglas' domain
@@ -269,6 +268,77 @@ def test_float_rewards_get_group_advantages_even_when_negative(tmp_path):
     assert math.isclose(metrics["reward"], float(total[~total.isnan()].mean()), rel_tol=1e-5)
 
 
+def test_one_extreme_plain_reward_leaves_other_groups_alone(tmp_path):
+    # Plain rewards get a group advantage of their own: a huge value in group 0 must not shift or
+    # round away the rewards of group 1 (a batch-wide shift into Cobb-Douglas' domain would).
+    trainer = sgd_trainer(tmp_path, scale_rewards="group", advantage_eps=1e-4)
+    trainer.rewards = [RewardSpec(lambda **_: None, 1.0, "plain", False)]
+    assert not trainer.single_welfare
+    g = trainer.args.num_generations
+    torch.manual_seed(2)
+    per_func = torch.rand(2 * g, 1) * 1e-3  # small differences: float32 would lose them next to 1e6
+    calm, _ = trainer._advantages(RewardScores(per_func.clone(), None, None, {"plain": 0}, {}))
+    per_func[1, 0] = -1e6
+    extreme, _ = trainer._advantages(RewardScores(per_func, None, None, {"plain": 0}, {}))
+    assert torch.equal(extreme[g:], calm[g:])
+    assert float(extreme[g:].abs().max()) > 0.5  # the untouched group still has real advantages
+    assert float(extreme[1]) < -2  # the extreme completion is its group's worst by far
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_group_advantages_match_the_welfare_op_statistics(scale, unbiased):
+    # For non-negative rewards, W = r^1 * 1^0 in the welfare reference gives the same statistics
+    from gtalign_fast.scoring import group_advantages
+
+    g = 4
+    rewards = torch.tensor([0.5, 1.5, 0.0, 2.0,  # a plain group
+                            3.0, 3.0, math.nan, 3.0,  # all equal: advantage 0
+                            math.nan, 7.0, math.nan, math.nan,  # one valid reward: advantage 0
+                            1.0, math.nan, 4.0, 0.25], dtype=torch.float64)  # a missing reward: advantage 0
+    ours = group_advantages(rewards, g, scale=scale, eps=1e-4, unbiased=unbiased)
+    _, expected, mean, std, all_equal, _ = reference.welfare_advantages(
+        rewards, torch.ones_like(rewards), g, alpha=1.0, scale=scale, eps=1e-4, unbiased=unbiased
+    )
+    torch.testing.assert_close(ours.advantages, expected, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(ours.group_mean, mean, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(ours.group_std, std, atol=1e-12, rtol=1e-12)
+    assert torch.equal(ours.group_all_equal, all_equal)
+    # shift-invariant per group: any constant per group (negative too) leaves the advantages alone
+    shift = torch.tensor([-1e3, 5.0, -7.0, 250.0], dtype=torch.float64).repeat_interleave(g)
+    shifted = group_advantages(rewards + shift, g, scale=scale if scale != "batch" else "none", eps=1e-4,
+                               unbiased=unbiased)
+    unshifted = group_advantages(rewards, g, scale=scale if scale != "batch" else "none", eps=1e-4, unbiased=unbiased)
+    torch.testing.assert_close(shifted.advantages, unshifted.advantages, atol=1e-9, rtol=1e-9)
+
+
+def test_group_advantages_reject_infinite_rewards():
+    from gtalign_fast.scoring import group_advantages
+
+    with pytest.raises(ValueError, match="finite"):
+        group_advantages(torch.tensor([1.0, math.inf, 0.0, 2.0]), 2)
+
+
+def test_reward_specs_hold_every_reward_function(tmp_path):
+    from gtalign_fast.scoring import reward_specs, single_welfare
+
+    tokenizer = toy.build_tokenizer()
+    welfare = toy.ToyWelfareReward(tokenizer)
+
+    def length(completions, **_):
+        return [float(len(c)) for c in completions]
+
+    specs = reward_specs([welfare, length], [1.0, 0.5], alpha=0.5)
+    assert [(s.name, s.weight, s.is_welfare) for s in specs] == [("toy_welfare", 1.0, True), ("length", 0.5, False)]
+    assert not single_welfare(specs) and single_welfare(reward_specs(welfare, None, alpha=0.5))
+    assert not single_welfare(reward_specs([welfare], [2.0], alpha=0.5))  # a weighted W is a plain reward
+    welfare.alpha = 0.3
+    with pytest.raises(ValueError, match="alpha"):
+        reward_specs([welfare], None, alpha=0.5)
+    trainer = sgd_trainer(tmp_path)
+    assert trainer.single_welfare and trainer.reward_funcs == [spec.func for spec in trainer.rewards]
+
+
 def test_reward_failures_never_stop_training(tmp_path):
     trainer = sgd_trainer(tmp_path, steps=2)
 
@@ -278,11 +348,7 @@ def test_reward_failures_never_stop_training(tmp_path):
     def partial(completions, **_):
         return [None if i % 2 else 1.0 for i in range(len(completions))]
 
-    trainer.reward_funcs += [broken, partial]
-    trainer.reward_names += ["broken", "partial"]
-    trainer.welfare_flags += [False, False]
-    trainer.reward_weights += [1.0, 1.0]
-    trainer.single_welfare = False
+    trainer.rewards += [RewardSpec(broken, 1.0, "broken", False), RewardSpec(partial, 1.0, "partial", False)]
     trainer.train()
     assert trainer.step == 2
     logged = read_metrics(trainer)

@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gtalign_fast._trainer_utils import full_value, pad_rows
+from gtalign_fast.distributed import full_value
+from gtalign_fast.rollout import pad_rows
 from gtalign_fast.trainer import Generation
 from tests.test_trainer import install_missing_ops, toy
 
@@ -168,7 +169,8 @@ def _fsdp_worker(rank: int, world: int, directory: str) -> None:
         results["resumed"] = parameters(resumed)
         # AdamW (sharded state): resuming from step 1 and training step 2 equals the uninterrupted run
         adam_dir = os.path.join(directory, "adam")
-        uninterrupted = make_trainer("dapo-batch", world, adam_dir, sgd=False, distributed_strategy="fsdp2", save_steps=1)
+        uninterrupted = make_trainer("dapo-batch", world, adam_dir, sgd=False, distributed_strategy="fsdp2",
+                                     save_steps=1)
         uninterrupted.train()
         results["adam"] = parameters(uninterrupted)
         again = make_trainer("dapo-batch", world, os.path.join(directory, "adam2"), sgd=False,

@@ -20,7 +20,7 @@ BACKENDS = kernel_backends() + ["reference"]
 # log(0) = -inf is intended (a zero reward gives W = 0): numpy under the Triton interpreter warns.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 # Every backend computes W in float32 and accumulates the statistics in float64, so only a few
-# float32 roundings separate it from the float64 reference (stricter than ANCHORS' 2e-5 / 1e-3).
+# float32 roundings separate it from the float64 reference (stricter than Liger's fp32 bar of 2e-5 / 1e-3).
 ATOL, RTOL = 1e-5, 1e-4
 FIELDS = ("welfare", "advantages", "group_mean", "group_std", "group_all_equal", "token_advantages")
 
@@ -77,7 +77,8 @@ def _check(user, llm, group, backend, *, mask=None, atol=ATOL, rtol=RTOL, **opti
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_worked_example(backend):
-    # GTALIGN.md section 3: right answer U = 0.673, L = 0.872 -> W = 0.766; wrong answer 0.285.
+    # The GTAlign paper's worked example (arXiv 2510.08872, section 3): right answer U = 0.673,
+    # L = 0.872 -> W = 0.766; wrong answer 0.285.
     user = torch.tensor([0.673, 0.173], device=DEVICE)
     llm = torch.tensor([0.872, 0.472], device=DEVICE)
     result = ops.welfare_advantages(user, llm, 2, backend=backend)
@@ -405,9 +406,9 @@ def test_torch_compile_fullgraph(with_mask):
     offsets = _offsets(sizes)
     mask = _masks(sum(sizes), 6, seed=19)["bool"] if with_mask else None
 
-    def step(u, l):
-        fixed = ops.welfare_advantages(u, l, 4, scale="batch", backend=backend)
-        uneven = ops.welfare_advantages(u, l, offsets, alpha=0.3, mask=mask, backend=backend)
+    def step(user_reward, llm_reward):
+        fixed = ops.welfare_advantages(user_reward, llm_reward, 4, scale="batch", backend=backend)
+        uneven = ops.welfare_advantages(user_reward, llm_reward, offsets, alpha=0.3, mask=mask, backend=backend)
         return fixed.advantages * 2, uneven.group_mean, uneven.group_all_equal, uneven.token_advantages
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
@@ -426,11 +427,11 @@ def test_custom_op_registration():
     offsets = _offsets([5, 0, 7])
     mask = torch.ones(12, 4, dtype=torch.bool, device=DEVICE)
     for args in [
-        (user, llm, None, 4, 0.5, "group", 1e-6, True, None, backend),
-        (user, llm, offsets, 0, 0.3, "batch", 1e-4, False, mask, backend),
+        (user, llm, None, None, 4, 0.5, "group", 1e-6, True, backend),
+        (user, llm, offsets, mask, 0, 0.3, "batch", 1e-4, False, backend),
     ]:
         torch.library.opcheck(
-            _welfare_advantages._welfare_advantages_op, args,
+            _welfare_advantages.OP_DEF.custom_op, args,
             test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
         )
 

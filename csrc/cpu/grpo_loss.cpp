@@ -26,7 +26,7 @@ namespace gtalign_fast {
 namespace cpu {
 namespace {
 
-using namespace gtalign_fast::grpo;  // row_stats columns, modes, limits, ClipParams (../grpo_loss_common.h)
+using namespace gtalign_fast::grpo;  // row_stats columns, modes, metrics, limits, ClipParams (../grpo_loss_common.h)
 
 constexpr int64_t kChunk = 512;  // tokens per L1-resident chunk
 
@@ -300,11 +300,11 @@ void finalize(const float* stats, int64_t batch, int64_t mode, double const_weig
   }
   const double total_tokens = std::max(tokens, 1.0);
   const double metric_count = row_metrics ? static_cast<double>(batch) : total_tokens;
-  metrics[0] = static_cast<float>(low / metric_count);
-  metrics[1] = static_cast<float>(high / metric_count);
-  metrics[2] = static_cast<float>(region / metric_count);
-  metrics[3] = static_cast<float>(kl / total_tokens);
-  metrics[4] = static_cast<float>(ratio / metric_count);
+  metrics[kMetricLow] = static_cast<float>(low / metric_count);
+  metrics[kMetricHigh] = static_cast<float>(high / metric_count);
+  metrics[kMetricRegion] = static_cast<float>(region / metric_count);
+  metrics[kMetricKl] = static_cast<float>(kl / total_tokens);
+  metrics[kMetricRatio] = static_cast<float>(ratio / metric_count);
 
   double shared_weight = const_weight;
   if (mode == kTokenMean) shared_weight = 1.0 / total_tokens;
@@ -421,7 +421,7 @@ void grpo_loss_fwd_cpu(const at::Tensor& logp, const std::optional<at::Tensor>& 
   check_inputs(logp, old_logp, ref_logp, advantages, mask);
   const int64_t batch = logp.size(0);
   check_float_out(loss, 1, "loss");
-  check_float_out(metrics, 5, "metrics");
+  check_float_out(metrics, kNumMetrics, "metrics");
   check_float_out(row_stats, batch * kNumStats, "row_stats");
   check_float_out(row_weights, batch, "row_weights");
   TORCH_CHECK(mode != kNormaliserTensor || (num_items.has_value() && num_items->numel() == 1 &&

@@ -16,11 +16,14 @@
 #include <cstring>
 #include <vector>
 
+#include "../sample_common.h"
 #include "vec_math.h"
 
 namespace gtalign_fast {
 namespace cpu {
 namespace {
+
+using namespace gtalign_fast::sample;  // status words (../sample_common.h)
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kPosInf = std::numeric_limits<float>::infinity();
@@ -180,9 +183,9 @@ RowResult sample_row(scalar_t* row, int64_t stride_v, int64_t n, const RowParams
     bad |= (v != v) || v == kPosInf;
     y[i] = v == 0.0f ? 0.0f : v;  // -0.0 -> +0.0: equal values get equal keys
   }
-  if (bad) return {0, 0.0f, 0.0f, 1};
+  if (bad) return {0, 0.0f, 0.0f, kStatusBadLogits};
   const float m_raw = max_of(y, n);
-  if (m_raw == kNegInf) return {0, 0.0f, 0.0f, 2};
+  if (m_raw == kNegInf) return {0, 0.0f, 0.0f, kStatusNoFiniteLogit};
   const float raw_lse = m_raw + std::log(weights_and_sum(y, n, m_raw, weight));
 
   // B. biases in place (remembering the raw values), then the processed statistics.
@@ -196,7 +199,7 @@ RowResult sample_row(scalar_t* row, int64_t stride_v, int64_t n, const RowParams
     y[id] = v == 0.0f ? 0.0f : v;
   }
   const float m = n_bias > 0 ? max_of(y, n) : m_raw;
-  if (m == kNegInf) return {0, 0.0f, 0.0f, 3};
+  if (m == kNegInf) return {0, 0.0f, 0.0f, kStatusNoFiniteLogitAfterBias};
   const float total = weights_and_sum(y, n, m, weight);
 
   // C, D. thresholds (skipped for forced rows: the kept set is the forced token).
@@ -236,7 +239,7 @@ RowResult sample_row(scalar_t* row, int64_t stride_v, int64_t n, const RowParams
     if (ids[slot] == token) raw_z = original[slot];
   }
   const float logprob = is_forced ? 0.0f : best_y - m - std::log(kept_mass);
-  return {token, logprob, raw_z * params.inv_t - raw_lse, 0};
+  return {token, logprob, raw_z * params.inv_t - raw_lse, kStatusOk};
 }
 
 void check_vector(const at::Tensor& t, int64_t n, at::ScalarType dtype, const char* name) {

@@ -13,11 +13,14 @@
 #include <type_traits>
 #include <vector>
 
+#include "../token_logprobs_common.h"
 #include "vec_math.h"
 
 namespace gtalign_fast {
 namespace cpu {
 namespace {
+
+using namespace gtalign_fast::token_logprobs;  // stats columns (../token_logprobs_common.h)
 
 constexpr int64_t kChunk = 2048;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -97,7 +100,7 @@ void forward_rows(const at::Tensor& logits3d, const int64_t* targets, float inv_
       const int64_t target = targets[row];
       if (target == ignore_index) {
         logp[row] = 0.0f;
-        stats[2 * row] = stats[2 * row + 1] = 0.0f;
+        stats[row * kNumStats + kRowMax] = stats[row * kNumStats + kLogSum] = 0.0f;
         if (with_entropy) entropy[row] = 0.0f;
         continue;
       }
@@ -119,8 +122,8 @@ void forward_rows(const at::Tensor& logits3d, const int64_t* targets, float inv_
       const float log_s = std::log(s);
       // (y_t - m) - log s, never m + log s: at |y| ~ 1e4 that sum alone rounds by 1e-3.
       logp[row] = (to_float(row_ptr[target * layout.stride_v]) * inv_t - m) - log_s;
-      stats[2 * row] = m;
-      stats[2 * row + 1] = log_s;
+      stats[row * kNumStats + kRowMax] = m;
+      stats[row * kNumStats + kLogSum] = log_s;
       if (with_entropy) entropy[row] = log_s - t / s;
     }
   });
@@ -147,12 +150,13 @@ void backward_rows(const float* grad_logp, const float* grad_entropy, const at::
       const float g_logp = grad_logp[row] * inv_t;
       const float g_entropy = grad_entropy != nullptr ? grad_entropy[row] * inv_t : 0.0f;
       const float row_entropy = grad_entropy != nullptr ? entropy[row] : 0.0f;
+      const float row_max = stats[row * kNumStats + kRowMax], log_sum = stats[row * kNumStats + kLogSum];
       for (int64_t start = 0; start < layout.vocab; start += kChunk) {
         const int64_t count = std::min(kChunk, layout.vocab - start);
         const float* x = chunk_as_float(row_ptr + start * layout.stride_v, layout.stride_v, count, buffer.data());
         // float32 gradients are written straight into dlogits; other dtypes go through `grad`.
         float* grad_out = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(out_row + start) : grad.data();
-        chunk_grad(x, count, inv_t, stats[2 * row], stats[2 * row + 1], g_logp, g_entropy, row_entropy, grad_out);
+        chunk_grad(x, count, inv_t, row_max, log_sum, g_logp, g_entropy, row_entropy, grad_out);
         if (target >= start && target < start + count) grad_out[target - start] += g_logp;
         if constexpr (!std::is_same_v<scalar_t, float>) store_as(grad.data(), count, out_row + start);
       }
@@ -172,7 +176,7 @@ void token_logprobs_fwd_cpu(const at::Tensor& logits3d, const at::Tensor& target
   TORCH_CHECK(targets.scalar_type() == at::kLong && targets.is_contiguous() && targets.numel() == n_rows,
               "token_logprobs: targets must be contiguous int64 with one id per row");
   check_row_output(logp, n_rows, "logp");
-  check_row_output(stats, 2 * n_rows, "stats");
+  check_row_output(stats, kNumStats * n_rows, "stats");
   const bool with_entropy = entropy.numel() > 0;
   if (with_entropy) check_row_output(entropy, n_rows, "entropy");
   if (n_rows == 0) return;
@@ -192,7 +196,7 @@ void token_logprobs_bwd_cpu(const at::Tensor& grad_logp, const std::optional<at:
   TORCH_CHECK(targets.scalar_type() == at::kLong && targets.is_contiguous() && targets.numel() == n_rows,
               "token_logprobs: targets must be contiguous int64 with one id per row");
   check_row_output(grad_logp, n_rows, "grad_logp");
-  check_row_output(stats, 2 * n_rows, "stats");
+  check_row_output(stats, kNumStats * n_rows, "stats");
   const bool has_grad_entropy = grad_entropy.has_value() && grad_entropy->defined();
   if (has_grad_entropy) {
     check_row_output(*grad_entropy, n_rows, "grad_entropy");

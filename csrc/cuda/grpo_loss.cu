@@ -27,7 +27,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
-using namespace gtalign_fast::grpo;  // row_stats columns, modes, limits, ClipParams (../grpo_loss_common.h)
+using namespace gtalign_fast::grpo;  // row_stats columns, modes, metrics, limits, ClipParams (../grpo_loss_common.h)
 
 __device__ __forceinline__ PolicyTerm policy_term(float ratio, float adv, const ClipParams& p) {
   const float coef_1 = ratio <= p.delta ? ratio : p.delta;
@@ -114,8 +114,10 @@ __global__ void __launch_bounds__(kThreads) grpo_loss_rows_kernel(
     block_sum(sums);
     seq_ratio = clamped_exp(sums[0] / fmaxf(sums[1], 1.0f), &seq_dratio);
   }
-  // loss, tokens, low, high, kl, ratio, d pg / d ratio
-  float sums[7] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+  // The row's sums, indexed by row_stats column. kRegion is derived from kLow and kHigh after the
+  // reduction (its slot stays 0); kSeqGrad collects the sum of d pg / d ratio, turned into the
+  // sequence gradient at the end.
+  float sums[kNumStats] = {};
   for (int64_t t = threadIdx.x; t < length; t += blockDim.x) {
     if (mask[b * s.mask_b + t * s.mask_t] == 0) continue;
     const float lp = static_cast<float>(logp[b * s.logp_b + t * s.logp_t]);
@@ -125,17 +127,17 @@ __global__ void __launch_bounds__(kThreads) grpo_loss_rows_kernel(
     const PolicyTerm term = policy_term(ratio, a, p);
     float kl = 0.0f, dkl_dref;
     if (ref != nullptr) kl = k3_term(lp, static_cast<float>(ref[b * s.ref_b + t * s.ref_t]), &dkl_dref);
-    sums[0] += term.loss + p.beta * kl;
-    sums[1] += 1.0f;
-    sums[2] += (term.coef_1 < p.low_bound && a < 0.0f) ? 1.0f : 0.0f;
-    sums[3] += (term.coef_1 > p.high_bound && a > 0.0f) ? 1.0f : 0.0f;
-    sums[4] += kl;
-    sums[5] += ratio;
-    sums[6] += term.dloss_dratio;
+    sums[kLossSum] += term.loss + p.beta * kl;
+    sums[kTokens] += 1.0f;
+    sums[kLow] += (term.coef_1 < p.low_bound && a < 0.0f) ? 1.0f : 0.0f;
+    sums[kHigh] += (term.coef_1 > p.high_bound && a > 0.0f) ? 1.0f : 0.0f;
+    sums[kKlSum] += kl;
+    sums[kRatioSum] += ratio;
+    sums[kSeqGrad] += term.dloss_dratio;
   }
   block_sum(sums);
   if (threadIdx.x != 0) return;
-  float low = sums[2], high = sums[3], ratio = sums[5];
+  float low = sums[kLow], high = sums[kHigh], ratio = sums[kRatioSum];
   float region = low + high;  // exclusive: they need opposite signs of A
   if (row_metrics) {
     // Per-sequence ratio and advantage: one 0/1 indicator per row, as TRL's GSPO metrics.
@@ -147,40 +149,42 @@ __global__ void __launch_bounds__(kThreads) grpo_loss_rows_kernel(
     ratio = seq_ratio;
   }
   float* out = stats + b * kNumStats;
-  out[kLossSum] = sums[0];
-  out[kTokens] = sums[1];
+  out[kLossSum] = sums[kLossSum];
+  out[kTokens] = sums[kTokens];
   out[kLow] = low;
   out[kHigh] = high;
   out[kRegion] = region;
-  out[kKlSum] = sums[4];
+  out[kKlSum] = sums[kKlSum];
   out[kRatioSum] = ratio;
-  out[kSeqGrad] = seq_level ? sums[6] * seq_dratio / fmaxf(sums[1], 1.0f) : 0.0f;
+  out[kSeqGrad] = seq_level ? sums[kSeqGrad] * seq_dratio / fmaxf(sums[kTokens], 1.0f) : 0.0f;
 }
 
 __global__ void __launch_bounds__(kThreads) grpo_loss_finalize_kernel(
     const float* __restrict__ stats, const float* __restrict__ num_items, float* __restrict__ loss,
     float* __restrict__ metrics, float* __restrict__ weights, int64_t batch, int64_t mode, float const_weight,
     bool row_metrics) {
-  float sums[6] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};  // tokens, low, high, region, kl, ratio
+  // Column sums over the rows, indexed by row_stats column (the loss needs the weights: below;
+  // the kLossSum and kSeqGrad slots stay 0).
+  float sums[kNumStats] = {};
   for (int64_t b = threadIdx.x; b < batch; b += blockDim.x) {
     const float* row = stats + b * kNumStats;
-    sums[0] += row[kTokens];
-    sums[1] += row[kLow];
-    sums[2] += row[kHigh];
-    sums[3] += row[kRegion];
-    sums[4] += row[kKlSum];
-    sums[5] += row[kRatioSum];
+    sums[kTokens] += row[kTokens];
+    sums[kLow] += row[kLow];
+    sums[kHigh] += row[kHigh];
+    sums[kRegion] += row[kRegion];
+    sums[kKlSum] += row[kKlSum];
+    sums[kRatioSum] += row[kRatioSum];
   }
   block_sum(sums);
-  const float total_tokens = fmaxf(sums[0], 1.0f);
+  const float total_tokens = fmaxf(sums[kTokens], 1.0f);
   const float batch_f = static_cast<float>(batch);
   const float metric_count = row_metrics ? batch_f : total_tokens;
   if (threadIdx.x == 0) {
-    metrics[0] = sums[1] / metric_count;
-    metrics[1] = sums[2] / metric_count;
-    metrics[2] = sums[3] / metric_count;
-    metrics[3] = sums[4] / total_tokens;
-    metrics[4] = sums[5] / metric_count;
+    metrics[kMetricLow] = sums[kLow] / metric_count;
+    metrics[kMetricHigh] = sums[kHigh] / metric_count;
+    metrics[kMetricRegion] = sums[kRegion] / metric_count;
+    metrics[kMetricKl] = sums[kKlSum] / total_tokens;
+    metrics[kMetricRatio] = sums[kRatioSum] / metric_count;
   }
   float shared_weight = const_weight;
   if (mode == kTokenMean) shared_weight = 1.0f / total_tokens;
@@ -263,7 +267,8 @@ void grpo_loss_fwd_cuda(const at::Tensor& logp, const std::optional<at::Tensor>&
                         at::Tensor& row_stats, at::Tensor& row_weights) {
   check_inputs(logp, advantages, mask);
   const int64_t batch = logp.size(0), length = logp.size(1);
-  TORCH_CHECK(row_stats.is_contiguous() && row_stats.numel() == batch * kNumStats, "grpo_loss: row_stats must be [B, 8]");
+  TORCH_CHECK(row_stats.is_contiguous() && row_stats.numel() == batch * kNumStats, "grpo_loss: row_stats must be [B, ",
+              kNumStats, "]");
   TORCH_CHECK(mode != kNormaliserTensor || (present(num_items) && num_items->scalar_type() == at::kFloat),
               "grpo_loss: num_items must be a float32 tensor");
   if (batch == 0) return;

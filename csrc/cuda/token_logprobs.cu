@@ -13,12 +13,15 @@
 
 #include <cuda_runtime.h>
 
+#include "../token_logprobs_common.h"
+
 namespace gtalign_fast {
 namespace cuda {
 namespace {
 
 constexpr int kThreads = 512;
 
+using namespace gtalign_fast::token_logprobs;  // stats columns (../token_logprobs_common.h)
 
 struct LseState {
   float m, s, t;
@@ -77,7 +80,7 @@ __global__ void __launch_bounds__(kThreads) token_logprobs_fwd_kernel(
   if (target == ignore_index) {
     if (threadIdx.x == 0) {
       logp[row] = 0.0f;
-      stats[2 * row] = stats[2 * row + 1] = 0.0f;
+      stats[row * kNumStats + kRowMax] = stats[row * kNumStats + kLogSum] = 0.0f;
       if (entropy != nullptr) entropy[row] = 0.0f;
     }
     return;
@@ -92,8 +95,8 @@ __global__ void __launch_bounds__(kThreads) token_logprobs_fwd_kernel(
     const float log_s = logf(state.s);
     // (y_t - m) - log s, never m + log s: at |y| ~ 1e4 that sum alone rounds by 1e-3.
     logp[row] = (static_cast<float>(row_ptr[target * stride_v]) * inv_t - state.m) - log_s;
-    stats[2 * row] = state.m;
-    stats[2 * row + 1] = log_s;
+    stats[row * kNumStats + kRowMax] = state.m;
+    stats[row * kNumStats + kLogSum] = log_s;
     if (entropy != nullptr) entropy[row] = log_s - state.t / state.s;
   }
 }
@@ -116,7 +119,7 @@ __global__ void __launch_bounds__(kThreads) token_logprobs_bwd_kernel(
   const float g_logp = grad_logp[row] * inv_t;
   const float g_entropy = grad_entropy != nullptr ? grad_entropy[row] * inv_t : 0.0f;
   const float row_entropy = grad_entropy != nullptr ? entropy[row] : 0.0f;
-  const float row_max = stats[2 * row], log_sum = stats[2 * row + 1];
+  const float row_max = stats[row * kNumStats + kRowMax], log_sum = stats[row * kNumStats + kLogSum];
   for (int64_t col = threadIdx.x; col < vocab; col += blockDim.x) {
     const float d = (static_cast<float>(row_ptr[col * stride_v]) * inv_t - row_max) - log_sum;  // log p
     const float p = __expf(d);

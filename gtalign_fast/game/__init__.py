@@ -4,9 +4,13 @@ Pure Python (standard library only): importing it needs no compiled extension an
 
 - :mod:`.chain`: split / validate a completion, parse the payoff matrix (:class:`PayoffMatrix`),
   the format reward F, payoff diversity P, the Pareto frontier, canonical payoff text.
+- :mod:`.literal`: the bounded reader (no ``eval``) of a payoff written as a Python dict literal.
 - :mod:`.welfare`: U, L and W of one completion (:func:`score_completion`, the only place the
   formulas live) and the variants.
-- :mod:`.judges`: answer judges (rule-based math, character BLEU, OpenAI-compatible server).
+- :mod:`.judges`: answer judges, one module each: the protocol and :func:`run_judge`
+  (``judges.base``), rule-based math (``judges.math_judge``), character BLEU (``judges.bleu``), an
+  OpenAI-compatible server (``judges.openai_judge``), the rule-based Pareto judge
+  (``judges.pareto``).
 - :mod:`.reward`: :class:`GTAlignReward` for trainers and :func:`normalize_by_source`.
 - :mod:`.pricing`: :class:`PricingPolicy` (payoff edits) and :func:`choose_action`.
 """

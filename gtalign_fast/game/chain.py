@@ -13,8 +13,8 @@ Parsing rules (the reference's, with three documented tightenings)
 The ``<payoff>`` block is the first ``<payoff>(.*?)</payoff>`` match, stripped. It is accepted if
 
 1. it is valid JSON (tried first, as in the reference), or, after curly quotes are normalised
-   (“ ” -> ``"`` and ‘ ’ -> ``'``), a Python dict literal; the Python form is read by a small bounded
-   parser here, never by ``eval`` / ``ast.literal_eval``;
+   (“ ” -> ``"`` and ‘ ’ -> ``'``), a Python dict literal; the Python form is read by the small
+   bounded parser of :mod:`.literal`, never by ``eval`` / ``ast.literal_eval``;
 2. it holds exactly the six keys ``DQ_AQ, DQ_CQ, DQ_DA, VQ_AQ, VQ_CQ, VQ_DA``, each mapping to an
    object with exactly the keys ``"LLM"`` and ``"user"``;
 3. every value is an int or a float.
@@ -23,12 +23,7 @@ Tightenings against the reference (which would accept these): NaN and infinities
 ``Infinity``, ``1e999``) are rejected; booleans are not numbers (Python's ``True`` is an ``int``);
 duplicate keys are rejected (JSON would silently keep the last one, so the text the model wrote and
 the matrix we score would disagree). Blocks longer than :data:`MAX_PAYOFF_CHARS` are rejected.
-
-The Python-literal reader accepts: single- or double-quoted strings (optional ``u`` prefix, the usual
-backslash escapes), one optional ``+``/``-`` sign before a number, Python int (decimal, hex, octal,
-binary, underscores) and float literals, trailing commas and ``#`` comments. It does not accept
-parenthesised values, implicit string concatenation or triple-quoted strings (``ast.literal_eval``
-would; models do not write them in a payoff).
+The grammar the Python-literal reader accepts is documented in :mod:`.literal`.
 """
 
 from __future__ import annotations
@@ -38,6 +33,8 @@ import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
+
+from .literal import LiteralError, read_payoff_literal
 
 __all__ = [
     "QUESTION_TYPES",
@@ -348,8 +345,8 @@ def parse_payoff_strict(block: str) -> PayoffMatrix:
     data = _load_json(text)
     if data is None:  # not JSON: the reference then tries a Python literal after fixing quotes
         try:
-            data = _PyDictReader(text.translate(_CURLY_QUOTES)).read()
-        except _Reject as exc:
+            data = read_payoff_literal(text.translate(_CURLY_QUOTES), max_chars=MAX_PAYOFF_CHARS)
+        except LiteralError as exc:
             raise PayoffError(f"payoff is neither JSON nor a Python dict literal: {exc}") from None
     return PayoffMatrix.from_mapping(data)
 
@@ -374,175 +371,6 @@ def parse_payoff(block: Any) -> PayoffMatrix | None:
         return None
     except Exception:  # defensive: model text must never crash a training step
         return None
-
-
-_PY_WS = " \t\n\r\f"
-# Python number literals (PEP 515 underscores included). Sign is handled by the reader.
-_PY_NUMBER = re.compile(
-    r"""
-    0[xX](?:_?[0-9a-fA-F])+ | 0[oO](?:_?[0-7])+ | 0[bB](?:_?[01])+                 # based ints
-    | (?: (?:[0-9](?:_?[0-9])*)? \. [0-9](?:_?[0-9])* | [0-9](?:_?[0-9])* \.? )    # float / int body
-      (?: [eE][+-]?[0-9](?:_?[0-9])* )?                                             # exponent
-    """,
-    re.VERBOSE,
-)
-# ASCII digits only: ``\d`` (and ``float()``) would accept fullwidth or Arabic-Indic digits,
-# which Python's own parser (the reference's ``ast.literal_eval``) rejects.
-_PY_DECIMAL_INT = re.compile(r"(?:0(?:_?0)*|[1-9](?:_?[0-9])*)\Z")
-_SIMPLE_ESCAPES = {
-    "\\": "\\", "'": "'", '"': '"', "n": "\n", "t": "\t", "r": "\r",
-    "a": "\a", "b": "\b", "f": "\f", "v": "\v", "\n": "",
-}
-
-
-class _PyDictReader:
-    """Bounded reader for ``{'DQ_AQ': {'LLM': 1.0, 'user': 2}, ...}``.
-
-    Only the shape a payoff can have is read: an outer dict whose values are dicts whose values are
-    numbers. Anything else is rejected on the spot (the reference would reject it in validation).
-    Work is linear in the (capped) input; recursion depth is at most two.
-    """
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.pos = 0
-
-    def read(self) -> dict[str, Any]:
-        outer = self._dict(lambda: self._dict(self._number))
-        self._skip()
-        if self.pos != len(self.text):
-            raise _Reject(f"trailing text at {self.pos}")
-        return outer
-
-    # -- lexical helpers ------------------------------------------------------------------------
-
-    def _skip(self) -> None:
-        text, n = self.text, len(self.text)
-        while self.pos < n:
-            ch = text[self.pos]
-            if ch in _PY_WS:
-                self.pos += 1
-            elif ch == "#":  # a comment runs to the end of the line
-                end = text.find("\n", self.pos)
-                self.pos = n if end < 0 else end + 1
-            else:
-                return
-
-    def _expect(self, ch: str) -> None:
-        self._skip()
-        if not self.text.startswith(ch, self.pos):
-            raise _Reject(f"expected {ch!r} at {self.pos}")
-        self.pos += 1
-
-    def _peek(self) -> str:
-        self._skip()
-        return self.text[self.pos] if self.pos < len(self.text) else ""
-
-    # -- grammar ----------------------------------------------------------------------------------
-
-    def _dict(self, value_reader: Callable[[], Any]) -> dict[str, Any]:
-        self._expect("{")
-        result: dict[str, Any] = {}
-        while True:
-            if self._peek() == "}":
-                self.pos += 1
-                return result
-            key = self._string()
-            self._expect(":")
-            value = value_reader()
-            if key in result:
-                raise _Reject(f"duplicate key {key!r}")
-            result[key] = value
-            nxt = self._peek()
-            if nxt == ",":
-                self.pos += 1  # a trailing comma before '}' is fine in Python
-            elif nxt != "}":
-                raise _Reject(f"expected ',' or '}}' at {self.pos}")
-
-    def _string(self) -> str:
-        self._skip()
-        text = self.text
-        if text.startswith(("u", "U"), self.pos):
-            self.pos += 1
-        if self.pos >= len(text) or text[self.pos] not in "'\"":
-            raise _Reject(f"expected a string at {self.pos}")
-        quote = text[self.pos]
-        self.pos += 1
-        out: list[str] = []
-        while True:
-            if self.pos >= len(text):
-                raise _Reject("unterminated string")
-            ch = text[self.pos]
-            if ch == quote:
-                self.pos += 1
-                return "".join(out)
-            if ch == "\n":
-                raise _Reject("newline in a string")
-            if ch == "\\":
-                out.append(self._escape())
-            else:
-                out.append(ch)
-                self.pos += 1
-
-    def _escape(self) -> str:
-        text = self.text
-        self.pos += 1  # the backslash
-        if self.pos >= len(text):
-            raise _Reject("unterminated escape")
-        ch = text[self.pos]
-        if ch in _SIMPLE_ESCAPES:
-            self.pos += 1
-            return _SIMPLE_ESCAPES[ch]
-        width = {"x": 2, "u": 4, "U": 8}.get(ch)
-        if width is not None:
-            digits = text[self.pos + 1 : self.pos + 1 + width]
-            if len(digits) != width or any(d not in "0123456789abcdefABCDEF" for d in digits):
-                raise _Reject("bad escape")
-            self.pos += 1 + width
-            code = int(digits, 16)
-            if code > 0x10FFFF:
-                raise _Reject("bad escape")
-            return chr(code)
-        if ch in "01234567":
-            end = self.pos
-            while end < len(text) and end - self.pos < 3 and text[end] in "01234567":
-                end += 1
-            code = int(text[self.pos : end], 8)
-            self.pos = end
-            return chr(code)
-        # Python keeps unknown escapes verbatim (with a warning).
-        return "\\"
-
-    def _number(self) -> int | float:
-        self._skip()
-        text = self.text
-        negative = False
-        if self.pos < len(text) and text[self.pos] in "+-":
-            negative = text[self.pos] == "-"
-            self.pos += 1
-            self._skip()  # ``- 1.5`` is a valid literal
-        match = _PY_NUMBER.match(text, self.pos)
-        if match is None or match.end() == self.pos:
-            raise _Reject(f"expected a number at {self.pos}")
-        token = match.group()
-        end = match.end()
-        # A number glued to a name character (``1j``, ``2x``, ``1_``) is not a plain number.
-        if end < len(text) and (text[end].isalnum() or text[end] in "_."):
-            raise _Reject(f"bad number at {self.pos}")
-        self.pos = end
-        value: int | float
-        try:
-            if token[:2].lower() in ("0x", "0o", "0b"):
-                value = int(token, 0)
-            elif _PY_DECIMAL_INT.match(token):
-                value = int(token)
-            elif "." in token or "e" in token or "E" in token:
-                value = float(token)
-            else:  # e.g. ``01`` is a SyntaxError in Python
-                raise _Reject(f"bad number {token!r}")
-        except (ValueError, OverflowError):  # e.g. more digits than int() converts
-            raise _Reject(f"bad number at {self.pos}") from None
-        return -value if negative else value
 
 
 # --------------------------------------------------------------------------------------------

@@ -53,7 +53,9 @@ _REFERENCE_USER_BONUS = {"DA": 0.0, "AQ": 1.0, "CQ": 0.5}  # with the reference'
 _REFERENCE_LLM_BONUS = {"DA": 1.0, "AQ": 0.5, "CQ": 0.0}  # with the reference's user shift
 
 
-def _per_action(values: Mapping[str, float] | Sequence[tuple[str, float]] | None, what: str) -> tuple[tuple[str, float], ...]:
+def _per_action(
+    values: Mapping[str, float] | Sequence[tuple[str, float]] | None, what: str
+) -> tuple[tuple[str, float], ...]:
     """Validate a per-action mapping and store it as ``((action, value), ...)`` in ACTIONS order."""
     if values is None:
         return ()
@@ -177,7 +179,9 @@ class PricingPolicy:
         )
 
     @classmethod
-    def reference(cls, scale_llm: float = 0.0, scale_user: float = 0.0, *, combine: str = "reference") -> "PricingPolicy":
+    def reference(
+        cls, scale_llm: float = 0.0, scale_user: float = 0.0, *, combine: str = "reference"
+    ) -> "PricingPolicy":
         """The reference's payoff transforms (GTAlign ``transform_payoffs``), exactly.
 
         - LLM shift (``scale_llm != 0``): LLM += scale_llm in every cell;
@@ -199,7 +203,9 @@ class PricingPolicy:
         if combine not in ("reference", "both"):
             raise ValueError("combine must be 'reference' or 'both'")
         llm_policy = cls(llm_shift=scale_llm, user_bonus=_REFERENCE_USER_BONUS, decimals=1, name="reference_llm_shift")
-        user_policy = cls(user_shift=scale_user, llm_bonus=_REFERENCE_LLM_BONUS, decimals=1, name="reference_user_shift")
+        user_policy = cls(
+            user_shift=scale_user, llm_bonus=_REFERENCE_LLM_BONUS, decimals=1, name="reference_user_shift"
+        )
         if scale_llm != 0:
             if combine == "both" and scale_user != 0:
                 return cls(llm_shift=scale_llm, user_bonus=_REFERENCE_USER_BONUS, decimals=1, then=user_policy,
@@ -232,7 +238,8 @@ class PricingPolicy:
 
     def user_delta(self, action: str) -> float:
         """What this policy adds to the user payoff of ``action`` (before rounding and ``then``)."""
-        return self.user_shift + dict(self.user_bonus).get(action, 0.0) - self.user_price_per_token * self._tokens(action)
+        price = self.user_price_per_token * self._tokens(action)
+        return self.user_shift + dict(self.user_bonus).get(action, 0.0) - price
 
     def apply(self, matrix: PayoffMatrix) -> PayoffMatrix:
         """The edited matrix (``matrix`` itself when the policy is the identity)."""
@@ -285,7 +292,9 @@ class ActionChoice:
         return self.key
 
 
-def disagreement_point(matrix: PayoffMatrix, keys: Sequence[str] = PAYOFF_KEYS, margin: float = 1.0) -> tuple[float, float]:
+def disagreement_point(
+    matrix: PayoffMatrix, keys: Sequence[str] = PAYOFF_KEYS, margin: float = 1.0
+) -> tuple[float, float]:
     """Default Nash disagreement point ``(d_llm, d_user)``: the minimum payoff of each player over
     ``keys`` minus ``margin``. With ``margin > 0`` every cell is strictly above it, so the Nash
     product is positive and well defined for negative payoffs too."""
@@ -370,7 +379,9 @@ def choose_action(
     tied = _top(scored, atol)
     key = _break_tie(tied, rule, tie_break, rng)
     question, action = split_key(key)
-    return ActionChoice(key=key, question_type=question, action=action, rule=rule, value=dict(scored)[key][0], tied=tuple(tied))
+    return ActionChoice(
+        key=key, question_type=question, action=action, rule=rule, value=dict(scored)[key][0], tied=tuple(tied)
+    )
 
 
 def _disagreement(

@@ -298,7 +298,9 @@ class GTAlignReward:
         texts = [completion_text(c) for c in completions]
         chains = [split_chain(t) for t in texts]
         sources = [row.get(self.source_column) for row in per_sample]
-        prompt_texts = [_prompt_text(prompts[i]) if prompts is not None and i < len(prompts) else None for i in range(n)]
+        prompt_texts = [
+            _prompt_text(prompts[i]) if prompts is not None and i < len(prompts) else None for i in range(n)
+        ]
         references = [self._reference(row) for row in per_sample]
 
         answers = self._judge_all(chains, sources, prompt_texts, references, per_sample)

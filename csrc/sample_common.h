@@ -1,0 +1,24 @@
+// Definitions of the sample_ C++ CPU kernel (csrc/cpu/sample.cpp) that the Python side shares: the
+// per-row status word (see kernels/sample.py for the maths).
+//
+// The constants mirror gtalign_fast/_sample_constants.py, which the Python code and the Triton
+// kernel use; tests/test_constants.py parses this file and checks every value against it, so the
+// enum lines below keep their simple `name = literal` form.
+#pragma once
+
+#include <cstdint>
+
+namespace gtalign_fast {
+namespace sample {
+
+// The status word written per row; a row that is not kStatusOk has no valid draw, and the Python
+// side raises. When several apply, the lowest nonzero one is reported.
+enum Status : int32_t {
+  kStatusOk = 0,
+  kStatusBadLogits = 1,               // a NaN or +inf logit (after the temperature)
+  kStatusNoFiniteLogit = 2,           // every logit is -inf
+  kStatusNoFiniteLogitAfterBias = 3,  // every logit is -inf once the biases are added
+};
+
+}  // namespace sample
+}  // namespace gtalign_fast

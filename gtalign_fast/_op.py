@@ -1,0 +1,291 @@
+"""One way to define every op: :class:`Op`.
+
+An op declares what is particular to it and nothing else:
+
+- its positional ``inputs`` as a schema fragment (``"Tensor logits, Tensor targets"``; tensors and
+  the few per-call flags a backward needs),
+- its ``options``: the scalar arguments, as one ``NamedTuple`` class (they travel as one named
+  value from the public function to every backend; only the ``torch.library`` schema spells them
+  out one by one),
+- ``outputs(*inputs, options)``: the shape and dtype of each output, used both to allocate the real
+  outputs and as the fake (meta) kernel, so no op writes its output shapes twice,
+- ``backends``: backend name -> ``kernel(*inputs, options, *outputs)``, which fills the outputs,
+- optionally ``check(*inputs, options, backend)``: checks that read the data (run inside the op, where
+  ``torch.compile`` does not trace them), and an autograd formula (:meth:`Op.register_autograd`).
+
+:class:`Op` does the rest, the same way for every op: backend resolution and
+:func:`~gtalign_fast.last_backend` (:mod:`gtalign_fast._backend`), output allocation (poisoned
+under test), the ``torch.library`` custom op with its fake kernel and autograd, and the eager
+bypass. The custom op is what ``torch.compile``, ``torch.export``, fake tensors and tensor
+subclasses see; a plain eager call runs the same functions directly (through a
+``torch.autograd.Function`` when a gradient is needed), because torch.library's Python
+machinery costs 20-100 us per call (argument re-binding and alias checks), more than the small
+ops' kernels themselves.
+
+Kernels of the compiled extension are looked up with :func:`extension_kernel`, which says to
+rebuild the extension when it predates the kernel, instead of failing with an AttributeError.
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import torch
+
+from . import _backend
+
+NAMESPACE = "gtalign_fast"
+
+# Python annotation of an options field -> its torch.library schema type.
+_SCHEMA_TYPES = {
+    float: "float",
+    int: "int",
+    bool: "bool",
+    str: "str",
+    float | None: "float?",
+    int | None: "int?",
+}
+
+
+class Output(NamedTuple):
+    """Shape and dtype of one op output (allocated on the op's device)."""
+
+    shape: Sequence[int]
+    dtype: torch.dtype
+
+
+def _options_schema(options: type | None) -> list[str]:
+    if options is None:
+        return []
+    hints = typing.get_type_hints(options)
+    fields = []
+    for field in options._fields:
+        if hints[field] not in _SCHEMA_TYPES:
+            raise TypeError(f"{options.__name__}.{field}: no schema type for {hints[field]!r}")
+        fields.append(f"{_SCHEMA_TYPES[hints[field]]} {field}")
+    return fields
+
+
+def plain_eager(*args: Any) -> bool:
+    """Whether a call with ``args`` is an ordinary eager call: not traced by torch.compile, no
+    torch-function or dispatch mode (fake tensors, make_fx, export), no functorch transform (vmap,
+    grad), and only plain tensors and Parameters (no subclasses such as DTensor)."""
+    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
+        return False
+    return all(type(a) in (torch.Tensor, torch.nn.Parameter) for a in args if isinstance(a, torch.Tensor))
+
+
+_EXTENSION_KERNELS: dict[tuple[str, str], Any] = {}  # (kernel, dispatch key) -> op, once found
+
+
+def extension_kernel(name: str, device: torch.device):
+    """The compiled extension's kernel ``torch.ops.gtalign_fast_C.<name>`` for ``device``.
+
+    Raises
+    ------
+    RuntimeError
+        When the built extension has no such kernel for the device (built from older sources, or
+        without CUDA): it names the fix instead of failing inside the dispatcher.
+    """
+    key = "CUDA" if device.type == "cuda" else "CPU"
+    kernel = _EXTENSION_KERNELS.get((name, key))
+    if kernel is not None:
+        return kernel
+    kernels = torch.ops.gtalign_fast_C
+    if not hasattr(kernels, name) or not torch._C._dispatch_has_kernel_for_dispatch_key(f"gtalign_fast_C::{name}", key):
+        raise RuntimeError(
+            f"gtalign_fast: the compiled extension has no {key} kernel {name!r}; it was built from older "
+            "sources: rebuild it (pip install -e . --no-build-isolation)"
+        )
+    kernel = _EXTENSION_KERNELS[(name, key)] = getattr(kernels, name)
+    return kernel
+
+
+class Op:
+    """A gtalign_fast op: a ``torch.library`` custom op, its backends and its eager fast path.
+
+    Parameters
+    ----------
+    name : str
+        The custom op is ``torch.ops.gtalign_fast.<name>``.
+    inputs : str
+        Schema of the positional inputs, e.g. ``"Tensor logits, Tensor targets"``; a mutated
+        input is annotated ``Tensor(a!) logits`` and listed in ``mutates``.
+    returns : tuple of str
+        Names of the outputs (the schema needs their number before any call).
+    outputs : callable
+        ``outputs(*inputs, options) -> tuple of Output``, one per name in ``returns``: shapes and
+        dtypes of the results.
+    backends : mapping
+        Backend name -> ``kernel(*inputs, options, *outputs)`` filling the outputs in place.
+    options : NamedTuple class, optional
+        The op's scalar arguments (``float``, ``int``, ``bool``, ``str`` fields, optionally
+        ``None``-able). Without it, kernels and ``outputs`` get no options argument.
+    key : str, optional
+        Name for backend selection and :func:`~gtalign_fast.last_backend` (default ``name``; a
+        backward op uses its forward's key, ``sample_`` uses ``"sample"``).
+    check : callable, optional
+        ``check(*inputs, options, backend)``, run inside the op (``backend``: the one that runs)
+        before the outputs are allocated, for checks that read the data (they must not be traced
+        by ``torch.compile``).
+    mutates : tuple of str
+        Names of the inputs written in place.
+    availability, default : callable, optional
+        Replace :mod:`gtalign_fast._backend`'s rules for which backends can run and which is the
+        default (see :func:`gtalign_fast._backend.resolve`).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        inputs: str,
+        returns: tuple[str, ...],
+        outputs: Callable[..., tuple[Output, ...]],
+        backends: Mapping[str, Callable[..., None]],
+        options: type | None = None,
+        key: str | None = None,
+        check: Callable[..., None] | None = None,
+        mutates: tuple[str, ...] = (),
+        availability: Callable[[str, torch.device], str | None] | None = None,
+        default: Callable[[torch.device], str] | None = None,
+    ) -> None:
+        self.name, self.key = name, key or name
+        self.options, self.backends = options, dict(backends)
+        self._outputs, self._check = outputs, check
+        self._availability, self._default = availability, default
+        self.returns = returns
+        self.n_inputs = len([part for part in inputs.split(",") if part.strip()])
+        self._autograd: tuple[Callable, Callable, tuple[int, ...]] | None = None
+        self.custom_op = self._define(inputs, mutates)
+
+    # -- the custom op --------------------------------------------------------------------------
+
+    def _define(self, inputs: str, mutates: tuple[str, ...]):
+        arguments = ", ".join([inputs, *_options_schema(self.options), "str backend"])
+        returns = "(" + ", ".join(["Tensor"] * len(self.returns)) + ")"
+        schema = f"({arguments}) -> {returns}"
+        custom_op = torch.library.custom_op(
+            f"{NAMESPACE}::{self.name}", self._flat_run, mutates_args=mutates, schema=schema
+        )
+        custom_op.register_fake(self._flat_fake)
+        return custom_op
+
+    def _split(self, flat: tuple) -> tuple[tuple, Any, str]:
+        """(inputs, options, backend) from the custom op's flat argument list."""
+        inputs = flat[: self.n_inputs]
+        options = self.options(*flat[self.n_inputs : -1]) if self.options is not None else None
+        return inputs, options, flat[-1]
+
+    def _with_options(self, inputs: tuple, options: Any) -> tuple:
+        return (*inputs, options) if self.options is not None else inputs
+
+    def _flat_run(self, *flat):
+        return _schema_result(self.run(*self._split(flat)))
+
+    def _flat_fake(self, *flat):
+        inputs, options, _ = self._split(flat)
+        device = _device_of(inputs)
+        specs = self._outputs(*self._with_options(inputs, options))
+        return _schema_result(tuple(torch.empty(tuple(s.shape), dtype=s.dtype, device=device) for s in specs))
+
+    # -- running ---------------------------------------------------------------------------------
+
+    def resolve(self, device: torch.device, backend: str) -> str:
+        """The backend that runs a call on ``device`` (``backend`` may be ``""``: automatic)."""
+        name = _backend.resolve(self.key, device, backend, availability=self._availability, default=self._default)
+        if name not in self.backends:
+            raise RuntimeError(f"gtalign_fast.{self.key}: no {name!r} backend")
+        return name
+
+    def run(self, inputs: tuple, options: Any, backend: str) -> tuple[torch.Tensor, ...]:
+        """The op's body: resolve and record the backend, check the data, allocate the outputs,
+        run the backend's kernel. Both the custom op and the eager path run exactly this."""
+        device = _device_of(inputs)
+        name = self.resolve(device, backend)
+        _backend.record(self.key, name)
+        call_args = self._with_options(inputs, options)
+        if self._check is not None:
+            self._check(*call_args, name)
+        outputs = tuple(_backend.new_output(tuple(s.shape), s.dtype, device) for s in self._outputs(*call_args))
+        self.backends[name](*call_args, *outputs)
+        return outputs
+
+    def __call__(self, *inputs: Any, options: Any = None, backend: str = "") -> tuple[torch.Tensor, ...]:
+        """Run the op: directly in plain eager mode, through the custom op otherwise."""
+        flat_options = tuple(options) if self.options is not None else ()
+        if not plain_eager(*inputs):
+            outputs = self.custom_op(*inputs, *flat_options, backend)
+            return outputs if isinstance(outputs, tuple) else (outputs,)
+        if self._autograd is not None and torch.is_grad_enabled() and _any_requires_grad(inputs):
+            return _EagerAutograd.apply(self, options, backend, *inputs)
+        return self.run(inputs, options, backend)
+
+    # -- autograd --------------------------------------------------------------------------------
+
+    def register_autograd(self, setup_context: Callable, backward: Callable, *, differentiable: tuple[int, ...]):
+        """Give the op a gradient.
+
+        ``setup_context(ctx, inputs, options, outputs)`` saves what the backward needs;
+        ``backward(ctx, *grad_outputs)`` returns one gradient (or None) per input. Inside both,
+        ``ctx.options`` and ``ctx.backend`` are the call's, ``ctx.needs_grad`` (backward only) says
+        which inputs need a gradient, and grads of unused outputs arrive as None.
+        ``differentiable`` lists the outputs that carry a gradient (the others are marked
+        non-differentiable on the eager path).
+        """
+        self._autograd = (setup_context, backward, differentiable)
+        n_extra = (len(self.options._fields) if self.options is not None else 0) + 1  # options + backend
+
+        def setup(ctx, inputs, output):  # torch.library passes these by name
+            inputs, options, backend = self._split(inputs)
+            self._setup(ctx, inputs, options, backend, output if isinstance(output, tuple) else (output,))
+
+        def flat_backward(ctx, *grads):
+            ctx.needs_grad = ctx.needs_input_grad[: self.n_inputs]
+            return (*backward(ctx, *grads), *(None,) * n_extra)
+
+        self.custom_op.register_autograd(flat_backward, setup_context=setup)
+
+    def _setup(self, ctx, inputs, options, backend, outputs) -> None:
+        ctx.options, ctx.backend = options, backend
+        ctx.set_materialize_grads(False)
+        self._autograd[0](ctx, inputs, options, outputs)
+
+
+class _EagerAutograd(torch.autograd.Function):
+    """The eager path of an op with a gradient: the op's own run / setup / backward, without
+    torch.library in between."""
+
+    @staticmethod
+    def forward(ctx, op: Op, options, backend: str, *inputs):
+        outputs = op.run(inputs, options, backend)
+        op._setup(ctx, inputs, options, backend, outputs)
+        differentiable = op._autograd[2]
+        ctx.mark_non_differentiable(*(out for i, out in enumerate(outputs) if i not in differentiable))
+        ctx.op = op
+        return outputs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        ctx.needs_grad = ctx.needs_input_grad[3:]
+        return (None, None, None, *ctx.op._autograd[1](ctx, *grads))
+
+
+def _schema_result(outputs: tuple):
+    """A schema with one return gives (and expects) a Tensor, not a tuple of one."""
+    return outputs[0] if len(outputs) == 1 else outputs
+
+
+def _device_of(inputs: tuple) -> torch.device:
+    for value in inputs:
+        if isinstance(value, torch.Tensor):
+            return value.device
+    raise TypeError("an op needs at least one tensor input")
+
+
+def _any_requires_grad(inputs: tuple) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)

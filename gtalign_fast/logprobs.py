@@ -1,0 +1,135 @@
+"""Per-token log-probs of completions under a causal LM: the module the policy update trains through.
+
+:class:`CompletionLogprobs` turns (prompt, completion) token ids into the completion tokens'
+log-probs and entropies, through the fused LM head (``ops.linear_token_logprobs``: no
+``[tokens, vocabulary]`` logits) or the model's logits (``ops.token_logprobs``);
+:func:`fused_head_problem` says why a model cannot use the fused head; :func:`rollout_logprobs`
+scores a whole rollout without gradients (the old and reference log-probs).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch import nn
+
+from . import ops
+from .distributed import is_dtensor
+
+if TYPE_CHECKING:
+    from .rollout import Rollout
+
+__all__ = ["CompletionLogprobs", "fused_head_problem", "rollout_logprobs", "IGNORE_INDEX"]
+
+IGNORE_INDEX = -100
+
+
+def fused_head_problem(model: nn.Module) -> str | None:
+    """Why the LM head of ``model`` cannot be fused into ``linear_token_logprobs`` (None if it can).
+
+    The fused op computes ``hidden @ W.T + b``; models that transform the logits afterwards would
+    get different log-probs, so they are refused rather than silently changed.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor) or head.weight.dim() != 2:
+        return "the model has no linear output embedding (get_output_embeddings())"
+    config = getattr(model, "config", None)
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        return "the model soft-caps its logits (final_logit_softcapping)"
+    for name in ("logit_scale", "logits_scaling"):
+        value = getattr(config, name, None)
+        if value is not None and float(value) != 1.0:
+            return f"the model rescales its logits ({name}={value})"
+    if getattr(model, "base_model", None) is None or model.base_model is model:
+        return "the model has no separate base model to read the last hidden state from"
+    return None
+
+
+class CompletionLogprobs(nn.Module):
+    """Log-probs (and entropies) of the completion tokens under ``model`` at ``temperature``.
+
+    One module so that :class:`~torch.nn.parallel.DistributedDataParallel` can wrap the whole
+    forward, fused LM head included (calling the base model directly would bypass DDP's hooks).
+
+    With ``fused_head`` the last hidden state goes through ``ops.linear_token_logprobs`` with the
+    output embedding's weight and bias: the ``[tokens, vocabulary]`` logits never exist. Without it
+    the model computes logits for the last ``C + 1`` positions only (``logits_to_keep``) and
+    ``ops.token_logprobs`` reads their ``[:, :-1]`` slice in place.
+    """
+
+    def __init__(self, model: nn.Module, *, temperature: float, fused_head: bool, backend: str | None) -> None:
+        super().__init__()
+        self.model = model
+        self.temperature = temperature
+        self.fused_head = fused_head
+        self.backend = backend
+
+    def forward(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+        completion_mask: torch.Tensor, with_entropy: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns ``logp`` and ``entropy`` ``[N, C]`` float32 (0 where ``completion_mask`` is 0)."""
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        # explicit positions: left padding must not shift them (generation counts them the same way)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        targets = completion_ids.masked_fill(completion_mask == 0, IGNORE_INDEX)
+        n_completion = completion_ids.shape[1]
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        if self.fused_head:
+            return self._fused(inputs, targets, n_completion, with_entropy)
+        logits = self.model(**inputs, logits_to_keep=n_completion + 1).logits  # [N, C + 1, V]
+        result = ops.token_logprobs(
+            logits[:, :-1], targets, temperature=self.temperature, with_entropy=with_entropy, backend=self.backend
+        )
+        return result if with_entropy else (result, None)
+
+    def _fused(self, inputs: dict, targets: torch.Tensor, n_completion: int, with_entropy: bool):
+        hidden = self.model.base_model(**inputs).last_hidden_state  # [N, P + C, H]
+        # position t predicts token t + 1: the completion is predicted by the C positions before its end
+        hidden = hidden[:, -(n_completion + 1) : -1].reshape(-1, hidden.shape[-1])
+        head = self.model.get_output_embeddings()
+        if is_dtensor(head.weight):  # the known ZeRO-3 / FSDP bug: a fused loss that reads a head shard
+            raise RuntimeError(
+                "CompletionLogprobs: the LM head weight is still sharded (a DTensor); under FSDP2 the log-prob "
+                "module must be the fully_shard root and be called as a module, so that its pre-forward "
+                "all-gathers the head"
+            )
+        # custom ops sit outside autocast: cast the head as autocast would cast a Linear
+        weight = head.weight.to(hidden.dtype)
+        bias = head.bias.to(hidden.dtype) if getattr(head, "bias", None) is not None else None
+        result = ops.linear_token_logprobs(
+            hidden, weight, targets.reshape(-1), bias=bias, temperature=self.temperature,
+            with_entropy=with_entropy, backend=self.backend,
+        )
+        # copies, not views: FSDP2's pre-backward hook on a module output is lost by in-place ops on a view
+        if with_entropy:
+            logp, entropy = result
+            return logp.reshape(targets.shape).clone(), entropy.reshape(targets.shape).clone()
+        return result.reshape(targets.shape).clone(), None
+
+    def lm_forward(self, **kwargs: Any) -> Any:
+        """The wrapped model's own forward (generation). Registered as an FSDP forward method when
+        this module is the FSDP2 root, so FSDP's pre-forward runs before the model reads its weights."""
+        return self.model(**kwargs)
+
+
+@torch.no_grad()
+def rollout_logprobs(
+    module: nn.Module, rollout: Rollout, micro_batch: int, autocast: Callable[[], Any]
+) -> torch.Tensor:
+    """Per-token log-probs ``[N, C]`` float32 of the whole rollout under ``module``, micro-batched.
+
+    Used for the old policy's (``num_iterations > 1``) and the reference model's (``beta > 0``)
+    log-probs; ``autocast`` opens the same autocast context as the training forward.
+    """
+    out = torch.zeros(rollout.completion_ids.shape, dtype=torch.float32, device=rollout.completion_ids.device)
+    for start in range(0, len(rollout), micro_batch):
+        part = rollout.micro_batch(start, start + micro_batch)
+        with autocast():
+            logp, _ = module(
+                part.prompt_ids, part.prompt_mask, part.completion_ids, part.completion_mask, with_entropy=False
+            )
+        out[start : start + micro_batch, : logp.shape[1]] = logp
+    return out

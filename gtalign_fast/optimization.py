@@ -1,0 +1,100 @@
+"""The update stage of a GRPO step: the loss of a micro-batch, its share of the step, and the optimizer.
+
+:func:`policy_loss` calls ``ops.grpo_loss`` on one micro-batch with the config's objective;
+:func:`loss_weight` is that micro-batch's share of the global batch's loss (so gradient
+accumulation and several processes give the one-process, one-micro-batch update);
+:func:`clip_gradients` clips and returns the full gradient norm; :func:`default_optimizer` and
+:func:`default_scheduler` are TRL's AdamW and learning-rate schedule (:func:`lr_lambda`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Callable, Iterable
+
+import torch
+from torch import nn
+
+from . import ops
+from .distributed import full_value
+from .grpo_config import LOSS_TYPES, GRPOConfig
+
+if TYPE_CHECKING:
+    from .rollout import Rollout
+
+__all__ = ["policy_loss", "loss_weight", "clip_gradients", "default_optimizer", "default_scheduler", "lr_lambda"]
+
+
+def policy_loss(
+    logp: torch.Tensor, part: Rollout, global_tokens: torch.Tensor, args: GRPOConfig, backend: str | None
+) -> tuple[torch.Tensor, dict]:
+    """``ops.grpo_loss`` on one micro-batch (clipped surrogate, k3 KL, the config's aggregation).
+
+    A micro-batch without a loss token contributes an exact zero that still runs backward (every
+    DDP process must). ``global_tokens`` is the loss-token count of the whole global batch, which
+    "dapo" divides by.
+    """
+    if not bool(part.loss_mask.any()):
+        return (logp * 0.0).sum(), {}
+    return ops.grpo_loss(
+        logp, part.old_logp, part.advantages, part.loss_mask, ref_logp=part.ref_logp, beta=args.beta,
+        epsilon_low=args.epsilon, epsilon_high=args.epsilon_high, delta=args.delta, dual_clip=args.dual_clip,
+        loss_type=args.loss_type, importance_sampling_level=args.importance_sampling_level,
+        max_completion_length=args.max_completion_length,
+        num_items_in_batch=global_tokens if LOSS_TYPES[args.loss_type] == "global_tokens" else None,
+        backend=backend,
+    )
+
+
+def loss_weight(loss_type: str, micro_rows: int, rows: int, micro_batches: int, world: int) -> float:
+    """A micro-batch's share of the global-batch loss, times the process count because DDP averages
+    gradients over processes (so the sum over every micro-batch everywhere is the loss).
+
+    ``micro_rows`` rows of this process's ``rows``, split into ``micro_batches`` micro-batches.
+    """
+    kind = LOSS_TYPES[loss_type]
+    if kind == "global_tokens":  # the op already divided by the global token count
+        return float(world)
+    if kind == "sequences":  # world * micro_rows / (rows * world): rows per process are equal
+        return micro_rows / rows
+    return 1.0 / micro_batches  # local token means, averaged like TRL's bnpo
+
+
+def clip_gradients(params: Iterable[torch.Tensor], max_grad_norm: float | None) -> torch.Tensor:
+    """Clip the gradients to ``max_grad_norm`` (None or <= 0: no clipping); returns the full norm
+    before clipping (under FSDP2 over every shard)."""
+    max_norm = max_grad_norm if max_grad_norm and max_grad_norm > 0 else math.inf
+    return full_value(torch.nn.utils.clip_grad_norm_(list(params), max_norm))
+
+
+def default_optimizer(model: nn.Module, args: GRPOConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters with the config's hyper-parameters (TRL's default)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(
+        params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+        weight_decay=args.weight_decay,
+    )
+
+
+def default_scheduler(optimizer: torch.optim.Optimizer, args: GRPOConfig, max_steps: int):
+    """The config's learning-rate schedule over ``max_steps`` optimizer steps."""
+    warmup = args.warmup_steps or math.ceil(args.warmup_ratio * max_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.lr_scheduler_type, warmup, max_steps))
+
+
+def lr_lambda(kind: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """The multiplier of the learning rate at optimizer step ``s`` (transformers' schedules)."""
+
+    def schedule(step: int) -> float:
+        if kind == "constant":
+            return 1.0
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        if kind == "constant_with_warmup":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))  # cosine
+
+    return schedule
