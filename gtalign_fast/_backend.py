@@ -19,6 +19,7 @@ has to fall back to the reference (no extension on CPU) it says so once with a w
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import logging
 import os
@@ -166,16 +167,35 @@ def resolve(op: str, device: torch.device, requested: str | None, *, availabilit
     check = availability or why_unavailable
     source = "backend="
     if not requested:
-        requested = os.environ.get(f"{ENV_BACKEND}_{op.upper()}") or os.environ.get(ENV_BACKEND)
+        requested = os.environ.get(_env_key(op)) or os.environ.get(ENV_BACKEND)
         source = "environment"
     if not requested or requested == "auto":
-        return default(device) if default is not None else _default_backend(op, device)
+        return _cached_default(op, device, default)
     if requested not in BACKENDS:
         raise ValueError(f"gtalign_fast.{op}: unknown backend {requested!r} (from {source}); choose one of {BACKENDS}")
     reason = MISSING_BACKENDS.get(op, {}).get(requested) or check(requested, device)
     if reason is not None:
         raise RuntimeError(f"gtalign_fast.{op}: backend {requested!r} (from {source}) cannot run: {reason}")
     return requested
+
+
+@functools.cache
+def _env_key(op: str) -> str:
+    return f"{ENV_BACKEND}_{op.upper()}"
+
+
+# (op, device type, op's own default rule) -> the default backend. What can run is fixed once the
+# package is imported (the extension, Triton, TRITON_INTERPRET), so the default is worked out once:
+# every op call resolves a backend, and the checks cost more than the smallest kernels.
+_DEFAULTS: dict[tuple, str] = {}
+
+
+def _cached_default(op: str, device: torch.device, default) -> str:
+    key = (op, device.type, default)
+    name = _DEFAULTS.get(key)
+    if name is None:
+        name = _DEFAULTS[key] = default(device) if default is not None else _default_backend(op, device)
+    return name
 
 
 def record(op: str, backend: str) -> None:

@@ -261,9 +261,8 @@ def _backward(ctx, grad_loss, _grad_metrics, _grad_row_stats, _grad_row_weights)
         return (None,) * 6
     logp, old_logp, ref_logp, advantages, mask, num_items_tensor, row_stats, row_weights = ctx.saved_tensors
     ref_grad = ref_logp is not None and ctx.needs_grad[2]
-    dlogp, dref = BACKWARD(
-        grad_loss, row_stats, row_weights, logp, old_logp, ref_logp, advantages, mask, num_items_tensor, ref_grad,
-        options=ctx.options, backend=ctx.backend,
+    dlogp, dref = BACKWARD.call_in_backward(
+        ctx, grad_loss, row_stats, row_weights, logp, old_logp, ref_logp, advantages, mask, num_items_tensor, ref_grad
     )
     return dlogp, None, dref if ref_grad else None, None, None, None
 
@@ -477,6 +476,5 @@ def grpo_loss(
     old_logp = None if old_logp is None else old_logp.detach()
     loss, metrics, _, _ = FORWARD(logp, old_logp, ref_logp, advantages.detach(), mask.detach(), num_items_tensor,
                                   options=options, backend=backend or "")
-    names = METRIC_NAMES if ref_logp is not None else tuple(n for n in METRIC_NAMES if n != "kl")
-    metrics = metrics.detach()
-    return loss, {name: metrics[METRIC_NAMES.index(name)] for name in names}
+    values = metrics.detach().unbind()  # one call for the five 0-dim views
+    return loss, {name: value for name, value in zip(METRIC_NAMES, values) if ref_logp is not None or name != "kl"}

@@ -283,9 +283,9 @@ def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
         grad_entropy = None
     need_hidden, need_weight, need_bias = ctx.needs_grad[:3]
     need_bias = bool(need_bias and bias is not None)
-    dhidden, dweight, dbias = BACKWARD(
-        grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy, bool(need_hidden), bool(need_weight),
-        need_bias, options=ctx.options, backend=ctx.backend,
+    dhidden, dweight, dbias = BACKWARD.call_in_backward(
+        ctx, grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy, bool(need_hidden),
+        bool(need_weight), need_bias,
     )
     return dhidden if need_hidden else None, dweight if need_weight else None, dbias if need_bias else None, None
 

@@ -75,7 +75,13 @@ def plain_eager(*args: Any) -> bool:
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
         return False
-    return all(type(a) in (torch.Tensor, torch.nn.Parameter) for a in args if isinstance(a, torch.Tensor))
+    for value in args:  # a plain loop: this runs on every call of every op
+        if isinstance(value, torch.Tensor) and type(value) not in _PLAIN_TENSOR_TYPES:
+            return False
+    return True
+
+
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 _EXTENSION_KERNELS: dict[tuple[str, str], Any] = {}  # (kernel, dispatch key) -> op, once found
@@ -159,7 +165,7 @@ class Op:
         self._availability, self._default = availability, default
         self.returns = returns
         self.n_inputs = len([part for part in inputs.split(",") if part.strip()])
-        self._autograd: tuple[Callable, Callable, tuple[int, ...]] | None = None
+        self._backward: Callable | None = None  # set by register_autograd
         self.custom_op = self._define(inputs, mutates)
 
     # -- the custom op --------------------------------------------------------------------------
@@ -204,23 +210,23 @@ class Op:
     def run(self, inputs: tuple, options: Any, backend: str) -> tuple[torch.Tensor, ...]:
         """The op's body: resolve and record the backend, check the data, allocate the outputs,
         run the backend's kernel. Both the custom op and the eager path run exactly this."""
-        device = _device_of(inputs)
+        device = inputs[0].device  # every op's first input is a tensor on the op's device
         name = self.resolve(device, backend)
         _backend.record(self.key, name)
         call_args = self._with_options(inputs, options)
         if self._check is not None:
             self._check(*call_args, name)
-        outputs = tuple(_backend.new_output(tuple(s.shape), s.dtype, device) for s in self._outputs(*call_args))
+        outputs = tuple([_backend.new_output(shape, dtype, device) for shape, dtype in self._outputs(*call_args)])
         self.backends[name](*call_args, *outputs)
         return outputs
 
     def __call__(self, *inputs: Any, options: Any = None, backend: str = "") -> tuple[torch.Tensor, ...]:
         """Run the op: directly in plain eager mode, through the custom op otherwise."""
-        flat_options = tuple(options) if self.options is not None else ()
         if not plain_eager(*inputs):
+            flat_options = tuple(options) if self.options is not None else ()
             outputs = self.custom_op(*inputs, *flat_options, backend)
             return outputs if isinstance(outputs, tuple) else (outputs,)
-        if self._autograd is not None and torch.is_grad_enabled() and _any_requires_grad(inputs):
+        if self._backward is not None and torch.is_grad_enabled() and _any_requires_grad(inputs):
             return _EagerAutograd.apply(self, options, backend, *inputs)
         return self.run(inputs, options, backend)
 
@@ -230,18 +236,19 @@ class Op:
         """Give the op a gradient.
 
         ``setup_context(ctx, inputs, options, outputs)`` saves what the backward needs;
-        ``backward(ctx, *grad_outputs)`` returns one gradient (or None) per input. Inside both,
-        ``ctx.options`` and ``ctx.backend`` are the call's, ``ctx.needs_grad`` (backward only) says
-        which inputs need a gradient, and grads of unused outputs arrive as None.
-        ``differentiable`` lists the outputs that carry a gradient (the others are marked
-        non-differentiable on the eager path).
+        ``backward(ctx, *grad_outputs)`` returns one gradient (or None) per input, and runs its
+        backward op with :meth:`call_in_backward`. Inside both, ``ctx.options`` and ``ctx.backend``
+        are the call's; ``ctx.needs_grad`` (backward only) says which inputs need a gradient, and
+        grads of unused outputs arrive as None. ``differentiable`` lists the outputs that carry a
+        gradient (the others are marked non-differentiable on the eager path).
         """
-        self._autograd = (setup_context, backward, differentiable)
+        self._setup_context, self._backward = setup_context, backward
+        self._non_differentiable = tuple(i for i in range(len(self.returns)) if i not in differentiable)
         n_extra = (len(self.options._fields) if self.options is not None else 0) + 1  # options + backend
 
         def setup(ctx, inputs, output):  # torch.library passes these by name
             inputs, options, backend = self._split(inputs)
-            self._setup(ctx, inputs, options, backend, output if isinstance(output, tuple) else (output,))
+            self._setup(ctx, inputs, options, backend, output if isinstance(output, tuple) else (output,), eager=False)
 
         def flat_backward(ctx, *grads):
             ctx.needs_grad = ctx.needs_input_grad[: self.n_inputs]
@@ -249,10 +256,18 @@ class Op:
 
         self.custom_op.register_autograd(flat_backward, setup_context=setup)
 
-    def _setup(self, ctx, inputs, options, backend, outputs) -> None:
-        ctx.options, ctx.backend = options, backend
+    def _setup(self, ctx, inputs, options, backend, outputs, *, eager: bool) -> None:
+        ctx.options, ctx.backend, ctx.eager = options, backend, eager
         ctx.set_materialize_grads(False)
-        self._autograd[0](ctx, inputs, options, outputs)
+        self._setup_context(ctx, inputs, options, outputs)
+
+    def call_in_backward(self, ctx, *inputs: Any) -> tuple[torch.Tensor, ...]:
+        """Run this (backward) op inside the forward op's backward, with the forward's options and
+        backend: directly when the forward ran on the eager path (nothing traces a backward that an
+        eager forward recorded), else through :meth:`__call__`'s checks."""
+        if ctx.eager:
+            return self.run(inputs, ctx.options, ctx.backend)
+        return self(*inputs, options=ctx.options, backend=ctx.backend)
 
 
 class _EagerAutograd(torch.autograd.Function):
@@ -262,17 +277,16 @@ class _EagerAutograd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, op: Op, options, backend: str, *inputs):
         outputs = op.run(inputs, options, backend)
-        op._setup(ctx, inputs, options, backend, outputs)
-        differentiable = op._autograd[2]
-        ctx.mark_non_differentiable(*(out for i, out in enumerate(outputs) if i not in differentiable))
+        op._setup(ctx, inputs, options, backend, outputs, eager=True)
+        ctx.mark_non_differentiable(*[outputs[i] for i in op._non_differentiable])
         ctx.op = op
         return outputs
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
-        ctx.needs_grad = ctx.needs_input_grad[3:]
-        return (None, None, None, *ctx.op._autograd[1](ctx, *grads))
+        ctx.needs_grad = ctx.needs_input_grad[3:]  # after (op, options, backend)
+        return (None, None, None, *ctx.op._backward(ctx, *grads))
 
 
 def _schema_result(outputs: tuple):
@@ -288,4 +302,7 @@ def _device_of(inputs: tuple) -> torch.device:
 
 
 def _any_requires_grad(inputs: tuple) -> bool:
-    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
+    for value in inputs:
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            return True
+    return False

@@ -214,8 +214,7 @@ def _backward(ctx, grad_logp, grad_entropy, _grad_stats):
         grad_logp = torch.zeros(targets.shape, dtype=torch.float32, device=stats.device)
     if not ctx.options.with_entropy:
         grad_entropy = None
-    (dlogits,) = BACKWARD(grad_logp, grad_entropy, logits, targets, stats, entropy, options=ctx.options,
-                          backend=ctx.backend)
+    (dlogits,) = BACKWARD.call_in_backward(ctx, grad_logp, grad_entropy, logits, targets, stats, entropy)
     return dlogits, None
 
 
