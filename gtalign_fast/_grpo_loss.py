@@ -26,7 +26,7 @@ from ._grpo_constants import (
     NUM_METRICS,
     NUM_STATS,
 )
-from ._op import Op, Output, extension_kernel
+from ._op import Op, Output, extension_kernel, plain_eager
 
 OP = "grpo_loss"
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -345,8 +345,29 @@ def _validate(logp, old_logp, advantages, mask, ref_logp, beta, epsilon_low, eps
             raise ValueError(
                 f"grpo_loss: num_items_in_batch must hold one number, got shape {tuple(num_items_in_batch.shape)}"
             )
+        if num_items_in_batch.dtype == torch.bool or num_items_in_batch.is_complex():
+            raise TypeError(f"grpo_loss: num_items_in_batch must be a real number, got {num_items_in_batch.dtype}")
     else:
         _check_number("num_items_in_batch", num_items_in_batch, low=0.0, low_inclusive=False, optional=True)
+
+
+def _checked_normaliser(num_items: torch.Tensor) -> torch.Tensor:
+    """The tensor ``num_items_in_batch`` as a 0-dim float32, refused like the number when it is not
+    finite and > 0 -- where that is free: a CPU tensor is read on the host in an eager call (a
+    ValueError) and checked with ``torch._assert_async`` when traced. A CUDA tensor is handed to the
+    kernel unchecked: a check there would cost kernel launches per call, and a device-side assert
+    would end the CUDA context (the trainer never passes a zero: a batch without loss tokens skips
+    the op)."""
+    value = num_items.detach().reshape(()).to(torch.float32)
+    if value.device.type != "cpu":
+        return value
+    if plain_eager(value):
+        number = float(value)
+        if not (math.isfinite(number) and number > 0):
+            raise ValueError(f"grpo_loss: num_items_in_batch must be finite and > 0, got {number}")
+    else:
+        torch._assert_async(torch.isfinite(value) & (value > 0), "grpo_loss: num_items_in_batch must be finite and > 0")
+    return value
 
 
 def grpo_loss(
@@ -425,8 +446,9 @@ def grpo_loss(
     max_completion_length : int, optional
         ``L`` above (``dr_grpo`` and ``seq-mean-token-sum-norm`` only); default ``T``.
     num_items_in_batch : int, float or 0-dim Tensor, optional
-        ``dapo`` only: the global number of completion tokens across processes (a tensor is read
-        on the device, without a host sync). Ignored by the other loss types.
+        ``dapo`` only: the global number of completion tokens across processes, finite and
+        ``> 0`` (a CUDA tensor is read by the kernel on the device, without a host sync, and is not
+        checked; a CPU tensor is checked like the number). Ignored by the other loss types.
     backend : {"triton", "cuda", "cpu", "reference"}, optional
         Force a backend; default: ``GTALIGN_FAST_BACKEND[_GRPO_LOSS]``, else the C++ kernel on CPU
         and the CUDA C++ kernel on CUDA (the faster there, see ``_backend.CUDA_DEFAULTS``).
@@ -458,7 +480,7 @@ def grpo_loss(
     _validate(logp, old_logp, advantages, mask, ref_logp, beta, epsilon_low, epsilon_high, delta, dual_clip,
               loss_type, importance_sampling_level, max_completion_length, num_items_in_batch)
     if isinstance(num_items_in_batch, torch.Tensor):
-        num_items_tensor, num_items_value = num_items_in_batch.reshape(()).to(torch.float32), None
+        num_items_tensor, num_items_value = _checked_normaliser(num_items_in_batch), None
     else:
         num_items_tensor = None
         num_items_value = None if num_items_in_batch is None else float(num_items_in_batch)

@@ -38,7 +38,7 @@ from gtalign_fast.kernels import linear_token_logprobs_chunked as chunked
 
 from . import _backend, reference
 from ._op import Op, Output
-from ._token_logprobs import check_target_range
+from ._token_logprobs import MIN_TEMPERATURE, check_target_range
 
 OP = "linear_token_logprobs"
 BACKENDS = ("triton", "cuda", "cpu", "reference")
@@ -330,8 +330,11 @@ def _validate(hidden, weight, targets, bias, temperature, chunk_size) -> None:
             raise ValueError(f"{OP}: {arg} is on {value.device} but hidden is on {hidden.device}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"{OP}: temperature must be a Python float, got {type(temperature).__name__}")
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"{OP}: temperature must be finite and > 0, got {temperature}")
+    if not math.isfinite(temperature) or temperature < MIN_TEMPERATURE:
+        raise ValueError(
+            f"{OP}: temperature must be finite and >= {MIN_TEMPERATURE:.4g} (1/T must be a finite float32), "
+            f"got {temperature}"
+        )
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
             raise TypeError(f"{OP}: chunk_size must be an int or None, got {type(chunk_size).__name__}")
@@ -373,7 +376,7 @@ def linear_token_logprobs(
         Token ids in ``[0, V)``, or ``ignore_index``.
     bias : Tensor, shape ``[V]``, same dtype as ``hidden``, optional
     temperature : float, default 1.0
-        Finite and ``> 0``: ``logp = z_t / T - logsumexp(z / T)``.
+        Finite and ``>= MIN_TEMPERATURE`` (~2.9e-39: 1/T is a finite float32): ``logp = z_t / T - logsumexp(z / T)``.
     with_entropy : bool, default False
         Also return the entropy of ``softmax(z / T)`` (differentiable), from the same pass.
     ignore_index : int, default -100

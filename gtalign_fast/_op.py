@@ -28,6 +28,7 @@ rebuild the extension when it predates the kernel, instead of failing with an At
 
 from __future__ import annotations
 
+import functools
 import typing
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -251,6 +252,8 @@ class Op:
             self._setup(ctx, inputs, options, backend, output if isinstance(output, tuple) else (output,), eager=False)
 
         def flat_backward(ctx, *grads):
+            if torch.is_grad_enabled():  # backward(create_graph=True): see _refuse_double_backward
+                raise _double_backward_error(self.key)
             ctx.needs_grad = ctx.needs_input_grad[: self.n_inputs]
             return (*backward(ctx, *grads), *(None,) * n_extra)
 
@@ -259,6 +262,8 @@ class Op:
     def _setup(self, ctx, inputs, options, backend, outputs, *, eager: bool) -> None:
         ctx.options, ctx.backend, ctx.eager = options, backend, eager
         ctx.set_materialize_grads(False)
+        if eager:  # the backward runs once_differentiable (grad mode off): check in a pre-hook instead
+            ctx.register_prehook(functools.partial(_refuse_double_backward, self.key))
         self._setup_context(ctx, inputs, options, outputs)
 
     def call_in_backward(self, ctx, *inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -287,6 +292,22 @@ class _EagerAutograd(torch.autograd.Function):
     def backward(ctx, *grads):
         ctx.needs_grad = ctx.needs_input_grad[3:]  # after (op, options, backend)
         return (None, None, None, *ctx.op._backward(ctx, *grads))
+
+
+def _double_backward_error(op: str) -> RuntimeError:
+    return RuntimeError(
+        f"gtalign_fast.{op}: double backward is not supported: the backward kernel computes the gradient "
+        "without an autograd graph, so torch.autograd.grad(..., create_graph=True) would return a gradient "
+        "that cannot be differentiated again (use gtalign_fast.reference for higher-order gradients)"
+    )
+
+
+def _refuse_double_backward(op: str, _grad_outputs) -> None:
+    """Pre-hook of an eager op's backward node. The engine runs it under the grad mode of the
+    backward call, which is on exactly when ``create_graph=True`` was asked: raise then, instead of
+    returning a first-order gradient without a graph."""
+    if torch.is_grad_enabled():
+        raise _double_backward_error(op)
 
 
 def _schema_result(outputs: tuple):

@@ -17,6 +17,7 @@ from . import _sample_constants as constants
 from . import reference
 from ._op import Op, Output, extension_kernel
 from ._seeds import batch_row_seeds
+from ._token_logprobs import MIN_TEMPERATURE
 
 # The key for backend resolution: last_backend("sample"), GTALIGN_FAST_BACKEND_SAMPLE.
 OP = "sample"
@@ -174,6 +175,36 @@ def _validate_logits(logits) -> None:
         raise ValueError(f"sample_: logits must have B >= 1 rows and V >= 1 columns, got {tuple(logits.shape)}")
     if vocab >= 2**31:
         raise ValueError(f"sample_: V = {vocab} must be below 2**31 (the noise counter is 32-bit)")
+    # The buffer is written in place: refuse what torch's own in-place ops refuse (metadata only).
+    if logits.requires_grad and torch.is_grad_enabled():
+        kind = "a leaf tensor" if logits.is_leaf else "a tensor"
+        raise RuntimeError(
+            f"sample_: logits is {kind} that requires grad and is written in place (sample_ has no "
+            "gradient); pass logits.detach() or call it under torch.no_grad()"
+        )
+    if _rows_overlap(logits):
+        raise RuntimeError(
+            f"sample_: logits (shape {tuple(logits.shape)}, strides {logits.stride()}) has elements that share "
+            "memory (an expand()ed or overlapping as_strided view) and is written in place; pass .clone()"
+        )
+
+
+def _rows_overlap(logits: torch.Tensor) -> bool:
+    """Whether two elements of ``[B, V]`` logits may share memory, from the sizes and strides only.
+
+    torch's own check first (a zero stride, ...); then the exact test for the plain layouts: with
+    the dimensions of size > 1 sorted by stride, each stride must be at least the extent of the
+    inner one. Non-overlapping but interleaved layouts (which nothing produces in practice) are
+    refused too: a false alarm costs a clone, a missed overlap corrupts the tokens."""
+    if torch._debug_has_internal_overlap(logits) == 1:  # MemOverlap::Yes
+        return True
+    dims = sorted((abs(stride), size) for size, stride in zip(logits.shape, logits.stride()) if size > 1)
+    extent = 1
+    for stride, size in dims:
+        if stride < extent:
+            return True
+        extent = stride * size
+    return False
 
 
 def _validate_biases(bias_ids, bias_values, batch: int, vocab: int, device: torch.device):
@@ -238,7 +269,8 @@ def sample_(
     logits : Tensor, shape ``[B, V]``, float32 / bfloat16 / float16
         Modified in place. Rows may be strided (e.g. ``model_logits[:, -1, :]``).
     temperature : float or Tensor ``[B]``, default 1.0
-        ``>= 0``; ``y = (z + bias) / T``. ``0`` is greedy: the argmax of the processed logits, with
+        ``0`` or ``>= MIN_TEMPERATURE`` (~2.9e-39: 1/T is a finite float32); ``y = (z + bias) / T``.
+        ``0`` is greedy: the argmax of the processed logits, with
         both log-probs then reported at ``T = 1``.
     top_k : int or Tensor ``[B]`` of int, default 0
         ``>= 0``; keep the tokens ``>=`` the k-th largest processed value (every token tied with it
@@ -282,12 +314,19 @@ def sample_(
         +inf logits, a row without a finite logit (the buffer is then partly processed).
     IndexError
         A forced token or bias id outside ``[0, V)`` (other than -1).
+    RuntimeError
+        Logits that require grad (under grad mode) or whose elements share memory (an ``expand``
+        or overlapping ``as_strided`` view), as torch's own in-place ops refuse them.
     """
     _validate_logits(logits)
     batch, vocab = logits.shape
     device = logits.device
     temperature = _per_row(temperature, "temperature", batch, device, integer=False)
-    _check_range(temperature, ~torch.isfinite(temperature) | (temperature < 0), "temperature", "finite and >= 0")
+    # 0 is greedy; a positive T must have a finite float32 1/T (the kernels scale by it).
+    too_small = (temperature > 0) & (temperature < MIN_TEMPERATURE)
+    bad_temperature = ~torch.isfinite(temperature) | (temperature < 0) | too_small
+    rule = f"finite and >= 0 (0: greedy; a positive T >= {MIN_TEMPERATURE:.4g})"
+    _check_range(temperature, bad_temperature, "temperature", rule)
     top_k = _per_row(top_k, "top_k", batch, device, integer=True)
     _check_range(top_k, top_k < 0, "top_k", ">= 0 (0 = off)")
     top_p = _per_row(top_p, "top_p", batch, device, integer=False)

@@ -19,6 +19,9 @@ from ._token_logprobs_constants import NUM_STATS
 
 OP = "token_logprobs"
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The kernels scale by 1/T in float32: the smallest temperature whose inverse is a finite float32
+# (~2.9e-39; below it 1/T overflows to inf and every log-prob is NaN).
+MIN_TEMPERATURE = 1.0 / torch.finfo(torch.float32).max
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,8 +246,11 @@ def _validate(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -
         raise ValueError(f"token_logprobs: logits on {logits.device} but targets on {targets.device}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"token_logprobs: temperature must be a Python float, got {type(temperature).__name__}")
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"token_logprobs: temperature must be finite and > 0, got {temperature}")
+    if not math.isfinite(temperature) or temperature < MIN_TEMPERATURE:
+        raise ValueError(
+            f"token_logprobs: temperature must be finite and >= {MIN_TEMPERATURE:.4g} (1/T must be a finite "
+            f"float32), got {temperature}"
+        )
 
 
 def token_logprobs(
@@ -269,7 +275,8 @@ def token_logprobs(
     targets : Tensor, shape ``[...]``, int64
         Token ids in ``[0, V)``, or ``ignore_index``.
     temperature : float, default 1.0
-        Finite and ``> 0``; the logits are divided by it: ``logp = z_t / T - logsumexp(z / T)``.
+        Finite and ``>= MIN_TEMPERATURE`` (~2.9e-39, so that 1/T is a finite float32); the logits
+        are divided by it: ``logp = z_t / T - logsumexp(z / T)``.
     with_entropy : bool, default False
         Also return the entropy of ``softmax(logits / T)`` (differentiable), from the same pass.
     ignore_index : int, default -100

@@ -197,6 +197,10 @@ def _validate_group(group, n_rows: int, device: torch.device) -> tuple[torch.Ten
     return None, group
 
 
+# Unsigned dtypes beyond uint8 (torch's "barebones" ones) that the kernels do not dispatch on.
+_UNSIGNED_WIDE = (torch.uint16, torch.uint32, torch.uint64)
+
+
 def _validate_mask(mask, n_rows: int, device: torch.device) -> None:
     if mask is None:
         return
@@ -290,6 +294,8 @@ def welfare_advantages(
     if scale not in SCALES:
         raise ValueError(f"welfare_advantages: scale must be one of {tuple(SCALES)}, got {scale!r}")
     options = WelfareOptions(group_size, float(alpha), scale, float(eps), bool(unbiased))
+    if mask is not None and mask.dtype in _UNSIGNED_WIDE:  # no kernel reads these: a bool copy
+        mask = mask != 0
     welfare, advantages, group_mean, group_std, all_equal, tokens = OP_DEF(
         user.detach().contiguous(), llm.detach().contiguous(), offsets, mask.detach() if mask is not None else None,
         options=options, backend=backend or "",

@@ -1,5 +1,11 @@
 """Checkpoints of a GRPO run: the ``checkpoint-<step>`` folders, what they hold, and how to read them back.
 
+Write protocol: every file goes to ``tmp-checkpoint-<step>`` first, and the folder is renamed to
+``checkpoint-<step>`` only once complete (:func:`publish`), so a crash mid-save never leaves a
+``checkpoint-<step>`` behind. Resuming with ``resume_from_checkpoint=True`` takes the newest
+*complete* checkpoint (:func:`latest_checkpoint`, :func:`why_incomplete`); rotation never deletes
+the checkpoint just written nor counts incomplete folders (:func:`rotate_checkpoints`).
+
 A checkpoint folder holds the model (``save_pretrained``: safetensors, full tensors even under
 FSDP2), the tokenizer, ``trainer_state.pt`` (step, NaN streak, optimizer, scheduler, a pending
 rollout, RNG states) and a readable ``trainer_state.json``. Only rank 0 writes; under FSDP2 the full
@@ -17,13 +23,16 @@ import torch
 from torch import nn
 
 __all__ = [
-    "CHECKPOINT_PREFIX", "TRAINER_STATE", "folder", "latest_checkpoint", "rotate_checkpoints",
+    "CHECKPOINT_PREFIX", "TRAINER_STATE", "folder", "temporary_folder", "why_incomplete", "latest_checkpoint",
+    "publish", "remove_temporary_folders", "rotate_checkpoints",
     "write_trainer_state", "read_trainer_state", "rng_state", "restore_rng_state", "full_model_state",
     "optimizer_state", "load_optimizer_state", "load_model_weights", "read_model_weights",
 ]
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.pt"
+TRAINER_SUMMARY = "trainer_state.json"
+TMP_PREFIX = "tmp-"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -35,28 +44,114 @@ def folder(output_dir: str, step: int) -> str:
     return os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{step}")
 
 
-def latest_checkpoint(output_dir: str) -> str | None:
-    """The ``checkpoint-<step>`` folder with the largest step in ``output_dir``, or None."""
+def temporary_folder(output_dir: str, step: int) -> str:
+    """Where checkpoint ``step`` is written before it is renamed to :func:`folder` (not a checkpoint name)."""
+    return os.path.join(output_dir, f"{TMP_PREFIX}{CHECKPOINT_PREFIX}{step}")
+
+
+def _steps(output_dir: str) -> list[int]:
+    """The steps of the ``checkpoint-<step>`` folders in ``output_dir``, newest first."""
     if not os.path.isdir(output_dir):
-        return None
-    steps = [
-        int(m.group(1)) for name in os.listdir(output_dir)
-        if (m := re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", name))
-        and os.path.isfile(os.path.join(output_dir, name, TRAINER_STATE))
-    ]
-    return folder(output_dir, max(steps)) if steps else None
-
-
-def rotate_checkpoints(output_dir: str, keep: int | None) -> None:
-    """Delete the oldest checkpoints beyond ``keep`` (``save_total_limit``)."""
-    if not keep:
-        return
-    found = sorted(
-        (int(m.group(1)), name) for name in os.listdir(output_dir)
-        if (m := re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", name))
+        return []
+    return sorted(
+        (int(m.group(1)) for name in os.listdir(output_dir) if (m := re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", name))),
+        reverse=True,
     )
-    for _, name in found[:-keep]:
-        shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
+def why_incomplete(path: str) -> str | None:
+    """Why ``path`` is not a complete checkpoint (a missing or unreadable file), or None when it is.
+
+    A checkpoint written by :func:`publish` is complete by construction (it appears only once every
+    file is written); this also catches folders left by a crash in code that wrote in place.
+    ``trainer_state.json`` is written last and must name the folder's step.
+    """
+    if not os.path.isdir(path):
+        return "not a folder"
+    summary_file = os.path.join(path, TRAINER_SUMMARY)
+    for name in (TRAINER_STATE, TRAINER_SUMMARY):
+        if not os.path.isfile(os.path.join(path, name)):
+            return f"no {name} (the save did not finish)"
+    try:
+        with open(summary_file) as handle:
+            summary = json.load(handle)
+    except (OSError, ValueError) as error:
+        return f"{TRAINER_SUMMARY} is unreadable ({error})"
+    m = re.search(rf"{CHECKPOINT_PREFIX}(\d+)$", os.path.normpath(path))
+    if m and summary.get("global_step") != int(m.group(1)):
+        return f"{TRAINER_SUMMARY} says step {summary.get('global_step')}, not {m.group(1)}"
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        return None
+    if not os.path.isfile(index):
+        return "no model.safetensors(.index.json)"
+    try:
+        with open(index) as handle:
+            shards = set(json.load(handle)["weight_map"].values())
+    except (OSError, ValueError, KeyError) as error:
+        return f"model.safetensors.index.json is unreadable ({error})"
+    missing = sorted(name for name in shards if not os.path.isfile(os.path.join(path, name)))
+    return f"missing weight shards {missing[:3]}" if missing else None
+
+
+def latest_checkpoint(output_dir: str, skipped: list[tuple[str, str]] | None = None) -> str | None:
+    """The complete ``checkpoint-<step>`` folder with the largest step in ``output_dir``, or None.
+
+    Newer folders that are not complete (:func:`why_incomplete`) are passed over; each is appended
+    to ``skipped`` as ``(path, reason)`` when a list is given.
+    """
+    for step in _steps(output_dir):
+        path = folder(output_dir, step)
+        reason = why_incomplete(path)
+        if reason is None:
+            return path
+        if skipped is not None:
+            skipped.append((path, reason))
+    return None
+
+
+def publish(temporary: str, path: str) -> None:
+    """Make the fully written ``temporary`` folder the checkpoint ``path`` (one rename; an older
+    folder of the same name is moved aside first and deleted after)."""
+    stale = None
+    if os.path.exists(path):
+        stale = f"{temporary}.old"
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(path, stale)
+    os.replace(temporary, path)
+    if stale is not None:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def remove_temporary_folders(output_dir: str) -> None:
+    """Delete what crashed saves left behind (``tmp-checkpoint-*`` folders)."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        if name.startswith(f"{TMP_PREFIX}{CHECKPOINT_PREFIX}"):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
+def rotate_checkpoints(output_dir: str, keep: int | None, newest: str | None = None) -> list[str]:
+    """Delete checkpoints beyond ``keep`` (``save_total_limit``); returns the deleted folders.
+
+    Kept: ``newest`` (the checkpoint just written) and the complete checkpoints with the largest
+    steps, ``keep`` in all. Incomplete folders are deleted (nothing can resume from them), so a
+    crashed save never pushes a readable checkpoint out.
+    """
+    if not keep:
+        return []
+    newest = os.path.normpath(newest) if newest else None
+    complete, incomplete = [], []
+    for step in _steps(output_dir):
+        path = folder(output_dir, step)
+        (complete if why_incomplete(path) is None else incomplete).append(path)
+    kept = [p for p in complete if os.path.normpath(p) == newest]
+    kept += [p for p in complete if p not in kept][: max(0, keep - len(kept))]
+    deleted = [p for p in complete + incomplete if p not in kept]
+    for path in deleted:
+        shutil.rmtree(path, ignore_errors=True)
+    return deleted
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,10 +159,13 @@ def rotate_checkpoints(output_dir: str, keep: int | None) -> None:
 
 
 def write_trainer_state(path: str, state: dict, summary: dict) -> None:
-    """``state`` to ``trainer_state.pt`` and a readable ``summary`` to ``trainer_state.json``."""
+    """``state`` to ``trainer_state.pt``, then a readable ``summary`` to ``trainer_state.json`` (the
+    last file of a checkpoint: :func:`why_incomplete` looks for it)."""
     torch.save(state, os.path.join(path, TRAINER_STATE))
-    with open(os.path.join(path, "trainer_state.json"), "w") as handle:
+    with open(os.path.join(path, TRAINER_SUMMARY), "w") as handle:
         json.dump(summary, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def read_trainer_state(path: str, device: torch.device) -> dict:

@@ -17,7 +17,9 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["StageTimer", "UpdateTotals", "peak_memory_gib", "MetricWindow", "MetricSinks", "progress_bar"]
+__all__ = [
+    "StageTimer", "UpdateTotals", "peak_memory_gib", "MetricWindow", "MetricSinks", "truncate_metrics", "progress_bar",
+]
 
 
 class StageTimer:
@@ -90,7 +92,7 @@ class MetricSinks:
     """Where logged metrics go: ``metrics.jsonl`` in ``output_dir``, TensorBoard when asked for and
     installed, the progress bar's postfix. Only the main process writes."""
 
-    def __init__(self, output_dir: str, report_to: Sequence[str], enabled: bool) -> None:
+    def __init__(self, output_dir: str, report_to: Sequence[str], enabled: bool, purge_step: int | None = None) -> None:
         self.enabled = enabled
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.tensorboard = None
@@ -104,7 +106,8 @@ class MetricSinks:
                 if "tensorboard" in report_to:
                     raise ImportError("GRPOConfig(report_to='tensorboard') needs the tensorboard package") from error
             else:
-                self.tensorboard = SummaryWriter(os.path.join(output_dir, "runs"))
+                # a resumed run: TensorBoard drops the events at and after purge_step (logged again)
+                self.tensorboard = SummaryWriter(os.path.join(output_dir, "runs"), purge_step=purge_step)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -119,6 +122,36 @@ class MetricSinks:
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def truncate_metrics(output_dir: str, step: int) -> int:
+    """Drop the lines of ``output_dir/metrics.jsonl`` logged after ``step`` (and any line a crash cut
+    short), so a run resumed at ``step`` logs each later step once; returns the lines dropped.
+
+    The file is rewritten beside itself and renamed over the old one.
+    """
+    path = os.path.join(output_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path) as handle:
+        for line in handle:
+            if not line.strip():
+                continue
+            try:
+                logged_step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                logged_step = None
+            if isinstance(logged_step, int) and logged_step <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        temporary = f"{path}.tmp"
+        with open(temporary, "w") as handle:
+            handle.writelines(kept)
+        os.replace(temporary, path)
+    return dropped
 
 
 def progress_bar(total: int, initial: int, disable: bool):

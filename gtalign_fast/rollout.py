@@ -17,7 +17,8 @@ from typing import Any, NamedTuple, Sequence
 import torch
 
 __all__ = [
-    "PromptOrder", "generation_seeds", "tokenize_prompts", "pad_rows", "Generation", "generation_from_sampler",
+    "PromptOrder", "generation_seeds", "tokenize_prompts", "required_columns", "validate_dataset", "pad_rows",
+    "Generation", "generation_from_sampler",
     "completion_token_lists", "Rollout", "completion_metrics",
 ]
 
@@ -65,15 +66,92 @@ class PromptOrder:
         return batch_index * self.prompts_per_batch / self.n_rows
 
 
-def tokenize_prompts(tokenizer: Any, prompts: Sequence[Any], max_prompt_length: int | None) -> list[list[int]]:
+def tokenize_prompts(
+    tokenizer: Any, prompts: Sequence[Any], max_prompt_length: int | None, rows: Sequence[int] | None = None
+) -> list[list[int]]:
     """Prompt token ids (chat messages through the tokenizer's template, opened for the assistant's
-    turn), keeping the END of prompts longer than ``max_prompt_length``."""
+    turn), keeping the END of prompts longer than ``max_prompt_length`` (TRL's left truncation).
+
+    Raises ValueError for a prompt without a token, naming its dataset row (``rows[i]``, else its
+    position in ``prompts``): the model cannot start generating from nothing.
+    """
     texts = [
         p if isinstance(p, str) else tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
         for p in prompts
     ]
     encoded = tokenizer(texts, add_special_tokens=False)
-    return [list(ids[-max_prompt_length:]) if max_prompt_length else list(ids) for ids in encoded["input_ids"]]
+    out = [list(ids[-max_prompt_length:]) if max_prompt_length else list(ids) for ids in encoded["input_ids"]]
+    for i, ids in enumerate(out):
+        if not ids:
+            where = f"train_dataset row {rows[i]}" if rows is not None else f"prompt {i}"
+            raise ValueError(f"GRPOTrainer: the prompt of {where} is empty (no tokens: {prompts[i]!r})")
+    return out
+
+
+# TRL's reward-function arguments: not dataset columns
+_TRL_ARGUMENTS = ("prompts", "completions", "completion_ids")
+
+
+def required_columns(func: Any) -> list[str]:
+    """Dataset columns a reward function cannot run without: its named parameters other than TRL's
+    (``prompts``, ``completions``, ``completion_ids``) that have no default. ``**kwargs`` needs none."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: nothing to check
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in parameters if p.kind in kinds and p.default is p.empty and p.name not in _TRL_ARGUMENTS]
+
+
+def validate_dataset(dataset: Any, rewards: Sequence[Any]) -> None:
+    """Check every row of ``train_dataset`` once, before training: a non-empty ``prompt``, the
+    columns the reward functions require (:func:`required_columns`) and the same columns in every
+    row (a column missing from some rows would otherwise reach the reward functions for some
+    batches only). Raises ValueError naming the first bad row and column.
+
+    ``rewards``: the trainer's :class:`~gtalign_fast.scoring.RewardSpec` list (``.func``, ``.name``).
+    """
+    needed: dict[str, str] = {}
+    for spec in rewards:
+        for column in required_columns(spec.func):
+            needed.setdefault(column, spec.name)
+    column_names = getattr(dataset, "column_names", None)
+    if isinstance(column_names, list):  # datasets.Dataset: one schema for every row
+        for column, name in needed.items():
+            if column not in column_names:
+                raise ValueError(
+                    f"GRPOTrainer: train_dataset has no column {column!r}, which reward function {name!r} needs "
+                    f"(columns: {column_names})"
+                )
+        rows = ({"prompt": prompt} for prompt in dataset["prompt"])
+        first_keys = None
+    else:
+        rows = (dataset[i] for i in range(len(dataset)))
+        first_keys = set(dataset[0])
+    for index, row in enumerate(rows):
+        if "prompt" not in row:
+            raise ValueError(f"GRPOTrainer: train_dataset row {index} has no column 'prompt'")
+        prompt = row["prompt"]
+        if prompt is None or (isinstance(prompt, (str, list, tuple)) and len(prompt) == 0):
+            raise ValueError(f"GRPOTrainer: train_dataset row {index} has an empty prompt ({prompt!r})")
+        if first_keys is None:
+            continue
+        for column, name in needed.items():
+            if column not in row:
+                raise ValueError(
+                    f"GRPOTrainer: train_dataset row {index} has no column {column!r}, which reward function "
+                    f"{name!r} needs"
+                )
+        keys = set(row)
+        if keys != first_keys:
+            column = sorted(keys ^ first_keys)[0]
+            where = (index, 0) if column in first_keys else (0, index)
+            raise ValueError(
+                f"GRPOTrainer: train_dataset row {where[0]} has no column {column!r} but row {where[1]} has it; every "
+                "row needs the same columns (the extra columns reach the reward functions by name)"
+            )
 
 
 # ---------------------------------------------------------------------------------------------

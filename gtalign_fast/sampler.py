@@ -512,9 +512,16 @@ class SteeringSampler:
         if original is None:
             event.reason = "the payoff block does not parse; the row continues unedited"
             return None
-        steered = self.policy.apply(original)
-        event.original, event.steered = original, steered
-        event.action = choose_action(steered, rule=self.rule)
+        event.original = original
+        try:  # a policy whose shift overflows a payoff (or any policy error) must not kill the batch
+            steered = self.policy.apply(original)
+            action = choose_action(steered, rule=self.rule)
+        except Exception as exc:
+            event.status = "unchanged"
+            event.reason = f"the pricing policy failed on this matrix ({type(exc).__name__}: {exc}"[:300]
+            event.reason += "); the row continues unedited"
+            return None
+        event.steered, event.action = steered, action
         if stop_at_payoff:
             event.status, event.reason = "unchanged", "stopped at </payoff> for the second call"
             row.finished = "payoff"

@@ -158,7 +158,12 @@ def score_completions(
     conversational = not isinstance(prompts[0], str)
     completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
     repeated_prompts = [p for p in prompts for _ in range(group_size)]
-    columns = {key: [row[key] for row in rows for _ in range(group_size)] for key in rows[0] if key != "prompt"}
+    names = [key for key in dict.fromkeys(k for row in rows for k in row) if key != "prompt"]
+    for i, row in enumerate(rows):
+        for key in names:
+            if key not in row:  # the trainer checks every dataset row once, at construction
+                raise ValueError(f"score_completions: row {i} of the batch has no column {key!r} (other rows have it)")
+    columns = {key: [row[key] for row in rows for _ in range(group_size)] for key in names}
     return call_reward_funcs(
         specs, prompts=repeated_prompts, completions=completions, completion_ids=completion_ids, columns=columns,
         device=device,
@@ -173,9 +178,18 @@ def call_reward_funcs(
 
     A function that raises, or returns the wrong number of values, scores NaN for the whole batch
     (logged with its traceback once per function name); None means "cannot score this one" and
-    also becomes NaN, which the advantages exclude (advantage 0).
+    also becomes NaN, which the advantages exclude (advantage 0). So does a value that is not a
+    finite float32 (NaN, +-inf, or past +-3.4e38): it is never clamped to a huge finite number,
+    which would swamp its group. Every NaN counts in ``failures``.
+
+    Raises ValueError when a column does not hold one value per completion (a caller's error).
     """
     n = len(completions)
+    for name, values in columns.items():
+        if len(values) != n:  # the caller's mistake, not the reward function's: say so instead of scoring NaN
+            raise ValueError(
+                f"call_reward_funcs: column {name!r} has {len(values)} values for {n} completions (one per completion)"
+            )
     per_func = torch.full((n, len(specs)), math.nan, dtype=torch.float32)
     user = llm = None
     failures: dict[str, int] = {}
@@ -183,10 +197,12 @@ def call_reward_funcs(
     for j, spec in enumerate(specs):
         try:
             out = spec.func(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
-            per_func[:, j] = torch.tensor(_as_floats(out, n))
+            per_func[:, j] = torch.tensor(_as_floats(out, n, spec.name))
             if spec.is_welfare and user is None:
-                user = torch.tensor(_as_floats(out.user, n))
-                llm = torch.tensor(_as_floats(out.llm, n))
+                user = torch.tensor(_as_floats(out.user, n, f"{spec.name}.user"))
+                llm = torch.tensor(_as_floats(out.llm, n, f"{spec.name}.llm"))
+                # no U or no L: no welfare either, so the completion counts as a failure of this function
+                per_func[user.isnan() | llm.isnan(), j] = math.nan
                 if hasattr(out, "metrics"):
                     extra = {f"welfare/{k}": float(v) for k, v in out.metrics().items()}
         except Exception as error:  # a reward failure must never stop training
@@ -204,11 +220,23 @@ def call_reward_funcs(
     return RewardScores(to_device(per_func), to_device(user), to_device(llm), failures, extra)
 
 
-def _as_floats(values: Any, n: int) -> list[float]:
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _as_floats(values: Any, n: int, name: str = "reward") -> list[float]:
+    """The rewards as Python floats; None, NaN, +-inf and values float32 cannot hold become NaN (missing)."""
     values = list(values)
     if len(values) != n:
         raise ValueError(f"returned {len(values)} values for {n} completions")
-    return [math.nan if v is None else float(v) for v in values]
+    out = [math.nan if v is None else float(v) for v in values]
+    bad = [i for i, v in enumerate(out) if not math.isnan(v) and not abs(v) <= _FLOAT32_MAX]
+    if bad:
+        _warn_once(f"nonfinite:{name}", f"reward function {name!r} returned {len(bad)} value(s) that are infinite or "
+                   f"past float32's range (first: completion {bad[0]}, {out[bad[0]]!r}); scored as missing "
+                   "(NaN -> advantage 0, counted as failures)")
+        for i in bad:
+            out[i] = math.nan
+    return out
 
 
 _warned: set[str] = set()
@@ -259,7 +287,8 @@ def group_advantages(
     with fewer than two valid rewards and a group whose valid rewards are all equal get advantage 0;
     so does a zero denominator. With ``scale`` "group" or "none" a group's advantages depend on its
     own rewards only, and adding a constant to a group's rewards leaves them unchanged (up to
-    float64 rounding). Infinite rewards raise, as they do in the welfare op.
+    float64 rounding). Infinite rewards raise, as they do in the welfare op (the trainer never passes
+    one: :func:`call_reward_funcs` stores them as NaN, a counted failure).
     """
     if scale not in SCALE_REWARDS:
         raise ValueError(f"group_advantages: scale must be one of {SCALE_REWARDS}, got {scale!r}")

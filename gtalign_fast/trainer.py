@@ -42,12 +42,20 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from . import checkpoint
+from . import _backend, checkpoint
 from .callbacks import CallbackHandler
 from .distributed import Dist, RootForward, distribute, fsdp_gathered, rebind_optimizer
 from .grpo_config import LOSS_TYPES, GRPOConfig
 from .logprobs import CompletionLogprobs, fused_head_problem, rollout_logprobs
-from .metrics import MetricSinks, MetricWindow, StageTimer, UpdateTotals, peak_memory_gib, progress_bar
+from .metrics import (
+    MetricSinks,
+    MetricWindow,
+    StageTimer,
+    UpdateTotals,
+    peak_memory_gib,
+    progress_bar,
+    truncate_metrics,
+)
 from .optimization import clip_gradients, default_optimizer, default_scheduler, loss_weight, policy_loss
 from .rollout import (
     Generation,
@@ -58,6 +66,7 @@ from .rollout import (
     generation_from_sampler,
     generation_seeds,
     tokenize_prompts,
+    validate_dataset,
 )
 from .scoring import RewardScores, RewardSpec, batch_advantages, reward_specs, score_completions, single_welfare
 
@@ -118,13 +127,16 @@ class GRPOTrainer:
                 "GRPOTrainer: distributed_strategy='fsdp2' needs torch.distributed initialised (launch with "
                 "torchrun, or call torch.distributed.init_process_group first; world size 1 is fine)"
             )
+        self.backend = args.kernel_backend if args.kernel_backend not in (None, "auto") else None
+        if self.backend is not None and (reason := _backend.why_unavailable(self.backend, self.device)):
+            raise ValueError(f"GRPOTrainer: kernel_backend={self.backend!r} cannot run on {self.device}: {reason}")
         torch.manual_seed(args.seed)
         self.model = self._load_model(model).to(self.device)
         self.processing_class = self._load_tokenizer(model, processing_class)
         self.rewards: list[RewardSpec] = reward_specs(reward_funcs, args.reward_weights, args.alpha)
         self._setup_dataset(train_dataset)
+        self.max_prompt_length = self._prompt_length_limit()
         self.bf16 = self._resolve_bf16()
-        self.backend = args.kernel_backend if args.kernel_backend not in (None, "auto") else None
         self.ref_model = self._setup_ref_model(ref_model)
         self._setup_logprobs()
         self.max_steps = self._total_steps()
@@ -132,6 +144,7 @@ class GRPOTrainer:
         self.step = 0  # optimizer steps done
         self.nan_streak = 0
         self.rollout: Rollout | None = None
+        self._prompt_rows: list[int] | None = None  # dataset rows of the prompts being generated from
         self.callbacks = CallbackHandler(callbacks or [], self)
         self.sampler = self._setup_sampler()
         logger.info(
@@ -178,11 +191,36 @@ class GRPOTrainer:
         first = dataset[0] if len(dataset) else None
         if first is None or "prompt" not in first:
             raise ValueError("GRPOTrainer: every train_dataset row needs a 'prompt' (text or chat messages)")
+        validate_dataset(dataset, self.rewards)  # once: empty prompts, columns missing from some rows
         self.train_dataset = dataset
         self.prompts_per_process = self.args.completions_per_step // self.args.num_generations
         self.order = PromptOrder(
             len(dataset), self.prompts_per_process * self.dist.world, self.args.seed, self.args.shuffle_dataset
         )
+
+    def _prompt_length_limit(self) -> int | None:
+        """The longest prompt (tokens) generation may start from: ``max_prompt_length``, capped so
+        that prompt + ``max_completion_length`` fits the model's position limit
+        (``max_position_embeddings`` / ``n_positions``). Longer prompts keep their END (TRL's left
+        truncation); a cap below ``max_prompt_length`` is logged once, here."""
+        args, config = self.args, getattr(self.model, "config", None)
+        positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        if not isinstance(positions, int) or positions <= 0:
+            return args.max_prompt_length
+        room = positions - args.max_completion_length
+        if room < 1:
+            raise ValueError(
+                f"GRPOTrainer: max_completion_length={args.max_completion_length} leaves no room for a prompt in the "
+                f"model's {positions} positions (max_position_embeddings); lower max_completion_length"
+            )
+        if args.max_prompt_length is None or args.max_prompt_length > room:
+            logger.warning(
+                "GRPOTrainer: prompts are truncated to their last %d tokens (the model has %d positions, "
+                "max_completion_length=%d; max_prompt_length=%s)", room, positions, args.max_completion_length,
+                args.max_prompt_length,
+            )
+            return room
+        return args.max_prompt_length
 
     def _resolve_bf16(self) -> bool:
         if self.args.bf16 is None:
@@ -263,18 +301,30 @@ class GRPOTrainer:
         Parameters
         ----------
         resume_from_checkpoint : str or bool, optional
-            A ``checkpoint-<step>`` folder, or True for the latest one in ``output_dir``. The model,
+            A ``checkpoint-<step>`` folder, or True for the newest COMPLETE one in ``output_dir`` (newer
+            incomplete folders are skipped with a warning saying why); ``metrics.jsonl`` loses the lines
+            logged after its step, which are logged again. The model,
             optimizer, scheduler, step, pending rollout and RNG state are restored; generation seeds
             and data order depend on the step only, so the next step equals an uninterrupted run.
         """
+        resumed = bool(resume_from_checkpoint)
         if resume_from_checkpoint:
             path = resume_from_checkpoint
             if path is True:
-                path = checkpoint.latest_checkpoint(self.args.output_dir)
+                skipped: list[tuple[str, str]] = []
+                path = checkpoint.latest_checkpoint(self.args.output_dir, skipped)
+                for bad, reason in skipped:
+                    logger.warning("GRPOTrainer: skipping %s: incomplete checkpoint (%s)", bad, reason)
                 if path is None:
-                    raise FileNotFoundError(f"GRPOTrainer: no checkpoint to resume from in {self.args.output_dir}")
+                    raise FileNotFoundError(
+                        f"GRPOTrainer: no complete checkpoint to resume from in {self.args.output_dir}"
+                        + (f" (skipped: {skipped})" if skipped else "")
+                    )
             self._load_checkpoint(path)
-        sinks = MetricSinks(self.args.output_dir, self.args.report_to, enabled=self.dist.is_main)
+            if self.dist.is_main:  # the steps after the checkpoint are about to be logged again
+                truncate_metrics(self.args.output_dir, self.step)
+        sinks = MetricSinks(self.args.output_dir, self.args.report_to, enabled=self.dist.is_main,
+                            purge_step=self.step + 1 if resumed else None)
         window, losses = MetricWindow(), []
         progress = progress_bar(self.max_steps, self.step, disable=self.args.disable_tqdm or not self.dist.is_main)
         self.callbacks("on_train_begin")
@@ -311,8 +361,10 @@ class GRPOTrainer:
         size, gen, reward_metrics = args.per_device_train_batch_size, None, None
         if self.rollout is None or self.step % args.num_iterations == 0:
             batch_index = self.step // args.num_iterations
-            rows = self._process_rows(batch_index)
+            indices = self._process_indices(batch_index)
+            rows = [self.train_dataset[i] for i in indices]
             prompts = [row["prompt"] for row in rows]
+            self._prompt_rows = indices  # for error messages naming the dataset row
             with timer("generation"):
                 gen = self._generate(prompts, batch_index)
             with timer("scoring"):
@@ -347,14 +399,19 @@ class GRPOTrainer:
 
     # -- the stages -----------------------------------------------------------------------------
 
+    def _process_indices(self, batch_index: int) -> list[int]:
+        """Dataset rows of this process's contiguous slice of the global generation batch."""
+        indices = self.order.rows(batch_index)
+        return indices[self.dist.rank * self.prompts_per_process : (self.dist.rank + 1) * self.prompts_per_process]
+
     def _process_rows(self, batch_index: int) -> list[dict]:
         """This process's contiguous slice of the global generation batch."""
-        indices = self.order.rows(batch_index)
-        mine = indices[self.dist.rank * self.prompts_per_process : (self.dist.rank + 1) * self.prompts_per_process]
-        return [self.train_dataset[i] for i in mine]
+        return [self.train_dataset[i] for i in self._process_indices(batch_index)]
 
     def _tokenize_prompts(self, prompts: list) -> list[list[int]]:
-        return tokenize_prompts(self.processing_class, prompts, self.args.max_prompt_length)
+        rows = getattr(self, "_prompt_rows", None)
+        rows = rows if rows is not None and len(rows) == len(prompts) else None
+        return tokenize_prompts(self.processing_class, prompts, self.max_prompt_length, rows)
 
     def _generate(self, prompts: list, batch_index: int) -> Generation:
         """``num_generations`` completions per prompt through the SteeringSampler, prompt-major
@@ -479,8 +536,14 @@ class GRPOTrainer:
         self.dist.barrier()
 
     def _save_checkpoint(self) -> str:
+        """Write ``checkpoint-<step>``: everything goes to ``tmp-checkpoint-<step>``, renamed once complete,
+        so a crash mid-save leaves no ``checkpoint-<step>`` for resume or rotation to trust."""
         path = checkpoint.folder(self.args.output_dir, self.step)
-        self.save_model(path)
+        temporary = checkpoint.temporary_folder(self.args.output_dir, self.step)
+        if self.dist.is_main:
+            checkpoint.remove_temporary_folders(self.args.output_dir)  # what earlier crashed saves left
+        self.dist.barrier()
+        self.save_model(temporary)
         # a rollout that later steps will reuse (num_iterations > 1) must survive the restart
         pending = self.rollout if self.args.num_iterations > 1 else None
         optimizer = checkpoint.optimizer_state(self.model, self.optimizer, self.fsdp)  # FSDP2: a collective
@@ -494,13 +557,17 @@ class GRPOTrainer:
                 **checkpoint.rng_state(),
             }
             summary = {"global_step": self.step, "max_steps": self.max_steps, "config": self.args.to_dict()}
-            checkpoint.write_trainer_state(path, state, summary)
-            checkpoint.rotate_checkpoints(self.args.output_dir, self.args.save_total_limit)
+            checkpoint.write_trainer_state(temporary, state, summary)
+            checkpoint.publish(temporary, path)
+            checkpoint.rotate_checkpoints(self.args.output_dir, self.args.save_total_limit, newest=path)
         self.dist.barrier()
         self.callbacks("on_save", checkpoint=path)
         return path
 
     def _load_checkpoint(self, path: str) -> None:
+        reason = checkpoint.why_incomplete(path)
+        if reason is not None:
+            raise FileNotFoundError(f"GRPOTrainer: cannot resume from {path}: not a complete checkpoint ({reason})")
         state = checkpoint.read_trainer_state(path, self.device)
         checkpoint.load_model_weights(self.model, path, fsdp=self.fsdp)
         checkpoint.load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.fsdp)

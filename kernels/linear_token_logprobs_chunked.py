@@ -9,6 +9,8 @@ op drops ``ignore_index`` rows before calling in).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from gtalign_fast import _backend, reference
@@ -108,6 +110,12 @@ def _chunk_logits(h_rows, w_chunk, b_chunk, inv_t, buffer) -> torch.Tensor:
     return y
 
 
+def _any_nonfinite(*tensors) -> bool:
+    """Whether any of the tensors (None skipped) holds an inf or NaN: one host sync."""
+    finite = [torch.isfinite(t).all() for t in tensors if t is not None]
+    return not bool(torch.stack(finite).all())
+
+
 class _OnlineStats:
     """Per-row online log-sum-exp state across vocabulary chunks: running max ``m``,
     ``s = sum exp(y - m)``, ``t = sum exp(y - m) (y - m)`` (entropy only) and the target logit."""
@@ -140,7 +148,9 @@ class _OnlineStats:
             chunk_s = e.sum(dim=1)
             e.mul_(y)
             if nonfinite_bias:
-                e.nan_to_num_(nan=0.0)  # 0 * -inf where the bias is -inf: p = 0 adds nothing
+                # 0 * -inf where a logit is -inf: p = 0 adds nothing (+-inf are kept: a +inf logit
+                # makes the row's entropy nan, as the reference has it)
+                e.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
             shift = torch.where(s_old > 0, m_old - m_ref, torch.zeros_like(m_ref))
             self.t[rows] = rescale * (self.t[rows] + shift * s_old) + e.sum(dim=1)
         else:
@@ -157,7 +167,10 @@ def forward_chunked(hidden, weight, bias, targets, inv_t, with_entropy, chunk_si
     capacity = rows_per_chunk * cols_per_chunk
     buffer = torch.empty(capacity, dtype=dtype, device=hidden.device)
     work = torch.empty(capacity, dtype=dtype, device=hidden.device) if with_entropy else None
-    nonfinite_bias = bias is not None and not bool(torch.isfinite(bias).all())
+    # An infinite value in the bias, the hidden states or the weight can make a logit -inf, whose
+    # p * (y - m) term is 0 * -inf = nan: those chunks need the nan_to_num pass (one sync, on the
+    # inputs, not the [N, V] logits).
+    nonfinite_bias = with_entropy and _any_nonfinite(hidden, weight, bias)
     stats = _OnlineStats(n_rows, dtype, hidden.device, with_entropy)
     for col_start in range(0, vocab, cols_per_chunk):
         col_end = min(vocab, col_start + cols_per_chunk)
@@ -228,7 +241,10 @@ def backward_chunked(name, hidden, weight, bias, targets, lse, entropy, g_logp, 
     capacity = rows_per_chunk * cols_per_chunk
     buffer = torch.empty(capacity, dtype=dtype if name != "triton" else gemm_dtype, device=device)
     work = torch.empty(capacity, dtype=dtype, device=device) if (g_entropy is not None and name != "triton") else None
-    nonfinite_bias = bias is not None and not bool(torch.isfinite(bias).all())
+    # An infinite value in the bias, the hidden states or the weight can make a logit -inf, whose
+    # p * (y - m) term is 0 * -inf = nan: those chunks need the nan_to_num pass (one sync, on the
+    # inputs, not the [N, V] logits).
+    nonfinite_bias = work is not None and _any_nonfinite(hidden, weight, bias)
     g_scaled = g_logp * inv_t if name != "triton" else g_logp
     g_entropy_scaled = (g_entropy * inv_t if name != "triton" else g_entropy) if g_entropy is not None else None
 

@@ -164,7 +164,9 @@ def _sample_kernel(
     seed = tl.load(seeds_ptr + row)
     is_forced = forced >= 0
     # The forced token's raw logit is read before any bias touches the row.
-    forced_z = tl.load(row_ptr + tl.where(is_forced, forced, 0) * stride_v).to(tl.float32)
+    # An id outside [0, V) (a direct call of the low-level op; the public function refuses it) reads
+    # column 0 instead of outside the row.
+    forced_z = tl.load(row_ptr + tl.where(is_forced & (forced < V), forced, 0) * stride_v).to(tl.float32)
 
     # A. raw statistics (temperature only).
     m_raw, s_raw, bad = _row_stats(row_ptr, stride_v, V, inv_t, BLOCK_V)
@@ -174,7 +176,7 @@ def _sample_kernel(
     if HAS_BIAS:
         slots = tl.arange(0, BLOCK_K)
         ids = tl.load(bias_ids_ptr + row * K + slots, mask=slots < K, other=-1)
-        has_id = ids >= 0
+        has_id = (ids >= 0) & (ids < V)  # an id outside the row (never from sample_) is skipped
         safe_ids = tl.where(has_id, ids, 0)
         original = tl.load(row_ptr + safe_ids * stride_v, mask=has_id, other=0.0).to(tl.float32)
         bias = tl.load(bias_values_ptr + row * K + slots, mask=has_id, other=0.0)

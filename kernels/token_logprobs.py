@@ -80,7 +80,9 @@ def _token_logprobs_fwd_kernel(
     # Ignored rows never summed anything; log(1) keeps them free of log(0) warnings.
     s = tl.where(valid, s, 1.0)
     log_s = tl.log(s)
-    safe_target = tl.where(valid, target, 0)
+    # A target outside [0, V) (only from a direct call of the low-level op) reads column 0, not
+    # outside the row.
+    safe_target = tl.where(valid & (target >= 0) & (target < V), target, 0)
     y_target = tl.load(row_ptr + safe_target * stride_v).to(tl.float32) * inv_t
     tl.store(logp_ptr + row, tl.where(valid, (y_target - m) - log_s, 0.0))
     tl.store(stats_ptr + row * NUM_STATS + STAT_ROW_MAX, tl.where(valid, m, 0.0))

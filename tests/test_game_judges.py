@@ -136,6 +136,19 @@ def test_char_bleu_multiple_references_and_errors():
         char_bleu("a", "a", smoothing="magic")
 
 
+def test_char_bleu_bounds_the_references():
+    # only the first max_references distinct references count (here the match is the 21st)
+    decoys = [f"zz{i:02d}" for i in range(20)]
+    assert char_bleu("abcd", decoys + ["abcd"]) == char_bleu("abcd", decoys[:4]) < 0.5
+    assert char_bleu("abcd", ["zzzz", "abcd"], max_references=1) == char_bleu("abcd", "zzzz")
+    refs = ["".join(chr(97 + (i * 7 + j) % 26) for j in range(100_000)) for i in range(20)]
+    start = time.perf_counter()
+    char_bleu("hello world " * 100, refs)
+    assert time.perf_counter() - start < 1.5  # was ~2.8 s with all 20 references
+    with pytest.raises(ValueError):
+        char_bleu("a", "a", max_references=0)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.text(max_size=40), st.text(max_size=40))
 def test_char_bleu_in_unit_interval(hyp, ref):
@@ -232,6 +245,7 @@ class _FakeJudgeServer(http.server.ThreadingHTTPServer):
         self.seen_ids: set[str] = set()
         self.bodies: list[dict] = []
         self.auth: list[str | None] = []
+        self.redirect_to = ""
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -252,6 +266,24 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _chat(self, content: str) -> bytes:
         return json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}).encode()
+
+    def _trickle(self, head: bytes, body: bytes):
+        try:
+            for byte in head:
+                self.wfile.write(bytes([byte]))
+                time.sleep(0.05)
+            for byte in body:
+                self.wfile.write(bytes([byte]))
+                time.sleep(0.05)
+        except OSError:  # the client hung up: what the deadline is for
+            pass
+        self.close_connection = True
+
+    def do_GET(self):  # only a followed redirect gets here
+        with self.server.lock:
+            self.server.requests += 1
+            self.server.auth.append(self.headers.get("Authorization"))
+        self._reply(200, self._chat("<score>1</score>"))
 
     def do_POST(self):
         srv = self.server
@@ -298,6 +330,28 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return self._reply(200, b"this is not json")
             if mode == "nocontent":
                 return self._reply(200, b'{"choices": [{"message": {"content": null}}]}')
+            if mode == "trickle_headers":  # each byte well inside the per-read timeout; ~3 s in all
+                return self._trickle(b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * 60 + b"\r\n", b"")
+            if mode == "trickle_body":
+                body = self._chat("<score>1</score>")
+                head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                return self._trickle(head.encode(), body)
+            if mode == "cut":  # promise 500 bytes, send 20, hang up
+                head = b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n"
+                self.wfile.write(head + self._chat("<score>1</score>")[:20])
+                self.close_connection = True
+                return None
+            if mode == "redirect":
+                try:
+                    self.send_response(302)
+                    self.send_header("Location", srv.redirect_to)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                except OSError:
+                    pass
+                return None
+            if mode == "huge":
+                return self._reply(200, self._chat("<score>1</score>" + "x" * 5000))
             return self._reply(404, b"{}")
         finally:
             with srv.lock:
@@ -319,7 +373,8 @@ def server():
 
 def _judge(server, **kwargs) -> OpenAIJudge:
     host, port = server.server_address
-    defaults = dict(prompt="{prompt}", timeout=0.4, max_retries=1, backoff=0.01, concurrency=4)
+    # A generous deadline: the tests that expect a timeout set their own, shorter than the server's delay.
+    defaults = dict(prompt="{prompt}", timeout=2.0, max_retries=1, backoff=0.01, concurrency=4)
     defaults.update(kwargs)
     return OpenAIJudge(f"http://{host}:{port}/v1", "judge-model", **defaults)
 
@@ -431,9 +486,67 @@ def test_client_endpoint_forms():
 
 
 def test_client_as_reward_judge_in_training_loop_never_raises(server):
-    judge = _judge(server)
+    judge = _judge(server, timeout=0.4)  # "slow" answers after 1 s
     items = _items("MODE=ok:1", "MODE=slow", "MODE=always500", "MODE=malformed", "MODE=unknown")
     out = run_judge(judge, items)
     assert [s.failed for s in out] == [False, True, True, True, True]
     assert server.requests < MAX_REQUESTS
 
+
+
+@pytest.mark.parametrize("mode", ["trickle_headers", "trickle_body"])
+def test_client_timeout_is_a_deadline_for_the_whole_request(server, mode):
+    judge = _judge(server, timeout=0.5, max_retries=0)
+    judge.judge_batch(_items("MODE=ok:1"))  # start the client outside the timed call
+    start = time.perf_counter()
+    out = judge.judge_batch(_items(f"MODE={mode}", f"MODE={mode} ID=2"))
+    elapsed = time.perf_counter() - start
+    assert all(s.failed and s.user == 0.0 and "timeout" in s.detail for s in out)
+    assert elapsed < 0.5 + 0.4
+    assert judge.stats.timeouts == 2 and judge.stats.failures == 2
+    retrying = _judge(server, timeout=0.3, max_retries=1, backoff=0.01, concurrency=1)
+    start = time.perf_counter()
+    assert retrying.judge_one(_items(f"MODE={mode}")[0]).failed
+    assert time.perf_counter() - start < 2 * 0.3 + 0.6
+    assert retrying.stats.timeouts == 2 and retrying.stats.retries == 1
+
+
+def test_client_does_not_follow_redirects_nor_leak_the_key(server):
+    other = _FakeJudgeServer()
+    thread = threading.Thread(target=other.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        host, port = other.server_address
+        server.redirect_to = f"http://{host}:{port}/v1/chat/completions"
+        judge = _judge(server, api_key="secret", max_retries=2)
+        out = judge.judge_batch(_items("MODE=redirect", "MODE=ok:1"))
+        assert out[0].failed and out[0].user == 0.0 and "302" in out[0].detail
+        assert out[1].user == 1.0 and not out[1].failed  # one sample's failure is its own
+        assert other.requests == 0 and other.auth == []  # the other origin never saw the key
+        assert judge.stats.http_errors == 1 and judge.stats.failures == 1 and judge.stats.retries == 0
+    finally:
+        other.shutdown()
+        other.server_close()
+        thread.join(timeout=5)
+
+
+def test_client_retries_a_reply_cut_short_and_caps_replies(server):
+    judge = _judge(server, max_retries=2, backoff=0.01)
+    out = judge.judge_one(_items("MODE=cut")[0])
+    assert out.failed and out.user == 0.0 and "connection" in out.detail
+    stats = judge.stats
+    assert stats.requests == 3 and stats.retries == 2 and stats.connection_errors == 3 and stats.malformed == 0
+    # a reply over the size cap is malformed (not retried); no api_key: no Authorization header
+    capped = _judge(server, max_reply_bytes=1000, max_retries=2)
+    out = capped.judge_batch(_items("MODE=huge", "MODE=ok:1"))
+    assert out[0].failed and "too large" in out[0].detail and not out[1].failed
+    assert capped.stats.malformed == 1 and capped.stats.retries == 0
+    assert set(server.auth) == {None}
+
+
+def test_client_needs_the_openai_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "openai", None)
+    with pytest.raises(ImportError, match=r"gtalign_fast\[judge\]"):
+        OpenAIJudge("http://127.0.0.1:1/v1", "m")

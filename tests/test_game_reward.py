@@ -221,3 +221,21 @@ def test_hostile_batch_never_raises():
     assert out.hard_failures == len(hostile) - 1
     empty = reward(completions=[])
     assert list(empty) == [] and empty.metrics()["score"] == 0.0
+
+
+def test_unhashable_data_source_is_routed_to_the_fallback():
+    seen = []
+
+    def fallback(item):
+        seen.append(item.data_source)
+        return 1.0
+
+    reward = GTAlignReward({"math": lambda item: 0.0, "*": fallback}, normalize="zscore")
+    text = chain("x")
+    out = reward(completions=[text, text, text], data_source=[["math"], {"a": 1}, "math"])
+    assert len(out.fields) == 3 and out.judge_failures == 0
+    assert seen == [["math"], {"a": 1}]
+    assert [f["answer_reward"] for f in out.fields] == [1.0, 1.0, 0.0]
+    strict = GTAlignReward({"math": lambda item: 0.0})
+    with pytest.raises(KeyError):  # no fallback: a config error, as for any unknown source
+        strict(completions=[text], data_source=[["math"]])

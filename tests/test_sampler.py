@@ -278,3 +278,15 @@ def test_bad_arguments(qwen, tokenizer):
         sampler.generate(["a", "b"], max_new_tokens=2, seed=[1])
     with pytest.raises(ValueError, match="no prompts"):
         sampler.generate([], max_new_tokens=2)
+
+
+def test_a_policy_that_overflows_a_payoff_leaves_the_row_unedited(qwen, tokenizer):
+    huge = PAYOFF.replace('"LLM": 2.2', '"LLM": 1e308')
+    script = _chain_script(tokenizer, payoff=huge)
+    for mode in ("rewrite", "reference"):
+        sampler = SteeringSampler(qwen, tokenizer, policy=PricingPolicy(llm_shift=1e308), mode=mode)
+        out = sampler.generate(["Q"], max_new_tokens=len(script) + 2, seed=1, forced_tokens=[script])
+        event = out.events[0]
+        assert event.status == "unchanged" and event.action is None and event.steered is None
+        assert "pricing policy failed" in event.reason and "continues unedited" in event.reason
+        assert huge in out.texts[0]  # the row kept its own payoff block

@@ -276,6 +276,22 @@ void sample_cpu(at::Tensor& logits, const at::Tensor& temperature, const at::Ten
                 "sample_: bias_values must be contiguous float32 [B, K]");
   }
   if (batch == 0) return;
+  // The ids the row loop indexes the logits with (forced tokens, bias ids) are in [-1, V): a pre-pass
+  // over the [B] and [B, K] ids, so a direct call of the registered op cannot write outside a row.
+  {
+    const int64_t* f = forced.data_ptr<int64_t>();
+    for (int64_t b = 0; b < batch; ++b) {
+      TORCH_CHECK_INDEX(f[b] >= -1 && f[b] < vocab, "sample_: forced token ", f[b], " of row ", b,
+                        " is neither -1 (none) nor in [0, ", vocab, ")");
+    }
+    if (has_bias) {
+      const int64_t* ids = bias_ids->data_ptr<int64_t>();
+      for (int64_t i = 0; i < batch * n_bias; ++i) {
+        TORCH_CHECK_INDEX(ids[i] >= -1 && ids[i] < vocab, "sample_: bias id ", ids[i], " of row ", i / n_bias,
+                          " is neither -1 (padding) nor in [0, ", vocab, ")");
+      }
+    }
+  }
   const float* t_ptr = temperature.data_ptr<float>();
   const int64_t* k_ptr = top_k.data_ptr<int64_t>();
   const float* p_ptr = top_p.data_ptr<float>();

@@ -169,6 +169,20 @@ void check_row_output(const at::Tensor& out, int64_t numel, const char* name) {
               "token_logprobs: ", name, " must be a contiguous float32 tensor of ", numel, " elements");
 }
 
+// Every target the kernels index the logits with is in [0, V) or ignore_index: a pre-pass over the
+// [N] ids (next to the O(N V) kernel it costs nothing), so a direct call of the registered op with a
+// bad id raises instead of reading or writing outside the row.
+void check_targets(const at::Tensor& targets, int64_t vocab, int64_t ignore_index) {
+  const int64_t* ids = targets.data_ptr<int64_t>();
+  const int64_t n = targets.numel();
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t id = ids[i];
+    TORCH_CHECK_INDEX(id == ignore_index || (id >= 0 && id < vocab), "token_logprobs: target id ", id,
+                      " at position ", i, " is outside [0, ", vocab, ") and is not ignore_index (", ignore_index,
+                      ")");
+  }
+}
+
 void token_logprobs_fwd_cpu(const at::Tensor& logits3d, const at::Tensor& targets, double inv_temperature,
                             int64_t ignore_index, at::Tensor& logp, at::Tensor& entropy, at::Tensor& stats) {
   TORCH_CHECK(logits3d.dim() == 3, "token_logprobs: logits must be a [D0, D1, V] view");
@@ -180,6 +194,7 @@ void token_logprobs_fwd_cpu(const at::Tensor& logits3d, const at::Tensor& target
   const bool with_entropy = entropy.numel() > 0;
   if (with_entropy) check_row_output(entropy, n_rows, "entropy");
   if (n_rows == 0) return;
+  check_targets(targets, logits3d.size(2), ignore_index);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits3d.scalar_type(), "token_logprobs_fwd_cpu", [&] {
     forward_rows<scalar_t>(logits3d, targets.data_ptr<int64_t>(), static_cast<float>(inv_temperature), ignore_index,
                            logp.data_ptr<float>(), with_entropy ? entropy.data_ptr<float>() : nullptr,
@@ -206,6 +221,7 @@ void token_logprobs_bwd_cpu(const at::Tensor& grad_logp, const std::optional<at:
                   dlogits.numel() == n_rows * logits3d.size(2),
               "token_logprobs: dlogits must be contiguous [N, V] in the logits' dtype");
   if (n_rows == 0) return;
+  check_targets(targets, logits3d.size(2), ignore_index);
   advise_huge_pages(dlogits.data_ptr(), dlogits.nbytes());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits3d.scalar_type(), "token_logprobs_bwd_cpu", [&] {
     backward_rows<scalar_t>(grad_logp.data_ptr<float>(), has_grad_entropy ? grad_entropy->data_ptr<float>() : nullptr,

@@ -544,6 +544,15 @@ void welfare_advantages_cpu(const at::Tensor& user, const at::Tensor& llm, const
     TORCH_CHECK(mask->dim() == 2 && mask->size(0) == n_rows, "welfare_advantages: mask must be [N, T]");
     check_output(token_advantages, n_rows * mask->size(1), at::kFloat, "token_advantages");
   }
+  if (has_offsets) {  // the row ranges the groups read and write: 0 = o[0] <= ... <= o[G] = N
+    const int64_t* o = offsets->data_ptr<int64_t>();
+    TORCH_CHECK_INDEX(o[0] == 0 && o[n_groups] == n_rows, "welfare_advantages: offsets must start at 0 and end at N = ",
+                      n_rows, ", got ", o[0], " and ", o[n_groups]);
+    for (int64_t g = 0; g < n_groups; ++g) {
+      TORCH_CHECK_INDEX(o[g] <= o[g + 1], "welfare_advantages: offsets must be non-decreasing, got ", o[g],
+                        " then ", o[g + 1], " at group ", g);
+    }
+  }
   if (n_rows == 0 && n_groups == 0) return;
 
   const GroupLayout groups{has_offsets ? offsets->data_ptr<int64_t>() : nullptr, group_size, n_groups};

@@ -48,6 +48,15 @@ def _minmax(values: list[float]) -> list[float]:
     return [(v - low) / (high - low) for v in values]
 
 
+def _source_key(source: Any) -> Any:
+    """A hashable grouping key for a data source: itself, or its repr when it is unhashable."""
+    try:
+        hash(source)
+    except TypeError:
+        return ("<unhashable data_source>", repr(source))
+    return source
+
+
 def normalize_by_source(
     scores: Sequence[float], sources: Sequence[Any] | None = None, method: str = "zscore"
 ) -> list[float]:
@@ -78,7 +87,7 @@ def normalize_by_source(
         return values
     groups: dict[Any, list[int]] = {}
     for index, source in enumerate(sources):
-        groups.setdefault(source, []).append(index)
+        groups.setdefault(_source_key(source), []).append(index)
     normalise = _zscore if method == "zscore" else _minmax
     out = [0.0] * len(values)
     for indices in groups.values():
@@ -276,8 +285,11 @@ class GTAlignReward:
         """The judge used for a data source (raises ``KeyError`` when there is none: a config error)."""
         if self.judges is None:
             return self.judge
-        if source in self.judges:
-            return self.judges[source]
+        try:
+            if source in self.judges:
+                return self.judges[source]
+        except TypeError:  # an unhashable source (a list, a dict...) matches no key: use the fallback
+            pass
         if "*" in self.judges:
             return self.judges["*"]
         raise KeyError(f"no judge for data source {source!r} (known: {sorted(map(str, self.judges))}; add '*')")
@@ -356,10 +368,11 @@ class GTAlignReward:
         by_source: dict[Any, list[int]] = {}
         for i, chain in enumerate(chains):
             if not chain.hard_failure:  # the reference only asks the judge about parsed chains
-                by_source.setdefault(sources[i] if self.judges is not None else None, []).append(i)
+                key = _source_key(sources[i]) if self.judges is not None else None
+                by_source.setdefault(key, []).append(i)
         answers: dict[int, AnswerScore] = {}
-        for source, indices in by_source.items():
-            judge = self.judge_for(source)
+        for indices in by_source.values():
+            judge = self.judge_for(sources[indices[0]])
             items = [
                 JudgeItem(
                     response=chains[i].response or "", completion=chains[i].text, prompt=prompts[i],

@@ -14,7 +14,8 @@ AnswerScore``, can be used (see :func:`as_judge`). One concern per module:
   task).
 - :mod:`.openai_judge`: :class:`OpenAIJudge`, a client for any OpenAI-compatible
   ``/v1/chat/completions`` server that asks a judge model and reads its verdict with a regular
-  expression (standard library only: urllib + threads), and the verdict mappers.
+  expression (the ``openai`` SDK's async client, optional extra ``gtalign_fast[judge]``), and the
+  verdict mappers.
 - :mod:`.pareto`: :func:`analyze_pareto_score`, a rule-based stand-in for the Pareto judge of the
   ablation variant.
 

@@ -28,6 +28,7 @@ def char_bleu(
     max_n: int = 4,
     smoothing: str = "add-one",
     max_chars: int = 100_000,
+    max_references: int = 4,
 ) -> float:
     """Character-level sentence BLEU (BLEU-4 by default), in [0, 1].
 
@@ -44,14 +45,24 @@ def char_bleu(
     matching 4-gram still gets a small positive score instead of 0. ``"none"``: plain BLEU, 0 as
     soon as one precision is 0 (nltk's default then returns ~0 with a warning).
 
-    Inputs longer than ``max_chars`` are cut to bound the cost (a few hundred ms at 100k chars).
+    Inputs longer than ``max_chars`` are cut and only the first ``max_references`` distinct
+    non-empty references are used, to bound the cost (a few hundred ms at 100k chars per text).
     """
     if smoothing not in ("add-one", "none"):
         raise ValueError(f"smoothing must be 'add-one' or 'none', got {smoothing!r}")
-    refs = [references] if isinstance(references, str) else list(references)
+    refs = [references] if isinstance(references, str) else references
     hyp = (hypothesis or "")[:max_chars]
-    refs = [(r or "")[:max_chars] for r in refs]
-    if not hyp or not refs or not any(refs):
+    if max_chars < 1 or max_references < 1:
+        raise ValueError("max_chars and max_references must be >= 1")
+    kept: dict[str, None] = {}
+    for ref in refs:  # references are consumed lazily: a huge list costs only what is kept
+        ref = (ref or "")[:max_chars]
+        if ref:
+            kept[ref] = None
+            if len(kept) >= max_references:
+                break
+    refs = list(kept)
+    if not hyp or not refs:
         return 0.0
     log_sum = 0.0
     for n in range(1, max_n + 1):
@@ -81,10 +92,13 @@ class BleuJudge:
     through ``CompositeJudge(user=BleuJudge(), llm=OpenAIJudge(...))``.
     """
 
-    def __init__(self, *, max_n: int = 4, smoothing: str = "add-one", max_chars: int = 100_000) -> None:
+    def __init__(
+        self, *, max_n: int = 4, smoothing: str = "add-one", max_chars: int = 100_000, max_references: int = 4,
+    ) -> None:
         self.max_n = max_n
         self.smoothing = smoothing
         self.max_chars = max_chars
+        self.max_references = max_references
 
     def judge_batch(self, items: Sequence[JudgeItem]) -> list[AnswerScore]:
         out = []
@@ -94,7 +108,7 @@ class BleuJudge:
                 continue
             score = char_bleu(
                 item.response, str(item.reference), max_n=self.max_n, smoothing=self.smoothing,
-                max_chars=self.max_chars,
+                max_chars=self.max_chars, max_references=self.max_references,
             )
             out.append(AnswerScore.both(score))
         return out

@@ -1,0 +1,287 @@
+"""Reliability at the edges of the ops (issue 15): in-place writes into aliased or grad-tracked
+buffers, higher-order gradients, infinite inputs, degenerate scalars, and the low-level registered
+ops called directly with ids that point outside the tensors."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from gtalign_fast import ops
+
+from .conftest import DEVICE, kernel_backends
+
+# The smallest temperature with a finite float32 1/T (gtalign_fast._token_logprobs.MIN_TEMPERATURE).
+MIN_TEMPERATURE = 1.0 / torch.finfo(torch.float32).max
+
+# ---------------------------------------------------------------------------------------------
+# Item 8: sample_ writes in place; refuse what torch's in-place ops refuse
+
+
+def _aliased_views():
+    base = torch.randn(1, 16, device=DEVICE)
+    flat = torch.randn(64, device=DEVICE)
+    return {
+        "expand": base.expand(4, 16),
+        "overlapping_as_strided": flat.as_strided((4, 16), (3, 1)),
+        "zero_column_stride": flat.as_strided((4, 16), (16, 0)),
+    }
+
+
+@pytest.mark.parametrize("backend", kernel_backends("sample") + ["reference"])
+@pytest.mark.parametrize("view", ["expand", "overlapping_as_strided", "zero_column_stride"])
+def test_sample_refuses_rows_that_share_memory(view, backend):
+    logits = _aliased_views()[view]
+    before = logits.clone()
+    with pytest.raises(RuntimeError, match="share memory"):
+        ops.sample_(logits, seed=0, backend=backend)
+    assert torch.equal(logits, before)  # refused before anything was written
+    # Strided rows that do not overlap are still written in place.
+    parent = torch.randn(4, 3, 16, device=DEVICE)
+    for rows in (parent[:, -1, :], parent[:, :, 2], parent.transpose(1, 2)[:, :, 0], parent[::2, 0, ::3]):
+        expected = ops.sample_(rows.clone(), seed=5, backend=backend)
+        torch.testing.assert_close(ops.sample_(rows, seed=5, backend=backend), expected)
+
+
+@pytest.mark.parametrize("backend", kernel_backends("sample") + ["reference"])
+def test_sample_refuses_logits_that_require_grad(backend):
+    parameter = torch.nn.Parameter(torch.randn(3, 11, device=DEVICE))
+    before = parameter.detach().clone()
+    with pytest.raises(RuntimeError, match="requires grad"):
+        ops.sample_(parameter, seed=0, top_k=2, backend=backend)
+    assert torch.equal(parameter.detach(), before)
+    non_leaf = parameter * 1.0
+    with pytest.raises(RuntimeError, match="requires grad"):
+        ops.sample_(non_leaf, seed=0, backend=backend)
+    # As torch's in-place ops: allowed under no_grad, and on the detached tensor.
+    with torch.no_grad():
+        ops.sample_(parameter.detach().clone().requires_grad_(True), seed=0, backend=backend)
+    ops.sample_(parameter.detach().clone(), seed=0, backend=backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 10: create_graph, infinite inputs, degenerate scalars, wide unsigned masks
+
+
+def _grad_cases(backend):
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 7, generator=generator).to(DEVICE).requires_grad_(True)
+    targets = torch.randint(0, 7, (2, 3), generator=generator).to(DEVICE)
+    logp = torch.randn(2, 5, generator=generator).to(DEVICE).requires_grad_(True)
+    mask = torch.ones(2, 5, dtype=torch.bool, device=DEVICE)
+    hidden = torch.randn(4, 8, generator=generator).to(DEVICE).requires_grad_(True)
+    weight = torch.randn(16, 8, generator=generator).to(DEVICE).requires_grad_(True)
+    ids = torch.randint(0, 16, (4,), generator=generator).to(DEVICE)
+    return {
+        "token_logprobs": (lambda: ops.token_logprobs(logits, targets, backend=backend).sum(), logits),
+        "grpo_loss": (
+            lambda: ops.grpo_loss(logp, logp.detach() + 0.3, torch.ones(2, device=DEVICE), mask, backend=backend)[0],
+            logp,
+        ),
+        "linear_token_logprobs": (
+            lambda: ops.linear_token_logprobs(hidden, weight, ids, with_entropy=True, backend=backend)[1].sum(),
+            hidden,
+        ),
+    }
+
+
+def _backends_of(op):
+    return kernel_backends(op) + ["reference"]
+
+
+@pytest.mark.parametrize(
+    "op,backend",
+    [(op, b) for op in ("token_logprobs", "grpo_loss", "linear_token_logprobs") for b in _backends_of(op)],
+)
+@pytest.mark.parametrize("path", ["eager", "custom_op"])
+def test_create_graph_raises_instead_of_a_gradient_without_graph(op, backend, path):
+    """The backward kernels give a first-order gradient only: create_graph=True must say so,
+    on the eager path (once_differentiable) as through the torch.library custom op."""
+    from torch.overrides import TorchFunctionMode
+
+    class _Passthrough(TorchFunctionMode):  # forces the custom-op path (not plain eager)
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    loss_fn, leaf = _grad_cases(backend)[op]
+    with _Passthrough() if path == "custom_op" else contextlib.nullcontext():
+        loss = loss_fn()
+    first = torch.autograd.grad(loss, leaf, retain_graph=True)[0]  # first order still works
+    assert torch.isfinite(first).all()
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        torch.autograd.grad(loss, leaf, create_graph=True)
+
+
+def _linear_vs_logits_path(where, seed):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(5, 8, generator=generator, dtype=torch.float64).abs() + 0.1
+    weight = torch.randn(16, 8, generator=generator, dtype=torch.float64)
+    targets = torch.randint(0, 16, (5,), generator=generator)
+    targets[targets == 3] = 4  # never target the -inf token (its log-prob is -inf either way)
+    bias = None
+    if where == "weight_neg_inf":
+        weight[3, 0] = -math.inf  # logit 3 is -inf in every row (hidden > 0)
+    elif where == "weight_pos_inf":
+        weight[3, 0] = math.inf
+    elif where == "hidden_inf":
+        hidden[1, 2] = math.inf
+    else:
+        bias = torch.zeros(16, dtype=torch.float64)
+        bias[3] = -math.inf
+    hidden, weight = hidden.float(), weight.float()
+    bias = None if bias is None else bias.float()
+    logp, entropy = ops.linear_token_logprobs(hidden, weight, targets, bias=bias, with_entropy=True, backend="cpu")
+    logits = hidden.double() @ weight.double().T + (0 if bias is None else bias.double())
+    ref_logp, ref_entropy = ops.token_logprobs(logits, targets, with_entropy=True, backend="reference")
+    torch.testing.assert_close(entropy, ref_entropy.float(), atol=1e-4, rtol=1e-4, equal_nan=True)
+    torch.testing.assert_close(logp, ref_logp.float(), atol=1e-4, rtol=1e-4, equal_nan=True)
+    if where in ("weight_neg_inf", "bias_neg_inf"):
+        assert torch.isfinite(entropy).all() and torch.isfinite(logp).all()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_linear_cpu_entropy_with_infinite_inputs_matches_the_logits_path(seed):
+    """An infinite weight or hidden value gives -inf / +inf / nan logits: the CPU chunks agree with
+    token_logprobs on the materialised logits (a -inf logit has p = 0 and adds nothing)."""
+    for where in ("weight_neg_inf", "weight_pos_inf", "hidden_inf", "bias_neg_inf"):
+        _linear_vs_logits_path(where, seed)
+
+
+@pytest.mark.parametrize("backend", _backends_of("grpo_loss"))
+@pytest.mark.parametrize("value", [0, 0.0, -3.0, math.nan, math.inf])
+def test_grpo_num_items_tensor_is_refused_like_the_number(value, backend):
+    logp = torch.randn(2, 5, device=DEVICE)
+    mask = torch.ones(2, 5, dtype=torch.bool, device=DEVICE)
+    kwargs = dict(loss_type="dapo", backend=backend)
+    with pytest.raises(ValueError, match="num_items_in_batch must be finite and > 0"):
+        ops.grpo_loss(logp, logp + 0.1, torch.ones(2, device=DEVICE), mask, num_items_in_batch=value, **kwargs)
+    tensor = torch.tensor(value, device="cpu")
+    with pytest.raises(ValueError, match="num_items_in_batch must be finite and > 0"):
+        ops.grpo_loss(logp.cpu(), logp.cpu() + 0.1, torch.ones(2), mask.cpu(), num_items_in_batch=tensor,
+                      loss_type="dapo", backend=backend if backend != "cuda" else "cpu")
+
+
+def test_grpo_num_items_tensor_is_checked_on_the_device_when_compiled():
+    logp = torch.randn(2, 5)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+
+    def loss(num_items):
+        return ops.grpo_loss(logp, logp + 0.1, torch.ones(2), mask, loss_type="dapo", num_items_in_batch=num_items)[0]
+
+    compiled = torch.compile(loss, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(torch.tensor(4.0)), loss(torch.tensor(4.0)))
+    with pytest.raises(RuntimeError, match="num_items_in_batch must be finite and > 0"):
+        compiled(torch.tensor(0.0))
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 2e-39, 5e-45])
+def test_temperature_whose_inverse_overflows_is_refused(temperature):
+    assert 1.0 / temperature > torch.finfo(torch.float32).max
+    logits = torch.randn(2, 5, device=DEVICE)
+    targets = torch.tensor([1, 2], device=DEVICE)
+    with pytest.raises(ValueError, match="temperature"):
+        ops.token_logprobs(logits, targets, temperature=temperature)
+    with pytest.raises(ValueError, match="temperature"):
+        ops.linear_token_logprobs(logits, torch.randn(7, 5, device=DEVICE), targets, temperature=temperature)
+    with pytest.raises(ValueError, match="temperature"):
+        ops.sample_(logits.clone(), temperature=temperature, seed=0)
+    with pytest.raises(ValueError, match="temperature"):
+        ops.sample_(logits.clone(), temperature=torch.tensor([1.0, temperature], device=DEVICE), seed=0)
+    # The smallest accepted temperature still runs, and 0 (greedy) stays allowed.
+    zeros = torch.zeros(2, 5, device=DEVICE)  # 0 / T stays finite
+    logp = ops.token_logprobs(zeros, targets, temperature=MIN_TEMPERATURE * 1.01)
+    torch.testing.assert_close(logp, torch.full((2,), -math.log(5), device=DEVICE))
+    ops.sample_(zeros.clone(), temperature=0.0, seed=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
+def test_welfare_accepts_wide_unsigned_masks_on_every_backend(dtype):
+    generator = torch.Generator().manual_seed(0)
+    user, llm = torch.rand(4, generator=generator).to(DEVICE), torch.rand(4, generator=generator).to(DEVICE)
+    bool_mask = torch.rand(4, 6, generator=generator).to(DEVICE) > 0.4
+    for backend in _backends_of("welfare_advantages"):
+        expected = ops.welfare_advantages(user, llm, 2, mask=bool_mask, backend=backend).token_advantages
+        got = ops.welfare_advantages(user, llm, 2, mask=(bool_mask.to(torch.int32) * 7).to(dtype), backend=backend)
+        torch.testing.assert_close(got.token_advantages, expected)
+
+
+def _run_isolated(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter (a crash there does not take pytest down)."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 9: the registered low-level C++ CPU kernels check the ids they index with
+
+
+_LOW_LEVEL_CALLS = {
+    "token_logprobs_fwd": """
+        logits = torch.randn(1, 4, 7)
+        targets = torch.tensor([1, {bad}, 2, -100])
+        kernel.token_logprobs_fwd(logits, targets, 1.0, -100, torch.empty(4), torch.empty(4), torch.empty(4, 2))
+    """,
+    "token_logprobs_bwd": """
+        logits = torch.randn(1, 4, 7)
+        targets = torch.tensor([1, {bad}, 2, -100])
+        kernel.token_logprobs_bwd(torch.ones(4), None, logits, targets, torch.zeros(4, 2), torch.empty(0), 1.0, -100,
+                                  torch.empty(4, 7))
+    """,
+    "sample_forced": """
+        b = 3
+        f, i = torch.ones(b), torch.zeros(b, dtype=torch.int64)
+        forced = torch.tensor([-1, {bad}, 0])
+        kernel.sample(torch.randn(b, 7), f, i, f, f * 0, forced, i, None, None, torch.empty(b, dtype=torch.int64),
+                      torch.empty(b), torch.empty(b), torch.empty(b, dtype=torch.int32))
+    """,
+    "sample_bias_ids": """
+        b = 3
+        f, i = torch.ones(b), torch.zeros(b, dtype=torch.int64)
+        ids = torch.tensor([[0, -1], [{bad}, 1], [2, 3]])
+        kernel.sample(torch.randn(b, 7), f, i, f, f * 0, i - 1, i, ids, torch.ones(b, 2),
+                      torch.empty(b, dtype=torch.int64), torch.empty(b), torch.empty(b),
+                      torch.empty(b, dtype=torch.int32))
+    """,
+    "welfare_offsets": """
+        n = 6
+        offsets = torch.tensor({bad})
+        g = offsets.numel() - 1
+        kernel.welfare_advantages(torch.rand(n), torch.rand(n), offsets, 0, 0.5, 0, 1e-6, True, None,
+                                  torch.empty(n), torch.empty(n), torch.empty(g), torch.empty(g),
+                                  torch.empty(g, dtype=torch.bool), torch.empty(0))
+    """,
+}
+
+_BAD_VALUES = {
+    "token_logprobs_fwd": ["1000000000", "-5", "7"],
+    "token_logprobs_bwd": ["1000000000", "-5", "7"],
+    "sample_forced": ["1000000000", "-2", "7"],
+    "sample_bias_ids": ["1000000000", "-3", "7"],
+    "welfare_offsets": ["[0, 3, 1000000]", "[0, 4, 2, 6]", "[-5, 3, 6]", "[0, 3, 5]"],
+}
+
+
+@pytest.mark.parametrize("call", sorted(_LOW_LEVEL_CALLS))
+def test_low_level_cpu_kernels_refuse_out_of_range_ids(call):
+    """Called directly (no Python validation in front), the compiled CPU kernels raise on an id or
+    offset outside the tensors instead of reading or writing out of bounds (run in a child
+    process: on the old kernels such a call may crash the interpreter or corrupt memory)."""
+    for bad in _BAD_VALUES[call]:
+        body = textwrap.indent(textwrap.dedent(_LOW_LEVEL_CALLS[call]).format(bad=bad), "    ")
+        code = (
+            "import torch\nimport gtalign_fast.ops\nkernel = torch.ops.gtalign_fast_C\ntry:\n"
+            f"{body}\n    print('NO ERROR')\nexcept IndexError as error:\n    print('IndexError:', error)\n"
+        )
+        result = _run_isolated(code)
+        assert result.returncode == 0, (bad, result.returncode, result.stderr[-2000:])
+        assert result.stdout.startswith("IndexError:"), (bad, result.stdout, result.stderr[-2000:])
+    good = {"token_logprobs_fwd": "3", "token_logprobs_bwd": "-100", "sample_forced": "6",
+            "sample_bias_ids": "-1", "welfare_offsets": "[0, 3, 3, 6]"}[call]
+    body = textwrap.indent(textwrap.dedent(_LOW_LEVEL_CALLS[call]).format(bad=good), "")
+    result = _run_isolated("import torch\nimport gtalign_fast.ops\nkernel = torch.ops.gtalign_fast_C\n" + body)
+    assert result.returncode == 0, result.stderr[-2000:]
