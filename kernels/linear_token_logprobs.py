@@ -121,7 +121,9 @@ def _forward_partials_kernel(
             stride_hn, stride_hk, stride_wv, stride_wk, inv_t,
             HAS_BIAS, FP32_DOT, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K,
         )
-        is_target = cols[None, :] == targets[:, None]
+        # The target is only compared, never an index; col_ok keeps an id past V (a direct call of
+        # the low-level op) off the -inf padding columns of the last tile: it matches nothing.
+        is_target = (cols[None, :] == targets[:, None]) & col_ok[None, :]
         y_target += tl.sum(tl.where(is_target, y, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(y, axis=1))
         # While every value seen is -inf (a -inf bias), shift by 0 instead (-inf - -inf is nan).
@@ -171,7 +173,8 @@ def _backward_dz_kernel(
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     centred = y - lse[:, None]
     p = tl.where(valid[:, None], tl.exp(centred), 0.0)
-    is_target = (cols + col_offset)[None, :] == targets[:, None]
+    # Compared, never an index: a target outside the chunk (or outside [0, V)) matches no column.
+    is_target = ((cols + col_offset)[None, :] == targets[:, None]) & col_ok[None, :]
     dz = tl.where(is_target, g_logp[:, None], 0.0) - g_logp[:, None] * p
     if HAS_GRAD_ENTROPY:
         g_entropy = tl.where(valid, tl.load(g_entropy_ptr + rows, mask=row_ok, other=0.0), 0.0) * inv_t

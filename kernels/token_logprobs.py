@@ -130,7 +130,9 @@ def _token_logprobs_bwd_kernel(
         y = tl.load(row_ptr + cols * stride_v, mask=in_row, other=float("-inf")).to(tl.float32) * inv_t
         log_p = (y - row_max) - log_sum
         p = tl.where(valid, tl.exp(log_p), 0.0)
-        grad = tl.where(cols == target, g_logp, 0.0) - g_logp * p
+        # The target is only compared with in-row columns, never an index: an id outside [0, V)
+        # (a direct call of the low-level op) matches nothing and no one-hot term is added.
+        grad = tl.where((cols == target) & in_row, g_logp, 0.0) - g_logp * p
         if HAS_GRAD_ENTROPY:
             # p * (log p + H); zero where p == 0 (y = -inf would give 0 * inf).
             grad -= g_entropy * p * tl.where(p > 0, log_p + entropy, 0.0)

@@ -53,16 +53,25 @@ def _welfare(u, lm, alpha):
 
 
 @triton.jit
-def _tile_groups(tile, offsets_ptr, G, group_size, FIXED: tl.constexpr, ROWS: tl.constexpr):
-    """The groups of one tile: ids, which exist, their first row and their length."""
+def _tile_groups(tile, offsets_ptr, G, N, group_size, FIXED: tl.constexpr, ROWS: tl.constexpr):
+    """The groups of one tile: ids, which exist, their first row and their length.
+
+    Offsets are clamped so that every group's rows ``[start, start + len)`` lie in ``[0, N)``
+    whatever the offsets hold (the public op validates them; a direct call of the low-level op
+    with offsets past N or decreasing must not read or write outside the buffers): ``start`` into
+    ``[0, N]``, the end into ``[start, N]``. A no-op for valid offsets.
+    """
     groups = tl.arange(0, ROWS).to(tl.int64) + tile * ROWS  # tile * ROWS <= G + ROWS: no int32 overflow
     live = groups < G
     if FIXED:
         starts = groups * group_size
         lens = tl.where(live, group_size, 0).to(tl.int64)
     else:
-        starts = tl.load(offsets_ptr + groups, mask=live, other=0)
-        lens = tl.where(live, tl.load(offsets_ptr + groups + 1, mask=live, other=0) - starts, 0)
+        starts = tl.load(offsets_ptr + groups, mask=live, other=0).to(tl.int64)
+        ends = tl.load(offsets_ptr + groups + 1, mask=live, other=0).to(tl.int64)
+        starts = tl.minimum(tl.maximum(starts, 0), N)
+        ends = tl.minimum(tl.maximum(ends, starts), N)
+        lens = tl.where(live, ends - starts, 0)
     return groups, live, starts, lens
 
 
@@ -176,7 +185,7 @@ def _tile_tokens(advantages_ptr, mask_ptr, tokens_ptr, starts, lens, live, T, ma
 def _welfare_advantages_kernel(
     user_ptr, llm_ptr, offsets_ptr, mask_ptr,
     welfare_ptr, advantages_ptr, mean_ptr, std_ptr, equal_ptr, tokens_ptr,
-    G, group_size, n_tiles, alpha_arg, eps_arg, T, mask_stride0, mask_stride1,
+    G, N, group_size, n_tiles, alpha_arg, eps_arg, T, mask_stride0, mask_stride1,
     FIXED: tl.constexpr, SCALE: tl.constexpr, UNBIASED: tl.constexpr, HAS_MASK: tl.constexpr,
     ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
@@ -189,7 +198,7 @@ def _welfare_advantages_kernel(
         batch_mean = tl.cast(0.0, tl.float64)
         batch_m2 = tl.cast(0.0, tl.float64)
         for tile in range(0, n_tiles):
-            groups, live, starts, lens = _tile_groups(tile, offsets_ptr, G, group_size, FIXED, ROWS)
+            groups, live, starts, lens = _tile_groups(tile, offsets_ptr, G, N, group_size, FIXED, ROWS)
             count, mean, m2, _, _ = _tile_statistics(user_ptr, llm_ptr, welfare_ptr, mean_ptr, std_ptr, equal_ptr,
                                                      groups, live, starts, lens, alpha, UNBIASED, ROWS, COLS)
             tile_count = tl.sum(count, axis=0)
@@ -204,7 +213,7 @@ def _welfare_advantages_kernel(
         batch_std = _std(batch_count, batch_m2, UNBIASED)
         tl.debug_barrier()  # the group statistics stored above are read back below
         for tile in range(0, n_tiles):
-            groups, live, starts, lens = _tile_groups(tile, offsets_ptr, G, group_size, FIXED, ROWS)
+            groups, live, starts, lens = _tile_groups(tile, offsets_ptr, G, N, group_size, FIXED, ROWS)
             mean32 = tl.load(mean_ptr + groups, mask=live, other=0.0)
             all_equal = tl.load(equal_ptr + groups, mask=live, other=1).to(tl.int32)
             inv32 = _inverse_denominator(tl.full([ROWS], 0.0, tl.float64) + batch_std, eps, SCALE)
@@ -215,7 +224,7 @@ def _welfare_advantages_kernel(
                              mask_stride1, BLOCK_T)
     else:
         tile = tl.program_id(0)
-        groups, live, starts, lens = _tile_groups(tile, offsets_ptr, G, group_size, FIXED, ROWS)
+        groups, live, starts, lens = _tile_groups(tile, offsets_ptr, G, N, group_size, FIXED, ROWS)
         _, mean, _, all_equal, std = _tile_statistics(user_ptr, llm_ptr, welfare_ptr, mean_ptr, std_ptr, equal_ptr,
                                                       groups, live, starts, lens, alpha, UNBIASED, ROWS, COLS)
         inv32 = _inverse_denominator(std, eps, SCALE)
@@ -255,7 +264,7 @@ def welfare_advantages(
     """Launch the kernel once; fills every output (same contract as the C++ op)."""
     n_rows = user.numel()
     n_groups = offsets.numel() - 1 if offsets is not None else n_rows // group_size
-    if n_groups == 0:
+    if n_groups <= 0:
         return
     rows, cols = tile_shape(n_rows, n_groups)
     n_tiles = triton.cdiv(n_groups, rows)
@@ -264,7 +273,7 @@ def welfare_advantages(
     _welfare_advantages_kernel[grid](
         user, llm, offsets if offsets is not None else user, mask if has_mask else user,
         welfare, advantages, group_mean, group_std, group_all_equal, token_advantages if has_mask else welfare,
-        n_groups, group_size, n_tiles, alpha, eps,
+        n_groups, n_rows, group_size, n_tiles, alpha, eps,
         mask.shape[1] if has_mask else 0, mask.stride(0) if has_mask else 0, mask.stride(1) if has_mask else 0,
         FIXED=offsets is None, SCALE=scale_mode, UNBIASED=bool(unbiased), HAS_MASK=has_mask,
         ROWS=rows, COLS=cols, BLOCK_T=BLOCK_TOKENS, num_warps=4,

@@ -285,3 +285,176 @@ def test_low_level_cpu_kernels_refuse_out_of_range_ids(call):
     body = textwrap.indent(textwrap.dedent(_LOW_LEVEL_CALLS[call]).format(bad=good), "")
     result = _run_isolated("import torch\nimport gtalign_fast.ops\nkernel = torch.ops.gtalign_fast_C\n" + body)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 9: the Triton launchers bound what they index with (masks / clamps inside the kernels, no
+# host sync). The interpreter does not raise on an out-of-bounds access: it reads and writes the
+# raw memory. So every buffer is a view into a larger poisoned one: a read of the padding turns an
+# output into NaN, a write into it changes the poison.
+
+_PAD = 64
+_POISON = -12345.0
+
+
+def _triton_kernels(name: str):
+    pytest.importorskip("triton")
+    if "triton" not in _backend_names():
+        pytest.skip("no Triton backend on this device")
+    import importlib
+
+    return importlib.import_module(f"gtalign_fast.kernels.{name}")
+
+
+def _backend_names() -> list[str]:
+    from gtalign_fast import _backend
+
+    return list(_backend.available_backends(DEVICE))
+
+
+def _padded(shape, dtype=torch.float32, fill=None, poison=_POISON):
+    """A contiguous view of ``shape`` inside a buffer with _PAD poisoned elements on each side."""
+    n = math.prod(shape)
+    buffer = torch.full((n + 2 * _PAD,), poison, dtype=dtype, device=DEVICE)
+    view = buffer[_PAD:_PAD + n].view(shape)
+    if fill is not None:
+        view.copy_(fill)
+    return buffer, view
+
+
+def _assert_padding_untouched(buffer, poison=_POISON):
+    for edge in (buffer[:_PAD], buffer[-_PAD:]):
+        assert torch.equal(edge, torch.full_like(edge, poison)), "a kernel wrote outside its buffer"
+
+
+@pytest.mark.parametrize("scale_mode", ["group", "batch", "none"])
+@pytest.mark.parametrize("offsets", [[0, 3, 9], [-5, 3, 6], [0, 5, 2, 6], [-3, 8], [2, 1, 7], [7, 9, 6]])
+def test_triton_welfare_clamps_group_offsets_into_the_rows(offsets, scale_mode):
+    from gtalign_fast import _welfare_constants as constants
+
+    kernels = _triton_kernels("welfare_advantages")
+    n, t, g = 6, 5, len(offsets) - 1
+    generator = torch.Generator().manual_seed(1)
+    # NaN in the padding of the inputs: a read there would show as NaN in an output.
+    user_buf, user = _padded((n,), fill=torch.rand(n, generator=generator) + 0.5, poison=math.nan)
+    llm_buf, llm = _padded((n,), fill=torch.rand(n, generator=generator) + 0.5, poison=math.nan)
+    mask_buf, mask = _padded((n, t), fill=torch.rand(n, t, generator=generator) > 0.3, dtype=torch.bool, poison=True)
+    outputs = [_padded((n,)), _padded((n,)), _padded((g,)), _padded((g,)), _padded((g,), dtype=torch.bool, poison=True),
+               _padded((n, t))]
+    mode = {"group": constants.SCALE_GROUP, "batch": constants.SCALE_BATCH, "none": constants.SCALE_NONE}[scale_mode]
+    kernels.welfare_advantages(
+        user, llm, torch.tensor(offsets, dtype=torch.int64, device=DEVICE), 0, 0.5, mode, 1e-6, True, mask,
+        *[view for _, view in outputs],
+    )
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+    for (buffer, _), poison in zip(outputs, [_POISON] * 4 + [True, _POISON]):
+        _assert_padding_untouched(buffer, poison)
+    welfare, advantages, token_advantages = outputs[0][1], outputs[1][1], outputs[5][1]
+    # Rows inside some (clamped) group were computed from in-bounds inputs only.
+    covered = torch.zeros(n, dtype=torch.bool)
+    for begin, end in zip(offsets[:-1], offsets[1:]):
+        begin = min(max(begin, 0), n)
+        covered[begin:min(max(end, begin), n)] = True
+    covered = covered.to(DEVICE)
+    assert torch.isfinite(welfare[covered]).all() and torch.isfinite(advantages[covered]).all()
+    assert torch.isfinite(token_advantages[covered]).all()
+    assert not torch.isnan(outputs[2][1]).any() and not torch.isnan(outputs[3][1]).any()
+
+
+def test_triton_welfare_clamps_leave_valid_offsets_unchanged():
+    from gtalign_fast import _welfare_constants as constants
+
+    kernels = _triton_kernels("welfare_advantages")
+    generator = torch.Generator().manual_seed(2)
+    user = (torch.rand(7, generator=generator) + 0.1).to(DEVICE)
+    llm = (torch.rand(7, generator=generator) + 0.1).to(DEVICE)
+    offsets = torch.tensor([0, 3, 3, 7], dtype=torch.int64, device=DEVICE)
+    expected = ops.welfare_advantages(user, llm, offsets, unbiased=False, backend="reference")
+    out = [torch.empty(7, device=DEVICE), torch.empty(7, device=DEVICE), torch.empty(3, device=DEVICE),
+           torch.empty(3, device=DEVICE), torch.empty(3, dtype=torch.bool, device=DEVICE),
+           torch.empty(0, device=DEVICE)]
+    kernels.welfare_advantages(user, llm, offsets, 0, 0.5, constants.SCALE_GROUP, 1e-6, False, None, *out)
+    torch.testing.assert_close(out[0], expected.welfare)
+    torch.testing.assert_close(out[1], expected.advantages)
+
+
+_BAD_TARGETS = [7, 10, -5, 10**9, -(10**9)]  # V = 7; ignore_index = -100
+
+
+@pytest.mark.parametrize("bad", _BAD_TARGETS)
+def test_triton_token_logprobs_bounds_the_target_column(bad):
+    kernels = _triton_kernels("token_logprobs")
+    d0, d1, v = 2, 3, 7
+    generator = torch.Generator().manual_seed(3)
+    values = torch.randn(d0, d1, v, generator=generator)
+    logits_buf, logits = _padded((d0, d1, v), fill=values, poison=math.nan)
+    targets = torch.tensor([1, bad, -100, 6, bad, bad], device=DEVICE)  # the last row reads past the row
+    logp_buf, logp = _padded((d0 * d1,))
+    entropy_buf, entropy = _padded((d0 * d1,))
+    stats_buf, stats = _padded((d0 * d1, 2))
+    kernels.token_logprobs_forward(logits, targets, 1.0, -100, logp, entropy, stats)
+    for buffer in (logp_buf, entropy_buf, stats_buf):
+        _assert_padding_untouched(buffer)
+    assert torch.isfinite(logp).all() and torch.isfinite(entropy).all() and torch.isfinite(stats).all()
+    lse = torch.logsumexp(values.reshape(-1, v), dim=-1).to(DEVICE)
+    torch.testing.assert_close(logp[[0, 3]], values.reshape(-1, v).to(DEVICE)[[0, 3], [1, 6]] - lse[[0, 3]])
+
+    dlogits_buf, dlogits = _padded((d0 * d1, v))
+    grad = torch.ones(d0 * d1, device=DEVICE)
+    kernels.token_logprobs_backward(grad, grad, logits, targets, stats, entropy, 1.0, -100, dlogits)
+    _assert_padding_untouched(dlogits_buf)
+    assert torch.isfinite(dlogits).all()
+    # An out-of-range target matches no column: that row's one-hot term is absent.
+    bad_rows = (targets != -100) & ((targets < 0) | (targets >= v))
+    p = torch.softmax(values.reshape(-1, v), dim=-1).to(DEVICE)
+    h = -(p * p.log()).sum(-1, keepdim=True)
+    torch.testing.assert_close(dlogits[bad_rows], (-p - p * (p.log() + h))[bad_rows])
+
+
+@pytest.mark.parametrize("bad", _BAD_TARGETS)
+def test_triton_linear_token_logprobs_bounds_the_target_column(bad):
+    kernels = _triton_kernels("linear_token_logprobs")
+    n, h, v = 5, 16, 7
+    generator = torch.Generator().manual_seed(4)
+    hidden = torch.randn(n, h, generator=generator).to(DEVICE)
+    weight = torch.randn(v, h, generator=generator).to(DEVICE)
+    targets = torch.tensor([2, bad, -100, 6, bad], device=DEVICE)
+    part_m, part_s, part_t, part_y = kernels.forward_partials(hidden, weight, None, targets, 1.0, -100, True)
+    lse, _, y_target, t_over_s = kernels.merge_partials(part_m, part_s, part_t, part_y)
+    assert torch.isfinite(lse).all() and torch.isfinite(t_over_s).all()
+    y = hidden @ weight.T
+    torch.testing.assert_close(y_target[[0, 3]], y[[0, 3], [2, 6]], rtol=1e-4, atol=1e-4)
+    assert torch.equal(y_target[[1, 4]], torch.zeros(2, device=DEVICE))  # no column matched
+
+    dz_buf, dz = _padded((n, v))
+    grad = torch.ones(n, device=DEVICE)
+    kernels.backward_dz(hidden, weight, None, targets, lse, None, grad, None, 1.0, -100, 0, dz)
+    _assert_padding_untouched(dz_buf)
+    assert torch.isfinite(dz).all()
+    p = torch.softmax(y, dim=-1)
+    torch.testing.assert_close(dz[[1, 4]], -p[[1, 4]], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bad", _BAD_TARGETS)
+def test_triton_sample_bounds_forced_and_bias_ids(bad):
+    kernels = _triton_kernels("sample")
+    b, v = 3, 7
+    generator = torch.Generator().manual_seed(5)
+    logits_buf, logits = _padded((b, v), fill=torch.randn(b, v, generator=generator), poison=math.nan)
+    f = torch.ones(b, device=DEVICE)
+    i = torch.zeros(b, dtype=torch.int64, device=DEVICE)
+    forced = torch.tensor([-1, bad, bad], device=DEVICE)
+    ids = torch.tensor([[0, bad], [bad, 1], [2, bad]], device=DEVICE)
+    tokens = torch.empty(b, dtype=torch.int64, device=DEVICE)
+    logprobs, raw = torch.empty(b, device=DEVICE), torch.empty(b, device=DEVICE)
+    status = torch.empty(b, dtype=torch.int32, device=DEVICE)
+    kernels.sample(logits, f, i, f, f * 0, forced, i, ids, torch.ones(b, 2, device=DEVICE), tokens, logprobs, raw,
+                   status)
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+    # NaN padding: a write there would replace it; a read of it would make the row's status bad.
+    for edge in (logits_buf[:_PAD], logits_buf[-_PAD:]):
+        assert torch.isnan(edge).all(), "the sample kernel wrote outside the logits"
+    assert torch.equal(status, torch.zeros_like(status)), status
+    assert 0 <= int(tokens[0]) < v and torch.isfinite(logprobs[0]) and torch.isfinite(raw).all()

@@ -94,7 +94,10 @@ __global__ void __launch_bounds__(kThreads) token_logprobs_fwd_kernel(
   if (threadIdx.x == 0) {
     const float log_s = logf(state.s);
     // (y_t - m) - log s, never m + log s: at |y| ~ 1e4 that sum alone rounds by 1e-3.
-    logp[row] = (static_cast<float>(row_ptr[target * stride_v]) * inv_t - state.m) - log_s;
+    // A target outside [0, vocab) (only from a direct call of the low-level op; the public op
+    // refuses it) reads column 0, not outside the row, as the Triton kernel does.
+    const int64_t safe_target = (target >= 0 && target < vocab) ? target : 0;
+    logp[row] = (static_cast<float>(row_ptr[safe_target * stride_v]) * inv_t - state.m) - log_s;
     stats[row * kNumStats + kRowMax] = state.m;
     stats[row * kNumStats + kLogSum] = log_s;
     if (entropy != nullptr) entropy[row] = log_s - state.t / state.s;
@@ -123,6 +126,7 @@ __global__ void __launch_bounds__(kThreads) token_logprobs_bwd_kernel(
   for (int64_t col = threadIdx.x; col < vocab; col += blockDim.x) {
     const float d = (static_cast<float>(row_ptr[col * stride_v]) * inv_t - row_max) - log_sum;  // log p
     const float p = __expf(d);
+    // target is only compared with in-row columns, never used as an index: any id is safe.
     float grad = (col == target ? g_logp : 0.0f) - g_logp * p;
     if (p > 0.0f) grad -= g_entropy * p * (d + row_entropy);
     out_row[col] = static_cast<scalar_t>(grad);

@@ -40,7 +40,7 @@ struct Params {
   const float* __restrict__ user;
   const float* __restrict__ llm;
   const int64_t* __restrict__ offsets;  // nullptr: fixed-size groups
-  int64_t group_size, n_groups;
+  int64_t group_size, n_groups, n_rows;
   float alpha;
   double eps;
   int64_t scale_mode;
@@ -55,6 +55,14 @@ struct Params {
   float* __restrict__ token_advantages;
 
   __device__ int64_t start(int64_t g) const { return offsets != nullptr ? offsets[g] : g * group_size; }
+  // Rows [begin, end) of group g, clamped into [0, n_rows] with begin <= end, so no offsets (the
+  // public op validates them; a direct call of the low-level op may pass anything) make a thread
+  // read or write outside the [N] / [N, T] buffers. A no-op for valid offsets.
+  __device__ void rows(int64_t g, int64_t& begin, int64_t& end) const {
+    const int64_t first = start(g), last = start(g + 1);
+    begin = first < 0 ? 0 : (first > n_rows ? n_rows : first);
+    end = last < begin ? begin : (last > n_rows ? n_rows : last);
+  }
 };
 
 // W in log space; NaN for a missing reward; -inf for a negative or infinite one (the Python side
@@ -194,7 +202,8 @@ __global__ void __launch_bounds__(kThreads) welfare_advantages_kernel(Params<mas
   // Every thread of a warp belongs to one team, so a team's loop trip count is uniform.
   if (p.scale_mode != kScaleBatch) {
     for (int64_t g = first; g < p.n_groups; g += stride) {
-      const int64_t begin = p.start(g), end = p.start(g + 1);
+      int64_t begin, end;
+      p.rows(g, begin, end);
       const Moments m = group_moments<TEAM>(p, begin, end, lane);
       double std;
       store_stats<TEAM>(p, g, m, lane, &std);
@@ -208,7 +217,9 @@ __global__ void __launch_bounds__(kThreads) welfare_advantages_kernel(Params<mas
   __shared__ float batch_inv;
   double count = 0.0, mean = 0.0, m2 = 0.0;
   for (int64_t g = first; g < p.n_groups; g += stride) {
-    const Moments m = group_moments<TEAM>(p, p.start(g), p.start(g + 1), lane);
+    int64_t begin, end;
+    p.rows(g, begin, end);
+    const Moments m = group_moments<TEAM>(p, begin, end, lane);
     double std;
     store_stats<TEAM>(p, g, m, lane, &std);
     if (m.count > 0.0) {
@@ -238,7 +249,9 @@ __global__ void __launch_bounds__(kThreads) welfare_advantages_kernel(Params<mas
   __syncthreads();  // also makes the group statistics stored above visible to the whole block
   const float inv = batch_inv;
   for (int64_t g = first; g < p.n_groups; g += stride) {
-    write_group<TEAM>(p, p.start(g), p.start(g + 1), lane, p.group_mean[g], inv, p.group_all_equal[g] || inv == 0.0f);
+    int64_t begin, end;
+    p.rows(g, begin, end);
+    write_group<TEAM>(p, begin, end, lane, p.group_mean[g], inv, p.group_all_equal[g] || inv == 0.0f);
   }
 }
 
@@ -276,6 +289,7 @@ void welfare_advantages_cuda(const at::Tensor& user, const at::Tensor& llm, cons
                             has_offsets ? offsets->data_ptr<int64_t>() : nullptr,
                             group_size,
                             n_groups,
+                            n_rows,
                             static_cast<float>(alpha),
                             eps,
                             scale_mode,
