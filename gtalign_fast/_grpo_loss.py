@@ -26,7 +26,7 @@ from ._grpo_constants import (
     NUM_METRICS,
     NUM_STATS,
 )
-from ._op import Op, Output, extension_kernel, plain_eager
+from ._op import Op, Output, compiled_backends, plain_eager
 
 OP = "grpo_loss"
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -146,15 +146,8 @@ def _clip_args(options: GrpoLossOptions) -> tuple[float, float, float, float, fl
     return options.beta, options.epsilon_low, options.epsilon_high, delta, dual_clip
 
 
-def _forward_triton(*args):
-    from gtalign_fast.kernels import grpo_loss as triton_kernels
-
-    triton_kernels.grpo_loss_forward(*_forward_args(*args))
-
-
-def _forward_extension(*args):
-    """The C++ CPU and CUDA kernels of the compiled extension, dispatched by device."""
-    extension_kernel("grpo_loss_fwd", args[0].device)(*_forward_args(*args))
+def _forward_kernel(launch, *args) -> None:
+    launch(*_forward_args(*args))
 
 
 FORWARD = Op(
@@ -163,12 +156,9 @@ FORWARD = Op(
     options=GrpoLossOptions,
     returns=("loss", "metrics", "row_stats", "row_weights"),
     outputs=_forward_outputs,
-    backends={
-        "triton": _forward_triton,
-        "cpu": _forward_extension,
-        "cuda": _forward_extension,
-        "reference": _forward_reference,
-    },
+    backends=compiled_backends(
+        _forward_kernel, triton="grpo_loss.grpo_loss_forward", extension="grpo_loss_fwd", reference=_forward_reference
+    ),
 )
 
 
@@ -219,17 +209,9 @@ def _backward_args(grad_loss, row_stats, row_weights, logp, old_logp, ref_logp, 
     )
 
 
-def _backward_triton(*args):
-    from gtalign_fast.kernels import grpo_loss as triton_kernels
-
+def _backward_kernel(launch, *args) -> None:
     *inputs, dlogp, dref = args
-    ref_grad = inputs[9]
-    triton_kernels.grpo_loss_backward(*_backward_args(*inputs), dlogp, dref if ref_grad else None)
-
-
-def _backward_extension(*args):
-    *inputs, dlogp, dref = args
-    extension_kernel("grpo_loss_bwd", inputs[3].device)(*_backward_args(*inputs), dlogp, dref)
+    launch(*_backward_args(*inputs), dlogp, dref)  # dref is empty ([0]) when ref_logp needs no gradient
 
 
 BACKWARD = Op(
@@ -242,12 +224,10 @@ BACKWARD = Op(
     options=GrpoLossOptions,
     returns=("dlogp", "dref"),
     outputs=_backward_outputs,
-    backends={
-        "triton": _backward_triton,
-        "cpu": _backward_extension,
-        "cuda": _backward_extension,
-        "reference": _backward_reference,
-    },
+    backends=compiled_backends(
+        _backward_kernel, triton="grpo_loss.grpo_loss_backward", extension="grpo_loss_bwd",
+        reference=_backward_reference,
+    ),
 )
 
 

@@ -29,6 +29,7 @@ rebuild the extension when it predates the kernel, instead of failing with an At
 from __future__ import annotations
 
 import functools
+import importlib
 import typing
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -109,6 +110,26 @@ def extension_kernel(name: str, device: torch.device):
         )
     kernel = _EXTENSION_KERNELS[(name, key)] = getattr(kernels, name)
     return kernel
+
+
+def compiled_backends(launch: Callable, *, triton: str, extension: str, reference: Callable) -> dict:
+    """The backends of an op whose Triton launcher and extension kernel take the same arguments.
+
+    ``launch(kernel, *inputs, options, *outputs)`` turns the op's arguments into the kernels' and
+    calls ``kernel``; ``triton`` names the launcher as ``"<module>.<function>"`` of
+    ``gtalign_fast.kernels`` (imported on first use: Triton is optional); ``extension`` names the
+    kernel of the compiled extension, which serves both CPU and CUDA tensors (dispatched by device).
+    """
+    module_name, function_name = triton.split(".")
+
+    def run_triton(*args):
+        module = importlib.import_module(f"gtalign_fast.kernels.{module_name}")
+        launch(getattr(module, function_name), *args)
+
+    def run_extension(*args):
+        launch(extension_kernel(extension, _device_of(args)), *args)
+
+    return {"triton": run_triton, "cpu": run_extension, "cuda": run_extension, "reference": reference}
 
 
 class Op:

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 from . import reference
-from ._op import Op, Output, extension_kernel
+from ._op import Op, Output, compiled_backends
 from ._token_logprobs_constants import NUM_STATS
 
 OP = "token_logprobs"
@@ -108,21 +108,11 @@ def _forward_reference(logits, targets, options, logp, entropy, stats):
 
 
 def _forward_kernel(launch, logits, targets, options, logp, entropy, stats) -> None:
-    """Call a kernel launcher (they share one signature) on rows read in place and flat outputs."""
+    """Call a kernel (the Triton launcher and the C++/CUDA kernels share one signature) on rows read in
+    place and flat outputs."""
     if targets.numel() > 0:
         launch(rows_view(logits), targets.reshape(-1).contiguous(), 1.0 / options.temperature, options.ignore_index,
                logp.view(-1), entropy.view(-1), stats)
-
-
-def _forward_triton(*args):
-    from gtalign_fast.kernels import token_logprobs as triton_kernels
-
-    _forward_kernel(triton_kernels.token_logprobs_forward, *args)
-
-
-def _forward_extension(*args):
-    """The C++ CPU and CUDA kernels of the compiled extension, dispatched by device."""
-    _forward_kernel(extension_kernel("token_logprobs_fwd", args[0].device), *args)
 
 
 FORWARD = Op(
@@ -133,12 +123,10 @@ FORWARD = Op(
     outputs=_forward_outputs,
     check=lambda logits, targets, options, _backend: check_target_range(targets, logits.shape[-1],
                                                                           options.ignore_index),
-    backends={
-        "triton": _forward_triton,
-        "cpu": _forward_extension,
-        "cuda": _forward_extension,
-        "reference": _forward_reference,
-    },
+    backends=compiled_backends(
+        _forward_kernel, triton="token_logprobs.token_logprobs_forward", extension="token_logprobs_fwd",
+        reference=_forward_reference,
+    ),
 )
 
 
@@ -177,16 +165,6 @@ def _backward_kernel(launch, grad_logp, grad_entropy, logits, targets, stats, en
                options.ignore_index, dlogits)
 
 
-def _backward_triton(*args):
-    from gtalign_fast.kernels import token_logprobs as triton_kernels
-
-    _backward_kernel(triton_kernels.token_logprobs_backward, *args)
-
-
-def _backward_extension(*args):
-    _backward_kernel(extension_kernel("token_logprobs_bwd", args[2].device), *args)
-
-
 BACKWARD = Op(
     "token_logprobs_backward",
     key="token_logprobs",
@@ -194,12 +172,10 @@ BACKWARD = Op(
     options=TokenLogprobsOptions,
     returns=("dlogits",),
     outputs=_backward_outputs,
-    backends={
-        "triton": _backward_triton,
-        "cpu": _backward_extension,
-        "cuda": _backward_extension,
-        "reference": _backward_reference,
-    },
+    backends=compiled_backends(
+        _backward_kernel, triton="token_logprobs.token_logprobs_backward", extension="token_logprobs_bwd",
+        reference=_backward_reference,
+    ),
 )
 
 

@@ -406,16 +406,17 @@ def grpo_loss_backward(
     dual_clip: float,
     seq_level: bool,
     dlogp: torch.Tensor,
-    dref: torch.Tensor | None,
+    dref: torch.Tensor,
 ) -> None:
-    """Launch the backward kernel: writes every element of ``dlogp`` (and ``dref`` when given)."""
+    """Launch the backward kernel: writes every element of ``dlogp`` and, unless it is empty (no
+    gradient for ref_logp), of ``dref``. The arguments are those of the C++ kernels."""
     batch, length = logp.shape
     _grpo_loss_bwd_kernel[(batch,)](
         grad_loss, row_weights, row_stats,
         logp, old_logp if old_logp is not None else logp, ref_logp if ref_logp is not None else logp,
-        advantages, mask, dlogp, dref if dref is not None else dlogp,
+        advantages, mask, dlogp, dref if dref.numel() > 0 else dlogp,
         length, *_strides(logp, old_logp, ref_logp, advantages, mask),
         beta, eps_low, eps_high, delta, dual_clip,
-        ON_POLICY=old_logp is None, HAS_REF=ref_logp is not None, REF_GRAD=dref is not None,
+        ON_POLICY=old_logp is None, HAS_REF=ref_logp is not None, REF_GRAD=dref.numel() > 0,
         SEQ_LEVEL=seq_level, DUAL_CLIP=dual_clip > 0, BLOCK_T=_block_t(length), num_warps=4,
     )

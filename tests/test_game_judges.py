@@ -33,6 +33,8 @@ from gtalign_fast.game import (
     wildguard_verdict,
 )
 
+from .servers import write_slowly
+
 # ---------------------------------------------------------------------------------------------
 # \boxed{} extraction and math normalisation
 # ---------------------------------------------------------------------------------------------
@@ -268,15 +270,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}).encode()
 
     def _trickle(self, head: bytes, body: bytes):
-        try:
-            for byte in head:
-                self.wfile.write(bytes([byte]))
-                time.sleep(0.05)
-            for byte in body:
-                self.wfile.write(bytes([byte]))
-                time.sleep(0.05)
-        except OSError:  # the client hung up: what the deadline is for
-            pass
+        write_slowly(self.wfile, head + body)
         self.close_connection = True
 
     def do_GET(self):  # only a followed redirect gets here

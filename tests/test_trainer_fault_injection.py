@@ -32,6 +32,7 @@ import torch
 
 from gtalign_fast import GRPOTrainer
 from gtalign_fast.game import GTAlignReward, JudgeItem, OpenAIJudge
+from tests.servers import write_slowly
 from tests.test_trainer import install_missing_ops, read_metrics, toy
 
 pytestmark = pytest.mark.timeout(120)
@@ -123,12 +124,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if mode == "trickle":  # ~8 s in all at 20 bytes/s; the judge's deadline is TIMEOUT
             answer = self._chat("<score>1</score>")
             raw = f"HTTP/1.1 200 OK\r\nContent-Length: {len(answer)}\r\n\r\n".encode() + answer
-            try:
-                for byte in raw:
-                    self.wfile.write(bytes([byte]))
-                    time.sleep(0.05)
-            except OSError:  # the client hung up: what the deadline is for
-                pass
+            write_slowly(self.wfile, raw)
             self.close_connection = True
             return None
         if mode == "redirect":
