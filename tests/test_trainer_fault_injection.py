@@ -37,7 +37,10 @@ from tests.test_trainer import install_missing_ops, read_metrics, toy
 
 pytestmark = pytest.mark.timeout(120)
 
-TIMEOUT = 0.3  # the judge's deadline per attempt
+# The judge's deadline per attempt: far above a good reply's time even on a loaded 2-core CI machine
+# (at 0.3 s a retried request sometimes timed out before the server had read it), far below the
+# ~8 s a trickled reply takes.
+TIMEOUT = 1.0
 RETRIES = 1  # so each faulty sample costs at most 2 attempts
 BACKOFF = 0.01
 GROUP = 8  # toy_config's num_generations
@@ -259,8 +262,14 @@ def _check_server_side(servers, judge: OpenAIJudge, steps: int) -> None:
     judge_srv, other = servers
     assert other.requests == 0 and other.auth == [], "the redirect was followed (the key could leak)"
     assert set(judge_srv.auth) == {"Bearer secret"}
-    per_step = {"ok:1": 4, "ok:0": 4, "redirect": 2, "trickle": 4, "reset": 4, "cut": 4}  # retried once, 302 not
-    assert {m: judge_srv.modes.count(m) for m in per_step} == {m: steps * k for m, k in per_step.items()}
+    # Answered at once and never retried: every request reaches the server.
+    answered = {"ok:1": 4, "ok:0": 4, "redirect": 2}
+    assert {m: judge_srv.modes.count(m) for m in answered} == {m: steps * k for m, k in answered.items()}
+    # Retried once (2 samples per group x 2 groups x 2 attempts): a retry the client abandons at its
+    # deadline may not have been read by the server yet, so the server sees between one and two
+    # attempts per sample; the client's own counts below are exact.
+    for mode in ("trickle", "reset", "cut"):
+        assert steps * 2 <= judge_srv.modes.count(mode) <= steps * 4, (mode, judge_srv.modes.count(mode))
     stats = judge.stats
     assert stats.items == steps * BATCH and stats.failures == steps * len(BAD)
     assert stats.timeouts == steps * 4 and stats.http_errors == steps * 2
