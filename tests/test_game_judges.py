@@ -496,12 +496,12 @@ def test_client_timeout_is_a_deadline_for_the_whole_request(server, mode):
     out = judge.judge_batch(_items(f"MODE={mode}", f"MODE={mode} ID=2"))
     elapsed = time.perf_counter() - start
     assert all(s.failed and s.user == 0.0 and "timeout" in s.detail for s in out)
-    assert elapsed < 0.5 + 0.4
+    assert elapsed < 0.5 + 1.5  # slack for a loaded machine; the trickled reply alone takes ~3 s
     assert judge.stats.timeouts == 2 and judge.stats.failures == 2
     retrying = _judge(server, timeout=0.3, max_retries=1, backoff=0.01, concurrency=1)
     start = time.perf_counter()
     assert retrying.judge_one(_items(f"MODE={mode}")[0]).failed
-    assert time.perf_counter() - start < 2 * 0.3 + 0.6
+    assert time.perf_counter() - start < 2 * 0.3 + 1.4  # two trickled attempts would take ~6 s
     assert retrying.stats.timeouts == 2 and retrying.stats.retries == 1
 
 
