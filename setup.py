@@ -20,7 +20,10 @@ import shutil
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["gtalign_fast", "gtalign_fast.game", "gtalign_fast.game.judges", "gtalign_fast.kernels"]
+PACKAGES = [
+    "gtalign_fast", "gtalign_fast.game", "gtalign_fast.game.judges", "gtalign_fast.integrations",
+    "gtalign_fast.kernels", "gtalign_fast.recipes",
+]
 PACKAGE_DIR = {"gtalign_fast.kernels": "kernels"}
 
 

@@ -8,8 +8,9 @@ importance sampling, from float32 ``[B, T]`` per-token log-probs, forward ("fwd"
 write of ``dlogp`` backward.
 
 Liger's ``triton_grpo_loss`` starts from the logits (it fuses the log-softmax), so it is compared
-in a second op, ``grpo_loss_logits``, against ``token_logprobs`` + ``grpo_loss`` and eager torch
-on the same ``[B, T+1, V]`` logits (CUDA only: Liger needs it; on CPU the row says so).
+in a second op, ``grpo_loss_logits``, against ``ops.logits_grpo_loss`` (provider
+``gtalign_fast[<backend>] logits_grpo_loss``), ``token_logprobs`` + ``grpo_loss`` and eager torch
+on the same ``[B, T+1, V]`` logits (Liger needs CUDA; on CPU its row says so).
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ def _shapes(device: torch.device, suite: str) -> list[tuple[int, int]]:
 def _logits_shapes(device: torch.device, suite: str) -> list[tuple[int, int, int]]:
     if device.type != "cuda":
         return [(4, 256, 32000)] if suite == "full" else []
-    if suite == "default":
-        return [(8, 1024, 32000)]
+    if suite == "default":  # issue 12's targets: B=8, T=1024 at V=32000 and V=151936
+        return [(8, 1024, 32000), (8, 1024, 151936)]
     if suite == "full":
-        return [(8, 1024, 32000), (16, 2048, 151936)]
+        return [(8, 1024, 32000), (8, 1024, 151936), (16, 2048, 151936)]
     return []
 
 
@@ -175,6 +176,15 @@ def _ours_logits(backend):
     return compute
 
 
+def _fused_logits(backend):
+    """``ops.logits_grpo_loss``: the same maths from the logits in one op (dlogits into a new buffer,
+    as Liger's row with ``inplace=False``)."""
+    def compute(logits, ids, old, ref, advantages, mask):
+        return ops.logits_grpo_loss(logits[:, :-1], ids, advantages, mask, old_logp=old, ref_logp=ref,
+                                    backend=backend, **HYPER)[0]
+    return compute
+
+
 def _eager_logits(logits, ids, old, ref, advantages, mask):
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     return reference.grpo_loss(logp, old, advantages, mask, ref, **HYPER)[0]
@@ -200,6 +210,7 @@ def _logits_cases(device: torch.device, suite: str) -> list[Case]:
         traffic = {"fwd": logits_bytes, "bwd": 2 * logits_bytes, "full": 3 * logits_bytes}
         liger_reason = missing("liger_kernel") or (None if device.type == "cuda" else "needs CUDA")
         for name, compute, reason in (
+            (f"gtalign_fast[{backend}] logits_grpo_loss", _fused_logits(backend), _kernel_available(backend, device)),
             (f"gtalign_fast[{backend}]", _ours_logits(backend), _kernel_available(backend, device)),
             ("torch-eager", _eager_logits, None),
             ("liger", _liger_logits, liger_reason),

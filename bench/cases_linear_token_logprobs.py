@@ -1,12 +1,17 @@
 """Benchmark rows for ``linear_token_logprobs``: the LM head + target log-prob, ours vs torch eager
 (``hidden @ W.T -> log_softmax -> gather``), torch.compile of it, Liger's fused linear cross
-entropy and verl's linear cross entropy.
+entropy and verl's linear cross entropy, beside the bare GEMMs our design cannot avoid.
 
 Every provider computes the float32 log-prob of each row's target token (temperature 1) from
 ``hidden [N, H]`` and ``weight [V, H]``: forward ("fwd") or forward + backward to hidden and
 weight ("full"). ``flops`` counts the useful work (``2 N H V`` forward, ``6 N H V`` full);
 ``extra["flops_executed"]`` counts what a provider that recomputes the logits in the backward
 really does (``8 N H V``).
+
+The ``bare-gemms`` rows are the floor of our chunk-over-tokens design, timed in the same run: the
+logits GEMM alone ("fwd"), and the four GEMMs of a forward + backward ("full": logits, their
+recomputation, ``dZ @ W``, ``dZ^T @ H``), in the inputs' dtype into preallocated outputs. The
+issue's target is ``gtalign_fast[triton]`` "full" within 1.15x of ``bare-gemms`` "full".
 """
 
 from __future__ import annotations
@@ -90,6 +95,30 @@ def _verl(hidden, weight, targets):
     return logp
 
 
+def _bare_gemms(n, hidden_size, vocab, dtype, device, mode):
+    """The GEMMs alone: ``Z = H W^T`` ("fwd"); ``Z = H W^T`` twice, ``Z W`` and ``Z^T H`` ("full")."""
+
+    def make():
+        hidden, weight, _ = _make_inputs(n, hidden_size, vocab, dtype, device)
+        hidden, weight = hidden.detach(), weight.detach()
+        logits = torch.empty(n, vocab, dtype=dtype, device=device)
+        dhidden = torch.empty_like(hidden)
+        dweight = torch.empty_like(weight)
+
+        def fwd():
+            return torch.mm(hidden, weight.T, out=logits)
+
+        def full():
+            torch.mm(hidden, weight.T, out=logits)
+            torch.mm(hidden, weight.T, out=logits)
+            torch.mm(logits, weight, out=dhidden)
+            return torch.mm(logits.T, hidden, out=dweight)
+
+        return fwd if mode == "fwd" else full
+
+    return make
+
+
 def _ours(backend):
     return lambda hidden, weight, targets: ops.linear_token_logprobs(hidden, weight, targets, backend=backend)
 
@@ -125,6 +154,11 @@ def cases(device: torch.device, suite: str) -> list[Case]:
         inputs_bytes = (n + vocab) * hidden_size * itemsize
         traffic = {"fwd": inputs_bytes, "full": 2 * inputs_bytes}
         useful = {"fwd": 2 * n * hidden_size * vocab, "full": 6 * n * hidden_size * vocab}
+        for mode in MODES:
+            rows.append(Case(OP, "bare-gemms", mode, shape, dtype_name,
+                             _bare_gemms(n, hidden_size, vocab, dtype, device, mode), bytes=traffic[mode],
+                             flops=useful[mode], extra={"flops_executed": 2 * n * hidden_size * vocab * (
+                                 1 if mode == "fwd" else 4)}))
         for name, compute, reason in _providers(device, suite):
             if reason is not None:
                 rows.extend(skipped(OP, name, MODES, shape, dtype_name, reason))

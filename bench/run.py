@@ -14,6 +14,7 @@ Examples
     python bench/run.py                       # the default suite, about two minutes
     python bench/run.py --suite full --ops token_logprobs,grpo_loss
     python bench/run.py --suite e2e           # trainer step throughput vs TRL
+    python bench/run.py --suite trl           # TRL's GRPOTrainer update, patched vs not
     python bench/run.py --plot-only bench/results/*.json   # redraw the PNGs from committed results
 """
 
@@ -41,7 +42,7 @@ import torch  # noqa: E402
 
 from bench.common import Case  # noqa: E402
 
-SUITES = ("default", "full", "e2e")
+SUITES = ("default", "full", "e2e", "trl")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -573,7 +574,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=SUITES, default="default",
                         help="default: small shapes, about two minutes; full: the published shapes; "
-                             "e2e: GRPO trainer step throughput")
+                             "e2e: GRPO trainer step throughput; trl: TRL's GRPOTrainer update, patched vs not")
     parser.add_argument("--ops", default="", help="comma-separated ops to run (default: every bench/cases_*.py)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"), help="folder for the JSON and PNG")

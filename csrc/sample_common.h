@@ -20,5 +20,13 @@ enum Status : int32_t {
   kStatusNoFiniteLogitAfterBias = 3,  // every logit is -inf once the biases are added
 };
 
+// Used by the Triton kernel only (kernels/sample.py), kept here so each value is defined once: its
+// radix select's digit width and buckets, and the columns of its per-chunk partials.
+constexpr int32_t kRadixBits = 4;
+constexpr int32_t kNumBuckets = 16;
+constexpr int32_t kNumPartStats = 4;
+constexpr int32_t kNumPartDraw = 4;
+constexpr int32_t kNumRowStats = 3;
+
 }  // namespace sample
 }  // namespace gtalign_fast

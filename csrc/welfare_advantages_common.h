@@ -47,10 +47,12 @@ inline int64_t check_inputs(const at::Tensor& user, const at::Tensor& llm, const
   TORCH_CHECK(user.scalar_type() == at::kFloat && llm.scalar_type() == at::kFloat && user.is_contiguous() &&
                   llm.is_contiguous() && llm.numel() == n_rows,
               "welfare_advantages: user and llm must be contiguous float32 [N]");
+  TORCH_CHECK(llm.device() == user.device(), "welfare_advantages: user and llm must be on one device");
   TORCH_CHECK(scale_mode >= kScaleGroup && scale_mode <= kScaleNone, "welfare_advantages: bad scale mode");
   if (offsets.has_value() && offsets->defined()) {
-    TORCH_CHECK(offsets->scalar_type() == at::kLong && offsets->is_contiguous() && offsets->numel() >= 1,
-                "welfare_advantages: offsets must be contiguous int64 [G+1]");
+    TORCH_CHECK(offsets->scalar_type() == at::kLong && offsets->is_contiguous() && offsets->numel() >= 1 &&
+                    offsets->device() == user.device(),
+                "welfare_advantages: offsets must be contiguous int64 [G+1] on the rewards' device");
     return offsets->numel() - 1;
   }
   TORCH_CHECK(group_size >= 1 && n_rows % group_size == 0, "welfare_advantages: group size must divide N");

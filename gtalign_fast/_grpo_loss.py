@@ -16,7 +16,8 @@ from typing import NamedTuple
 
 import torch
 
-from . import reference
+from . import _device_checks, reference
+from ._device_checks import error_flag
 from ._grpo_constants import (
     METRIC_NAMES,
     MODE_CONSTANT,
@@ -146,8 +147,45 @@ def _clip_args(options: GrpoLossOptions) -> tuple[float, float, float, float, fl
     return options.beta, options.epsilon_low, options.epsilon_high, delta, dual_clip
 
 
+_FINALIZE_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def _current_stream(device: torch.device) -> int:
+    """The current stream's raw handle: one C call where torch has it (torch.cuda.current_stream
+    builds a Python Stream object, microseconds per call)."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return raw(device.index)
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def finalize_counter(device: torch.device) -> torch.Tensor:
+    """The zeroed int32 ``[1]`` counter that makes the Triton and CUDA forward one launch (the last
+    program to finish reduces the rows and resets it), one per (device, stream): launches on one
+    stream run one after the other, so each finds it at zero; two streams must not share one. The
+    C++ CPU kernel ignores it."""
+    stream = _current_stream(device) if device.type == "cuda" else 0
+    counter = _FINALIZE_COUNTERS.get((device, stream))
+    if counter is None:
+        counter = _FINALIZE_COUNTERS[(device, stream)] = torch.zeros(1, dtype=torch.int32, device=device)
+    return counter
+
+
 def _forward_kernel(launch, *args) -> None:
-    launch(*_forward_args(*args))
+    """One call of the launcher (one kernel launch on CUDA); a ``num_items_tensor`` that is not
+    finite and > 0 sets the device's error flag (the loss is NaN), raised at once for CPU tensors,
+    lazily (no host sync) for CUDA ones."""
+    device = args[0].device
+    launch(*_forward_args(*args), error_flag(device), finalize_counter(device))
+    num_items_tensor = args[5]
+    if num_items_tensor is not None:
+        _device_checks.after_launch(OP, device, explain=lambda: _explain_normaliser(num_items_tensor))
+
+
+def _explain_normaliser(num_items: torch.Tensor) -> None:
+    number = float(num_items.reshape(-1)[0])
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"grpo_loss: num_items_in_batch must be finite and > 0, got {number}")
 
 
 FORWARD = Op(
@@ -333,11 +371,11 @@ def _validate(logp, old_logp, advantages, mask, ref_logp, beta, epsilon_low, eps
 
 def _checked_normaliser(num_items: torch.Tensor) -> torch.Tensor:
     """The tensor ``num_items_in_batch`` as a 0-dim float32, refused like the number when it is not
-    finite and > 0 -- where that is free: a CPU tensor is read on the host in an eager call (a
-    ValueError) and checked with ``torch._assert_async`` when traced. A CUDA tensor is handed to the
-    kernel unchecked: a check there would cost kernel launches per call, and a device-side assert
-    would end the CUDA context (the trainer never passes a zero: a batch without loss tokens skips
-    the op)."""
+    finite and > 0: a CPU tensor is read on the host in an eager call (a ValueError) and checked
+    with ``torch._assert_async`` when traced. A CUDA tensor is checked by the kernel, which sets the
+    device's error flag (no host sync; a device-side assert would end the CUDA context): the loss is
+    NaN and :func:`gtalign_fast.ops.check_device_errors` raises (at once with
+    ``GTALIGN_FAST_SYNC_CHECKS=1``)."""
     value = num_items.detach().reshape(()).to(torch.float32)
     if value.device.type != "cpu":
         return value
@@ -427,8 +465,9 @@ def grpo_loss(
         ``L`` above (``dr_grpo`` and ``seq-mean-token-sum-norm`` only); default ``T``.
     num_items_in_batch : int, float or 0-dim Tensor, optional
         ``dapo`` only: the global number of completion tokens across processes, finite and
-        ``> 0`` (a CUDA tensor is read by the kernel on the device, without a host sync, and is not
-        checked; a CPU tensor is checked like the number). Ignored by the other loss types.
+        ``> 0`` (a CUDA tensor is read and checked by the kernel on the device, without a host sync:
+        a bad one gives a NaN loss and an error from ``check_device_errors``; a CPU tensor is checked
+        like the number). Ignored by the other loss types.
     backend : {"triton", "cuda", "cpu", "reference"}, optional
         Force a backend; default: ``GTALIGN_FAST_BACKEND[_GRPO_LOSS]``, else the C++ kernel on CPU
         and the CUDA C++ kernel on CUDA (the faster there, see ``_backend.CUDA_DEFAULTS``).

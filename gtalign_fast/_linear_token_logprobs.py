@@ -1,29 +1,31 @@
-"""``linear_token_logprobs``: the LM head fused with ``token_logprobs``, in vocabulary chunks.
+"""``linear_token_logprobs``: the LM head fused with ``token_logprobs``, in chunks of tokens.
 
 ``linear_token_logprobs(hidden, weight, targets)`` equals
-``token_logprobs(hidden @ weight.T + bias, targets)`` but never allocates the ``[N, V]`` logits:
-the forward keeps an online log-sum-exp per row across vocabulary chunks, and the backward
-recomputes each chunk of logits, turns it into ``dz`` in place and accumulates
-``dhidden += dz @ W_chunk`` and ``dW_chunk = dz^T @ hidden``.
+``token_logprobs(hidden @ weight.T + bias, targets)`` but never allocates the ``[N, V]`` logits.
+Per chunk of tokens, one GEMM writes the chunk's float32 logits into one reused buffer and one
+memory-bound pass turns them into log-prob, entropy and ``(m, log s)`` per row; the backward
+recomputes the chunk's logits (GEMM), overwrites them with ``dz`` in one pass, then
+``dhidden_c = dz @ W`` and ``dW += dz^T @ hidden_c``. A forward + backward costs four GEMMs and two
+passes over each chunk (``gtalign_fast.kernels.linear_token_logprobs_chunked``).
 
-Backends (resolved inside the op, at run time, like every gtalign_fast op):
+Backends (resolved inside the op, at run time, like every gtalign_fast op); the GEMMs are always
+torch's (cuBLAS / the CPU BLAS), the backends differ in the pass over each chunk:
 
-``"triton"``     fused Triton kernels (``gtalign_fast.kernels.linear_token_logprobs``): the forward is
-                 one tiled-matmul kernel with the online log-sum-exp in its epilogue (no logits
-                 written at all); the backward recomputes logits tiles into ``dz`` chunks and hands
-                 the two products to cuBLAS. Default on CUDA tensors.
-``"cpu"``        the chunked PyTorch path on CPU tensors (``gtalign_fast.kernels.linear_token_logprobs_chunked``:
-                 BLAS ``addmm`` per chunk + in-place elementwise work on the one chunk buffer). Default
-                 on CPU tensors.
-``"cuda"``       the same chunked PyTorch path on CUDA tensors, built on cuBLAS -- not a hand-written
-                 CUDA kernel. Default on CUDA only when Triton is not installed.
+``"triton"``     the Triton kernels of ``gtalign_fast.kernels.linear_token_logprobs``. Default on CUDA.
+``"cpu"``        the C++ ``token_logprobs`` kernels (OpenMP, vectorised) on CPU tensors; a row-blocked
+                 PyTorch pass for float64, or when the extension is not built. Default on CPU.
+``"cuda"``       the PyTorch pass on CUDA tensors (not a hand-written CUDA kernel): the default on
+                 CUDA only when Triton is not installed.
 ``"reference"``  materialises the logits and calls :func:`gtalign_fast.reference.token_logprobs`
                  (float64-capable; for tests, O(N V) memory).
 
 The backend is chosen by ``backend=``, then ``GTALIGN_FAST_BACKEND_LINEAR_TOKEN_LOGPROBS``, then
 ``GTALIGN_FAST_BACKEND``, then the device default. The op gives ``_backend.resolve`` its own
-availability rules because its CPU / CUDA paths are pure PyTorch and do not need the compiled
-extension.
+availability rules because its CPU / CUDA paths run without the compiled extension.
+
+Target ids outside ``[0, V)``: the CPU and reference backends raise ``IndexError`` at once; on CUDA
+the kernels set the device error flag (``gtalign_fast._device_checks``; the row's log-prob is NaN)
+and the error is raised by ``check_device_errors()``, without a host synchronisation per call.
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ import torch
 
 from gtalign_fast.kernels import linear_token_logprobs_chunked as chunked
 
-from . import _backend, reference
+from . import _backend, _device_checks, reference
 from ._op import Op, Output
 from ._token_logprobs import MIN_TEMPERATURE, check_target_range
+from ._token_logprobs_constants import NUM_STATS, STAT_LOG_SUM, STAT_ROW_MAX
 
 OP = "linear_token_logprobs"
 BACKENDS = ("triton", "cuda", "cpu", "reference")
@@ -71,7 +74,7 @@ def _default_backend(device: torch.device) -> str:
 # Backends
 
 
-def _forward_reference(hidden, weight, bias, targets, options, logp, entropy, lse):
+def _forward_reference(hidden, weight, bias, targets, options, logp, entropy, stats):
     temperature, with_entropy, ignore_index, _ = options
     ref_logp, ref_entropy = reference.linear_token_logprobs(
         hidden, weight, targets, bias, temperature, with_entropy, ignore_index
@@ -81,54 +84,53 @@ def _forward_reference(hidden, weight, bias, targets, options, logp, entropy, ls
         entropy.copy_(ref_entropy)
     dtype = reference.compute_dtype(hidden.dtype)
     logits = torch.nn.functional.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
-    lse.copy_(torch.where(targets != ignore_index, torch.logsumexp(logits / temperature, dim=-1), 0.0))
+    y = logits / temperature
+    row_max = y.amax(dim=-1) if y.shape[0] else torch.zeros(0, dtype=dtype, device=y.device)
+    shift = torch.where(torch.isinf(row_max), 0.0, row_max)
+    valid = targets != ignore_index
+    stats[:, STAT_ROW_MAX] = torch.where(valid, shift, 0.0)
+    stats[:, STAT_LOG_SUM] = torch.where(valid, torch.logsumexp(y - shift.unsqueeze(1), dim=-1), 0.0)
 
 
 def _valid_rows(targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
-    """Indices of the rows to compute, or None when every row is valid (no compaction copy).
-    Prompt and padding positions are skipped entirely instead of costing a matmul row."""
+    """Indices of the rows to compute, or None when every row is valid (no compaction copy). Used on
+    CPU tensors only (the check reads the data: free there, a host sync on CUDA): prompt and padding
+    positions are dropped before the GEMMs instead of costing a row of each."""
     valid = targets != ignore_index
     if bool(valid.all()):
         return None
     return valid.nonzero().squeeze(1)
 
 
-def _forward_chunks(name, hidden, weight, bias, targets, options, logp, entropy, lse):
-    """The Triton and chunked forwards: only the valid rows, results scattered back."""
+def _forward_chunks(name, hidden, weight, bias, targets, options, logp, entropy, stats):
+    """Every backend but the reference: chunks of tokens (only the valid rows on the "cpu" backend)."""
     temperature, with_entropy, ignore_index, chunk_size = options
     if targets.numel() == 0:
         return
-    rows = _valid_rows(targets, ignore_index)
-    outputs = [logp, lse] + ([entropy] if with_entropy else [])
+    device = hidden.device
+    rows = _valid_rows(targets, ignore_index) if name == "cpu" else None
+    outs = (logp, entropy if with_entropy else None, stats)
     if rows is not None:
-        for out in outputs:
-            out.zero_()
-        if rows.numel() == 0:
-            return
+        for out in outs:
+            if out is not None:
+                out.zero_()
         hidden, targets = hidden.index_select(0, rows), targets.index_select(0, rows)
-    inv_t = 1.0 / temperature
-    if name == "triton":
-        from gtalign_fast.kernels import linear_token_logprobs as kernels
-
-        partials = kernels.forward_partials(
-            hidden, weight, None if bias is None else bias.contiguous(), targets.contiguous(),
-            inv_t, ignore_index, with_entropy,
+        outs = tuple(None if out is None else torch.empty((rows.numel(), *out.shape[1:]), dtype=out.dtype,
+                                                          device=device) for out in outs)
+    flag = _device_checks.error_flag(device)
+    chunked.forward_chunked(name, hidden, weight, bias, targets.contiguous(), 1.0 / temperature, ignore_index,
+                            chunk_size, *outs, flag)
+    if name != "cpu":  # the "cpu" backend checked the ids on the host before
+        _device_checks.after_launch(
+            OP, device, explain=lambda: check_target_range(targets, weight.shape[0], ignore_index, op=OP)
         )
-        lse_v, log_s, y_target, t_over_s = kernels.merge_partials(*partials)
-        values = [y_target - lse_v, lse_v] + ([log_s - t_over_s] if with_entropy else [])
-    else:
-        logp_v, lse_v, entropy_v = chunked.forward_chunked(
-            hidden, weight, bias, targets, inv_t, with_entropy, chunk_size
-        )
-        values = [logp_v, lse_v] + ([entropy_v] if with_entropy else [])
-    for out, value in zip(outputs, values):
-        if rows is None:
-            out.copy_(value)
-        else:
-            out.index_copy_(0, rows, value.to(out.dtype))
+    if rows is not None:
+        for full, part in zip((logp, entropy if with_entropy else None, stats), outs):
+            if full is not None:
+                full.index_copy_(0, rows, part)
 
 
-def _backward_reference(g_logp, g_entropy, hidden, weight, bias, targets, lse, entropy, need_hidden, need_weight,
+def _backward_reference(g_logp, g_entropy, hidden, weight, bias, targets, stats, entropy, need_hidden, need_weight,
                         need_bias, options, dhidden, dweight, dbias):
     """Materialised logits and the closed-form gradient (autograd is not reachable inside a
     custom op's kernel): ``dz = (g (onehot - p) - g_H p (log p + H)) / T``."""
@@ -156,46 +158,38 @@ def _backward_reference(g_logp, g_entropy, hidden, weight, bias, targets, lse, e
         dbias.copy_(dz.sum(dim=0))
 
 
-def _backward_chunks(name, g_logp, g_entropy, hidden, weight, bias, targets, lse, entropy, need_hidden, need_weight,
+def _backward_chunks(name, g_logp, g_entropy, hidden, weight, bias, targets, stats, entropy, need_hidden, need_weight,
                      need_bias, options, dhidden, dweight, dbias):
-    """The Triton and chunked backwards: only the valid rows; a gradient not asked for is None."""
+    """Every backend but the reference; a gradient not asked for is None."""
     temperature, _, ignore_index, chunk_size = options
     dhidden, dweight, dbias = (out if need else None for out, need in
                                ((dhidden, need_hidden), (dweight, need_weight), (dbias, need_bias)))
     if dhidden is None and dweight is None and dbias is None:
         return
-    g_logp = g_logp.to(torch.float32).contiguous()
-    g_entropy = None if g_entropy is None else g_entropy.to(torch.float32).contiguous()
-    rows = _valid_rows(targets, ignore_index)
+    dtype = reference.compute_dtype(hidden.dtype)  # float32 for the kernels, float64 maths for float64
+    g_logp = g_logp.to(dtype).contiguous()
+    g_entropy = None if g_entropy is None else g_entropy.to(dtype).contiguous()
+    rows = _valid_rows(targets, ignore_index) if name == "cpu" and targets.numel() else None
     dhidden_rows = dhidden
-    if targets.numel() == 0 or (rows is not None and rows.numel() == 0):
-        for out in (dhidden, dweight, dbias):  # no row contributes
-            if out is not None:
-                out.zero_()
-        return
     if rows is not None:
-        hidden, targets, lse = hidden.index_select(0, rows), targets.index_select(0, rows), lse.index_select(0, rows)
-        g_logp = g_logp.index_select(0, rows)
+        hidden, targets, stats, g_logp = (x.index_select(0, rows) for x in (hidden, targets, stats, g_logp))
         if g_entropy is not None:
             g_entropy, entropy = g_entropy.index_select(0, rows), entropy.index_select(0, rows)
         if dhidden is not None:
             dhidden_rows = torch.empty_like(hidden)
-    if name != "triton":  # the PyTorch chunks run in the compute dtype (index_put_ needs one dtype)
-        dtype = reference.compute_dtype(hidden.dtype)
-        g_logp = g_logp.to(dtype)
-        g_entropy = None if g_entropy is None else g_entropy.to(dtype)
     chunked.backward_chunked(
-        name, hidden, weight, bias, targets.contiguous(), lse.contiguous(),
-        None if g_entropy is None else entropy.contiguous(), g_logp.contiguous(),
-        None if g_entropy is None else g_entropy.contiguous(), 1.0 / temperature, ignore_index, chunk_size,
-        dhidden_rows, dweight, dbias,
+        name, hidden, weight, bias, targets.contiguous(), stats.contiguous(), entropy.contiguous(), g_logp, g_entropy,
+        1.0 / temperature, ignore_index, chunk_size, dhidden_rows, dweight, dbias,
     )
     if rows is not None and dhidden is not None:
         dhidden.zero_().index_copy_(0, rows, dhidden_rows)
 
 
 def _check_data(hidden, weight, bias, targets, options, backend) -> None:
-    check_target_range(targets, weight.shape[0], options.ignore_index, op=OP)
+    """Ids are checked on the host where that is free and where no kernel checks them (CPU, the
+    reference); the Triton and "cuda" passes flag them on the device instead."""
+    if backend in ("cpu", "reference"):
+        check_target_range(targets, weight.shape[0], options.ignore_index, op=OP)
     if backend == "triton" and hidden.dtype == torch.float64:
         raise TypeError(
             f"{OP}: the 'triton' backend takes float16 / bfloat16 / float32 inputs, got float64; "
@@ -211,7 +205,7 @@ class LinearTokenLogprobsOptions(NamedTuple):
     temperature: float
     with_entropy: bool
     ignore_index: int
-    chunk_size: int  # vocabulary entries per chunk; 0 = automatic
+    chunk_size: int  # tokens (rows) per chunk; 0 = chosen from the shapes (chunked.chunk_rows)
 
 
 def _forward_outputs(hidden, weight, bias, targets, options):
@@ -219,12 +213,13 @@ def _forward_outputs(hidden, weight, bias, targets, options):
     return (
         Output((n_rows,), torch.float32),  # logp
         Output((n_rows if options.with_entropy else 0,), torch.float32),  # entropy
-        Output((n_rows,), torch.float32),  # lse: log-sum-exp of z / T per row, for the backward
+        # per row (shift m, log sum exp(z / T - m)) for the backward (columns STAT_* of _token_logprobs_constants)
+        Output((n_rows, NUM_STATS), reference.compute_dtype(hidden.dtype)),
     )
 
 
 def _backend_functions(chunks, reference_fn) -> dict:
-    """Triton and the chunked PyTorch path share one driver, told which one runs."""
+    """Every backend but the reference shares one chunk driver, told which one runs."""
     return {name: functools.partial(chunks, name) for name in ("triton", "cpu", "cuda")} | {"reference": reference_fn}
 
 
@@ -232,7 +227,7 @@ FORWARD = Op(
     "linear_token_logprobs",
     inputs="Tensor hidden, Tensor weight, Tensor? bias, Tensor targets",
     options=LinearTokenLogprobsOptions,
-    returns=("logp", "entropy", "lse"),
+    returns=("logp", "entropy", "stats"),
     outputs=_forward_outputs,
     check=_check_data,
     backends=_backend_functions(_forward_chunks, _forward_reference),
@@ -241,7 +236,7 @@ FORWARD = Op(
 )
 
 
-def _backward_outputs(grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy, need_hidden, need_weight,
+def _backward_outputs(grad_logp, grad_entropy, hidden, weight, bias, targets, stats, entropy, need_hidden, need_weight,
                       need_bias, options):
     """A gradient that is not needed is an empty ``[0]`` (outputs may not alias each other)."""
     return (
@@ -256,7 +251,7 @@ BACKWARD = Op(
     key=OP,
     inputs=(
         "Tensor grad_logp, Tensor? grad_entropy, Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
-        "Tensor lse, Tensor entropy, bool need_hidden, bool need_weight, bool need_bias"
+        "Tensor stats, Tensor entropy, bool need_hidden, bool need_weight, bool need_bias"
     ),
     options=LinearTokenLogprobsOptions,
     returns=("dhidden", "dweight", "dbias"),
@@ -269,22 +264,22 @@ BACKWARD = Op(
 
 def _save(ctx, inputs, options, outputs) -> None:
     hidden, weight, bias, targets = inputs
-    _, entropy, lse = outputs
-    ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+    _, entropy, stats = outputs
+    ctx.save_for_backward(hidden, weight, bias, targets, stats, entropy)
 
 
-def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
-    hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+def _backward(ctx, grad_logp, grad_entropy, _grad_stats):
+    hidden, weight, bias, targets, stats, entropy = ctx.saved_tensors
     if grad_logp is None and grad_entropy is None:
         return None, None, None, None
     if grad_logp is None:
-        grad_logp = torch.zeros_like(lse)
+        grad_logp = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
     if not ctx.options.with_entropy:
         grad_entropy = None
     need_hidden, need_weight, need_bias = ctx.needs_grad[:3]
     need_bias = bool(need_bias and bias is not None)
     dhidden, dweight, dbias = BACKWARD.call_in_backward(
-        ctx, grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy, bool(need_hidden),
+        ctx, grad_logp, grad_entropy, hidden, weight, bias, targets, stats, entropy, bool(need_hidden),
         bool(need_weight), need_bias,
     )
     return dhidden if need_hidden else None, dweight if need_weight else None, dbias if need_bias else None, None
@@ -359,12 +354,14 @@ def linear_token_logprobs(
 
     Same values and gradients as ``token_logprobs(hidden @ weight.T + bias, targets, ...)``, except
     that the logits are formed with float32 accumulation and never rounded to a half dtype. The
-    vocabulary (and, for large N, the rows) is processed in chunks; the backward recomputes each
-    chunk. Extra memory: one chunk of float32 logits (two with the entropy), plus a float32
-    ``[N, H]`` accumulator for half-precision ``hidden`` and a float32 ``[C, H]`` accumulator for
-    one chunk of a half-precision weight gradient: independent of V beyond the weight gradient
-    itself. Positions whose target is
-    ``ignore_index`` are dropped before the matmul (they cost nothing).
+    tokens are processed in chunks of ``R`` rows: per chunk one GEMM writes its ``[R, V]`` float32
+    logits into one reused buffer and one pass reads them; the backward recomputes them (GEMM),
+    overwrites them with ``dz`` in one pass and runs ``dz @ W`` and ``dz^T @ hidden`` (four GEMMs
+    and two passes over each chunk in all). Extra memory: that one buffer (``4 R V`` bytes; half
+    precision ``dz`` reuses its bytes), nothing of size ``N x V``. With half-precision inputs ``dz``
+    is rounded to their dtype for the two backward GEMMs (tensor cores, float32 accumulation) and the
+    weight gradient is accumulated in its own dtype, one rounding per chunk. On the ``"cpu"``
+    backend, positions whose target is ``ignore_index`` are dropped before the GEMMs.
 
     Parameters
     ----------
@@ -382,13 +379,18 @@ def linear_token_logprobs(
     ignore_index : int, default -100
         Positions whose target equals it give 0 (log-prob and entropy) and zero gradient.
     chunk_size : int, optional
-        Vocabulary entries per chunk (``"cpu"`` / ``"cuda"`` forward and every backward). Default:
-        as many as keep one float32 chunk of logits near 32 MiB (CPU) / 128 MiB (CUDA), between
-        1024 and 8192 columns; rows are chunked too so the chunk never exceeds that budget.
+        Tokens (rows) per chunk, at most 32768. Default, from the shapes: as many rows as fit a
+        float32 ``[R, V]`` buffer of 64 MiB on CPU (512 rows at V = 32000) / 1 GiB on CUDA (2048
+        rows at V = 131072), at least 128 (CPU) / 512 (CUDA) rows (smaller GEMMs lose efficiency,
+        and the weight gradient is re-read once per chunk), then evened out over the chunks that
+        makes (multiples of 128 rows), so that no small last chunk wastes a GEMM. Too many small
+        chunks lose GEMM efficiency; larger ones only cost memory.
     backend : {"triton", "cuda", "cpu", "reference"}, optional
-        ``"triton"``: fused Triton kernels (default on CUDA). ``"cpu"`` / ``"cuda"``: the chunked
-        PyTorch path (BLAS / cuBLAS per chunk; ``"cuda"`` is *not* a hand-written CUDA kernel, it is
-        the default on CUDA only without Triton). ``"reference"``: materialises the logits.
+        The pass over each chunk (the GEMMs are torch's, on cuBLAS / the CPU BLAS): ``"triton"``:
+        Triton kernels (default on CUDA). ``"cpu"``: the C++ ``token_logprobs`` kernels (a PyTorch
+        pass for float64 or without the extension). ``"cuda"``: a PyTorch pass on CUDA tensors (*not*
+        a hand-written CUDA kernel; the default on CUDA only without Triton). ``"reference"``:
+        materialises the logits.
         Default: ``GTALIGN_FAST_BACKEND_LINEAR_TOKEN_LOGPROBS``, ``GTALIGN_FAST_BACKEND``, then the device's.
 
     Returns
@@ -407,7 +409,9 @@ def linear_token_logprobs(
         Shape or device mismatch, V = 0 or H = 0, temperature not finite or ``<= 0``, chunk_size < 1,
         an unknown backend.
     IndexError
-        A target outside ``[0, V)`` that is not ``ignore_index``.
+        A target outside ``[0, V)`` that is not ``ignore_index`` (CPU tensors, the reference backend,
+        or ``GTALIGN_FAST_SYNC_CHECKS=1``; on CUDA the row's log-prob is NaN and
+        ``ops.check_device_errors()`` raises later, without a host sync per call).
     RuntimeError
         A backend that cannot run here (e.g. ``"triton"`` on CPU tensors without the interpreter).
 
@@ -415,7 +419,10 @@ def linear_token_logprobs(
     -----
     Gradients: with ``dz_j = (g_logp (1[j = t] - p_j) - g_H p_j (log p_j + H)) / T``,
     ``dhidden = dz @ weight``, ``dweight = dz^T @ hidden``, ``dbias = sum_rows dz``, each in its
-    input's dtype (float32 accumulation).
+    input's dtype (float32 accumulation within a chunk). An infinite value in ``hidden``, ``weight``
+    or ``bias`` gives what the materialised logits give: a ``-inf`` logit has probability 0 and adds
+    nothing to the entropy; a ``+inf`` logit makes its row's log-probs ``-inf`` (NaN for that token)
+    and its entropy NaN.
     """
     _validate(hidden, weight, targets, bias, temperature, chunk_size)
     hidden_rows = hidden.reshape(-1, hidden.shape[-1])

@@ -1,22 +1,28 @@
 """``sample_``: the public op and its backends.
 
 One :class:`~gtalign_fast._op.Op` (custom op ``gtalign_fast::sample_``) mutates the logits buffer
-in place and returns the
-tokens, both log-probs and a per-row status word; the public function validates the arguments
-before and turns a bad status (NaN logits, rows with no finite logit) into an exception after.
-Sampling has no gradient, so no autograd is registered.
+in place and returns the tokens, both log-probs and a per-row status word. No host
+synchronisation on CUDA: the public function checks scalar arguments and metadata on the host,
+and the values of CUDA tensors (per-row parameters, forced ids, bias ids, NaN logits) are checked
+by the Triton kernel, which sets a bit of the device error flag (:mod:`gtalign_fast._device_checks`,
+raised by :func:`~gtalign_fast.ops.check_device_errors` or at once with
+``GTALIGN_FAST_SYNC_CHECKS=1``). On CPU tensors every check runs on the host before the kernel and
+a bad row raises after it, with the row and the value. Sampling has no gradient, so no autograd is
+registered.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
 
+from . import _device_checks, reference
 from . import _sample_constants as constants
-from . import reference
+from ._device_checks import error_flag
 from ._op import Op, Output, extension_kernel
-from ._seeds import batch_row_seeds
+from ._seeds import GOLDEN, signed64
 from ._token_logprobs import MIN_TEMPERATURE
 
 # The key for backend resolution: last_backend("sample"), GTALIGN_FAST_BACKEND_SAMPLE.
@@ -48,6 +54,8 @@ def _status_reference(logits: torch.Tensor, biased: torch.Tensor) -> torch.Tenso
 
 def _run_reference(logits, temperature, top_k, top_p, min_p, forced, seeds, bias_ids, bias_values,
                    tokens, logprobs, raw_logprobs, status):
+    # The specification checks everything on the host, on any device (it is not a hot path).
+    _check_values(logits.shape[1], temperature, top_k, top_p, min_p, forced, bias_ids, bias_values)
     ref_tokens, ref_logprobs, ref_raw, processed = reference.sample(
         logits, temperature, top_k, top_p, min_p, bias_ids, bias_values, forced, seeds
     )
@@ -62,16 +70,72 @@ def _run_reference(logits, temperature, top_k, top_p, min_p, forced, seeds, bias
     tokens.copy_(ref_tokens)
     logprobs.copy_(ref_logprobs)
     raw_logprobs.copy_(ref_raw)
+    _raise_on_status(status)
 
 
-def _run_triton(*args):
+def _run_triton(logits, temperature, top_k, top_p, min_p, forced, seeds, bias_ids, bias_values,
+                tokens, logprobs, raw_logprobs, status):
     from gtalign_fast.kernels import sample as triton_kernels
 
-    triton_kernels.sample(*args)
+    _check_layout(logits, temperature, top_k, top_p, min_p, forced, seeds, bias_ids, bias_values)
+    device = logits.device
+    flag = error_flag(device)
+    if bias_ids is not None and bias_ids.shape[1] > 1:
+        _flag_duplicate_biases(bias_ids, flag)
+    triton_kernels.sample(logits, temperature, top_k, top_p, min_p, forced, seeds, bias_ids, bias_values,
+                          tokens, logprobs, raw_logprobs, status, flag)
+    _device_checks.after_launch(
+        "sample_",
+        device,
+        explain=lambda: (
+            _check_values(logits.shape[1], temperature, top_k, top_p, min_p, forced, bias_ids, bias_values),
+            _raise_on_status(status),
+        ),
+    )
 
 
 def _run_cpu(*args):  # no CUDA C++ kernel: _backend.MISSING_BACKENDS
     extension_kernel("sample", args[0].device)(*args)
+
+
+def _flag_duplicate_biases(bias_ids: torch.Tensor, flag: torch.Tensor) -> None:
+    """Set ERR_SAMPLE_INPUT when a row names a token twice, with device ops only (no host sync)."""
+    ordered = bias_ids.sort(dim=1).values
+    duplicate = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any()
+    flag.bitwise_or_(duplicate.to(torch.int32) * _device_checks.ERR_SAMPLE_INPUT)
+
+
+def _check_layout(logits, temperature, top_k, top_p, min_p, forced, seeds, bias_ids, bias_values) -> None:
+    """What the Triton kernel assumes of its arguments' metadata (the low-level op can be called
+    directly): dtypes, ``[B]`` / ``[B, K]`` shapes, contiguity, one device. Metadata only."""
+    batch = logits.shape[0]
+    vectors = {"temperature": (temperature, torch.float32), "top_k": (top_k, torch.int64),
+               "top_p": (top_p, torch.float32), "min_p": (min_p, torch.float32),
+               "forced": (forced, torch.int64), "seeds": (seeds, torch.int64)}
+    for name, (value, dtype) in vectors.items():
+        if value.dtype != dtype or value.shape != (batch,) or not value.is_contiguous():
+            raise ValueError(f"sample_: {name} must be a contiguous {dtype} [B] = [{batch}] tensor, got "
+                             f"{value.dtype} {tuple(value.shape)}")
+    if (bias_ids is None) != (bias_values is None):
+        raise ValueError("sample_: bias_ids and bias_values must be given together")
+    if bias_ids is not None:
+        good = (bias_ids.dtype == torch.int64 and bias_values.dtype == torch.float32 and bias_ids.dim() == 2
+                and bias_ids.shape[0] == batch and bias_values.shape == bias_ids.shape
+                and bias_ids.is_contiguous() and bias_values.is_contiguous() and bias_ids.shape[1] <= MAX_BIASES)
+        if not good:
+            raise ValueError(f"sample_: bias_ids / bias_values must be contiguous int64 / float32 [B, K] with "
+                             f"K <= {MAX_BIASES}, got {bias_ids.dtype} {tuple(bias_ids.shape)} and "
+                             f"{bias_values.dtype} {tuple(bias_values.shape)}")
+    others = [temperature, top_k, top_p, min_p, forced, seeds] + ([] if bias_ids is None else [bias_ids, bias_values])
+    if any(value.device != logits.device for value in others):
+        raise ValueError(f"sample_: every tensor must be on the logits' device {logits.device}")
+
+
+def _raise_on_status(status: torch.Tensor) -> None:
+    """Raise for the first row whose status word is not OK (reads the status: a host sync)."""
+    row = _first_bad(status != constants.STATUS_OK)
+    if row is not None:
+        raise ValueError(f"sample_: logits row {row} {_STATUS_MESSAGES.get(int(status[row]), 'is invalid')}")
 
 
 def uniform_noise(seeds: torch.Tensor, vocab: int, backend: str = "reference") -> torch.Tensor:
@@ -127,8 +191,26 @@ def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+# The value rules of the per-row parameters: name -> (mask of bad values in a tensor, whether a
+# Python scalar is good, the rule in words). The public function applies them on the host to scalars
+# (plain Python: no tensor op) and to CPU tensors; on CUDA the Triton kernel checks the same rules
+# (kernels/sample.py, _reduce_kernel) without a host sync.
+def _bad_temperature(t):
+    return ~torch.isfinite(t) | (t < 0) | ((t > 0) & (t < MIN_TEMPERATURE))
+
+
+_RULES = {
+    "temperature": (_bad_temperature, lambda t: t == 0 or MIN_TEMPERATURE <= t < math.inf,
+                    f"finite and >= 0 (0: greedy; a positive T >= {MIN_TEMPERATURE:.4g})"),
+    "top_k": (lambda k: k < 0, lambda k: k >= 0, ">= 0 (0 = off)"),
+    "top_p": (lambda p: ~((p > 0) & (p <= 1)), lambda p: 0 < p <= 1, "in (0, 1]"),
+    "min_p": (lambda p: ~((p >= 0) & (p <= 1)), lambda p: 0 <= p <= 1, "in [0, 1]"),
+}
+
+
 def _per_row(value, name: str, batch: int, device: torch.device, integer: bool) -> torch.Tensor:
-    """A scalar or ``[B]`` tensor as a contiguous ``[B]`` float32 / int64 tensor."""
+    """A scalar or ``[B]`` tensor as a contiguous ``[B]`` float32 / int64 tensor; a scalar's value
+    is checked here, on the host (free: no device tensor is read)."""
     dtype = torch.int64 if integer else torch.float32
     if isinstance(value, torch.Tensor):
         if value.dim() != 1 or value.shape[0] != batch:
@@ -146,6 +228,8 @@ def _per_row(value, name: str, batch: int, device: torch.device, integer: bool) 
         raise TypeError(f"sample_: {name} must be an int or a [B] int tensor, got {type(value).__name__}")
     if not integer and not _is_number(value):
         raise TypeError(f"sample_: {name} must be a float or a [B] tensor, got {type(value).__name__}")
+    if name in _RULES and not _RULES[name][1](value):
+        raise ValueError(f"sample_: {name} must be {_RULES[name][2]}, got {value}")
     return torch.full((batch,), value, dtype=dtype, device=device)
 
 
@@ -161,6 +245,40 @@ def _check_range(values: torch.Tensor, bad: torch.Tensor, name: str, rule: str, 
     row = _first_bad(bad)
     if row is not None:
         raise error(f"sample_: {name} must be {rule}; row {row} has {values.reshape(-1)[row].item()}")
+
+
+def _check_rule(name: str, values: torch.Tensor) -> None:
+    bad, _, rule = _RULES[name]
+    _check_range(values, bad(values), name, rule)
+
+
+def _check_values(vocab, temperature, top_k, top_p, min_p, forced, bias_ids, bias_values) -> None:
+    """Every value check of the converted arguments, on the host (host syncs on CUDA: used for CPU
+    tensors, the reference backend and to explain an error the kernel flagged)."""
+    for name, values in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p)):
+        _check_rule(name, values)
+    _check_range(
+        forced, (forced < -1) | (forced >= vocab), "forced", f"-1 (none) or a token id in [0, {vocab})", IndexError
+    )
+    if bias_ids is None:
+        return
+    _check_range(bias_ids, (bias_ids < -1) | (bias_ids >= vocab), "bias_ids", f"-1 (padding) or in [0, {vocab})",
+                 IndexError)
+    # A bias may ban a token (-inf) but not force one (+inf) or be NaN: use `forced` for that.
+    bad_value = torch.isnan(bias_values) | torch.isposinf(bias_values)
+    _check_range(bias_values, bad_value.any(dim=1), "bias_values", "finite or -inf")
+    ordered = bias_ids.sort(dim=1).values
+    duplicate = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(dim=1)
+    row = _first_bad(duplicate)
+    if row is not None:
+        raise ValueError(f"sample_: bias_ids row {row} names a token twice; give each token one bias")
+
+
+def _row_seeds(seed: int, batch: int, device: torch.device) -> torch.Tensor:
+    """``seed + row * GOLDEN`` mod 2**64 (``gtalign_fast._seeds.batch_row_seeds``), built on the
+    device: int64 arithmetic wraps mod 2**64, and no host -> device copy (a sync on CUDA) is made."""
+    rows = torch.arange(batch, dtype=torch.int64, device=device)
+    return rows * signed64(GOLDEN) + signed64(seed)
 
 
 def _validate_logits(logits) -> None:
@@ -207,7 +325,8 @@ def _rows_overlap(logits: torch.Tensor) -> bool:
     return False
 
 
-def _validate_biases(bias_ids, bias_values, batch: int, vocab: int, device: torch.device):
+def _validate_biases(bias_ids, bias_values, batch: int, device: torch.device):
+    """Metadata checks and conversion of the biases (values: :func:`_check_values`)."""
     if bias_ids is None and bias_values is None:
         return None, None
     if bias_ids is None or bias_values is None:
@@ -229,18 +348,7 @@ def _validate_biases(bias_ids, bias_values, batch: int, vocab: int, device: torc
         raise ValueError(f"sample_: at most {MAX_BIASES} biases per row, got K = {bias_ids.shape[1]}")
     if bias_ids.shape[1] == 0:
         return None, None
-    ids = bias_ids.to(torch.int64).contiguous()
-    values = bias_values.to(torch.float32).contiguous()
-    _check_range(ids, (ids < -1) | (ids >= vocab), "bias_ids", f"-1 (padding) or in [0, {vocab})", IndexError)
-    # A bias may ban a token (-inf) but not force one (+inf) or be NaN: use `forced` for that.
-    bad_value = torch.isnan(values) | torch.isposinf(values)
-    _check_range(values, bad_value.any(dim=1), "bias_values", "finite or -inf")
-    ordered = ids.sort(dim=1).values
-    duplicate = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(dim=1)
-    row = _first_bad(duplicate)
-    if row is not None:
-        raise ValueError(f"sample_: bias_ids row {row} names a token twice; give each token one bias")
-    return ids, values
+    return bias_ids.to(torch.int64).contiguous(), bias_values.to(torch.float32).contiguous()
 
 
 def sample_(
@@ -261,8 +369,11 @@ def sample_(
     Per row, in this order: sparse biases, temperature, top-k, top-p, min-p, forced token, then a
     seeded Gumbel-max draw (``argmax(y + g)``, ``g = -log(-log u)``, ``u`` from Philox on
     (row seed, column)). The buffer ends up holding the processed logits (``y`` where kept,
-    ``-inf`` elsewhere) in its own dtype. No ``[B, V]`` float32 copy is made: thresholds are found
-    by bisection over the row (see ``gtalign_fast/kernels/sample.py``), not by sorting.
+    ``-inf`` elsewhere) in its own dtype. No ``[B, V]`` float32 copy is made: the thresholds are
+    found exactly, without sorting (a radix select on the Triton backend, several programs per row;
+    bisection on the C++ one; see ``kernels/sample.py``), so every backend keeps the same tokens
+    and, drawing the same noise, gives the same token for the same seed (a top-p boundary within
+    float32 rounding of ``p`` aside).
 
     Parameters
     ----------
@@ -306,6 +417,12 @@ def sample_(
 
     Raises
     ------
+    The value checks (ValueError / IndexError below) of arguments given as CUDA tensors, and the
+    NaN / no-finite-logit checks of CUDA logits, run in the kernel without a host sync: a bad row
+    gets token 0 and NaN log-probs, and the error is raised by
+    :func:`gtalign_fast.ops.check_device_errors` (or at once under ``GTALIGN_FAST_SYNC_CHECKS=1``).
+    Python scalars, metadata and CPU tensors are checked at once.
+
     TypeError
         Non-float logits or float64, wrong argument types.
     ValueError
@@ -322,36 +439,29 @@ def sample_(
     batch, vocab = logits.shape
     device = logits.device
     temperature = _per_row(temperature, "temperature", batch, device, integer=False)
-    # 0 is greedy; a positive T must have a finite float32 1/T (the kernels scale by it).
-    too_small = (temperature > 0) & (temperature < MIN_TEMPERATURE)
-    bad_temperature = ~torch.isfinite(temperature) | (temperature < 0) | too_small
-    rule = f"finite and >= 0 (0: greedy; a positive T >= {MIN_TEMPERATURE:.4g})"
-    _check_range(temperature, bad_temperature, "temperature", rule)
     top_k = _per_row(top_k, "top_k", batch, device, integer=True)
-    _check_range(top_k, top_k < 0, "top_k", ">= 0 (0 = off)")
     top_p = _per_row(top_p, "top_p", batch, device, integer=False)
-    _check_range(top_p, ~((top_p > 0) & (top_p <= 1)), "top_p", "in (0, 1]")
     min_p = _per_row(min_p, "min_p", batch, device, integer=False)
-    _check_range(min_p, ~((min_p >= 0) & (min_p <= 1)), "min_p", "in [0, 1]")
+    if isinstance(forced, numbers.Integral) and not isinstance(forced, bool) and not -1 <= forced < vocab:
+        raise IndexError(f"sample_: forced must be -1 (none) or a token id in [0, {vocab}), got {forced}")
     forced = _per_row(-1 if forced is None else forced, "forced", batch, device, integer=True)
-    _check_range(
-        forced, (forced < -1) | (forced >= vocab), "forced", f"-1 (none) or a token id in [0, {vocab})", IndexError
-    )
-    ids, values = _validate_biases(bias_ids, bias_values, batch, vocab, device)
+    ids, values = _validate_biases(bias_ids, bias_values, batch, device)
     if seed is None:
-        seed = int(torch.randint(0, 2**62, ()))
+        seed = int(torch.randint(0, 2**62, ()))  # torch's default CPU generator: no device sync
     if isinstance(seed, torch.Tensor):
         seeds = _per_row(seed, "seed", batch, device, integer=True)
     elif isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
-        seeds = batch_row_seeds(int(seed), batch, device)
+        seeds = _row_seeds(int(seed), batch, device)
     else:
         raise TypeError(f"sample_: seed must be an int, a [B] int64 tensor or None, got {type(seed).__name__}")
+    # On the host only where reading values is free; CUDA tensors are checked by the kernel.
+    on_host = device.type == "cpu"
+    if on_host:
+        _check_values(vocab, temperature, top_k, top_p, min_p, forced, ids, values)
 
     tokens, logprobs, raw_logprobs, status = OP_DEF(
         logits, temperature, top_k, top_p, min_p, forced, seeds, ids, values, backend=backend or ""
     )
-    row = _first_bad(status != 0)
-    if row is not None:
-        raise ValueError(f"sample_: logits row {row} {_STATUS_MESSAGES.get(int(status[row]), 'is invalid')}")
+    if on_host:
+        _raise_on_status(status)
     return tokens, logprobs, raw_logprobs
-

@@ -12,3 +12,13 @@ STATUS_OK = 0
 STATUS_BAD_LOGITS = 1  # a NaN or +inf logit (after the temperature)
 STATUS_NO_FINITE_LOGIT = 2  # every logit is -inf
 STATUS_NO_FINITE_LOGIT_AFTER_BIAS = 3  # every logit is -inf once the biases are added
+
+# The Triton kernel's radix select (kernels/sample.py): digits of RADIX_BITS bits, NUM_BUCKETS per digit.
+RADIX_BITS = 4
+NUM_BUCKETS = 16
+# Columns of the per-chunk partials: statistics (raw max, raw sum, processed max, NaN seen) and the
+# draw (best score, its y, its z, kept mass).
+NUM_PART_STATS = 4
+NUM_PART_DRAW = 4
+# Columns of a row's reduced statistics: raw log-sum-exp, processed max, status word (as a float).
+NUM_ROW_STATS = 3

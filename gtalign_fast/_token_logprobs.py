@@ -13,7 +13,8 @@ from typing import NamedTuple
 
 import torch
 
-from . import reference
+from . import _device_checks, reference
+from ._device_checks import error_flag
 from ._op import Op, Output, compiled_backends
 from ._token_logprobs_constants import NUM_STATS
 
@@ -59,7 +60,9 @@ def rows_view(logits: torch.Tensor) -> torch.Tensor:
 
 def check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int, op: str = OP) -> None:
     """IndexError naming the first target id outside ``[0, vocab)`` that is not ``ignore_index``
-    (shared with linear_token_logprobs). One reduction, and a host sync on CUDA."""
+    (shared with linear_token_logprobs). One reduction, and a host sync on CUDA: the kernels check on
+    the device instead; this gives the precise message where a sync is free (CPU tensors, the
+    reference backend, ``GTALIGN_FAST_SYNC_CHECKS=1``)."""
     out_of_range = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
     if bool(out_of_range.any()):
         position = int(out_of_range.reshape(-1).nonzero()[0, 0])
@@ -109,10 +112,24 @@ def _forward_reference(logits, targets, options, logp, entropy, stats):
 
 def _forward_kernel(launch, logits, targets, options, logp, entropy, stats) -> None:
     """Call a kernel (the Triton launcher and the C++/CUDA kernels share one signature) on rows read in
-    place and flat outputs."""
+    place and flat outputs. The kernels check the targets themselves: the C++ CPU kernel raises, the
+    Triton and CUDA kernels set the device's error flag (a bad row's logp is NaN), which
+    :func:`~gtalign_fast._device_checks.after_launch` raises on at once for CPU tensors and lazily
+    (no host sync) for CUDA ones."""
     if targets.numel() > 0:
+        device = logits.device
         launch(rows_view(logits), targets.reshape(-1).contiguous(), 1.0 / options.temperature, options.ignore_index,
-               logp.view(-1), entropy.view(-1), stats)
+               logp.view(-1), entropy.view(-1), stats, error_flag(device))
+        _device_checks.after_launch(
+            OP, device, explain=lambda: check_target_range(targets, logits.shape[-1], options.ignore_index)
+        )
+
+
+def _check_forward(logits, targets, options, backend) -> None:
+    """The reference backend gathers with the targets unchecked: check them on the host there (the
+    kernels check them on the device)."""
+    if backend == "reference":
+        check_target_range(targets, logits.shape[-1], options.ignore_index)
 
 
 FORWARD = Op(
@@ -121,8 +138,7 @@ FORWARD = Op(
     options=TokenLogprobsOptions,
     returns=("logp", "entropy", "stats"),
     outputs=_forward_outputs,
-    check=lambda logits, targets, options, _backend: check_target_range(targets, logits.shape[-1],
-                                                                          options.ignore_index),
+    check=_check_forward,
     backends=compiled_backends(
         _forward_kernel, triton="token_logprobs.token_logprobs_forward", extension="token_logprobs_fwd",
         reference=_forward_reference,
@@ -275,7 +291,9 @@ def token_logprobs(
     ValueError
         Shape or device mismatch, temperature not finite or ``<= 0``, V = 0.
     IndexError
-        A target outside ``[0, V)`` that is not ``ignore_index``.
+        A target outside ``[0, V)`` that is not ``ignore_index``. On CUDA tensors the kernel finds
+        it without a host sync: that row's logp is NaN and :func:`gtalign_fast.ops.check_device_errors`
+        raises (a RuntimeError), or the op raises at once with ``GTALIGN_FAST_SYNC_CHECKS=1``.
 
     Notes
     -----

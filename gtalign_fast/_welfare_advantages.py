@@ -14,7 +14,8 @@ from typing import NamedTuple
 
 import torch
 
-from . import reference
+from . import _device_checks, reference
+from ._device_checks import error_flag
 from ._op import Op, Output, extension_kernel
 from ._welfare_constants import SCALES
 
@@ -76,10 +77,19 @@ class WelfareOptions(NamedTuple):
 
 
 def _check_data(user, llm, offsets, mask, options, backend) -> None:
+    """Host checks for the reference backend only: the C++ CPU kernel raises on bad offsets and
+    rewards itself, the Triton and CUDA kernels set the device's error flag (see _launch)."""
+    if backend == "reference":
+        if offsets is not None:
+            _check_offsets(offsets, user.numel())
+        _check_rewards(user, llm)
+
+
+def _explain(user, llm, offsets) -> None:
+    """The precise error once a kernel flagged one (a host read: only then, or on CPU tensors)."""
     if offsets is not None:
         _check_offsets(offsets, user.numel())
-    if backend == "reference":  # the kernels mark bad rewards themselves (see _after_kernel)
-        _check_rewards(user, llm)
+    _check_rewards(user, llm)
 
 
 def _outputs(user, llm, offsets, mask, options):
@@ -110,29 +120,23 @@ def _kernel_args(user, llm, offsets, mask, options, *outputs) -> tuple:
             options.unbiased, mask, *outputs)
 
 
-def _after_kernel(user, llm, group_mean) -> None:
-    """The kernels mark a negative or infinite reward with W = -inf, which makes its group's mean,
-    and so the sum of the [G] means, non-finite: one small reduction (no scan of the [N] inputs)
-    and one scalar read. A sum that overflows only costs the exact check, which raises only for a
-    bad reward. (The C++ CPU kernel checks itself, with the same error.)"""
-    if group_mean.numel() > 0 and not math.isfinite(group_mean.sum().item()):
-        _check_rewards(user, llm)
+def _launch(kernel, user, llm, offsets, *rest) -> None:
+    """One launch; bad offsets or rewards set the device's error flag, which after_launch raises on
+    at once for CPU tensors (the C++ CPU kernel raises itself first) and reports lazily, without a
+    host sync, for CUDA ones (gtalign_fast._device_checks)."""
+    device = user.device
+    kernel(*_kernel_args(user, llm, offsets, *rest), error_flag(device))
+    _device_checks.after_launch(OP, device, explain=lambda: _explain(user, llm, offsets))
 
 
 def _run_triton(*args):
     from gtalign_fast.kernels import welfare_advantages as triton_kernels
 
-    triton_kernels.welfare_advantages(*_kernel_args(*args))
-    _after_kernel(args[0], args[1], args[7])
+    _launch(triton_kernels.welfare_advantages, *args)
 
 
-def _run_cpu(*args):
-    extension_kernel("welfare_advantages", args[0].device)(*_kernel_args(*args))
-
-
-def _run_cuda(*args):
-    _run_cpu(*args)
-    _after_kernel(args[0], args[1], args[7])
+def _run_extension(*args):
+    _launch(extension_kernel("welfare_advantages", args[0].device), *args)
 
 
 OP_DEF = Op(
@@ -142,7 +146,7 @@ OP_DEF = Op(
     returns=("welfare", "advantages", "group_mean", "group_std", "group_all_equal", "token_advantages"),
     outputs=_outputs,
     check=_check_data,
-    backends={"triton": _run_triton, "cpu": _run_cpu, "cuda": _run_cuda, "reference": _run_reference},
+    backends={"triton": _run_triton, "cpu": _run_extension, "cuda": _run_extension, "reference": _run_reference},
 )
 
 
@@ -277,13 +281,17 @@ def welfare_advantages(
         Non-float32 rewards, non-int64 offsets, a group that is neither, non-float alpha / eps.
     ValueError
         Empty or mismatched shapes, devices, a group size that does not divide N, bad offsets,
-        alpha outside [0, 1], eps < 0, an unknown scale, a negative or infinite reward.
+        alpha outside [0, 1], eps < 0, an unknown scale, a negative or infinite reward. On CUDA
+        tensors the last three are found by the kernel and raised (as a RuntimeError) by
+        :func:`gtalign_fast.ops.check_device_errors`, or at once with ``GTALIGN_FAST_SYNC_CHECKS=1``.
 
     Notes
     -----
     Not differentiable: rewards are data, so the inputs are detached. Every backend runs one
-    kernel (the C++ CPU kernel parallelises over groups with OpenMP); the checks that need the
-    data (offsets, negative rewards) read the offsets and the ``[G]`` means, not the ``[N]`` inputs.
+    kernel (the C++ CPU kernel parallelises over groups with OpenMP). The checks that need the data
+    (offsets, negative or infinite rewards) run inside the kernels: on CUDA tensors they raise
+    lazily, from :func:`gtalign_fast.ops.check_device_errors` (no host sync per call), or at once
+    with ``GTALIGN_FAST_SYNC_CHECKS=1``; on CPU tensors at once.
     """
     _validate_rewards(user, llm)
     n_rows = user.shape[0]

@@ -67,9 +67,14 @@ class CompletionLogprobs(nn.Module):
 
     def forward(
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
-        completion_mask: torch.Tensor, with_entropy: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns ``logp`` and ``entropy`` ``[N, C]`` float32 (0 where ``completion_mask`` is 0)."""
+        completion_mask: torch.Tensor, with_entropy: bool = True, loss_kwargs: dict | None = None,
+    ) -> tuple[torch.Tensor, Any]:
+        """Returns ``logp`` and ``entropy`` ``[N, C]`` float32 (0 where ``completion_mask`` is 0).
+
+        With ``loss_kwargs`` (fused head only) it returns ``(loss, metrics)`` of
+        ``ops.linear_grpo_loss(last hidden state, LM head, completion_ids, **loss_kwargs)`` instead:
+        LM head and GRPO loss in one op, gradients computed in the forward (the metrics include the
+        mean entropy over the loss tokens)."""
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
         # explicit positions: left padding must not shift them (generation counts them the same way)
@@ -77,6 +82,12 @@ class CompletionLogprobs(nn.Module):
         targets = completion_ids.masked_fill(completion_mask == 0, IGNORE_INDEX)
         n_completion = completion_ids.shape[1]
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        if loss_kwargs is not None:
+            if not self.fused_head:
+                raise ValueError("CompletionLogprobs: loss_kwargs needs the fused LM head (fused_head=True)")
+            hidden, weight, bias = self._head_inputs(inputs, n_completion)
+            return ops.linear_grpo_loss(hidden, weight, completion_ids, bias=bias, temperature=self.temperature,
+                                        backend=self.backend, **loss_kwargs)
         if self.fused_head:
             return self._fused(inputs, targets, n_completion, with_entropy)
         logits = self.model(**inputs, logits_to_keep=n_completion + 1).logits  # [N, C + 1, V]
@@ -86,9 +97,22 @@ class CompletionLogprobs(nn.Module):
         return result if with_entropy else (result, None)
 
     def _fused(self, inputs: dict, targets: torch.Tensor, n_completion: int, with_entropy: bool):
+        hidden, weight, bias = self._head_inputs(inputs, n_completion)
+        result = ops.linear_token_logprobs(
+            hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), bias=bias,
+            temperature=self.temperature, with_entropy=with_entropy, backend=self.backend,
+        )
+        # copies, not views: FSDP2's pre-backward hook on a module output is lost by in-place ops on a view
+        if with_entropy:
+            logp, entropy = result
+            return logp.reshape(targets.shape).clone(), entropy.reshape(targets.shape).clone()
+        return result.reshape(targets.shape).clone(), None
+
+    def _head_inputs(self, inputs: dict, n_completion: int):
+        """The hidden states that predict the completion ``[N, C, H]`` and the LM head's weight and bias."""
         hidden = self.model.base_model(**inputs).last_hidden_state  # [N, P + C, H]
         # position t predicts token t + 1: the completion is predicted by the C positions before its end
-        hidden = hidden[:, -(n_completion + 1) : -1].reshape(-1, hidden.shape[-1])
+        hidden = hidden[:, -(n_completion + 1) : -1]
         head = self.model.get_output_embeddings()
         if is_dtensor(head.weight):  # the known ZeRO-3 / FSDP bug: a fused loss that reads a head shard
             raise RuntimeError(
@@ -99,15 +123,7 @@ class CompletionLogprobs(nn.Module):
         # custom ops sit outside autocast: cast the head as autocast would cast a Linear
         weight = head.weight.to(hidden.dtype)
         bias = head.bias.to(hidden.dtype) if getattr(head, "bias", None) is not None else None
-        result = ops.linear_token_logprobs(
-            hidden, weight, targets.reshape(-1), bias=bias, temperature=self.temperature,
-            with_entropy=with_entropy, backend=self.backend,
-        )
-        # copies, not views: FSDP2's pre-backward hook on a module output is lost by in-place ops on a view
-        if with_entropy:
-            logp, entropy = result
-            return logp.reshape(targets.shape).clone(), entropy.reshape(targets.shape).clone()
-        return result.reshape(targets.shape).clone(), None
+        return hidden, weight, bias
 
     def lm_forward(self, **kwargs: Any) -> Any:
         """The wrapped model's own forward (generation). Registered as an FSDP forward method when

@@ -9,8 +9,11 @@ Every op dispatches to a backend (see :mod:`gtalign_fast._backend`): ``backend=`
 from __future__ import annotations
 
 from ._backend import available_backends, last_backend, poison_outputs
+from ._device_checks import check_device_errors
 from ._grpo_loss import grpo_loss
+from ._linear_grpo_loss import linear_grpo_loss
 from ._linear_token_logprobs import linear_token_logprobs
+from ._logits_grpo_loss import logits_grpo_loss
 from ._sample import sample_
 from ._token_logprobs import token_logprobs
 from ._welfare_advantages import WelfareAdvantages, welfare_advantages
@@ -22,9 +25,13 @@ __all__ = [
     "welfare_advantages",
     "WelfareAdvantages",
     "grpo_loss",
+    "logits_grpo_loss",
+    "linear_grpo_loss",
     "sample_",
     # backend control
     "last_backend",
     "available_backends",
     "poison_outputs",
+    # errors the kernels found on the device (read once per step, one host sync)
+    "check_device_errors",
 ]

@@ -1,6 +1,7 @@
 """The update stage of a GRPO step: the loss of a micro-batch, its share of the step, and the optimizer.
 
-:func:`policy_loss` calls ``ops.grpo_loss`` on one micro-batch with the config's objective;
+:func:`policy_loss` calls ``ops.grpo_loss`` on one micro-batch with the config's objective
+(:func:`fused_policy_loss`: ``ops.linear_grpo_loss`` from the last hidden state, the default path);
 :func:`loss_weight` is that micro-batch's share of the global batch's loss (so gradient
 accumulation and several processes give the one-process, one-micro-batch update);
 :func:`clip_gradients` clips and returns the full gradient norm; :func:`default_optimizer` and
@@ -22,7 +23,10 @@ from .grpo_config import LOSS_TYPES, GRPOConfig
 if TYPE_CHECKING:
     from .rollout import Rollout
 
-__all__ = ["policy_loss", "loss_weight", "clip_gradients", "default_optimizer", "default_scheduler", "lr_lambda"]
+__all__ = [
+    "policy_loss", "fused_policy_loss", "loss_weight", "clip_gradients", "default_optimizer", "default_scheduler",
+    "lr_lambda",
+]
 
 
 def policy_loss(
@@ -44,6 +48,31 @@ def policy_loss(
         num_items_in_batch=global_tokens if LOSS_TYPES[args.loss_type] == "global_tokens" else None,
         backend=backend,
     )
+
+
+def fused_policy_loss(
+    module: nn.Module, part: Rollout, global_tokens: torch.Tensor, args: GRPOConfig
+) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """:func:`policy_loss` through the fused LM head: ``module`` (the trainer's, DDP-wrapped,
+    :class:`~gtalign_fast.logprobs.CompletionLogprobs`) runs ``ops.linear_grpo_loss`` on the last
+    hidden state, so neither the logits nor a ``[N, C]`` log-prob graph exist and the gradients are
+    computed in the forward. Returns ``(loss, metrics, mean entropy over the loss tokens)``."""
+    loss, metrics = module(
+        part.prompt_ids, part.prompt_mask, part.completion_ids, part.completion_mask,
+        loss_kwargs=dict(
+            advantages=part.advantages, mask=part.loss_mask, old_logp=part.old_logp, ref_logp=part.ref_logp,
+            beta=args.beta, epsilon_low=args.epsilon, epsilon_high=args.epsilon_high, delta=args.delta,
+            dual_clip=args.dual_clip, loss_type=args.loss_type,
+            importance_sampling_level=args.importance_sampling_level,
+            max_completion_length=args.max_completion_length,
+            num_items_in_batch=global_tokens if LOSS_TYPES[args.loss_type] == "global_tokens" else None,
+        ),
+    )
+    metrics = dict(metrics)
+    entropy = metrics.pop("entropy")
+    # A micro-batch without a loss token: loss 0 and zero gradients (it still runs backward, as every
+    # DDP process must); its metrics are left out, as policy_loss does.
+    return loss, (metrics if bool(part.loss_mask.any()) else {}), entropy
 
 
 def loss_weight(loss_type: str, micro_rows: int, rows: int, micro_batches: int, world: int) -> float:

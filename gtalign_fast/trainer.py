@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from . import _backend, checkpoint
+from ._device_checks import check_device_errors
 from .callbacks import CallbackHandler
 from .distributed import Dist, RootForward, distribute, fsdp_gathered, rebind_optimizer
 from .grpo_config import LOSS_TYPES, GRPOConfig
@@ -56,7 +57,14 @@ from .metrics import (
     progress_bar,
     truncate_metrics,
 )
-from .optimization import clip_gradients, default_optimizer, default_scheduler, loss_weight, policy_loss
+from .optimization import (
+    clip_gradients,
+    default_optimizer,
+    default_scheduler,
+    fused_policy_loss,
+    loss_weight,
+    policy_loss,
+)
 from .rollout import (
     Generation,
     PromptOrder,
@@ -148,9 +156,9 @@ class GRPOTrainer:
         self.callbacks = CallbackHandler(callbacks or [], self)
         self.sampler = self._setup_sampler()
         logger.info(
-            "GRPOTrainer: %d process(es) on %s, attention %s, %s LM head, bf16 %s, %d steps",
+            "GRPOTrainer: %d process(es) on %s, attention %s, %s, bf16 %s, %d steps",
             self.dist.world, self.device, getattr(self.model.config, "_attn_implementation", "?"),
-            "fused" if args.use_fused_lm_head else "logits", self.bf16, self.max_steps,
+            self.loss_path, self.bf16, self.max_steps,
         )
 
     @property
@@ -250,11 +258,24 @@ class GRPOTrainer:
         if args.gradient_checkpointing:
             self._enable_gradient_checkpointing()
         options = dict(temperature=args.temperature, fused_head=args.use_fused_lm_head, backend=self.backend)
+        self.fused_loss, self.loss_path = self._loss_path()
         self.logprobs = CompletionLogprobs(self.model, **options)
         self.ref_logprobs = None if self.ref_model is None else CompletionLogprobs(self.ref_model, **options)
         # parameter names before sharding, to re-point an optimizer the caller built on them
         self._names_before_sharding = {id(p): name for name, p in self.model.named_parameters()}
         self.train_logprobs: nn.Module = distribute(self.logprobs, self.ref_logprobs, self.dist, fsdp=self.fsdp)
+
+    def _loss_path(self) -> tuple[bool, str]:
+        """Whether the update runs ``ops.linear_grpo_loss`` (the fused LM head + GRPO loss: the default
+        whenever the fused head is allowed and the op has the chosen backend), and the path's name for the log."""
+        if not self.args.use_fused_lm_head:
+            return False, "logits LM head (token_logprobs + grpo_loss)"
+        from ._logits_grpo_loss import default_backend, why_unavailable
+
+        problem = why_unavailable(self.backend or default_backend(self.device), self.device)
+        if problem is None:
+            return True, "fused LM head + GRPO loss (linear_grpo_loss)"
+        return False, f"fused LM head (linear_token_logprobs + grpo_loss; not linear_grpo_loss: {problem})"
 
     def _enable_gradient_checkpointing(self) -> None:
         # transformers 5.2x renamed gradient_checkpointing_enable (deprecated, removed in v6).
@@ -275,7 +296,8 @@ class GRPOTrainer:
         model = RootForward(self.logprobs) if self.fsdp else self.model
         return SteeringSampler(
             model, self.processing_class, policy=self.args.pricing_policy, mode=self.args.steering_mode,
-            backend=self.backend,
+            backend=self.backend, cache=self.args.cache_implementation or "auto",
+            cuda_graph=not self.fsdp,  # FSDP2's forward hooks stay out of a captured graph
         )
 
     def _total_steps(self) -> int:
@@ -385,10 +407,13 @@ class GRPOTrainer:
         with timer("update"):
             for k, part in enumerate(parts):
                 with self._no_sync(k < len(parts) - 1), self._autocast():
-                    logp, entropy = self.train_logprobs(
-                        part.prompt_ids, part.prompt_mask, part.completion_ids, part.completion_mask
-                    )
-                    loss, loss_metrics = policy_loss(logp, part, global_tokens, args, self.backend)
+                    if self.fused_loss:  # LM head + GRPO loss in one op (ops.linear_grpo_loss)
+                        loss, loss_metrics, entropy = fused_policy_loss(self.train_logprobs, part, global_tokens, args)
+                    else:
+                        logp, entropy = self.train_logprobs(
+                            part.prompt_ids, part.prompt_mask, part.completion_ids, part.completion_mask
+                        )
+                        loss, loss_metrics = policy_loss(logp, part, global_tokens, args, self.backend)
                     weight = loss_weight(args.loss_type, len(part), len(rollout), len(parts), dist.world)
                     (loss * weight).backward()
                 totals.add(loss.detach() * weight, entropy, part.completion_mask, loss_metrics)
@@ -425,7 +450,7 @@ class GRPOTrainer:
                 out = self.sampler.generate(
                     self._tokenize_prompts(prompts), max_new_tokens=self.args.max_completion_length,
                     temperature=self.args.temperature, top_k=self.args.top_k, top_p=self.args.top_p,
-                    num_return_sequences=g, seed=seeds,
+                    num_return_sequences=g, seed=seeds, slots=self.args.generation_batch_size,
                 )
         finally:
             self.model.train(was_training)
@@ -504,6 +529,9 @@ class GRPOTrainer:
                 "tokens_per_second/generation": generated_tokens / max(seconds["generation"], 1e-9),
                 "epoch": self.order.epoch(self.step // self.args.num_iterations),
             })
+        # Bad indices / rewards the kernels flagged this step (no host sync inside the ops): read here,
+        # once per step, where the loss below synchronises anyway.
+        check_device_errors(self.device)
         completion_tokens = dist.sum(rollout.completion_mask.sum().float())
         trained_tokens = dist.sum(rollout.completion_mask.sum() + rollout.prompt_mask.sum())
         metrics.update({

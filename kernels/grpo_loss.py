@@ -6,14 +6,16 @@ Layout contract (shared with the C++ and CUDA kernels): ``logp``, ``old_logp``, 
 a time stride of 0; the mask is uint8, nonzero = the token counts). ``dlogp`` and ``dref`` are
 contiguous ``[B, T]``.
 
-Forward, two launches:
+Forward, one launch:
 
 1. ``_grpo_loss_rows_kernel``, one program per sequence (a 1-D grid over B), walks the row in
    blocks of tokens and writes the row's partial sums to ``row_stats[B, NUM_STATS]`` (the
    ``STAT_*`` columns of ``gtalign_fast._grpo_constants``). Sequence-level importance sampling
    (GSPO) walks the row twice: once for the masked mean log-ratio, once for the loss.
-2. ``_grpo_loss_finalize_kernel``, one program, reduces the ``[B]`` partial sums: the per-row loss
-   weights of the aggregation mode (they need the global token count), the loss, the metrics.
+2. The last program to finish (a persistent zeroed counter, incremented with acquire-release
+   semantics) reduces the ``[B]`` partial sums: the per-row loss weights of the aggregation mode
+   (they need the global token count), the loss, the metrics; then resets the counter. Without a
+   counter this step is a second launch, ``_grpo_loss_finalize_kernel``.
 
 Per token, with ``r`` the importance ratio (``exp`` of the log-ratio clamped to [-20, 20]):
 ``coef_1 = min(r, delta)``, ``coef_2 = clip(r, 1 - eps_low, 1 + eps_high)``,
@@ -35,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gtalign_fast import _device_checks as device_checks
 from gtalign_fast import _grpo_constants as constants
 
 # The row_stats columns, aggregation modes, metrics and clamp limits are defined once, in
@@ -143,6 +146,40 @@ def _load_valid(mask_ptr, row, s_mb, cols, s_mt, T):
 @triton.jit
 def _grpo_loss_rows_kernel(
     logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, stats_ptr,
+    num_items_ptr, loss_ptr, metrics_ptr, weights_ptr, error_ptr, counter_ptr,
+    T,
+    s_lb, s_lt, s_ob, s_ot, s_rb, s_rt, s_ab, s_at, s_mb, s_mt,
+    beta, eps_low, eps_high, delta, dual_clip, const_weight,
+    ON_POLICY: tl.constexpr,
+    HAS_REF: tl.constexpr,
+    SEQ_LEVEL: tl.constexpr,
+    ROW_METRICS: tl.constexpr,
+    DUAL_CLIP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    FUSED: tl.constexpr,
+    MODE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    ERR_NUM_ITEMS: tl.constexpr,
+):
+    _grpo_loss_row(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, stats_ptr, T,
+                   s_lb, s_lt, s_ob, s_ot, s_rb, s_rt, s_ab, s_at, s_mb, s_mt,
+                   beta, eps_low, eps_high, delta, dual_clip,
+                   ON_POLICY, HAS_REF, SEQ_LEVEL, ROW_METRICS, DUAL_CLIP, BLOCK_T)
+    if FUSED:
+        # One launch per forward: the last program to finish reduces every row. The barrier and the
+        # release half of the atomic publish this program's row; its acquire half (in the last
+        # program) makes every row visible; the last program resets the counter for the next launch.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+        if arrived == tl.num_programs(0) - 1:
+            _grpo_loss_finalize(stats_ptr, num_items_ptr, loss_ptr, metrics_ptr, weights_ptr, error_ptr,
+                                tl.num_programs(0), const_weight, MODE, ROW_METRICS, BLOCK_B, ERR_NUM_ITEMS)
+            tl.atomic_xchg(counter_ptr, 0)
+
+
+@triton.jit
+def _grpo_loss_row(
+    logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, stats_ptr,
     T,
     s_lb, s_lt, s_ob, s_ot, s_rb, s_rt, s_ab, s_at, s_mb, s_mt,
     beta, eps_low, eps_high, delta, dual_clip,
@@ -153,6 +190,7 @@ def _grpo_loss_rows_kernel(
     DUAL_CLIP: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
+    """One sequence's partial sums into row_stats[row] (row = the program id)."""
     row = tl.program_id(0).to(tl.int64)
     beta, low_bound, high_bound, delta, dual_clip = _loss_params(beta, eps_low, eps_high, delta, dual_clip)
     offsets = tl.arange(0, BLOCK_T)
@@ -239,12 +277,28 @@ def _grpo_loss_rows_kernel(
 
 @triton.jit
 def _grpo_loss_finalize_kernel(
-    stats_ptr, num_items_ptr, loss_ptr, metrics_ptr, weights_ptr,
+    stats_ptr, num_items_ptr, loss_ptr, metrics_ptr, weights_ptr, error_ptr,
     B, const_weight,
     MODE: tl.constexpr,
     ROW_METRICS: tl.constexpr,
     BLOCK_B: tl.constexpr,
+    ERR_NUM_ITEMS: tl.constexpr,
 ):
+    _grpo_loss_finalize(stats_ptr, num_items_ptr, loss_ptr, metrics_ptr, weights_ptr, error_ptr, B, const_weight,
+                        MODE, ROW_METRICS, BLOCK_B, ERR_NUM_ITEMS)
+
+
+@triton.jit
+def _grpo_loss_finalize(
+    stats_ptr, num_items_ptr, loss_ptr, metrics_ptr, weights_ptr, error_ptr,
+    B, const_weight,
+    MODE: tl.constexpr,
+    ROW_METRICS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    ERR_NUM_ITEMS: tl.constexpr,
+):
+    """Reduce the [B] row partial sums: per-row loss weights, the loss, the metrics. The rows are
+    read volatile (past L1): in the fused forward other programs wrote them."""
     const_weight = tl.cast(const_weight, tl.float32)
     offsets = tl.arange(0, BLOCK_B)
     tokens_acc = tl.zeros([BLOCK_B], tl.float32)
@@ -257,12 +311,12 @@ def _grpo_loss_finalize_kernel(
         rows = (start + offsets).to(tl.int64)
         in_batch = rows < B
         base = stats_ptr + rows * NUM_STATS
-        tokens_acc += tl.load(base + STAT_TOKENS, mask=in_batch, other=0.0)
-        low_acc += tl.load(base + STAT_LOW, mask=in_batch, other=0.0)
-        high_acc += tl.load(base + STAT_HIGH, mask=in_batch, other=0.0)
-        region_acc += tl.load(base + STAT_REGION, mask=in_batch, other=0.0)
-        kl_acc += tl.load(base + STAT_KL_SUM, mask=in_batch, other=0.0)
-        ratio_acc += tl.load(base + STAT_RATIO_SUM, mask=in_batch, other=0.0)
+        tokens_acc += tl.load(base + STAT_TOKENS, mask=in_batch, other=0.0, volatile=True)
+        low_acc += tl.load(base + STAT_LOW, mask=in_batch, other=0.0, volatile=True)
+        high_acc += tl.load(base + STAT_HIGH, mask=in_batch, other=0.0, volatile=True)
+        region_acc += tl.load(base + STAT_REGION, mask=in_batch, other=0.0, volatile=True)
+        kl_acc += tl.load(base + STAT_KL_SUM, mask=in_batch, other=0.0, volatile=True)
+        ratio_acc += tl.load(base + STAT_RATIO_SUM, mask=in_batch, other=0.0, volatile=True)
     total_tokens = tl.maximum(tl.sum(tokens_acc, axis=0), 1.0)
     batch = tl.cast(B, tl.float32)
     metric_count = batch if ROW_METRICS else total_tokens
@@ -275,7 +329,12 @@ def _grpo_loss_finalize_kernel(
     if MODE == MODE_TOKEN_MEAN:
         shared_weight = 1.0 / total_tokens
     elif MODE == MODE_NORMALISER_TENSOR:
-        shared_weight = 1.0 / tl.load(num_items_ptr).to(tl.float32)
+        # num_items_in_batch as a device tensor: not finite and > 0 sets the error flag (reported
+        # without a host sync) and makes the loss NaN, never a silent -inf or 0.
+        num_items = tl.load(num_items_ptr).to(tl.float32)
+        bad = ~((num_items > 0) & (num_items < float("inf")))
+        tl.atomic_or(error_ptr, ERR_NUM_ITEMS, mask=bad)
+        shared_weight = tl.where(bad, float("nan"), 1.0 / num_items)
     else:  # MODE_CONSTANT (MODE_SEQ_MEAN has a weight per row and never reads it)
         shared_weight = const_weight
     loss_acc = tl.zeros([BLOCK_B], tl.float32)
@@ -284,10 +343,12 @@ def _grpo_loss_finalize_kernel(
         in_batch = rows < B
         base = stats_ptr + rows * NUM_STATS
         if MODE == MODE_SEQ_MEAN:
-            weight = 1.0 / (batch * tl.maximum(tl.load(base + STAT_TOKENS, mask=in_batch, other=1.0), 1.0))
+            tokens = tl.load(base + STAT_TOKENS, mask=in_batch, other=1.0, volatile=True)
+            weight = 1.0 / (batch * tl.maximum(tokens, 1.0))
         else:
             weight = tl.zeros([BLOCK_B], tl.float32) + shared_weight
-        loss_acc += tl.where(in_batch, weight * tl.load(base + STAT_LOSS_SUM, mask=in_batch, other=0.0), 0.0)
+        row_loss = tl.load(base + STAT_LOSS_SUM, mask=in_batch, other=0.0, volatile=True)
+        loss_acc += tl.where(in_batch, weight * row_loss, 0.0)
         tl.store(weights_ptr + rows, weight, mask=in_batch)
     tl.store(loss_ptr, tl.sum(loss_acc, axis=0))
 
@@ -350,6 +411,27 @@ def _strides(*tensors):
     return out
 
 
+def _check_layout(logp, *others) -> None:
+    """The kernels index every input with logp's [B, T] (launchers reachable without the public
+    function's validation, e.g. through ``torch.ops.gtalign_fast.grpo_loss``, check it here: metadata
+    only, no host sync)."""
+    if logp.dim() != 2:
+        raise ValueError(f"grpo_loss: logp must be [B, T], got shape {tuple(logp.shape)}")
+    for other in others:
+        if other is not None and (other.shape != logp.shape or other.device != logp.device):
+            raise ValueError(
+                f"grpo_loss: every input must be a [B, T] = {tuple(logp.shape)} view on {logp.device}, got "
+                f"{tuple(other.shape)} on {other.device}"
+            )
+
+
+def _check_outputs(logp, *outputs) -> None:
+    for out, numel in outputs:
+        if out.dtype != torch.float32 or out.numel() != numel or not out.is_contiguous() or out.device != logp.device:
+            raise ValueError(f"grpo_loss: a float32 buffer of {numel} elements on {logp.device} was expected, got "
+                             f"{out.dtype} {tuple(out.shape)} on {out.device}")
+
+
 def grpo_loss_forward(
     logp: torch.Tensor,
     old_logp: torch.Tensor | None,
@@ -370,24 +452,48 @@ def grpo_loss_forward(
     metrics: torch.Tensor,
     row_stats: torch.Tensor,
     row_weights: torch.Tensor,
+    error_flag: torch.Tensor | None = None,
+    finalize_counter: torch.Tensor | None = None,
 ) -> None:
-    """Launch the row kernel and the finalize kernel (inputs validated and [B, T]-shaped)."""
+    """Launch the forward: one launch when ``finalize_counter`` is given (an int32 ``[1]`` tensor
+    that is zero, ``gtalign_fast._grpo_loss.finalize_counter``; the last program to finish reduces the rows and
+    leaves it at zero), else the row kernel and the finalize kernel. A ``num_items`` tensor that is
+    not finite and > 0 sets ``ERR_NUM_ITEMS`` in ``error_flag`` (int32 ``[1]``, see
+    ``gtalign_fast._device_checks``; default: the device's flag) and gives a NaN loss."""
     batch, length = logp.shape
-    block_t = _block_t(length)
+    _check_layout(logp, old_logp, ref_logp, advantages, mask)
+    _check_outputs(logp, (loss, 1), (metrics, constants.NUM_METRICS), (row_stats, batch * constants.NUM_STATS),
+                   (row_weights, batch))
+    if num_items is not None and (num_items.numel() < 1 or num_items.device != logp.device):
+        raise ValueError("grpo_loss: num_items must hold one number on logp's device")
+    if error_flag is None:
+        error_flag = device_checks.error_flag(logp.device)
+    elif error_flag.dtype != torch.int32 or error_flag.numel() < 1 or error_flag.device != logp.device:
+        raise ValueError("grpo_loss: error_flag must be an int32 tensor of one element on logp's device")
+    fused = finalize_counter is not None
+    if fused and (finalize_counter.dtype != torch.int32 or finalize_counter.numel() < 1
+                  or finalize_counter.device != logp.device):
+        raise ValueError("grpo_loss: finalize_counter must be an int32 tensor of one element on logp's device")
+    if batch == 0:
+        return
+    num_items = num_items if num_items is not None else row_stats
+    block_b = min(MAX_BLOCK_B, triton.next_power_of_2(max(batch, 16)))
     _grpo_loss_rows_kernel[(batch,)](
         logp, old_logp if old_logp is not None else logp, ref_logp if ref_logp is not None else logp,
         advantages, mask, row_stats,
+        num_items, loss, metrics, row_weights, error_flag, finalize_counter if fused else error_flag,
         length, *_strides(logp, old_logp, ref_logp, advantages, mask),
-        beta, eps_low, eps_high, delta, dual_clip,
+        beta, eps_low, eps_high, delta, dual_clip, const_weight,
         ON_POLICY=old_logp is None, HAS_REF=ref_logp is not None, SEQ_LEVEL=seq_level,
-        ROW_METRICS=row_metrics, DUAL_CLIP=dual_clip > 0, BLOCK_T=block_t, num_warps=4,
+        ROW_METRICS=row_metrics, DUAL_CLIP=dual_clip > 0, BLOCK_T=_block_t(length),
+        FUSED=fused, MODE=mode, BLOCK_B=block_b, ERR_NUM_ITEMS=device_checks.ERR_NUM_ITEMS, num_warps=4,
     )
-    _grpo_loss_finalize_kernel[(1,)](
-        row_stats, num_items if num_items is not None else row_stats, loss, metrics, row_weights,
-        batch, const_weight,
-        MODE=mode, ROW_METRICS=row_metrics, BLOCK_B=min(MAX_BLOCK_B, triton.next_power_of_2(max(batch, 16))),
-        num_warps=4,
-    )
+    if not fused:
+        _grpo_loss_finalize_kernel[(1,)](
+            row_stats, num_items, loss, metrics, row_weights, error_flag, batch, const_weight,
+            MODE=mode, ROW_METRICS=row_metrics, BLOCK_B=block_b, ERR_NUM_ITEMS=device_checks.ERR_NUM_ITEMS,
+            num_warps=4,
+        )
 
 
 def grpo_loss_backward(
@@ -411,6 +517,14 @@ def grpo_loss_backward(
     """Launch the backward kernel: writes every element of ``dlogp`` and, unless it is empty (no
     gradient for ref_logp), of ``dref``. The arguments are those of the C++ kernels."""
     batch, length = logp.shape
+    _check_layout(logp, old_logp, ref_logp, advantages, mask)
+    _check_outputs(logp, (grad_loss, 1), (row_weights, batch), (row_stats, batch * constants.NUM_STATS))
+    for out in (dlogp, dref):
+        if out.numel() and (out.numel() != batch * length or not out.is_contiguous() or out.dtype != logp.dtype
+                            or out.device != logp.device):
+            raise ValueError("grpo_loss: dlogp / dref must be contiguous [B, T] in logp's dtype and device")
+    if dlogp.numel() != batch * length or (dref.numel() and ref_logp is None):
+        raise ValueError("grpo_loss: dlogp must be [B, T]; a dref needs ref_logp")
     _grpo_loss_bwd_kernel[(batch,)](
         grad_loss, row_weights, row_stats,
         logp, old_logp if old_logp is not None else logp, ref_logp if ref_logp is not None else logp,

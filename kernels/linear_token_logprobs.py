@@ -1,305 +1,216 @@
-"""Triton kernels for ``linear_token_logprobs``: the LM-head matmul fused with the log-prob of the
-target token (and the entropy), without ever writing the ``[N, V]`` logits.
+"""Triton kernels for ``linear_token_logprobs``: the two memory-bound passes over one chunk of logits.
 
-Notation: ``hidden`` is ``[N, H]``, ``weight`` is ``[V, H]``, the logits are
-``z = hidden @ weight.T + bias`` and ``y = z / T``. Strides are passed explicitly, so views
-(e.g. a transposed tied embedding) are read in place.
+The op runs the LM head in chunks of tokens (``gtalign_fast.kernels.linear_token_logprobs_chunked``
+beside this file): cuBLAS writes a chunk's logits ``Z = H_c @ W^T`` (float32) into one reused
+``[R, V]`` buffer, then one of these kernels passes over it once.
 
-Forward (:func:`forward_partials`): a grid of (token blocks on axis 0, vocabulary splits on axis 1).
-Each program walks the vocabulary tiles of its split; per tile it forms the ``[BLOCK_N, BLOCK_V]``
-logits with a K-loop of ``tl.dot`` (float32 accumulation) and folds them into an online
-log-sum-exp per row: with ``m`` the running maximum, ``s = sum exp(y - m)``,
-``t = sum exp(y - m) * (y - m)`` and the target logit ``y_t`` when the target falls in the split.
-The per-split partials ``[splits, N]`` are merged by :func:`merge_partials` (a few ``[splits, N]``
-torch ops): ``lse = m + log s``, ``logp = y_t - lse``, ``entropy = log s - t / s``.
-The number of splits is bounded (it only serves to fill the GPU), so axis 1 stays small.
+Forward (:func:`chunk_stats`), one program per row, one online log-sum-exp walk over the row: with
+``y = (z + b) / T``, the shift ``m`` (the running maximum; 0 while it is infinite), ``s = sum
+exp(y - m)`` and ``t = sum exp(y - m) (y - m)``, it writes ``logp = (y_t - m) - log s``,
+``entropy = log s - t / s`` and the pair ``(m, log s)`` for the backward (``m + log s`` is never
+formed: at ``|y| ~ 1e4`` its float32 rounding alone would be 1e-3).
 
-Backward (:func:`backward_dz`): for one chunk of rows and vocabulary columns, recompute the logits
-tile the same way and write ``dz = (g_logp (onehot - p) - g_H p (y - lse + H)) / T`` into a
-chunk buffer; the caller then does the two products ``dhidden += dz @ W_chunk`` and
-``dW_chunk = dz^T @ hidden`` with cuBLAS (tensor cores, float32 accumulation). A fully fused
-backward would need atomics on a float32 ``[V, H]`` buffer or ``[BLOCK, H]`` accumulators that do
-not fit in registers for H = 4096; the chunked second pass keeps memory bounded by one chunk.
+Backward (:func:`chunk_dlogits`), one program per row: it re-reads the recomputed logits and writes
+``dz = (g (onehot_t - p) - g_H p (log p + H)) / T`` over them, in place. For half-precision inputs
+``dz`` is stored in that half type (the operand of the two tensor-core GEMMs that follow) into the
+first half of each float32 row's bytes: the element-``c`` store lands on bytes ``[2c, 2c + 2)``,
+which only the same program has read (in this or an earlier tile), and a barrier between a tile's
+load and its store keeps the program's warps from overtaking each other.
 
-Under the CPU interpreter ``tl.dot`` on bf16 / fp16 is wrong, so ``FP32_DOT`` upcasts the tiles
-there (on GPU the half-precision tiles go to the tensor cores with float32 accumulation).
+The grid is the rows of one chunk (at most ``MAX_CHUNK_ROWS``, far below the 65535 limit of a CUDA
+grid axis) whatever N and V are; the vocabulary is walked in tiles inside each program.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+from gtalign_fast import _device_checks as device_checks
+from gtalign_fast import _token_logprobs_constants as constants
+from gtalign_fast.kernels.linear_token_logprobs_chunked import MAX_CHUNK_ROWS  # rows of a chunk = programs
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The stats columns are shared with token_logprobs (gtalign_fast/_token_logprobs_constants.py).
+STAT_ROW_MAX = tl.constexpr(constants.STAT_ROW_MAX)
+STAT_LOG_SUM = tl.constexpr(constants.STAT_LOG_SUM)
+NUM_STATS = tl.constexpr(constants.NUM_STATS)
 
-
-# Tile sizes: large on GPU (tensor-core friendly), small under the interpreter (it runs every
-# program sequentially in numpy, so padding waste costs real time). tl.dot needs every dim >= 16.
-GPU_TILES = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3)
-INTERPRETER_TILES = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_K=32, num_warps=4, num_stages=1)
-# Under the interpreter a few splits still exercise the merge; on GPU enough programs to fill it.
-INTERPRETER_SPLITS = 3
-PROGRAMS_PER_SM = 4
-
-
-def _tiles() -> dict:
-    return INTERPRETER_TILES if _interpreted() else GPU_TILES
+# Vocabulary tile of one program step: wide on GPU (a memory-bound pass), narrow under the
+# interpreter so that the tests' small vocabularies still take several tiles.
+MAX_BLOCK_V = 4096
+INTERPRETER_BLOCK_V = 32
 
 
-def _dot_precision(dtype: torch.dtype) -> str | None:
-    """fp32 inputs: IEEE products unless the user allowed TF32 for matmuls (torch's own rule);
-    half inputs: Triton's default (tensor cores, float32 accumulation)."""
-    if dtype != torch.float32:
-        return None
-    if torch.backends.cuda.matmul.allow_tf32 and not _interpreted():
-        return "tf32"
-    return "ieee"
+def _block_v(vocab: int) -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return INTERPRETER_BLOCK_V
+    return min(MAX_BLOCK_V, triton.next_power_of_2(vocab))
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _num_warps(block_v: int) -> int:
+    return 8 if block_v >= 2048 else 4
 
 
 @triton.jit
-def _logits_tile(
-    h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H,
-    stride_hn, stride_hk, stride_wv, stride_wk, inv_t,
-    HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """``y = (hidden[rows] @ weight[cols].T + bias[cols]) / T`` as a float32 ``[BLOCK_N, BLOCK_V]``
-    tile; columns past V are -inf so they drop out of every max and sum."""
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < H
-        # int64 offsets: V * H can pass 2**31 elements (151936 x 16384).
-        a = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_hn + ks[None, :] * stride_hk,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_ptr + cols.to(tl.int64)[None, :] * stride_wv + ks[:, None] * stride_wk,
-                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if FP32_DOT:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+def _scaled_tile(z_row, b_ptr, cols, col_ok, inv_t, HAS_BIAS: tl.constexpr):
+    """``(z + b) / T`` of one tile, float32; columns past V are -inf (they drop out of every sum)."""
+    z = tl.load(z_row + cols, mask=col_ok, other=float("-inf")).to(tl.float32)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    y = acc * inv_t
-    return tl.where(col_ok[None, :], y, float("-inf"))
+        z += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    return z * inv_t
 
 
 @triton.jit
-def _forward_partials_kernel(
-    h_ptr, w_ptr, b_ptr, targets_ptr,
-    part_m_ptr, part_s_ptr, part_t_ptr, part_y_ptr,
-    N, V, H,
-    stride_hn, stride_hk, stride_wv, stride_wk,
-    inv_temperature, ignore_index, tiles_per_split,
-    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, FP32_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+def _chunk_stats_kernel(
+    z_ptr, b_ptr, targets_ptr, logp_ptr, entropy_ptr, stats_ptr, error_ptr,
+    V, stride_z, inv_temperature, ignore_index,
+    ERR_TARGET_RANGE: tl.constexpr, HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    block = tl.program_id(0)
-    split = tl.program_id(1)
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * stride_z
     inv_t = tl.cast(inv_temperature, tl.float32)
-    rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    targets = tl.load(targets_ptr + rows, mask=row_ok, other=ignore_index)
+    target = tl.load(targets_ptr + row)
+    valid = target != ignore_index
+    in_range = (target >= 0) & (target < V)
+    # An id outside [0, V): flag it (the wrapper reports it without a host sync), never index with it.
+    tl.atomic_or(error_ptr, ERR_TARGET_RANGE, mask=valid & ~in_range)
+    v_end = tl.where(valid, V, 0)  # ignored rows (prompt, padding) skip the walk
 
-    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    t = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    y_target = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    split_start = split * tiles_per_split * BLOCK_V
-    for tile in range(0, tiles_per_split):
-        cols = split_start + tile * BLOCK_V + tl.arange(0, BLOCK_V)
-        col_ok = cols < V
-        y = _logits_tile(
-            h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H,
-            stride_hn, stride_hk, stride_wv, stride_wk, inv_t,
-            HAS_BIAS, FP32_DOT, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K,
-        )
-        # The target is only compared, never an index; col_ok keeps an id past V (a direct call of
-        # the low-level op) off the -inf padding columns of the last tile: it matches nothing.
-        is_target = (cols[None, :] == targets[:, None]) & col_ok[None, :]
-        y_target += tl.sum(tl.where(is_target, y, 0.0), axis=1)
-        m_new = tl.maximum(m, tl.max(y, axis=1))
-        # While every value seen is -inf (a -inf bias), shift by 0 instead (-inf - -inf is nan).
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        rescale = tl.exp(m - m_ref)
-        e = tl.exp(y - m_ref[:, None])
+    m = tl.cast(float("-inf"), tl.float32)
+    m_ref = tl.cast(0.0, tl.float32)
+    s = tl.cast(0.0, tl.float32)
+    t = tl.cast(0.0, tl.float32)
+    for start in range(0, v_end, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        y = _scaled_tile(z_row, b_ptr, cols, cols < V, inv_t, HAS_BIAS)
+        m_new = tl.maximum(m, tl.max(y, axis=0))
+        # An infinite maximum shifts by 0: -inf - -inf (all -inf so far) would be nan, and a +inf
+        # logit must give s = inf (log-sum-exp +inf, log-probs -inf) as on the materialised logits.
+        m_ref_new = tl.where((m_new == float("inf")) | (m_new == float("-inf")), 0.0, m_new)
+        # Nothing to rescale while s = 0 (exp(0 - m) may overflow, and 0 * inf is nan).
+        rescale = tl.where(s > 0, tl.exp(m_ref - m_ref_new), 0.0)
+        e = tl.exp(y - m_ref_new)
         if WITH_ENTROPY:
-            shift = tl.where(s > 0, m - m_ref, 0.0)
-            centred = tl.where(e > 0, y - m_ref[:, None], 0.0)
-            t = rescale * (t + shift * s) + tl.sum(e * centred, axis=1)
-        s = s * rescale + tl.sum(e, axis=1)
+            # p log p with p = 0 (y = -inf) adds nothing (0 * -inf would be nan).
+            centred = tl.where(e > 0, y - m_ref_new, 0.0)
+            t = rescale * (t + (m_ref - m_ref_new) * s) + tl.sum(e * centred, axis=0)
+        s = s * rescale + tl.sum(e, axis=0)
         m = m_new
+        m_ref = m_ref_new
 
-    out = split * N + rows
-    tl.store(part_m_ptr + out, m, mask=row_ok)
-    tl.store(part_s_ptr + out, s, mask=row_ok)
-    tl.store(part_y_ptr + out, y_target, mask=row_ok)
+    log_s = tl.log(s)
+    safe_target = tl.where(valid & in_range, target, 0)
+    y_t = tl.load(z_row + safe_target).to(tl.float32)
+    if HAS_BIAS:
+        y_t += tl.load(b_ptr + safe_target).to(tl.float32)
+    logp = (y_t * inv_t - m_ref) - log_s
+    logp = tl.where(in_range, logp, float("nan"))  # a flagged row is NaN, never a plausible value
+    tl.store(logp_ptr + row, tl.where(valid, logp, 0.0))
+    tl.store(stats_ptr + row * NUM_STATS + STAT_ROW_MAX, tl.where(valid, m_ref, 0.0))
+    tl.store(stats_ptr + row * NUM_STATS + STAT_LOG_SUM, tl.where(valid, log_s, 0.0))
     if WITH_ENTROPY:
-        tl.store(part_t_ptr + out, t, mask=row_ok)
+        tl.store(entropy_ptr + row, tl.where(valid, log_s - t / s, 0.0))
 
 
 @triton.jit
-def _backward_dz_kernel(
-    h_ptr, w_ptr, b_ptr, targets_ptr, lse_ptr, entropy_ptr, g_logp_ptr, g_entropy_ptr, dz_ptr,
-    N, C, H, col_offset,
-    stride_hn, stride_hk, stride_wv, stride_wk, stride_dz,
-    inv_temperature, ignore_index,
-    HAS_BIAS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, FP32_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+def _chunk_dlogits_kernel(
+    z_ptr, b_ptr, targets_ptr, stats_ptr, entropy_ptr, g_logp_ptr, g_entropy_ptr,
+    V, stride_z, inv_temperature, ignore_index,
+    HAS_BIAS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, DZ_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    # Axis 0: row blocks (can be many); axis 1: column tiles of one bounded vocabulary chunk.
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_ok = rows < N
-    col_ok = cols < C
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * stride_z
+    # dz goes over the row's own bytes: element c of a half-precision dz is bytes [2c, 2c + 2). One
+    # pointer, cast here, rather than a second (aliasing) tensor argument.
+    narrowing: tl.constexpr = DZ_DTYPE != tl.float32
+    dz_row = z_row.to(tl.pointer_type(DZ_DTYPE))
     inv_t = tl.cast(inv_temperature, tl.float32)
-    y = _logits_tile(
-        h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H,
-        stride_hn, stride_hk, stride_wv, stride_wk, inv_t,
-        HAS_BIAS, FP32_DOT, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K,
-    )
-    targets = tl.load(targets_ptr + rows, mask=row_ok, other=ignore_index)
-    valid = row_ok & (targets != ignore_index)
-    # Fold the 1/T of the chain rule into the incoming gradients; ignored rows get zero gradient.
-    g_logp = tl.where(valid, tl.load(g_logp_ptr + rows, mask=row_ok, other=0.0), 0.0) * inv_t
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    centred = y - lse[:, None]
-    p = tl.where(valid[:, None], tl.exp(centred), 0.0)
-    # Compared, never an index: a target outside the chunk (or outside [0, V)) matches no column.
-    is_target = ((cols + col_offset)[None, :] == targets[:, None]) & col_ok[None, :]
-    dz = tl.where(is_target, g_logp[:, None], 0.0) - g_logp[:, None] * p
+    target = tl.load(targets_ptr + row)
+    valid = target != ignore_index
+    # The 1/T of the chain rule is folded into the incoming gradients; ignored rows get 0.
+    g = tl.where(valid, tl.load(g_logp_ptr + row), 0.0) * inv_t
+    m_ref = tl.load(stats_ptr + row * NUM_STATS + STAT_ROW_MAX)
+    log_s = tl.load(stats_ptr + row * NUM_STATS + STAT_LOG_SUM)
     if HAS_GRAD_ENTROPY:
-        g_entropy = tl.where(valid, tl.load(g_entropy_ptr + rows, mask=row_ok, other=0.0), 0.0) * inv_t
-        entropy = tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)
-        # p * (log p + H); zero where p == 0 (y = -inf would give 0 * inf).
-        dz -= g_entropy[:, None] * p * (tl.where(p > 0, centred, 0.0) + entropy[:, None])
-    tl.store(dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + cols[None, :], dz.to(dz_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+        g_h = tl.where(valid, tl.load(g_entropy_ptr + row), 0.0) * inv_t
+        h = tl.load(entropy_ptr + row)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        col_ok = cols < V
+        log_p = (_scaled_tile(z_row, b_ptr, cols, col_ok, inv_t, HAS_BIAS) - m_ref) - log_s
+        p = tl.exp(log_p)
+        # Compared, never an index: an id outside [0, V) (flagged by the forward) matches nothing.
+        dz = tl.where(cols == target, g, 0.0) - g * p
+        if HAS_GRAD_ENTROPY:
+            dz -= g_h * tl.where(p > 0, p * (log_p + h), 0.0)  # p log p = 0 where p = 0
+        dz = tl.where(valid, dz, 0.0)  # the logits of an ignored row may overflow exp: 0 * inf
+        if narrowing:
+            tl.debug_barrier()  # every warp has loaded this tile before any overwrites its bytes
+        tl.store(dz_row + cols, dz.to(DZ_DTYPE), mask=col_ok)
 
 
 # ---------------------------------------------------------------------------------------------
 # Launchers (inputs validated and allocated by gtalign_fast._linear_token_logprobs)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def launch_grid(n_rows: int) -> tuple[int]:
+    """The grid of both kernels: one program per row of the chunk (``n_rows <= MAX_CHUNK_ROWS``)."""
+    if not 0 < n_rows <= MAX_CHUNK_ROWS:
+        raise ValueError(f"linear_token_logprobs: a chunk has 1 to {MAX_CHUNK_ROWS} rows, got {n_rows}")
+    return (n_rows,)
 
 
-def _split_count(n_row_blocks: int, n_col_tiles: int) -> int:
-    if _interpreted():
-        return min(n_col_tiles, INTERPRETER_SPLITS)
-    sms = _sm_count(torch.cuda.current_device())
-    wanted = triton.cdiv(PROGRAMS_PER_SM * sms, n_row_blocks)
-    return max(1, min(n_col_tiles, wanted))
-
-
-def forward_partials(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    inv_temperature: float,
-    ignore_index: int,
-    with_entropy: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Launch the forward kernel; return the per-split partials ``(m, s, t, y_target)``.
+def chunk_stats(logits, bias, targets, inv_temperature, ignore_index, logp, entropy, stats, error_flag) -> None:
+    """Log-prob, entropy and ``(m, log s)`` of each row of one chunk of logits.
 
     Parameters
     ----------
-    hidden : Tensor ``[N, H]`` (N >= 1); weight : Tensor ``[V, H]``; bias : Tensor ``[V]`` or None
-        Same float dtype (fp16 / bf16 / fp32), any strides (bias contiguous).
-    targets : Tensor ``[N]`` int64, contiguous; ids in ``[0, V)`` or ``ignore_index``.
-
-    Returns
-    -------
-    Four float32 tensors ``[splits, N]`` (``t`` is None without entropy): the running maximum,
-    the sum of ``exp(y - m)``, the sum of ``exp(y - m) (y - m)`` and the target logit (0 in the
-    splits that do not hold the target).
+    logits : Tensor ``[R, V]`` float32, unit column stride
+        ``H_c @ W^T`` of the chunk (without the bias).
+    bias : Tensor ``[V]`` (any float dtype, contiguous) or None
+    targets : Tensor ``[R]`` int64, contiguous
+        Ids in ``[0, V)`` or ``ignore_index``; another id sets ``ERR_TARGET_RANGE`` in ``error_flag``
+        (int32 ``[1]``) and makes its row's ``logp`` NaN.
+    logp, entropy, stats : Tensor ``[R]``, ``[R]`` (or None), ``[R, 2]``, float32, contiguous
+        Outputs; an ignored row gets zeros.
     """
-    n_rows, hidden_size = hidden.shape
-    vocab = weight.shape[0]
-    tiles = _tiles()
-    n_row_blocks = triton.cdiv(n_rows, tiles["BLOCK_N"])
-    n_col_tiles = triton.cdiv(vocab, tiles["BLOCK_V"])
-    splits = _split_count(n_row_blocks, n_col_tiles)
-    tiles_per_split = triton.cdiv(n_col_tiles, splits)
-    splits = triton.cdiv(n_col_tiles, tiles_per_split)  # no empty split
-    part = torch.empty((4 if with_entropy else 3, splits, n_rows), dtype=torch.float32, device=hidden.device)
-    part_m, part_s, part_y = part[0], part[1], part[2]
-    part_t = part[3] if with_entropy else None
-    _forward_partials_kernel[(n_row_blocks, splits)](
-        hidden, weight, bias if bias is not None else weight, targets,
-        part_m, part_s, part_t if with_entropy else part_s, part_y,
-        n_rows, vocab, hidden_size,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        inv_temperature, ignore_index, tiles_per_split,
-        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, FP32_DOT=_interpreted(),
-        DOT_PRECISION=_dot_precision(hidden.dtype), **tiles,
+    n_rows, vocab = logits.shape
+    block_v = _block_v(vocab)
+    _chunk_stats_kernel[launch_grid(n_rows)](
+        logits, bias if bias is not None else logits, targets, logp,
+        entropy if entropy is not None else logp, stats, error_flag,
+        vocab, logits.stride(0), inv_temperature, ignore_index,
+        ERR_TARGET_RANGE=device_checks.ERR_TARGET_RANGE, HAS_BIAS=bias is not None,
+        WITH_ENTROPY=entropy is not None, BLOCK_V=block_v, num_warps=_num_warps(block_v),
     )
-    return part_m, part_s, part_t, part_y
 
 
-def merge_partials(part_m, part_s, part_t, part_y):
-    """Merge the per-split online log-sum-exp states into ``(lse, log_s, y_target, t_over_s)``, ``[N]``.
+def chunk_dlogits(logits, bias, targets, stats, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index,
+                  dz_dtype: torch.dtype) -> torch.Tensor:
+    """Overwrite one chunk of logits with ``dz``; return ``dz`` ``[R, V]`` of dtype ``dz_dtype``.
 
-    With ``w_k = exp(m_k - m)``: ``s = sum_k w_k s_k`` and
-    ``t = sum_k w_k (t_k + (m_k - m) s_k)`` (each split's ``t_k`` is centred on its own ``m_k``).
+    ``logits`` ``[R, V]`` float32 must be contiguous (its rows' bytes are reused). ``dz_dtype``
+    float32: ``dz`` is ``logits`` itself; float16 / bfloat16: ``dz`` is a view of the first half of
+    each row's bytes (row stride ``2 V``), the operand of the GEMMs that follow. ``stats``,
+    ``entropy``, ``grad_*`` are the chunk's ``[R, 2]`` / ``[R]`` float32 rows (``entropy`` and
+    ``grad_entropy`` None without an entropy gradient).
     """
-    m = part_m.amax(dim=0)
-    m_ref = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    weights = torch.exp(part_m - m_ref)
-    s = (weights * part_s).sum(dim=0)
-    log_s = torch.log(s)
-    lse = m_ref + log_s
-    y_target = part_y.sum(dim=0)
-    if part_t is None:
-        return lse, log_s, y_target, None
-    shift = torch.where(part_s > 0, part_m - m_ref, torch.zeros_like(part_m))
-    t = (weights * (part_t + shift * part_s)).sum(dim=0)
-    return lse, log_s, y_target, t / s
-
-
-def backward_dz(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    lse: torch.Tensor,
-    entropy: torch.Tensor | None,
-    grad_logp: torch.Tensor,
-    grad_entropy: torch.Tensor | None,
-    inv_temperature: float,
-    ignore_index: int,
-    col_offset: int,
-    dz: torch.Tensor,
-) -> None:
-    """Write ``dz`` ``[R, C]`` (row stride ``dz.stride(0)``, unit column stride) for one chunk.
-
-    ``hidden`` ``[R, H]``, ``targets`` / ``lse`` / ``entropy`` / ``grad_*`` ``[R]`` (contiguous,
-    float32) are the chunk's rows; ``weight`` ``[C, H]`` and ``bias`` ``[C]`` its vocabulary rows,
-    which start at global column ``col_offset`` (targets hold global ids).
-    """
-    n_rows, hidden_size = hidden.shape
-    n_cols = weight.shape[0]
-    tiles = _tiles()
-    grid = (triton.cdiv(n_rows, tiles["BLOCK_N"]), triton.cdiv(n_cols, tiles["BLOCK_V"]))
+    n_rows, vocab = logits.shape
+    if not logits.is_contiguous() or logits.dtype != torch.float32:
+        raise ValueError("linear_token_logprobs: the chunk of logits must be contiguous float32")
+    block_v = _block_v(vocab)
     has_grad_entropy = grad_entropy is not None
-    _backward_dz_kernel[grid](
-        hidden, weight, bias if bias is not None else weight, targets, lse,
-        entropy if has_grad_entropy else lse, grad_logp,
-        grad_entropy if has_grad_entropy else grad_logp, dz,
-        n_rows, n_cols, hidden_size, col_offset,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), dz.stride(0),
-        inv_temperature, ignore_index,
-        HAS_BIAS=bias is not None, HAS_GRAD_ENTROPY=has_grad_entropy, FP32_DOT=_interpreted(),
-        DOT_PRECISION=_dot_precision(hidden.dtype), **tiles,
+    _chunk_dlogits_kernel[launch_grid(n_rows)](
+        logits, bias if bias is not None else logits, targets, stats,
+        entropy if has_grad_entropy else grad_logp, grad_logp, grad_entropy if has_grad_entropy else grad_logp,
+        vocab, logits.stride(0), inv_temperature, ignore_index,
+        HAS_BIAS=bias is not None, HAS_GRAD_ENTROPY=has_grad_entropy, DZ_DTYPE=_TL_DTYPES[dz_dtype], BLOCK_V=block_v,
+        num_warps=_num_warps(block_v),
     )
+    return logits.view(dz_dtype)[:, :vocab] if dz_dtype != logits.dtype else logits

@@ -1,295 +1,302 @@
-"""The chunked backend of ``linear_token_logprobs``: the LM head in vocabulary (and row) chunks.
+"""The chunk-over-tokens driver of ``linear_token_logprobs``: GEMMs on BLAS / cuBLAS, one pass per chunk.
 
-``gtalign_fast.linear_token_logprobs``'s ``"cpu"`` and ``"cuda"`` backends are this PyTorch path
-(BLAS / cuBLAS ``addmm`` per chunk + in-place elementwise work on one reused chunk buffer); the
-``"triton"`` backend uses its backward driver too, with ``dz`` from the Triton kernel of
-``linear_token_logprobs.py`` beside this file. Inputs arrive validated, with every row valid (the
-op drops ``ignore_index`` rows before calling in).
+Per chunk of ``R`` tokens (rows), with one reused ``[R, V]`` float32 buffer (float64 for float64
+inputs):
+
+forward   ``Z = H_c @ W^T`` (one GEMM into the buffer, float32 output even for half inputs), then
+          one stats pass over ``Z``: log-prob, entropy and ``(m, log s)`` per row;
+backward  recompute ``Z`` (GEMM), one pass turning it into ``dZ`` in place, then
+          ``dH_c = dZ @ W`` and ``dW += dZ^T @ H_c`` (``db += sum_rows dZ`` with a bias).
+
+So a forward + backward costs four GEMMs and two passes over each chunk of logits; the ``[N, V]``
+logits never exist. The stats / dZ pass is, by backend: ``"triton"`` the kernels of
+``linear_token_logprobs.py`` beside this file (bias added inside them); ``"cpu"`` the C++ kernels of
+``token_logprobs`` (OpenMP, vectorised) on the float32 buffer, or the row-blocked PyTorch pass below
+for float64 or without the extension; ``"cuda"`` the PyTorch pass on cuBLAS logits (the fallback
+when Triton is not installed).
+
+Half-precision inputs: the products have float32 results (``out_dtype`` on CUDA; on CPU, which has no
+such GEMM, the weight is upcast a block of rows at a time), ``dZ`` is rounded to the input dtype
+for the two backward GEMMs (tensor cores, float32 accumulation), and the weight gradient is
+accumulated in its own dtype across chunks (one rounding per chunk, as Liger does): few chunks keep
+that error small, which is one more reason for large chunks.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from gtalign_fast import _backend, reference
+from gtalign_fast import _backend, _device_checks, reference
+from gtalign_fast._token_logprobs_constants import NUM_STATS, STAT_LOG_SUM, STAT_ROW_MAX
 
+# Chunk size. Bytes of the float32 [R, V] logits buffer when chunk_size is not given: 64 MiB on CPU
+# (512 rows at V = 32000, H = 1024: on a 2-core Xeon the three GEMM shapes ran as fast with 256 to
+# 1024 rows as with 2048), 1 GiB on CUDA (2048 rows at V = 131072: each GEMM is ~1 TFLOP, and the dW
+# GEMM's K = R stays large enough that reading and writing the [V, H] gradient once per chunk costs
+# little next to its FLOPs; half-precision dZ reuses the same bytes).
+CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 1 << 30}
+# Below this many rows a GEMM loses efficiency (and dW is re-read per chunk): the budget is exceeded
+# instead, for very large vocabularies.
+MIN_CHUNK_ROWS = {"cpu": 128, "cuda": 512}
+ROW_ALIGN = 128  # chunk rows rounded to GEMM tile multiples
+# One chunk = one launch of one program per row: far below the 65535 limit of a CUDA grid axis,
+# whatever N, V or chunk_size are.
+MAX_CHUNK_ROWS = 32768
+# The PyTorch stats pass works on this many rows at a time (a cache-resident block: its several
+# elementwise passes then cost little more than one pass over the chunk).
+TORCH_BLOCK_ROWS = 32
+# CPU half inputs: weight rows upcast at a time for the float32 logits GEMM.
+CPU_UPCAST_ROWS = 4096
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
-# Elements of one chunk of logits (float32): 8 Mi elements = 32 MiB on CPU (fits the caches of
-# the BLAS blocking well enough, small next to the weight), 32 Mi = 128 MiB on GPU (big enough
-# GEMMs for cuBLAS). The chunk's columns are clamped to [MIN_COLS, MAX_COLS] so the GEMMs stay
-# efficient when N is huge (rows are then chunked too) or tiny.
-CHUNK_ELEMENTS = {"cpu": 8 * 2**20, "cuda": 32 * 2**20}
-MIN_COLS, MAX_COLS = 1024, 8192
-# An explicit chunk_size is capped here, so the Triton backward's grid axis 1 (column tiles of
-# one chunk, >= 32 columns each) stays far below the 65535 limit whatever V is.
-CHUNK_SIZE_CAP = 1 << 20
-
-
 
 # ---------------------------------------------------------------------------------------------
-# Chunk shapes and products
+# Chunk size and the GEMMs
 
 
-def chunk_shape(n_rows: int, vocab: int, chunk_size: int, device: torch.device) -> tuple[int, int]:
-    """``(rows, cols)`` of one chunk of logits: ``cols`` vocabulary entries (``chunk_size`` when
-    given) and as many rows as fit the device's element budget, so the chunk never grows with V
-    nor (beyond the budget) with N."""
-    budget = CHUNK_ELEMENTS["cuda" if device.type == "cuda" else "cpu"]
+def chunk_rows(n_rows: int, vocab: int, chunk_size: int, device: torch.device) -> int:
+    """Rows (tokens) per chunk.
+
+    ``chunk_size`` > 0 is taken as given (at most ``MAX_CHUNK_ROWS`` and ``n_rows``). Otherwise: as
+    many rows as fit the device's :data:`CHUNK_BYTES` of float32 logits, at least
+    :data:`MIN_CHUNK_ROWS`, then spread evenly over the chunks that makes (rounded up to a multiple
+    of :data:`ROW_ALIGN`) so that no small last chunk wastes a GEMM launch.
+    """
+    n_rows = max(n_rows, 1)
     if chunk_size > 0:
-        cols = min(chunk_size, vocab, CHUNK_SIZE_CAP)
-    else:
-        cols = min(vocab, max(MIN_COLS, min(MAX_COLS, budget // max(n_rows, 1))))
-    rows = min(max(n_rows, 1), max(1, budget // cols))
-    return rows, cols
+        return min(chunk_size, n_rows, MAX_CHUNK_ROWS)
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    rows = CHUNK_BYTES[kind] // (4 * vocab) // ROW_ALIGN * ROW_ALIGN
+    rows = min(max(rows, MIN_CHUNK_ROWS[kind]), MAX_CHUNK_ROWS)
+    if rows >= n_rows:
+        return n_rows
+    n_chunks = -(-n_rows // rows)
+    even = -(-n_rows // n_chunks)
+    return min(-(-even // ROW_ALIGN) * ROW_ALIGN, rows, n_rows)
 
 
-_MM_OUT_DTYPE_OK: dict[str, bool] = {}
-
-
-def _mm_float(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``a @ b`` with a ``dtype`` (float32/64) result: half inputs keep the tensor cores on CUDA
-    through ``out_dtype`` when this torch has it; elsewhere the operands are upcast (same maths:
-    exact products, float32 accumulation, no rounding of the result to half)."""
-    if a.dtype == dtype and b.dtype == dtype:
-        return a @ b
-    if a.device.type == "cuda" and a.dtype == b.dtype and dtype == torch.float32:
-        if _MM_OUT_DTYPE_OK.get("cuda", True):
-            try:
-                return torch.mm(a, b, out_dtype=torch.float32)
-            except (RuntimeError, TypeError, NotImplementedError):
-                _MM_OUT_DTYPE_OK["cuda"] = False
-    return a.to(dtype) @ b.to(dtype)
-
-
-def _gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """dtype of ``dz`` for the backward products: the input's half type on CUDA (tensor cores,
-    float32 accumulation in cuBLAS), the compute dtype elsewhere (CPU half GEMMs are slow and the
-    Triton interpreter has no half ``tl.dot``)."""
-    if device.type == "cuda" and dtype in HALF_DTYPES and not _backend.triton_interpreted():
-        return dtype
-    return reference.compute_dtype(dtype)
-
-
-def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
-    """``acc = a @ b`` (first) or ``acc += a @ b``, accumulating in ``acc``'s dtype."""
-    if a.dtype == acc.dtype and b.dtype == acc.dtype:
-        if first:
-            torch.mm(a, b, out=acc)
+def logits_gemm(h_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """``out = h_rows @ weight.T (+ bias)`` with ``out`` (``[R, V]``, float32 / float64) never rounded
+    to the inputs' half dtype: ``out_dtype`` GEMMs on CUDA, weight blocks upcast on CPU."""
+    if h_rows.dtype == out.dtype:
+        if bias is None:
+            torch.mm(h_rows, weight.T, out=out)
         else:
-            acc.addmm_(a, b)
-    elif first:
-        acc.copy_(_mm_float(a, b, acc.dtype))
+            torch.addmm(bias, h_rows, weight.T, out=out)
+        return
+    if out.device.type == "cuda":
+        try:
+            torch.mm(h_rows, weight.T, out_dtype=out.dtype, out=out)
+        except (RuntimeError, TypeError, NotImplementedError) as error:  # never round the logits to half instead
+            raise RuntimeError(
+                f"linear_token_logprobs: float32 logits from {h_rows.dtype} inputs need torch.mm(..., "
+                f"out_dtype=torch.float32) on CUDA, which this torch ({torch.__version__}) refused: {error}"
+            ) from error
     else:
-        acc.add_(_mm_float(a, b, acc.dtype))
+        h_wide = h_rows.to(out.dtype)
+        for start in range(0, weight.shape[0], CPU_UPCAST_ROWS):
+            block = weight[start : start + CPU_UPCAST_ROWS].to(out.dtype)
+            out[:, start : start + block.shape[0]] = h_wide @ block.T
+    if bias is not None:
+        out.add_(bias)
 
 
 # ---------------------------------------------------------------------------------------------
-# Forward
+# The stats pass and the dZ pass in PyTorch (float64; "cuda" without Triton; CPU without the
+# extension). Row blocks of TORCH_BLOCK_ROWS keep the elementwise passes in cache.
 
 
-def _chunk_logits(h_rows, w_chunk, b_chunk, inv_t, buffer) -> torch.Tensor:
-    """``y = (h_rows @ w_chunk.T + b_chunk) * inv_t`` in the compute dtype, in ``buffer`` when the
-    dtypes allow a BLAS ``out=`` (``w_chunk`` / ``b_chunk`` already in the compute dtype there)."""
-    if h_rows.dtype != buffer.dtype and w_chunk.dtype == buffer.dtype:
-        h_rows = h_rows.to(buffer.dtype)  # CPU half inputs: upcast the rows, keep BLAS out=
-    if h_rows.dtype == buffer.dtype:
-        if b_chunk is not None:
-            torch.addmm(b_chunk, h_rows, w_chunk.T, out=buffer)
+def _target_masks(targets: torch.Tensor, vocab: int, ignore_index: int, flag: torch.Tensor):
+    """(valid, in_range, safe ids); an out-of-range id sets the error flag on the device (no sync)."""
+    valid = targets != ignore_index
+    in_range = (targets >= 0) & (targets < vocab)
+    bad = (valid & ~in_range).any()
+    flag.bitwise_or_(bad.to(flag.dtype) * _device_checks.ERR_TARGET_RANGE)
+    return valid, in_range, torch.where(valid & in_range, targets, torch.zeros_like(targets))
+
+
+def stats_torch(z, targets, inv_t, ignore_index, logp, entropy, stats, flag) -> None:
+    """The stats of each row of ``z`` ``[R, V]`` (bias included; overwritten) into ``logp`` /
+    ``entropy`` (None without) / ``stats``, with the Triton kernel's conventions (shift 0 for an
+    infinite maximum, a p = 0 term adds nothing to the entropy, an out-of-range target gives NaN)."""
+    n_rows, vocab = z.shape
+    lowest = torch.finfo(z.dtype).min
+    valid, in_range, safe = _target_masks(targets, vocab, ignore_index, flag)
+    work = torch.empty((min(TORCH_BLOCK_ROWS, n_rows), vocab), dtype=z.dtype, device=z.device)
+    for start in range(0, n_rows, TORCH_BLOCK_ROWS):
+        rows = slice(start, min(n_rows, start + TORCH_BLOCK_ROWS))
+        y = z[rows]
+        if inv_t != 1.0:
+            y.mul_(inv_t)
+        y_t = y.gather(1, safe[rows].unsqueeze(1)).squeeze(1)
+        m = y.amax(dim=1)
+        m_ref = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+        y.sub_(m_ref.unsqueeze(1)).clamp_(min=lowest)  # -inf -> lowest: exp 0, and 0 * lowest = 0
+        e = torch.exp(y, out=work[: y.shape[0]])
+        s = e.sum(dim=1)
+        log_s = torch.log(s)
+        ok = valid[rows]
+        value = torch.where(in_range[rows], (y_t - m_ref) - log_s, torch.full_like(log_s, float("nan")))
+        logp[rows] = torch.where(ok, value, 0.0)
+        stats[rows, STAT_ROW_MAX] = torch.where(ok, m_ref, 0.0)
+        stats[rows, STAT_LOG_SUM] = torch.where(ok, log_s, 0.0)
+        if entropy is not None:
+            t = e.mul_(y).sum(dim=1)
+            entropy[rows] = torch.where(ok, log_s - t / s, 0.0)
+
+
+def dlogits_torch(z, targets, stats, entropy, g_logp, g_entropy, inv_t, ignore_index) -> torch.Tensor:
+    """Overwrite ``z`` ``[R, V]`` (bias included) with ``dz``; ``g_*`` are the raw upstream gradients."""
+    n_rows, vocab = z.shape
+    lowest = torch.finfo(z.dtype).min
+    scratch = torch.zeros(1, dtype=torch.int32, device=z.device)  # the forward flagged bad ids already
+    valid, in_range, safe = _target_masks(targets, vocab, ignore_index, scratch)
+    g = torch.where(valid, g_logp.to(z.dtype), 0.0) * inv_t
+    g_h = None if g_entropy is None else torch.where(valid, g_entropy.to(z.dtype), 0.0) * inv_t
+    shift = stats.to(z.dtype)
+    work = torch.empty((min(TORCH_BLOCK_ROWS, n_rows), vocab), dtype=z.dtype, device=z.device) if g_h is not None \
+        else None
+    for start in range(0, n_rows, TORCH_BLOCK_ROWS):
+        rows = slice(start, min(n_rows, start + TORCH_BLOCK_ROWS))
+        y = z[rows]
+        if inv_t != 1.0:
+            y.mul_(inv_t)
+        # log p = (y - m) - log s, two exact-order subtractions (never m + log s)
+        y.sub_(shift[rows, STAT_ROW_MAX].unsqueeze(1)).sub_(shift[rows, STAT_LOG_SUM].unsqueeze(1))
+        if g_h is None:
+            y.exp_().mul_(-g[rows].unsqueeze(1))
         else:
-            torch.mm(h_rows, w_chunk.T, out=buffer)
-        y = buffer
-    else:
-        y = _mm_float(h_rows, w_chunk.T, buffer.dtype)
-        if b_chunk is not None:
-            y.add_(b_chunk)
-    if inv_t != 1.0:
-        y.mul_(inv_t)
-    return y
-
-
-def _any_nonfinite(*tensors) -> bool:
-    """Whether any of the tensors (None skipped) holds an inf or NaN: one host sync."""
-    finite = [torch.isfinite(t).all() for t in tensors if t is not None]
-    return not bool(torch.stack(finite).all())
-
-
-class _OnlineStats:
-    """Per-row online log-sum-exp state across vocabulary chunks: running max ``m``,
-    ``s = sum exp(y - m)``, ``t = sum exp(y - m) (y - m)`` (entropy only) and the target logit."""
-
-    def __init__(self, n_rows, dtype, device, with_entropy):
-        self.m = torch.full((n_rows,), float("-inf"), dtype=dtype, device=device)
-        self.s = torch.zeros((n_rows,), dtype=dtype, device=device)
-        self.t = torch.zeros((n_rows,), dtype=dtype, device=device) if with_entropy else None
-        self.y_target = torch.zeros((n_rows,), dtype=dtype, device=device)
-
-    def update(self, rows: slice, y, targets_rows, col_start, work, nonfinite_bias):
-        """Fold the chunk ``y`` ``[R, C]`` (columns from ``col_start``) into rows ``rows``.
-        ``y`` is overwritten (centred, then exponentiated); ``work`` is a second buffer like ``y``
-        (entropy only)."""
-        n_cols = y.shape[1]
-        local = targets_rows - col_start
-        in_chunk = (local >= 0) & (local < n_cols)
-        picked = y.gather(1, local.clamp(0, n_cols - 1).unsqueeze(1)).squeeze(1)
-        self.y_target[rows] += torch.where(in_chunk, picked, torch.zeros_like(picked))
-
-        m_old = self.m[rows]
-        m_new = torch.maximum(m_old, y.amax(dim=1))
-        # While every value seen is -inf (a -inf bias), shift by 0 instead (-inf - -inf is nan).
-        m_ref = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-        rescale = torch.exp(m_old - m_ref)
-        y.sub_(m_ref.unsqueeze(1))
-        s_old = self.s[rows]
-        if self.t is not None:
-            e = torch.exp(y, out=work)
-            chunk_s = e.sum(dim=1)
-            e.mul_(y)
-            if nonfinite_bias:
-                # 0 * -inf where a logit is -inf: p = 0 adds nothing (+-inf are kept: a +inf logit
-                # makes the row's entropy nan, as the reference has it)
-                e.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
-            shift = torch.where(s_old > 0, m_old - m_ref, torch.zeros_like(m_ref))
-            self.t[rows] = rescale * (self.t[rows] + shift * s_old) + e.sum(dim=1)
-        else:
-            chunk_s = y.exp_().sum(dim=1)
-        self.s[rows] = s_old * rescale + chunk_s
-        self.m[rows] = m_new
-
-
-def forward_chunked(hidden, weight, bias, targets, inv_t, with_entropy, chunk_size):
-    """Return ``(logp, lse, entropy or None)`` ``[N]`` in the compute dtype; all rows valid."""
-    n_rows, vocab = hidden.shape[0], weight.shape[0]
-    dtype = reference.compute_dtype(hidden.dtype)
-    rows_per_chunk, cols_per_chunk = chunk_shape(n_rows, vocab, chunk_size, hidden.device)
-    capacity = rows_per_chunk * cols_per_chunk
-    buffer = torch.empty(capacity, dtype=dtype, device=hidden.device)
-    work = torch.empty(capacity, dtype=dtype, device=hidden.device) if with_entropy else None
-    # An infinite value in the bias, the hidden states or the weight can make a logit -inf, whose
-    # p * (y - m) term is 0 * -inf = nan: those chunks need the nan_to_num pass (one sync, on the
-    # inputs, not the [N, V] logits).
-    nonfinite_bias = with_entropy and _any_nonfinite(hidden, weight, bias)
-    stats = _OnlineStats(n_rows, dtype, hidden.device, with_entropy)
-    for col_start in range(0, vocab, cols_per_chunk):
-        col_end = min(vocab, col_start + cols_per_chunk)
-        w_chunk = weight[col_start:col_end].to(dtype) if hidden.device.type == "cpu" else weight[col_start:col_end]
-        b_chunk = None if bias is None else bias[col_start:col_end].to(dtype)
-        for row_start in range(0, n_rows, rows_per_chunk):
-            rows = slice(row_start, min(n_rows, row_start + rows_per_chunk))
-            shape = (rows.stop - rows.start, col_end - col_start)
-            y = _chunk_logits(hidden[rows], w_chunk, b_chunk, inv_t, buffer[: shape[0] * shape[1]].view(shape))
-            chunk_work = work[: y.numel()].view(shape) if work is not None else None
-            stats.update(rows, y, targets[rows], col_start, chunk_work, nonfinite_bias)
-    log_s = torch.log(stats.s)
-    lse = stats.m + log_s
-    entropy = log_s - stats.t / stats.s if with_entropy else None
-    return stats.y_target - lse, lse, entropy
-
-
-# ---------------------------------------------------------------------------------------------
-# Backward (dz from PyTorch or from the Triton kernel)
-
-
-def _dz_chunked(h_rows, w_chunk, b_chunk, targets_rows, lse_rows, entropy_rows, g_rows, g_entropy_rows,
-                inv_t, col_start, buffer, work, nonfinite_bias):
-    """``dz`` ``[R, C]`` of one chunk, computed in place in ``buffer`` (``work`` with entropy).
-    ``g_rows`` / ``g_entropy_rows`` already hold the ``1/T`` factor."""
-    z = _chunk_logits(h_rows, w_chunk, b_chunk, inv_t, buffer)
-    z.sub_(lse_rows.unsqueeze(1))  # log p
-    if g_entropy_rows is None:
-        z.exp_().mul_(-g_rows.unsqueeze(1))  # -g p
-    else:
-        p = torch.exp(z, out=work)
-        z.add_(entropy_rows.unsqueeze(1)).mul_(p)  # p (log p + H)
-        if nonfinite_bias:
-            z.nan_to_num_(nan=0.0)
-        z.mul_(-g_entropy_rows.unsqueeze(1)).addcmul_(p, g_rows.unsqueeze(1), value=-1.0)
-    local = targets_rows - col_start
-    hit = ((local >= 0) & (local < z.shape[1])).nonzero().squeeze(1)
-    z.index_put_((hit, local[hit]), g_rows[hit], accumulate=True)  # + g onehot
+            y.clamp_(min=lowest)  # p = 0 where log p = -inf: p (log p + H) = 0, not 0 * -inf
+            p = torch.exp(y, out=work[: y.shape[0]])
+            y.add_(entropy[rows].to(z.dtype).unsqueeze(1)).mul_(p)
+            y.mul_(-g_h[rows].unsqueeze(1)).addcmul_(p, g[rows].unsqueeze(1), value=-1.0)
+        y.masked_fill_(~valid[rows].unsqueeze(1), 0.0)  # an ignored row's exp may overflow: 0 * inf
+    z.scatter_add_(1, safe.unsqueeze(1), torch.where(in_range, g, 0.0).unsqueeze(1))  # + g onehot
     return z
 
 
-def _dz_triton(h_rows, w_chunk, b_chunk, targets_rows, lse_rows, entropy_rows, g_rows, g_entropy_rows,
-               inv_t, ignore_index, col_start, buffer):
-    from gtalign_fast.kernels import linear_token_logprobs as kernels
-
-    # The kernel folds 1/T itself: hand it the raw upstream gradients.
-    kernels.backward_dz(
-        h_rows, w_chunk, b_chunk, targets_rows, lse_rows, entropy_rows,
-        g_rows, g_entropy_rows, inv_t, ignore_index, col_start, buffer,
-    )
-    return buffer
+# ---------------------------------------------------------------------------------------------
+# The C++ token_logprobs kernels as the CPU pass (float32 buffer)
 
 
-def backward_chunked(name, hidden, weight, bias, targets, lse, entropy, g_logp, g_entropy, inv_t, ignore_index,
-                     chunk_size, dhidden, dweight, dbias):
-    """Accumulate the gradients of the (all valid) rows into ``dhidden`` ``[N, H]``,
-    ``dweight`` ``[V, H]``, ``dbias`` ``[V]`` (each may be None: not needed).
+def _extension(name: str):
+    from gtalign_fast._op import extension_kernel
 
-    Vocabulary chunks outside, row chunks inside: the weight-gradient chunk is finished (and
-    written once) before the next chunk starts, so its float32 accumulator stays one chunk big.
-    """
-    n_rows, hidden_size = hidden.shape
-    vocab = weight.shape[0]
-    device = hidden.device
+    return extension_kernel(name, torch.device("cpu"))
+
+
+def cpu_extension_usable(dtype: torch.dtype) -> bool:
+    """Whether the "cpu" backend's passes run on the C++ kernels (float32 buffer, extension built)."""
+    return dtype == torch.float32 and _backend.extension_available()
+
+
+def stats_cpu_extension(z, targets, inv_t, ignore_index, logp, entropy, stats, flag) -> None:
+    """The C++ forward pass (targets already checked on the host). A row holding a +inf logit is
+    redone by :func:`stats_torch`, whose conventions give the materialised logits' -inf log-prob."""
+    empty = torch.empty(0, dtype=torch.float32)
+    _extension("token_logprobs_fwd")(z.view(1, *z.shape), targets, inv_t, ignore_index, logp,
+                                     entropy if entropy is not None else empty, stats, flag)
+    infinite = (stats[:, STAT_ROW_MAX] == float("inf")).nonzero().squeeze(1)  # a CPU tensor: no sync cost
+    if infinite.numel() == 0:
+        return
+    part = (torch.empty(infinite.numel(), dtype=logp.dtype), torch.empty(infinite.numel(), dtype=logp.dtype),
+            torch.empty(infinite.numel(), NUM_STATS, dtype=stats.dtype))
+    stats_torch(z[infinite], targets[infinite], inv_t, ignore_index, part[0],
+                part[1] if entropy is not None else None, part[2], flag)
+    logp[infinite], stats[infinite] = part[0], part[2]
+    if entropy is not None:
+        entropy[infinite] = part[1]
+
+
+def dlogits_cpu_extension(z, targets, stats, entropy, g_logp, g_entropy, inv_t, ignore_index) -> torch.Tensor:
+    """The C++ backward pass, written over ``z`` in place (it reads each element before writing it)."""
+    _extension("token_logprobs_bwd")(g_logp, g_entropy, z.view(1, *z.shape), targets, stats, entropy, inv_t,
+                                     ignore_index, z)
+    return z
+
+
+# ---------------------------------------------------------------------------------------------
+# The drivers
+
+
+def _passes(name: str, dtype: torch.dtype):
+    """(stats, dlogits, bias_in_kernel) of backend ``name`` for a buffer of ``dtype``."""
+    if name == "triton":
+        from gtalign_fast.kernels import linear_token_logprobs as kernels
+
+        return kernels.chunk_stats, kernels.chunk_dlogits, True
+    if name == "cpu" and cpu_extension_usable(dtype):
+        return stats_cpu_extension, dlogits_cpu_extension, False
+    return stats_torch, dlogits_torch, False
+
+
+def forward_chunked(name, hidden, weight, bias, targets, inv_t, ignore_index, chunk_size, logp, entropy, stats,
+                    flag) -> None:
+    """Fill ``logp`` ``[N]``, ``entropy`` ``[N]`` (or None) and ``stats`` ``[N, 2]`` chunk by chunk."""
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    if n_rows == 0:
+        return
     dtype = reference.compute_dtype(hidden.dtype)
-    gemm_dtype = _gemm_dtype(hidden.dtype, device)
-    rows_per_chunk, cols_per_chunk = chunk_shape(n_rows, vocab, chunk_size, device)
-    capacity = rows_per_chunk * cols_per_chunk
-    buffer = torch.empty(capacity, dtype=dtype if name != "triton" else gemm_dtype, device=device)
-    work = torch.empty(capacity, dtype=dtype, device=device) if (g_entropy is not None and name != "triton") else None
-    # An infinite value in the bias, the hidden states or the weight can make a logit -inf, whose
-    # p * (y - m) term is 0 * -inf = nan: those chunks need the nan_to_num pass (one sync, on the
-    # inputs, not the [N, V] logits).
-    nonfinite_bias = work is not None and _any_nonfinite(hidden, weight, bias)
-    g_scaled = g_logp * inv_t if name != "triton" else g_logp
-    g_entropy_scaled = (g_entropy * inv_t if name != "triton" else g_entropy) if g_entropy is not None else None
+    stats_pass, _, bias_in_kernel = _passes(name, dtype)
+    rows_per_chunk = chunk_rows(n_rows, vocab, chunk_size, hidden.device)
+    buffer = torch.empty(rows_per_chunk * vocab, dtype=dtype, device=hidden.device)
+    gemm_bias = None if bias is None or bias_in_kernel else bias.to(dtype)
+    kernel_bias = bias.contiguous() if bias is not None and bias_in_kernel else None
+    for start in range(0, n_rows, rows_per_chunk):
+        rows = slice(start, min(n_rows, start + rows_per_chunk))
+        z = buffer[: (rows.stop - rows.start) * vocab].view(-1, vocab)
+        logits_gemm(hidden[rows], weight, gemm_bias, z)
+        args = (z, kernel_bias) if bias_in_kernel else (z,)
+        stats_pass(*args, targets[rows], inv_t, ignore_index, logp[rows],
+                   None if entropy is None else entropy[rows], stats[rows], flag)
 
-    dh_acc = None
-    if dhidden is not None:
-        dh_acc = dhidden.zero_() if dhidden.dtype == dtype else torch.zeros((n_rows, hidden_size), dtype=dtype,
-                                                                             device=device)
-    dw_buffer = None
-    if dweight is not None and dweight.dtype != dtype:
-        dw_buffer = torch.empty((cols_per_chunk, hidden_size), dtype=dtype, device=device)
-    db_acc = torch.zeros((vocab,), dtype=dtype, device=device) if dbias is not None else None
 
-    for col_start in range(0, vocab, cols_per_chunk):
-        cols = slice(col_start, min(vocab, col_start + cols_per_chunk))
-        n_cols = cols.stop - cols.start
-        w_raw = weight[cols]
-        w_compute = w_raw.to(dtype) if (name != "triton" and device.type == "cpu") else w_raw
-        w_gemm = w_compute if w_compute.dtype == gemm_dtype else w_raw.to(gemm_dtype)
-        b_chunk = None if bias is None else (bias[cols].to(dtype) if name != "triton" else bias[cols].contiguous())
-        dw_acc = None
+def backward_chunked(name, hidden, weight, bias, targets, stats, entropy, g_logp, g_entropy, inv_t, ignore_index,
+                     chunk_size, dhidden, dweight, dbias) -> None:
+    """Write ``dhidden`` ``[N, H]``, ``dweight`` ``[V, H]``, ``dbias`` ``[V]`` (each None when not needed).
+
+    ``g_logp`` / ``g_entropy`` (None without an entropy gradient) are contiguous float32 ``[N]``;
+    ``stats`` / ``entropy`` come from :func:`forward_chunked`.
+    """
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    dtype = reference.compute_dtype(hidden.dtype)
+    if n_rows == 0:
+        for out in (dhidden, dweight, dbias):
+            if out is not None:
+                out.zero_()
+        return
+    _, dlogits_pass, bias_in_kernel = _passes(name, dtype)
+    rows_per_chunk = chunk_rows(n_rows, vocab, chunk_size, hidden.device)
+    buffer = torch.empty(rows_per_chunk * vocab, dtype=dtype, device=hidden.device)
+    gemm_bias = None if bias is None or bias_in_kernel else bias.to(dtype)
+    kernel_bias = bias.contiguous() if bias is not None and bias_in_kernel else None
+    db_acc = torch.zeros(vocab, dtype=dtype, device=hidden.device) if dbias is not None else None
+    for start in range(0, n_rows, rows_per_chunk):
+        rows = slice(start, min(n_rows, start + rows_per_chunk))
+        z = buffer[: (rows.stop - rows.start) * vocab].view(-1, vocab)
+        h_rows = hidden[rows]
+        logits_gemm(h_rows, weight, gemm_bias, z)
+        g_h = None if g_entropy is None else g_entropy[rows]
+        h_ent = None if g_entropy is None else entropy[rows]
+        if bias_in_kernel:
+            dz = dlogits_pass(z, kernel_bias, targets[rows], stats[rows], h_ent, g_logp[rows], g_h, inv_t,
+                              ignore_index, hidden.dtype)
+        else:
+            dz = dlogits_pass(z, targets[rows], stats[rows], h_ent if h_ent is not None else entropy,
+                              g_logp[rows], g_h, inv_t, ignore_index)
+            dz = dz.to(hidden.dtype)  # half inputs: the GEMM operand (a no-op otherwise)
+        if dz.device.type == "cpu" and not dz.is_contiguous():
+            # The Triton path under the CPU interpreter: torch's CPU half mm(out=) reads the output
+            # (NaN * 0) when the first operand has a row stride above its width (torch 2.13).
+            dz = dz.contiguous()
+        if db_acc is not None:
+            db_acc += dz.sum(dim=0, dtype=dtype)
+        if dhidden is not None:
+            torch.mm(dz, weight, out=dhidden[rows])
         if dweight is not None:
-            dw_acc = dweight[cols] if dw_buffer is None else dw_buffer[:n_cols]
-        for row_start in range(0, n_rows, rows_per_chunk):
-            rows = slice(row_start, min(n_rows, row_start + rows_per_chunk))
-            shape = (rows.stop - rows.start, n_cols)
-            chunk = buffer[: shape[0] * shape[1]].view(shape)
-            ent_rows = entropy[rows] if g_entropy is not None else None
-            g_ent_rows = g_entropy_scaled[rows] if g_entropy is not None else None
-            if name == "triton":
-                dz = _dz_triton(hidden[rows], w_raw, b_chunk, targets[rows], lse[rows], ent_rows,
-                                g_scaled[rows], g_ent_rows, inv_t, ignore_index, col_start, chunk)
+            if start == 0:
+                torch.mm(dz.T, h_rows, out=dweight)
             else:
-                dz = _dz_chunked(hidden[rows], w_compute, b_chunk, targets[rows], lse[rows], ent_rows,
-                                 g_scaled[rows], g_ent_rows, inv_t, col_start, chunk,
-                                 work[: chunk.numel()].view(shape) if work is not None else None, nonfinite_bias)
-            if db_acc is not None:
-                db_acc[cols] += dz.sum(dim=0, dtype=dtype)
-            dz = dz.to(gemm_dtype)  # CUDA "cuda" path with half inputs: tensor-core products
-            if dh_acc is not None:
-                _accumulate_mm(dh_acc[rows], dz, w_gemm, first=False)
-            if dw_acc is not None:
-                _accumulate_mm(dw_acc, dz.T, hidden[rows].to(gemm_dtype), first=row_start == 0)
-        if dw_buffer is not None:
-            dweight[cols].copy_(dw_acc)
-    if dh_acc is not None and dh_acc is not dhidden:
-        dhidden.copy_(dh_acc)
+                dweight.addmm_(dz.T, h_rows)
     if dbias is not None:
         dbias.copy_(db_acc)

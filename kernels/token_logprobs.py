@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gtalign_fast import _device_checks as device_checks
 from gtalign_fast import _token_logprobs_constants as constants
 
 # The columns of the per-row stats are defined once, in gtalign_fast/_token_logprobs_constants.py
@@ -41,6 +42,7 @@ def _token_logprobs_fwd_kernel(
     logp_ptr,
     entropy_ptr,
     stats_ptr,
+    error_ptr,
     D1,
     stride0,
     stride1,
@@ -48,6 +50,7 @@ def _token_logprobs_fwd_kernel(
     V,
     inv_temperature,
     ignore_index,
+    ERR_TARGET_RANGE: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -59,32 +62,51 @@ def _token_logprobs_fwd_kernel(
     # Ignored rows (prompt tokens, padding) skip the vocabulary walk entirely.
     v_end = tl.where(valid, V, 0)
 
-    m = tl.cast(float("-inf"), tl.float32)
-    s = tl.cast(0.0, tl.float32)
-    t = tl.cast(0.0, tl.float32)
+    # The target's logit is read first, independent of the walk below, so its memory latency hides
+    # behind it. A target outside [0, V) reads column 0, not outside the row; it sets the error flag
+    # (the wrapper reports it without a host sync, see gtalign_fast/_device_checks.py) and its logp
+    # is NaN.
+    out_of_range = valid & ((target < 0) | (target >= V))
+    tl.atomic_or(error_ptr, ERR_TARGET_RANGE, mask=out_of_range)
+    safe_target = tl.where(out_of_range, 0, tl.where(valid, target, 0))
+    y_target = tl.load(row_ptr + safe_target * stride_v).to(tl.float32) * inv_t
+
+    # Online log-sum-exp kept per lane (each of the BLOCK_V lanes has its own max m, sum s and
+    # entropy sum t over the columns it visits) and merged across lanes once, after the walk: no
+    # cross-warp reduction (shared memory and barriers) per block of columns, so the loads of one
+    # block do not wait for the reductions of the previous one. One exp per element, as before:
+    # exp(-|y - m|) is the new term when y <= m and the rescale of the old sum when y > m.
+    m_lane = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    s_lane = tl.zeros([BLOCK_V], tl.float32)
+    t_lane = tl.zeros([BLOCK_V], tl.float32)
     for start in range(0, v_end, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         y = tl.load(row_ptr + cols * stride_v, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_t
-        m_new = tl.maximum(m, tl.max(y, axis=0))
-        # While every value seen is -inf, shift by 0 instead (exp(-inf - -inf) would be nan).
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        rescale = tl.exp(m - m_ref)
-        e = tl.exp(y - m_ref)
+        d = y - m_lane
+        grow = y > m_lane  # a new maximum for this lane (never for y = -inf or NaN)
+        # y = -inf adds nothing (d would be NaN when the lane is still at -inf too).
+        e = tl.where(y == float("-inf"), 0.0, tl.exp(-tl.abs(d)))
         if WITH_ENTROPY:
-            shift = tl.where(s > 0, m - m_ref, 0.0)
-            centred = tl.where(e > 0, y - m_ref, 0.0)
-            t = rescale * (t + shift * s) + tl.sum(e * centred, axis=0)
-        s = s * rescale + tl.sum(e, axis=0)
-        m = m_new
+            # grow: t = e * (t + (m_old - y) * s), the old terms re-centred (none yet: 0 * inf);
+            # else: t += e * (y - m).
+            t_lane = tl.where(grow, tl.where(s_lane > 0, e * (t_lane - d * s_lane), 0.0),
+                              t_lane + tl.where(e > 0, e * d, 0.0))
+        s_lane = tl.where(grow, s_lane * e + 1.0, s_lane + e)
+        m_lane = tl.where(grow, y, m_lane)
+    m = tl.max(m_lane, axis=0)
+    # While every value is -inf, shift by 0 instead (exp(-inf - -inf) would be nan).
+    m_ref = tl.where(m == float("-inf"), 0.0, m)
+    scale = tl.exp(m_lane - m_ref)  # 0 for the lanes that saw only -inf
+    s = tl.sum(s_lane * scale, axis=0)
+    t = tl.cast(0.0, tl.float32)
+    if WITH_ENTROPY:
+        t = tl.sum(tl.where(s_lane > 0, scale * (t_lane + (m_lane - m_ref) * s_lane), 0.0), axis=0)
 
     # Ignored rows never summed anything; log(1) keeps them free of log(0) warnings.
     s = tl.where(valid, s, 1.0)
     log_s = tl.log(s)
-    # A target outside [0, V) (only from a direct call of the low-level op) reads column 0, not
-    # outside the row.
-    safe_target = tl.where(valid & (target >= 0) & (target < V), target, 0)
-    y_target = tl.load(row_ptr + safe_target * stride_v).to(tl.float32) * inv_t
-    tl.store(logp_ptr + row, tl.where(valid, (y_target - m) - log_s, 0.0))
+    row_logp = tl.where(out_of_range, float("nan"), (y_target - m) - log_s)
+    tl.store(logp_ptr + row, tl.where(valid, row_logp, 0.0))
     tl.store(stats_ptr + row * NUM_STATS + STAT_ROW_MAX, tl.where(valid, m, 0.0))
     tl.store(stats_ptr + row * NUM_STATS + STAT_LOG_SUM, tl.where(valid, log_s, 0.0))
     if WITH_ENTROPY:
@@ -147,6 +169,25 @@ def _num_warps(block_v: int) -> int:
     return 8 if block_v >= 2048 else 4
 
 
+def _check_rows(logits3d, targets, *row_tensors) -> None:
+    """The kernels index targets and the per-row tensors by row: each must hold its rows, on the
+    logits' device (a launcher reachable without the public function's validation checks this
+    itself: metadata only, no host sync)."""
+    if logits3d.dim() != 3:
+        raise ValueError(f"token_logprobs: logits must be a [D0, D1, V] view, got shape {tuple(logits3d.shape)}")
+    n_rows = logits3d.shape[0] * logits3d.shape[1]
+    if targets.numel() != n_rows or targets.dtype != torch.int64 or not targets.is_contiguous():
+        raise ValueError(f"token_logprobs: targets must be contiguous int64 with one id per row ({n_rows})")
+    for tensor, numel in ((targets, n_rows), *row_tensors):
+        if tensor.numel() != numel or tensor.device != logits3d.device or not tensor.is_contiguous():
+            raise ValueError(
+                f"token_logprobs: a per-row tensor of {numel} contiguous elements on {logits3d.device} was "
+                f"expected, got shape {tuple(tensor.shape)} on {tensor.device}"
+            )
+        if tensor is not targets and tensor.dtype != torch.float32:
+            raise ValueError(f"token_logprobs: per-row tensors are float32, got {tensor.dtype}")
+
+
 def token_logprobs_forward(
     logits3d: torch.Tensor,
     targets: torch.Tensor,
@@ -155,19 +196,27 @@ def token_logprobs_forward(
     logp: torch.Tensor,
     entropy: torch.Tensor,
     stats: torch.Tensor,
+    error_flag: torch.Tensor | None = None,
 ) -> None:
     """Launch the forward kernel: fills ``logp`` and (unless it is empty: no entropy) ``entropy``,
     ``[N]``, and the per-row ``stats`` ``[N, NUM_STATS]`` = (max of z/T, log of the sum of
-    exp(z/T - max)). The arguments are those of the C++ kernels."""
+    exp(z/T - max)). A target outside ``[0, V)`` that is not ``ignore_index`` gets a NaN ``logp``
+    and sets ``ERR_TARGET_RANGE`` in ``error_flag`` (int32 ``[1]``, see
+    ``gtalign_fast._device_checks``; default: the device's flag). The arguments are those of the
+    C++ kernels, which check the same layout."""
     d0, d1, vocab = logits3d.shape
     n_rows = d0 * d1
+    _check_rows(logits3d, targets, (logp, n_rows), (stats, n_rows * constants.NUM_STATS),
+                *([(entropy, n_rows)] if entropy.numel() > 0 else []))
     if n_rows == 0:
         return
+    if error_flag is None:
+        error_flag = device_checks.error_flag(logits3d.device)
     block_v = _block_size(vocab)
     s0, s1, sv = logits3d.stride()
     _token_logprobs_fwd_kernel[(n_rows,)](
-        logits3d, targets, logp, entropy if entropy.numel() > 0 else logp, stats,
-        d1, s0, s1, sv, vocab, inv_temperature, ignore_index,
+        logits3d, targets, logp, entropy if entropy.numel() > 0 else logp, stats, error_flag,
+        d1, s0, s1, sv, vocab, inv_temperature, ignore_index, ERR_TARGET_RANGE=device_checks.ERR_TARGET_RANGE,
         WITH_ENTROPY=entropy.numel() > 0, BLOCK_V=block_v, num_warps=_num_warps(block_v),
     )
 
@@ -186,6 +235,10 @@ def token_logprobs_backward(
     """Launch the backward kernel: writes every element of ``dlogits`` (contiguous ``[N, V]``)."""
     d0, d1, vocab = logits3d.shape
     n_rows = d0 * d1
+    _check_rows(logits3d, targets, (grad_logp, n_rows), (stats, n_rows * constants.NUM_STATS),
+                *([(grad_entropy, n_rows), (entropy, n_rows)] if grad_entropy is not None else []))
+    if dlogits.numel() != n_rows * vocab or not dlogits.is_contiguous() or dlogits.device != logits3d.device:
+        raise ValueError("token_logprobs: dlogits must be contiguous [N, V] on the logits' device")
     if n_rows == 0:
         return
     block_v = _block_size(vocab)

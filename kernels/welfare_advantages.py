@@ -3,13 +3,15 @@ and their scatter over each completion's tokens, in one launch.
 
 Layout contract (shared with the C++ kernels): ``user``, ``llm``, ``welfare`` and ``advantages``
 are contiguous float32 ``[N]``; groups are contiguous row ranges given either by a fixed size
-(``offsets`` is None) or by int64 offsets ``[G+1]`` (already validated: 0 first, N last,
-non-decreasing); ``group_mean``, ``group_std`` (float32) and ``group_all_equal`` (bool) are ``[G]``;
-the optional mask ``[N, T]`` is read with its strides, ``token_advantages`` is contiguous ``[N, T]``.
+(``offsets`` is None) or by int64 offsets ``[G+1]`` (0 first, N last, non-decreasing: checked
+here, invalid ones set the error flag and are clamped into the rows); ``group_mean``,
+``group_std`` (float32) and ``group_all_equal`` (bool) are ``[G]``; the optional mask ``[N, T]`` is
+read with its strides, ``token_advantages`` is contiguous ``[N, T]``.
 
 Maths, per completion i in group g (only valid, i.e. non-NaN, rewards enter the statistics):
 ``W_i = exp(alpha log U_i + (1 - alpha) log L_i)`` (a zero exponent drops its factor; NaN where U or
-L is NaN; -inf marks a negative or infinite U or L, which the caller turns into a ValueError);
+L is NaN; -inf marks a negative or infinite U or L, which sets the error flag: see
+gtalign_fast._device_checks);
 ``mean_g``, ``std_g`` (population or Bessel, 0 below two valid rewards), ``all_equal_g`` (the valid
 rewards are all the same number: exact min == max, vacuous below two);
 ``A_i = (W_i - mean_g) / (std + eps)`` with the group's or the batch's std, or ``W_i - mean_g``;
@@ -29,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gtalign_fast import _device_checks as device_checks
 from gtalign_fast import _welfare_constants as constants
 
 # The scale modes are defined once, in gtalign_fast/_welfare_constants.py (the C++ and CUDA kernels
@@ -53,13 +56,15 @@ def _welfare(u, lm, alpha):
 
 
 @triton.jit
-def _tile_groups(tile, offsets_ptr, G, N, group_size, FIXED: tl.constexpr, ROWS: tl.constexpr):
+def _tile_groups(tile, offsets_ptr, error_ptr, G, N, group_size, FIXED: tl.constexpr, ROWS: tl.constexpr,
+                 ERR_GROUP_OFFSETS: tl.constexpr):
     """The groups of one tile: ids, which exist, their first row and their length.
 
     Offsets are clamped so that every group's rows ``[start, start + len)`` lie in ``[0, N)``
-    whatever the offsets hold (the public op validates them; a direct call of the low-level op
-    with offsets past N or decreasing must not read or write outside the buffers): ``start`` into
-    ``[0, N]``, the end into ``[start, N]``. A no-op for valid offsets.
+    whatever the offsets hold (a direct call of the low-level op with offsets past N or decreasing
+    must not read or write outside the buffers): ``start`` into ``[0, N]``, the end into
+    ``[start, N]``. A no-op for valid offsets; invalid ones (not 0 first, N last, non-decreasing)
+    also set ``ERR_GROUP_OFFSETS`` in the error flag, which the wrapper reports (no host sync).
     """
     groups = tl.arange(0, ROWS).to(tl.int64) + tile * ROWS  # tile * ROWS <= G + ROWS: no int32 overflow
     live = groups < G
@@ -69,6 +74,8 @@ def _tile_groups(tile, offsets_ptr, G, N, group_size, FIXED: tl.constexpr, ROWS:
     else:
         starts = tl.load(offsets_ptr + groups, mask=live, other=0).to(tl.int64)
         ends = tl.load(offsets_ptr + groups + 1, mask=live, other=0).to(tl.int64)
+        bad = live & ((ends < starts) | ((groups == 0) & (starts != 0)) | ((groups == G - 1) & (ends != N)))
+        tl.atomic_or(error_ptr, ERR_GROUP_OFFSETS, mask=tl.max(bad.to(tl.int32), axis=0) > 0)
         starts = tl.minimum(tl.maximum(starts, 0), N)
         ends = tl.minimum(tl.maximum(ends, starts), N)
         lens = tl.where(live, ends - starts, 0)
@@ -87,24 +94,29 @@ def _chunk_welfare(user_ptr, llm_ptr, starts, lens, c0, alpha, COLS: tl.constexp
 
 
 @triton.jit
-def _tile_moments(user_ptr, llm_ptr, welfare_ptr, starts, lens, alpha, ROWS: tl.constexpr, COLS: tl.constexpr):
+def _tile_moments(user_ptr, llm_ptr, welfare_ptr, error_ptr, starts, lens, alpha, ROWS: tl.constexpr,
+                  COLS: tl.constexpr, ERR_BAD_REWARD: tl.constexpr):
     """Per group: count, mean, sum of squared deviations and all-equal flag; writes W.
 
-    Two passes (mean, then deviations) so the variance has no cancellation; sums in float64.
+    Two passes (mean, then deviations) so the variance has no cancellation; sums in float64. A
+    negative or infinite reward (W = -inf) sets ``ERR_BAD_REWARD`` in the error flag.
     """
     max_len = tl.max(lens, axis=0)
     total = tl.zeros([ROWS], tl.float64)
     count = tl.zeros([ROWS], tl.float64)
     lowest = tl.full([ROWS], float("inf"), tl.float32)
     highest = tl.full([ROWS], float("-inf"), tl.float32)
+    n_bad = tl.zeros([ROWS, COLS], tl.int32)  # reduced once, after the walk
     for c0 in range(0, max_len, COLS):
         w, index, in_group = _chunk_welfare(user_ptr, llm_ptr, starts, lens, c0, alpha, COLS)
+        n_bad += (in_group & (w == float("-inf"))).to(tl.int32)
         tl.store(welfare_ptr + index, w, mask=in_group)
         valid = in_group & (w == w)
         total += tl.sum(tl.where(valid, w, 0.0), axis=1).to(tl.float64)
         count += tl.sum(valid.to(tl.float32), axis=1).to(tl.float64)
         lowest = tl.minimum(lowest, tl.min(tl.where(valid, w, float("inf")), axis=1))
         highest = tl.maximum(highest, tl.max(tl.where(valid, w, float("-inf")), axis=1))
+    tl.atomic_or(error_ptr, ERR_BAD_REWARD, mask=tl.max(tl.max(n_bad, axis=1), axis=0) > 0)
     mean = tl.where(count > 0, total / tl.maximum(count, 1.0), 0.0)
     mean32 = mean.to(tl.float32)
     m2 = tl.zeros([ROWS], tl.float64)
@@ -127,11 +139,13 @@ def _std(count, m2, UNBIASED: tl.constexpr):
 
 
 @triton.jit
-def _tile_statistics(user_ptr, llm_ptr, welfare_ptr, mean_ptr, std_ptr, equal_ptr, groups, live, starts, lens, alpha,
-                     UNBIASED: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+def _tile_statistics(user_ptr, llm_ptr, welfare_ptr, mean_ptr, std_ptr, equal_ptr, error_ptr, groups, live, starts,
+                     lens, alpha, UNBIASED: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+                     ERR_BAD_REWARD: tl.constexpr):
     """Write W and the group statistics (mean, std, all-equal flag) of a tile of groups; returns
     ``(count, mean, m2, all_equal, std)`` (float64 but for the flag) for the advantages."""
-    count, mean, m2, all_equal = _tile_moments(user_ptr, llm_ptr, welfare_ptr, starts, lens, alpha, ROWS, COLS)
+    count, mean, m2, all_equal = _tile_moments(user_ptr, llm_ptr, welfare_ptr, error_ptr, starts, lens, alpha, ROWS,
+                                               COLS, ERR_BAD_REWARD)
     std = tl.where(all_equal, 0.0, _std(count, m2, UNBIASED))
     tl.store(mean_ptr + groups, mean.to(tl.float32), mask=live)
     tl.store(std_ptr + groups, std.to(tl.float32), mask=live)
@@ -184,10 +198,11 @@ def _tile_tokens(advantages_ptr, mask_ptr, tokens_ptr, starts, lens, live, T, ma
 @triton.jit
 def _welfare_advantages_kernel(
     user_ptr, llm_ptr, offsets_ptr, mask_ptr,
-    welfare_ptr, advantages_ptr, mean_ptr, std_ptr, equal_ptr, tokens_ptr,
+    welfare_ptr, advantages_ptr, mean_ptr, std_ptr, equal_ptr, tokens_ptr, error_ptr,
     G, N, group_size, n_tiles, alpha_arg, eps_arg, T, mask_stride0, mask_stride1,
     FIXED: tl.constexpr, SCALE: tl.constexpr, UNBIASED: tl.constexpr, HAS_MASK: tl.constexpr,
     ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_T: tl.constexpr,
+    ERR_GROUP_OFFSETS: tl.constexpr, ERR_BAD_REWARD: tl.constexpr,
 ):
     alpha = tl.cast(alpha_arg, tl.float32)
     eps = tl.cast(eps_arg, tl.float64)
@@ -198,9 +213,11 @@ def _welfare_advantages_kernel(
         batch_mean = tl.cast(0.0, tl.float64)
         batch_m2 = tl.cast(0.0, tl.float64)
         for tile in range(0, n_tiles):
-            groups, live, starts, lens = _tile_groups(tile, offsets_ptr, G, N, group_size, FIXED, ROWS)
+            groups, live, starts, lens = _tile_groups(tile, offsets_ptr, error_ptr, G, N, group_size, FIXED, ROWS,
+                                                      ERR_GROUP_OFFSETS)
             count, mean, m2, _, _ = _tile_statistics(user_ptr, llm_ptr, welfare_ptr, mean_ptr, std_ptr, equal_ptr,
-                                                     groups, live, starts, lens, alpha, UNBIASED, ROWS, COLS)
+                                                     error_ptr, groups, live, starts, lens, alpha, UNBIASED, ROWS,
+                                                     COLS, ERR_BAD_REWARD)
             tile_count = tl.sum(count, axis=0)
             tile_mean = tl.sum(count * mean, axis=0) / tl.maximum(tile_count, 1.0)
             tile_m2 = tl.sum(m2 + count * (mean - tile_mean) * (mean - tile_mean), axis=0)
@@ -213,7 +230,8 @@ def _welfare_advantages_kernel(
         batch_std = _std(batch_count, batch_m2, UNBIASED)
         tl.debug_barrier()  # the group statistics stored above are read back below
         for tile in range(0, n_tiles):
-            groups, live, starts, lens = _tile_groups(tile, offsets_ptr, G, N, group_size, FIXED, ROWS)
+            groups, live, starts, lens = _tile_groups(tile, offsets_ptr, error_ptr, G, N, group_size, FIXED, ROWS,
+                                                      ERR_GROUP_OFFSETS)
             mean32 = tl.load(mean_ptr + groups, mask=live, other=0.0)
             all_equal = tl.load(equal_ptr + groups, mask=live, other=1).to(tl.int32)
             inv32 = _inverse_denominator(tl.full([ROWS], 0.0, tl.float64) + batch_std, eps, SCALE)
@@ -224,9 +242,11 @@ def _welfare_advantages_kernel(
                              mask_stride1, BLOCK_T)
     else:
         tile = tl.program_id(0)
-        groups, live, starts, lens = _tile_groups(tile, offsets_ptr, G, N, group_size, FIXED, ROWS)
+        groups, live, starts, lens = _tile_groups(tile, offsets_ptr, error_ptr, G, N, group_size, FIXED, ROWS,
+                                                  ERR_GROUP_OFFSETS)
         _, mean, _, all_equal, std = _tile_statistics(user_ptr, llm_ptr, welfare_ptr, mean_ptr, std_ptr, equal_ptr,
-                                                      groups, live, starts, lens, alpha, UNBIASED, ROWS, COLS)
+                                                      error_ptr, groups, live, starts, lens, alpha, UNBIASED, ROWS,
+                                                      COLS, ERR_BAD_REWARD)
         inv32 = _inverse_denominator(std, eps, SCALE)
         _tile_advantages(user_ptr, llm_ptr, advantages_ptr, starts, lens, alpha, mean.to(tl.float32), inv32,
                          (all_equal | (inv32 == 0)).to(tl.int32), COLS)
@@ -242,6 +262,30 @@ def tile_shape(n_rows: int, n_groups: int) -> tuple[int, int]:
     cols = min(TILE_ELEMENTS, max(2, triton.next_power_of_2(max(average, 1))))
     rows = max(1, min(TILE_ELEMENTS // cols, triton.next_power_of_2(max(n_groups, 1))))
     return rows, cols
+
+
+def _check_layout(user, llm, offsets, group_size, mask, n_groups, *outputs) -> None:
+    """What the kernel indexes with, checked from metadata only (no host sync): the launcher is
+    reachable without the public function's validation."""
+    device, n_rows = user.device, user.numel()
+    for name, tensor in (("user", user), ("llm", llm)):
+        if tensor.dtype != torch.float32 or not tensor.is_contiguous() or tensor.numel() != n_rows:
+            raise ValueError(f"welfare_advantages: {name} must be contiguous float32 [N]")
+    if offsets is not None:
+        if offsets.dtype != torch.int64 or not offsets.is_contiguous() or offsets.dim() != 1 or offsets.numel() < 1:
+            raise ValueError("welfare_advantages: offsets must be contiguous int64 [G+1]")
+    elif group_size < 1 or n_rows % group_size != 0:
+        raise ValueError(f"welfare_advantages: group size {group_size} must be >= 1 and divide N = {n_rows}")
+    if mask is not None and (mask.dim() != 2 or mask.shape[0] != n_rows):
+        raise ValueError("welfare_advantages: mask must be [N, T]")
+    for tensor in (llm, offsets, mask):
+        if tensor is not None and tensor.device != device:
+            raise ValueError(f"welfare_advantages: every tensor must be on {device}, got {tensor.device}")
+    for out, numel, dtype in outputs:
+        if out.dtype != dtype or out.numel() != numel or not out.is_contiguous() or out.device != device:
+            raise ValueError(
+                f"welfare_advantages: an output must be contiguous {dtype} of {numel} elements on {device}"
+            )
 
 
 def welfare_advantages(
@@ -260,21 +304,35 @@ def welfare_advantages(
     group_std: torch.Tensor,
     group_all_equal: torch.Tensor,
     token_advantages: torch.Tensor,
+    error_flag: torch.Tensor | None = None,
 ) -> None:
-    """Launch the kernel once; fills every output (same contract as the C++ op)."""
+    """Launch the kernel once; fills every output (same contract as the C++ op). Invalid offsets
+    and negative or infinite rewards set ``ERR_GROUP_OFFSETS`` / ``ERR_NONFINITE_REWARD`` in
+    ``error_flag`` (int32 ``[1]``, see ``gtalign_fast._device_checks``; default: the device's flag).
+    The layout is checked here (metadata only), as the C++ kernels check it."""
     n_rows = user.numel()
-    n_groups = offsets.numel() - 1 if offsets is not None else n_rows // group_size
+    n_groups = offsets.numel() - 1 if offsets is not None else (n_rows // group_size if group_size >= 1 else -1)
+    _check_layout(user, llm, offsets, group_size, mask, n_groups,
+                  (welfare, n_rows, torch.float32), (advantages, n_rows, torch.float32),
+                  (group_mean, n_groups, torch.float32), (group_std, n_groups, torch.float32),
+                  (group_all_equal, n_groups, torch.bool))
     if n_groups <= 0:
         return
+    if error_flag is None:
+        error_flag = device_checks.error_flag(user.device)
     rows, cols = tile_shape(n_rows, n_groups)
     n_tiles = triton.cdiv(n_groups, rows)
     has_mask = mask is not None and mask.shape[1] > 0
+    if has_mask and (token_advantages.numel() != mask.numel() or not token_advantages.is_contiguous()
+                     or token_advantages.dtype != torch.float32 or token_advantages.device != user.device):
+        raise ValueError("welfare_advantages: token_advantages must be contiguous float32 [N, T]")
     grid = (1,) if scale_mode == constants.SCALE_BATCH else (n_tiles,)
     _welfare_advantages_kernel[grid](
         user, llm, offsets if offsets is not None else user, mask if has_mask else user,
         welfare, advantages, group_mean, group_std, group_all_equal, token_advantages if has_mask else welfare,
-        n_groups, n_rows, group_size, n_tiles, alpha, eps,
+        error_flag, n_groups, n_rows, group_size, n_tiles, alpha, eps,
         mask.shape[1] if has_mask else 0, mask.stride(0) if has_mask else 0, mask.stride(1) if has_mask else 0,
         FIXED=offsets is None, SCALE=scale_mode, UNBIASED=bool(unbiased), HAS_MASK=has_mask,
-        ROWS=rows, COLS=cols, BLOCK_T=BLOCK_TOKENS, num_warps=4,
+        ROWS=rows, COLS=cols, BLOCK_T=BLOCK_TOKENS, ERR_GROUP_OFFSETS=device_checks.ERR_GROUP_OFFSETS,
+        ERR_BAD_REWARD=device_checks.ERR_NONFINITE_REWARD, num_warps=4,
     )

@@ -17,7 +17,13 @@ from types import ModuleType
 import pytest
 import triton.language as tl
 
-from gtalign_fast import _grpo_constants, _sample_constants, _token_logprobs_constants, _welfare_constants
+from gtalign_fast import (
+    _device_checks,
+    _grpo_constants,
+    _sample_constants,
+    _token_logprobs_constants,
+    _welfare_constants,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -173,7 +179,8 @@ def test_sample_status_ok_is_zero():
 @pytest.mark.parametrize("module", list(KERNEL_MODULES), ids=list(KERNEL_MODULES.values()))
 def test_triton_kernels_bind_the_shared_values(module):
     kernels = pytest.importorskip(f"gtalign_fast.kernels.{KERNEL_MODULES[module]}")
-    shared = python_constants(module)
+    # A kernel binds its op's constants and the error codes of the device checks.
+    shared = python_constants(module) | python_constants(_device_checks)
     bound = {name: value for name, value in vars(kernels).items() if isinstance(value, tl.constexpr)}
     assert bound, f"{kernels.__name__} binds no tl.constexpr global"
     for name, value in bound.items():

@@ -364,3 +364,34 @@ def test_eager_path_equals_custom_op(backend, level):
     assert _op.plain_eager(logp, None) and not _op.plain_eager(logp.as_subclass(subclass))
     for eager, through_op in zip(*results):
         assert torch.equal(eager, through_op)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="counts CUDA kernel launches")
+@pytest.mark.parametrize("backend", [b for b in kernel_backends() if b in ("triton", "cuda")])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_one_launch_per_direction_on_cuda(backend, loss_type):
+    """Forward and backward are one kernel launch each (the forward's last program reduces the
+    rows), besides nothing: no cast, no reduction, no host read. A bool mask, float32 inputs."""
+    from torch.profiler import DeviceType, ProfilerActivity, profile
+
+    from gtalign_fast import _backend
+
+    generator = torch.Generator(device=DEVICE).manual_seed(3)
+    logp = torch.randn(16, 1024, device=DEVICE, generator=generator).requires_grad_(True)
+    old = logp.detach() + 0.05
+    advantages = torch.randn(16, device=DEVICE, generator=generator)
+    mask = torch.rand(16, 1024, device=DEVICE, generator=generator) > 0.2
+    num_items = torch.tensor(9000.0, device=DEVICE) if loss_type == "dapo" else None
+    for timed in (False, True):
+        torch.cuda.synchronize()
+        with _backend.poison_outputs(False), profile(activities=[ProfilerActivity.CUDA]) as trace:
+            loss, _ = ops.grpo_loss(logp, old, advantages, mask, loss_type=loss_type, num_items_in_batch=num_items,
+                                    backend=backend)
+            (dlogp,) = torch.autograd.grad(loss, logp)
+            torch.cuda.synchronize()
+    kernels = [event.name for event in trace.events()
+               if event.device_type == DeviceType.CUDA and not event.name.startswith(("Memcpy", "Memset"))]
+    # autograd seeds the backward with a ones_like(loss) fill: not the op's
+    ours = [name for name in kernels if "grpo" in name]
+    assert len(ours) == 2, "\n".join(kernels)
+    assert len(kernels) - len(ours) <= 1, "\n".join(kernels)

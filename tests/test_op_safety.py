@@ -13,6 +13,7 @@ import textwrap
 import pytest
 import torch
 
+from gtalign_fast import _device_checks as checks
 from gtalign_fast import ops
 
 from .conftest import DEVICE, kernel_backends
@@ -259,6 +260,10 @@ _LOW_LEVEL_CALLS = {
     """,
 }
 
+# What each call raises: an id outside the tensor is an IndexError, invalid group offsets a
+# ValueError (as the public op and gtalign_fast._device_checks.ERR_GROUP_OFFSETS raise them).
+_EXPECTED_ERROR = {"welfare_offsets": "ValueError"}
+
 _BAD_VALUES = {
     "token_logprobs_fwd": ["1000000000", "-5", "7"],
     "token_logprobs_bwd": ["1000000000", "-5", "7"],
@@ -273,15 +278,16 @@ def test_low_level_cpu_kernels_refuse_out_of_range_ids(call):
     """Called directly (no Python validation in front), the compiled CPU kernels raise on an id or
     offset outside the tensors instead of reading or writing out of bounds (run in a child
     process: on the old kernels such a call may crash the interpreter or corrupt memory)."""
+    error = _EXPECTED_ERROR.get(call, "IndexError")
     for bad in _BAD_VALUES[call]:
         body = textwrap.indent(textwrap.dedent(_LOW_LEVEL_CALLS[call]).format(bad=bad), "    ")
         code = (
             "import torch\nimport gtalign_fast.ops\nkernel = torch.ops.gtalign_fast_C\ntry:\n"
-            f"{body}\n    print('NO ERROR')\nexcept IndexError as error:\n    print('IndexError:', error)\n"
+            f"{body}\n    print('NO ERROR')\nexcept {error} as error:\n    print('{error}:', error)\n"
         )
         result = _run_isolated(code)
         assert result.returncode == 0, (bad, result.returncode, result.stderr[-2000:])
-        assert result.stdout.startswith("IndexError:"), (bad, result.stdout, result.stderr[-2000:])
+        assert result.stdout.startswith(f"{error}:"), (bad, result.stdout, result.stderr[-2000:])
     good = {"token_logprobs_fwd": "3", "token_logprobs_bwd": "-100", "sample_forced": "6",
             "sample_bias_ids": "-1", "welfare_offsets": "[0, 3, 3, 6]"}[call]
     body = textwrap.indent(textwrap.dedent(_LOW_LEVEL_CALLS[call]).format(bad=good), "")
@@ -344,14 +350,17 @@ def test_triton_welfare_clamps_group_offsets_into_the_rows(offsets, scale_mode):
     outputs = [_padded((n,)), _padded((n,)), _padded((g,)), _padded((g,)), _padded((g,), dtype=torch.bool, poison=True),
                _padded((n, t))]
     mode = {"group": constants.SCALE_GROUP, "batch": constants.SCALE_BATCH, "none": constants.SCALE_NONE}[scale_mode]
+    flag_buf, flag = _padded((1,), dtype=torch.int32, fill=0, poison=-7)
     kernels.welfare_advantages(
         user, llm, torch.tensor(offsets, dtype=torch.int64, device=DEVICE), 0, 0.5, mode, 1e-6, True, mask,
-        *[view for _, view in outputs],
+        *[view for _, view in outputs], flag,
     )
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
     for (buffer, _), poison in zip(outputs, [_POISON] * 4 + [True, _POISON]):
         _assert_padding_untouched(buffer, poison)
+    _assert_padding_untouched(flag_buf, -7)
+    assert int(flag[0]) == checks.ERR_GROUP_OFFSETS  # every offsets list above is invalid for N = 6
     welfare, advantages, token_advantages = outputs[0][1], outputs[1][1], outputs[5][1]
     # Rows inside some (clamped) group were computed from in-bounds inputs only.
     covered = torch.zeros(n, dtype=torch.bool)
@@ -376,7 +385,9 @@ def test_triton_welfare_clamps_leave_valid_offsets_unchanged():
     out = [torch.empty(7, device=DEVICE), torch.empty(7, device=DEVICE), torch.empty(3, device=DEVICE),
            torch.empty(3, device=DEVICE), torch.empty(3, dtype=torch.bool, device=DEVICE),
            torch.empty(0, device=DEVICE)]
-    kernels.welfare_advantages(user, llm, offsets, 0, 0.5, constants.SCALE_GROUP, 1e-6, False, None, *out)
+    flag = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    kernels.welfare_advantages(user, llm, offsets, 0, 0.5, constants.SCALE_GROUP, 1e-6, False, None, *out, flag)
+    assert int(flag[0]) == 0
     torch.testing.assert_close(out[0], expected.welfare)
     torch.testing.assert_close(out[1], expected.advantages)
 
@@ -395,10 +406,16 @@ def test_triton_token_logprobs_bounds_the_target_column(bad):
     logp_buf, logp = _padded((d0 * d1,))
     entropy_buf, entropy = _padded((d0 * d1,))
     stats_buf, stats = _padded((d0 * d1, 2))
-    kernels.token_logprobs_forward(logits, targets, 1.0, -100, logp, entropy, stats)
+    flag_buf, flag = _padded((1,), dtype=torch.int32, fill=0, poison=-7)
+    kernels.token_logprobs_forward(logits, targets, 1.0, -100, logp, entropy, stats, flag)
     for buffer in (logp_buf, entropy_buf, stats_buf):
         _assert_padding_untouched(buffer)
-    assert torch.isfinite(logp).all() and torch.isfinite(entropy).all() and torch.isfinite(stats).all()
+    _assert_padding_untouched(flag_buf, -7)
+    # The bad rows are flagged and NaN; every other output is finite (nothing read the padding).
+    assert int(flag[0]) == checks.ERR_TARGET_RANGE
+    bad_rows = (targets != -100) & ((targets < 0) | (targets >= v))
+    assert torch.isnan(logp[bad_rows]).all() and torch.isfinite(logp[~bad_rows]).all()
+    assert torch.isfinite(entropy).all() and torch.isfinite(stats).all()
     lse = torch.logsumexp(values.reshape(-1, v), dim=-1).to(DEVICE)
     torch.testing.assert_close(logp[[0, 3]], values.reshape(-1, v).to(DEVICE)[[0, 3], [1, 6]] - lse[[0, 3]])
 
@@ -408,34 +425,13 @@ def test_triton_token_logprobs_bounds_the_target_column(bad):
     _assert_padding_untouched(dlogits_buf)
     assert torch.isfinite(dlogits).all()
     # An out-of-range target matches no column: that row's one-hot term is absent.
-    bad_rows = (targets != -100) & ((targets < 0) | (targets >= v))
     p = torch.softmax(values.reshape(-1, v), dim=-1).to(DEVICE)
     h = -(p * p.log()).sum(-1, keepdim=True)
     torch.testing.assert_close(dlogits[bad_rows], (-p - p * (p.log() + h))[bad_rows])
 
 
-@pytest.mark.parametrize("bad", _BAD_TARGETS)
-def test_triton_linear_token_logprobs_bounds_the_target_column(bad):
-    kernels = _triton_kernels("linear_token_logprobs")
-    n, h, v = 5, 16, 7
-    generator = torch.Generator().manual_seed(4)
-    hidden = torch.randn(n, h, generator=generator).to(DEVICE)
-    weight = torch.randn(v, h, generator=generator).to(DEVICE)
-    targets = torch.tensor([2, bad, -100, 6, bad], device=DEVICE)
-    part_m, part_s, part_t, part_y = kernels.forward_partials(hidden, weight, None, targets, 1.0, -100, True)
-    lse, _, y_target, t_over_s = kernels.merge_partials(part_m, part_s, part_t, part_y)
-    assert torch.isfinite(lse).all() and torch.isfinite(t_over_s).all()
-    y = hidden @ weight.T
-    torch.testing.assert_close(y_target[[0, 3]], y[[0, 3], [2, 6]], rtol=1e-4, atol=1e-4)
-    assert torch.equal(y_target[[1, 4]], torch.zeros(2, device=DEVICE))  # no column matched
-
-    dz_buf, dz = _padded((n, v))
-    grad = torch.ones(n, device=DEVICE)
-    kernels.backward_dz(hidden, weight, None, targets, lse, None, grad, None, 1.0, -100, 0, dz)
-    _assert_padding_untouched(dz_buf)
-    assert torch.isfinite(dz).all()
-    p = torch.softmax(y, dim=-1)
-    torch.testing.assert_close(dz[[1, 4]], -p[[1, 4]], rtol=1e-4, atol=1e-4)
+# linear_token_logprobs' Triton kernels: tests/test_linear_token_logprobs.py
+# (test_triton_kernels_bound_the_target_column) checks them the same way, with their chunked API.
 
 
 @pytest.mark.parametrize("bad", _BAD_TARGETS)
@@ -451,12 +447,276 @@ def test_triton_sample_bounds_forced_and_bias_ids(bad):
     tokens = torch.empty(b, dtype=torch.int64, device=DEVICE)
     logprobs, raw = torch.empty(b, device=DEVICE), torch.empty(b, device=DEVICE)
     status = torch.empty(b, dtype=torch.int32, device=DEVICE)
+    flag_buf, flag = _padded((1,), dtype=torch.int32, fill=0, poison=-7)
     kernels.sample(logits, f, i, f, f * 0, forced, i, ids, torch.ones(b, 2, device=DEVICE), tokens, logprobs, raw,
-                   status)
+                   status, flag)
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
-    # NaN padding: a write there would replace it; a read of it would make the row's status bad.
+    # NaN padding: a write there would replace it.
     for edge in (logits_buf[:_PAD], logits_buf[-_PAD:]):
         assert torch.isnan(edge).all(), "the sample kernel wrote outside the logits"
-    assert torch.equal(status, torch.zeros_like(status)), status
-    assert 0 <= int(tokens[0]) < v and torch.isfinite(logprobs[0]) and torch.isfinite(raw).all()
+    _assert_padding_untouched(flag_buf, -7)
+    assert int(flag[0]) & checks.ERR_FORCED_TOKEN, "the bad forced ids were not flagged"
+
+
+# ---------------------------------------------------------------------------------------------
+# Items 9 / issue 12: the kernels flag bad indices on the device; the wrappers never synchronise.
+# On CPU tensors after_launch raises at once; a CUDA device is checked lazily, by
+# check_device_errors. The lazy path is exercised here on CPU (Triton interpreter) by taking the
+# CPU off the list of devices checked at once.
+
+
+@pytest.fixture
+def lazy_checks(monkeypatch):
+    """after_launch behaves on CPU tensors as it does on CUDA ones: it only records the op."""
+    monkeypatch.setattr(checks, "_IMMEDIATE_DEVICE_TYPES", frozenset())
+    monkeypatch.setattr(checks, "_sync_checks", False)
+    checks.check_device_errors()  # start clean
+    yield
+    checks.error_flag(DEVICE).zero_()
+
+
+def _need_triton():
+    if "triton" not in _backend_names():
+        pytest.skip("no Triton backend on this device")
+
+
+def _grpo_custom_op(logp, num_items, backend):
+    """torch.ops.gtalign_fast.grpo_loss, the registered op, without the public function's checks."""
+    mask = torch.ones_like(logp, dtype=torch.bool)
+    advantages = torch.ones(logp.shape[0], device=logp.device)
+    return torch.ops.gtalign_fast.grpo_loss(
+        logp, logp.detach() + 0.1, None, advantages, mask, num_items,
+        0.0, 0.2, 0.2, None, None, "dapo", False, logp.shape[1], None, backend,
+    )
+
+
+def test_token_logprobs_bad_target_is_flagged_lazily(lazy_checks):
+    _need_triton()
+    v = 7
+    generator = torch.Generator().manual_seed(6)
+    logits_buf, logits = _padded((4, v), fill=torch.randn(4, v, generator=generator), poison=math.nan)
+    targets = torch.tensor([1, 10**9, -100, 6], device=DEVICE)
+    logp = ops.token_logprobs(logits, targets, backend="triton")  # no raise, no sync
+    assert torch.isnan(logp[1]) and torch.isfinite(logp[[0, 2, 3]]).all()
+    assert torch.isnan(logits_buf[:_PAD]).all() and torch.isnan(logits_buf[-_PAD:]).all()
+    with pytest.raises(RuntimeError, match=r"ERR_TARGET_RANGE.*token_logprobs"):
+        checks.check_device_errors()
+    checks.check_device_errors()  # cleared
+    ops.token_logprobs(logits, torch.tensor([1, 2, -100, 6], device=DEVICE), backend="triton")
+    checks.check_device_errors()  # a good call sets nothing
+
+
+@pytest.mark.parametrize(
+    ("case", "code"),
+    [("offsets_past_n", checks.ERR_GROUP_OFFSETS), ("offsets_decreasing", checks.ERR_GROUP_OFFSETS),
+     ("negative_reward", checks.ERR_NONFINITE_REWARD), ("infinite_reward", checks.ERR_NONFINITE_REWARD)],
+)
+def test_welfare_bad_offsets_and_rewards_are_flagged_lazily(lazy_checks, case, code):
+    _need_triton()
+    generator = torch.Generator().manual_seed(7)
+    user = (torch.rand(6, generator=generator) + 0.1).to(DEVICE)
+    llm = (torch.rand(6, generator=generator) + 0.1).to(DEVICE)
+    offsets = torch.tensor({"offsets_past_n": [0, 3, 10**6], "offsets_decreasing": [0, 4, 2, 6]}.get(case, [0, 3, 6]),
+                           device=DEVICE)
+    if case == "negative_reward":
+        user[4] = -1.0
+    if case == "infinite_reward":
+        llm[2] = math.inf
+    ops.welfare_advantages(user, llm, offsets, backend="triton")
+    name = checks.ERROR_KINDS[code].name
+    with pytest.raises(RuntimeError, match=rf"{name}.*welfare_advantages"):
+        checks.check_device_errors()
+
+
+@pytest.mark.parametrize("value", [0.0, -2.0, math.nan, math.inf])
+def test_grpo_num_items_tensor_is_flagged_lazily(lazy_checks, value):
+    _need_triton()
+    logp = torch.randn(2, 5, device=DEVICE)
+    loss, *_ = _grpo_custom_op(logp, torch.tensor(value, device=DEVICE), "triton")
+    assert torch.isnan(loss)  # never a silent -inf / 0 / finite number
+    with pytest.raises(RuntimeError, match=r"ERR_NUM_ITEMS.*grpo_loss"):
+        checks.check_device_errors()
+    loss, *_ = _grpo_custom_op(logp, torch.tensor(4.0, device=DEVICE), "triton")
+    assert torch.isfinite(loss)
+    checks.check_device_errors()
+
+
+@pytest.mark.parametrize("backend", kernel_backends("grpo_loss"))
+def test_grpo_num_items_tensor_refused_by_the_registered_op(backend):
+    """The registered op (no public-function checks in front) refuses a zero normaliser on CPU
+    tensors at once: the C++ kernel raises, the Triton kernel's flag raises through after_launch."""
+    if DEVICE.type != "cpu":
+        pytest.skip("CUDA tensors are checked lazily")
+    logp = torch.randn(2, 5, device=DEVICE)
+    with pytest.raises(ValueError, match="num_items_in_batch must be finite and > 0"):
+        _grpo_custom_op(logp, torch.tensor(0.0, device=DEVICE), backend)
+
+
+@pytest.mark.parametrize("backend", kernel_backends("token_logprobs"))
+def test_registered_token_logprobs_op_refuses_bad_targets(backend):
+    if DEVICE.type != "cpu":
+        pytest.skip("CUDA tensors are checked lazily")
+    logits = torch.randn(3, 7, device=DEVICE)
+    with pytest.raises(IndexError, match="outside \\[0, 7\\)"):
+        torch.ops.gtalign_fast.token_logprobs(logits, torch.tensor([0, 10**9, 1], device=DEVICE), 1.0, False, -100,
+                                              backend)
+
+
+def test_launchers_refuse_inconsistent_layouts():
+    """Launchers reachable without the public functions' validation check the shapes they index
+    with (metadata only): a short targets / output / input never reaches the kernel."""
+    _need_triton()
+    from gtalign_fast.kernels import grpo_loss as grpo_kernels
+    from gtalign_fast.kernels import token_logprobs as token_kernels
+    from gtalign_fast.kernels import welfare_advantages as welfare_kernels
+
+    logits = torch.randn(1, 4, 7, device=DEVICE)
+    with pytest.raises(ValueError, match="targets"):
+        token_kernels.token_logprobs_forward(logits, torch.zeros(3, dtype=torch.int64, device=DEVICE), 1.0, -100,
+                                             torch.empty(4, device=DEVICE), torch.empty(0, device=DEVICE),
+                                             torch.empty(4, 2, device=DEVICE))
+    with pytest.raises(ValueError, match="per-row"):
+        token_kernels.token_logprobs_forward(logits, torch.zeros(4, dtype=torch.int64, device=DEVICE), 1.0, -100,
+                                             torch.empty(2, device=DEVICE), torch.empty(0, device=DEVICE),
+                                             torch.empty(4, 2, device=DEVICE))
+    logp = torch.randn(2, 5, device=DEVICE)
+    short = torch.randn(2, 3, device=DEVICE)
+    mask = torch.ones(2, 5, dtype=torch.uint8, device=DEVICE)
+    outputs = [torch.empty((), device=DEVICE), torch.empty(5, device=DEVICE), torch.empty(2, 8, device=DEVICE),
+               torch.empty(2, device=DEVICE)]
+    with pytest.raises(ValueError, match=r"\[B, T\]"):
+        grpo_kernels.grpo_loss_forward(logp, short, None, torch.ones(2, 5, device=DEVICE), mask, None, 0.0, 0.2, 0.2,
+                                       math.inf, 0.0, False, False, 0, 0.1, *outputs)
+    n = 6
+    with pytest.raises(ValueError, match="output"):
+        welfare_kernels.welfare_advantages(
+            torch.rand(n, device=DEVICE), torch.rand(n, device=DEVICE), None, 3, 0.5, 0, 1e-6, True, None,
+            torch.empty(n - 1, device=DEVICE), torch.empty(n, device=DEVICE), torch.empty(2, device=DEVICE),
+            torch.empty(2, device=DEVICE), torch.empty(2, dtype=torch.bool, device=DEVICE),
+            torch.empty(0, device=DEVICE),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 12: no host synchronisation on the CUDA path of the ops' forward and backward. Every
+# Python-side way to read a tensor on the host raises while the op runs (with the lazy device
+# checks a CUDA device gets); the kernels run under the Triton interpreter on CPU tensors. The old
+# code read the targets' range, the offsets and the group means on the host, which this catches.
+
+_HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy")
+
+
+@pytest.fixture
+def no_host_reads(lazy_checks, monkeypatch):
+    def refuse(name):
+        def read(*_args, **_kwargs):
+            raise AssertionError(f"host synchronisation on the hot path: Tensor.{name}")
+
+        return read
+
+    for name in _HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, refuse(name))
+    yield
+
+
+def _grad_inputs():
+    generator = torch.Generator().manual_seed(8)
+    logits = torch.randn(2, 3, 11, generator=generator).to(DEVICE).requires_grad_(True)
+    targets = torch.randint(0, 11, (2, 3), generator=generator).to(DEVICE)
+    targets[0, 1] = -100
+    return logits, targets
+
+
+def test_token_logprobs_forward_and_backward_read_nothing_on_the_host(no_host_reads):
+    _need_triton()
+    logits, targets = _grad_inputs()
+    logp, entropy = ops.token_logprobs(logits, targets, with_entropy=True, backend="triton")
+    (logp.sum() + entropy.sum()).backward()
+    assert logits.grad is not None
+
+
+def test_grpo_loss_forward_and_backward_read_nothing_on_the_host(no_host_reads):
+    _need_triton()
+    generator = torch.Generator().manual_seed(9)
+    logp = torch.randn(3, 6, generator=generator).to(DEVICE).requires_grad_(True)
+    ref = torch.randn(3, 6, generator=generator).to(DEVICE)
+    mask = (torch.rand(3, 6, generator=generator) > 0.3).to(DEVICE)
+    for loss_type in ("grpo", "dapo", "dr_grpo"):
+        loss, metrics = ops.grpo_loss(logp, logp.detach() + 0.05, torch.ones(3, device=DEVICE), mask, ref_logp=ref,
+                                      beta=0.1, loss_type=loss_type, backend="triton")
+        loss.backward()
+    # A device tensor normaliser goes to the kernel unread (the registered op: the public function
+    # reads a CPU tensor on the host, where that is free).
+    loss, *_ = _grpo_custom_op(logp, torch.tensor(7.0, device=DEVICE), "triton")
+    loss.backward()
+    assert logp.grad is not None
+
+
+def test_welfare_advantages_reads_nothing_on_the_host(no_host_reads):
+    _need_triton()
+    generator = torch.Generator().manual_seed(10)
+    user, llm = torch.rand(8, generator=generator).to(DEVICE), torch.rand(8, generator=generator).to(DEVICE)
+    offsets = torch.tensor([0, 3, 3, 8], device=DEVICE)
+    mask = torch.ones(8, 4, dtype=torch.bool, device=DEVICE)
+    for group in (offsets, 4):
+        for scale in ("group", "batch"):
+            ops.welfare_advantages(user, llm, group, scale=scale, mask=mask, backend="triton")
+
+
+def test_the_host_read_guard_catches_a_sync():
+    """The guard above must be able to fail: the old range check (bool(tensor.any())) trips it."""
+    from gtalign_fast._token_logprobs import check_target_range
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in _HOST_READS:
+            patch.setattr(torch.Tensor, name, lambda *a, **k: (_ for _ in ()).throw(AssertionError("sync")))
+        with pytest.raises(AssertionError, match="sync"):
+            check_target_range(torch.tensor([1, 2]), 5, -100)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 12, per-call overhead: grpo_loss's forward is one launch (the last program reduces the
+# rows). It must give what the two-launch form gives, write nothing outside its outputs, and leave
+# its counter at zero for the next launch.
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "bnpo", "dr_grpo"])
+@pytest.mark.parametrize("seq_level", [False, True])
+def test_triton_grpo_one_launch_forward_matches_two_launches(loss_type, seq_level):
+    from gtalign_fast import _grpo_loss
+
+    kernels = _triton_kernels("grpo_loss")
+    generator = torch.Generator().manual_seed(11)
+    b, t = 5, 37
+    logp = torch.randn(b, t, generator=generator).to(DEVICE)
+    old = (logp.cpu() + 0.2 * torch.randn(b, t, generator=generator)).to(DEVICE)
+    ref = (logp.cpu() + 0.1 * torch.randn(b, t, generator=generator)).to(DEVICE)
+    advantages = torch.randn(b, generator=generator).to(DEVICE)
+    mask = torch.rand(b, t, generator=generator).to(DEVICE) > 0.3
+    options = _grpo_loss.GrpoLossOptions(0.05, 0.2, 0.28, None, None, loss_type, seq_level, t, None)
+    num_items = torch.tensor(50.0, device=DEVICE) if loss_type == "dapo" else None
+    args = _grpo_loss._forward_args(logp, old, ref, advantages, mask, num_items, options)
+    shapes = [(1,), (5,), (b, 8), (b,)]
+
+    def run(counter):
+        buffers = [_padded(shape) for shape in shapes]
+        kernels.grpo_loss_forward(*args, *[view for _, view in buffers], checks.error_flag(DEVICE), counter)
+        for buffer, _ in buffers:
+            _assert_padding_untouched(buffer)
+        return [view.clone() for _, view in buffers]
+
+    counter_buf, counter = _padded((1,), dtype=torch.int32, fill=0, poison=-7)
+    one_launch = run(counter)
+    _assert_padding_untouched(counter_buf, -7)
+    assert int(counter[0]) == 0, "the last program must reset the counter"
+    again = run(counter)  # the reset counter serves the next launch
+    two_launches = run(None)
+    for got, second, expected in zip(one_launch, again, two_launches):
+        assert torch.equal(got, expected) and torch.equal(second, expected)
+    assert torch.isfinite(one_launch[0]).all()
+    # The counter is what triggers the reduction: one that does not start at zero makes a program
+    # before the last one reduce (rows not written yet) -- so the one-launch path above did run.
+    if DEVICE.type == "cpu":  # the interpreter runs the programs in order
+        counter[0] = 1
+        assert not torch.equal(run(counter)[0], two_launches[0])

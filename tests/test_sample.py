@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gtalign_fast import ops, reference
+from gtalign_fast import _device_checks, ops, reference
+from gtalign_fast import _sample_constants as constants
 from gtalign_fast._sample import uniform_noise
 from gtalign_fast._seeds import batch_row_seeds
 
@@ -345,3 +346,273 @@ def test_cuda_backend_is_refused_with_a_reason():
     logits = torch.randn(2, 7, device=DEVICE)
     with pytest.raises(RuntimeError, match="no CUDA C\\+\\+ kernel.*'triton'"):
         ops.sample_(logits, temperature=1.0, seed=0, backend="cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# Several programs per row (Triton): the vocabulary split into chunks, reduced in fixed order
+
+
+def _triton_kernels():
+    pytest.importorskip("triton")
+    from gtalign_fast.kernels import sample as triton_kernels
+
+    return triton_kernels
+
+
+@pytest.mark.parametrize(
+    "vocab,max_block,programs,parts",
+    [
+        (515, 64, 4, 3),  # V not a multiple of the block: 9 blocks (the last partial), 3 per chunk
+        (515, 64, 128, 9),  # one block per program, the last one partial
+        (37, 64, 8, 1),  # V smaller than one block: one program
+        (5, 16, 3, 1),  # V smaller than the smallest block
+    ],
+)
+def test_triton_split_rows_match_reference(monkeypatch, vocab, max_block, programs, parts):
+    if "triton" not in BACKENDS:
+        pytest.skip("no Triton backend here")
+    kernels = _triton_kernels()
+    monkeypatch.setattr(kernels, "MAX_BLOCK_V", max_block)
+    block_v, chunk, n_parts = kernels.launch_grid(5, vocab, DEVICE, programs)
+    assert n_parts == parts and chunk % block_v == 0 and (parts - 1) * chunk < vocab <= parts * chunk
+    # Rows of _row_args with top-k, greedy + forced, top-p, top-k + top-p, everything (and biases).
+    rows = torch.tensor([1, 2, 3, 4, 8])
+    batch = len(rows)
+    logits = _logits(batch, vocab, torch.float32, seed=vocab)
+    args = {key: value[rows] for key, value in _row_args(9, vocab, seed=vocab + 1).items()}
+    args = _to_device(args)
+    ref_tokens, ref_logp, ref_raw, ref_processed = _reference(logits, args)
+    original = kernels.launch_grid
+    monkeypatch.setattr(kernels, "launch_grid", lambda b, v, d, p=None: original(b, v, d, programs))
+    buffer = logits.clone()
+    tokens, logp, raw = ops.sample_(buffer, backend="triton", **args)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logp.double(), ref_logp, **LOGP_TOL)
+    torch.testing.assert_close(raw.double(), ref_raw, **LOGP_TOL)
+    assert torch.equal(torch.isinf(buffer), torch.isinf(ref_processed))
+
+
+def test_triton_grid_fills_the_gpu_and_stays_bounded():
+    kernels = _triton_kernels()
+    cpu = torch.device("cpu")  # the grid uses DEFAULT_SMS (an H100 / H200's 132) off CUDA
+    sms = kernels.DEFAULT_SMS
+    for batch, vocab in [(8, 32000), (64, 151936)]:
+        block_v, chunk, parts = kernels.launch_grid(batch, vocab, cpu)
+        assert (parts - 1) * chunk < vocab <= parts * chunk and chunk % block_v == 0
+        assert batch * parts >= 2 * sms, (batch, vocab, parts)  # every SM gets programs
+        assert parts <= kernels.MAX_PROGRAMS
+    assert kernels.launch_grid(64, 151936, cpu) == (512, 33 * 512, 9)
+    # Huge inputs: the per-row count stays bounded (grid axis 1 <= 65535), the batch goes on axis 0.
+    for batch, vocab in [(1, 2**31 - 1), (10**6, 151936), (1, 1)]:
+        _, chunk, parts = kernels.launch_grid(batch, vocab, cpu)
+        assert 1 <= parts <= min(kernels.MAX_PROGRAMS, 65535) and parts * chunk >= vocab
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="too slow under the Triton interpreter (GPU check)")
+def test_triton_large_vocab_row_matches_reference():
+    # Rows of Qwen's V = 151936 split over several programs, top-k 50 and top-p 0.9 (the bench setting).
+    vocab = 151936
+    logits = _logits(2, vocab, torch.bfloat16, seed=151936, scale=3.0)
+    args = {"temperature": torch.tensor([0.7, 1.0]), "top_k": torch.tensor([50, 0]),
+            "top_p": torch.tensor([0.9, 0.95]), "min_p": torch.zeros(2), "forced": torch.tensor([-1, -1]),
+            "bias_ids": None, "bias_values": None, "seed": torch.tensor([5, -9])}
+    args = _to_device(args)
+    ref_tokens, ref_logp, ref_raw, ref_processed = _reference(logits, args)
+    buffer = logits.clone()
+    tokens, logp, raw = ops.sample_(buffer, backend="triton", **args)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logp.double(), ref_logp, **LOGP_TOL)
+    torch.testing.assert_close(raw.double(), ref_raw, **LOGP_TOL)
+    assert torch.equal(torch.isinf(buffer), torch.isinf(ref_processed))
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 15 item 9: the low-level op never reads or writes outside the logits
+
+
+def _padded_logits(batch, vocab, pad, sentinel=12345.0):
+    """``[batch, vocab]`` logits inside a larger buffer: ``pad`` sentinel columns before and after
+    every row, and a sentinel row before and after the whole tensor."""
+    storage = torch.full((batch + 2, vocab + 2 * pad), sentinel, dtype=torch.float32, device=DEVICE)
+    view = storage[1:-1, pad:pad + vocab]
+    view.copy_(_logits(batch, vocab, torch.float32, seed=vocab))
+    outside = torch.ones_like(storage, dtype=torch.bool)
+    outside[1:-1, pad:pad + vocab] = False
+    return storage, view, outside
+
+
+def _low_level_args(batch, forced, ids=None, values=None):
+    f32 = dict(dtype=torch.float32, device=DEVICE)
+    i64 = dict(dtype=torch.int64, device=DEVICE)
+    return (torch.full((batch,), 0.9, **f32), torch.full((batch,), 3, **i64), torch.full((batch,), 0.9, **f32),
+            torch.zeros(batch, **f32), torch.tensor(forced, **i64), torch.arange(batch, **i64), ids, values)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="no Triton backend here")
+def test_triton_out_of_range_ids_flag_and_stay_inside():
+    from gtalign_fast._device_checks import ERR_FORCED_TOKEN, ERR_TARGET_RANGE
+
+    kernels = _triton_kernels()
+    batch, vocab, pad = 5, 40, 9
+    storage, view, outside = _padded_logits(batch, vocab, pad)
+    before = storage.clone()
+    # Forced ids past either end of the row (the next row's padding, the next row, far away).
+    forced = [vocab, -1, vocab + pad, -(pad + 2), 2**40]
+    ids = torch.tensor([[vocab + 1, 2], [-3, 4], [1, vocab + pad + 1], [-1, -1], [0, 2**35]], device=DEVICE)
+    values = torch.full((batch, 2), 1.5, device=DEVICE)
+    args = _low_level_args(batch, forced, ids, values)
+    outputs = [torch.full((batch,), -7, dtype=torch.int64, device=DEVICE)] + [
+        torch.full((batch,), 7.0, device=DEVICE) for _ in range(2)] + [torch.zeros(batch, dtype=torch.int32,
+                                                                                    device=DEVICE)]
+    flag = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    kernels.sample(view, *args, *outputs, flag)
+    assert int(flag) == ERR_FORCED_TOKEN | ERR_TARGET_RANGE
+    assert torch.equal(storage[outside], before[outside])  # no write outside the logits
+    tokens, logp, raw, _ = outputs
+    # Every row here has a bad id: token 0 and NaN log-probs, never a value read from elsewhere.
+    assert torch.equal(tokens, torch.zeros(batch, dtype=torch.int64, device=DEVICE))
+    assert bool(torch.isnan(logp).all()) and bool(torch.isnan(raw).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_low_level_op_refuses_out_of_range_forced_token(backend):
+    """The registered op (what torch.compile and direct callers reach) with an out-of-range forced
+    id: an IndexError naming it on every backend (Triton: through the device flag), and the
+    padding around the logits untouched."""
+    from gtalign_fast._sample import OP_DEF
+
+    batch, vocab, pad = 4, 30, 6
+    storage, view, outside = _padded_logits(batch, vocab, pad)
+    before = storage.clone()
+    for forced in ([-1, vocab, 2, -1], [-1, -1, -(pad + 3), -1], [2**40, 0, 1, 2]):
+        with pytest.raises(IndexError, match="forced"):
+            OP_DEF.custom_op(view, *_low_level_args(batch, forced), backend)
+        assert torch.equal(storage[outside], before[outside])
+    # And bias ids past the row (Triton: ERR_TARGET_RANGE; C++: its own pre-pass).
+    ids = torch.tensor([[0], [vocab + pad], [1], [2]], device=DEVICE)
+    with pytest.raises(IndexError, match="bias"):
+        OP_DEF.custom_op(view, *_low_level_args(batch, [-1] * batch, ids, torch.ones(batch, 1, device=DEVICE)),
+                         backend)
+    assert torch.equal(storage[outside], before[outside])
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="no Triton backend here")
+def test_triton_flags_bad_values_instead_of_reading_them_on_the_host():
+    """On CUDA the public function cannot read per-row tensors without a sync: the kernel checks
+    them. Called directly (as on CUDA), bad values and NaN rows set ERR_SAMPLE_INPUT, the row gets
+    NaN log-probs and the others are still sampled correctly."""
+    kernels = _triton_kernels()
+    batch, vocab = 6, 33
+    logits = _logits(batch, vocab, torch.float32, seed=3)
+    logits[5, 7] = float("nan")
+    t, k, p, mp, forced, seeds, _, _ = _low_level_args(batch, [-1] * batch)
+    t[1], k[2], p[3], mp[4] = -1.0, -5, 1.5, float("nan")
+    good = torch.tensor([True, False, False, False, False, False], device=DEVICE)
+    outputs = [torch.empty(batch, dtype=torch.int64, device=DEVICE), torch.empty(batch, device=DEVICE),
+               torch.empty(batch, device=DEVICE), torch.empty(batch, dtype=torch.int32, device=DEVICE)]
+    flag = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    ref = reference.sample(logits[:1], t[:1], k[:1], p[:1], mp[:1], None, None, forced[:1], seeds[:1])
+    kernels.sample(logits, t, k, p, mp, forced, seeds, None, None, *outputs, flag)
+    assert int(flag) == _device_checks.ERR_SAMPLE_INPUT
+    tokens, logp, raw, status = outputs
+    assert int(tokens[0]) == int(ref[0][0]) and bool(torch.isfinite(logp[good]).all())
+    assert bool(torch.isnan(logp[~good]).all()) and bool(torch.isnan(raw[~good]).all())
+    assert int(status[5]) == constants.STATUS_BAD_LOGITS
+
+
+def test_int_seed_rows_equal_batch_row_seeds():
+    # The device-side construction of per-row seeds (no host -> device copy) is the documented one.
+    from gtalign_fast._sample import _row_seeds
+
+    for seed in (0, 123, -1, 2**63 - 1, -(2**63), 2**64 + 5):
+        assert torch.equal(_row_seeds(seed, 9, DEVICE), batch_row_seeds(seed, 9, DEVICE))
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="a CUDA check (torch.cuda.set_sync_debug_mode)")
+def test_no_host_sync_on_cuda_and_lazy_errors():
+    """Issue 12: no host synchronisation on the CUDA path (scalars, per-row tensors, biases); an
+    out-of-range forced id is reported by check_device_errors, not by a sync inside the call."""
+    batch, vocab = 8, 32000
+    logits = _logits(batch, vocab, torch.bfloat16, seed=0)
+    tensors = dict(
+        temperature=torch.full((batch,), 0.7, device=DEVICE), top_k=torch.full((batch,), 50, device=DEVICE),
+        forced=torch.tensor([-1, 3, -1, -1, 7, -1, -1, -1], device=DEVICE),
+        seed=torch.arange(batch, device=DEVICE), bias_ids=torch.randint(0, vocab, (batch, 3), device=DEVICE),
+        bias_values=torch.randn(batch, 3, device=DEVICE),
+    )
+    tensors["bias_ids"][:, 1] = -1  # no duplicates
+    calls = [dict(temperature=0.7, top_k=50, top_p=0.9, seed=1), dict(top_p=0.9, **tensors)]
+    for kwargs in calls:  # warm-up: compilation may synchronise
+        ops.sample_(logits.clone(), backend="triton", **kwargs)
+    ops.check_device_errors()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for kwargs in calls:
+            ops.sample_(logits.clone(), backend="triton", **kwargs)
+        bad = dict(tensors, forced=torch.full((batch,), vocab + 5, device=DEVICE))
+        tokens, logp, _ = ops.sample_(logits.clone(), backend="triton", **bad)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    with pytest.raises(RuntimeError, match="ERR_FORCED_TOKEN"):
+        ops.check_device_errors()
+    assert bool(torch.isnan(logp).all()) and bool((tokens == 0).all())
+
+
+_COMPILE_SCRIPT = r"""
+import inspect
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from gtalign_fast import _sample_constants as constants
+from gtalign_fast.kernels import sample as K
+
+INTS = {"stride_b": "i64", "stride_v": "i64", "min_temperature": "fp32"}
+POINTERS = {"top_k_ptr": "*i64", "forced_ptr": "*i64", "seeds_ptr": "*i64", "bias_ids_ptr": "*i64",
+            "counts_ptr": "*i32", "state_i_ptr": "*i64", "draw_i_ptr": "*i64", "tokens_ptr": "*i64",
+            "status_ptr": "*i32", "flag_ptr": "*i32"}
+
+
+def compile_one(fn, logits, constexprs, warps):
+    signature = {}
+    for name in inspect.signature(fn.fn).parameters:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name == "logits_ptr":
+            signature[name] = logits
+        elif name.endswith("_ptr"):
+            signature[name] = POINTERS.get(name, "*fp32")
+        else:
+            signature[name] = INTS.get(name, "i32")
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+
+
+meta = dict(LEVELS=K.LEVELS_PER_SEARCH, P_BLOCK=16, BLOCK_V=512, NB=constants.NUM_BUCKETS)
+for logits in ("*fp32", "*bf16", "*fp16"):
+    for has_bias in (False, True):
+        compile_one(K._stats_kernel, logits, dict(HAS_BIAS=has_bias, BLOCK_K=4, BLOCK_V=512, NB=16), 8)
+    for first in (False, True):
+        compile_one(K._level_kernel, logits, dict(FIRST=first, **meta), 8)
+    compile_one(K._final_kernel, logits, meta, 8)
+for has_bias in (False, True):
+    compile_one(K._reduce_kernel, "*fp32", dict(ERR_FORCED_TOKEN=8, ERR_TARGET_RANGE=1, HAS_BIAS=has_bias,
+                                                  BLOCK_K=4, P_BLOCK=16), 4)
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="on a GPU the kernels are compiled and run by the tests above")
+def test_triton_kernels_compile_for_sm90():
+    """The interpreter runs the kernels as Python; the GPU compiler is stricter (a name set in both
+    branches of a runtime `if` must keep one type, loop bounds, constexpr use...). Compile every
+    kernel variant for sm_90 in a process without TRITON_INTERPRET (no GPU needed)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], cwd=root, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]

@@ -360,13 +360,16 @@ def test_reward_failures_never_stop_training(tmp_path):
 def test_nan_loss_skips_the_step_then_stops(tmp_path, monkeypatch):
     trainer = sgd_trainer(tmp_path, steps=5, max_consecutive_nan_steps=2)
     before = parameters(trainer)
-    real = ops.grpo_loss
 
-    def nan_loss(*args, **kwargs):
-        loss, metrics = real(*args, **kwargs)
-        return loss * math.nan, metrics
+    def nan_loss(real):
+        def wrapper(*args, **kwargs):
+            loss, *rest = real(*args, **kwargs)
+            return (loss * math.nan, *rest)
 
-    monkeypatch.setattr(ops, "grpo_loss", nan_loss)
+        return wrapper
+
+    for name in ("grpo_loss", "linear_grpo_loss"):  # the logits path and the fused LM-head path
+        monkeypatch.setattr(ops, name, nan_loss(getattr(ops, name)))
     with pytest.raises(RuntimeError, match="2 consecutive steps"):
         trainer.train()
     after = parameters(trainer)

@@ -19,6 +19,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../device_checks_common.h"
 #include "../grpo_loss_common.h"
 #include "vec_math.h"
 
@@ -417,7 +418,11 @@ void grpo_loss_fwd_cpu(const at::Tensor& logp, const std::optional<at::Tensor>& 
                        const std::optional<at::Tensor>& num_items, double beta, double epsilon_low, double epsilon_high,
                        double delta, double dual_clip, bool seq_level, bool row_metrics, int64_t mode,
                        double const_weight, at::Tensor& loss, at::Tensor& metrics, at::Tensor& row_stats,
-                       at::Tensor& row_weights) {
+                       at::Tensor& row_weights, const std::optional<at::Tensor>& error_flag,
+                       const std::optional<at::Tensor>& /*finalize_counter: the CUDA kernel's one-launch path*/) {
+  // The error flag (gtalign_fast/_device_checks.py) is for the CUDA kernel, which cannot raise
+  // without a host sync; here a bad num_items raises directly (the flag is left untouched).
+  error_flag_data(error_flag, logp, "grpo_loss");
   check_inputs(logp, old_logp, ref_logp, advantages, mask);
   const int64_t batch = logp.size(0);
   check_float_out(loss, 1, "loss");
@@ -427,6 +432,10 @@ void grpo_loss_fwd_cpu(const at::Tensor& logp, const std::optional<at::Tensor>& 
   TORCH_CHECK(mode != kNormaliserTensor || (num_items.has_value() && num_items->numel() == 1 &&
                                             num_items->scalar_type() == at::kFloat),
               "grpo_loss: num_items must be a float32 tensor of one element");
+  if (mode == kNormaliserTensor) {
+    const float n = num_items->data_ptr<float>()[0];
+    TORCH_CHECK_VALUE(n > 0.0f && std::isfinite(n), "grpo_loss: num_items_in_batch must be finite and > 0, got ", n);
+  }
   const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip);
   float* stats = row_stats.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logp.scalar_type(), "grpo_loss_fwd_cpu", [&] {
@@ -490,7 +499,8 @@ TORCH_LIBRARY_FRAGMENT(gtalign_fast_C, m) {
       "grpo_loss_fwd(Tensor logp, Tensor? old_logp, Tensor? ref_logp, Tensor advantages, Tensor mask, "
       "Tensor? num_items, float beta, float epsilon_low, float epsilon_high, float delta, float dual_clip, "
       "bool seq_level, bool row_metrics, int mode, float const_weight, Tensor(a!) loss, Tensor(b!) metrics, "
-      "Tensor(c!) row_stats, Tensor(d!) row_weights) -> ()");
+      "Tensor(c!) row_stats, Tensor(d!) row_weights, Tensor(e!)? error_flag=None, "
+      "Tensor(f!)? finalize_counter=None) -> ()");
   m.def(
       "grpo_loss_bwd(Tensor grad_loss, Tensor row_weights, Tensor row_stats, Tensor logp, Tensor? old_logp, "
       "Tensor? ref_logp, Tensor advantages, Tensor mask, float beta, float epsilon_low, float epsilon_high, "

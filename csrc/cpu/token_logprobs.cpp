@@ -13,6 +13,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../device_checks_common.h"
 #include "../token_logprobs_common.h"
 #include "vec_math.h"
 
@@ -184,7 +185,11 @@ void check_targets(const at::Tensor& targets, int64_t vocab, int64_t ignore_inde
 }
 
 void token_logprobs_fwd_cpu(const at::Tensor& logits3d, const at::Tensor& targets, double inv_temperature,
-                            int64_t ignore_index, at::Tensor& logp, at::Tensor& entropy, at::Tensor& stats) {
+                            int64_t ignore_index, at::Tensor& logp, at::Tensor& entropy, at::Tensor& stats,
+                            const std::optional<at::Tensor>& error_flag) {
+  // The error flag (gtalign_fast/_device_checks.py) is for the CUDA kernel, which cannot raise
+  // without a host sync; here a bad target raises directly (the flag is left untouched).
+  error_flag_data(error_flag, logits3d, "token_logprobs");
   TORCH_CHECK(logits3d.dim() == 3, "token_logprobs: logits must be a [D0, D1, V] view");
   const int64_t n_rows = logits3d.size(0) * logits3d.size(1);
   TORCH_CHECK(targets.scalar_type() == at::kLong && targets.is_contiguous() && targets.numel() == n_rows,
@@ -238,7 +243,7 @@ void token_logprobs_bwd_cpu(const at::Tensor& grad_logp, const std::optional<at:
 TORCH_LIBRARY_FRAGMENT(gtalign_fast_C, m) {
   m.def(
       "token_logprobs_fwd(Tensor logits3d, Tensor targets, float inv_temperature, int ignore_index, "
-      "Tensor(a!) logp, Tensor(b!) entropy, Tensor(c!) stats) -> ()");
+      "Tensor(a!) logp, Tensor(b!) entropy, Tensor(c!) stats, Tensor(d!)? error_flag=None) -> ()");
   m.def(
       "token_logprobs_bwd(Tensor grad_logp, Tensor? grad_entropy, Tensor logits3d, Tensor targets, Tensor stats, "
       "Tensor entropy, float inv_temperature, int ignore_index, Tensor(a!) dlogits) -> ()");

@@ -25,6 +25,7 @@
 #include <immintrin.h>  // the groups-of-8 path (AVX2 / AVX-512, chosen at run time)
 #endif
 
+#include "../device_checks_common.h"
 #include "../welfare_advantages_common.h"
 #include "vec_math.h"
 
@@ -534,7 +535,10 @@ void welfare_advantages_cpu(const at::Tensor& user, const at::Tensor& llm, const
                             int64_t group_size, double alpha, int64_t scale_mode, double eps, bool unbiased,
                             const std::optional<at::Tensor>& mask, at::Tensor& welfare, at::Tensor& advantages,
                             at::Tensor& group_mean, at::Tensor& group_std, at::Tensor& group_all_equal,
-                            at::Tensor& token_advantages) {
+                            at::Tensor& token_advantages, const std::optional<at::Tensor>& error_flag) {
+  // The error flag (gtalign_fast/_device_checks.py) is for the CUDA kernel, which cannot raise
+  // without a host sync; here bad offsets and rewards raise directly (the flag is left untouched).
+  error_flag_data(error_flag, user, "welfare_advantages");
   const int64_t n_rows = user.numel();
   const int64_t n_groups = check_inputs(user, llm, offsets, group_size, scale_mode);
   const bool has_offsets = offsets.has_value() && offsets->defined();
@@ -546,10 +550,10 @@ void welfare_advantages_cpu(const at::Tensor& user, const at::Tensor& llm, const
   }
   if (has_offsets) {  // the row ranges the groups read and write: 0 = o[0] <= ... <= o[G] = N
     const int64_t* o = offsets->data_ptr<int64_t>();
-    TORCH_CHECK_INDEX(o[0] == 0 && o[n_groups] == n_rows, "welfare_advantages: offsets must start at 0 and end at N = ",
+    TORCH_CHECK_VALUE(o[0] == 0 && o[n_groups] == n_rows, "welfare_advantages: offsets must start at 0 and end at N = ",
                       n_rows, ", got ", o[0], " and ", o[n_groups]);
     for (int64_t g = 0; g < n_groups; ++g) {
-      TORCH_CHECK_INDEX(o[g] <= o[g + 1], "welfare_advantages: offsets must be non-decreasing, got ", o[g],
+      TORCH_CHECK_VALUE(o[g] <= o[g + 1], "welfare_advantages: offsets must be non-decreasing, got ", o[g],
                         " then ", o[g + 1], " at group ", g);
     }
   }
@@ -586,7 +590,8 @@ TORCH_LIBRARY_FRAGMENT(gtalign_fast_C, m) {
   m.def(
       "welfare_advantages(Tensor user, Tensor llm, Tensor? offsets, int group_size, float alpha, int scale_mode, "
       "float eps, bool unbiased, Tensor? mask, Tensor(a!) welfare, Tensor(b!) advantages, Tensor(c!) group_mean, "
-      "Tensor(d!) group_std, Tensor(e!) group_all_equal, Tensor(f!) token_advantages) -> ()");
+      "Tensor(d!) group_std, Tensor(e!) group_all_equal, Tensor(f!) token_advantages, "
+      "Tensor(g!)? error_flag=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(gtalign_fast_C, CPU, m) {

@@ -3,8 +3,10 @@
 // 0 when per sequence), mask uint8; dlogp / dref contiguous [B, T]).
 //
 // Forward: one thread block per sequence (a 1-D grid over B) strides over the tokens and reduces
-// its partial sums across the block; one more single-block launch reduces over the B rows (per-row
-// weights of the aggregation mode, loss, metrics) without a host sync. Backward: one block per
+// its partial sums across the block; the reduction over the B rows (per-row weights of the
+// aggregation mode, loss, metrics) is done by the last block to finish (a persistent counter the
+// caller passes, one launch per forward), or without one by a second single-block launch; no host
+// sync either way. Backward: one block per
 // sequence. Derivatives follow torch's conventions (clamp passes the gradient on the closed
 // interval, min splits it evenly on ties), as in the Triton and C++ kernels.
 #include <ATen/Dispatch.h>
@@ -18,6 +20,7 @@
 
 #include <optional>
 
+#include "../device_checks_common.h"
 #include "../grpo_loss_common.h"
 
 namespace gtalign_fast {
@@ -95,11 +98,100 @@ struct Strides {
   int64_t logp_b, logp_t, old_b, old_t, ref_b, ref_t, adv_b, adv_t, mask_b, mask_t;
 };
 
+// What the finalize step needs besides row_stats.
+struct Finalize {
+  const float* num_items;  // the kNormaliserTensor normaliser (a device scalar)
+  float* loss;
+  float* metrics;
+  float* weights;
+  int* error_flag;         // nullptr: a bad normaliser is not reported (the loss is NaN all the same)
+  unsigned int* counter;   // nullptr: a separate finalize launch; else the rows kernel's last block finalizes
+  int64_t mode;
+  float const_weight;
+};
+
+// The finalize step, run by one whole block: reduces the [B] row partial sums to the per-row loss
+// weights (they need the global token count), the loss and the metrics. row_stats is read with
+// __ldcg (L2, not L1): in the fused forward other blocks wrote it.
+__device__ void finalize_block(const float* stats, const Finalize& f, int64_t batch, bool row_metrics) {
+  // Column sums over the rows, indexed by row_stats column (the loss needs the weights: below;
+  // the kLossSum and kSeqGrad slots stay 0).
+  float sums[kNumStats] = {};
+  for (int64_t b = threadIdx.x; b < batch; b += blockDim.x) {
+    const float* row = stats + b * kNumStats;
+    sums[kTokens] += __ldcg(row + kTokens);
+    sums[kLow] += __ldcg(row + kLow);
+    sums[kHigh] += __ldcg(row + kHigh);
+    sums[kRegion] += __ldcg(row + kRegion);
+    sums[kKlSum] += __ldcg(row + kKlSum);
+    sums[kRatioSum] += __ldcg(row + kRatioSum);
+  }
+  block_sum(sums);
+  const float total_tokens = fmaxf(sums[kTokens], 1.0f);
+  const float batch_f = static_cast<float>(batch);
+  const float metric_count = row_metrics ? batch_f : total_tokens;
+  if (threadIdx.x == 0) {
+    f.metrics[kMetricLow] = sums[kLow] / metric_count;
+    f.metrics[kMetricHigh] = sums[kHigh] / metric_count;
+    f.metrics[kMetricRegion] = sums[kRegion] / metric_count;
+    f.metrics[kMetricKl] = sums[kKlSum] / total_tokens;
+    f.metrics[kMetricRatio] = sums[kRatioSum] / metric_count;
+  }
+  float shared_weight = f.const_weight;
+  if (f.mode == kTokenMean) shared_weight = 1.0f / total_tokens;
+  if (f.mode == kNormaliserTensor) {
+    // num_items_in_batch as a device tensor: not finite and > 0 sets the error flag (reported
+    // without a host sync, gtalign_fast/_device_checks.py) and makes the loss NaN.
+    const float n = f.num_items[0];
+    const bool bad = !(n > 0.0f && n < INFINITY);
+    if (bad && threadIdx.x == 0 && f.error_flag != nullptr) atomicOr(f.error_flag, static_cast<int>(kErrNumItems));
+    shared_weight = bad ? NAN : 1.0f / n;
+  }
+  float total[1] = {0.0f};
+  for (int64_t b = threadIdx.x; b < batch; b += blockDim.x) {
+    const float* row = stats + b * kNumStats;
+    const float weight = f.mode == kSeqMean ? 1.0f / (batch_f * fmaxf(__ldcg(row + kTokens), 1.0f)) : shared_weight;
+    f.weights[b] = weight;
+    total[0] += weight * __ldcg(row + kLossSum);
+  }
+  block_sum(total);
+  if (threadIdx.x == 0) *f.loss = total[0];
+}
+
+__global__ void __launch_bounds__(kThreads) grpo_loss_finalize_kernel(const float* __restrict__ stats, Finalize f,
+                                                                        int64_t batch, bool row_metrics) {
+  finalize_block(stats, f, batch, row_metrics);
+}
+
+// Thread 0 of a row's block: the row's partial sums into row_stats.
+__device__ void store_row_stats(float* out, const float (&sums)[kNumStats], const float* row_adv, const ClipParams& p,
+                                bool seq_level, bool row_metrics, float seq_ratio, float seq_dratio) {
+  float low = sums[kLow], high = sums[kHigh], ratio = sums[kRatioSum];
+  float region = low + high;  // exclusive: they need opposite signs of A
+  if (row_metrics) {
+    // Per-sequence ratio and advantage: one 0/1 indicator per row, as TRL's GSPO metrics.
+    const float a = row_adv[0];
+    const float coef_1 = fminf(seq_ratio, p.delta);
+    low = (coef_1 < p.low_bound && a < 0.0f) ? 1.0f : 0.0f;
+    high = (coef_1 > p.high_bound && a > 0.0f) ? 1.0f : 0.0f;
+    region = fmaxf(low, high);
+    ratio = seq_ratio;
+  }
+  out[kLossSum] = sums[kLossSum];
+  out[kTokens] = sums[kTokens];
+  out[kLow] = low;
+  out[kHigh] = high;
+  out[kRegion] = region;
+  out[kKlSum] = sums[kKlSum];
+  out[kRatioSum] = ratio;
+  out[kSeqGrad] = seq_level ? sums[kSeqGrad] * seq_dratio / fmaxf(sums[kTokens], 1.0f) : 0.0f;
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) grpo_loss_rows_kernel(
     const scalar_t* __restrict__ logp, const scalar_t* __restrict__ old, const scalar_t* __restrict__ ref,
     const float* __restrict__ adv, const uint8_t* __restrict__ mask, float* __restrict__ stats, int64_t length,
-    Strides s, ClipParams p, bool seq_level, bool row_metrics) {
+    Strides s, ClipParams p, bool seq_level, bool row_metrics, Finalize f) {
   const int64_t b = blockIdx.x;
   float seq_ratio = 1.0f, seq_dratio = 1.0f;
   if (seq_level) {
@@ -136,68 +228,21 @@ __global__ void __launch_bounds__(kThreads) grpo_loss_rows_kernel(
     sums[kSeqGrad] += term.dloss_dratio;
   }
   block_sum(sums);
-  if (threadIdx.x != 0) return;
-  float low = sums[kLow], high = sums[kHigh], ratio = sums[kRatioSum];
-  float region = low + high;  // exclusive: they need opposite signs of A
-  if (row_metrics) {
-    // Per-sequence ratio and advantage: one 0/1 indicator per row, as TRL's GSPO metrics.
-    const float a = adv[b * s.adv_b];
-    const float coef_1 = fminf(seq_ratio, p.delta);
-    low = (coef_1 < p.low_bound && a < 0.0f) ? 1.0f : 0.0f;
-    high = (coef_1 > p.high_bound && a > 0.0f) ? 1.0f : 0.0f;
-    region = fmaxf(low, high);
-    ratio = seq_ratio;
-  }
-  float* out = stats + b * kNumStats;
-  out[kLossSum] = sums[kLossSum];
-  out[kTokens] = sums[kTokens];
-  out[kLow] = low;
-  out[kHigh] = high;
-  out[kRegion] = region;
-  out[kKlSum] = sums[kKlSum];
-  out[kRatioSum] = ratio;
-  out[kSeqGrad] = seq_level ? sums[kSeqGrad] * seq_dratio / fmaxf(sums[kTokens], 1.0f) : 0.0f;
-}
-
-__global__ void __launch_bounds__(kThreads) grpo_loss_finalize_kernel(
-    const float* __restrict__ stats, const float* __restrict__ num_items, float* __restrict__ loss,
-    float* __restrict__ metrics, float* __restrict__ weights, int64_t batch, int64_t mode, float const_weight,
-    bool row_metrics) {
-  // Column sums over the rows, indexed by row_stats column (the loss needs the weights: below;
-  // the kLossSum and kSeqGrad slots stay 0).
-  float sums[kNumStats] = {};
-  for (int64_t b = threadIdx.x; b < batch; b += blockDim.x) {
-    const float* row = stats + b * kNumStats;
-    sums[kTokens] += row[kTokens];
-    sums[kLow] += row[kLow];
-    sums[kHigh] += row[kHigh];
-    sums[kRegion] += row[kRegion];
-    sums[kKlSum] += row[kKlSum];
-    sums[kRatioSum] += row[kRatioSum];
-  }
-  block_sum(sums);
-  const float total_tokens = fmaxf(sums[kTokens], 1.0f);
-  const float batch_f = static_cast<float>(batch);
-  const float metric_count = row_metrics ? batch_f : total_tokens;
-  if (threadIdx.x == 0) {
-    metrics[kMetricLow] = sums[kLow] / metric_count;
-    metrics[kMetricHigh] = sums[kHigh] / metric_count;
-    metrics[kMetricRegion] = sums[kRegion] / metric_count;
-    metrics[kMetricKl] = sums[kKlSum] / total_tokens;
-    metrics[kMetricRatio] = sums[kRatioSum] / metric_count;
-  }
-  float shared_weight = const_weight;
-  if (mode == kTokenMean) shared_weight = 1.0f / total_tokens;
-  if (mode == kNormaliserTensor) shared_weight = 1.0f / num_items[0];
-  float total[1] = {0.0f};
-  for (int64_t b = threadIdx.x; b < batch; b += blockDim.x) {
-    const float* row = stats + b * kNumStats;
-    const float weight = mode == kSeqMean ? 1.0f / (batch_f * fmaxf(row[kTokens], 1.0f)) : shared_weight;
-    weights[b] = weight;
-    total[0] += weight * row[kLossSum];
-  }
-  block_sum(total);
-  if (threadIdx.x == 0) *loss = total[0];
+  if (threadIdx.x == 0) store_row_stats(stats + b * kNumStats, sums, adv + b * s.adv_b, p, seq_level, row_metrics,
+                                        seq_ratio, seq_dratio);
+  if (f.counter == nullptr) return;  // a separate finalize launch follows
+  // Fused finalize (one launch per forward): the last block to finish reduces every row. The
+  // fence makes this block's row visible device-wide before it is counted; the counter is reset
+  // by the last block, ready for the next launch on the stream.
+  __shared__ bool last_block;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last_block = atomicAdd(f.counter, 1u) == static_cast<unsigned int>(gridDim.x) - 1u;
+  __syncthreads();
+  if (!last_block) return;
+  __threadfence();
+  finalize_block(stats, f, gridDim.x, row_metrics);
+  if (threadIdx.x == 0) *f.counter = 0u;
 }
 
 template <typename scalar_t>
@@ -252,11 +297,34 @@ Strides strides_of(const at::Tensor& logp, const std::optional<at::Tensor>& old_
           advantages.stride(0), advantages.stride(1), mask.stride(0), mask.stride(1)};
 }
 
-void check_inputs(const at::Tensor& logp, const at::Tensor& advantages, const at::Tensor& mask) {
+// Every input is indexed with logp's [B, T] and its own strides: each must be a [B, T] view on
+// logp's device (a direct call of the registered op gets no Python validation first).
+void check_bt(const at::Tensor& tensor, const at::Tensor& logp, const char* name) {
+  TORCH_CHECK(tensor.dim() == 2 && tensor.size(0) == logp.size(0) && tensor.size(1) == logp.size(1) &&
+                  tensor.device() == logp.device(),
+              "grpo_loss: ", name, " must be a [B, T] view like logp, on its device");
+}
+
+void check_float_out(const at::Tensor& out, int64_t numel, const at::Tensor& logp, const char* name) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() == numel &&
+                  out.device() == logp.device(),
+              "grpo_loss: ", name, " must be a contiguous float32 tensor of ", numel, " elements on logp's device");
+}
+
+void check_inputs(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
+                  const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask) {
   TORCH_CHECK(logp.dim() == 2 && logp.is_cuda(), "grpo_loss: logp must be a CUDA [B, T] tensor");
   TORCH_CHECK(logp.size(0) <= INT32_MAX, "grpo_loss: at most 2^31 - 1 sequences per call");
-  TORCH_CHECK(advantages.dim() == 2 && advantages.scalar_type() == at::kFloat, "grpo_loss: advantages must be a float32 [B, T] view");
-  TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == at::kByte, "grpo_loss: mask must be a uint8 [B, T] view");
+  for (const auto* other : {&old_logp, &ref_logp}) {
+    if (present(*other)) {
+      check_bt(**other, logp, "old_logp / ref_logp");
+      TORCH_CHECK((*other)->scalar_type() == logp.scalar_type(), "grpo_loss: old_logp / ref_logp need logp's dtype");
+    }
+  }
+  check_bt(advantages, logp, "advantages");
+  TORCH_CHECK(advantages.scalar_type() == at::kFloat, "grpo_loss: advantages must be a float32 [B, T] view");
+  check_bt(mask, logp, "mask");
+  TORCH_CHECK(mask.scalar_type() == at::kByte, "grpo_loss: mask must be a uint8 [B, T] view");
 }
 
 void grpo_loss_fwd_cuda(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
@@ -264,29 +332,48 @@ void grpo_loss_fwd_cuda(const at::Tensor& logp, const std::optional<at::Tensor>&
                         const std::optional<at::Tensor>& num_items, double beta, double epsilon_low,
                         double epsilon_high, double delta, double dual_clip, bool seq_level, bool row_metrics,
                         int64_t mode, double const_weight, at::Tensor& loss, at::Tensor& metrics,
-                        at::Tensor& row_stats, at::Tensor& row_weights) {
-  check_inputs(logp, advantages, mask);
+                        at::Tensor& row_stats, at::Tensor& row_weights, const std::optional<at::Tensor>& error_flag,
+                        const std::optional<at::Tensor>& finalize_counter) {
+  check_inputs(logp, old_logp, ref_logp, advantages, mask);
   const int64_t batch = logp.size(0), length = logp.size(1);
-  TORCH_CHECK(row_stats.is_contiguous() && row_stats.numel() == batch * kNumStats, "grpo_loss: row_stats must be [B, ",
-              kNumStats, "]");
-  TORCH_CHECK(mode != kNormaliserTensor || (present(num_items) && num_items->scalar_type() == at::kFloat),
-              "grpo_loss: num_items must be a float32 tensor");
+  check_float_out(loss, 1, logp, "loss");
+  check_float_out(metrics, kNumMetrics, logp, "metrics");
+  check_float_out(row_stats, batch * kNumStats, logp, "row_stats");
+  check_float_out(row_weights, batch, logp, "row_weights");
+  TORCH_CHECK(mode != kNormaliserTensor || (present(num_items) && num_items->scalar_type() == at::kFloat &&
+                                            num_items->numel() >= 1 && num_items->device() == logp.device()),
+              "grpo_loss: num_items must be a float32 tensor of one element on logp's device");
+  int* flag = error_flag_data(error_flag, logp, "grpo_loss");
+  // With a counter (int32, zero, persistent: the kernel leaves it at zero) the forward is one launch.
+  unsigned int* counter = nullptr;
+  if (present(finalize_counter)) {
+    TORCH_CHECK(finalize_counter->scalar_type() == at::kInt && finalize_counter->numel() >= 1 &&
+                    finalize_counter->device() == logp.device(),
+                "grpo_loss: finalize_counter must be an int32 tensor of one element on logp's device");
+    counter = reinterpret_cast<unsigned int*>(finalize_counter->data_ptr<int>());
+  }
   if (batch == 0) return;
   const c10::cuda::CUDAGuard guard(logp.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip);
   const Strides strides = strides_of(logp, old_logp, ref_logp, advantages, mask);
+  const Finalize finalize{mode == kNormaliserTensor ? num_items->data_ptr<float>() : nullptr,
+                          loss.data_ptr<float>(),
+                          metrics.data_ptr<float>(),
+                          row_weights.data_ptr<float>(),
+                          flag,
+                          counter,
+                          mode,
+                          static_cast<float>(const_weight)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logp.scalar_type(), "grpo_loss_fwd_cuda", [&] {
     grpo_loss_rows_kernel<scalar_t><<<static_cast<unsigned int>(batch), kThreads, 0, stream>>>(
         logp.data_ptr<scalar_t>(), optional_data<scalar_t>(old_logp), optional_data<scalar_t>(ref_logp),
         advantages.data_ptr<float>(), mask.data_ptr<uint8_t>(), row_stats.data_ptr<float>(), length, strides, params,
-        seq_level, row_metrics);
+        seq_level, row_metrics, finalize);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  grpo_loss_finalize_kernel<<<1, kThreads, 0, stream>>>(
-      row_stats.data_ptr<float>(), mode == kNormaliserTensor ? num_items->data_ptr<float>() : nullptr,
-      loss.data_ptr<float>(), metrics.data_ptr<float>(), row_weights.data_ptr<float>(), batch, mode,
-      static_cast<float>(const_weight), row_metrics);
+  if (counter != nullptr) return;  // the rows kernel's last block finalized
+  grpo_loss_finalize_kernel<<<1, kThreads, 0, stream>>>(row_stats.data_ptr<float>(), finalize, batch, row_metrics);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -295,8 +382,13 @@ void grpo_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& row_weigh
                         const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask,
                         double beta, double epsilon_low, double epsilon_high, double delta, double dual_clip,
                         bool seq_level, at::Tensor& dlogp, at::Tensor& dref) {
-  check_inputs(logp, advantages, mask);
+  check_inputs(logp, old_logp, ref_logp, advantages, mask);
   const int64_t batch = logp.size(0), length = logp.size(1);
+  check_float_out(grad_loss, 1, logp, "grad_loss");
+  check_float_out(row_weights, batch, logp, "row_weights");
+  check_float_out(row_stats, batch * kNumStats, logp, "row_stats");
+  TORCH_CHECK(dlogp.device() == logp.device() && dref.device() == logp.device(),
+              "grpo_loss: dlogp and dref must be on logp's device");
   TORCH_CHECK(dlogp.is_contiguous() && dlogp.scalar_type() == logp.scalar_type() && dlogp.numel() == batch * length,
               "grpo_loss: dlogp must be contiguous [B, T] in logp's dtype");
   const bool ref_grad = dref.numel() > 0;

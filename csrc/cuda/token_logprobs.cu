@@ -13,6 +13,7 @@
 
 #include <cuda_runtime.h>
 
+#include "../device_checks_common.h"
 #include "../token_logprobs_common.h"
 
 namespace gtalign_fast {
@@ -73,8 +74,8 @@ __device__ LseState block_merge(LseState state) {
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) token_logprobs_fwd_kernel(
     const scalar_t* __restrict__ logits, const int64_t* __restrict__ targets, float* __restrict__ logp,
-    float* __restrict__ entropy, float* __restrict__ stats, int64_t d1, int64_t stride0, int64_t stride1,
-    int64_t stride_v, int64_t vocab, float inv_t, int64_t ignore_index) {
+    float* __restrict__ entropy, float* __restrict__ stats, int* __restrict__ error_flag, int64_t d1,
+    int64_t stride0, int64_t stride1, int64_t stride_v, int64_t vocab, float inv_t, int64_t ignore_index) {
   const int64_t row = blockIdx.x;
   const int64_t target = targets[row];
   if (target == ignore_index) {
@@ -94,10 +95,14 @@ __global__ void __launch_bounds__(kThreads) token_logprobs_fwd_kernel(
   if (threadIdx.x == 0) {
     const float log_s = logf(state.s);
     // (y_t - m) - log s, never m + log s: at |y| ~ 1e4 that sum alone rounds by 1e-3.
-    // A target outside [0, vocab) (only from a direct call of the low-level op; the public op
-    // refuses it) reads column 0, not outside the row, as the Triton kernel does.
-    const int64_t safe_target = (target >= 0 && target < vocab) ? target : 0;
-    logp[row] = (static_cast<float>(row_ptr[safe_target * stride_v]) * inv_t - state.m) - log_s;
+    // A target outside [0, vocab) reads nothing: its logp is NaN and it sets the error flag, which
+    // the wrapper reports without a host sync (gtalign_fast/_device_checks.py), as the Triton kernel does.
+    if (target >= 0 && target < vocab) {
+      logp[row] = (static_cast<float>(row_ptr[target * stride_v]) * inv_t - state.m) - log_s;
+    } else {
+      if (error_flag != nullptr) atomicOr(error_flag, static_cast<int>(kErrTargetRange));
+      logp[row] = NAN;
+    }
     stats[row * kNumStats + kRowMax] = state.m;
     stats[row * kNumStats + kLogSum] = log_s;
     if (entropy != nullptr) entropy[row] = log_s - state.t / state.s;
@@ -133,13 +138,33 @@ __global__ void __launch_bounds__(kThreads) token_logprobs_bwd_kernel(
   }
 }
 
+// Every tensor a kernel reads or writes by row index holds the rows it is indexed with, on the
+// logits' device: a direct call of the registered op with a short output cannot write past it.
+void check_row_tensor(const at::Tensor& tensor, int64_t numel, const at::Tensor& logits3d, const char* name) {
+  TORCH_CHECK(tensor.scalar_type() == at::kFloat && tensor.is_contiguous() && tensor.numel() == numel &&
+                  tensor.device() == logits3d.device(),
+              "token_logprobs: ", name, " must be a contiguous float32 tensor of ", numel,
+              " elements on the logits' device");
+}
+
+void check_rows(const at::Tensor& logits3d, const at::Tensor& targets, int64_t n_rows) {
+  TORCH_CHECK(logits3d.dim() == 3 && logits3d.is_cuda(), "token_logprobs: logits must be a CUDA [D0, D1, V] view");
+  TORCH_CHECK(targets.numel() == n_rows && targets.is_contiguous() && targets.scalar_type() == at::kLong &&
+                  targets.device() == logits3d.device(),
+              "token_logprobs: targets must be contiguous int64 with one id per row, on the logits' device");
+  TORCH_CHECK(n_rows <= INT32_MAX, "token_logprobs: at most 2^31 - 1 rows per call");
+}
+
 void token_logprobs_fwd_cuda(const at::Tensor& logits3d, const at::Tensor& targets, double inv_temperature,
-                             int64_t ignore_index, at::Tensor& logp, at::Tensor& entropy, at::Tensor& stats) {
+                             int64_t ignore_index, at::Tensor& logp, at::Tensor& entropy, at::Tensor& stats,
+                             const std::optional<at::Tensor>& error_flag) {
   TORCH_CHECK(logits3d.dim() == 3, "token_logprobs: logits must be a [D0, D1, V] view");
   const int64_t n_rows = logits3d.size(0) * logits3d.size(1);
-  TORCH_CHECK(targets.numel() == n_rows && targets.is_contiguous() && targets.scalar_type() == at::kLong,
-              "token_logprobs: targets must be contiguous int64 with one id per row");
-  TORCH_CHECK(n_rows <= INT32_MAX, "token_logprobs: at most 2^31 - 1 rows per call");
+  check_rows(logits3d, targets, n_rows);
+  check_row_tensor(logp, n_rows, logits3d, "logp");
+  check_row_tensor(stats, kNumStats * n_rows, logits3d, "stats");
+  if (entropy.numel() > 0) check_row_tensor(entropy, n_rows, logits3d, "entropy");
+  int* flag = error_flag_data(error_flag, logits3d, "token_logprobs");
   if (n_rows == 0) return;
   const c10::cuda::CUDAGuard guard(logits3d.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -147,7 +172,8 @@ void token_logprobs_fwd_cuda(const at::Tensor& logits3d, const at::Tensor& targe
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits3d.scalar_type(), "token_logprobs_fwd_cuda", [&] {
     token_logprobs_fwd_kernel<scalar_t><<<static_cast<unsigned int>(n_rows), kThreads, 0, stream>>>(
         logits3d.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), logp.data_ptr<float>(),
-        with_entropy ? entropy.data_ptr<float>() : nullptr, stats.data_ptr<float>(), logits3d.size(1),
+        with_entropy ? entropy.data_ptr<float>() : nullptr, stats.data_ptr<float>(), flag,
+        logits3d.size(1),
         logits3d.stride(0), logits3d.stride(1), logits3d.stride(2), logits3d.size(2),
         static_cast<float>(inv_temperature), ignore_index);
   });
@@ -158,7 +184,15 @@ void token_logprobs_bwd_cuda(const at::Tensor& grad_logp, const std::optional<at
                              const at::Tensor& logits3d, const at::Tensor& targets, const at::Tensor& stats,
                              const at::Tensor& entropy, double inv_temperature, int64_t ignore_index,
                              at::Tensor& dlogits) {
+  TORCH_CHECK(logits3d.dim() == 3, "token_logprobs: logits must be a [D0, D1, V] view");
   const int64_t n_rows = logits3d.size(0) * logits3d.size(1);
+  check_rows(logits3d, targets, n_rows);
+  check_row_tensor(grad_logp, n_rows, logits3d, "grad_logp");
+  check_row_tensor(stats, kNumStats * n_rows, logits3d, "stats");
+  if (grad_entropy.has_value() && grad_entropy->defined()) {
+    check_row_tensor(*grad_entropy, n_rows, logits3d, "grad_entropy");
+    check_row_tensor(entropy, n_rows, logits3d, "entropy");
+  }
   TORCH_CHECK(dlogits.is_contiguous() && dlogits.scalar_type() == logits3d.scalar_type() &&
                   dlogits.numel() == n_rows * logits3d.size(2),
               "token_logprobs: dlogits must be contiguous [N, V] in the logits' dtype");

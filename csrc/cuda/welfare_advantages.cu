@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "../device_checks_common.h"
 #include "../welfare_advantages_common.h"
 
 namespace gtalign_fast {
@@ -53,20 +54,26 @@ struct Params {
   float* __restrict__ group_std;
   bool* __restrict__ group_all_equal;
   float* __restrict__ token_advantages;
+  int* error_flag;  // int32 [1]: bits of ErrorCode (../device_checks_common.h); nullptr: not reported
 
   __device__ int64_t start(int64_t g) const { return offsets != nullptr ? offsets[g] : g * group_size; }
-  // Rows [begin, end) of group g, clamped into [0, n_rows] with begin <= end, so no offsets (the
-  // public op validates them; a direct call of the low-level op may pass anything) make a thread
-  // read or write outside the [N] / [N, T] buffers. A no-op for valid offsets.
+  // Rows [begin, end) of group g, clamped into [0, n_rows] with begin <= end, so no offsets (a
+  // direct call of the low-level op may pass anything) make a thread read or write outside the
+  // [N] / [N, T] buffers. A no-op for valid offsets; invalid ones (not 0 first, N last,
+  // non-decreasing) set kErrGroupOffsets in the error flag, which the wrapper reports.
   __device__ void rows(int64_t g, int64_t& begin, int64_t& end) const {
     const int64_t first = start(g), last = start(g + 1);
+    if (offsets != nullptr && error_flag != nullptr &&
+        (last < first || (g == 0 && first != 0) || (g == n_groups - 1 && last != n_rows))) {
+      atomicOr(error_flag, static_cast<int>(kErrGroupOffsets));
+    }
     begin = first < 0 ? 0 : (first > n_rows ? n_rows : first);
     end = last < begin ? begin : (last > n_rows ? n_rows : last);
   }
 };
 
-// W in log space; NaN for a missing reward; -inf for a negative or infinite one (the Python side
-// raises). A zero exponent drops its factor (0^0 = 1).
+// W in log space; NaN for a missing reward; -inf for a negative or infinite one (which sets the
+// error flag). A zero exponent drops its factor (0^0 = 1).
 __device__ __forceinline__ float cobb_douglas(float u, float l, float alpha) {
   const float log_u = alpha > 0.0f ? alpha * logf(u) : 0.0f;
   const float log_l = alpha < 1.0f ? (1.0f - alpha) * logf(l) : 0.0f;
@@ -135,6 +142,8 @@ __device__ Moments group_moments(const Params<mask_t>& p, int64_t begin, int64_t
   float lowest = CUDART_INF_F, highest = -CUDART_INF_F;
   for (int64_t i = begin + lane; i < end; i += TEAM) {
     const float w = cobb_douglas(p.user[i], p.llm[i], p.alpha);
+    // A negative or infinite reward: reported through the error flag (no host sync).
+    if (w == -CUDART_INF_F && p.error_flag != nullptr) atomicOr(p.error_flag, static_cast<int>(kErrNonfiniteReward));
     p.welfare[i] = w;
     if (!isnan(w)) {
       sum += w;
@@ -267,7 +276,8 @@ void welfare_advantages_cuda(const at::Tensor& user, const at::Tensor& llm, cons
                              int64_t group_size, double alpha, int64_t scale_mode, double eps, bool unbiased,
                              const std::optional<at::Tensor>& mask, at::Tensor& welfare, at::Tensor& advantages,
                              at::Tensor& group_mean, at::Tensor& group_std, at::Tensor& group_all_equal,
-                             at::Tensor& token_advantages) {
+                             at::Tensor& token_advantages, const std::optional<at::Tensor>& error_flag) {
+  int* flag = error_flag_data(error_flag, user, "welfare_advantages");
   const int64_t n_rows = user.numel();
   const int64_t n_groups = check_inputs(user, llm, offsets, group_size, scale_mode);
   const bool has_offsets = offsets.has_value() && offsets->defined();
@@ -275,7 +285,8 @@ void welfare_advantages_cuda(const at::Tensor& user, const at::Tensor& llm, cons
   const bool has_mask = mask.has_value() && mask->defined() && mask->numel() > 0;
   if (has_mask) {
     TORCH_CHECK(mask->dim() == 2 && mask->size(0) == n_rows && token_advantages.is_contiguous() &&
-                    token_advantages.numel() == mask->numel(),
+                    token_advantages.numel() == mask->numel() && mask->device() == user.device() &&
+                    token_advantages.device() == user.device() && token_advantages.scalar_type() == at::kFloat,
                 "welfare_advantages: mask must be [N, T] and token_advantages contiguous [N, T]");
   }
   if (n_groups == 0) return;
@@ -303,7 +314,8 @@ void welfare_advantages_cuda(const at::Tensor& user, const at::Tensor& llm, cons
                             group_mean.data_ptr<float>(),
                             group_std.data_ptr<float>(),
                             group_all_equal.data_ptr<bool>(),
-                            has_mask ? token_advantages.data_ptr<float>() : nullptr};
+                            has_mask ? token_advantages.data_ptr<float>() : nullptr,
+                            flag};
     if (average <= kWarpTeamMaxAverage) {
       launch<32>(params, stream);
     } else {

@@ -1,0 +1,17 @@
+"""Recipes: GTAlign end to end on the authors' data (verl parquet) with this library's trainer.
+
+- :mod:`.tasks`: the judge of each GTAlign task keyed by ``data_source``
+  (:func:`gtalign_task_judges`) and the reward over them (:func:`gtalign_reward`). Pure Python.
+- :mod:`.data`: :func:`load_gtalign_dataset`, GTAlign's verl parquet as a ``datasets.Dataset`` that
+  :class:`~gtalign_fast.GRPOTrainer` takes (needs the ``datasets`` package, imported on first use).
+"""
+
+from __future__ import annotations
+
+from .data import load_gtalign_dataset, reference_text
+from .tasks import TASKS, RuleThenModelJudge, gtalign_reward, gtalign_task_judges, is_harmful
+
+__all__ = [
+    "TASKS", "RuleThenModelJudge", "gtalign_reward", "gtalign_task_judges", "is_harmful", "load_gtalign_dataset",
+    "reference_text",
+]

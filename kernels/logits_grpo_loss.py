@@ -1,0 +1,90 @@
+"""Triton kernel of ``logits_grpo_loss`` / ``linear_grpo_loss``: the logits gradient of a loss
+that reaches the logits only through the target log-probs.
+
+A GRPO loss from logits is three steps, each one pass over what it reads:
+
+1. per row, the online log-sum-exp, the target log-prob and the entropy (``token_logprobs``'
+   forward kernel, which also saves ``(m, log s)`` per row: ``m = max z / T``,
+   ``log s = log sum exp(z / T - m)``);
+2. the GRPO loss terms and ``g = d loss / d logp`` per token from ``[B, T]``-sized inputs
+   (``grpo_loss``' kernels: tiny next to the ``[N, V]`` logits);
+3. this kernel: per row, ``dz_j = g / T * (1[j = target] - exp((z_j / T - m) - log s))``, written
+   to a strided ``[D0, D1, V]`` view that may be the logits themselves (the in-place backward:
+   each element is read, then written, by the same program, and read by no one afterwards).
+
+Layout contract (shared with the C++ kernel ``logits_grpo_grad``): logits and the output are
+strided ``[D0, D1, V]`` views of one shape (``N = D0 * D1`` rows; the ``[:, :-1]`` slice of
+``[B, T+1, V]`` logits is one, read and written in place); targets, ``g`` contiguous ``[N]``;
+stats contiguous ``[N, 2]``. Rows whose target is ``ignore_index`` get zeros. One program per row:
+a 1-D grid (its x dimension takes up to 2^31 - 1 programs; no grid dimension grows past 65535).
+
+A target outside ``[0, V)`` (other than ``ignore_index``) matches no column, and the program
+sets ``ERR_TARGET_RANGE`` in the device's error flag (``gtalign_fast._device_checks``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gtalign_fast import _device_checks
+from gtalign_fast import _token_logprobs_constants as constants
+
+STAT_ROW_MAX = tl.constexpr(constants.STAT_ROW_MAX)
+STAT_LOG_SUM = tl.constexpr(constants.STAT_LOG_SUM)
+NUM_STATS = tl.constexpr(constants.NUM_STATS)
+ERR_TARGET_RANGE = tl.constexpr(_device_checks.ERR_TARGET_RANGE)
+
+MAX_BLOCK_V = 4096
+
+
+@triton.jit
+def _logits_grad_kernel(
+    logits_ptr, targets_ptr, g_ptr, stats_ptr, out_ptr, flag_ptr,
+    D1, s0, s1, sv, o0, o1, ov, V,
+    inv_temperature, ignore_index,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    in_row_ptr = logits_ptr + (row // D1) * s0 + (row % D1) * s1
+    out_row_ptr = out_ptr + (row // D1) * o0 + (row % D1) * o1
+    inv_t = tl.cast(inv_temperature, tl.float32)
+    target = tl.load(targets_ptr + row)
+    valid = target != ignore_index
+    bad = valid & ((target < 0) | (target >= V))
+    if bad:
+        tl.atomic_or(flag_ptr, ERR_TARGET_RANGE)
+    g = tl.where(valid, tl.load(g_ptr + row), 0.0) * inv_t
+    row_max = tl.load(stats_ptr + row * NUM_STATS + STAT_ROW_MAX)
+    log_sum = tl.load(stats_ptr + row * NUM_STATS + STAT_LOG_SUM)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        in_row = cols < V
+        y = tl.load(in_row_ptr + cols * sv, mask=in_row, other=float("-inf")).to(tl.float32) * inv_t
+        p = tl.where(valid, tl.exp((y - row_max) - log_sum), 0.0)
+        grad = tl.where((cols == target) & in_row, g, 0.0) - g * p
+        tl.store(out_row_ptr + cols * ov, grad.to(out_ptr.dtype.element_ty), mask=in_row)
+
+
+def logits_grpo_grad(
+    logits3d: torch.Tensor,
+    targets: torch.Tensor,
+    grad_logp: torch.Tensor,
+    stats: torch.Tensor,
+    inv_temperature: float,
+    ignore_index: int,
+    out3d: torch.Tensor,
+) -> None:
+    """Launch the gradient kernel (the arguments are those of the C++ kernel): writes every
+    element of ``out3d``, which may be ``logits3d`` itself."""
+    d0, d1, vocab = logits3d.shape
+    n_rows = d0 * d1
+    if n_rows == 0 or vocab == 0:
+        return
+    block_v = min(MAX_BLOCK_V, triton.next_power_of_2(max(vocab, 16)))
+    _logits_grad_kernel[(n_rows,)](
+        logits3d, targets, grad_logp, stats, out3d, _device_checks.error_flag(logits3d.device),
+        d1, *logits3d.stride(), *out3d.stride(), vocab, inv_temperature, ignore_index,
+        BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
+    )

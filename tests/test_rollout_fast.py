@@ -1,0 +1,348 @@
+"""The fast rollout path: incremental detokenization, the static (slot) KV cache, slots that
+refill, and (on CUDA) the graph-captured decode step, each against the plain eager path."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from gtalign_fast.detokenize import IncrementalText, TagScanner
+from gtalign_fast.sampler import SteeringSampler
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+TEXT = ("Le café coûte 3 €, the naïve user said: <payoff>{\"DQ_DA\": 1.5}</payoff> then 日本語のテキスト "
+        "and emoji 🙂🙃 <analyze>ok</analyze> done.\n")
+
+
+def _byte_bpe():
+    """A byte-level BPE (GPT-2 / Qwen style) trained in memory: multi-byte characters span tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator([TEXT * 3, "hello world café"], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>")
+
+
+def _metaspace():
+    """A SentencePiece-style (Metaspace) unigram-free BPE: decode strips the first token's space."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    core.pre_tokenizer = pre_tokenizers.Metaspace()
+    core.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse(), decoders.Metaspace()])
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<pad>", "<eos>", "<unk>"] + byte_tokens)
+    core.train_from_iterator([TEXT.replace("日本語のテキスト", "") * 3], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("make", [_byte_bpe, _metaspace])
+def test_incremental_text_equals_the_full_decode_after_every_token(make):
+    tokenizer = make()
+    rng = random.Random(0)
+    texts = [TEXT, "x" + TEXT[::-1], "🙂" * 5 + " a b  c"]
+    sequences = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    if make is _byte_bpe:  # random tokens, broken UTF-8 too (a byte-fallback decoder's U+FFFD runs differ there)
+        sequences.append([rng.randrange(len(tokenizer)) for _ in range(80)])
+    checked = 0
+    for ids in sequences:
+        for start in (0, 7):  # from nothing, and restarted (after an edit) in the middle
+            text = IncrementalText(tokenizer, ids[:start])
+            for n in range(start + 1, len(ids) + 1):
+                text.push(tokenizer, ids[:n])
+                full = tokenizer.decode(ids[:n])
+                # While a character is incomplete, a byte-fallback decoder turns the whole byte run
+                # into U+FFFD (earlier complete characters too); the text agrees again once it ends.
+                if not full.endswith("\ufffd"):
+                    assert text.text == full, (ids[:n], text.text)
+                    checked += 1
+    assert checked > 100
+
+
+def test_tag_scanner_finds_the_first_tag_searching_each_character_about_once():
+    tag = "</payoff>"
+    text = "ab</pay" + "off> and again </payoff>"
+    for cut in range(len(text) + 1):
+        scanner = TagScanner(tag)
+        found = -1
+        for end in range(1, cut + 1):  # the text grows one character at a time
+            hit = scanner.find(text[:end], end)
+            if hit >= 0 and found < 0:
+                found = hit
+        assert found == text[:cut].find(tag)
+    assert TagScanner(tag, start=3).find(text, len(text)) == text.find(tag, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sampler on the static cache and with slots, against the dynamic path
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tests.test_sampler import tokenizer as make
+
+    return make.__wrapped__()
+
+
+@pytest.fixture(scope="module")
+def qwen(tokenizer):
+    from tests.test_sampler import _model
+
+    return _model("qwen2", len(tokenizer))
+
+
+def _ids(tokenizer, text):
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _chain(tokenizer, thinking="ok"):
+    from tests.test_sampler import PAYOFF
+
+    return _ids(tokenizer, f"<thinking>{thinking}</thinking>\n<payoff>{PAYOFF}</payoff>\n<analyze>")
+
+
+def _same(a, b, atol=1e-5):
+    """Same tokens, finish reasons, events and re-fed spans; sampled log-probs within ``atol``."""
+    assert a.completion_ids == b.completion_ids
+    assert a.finish_reasons == b.finish_reasons
+    assert [e.status for e in a.events] == [e.status for e in b.events]
+    assert [e.steer_status for e in a.events] == [e.steer_status for e in b.events]
+    assert a.tokens_prefilled == b.tokens_prefilled
+    for x, y in zip(a.logprobs, b.logprobs):
+        assert [math.isnan(v) for v in x] == [math.isnan(v) for v in y]
+        assert all(math.isnan(u) or abs(u - v) <= atol for u, v in zip(x, y))
+
+
+def _rows(tokenizer):
+    """Rows of mixed fates: an edit, free sampling, an early EOS, a longer edit, a stop string."""
+    early = _ids(tokenizer, "<thinking>") + [tokenizer.eos_token_id]
+    stop = _ids(tokenizer, "<thinking>x</thinking>\n<payoff>{}</payoff>\nEND")
+    return [("Q: short", _chain(tokenizer)), ("A longer prompt than the others", None), ("Q: stop soon", early),
+            ("Q: again, the edit", _chain(tokenizer, "a longer thought")), ("Q: s", stop), ("Hi", None)]
+
+
+def _generate(model, tokenizer, cache, slots=None, steer="force", graph=True, **kwargs):
+    from tests.test_sampler import POLICY
+
+    rows = _rows(tokenizer)
+    sampler = SteeringSampler(model, tokenizer, policy=POLICY, mode="rewrite", steer_analyze=steer, cache=cache,
+                              stop_strings=("END",), cuda_graph=graph)
+    settings = dict(max_new_tokens=len(_chain(tokenizer, "a longer thought")) + 6, temperature=0.9, top_p=0.95,
+                    seed=[11, 12, 13, 14, 15, 16], forced_tokens=[s for _, s in rows], keep_edit_logits=True)
+    settings.update(kwargs)
+    return sampler.generate([p for p, _ in rows], slots=slots, **settings)
+
+
+def test_static_cache_samples_what_the_dynamic_cache_samples(qwen, tokenizer):
+    dynamic = _generate(qwen, tokenizer, "dynamic")
+    static = _generate(qwen, tokenizer, "static")
+    statuses = [e.status for e in dynamic.events]
+    assert statuses[0] == statuses[3] == "edited" and dynamic.finish_reasons[2] == "eos"
+    assert dynamic.finish_reasons[4] == "stop" and dynamic.texts[4].endswith("END")
+    assert dynamic.events[0].steer_status == "named"
+    _same(dynamic, static)
+    for a, b in zip(dynamic.events, static.events):  # float32 logits right after each edit
+        if a.next_logits is not None:
+            torch.testing.assert_close(b.next_logits, a.next_logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_rows_do_not_depend_on_slots(qwen, tokenizer, cache):
+    everything = _generate(qwen, tokenizer, cache, steer="off")
+    for slots in (1, 4):
+        _same(everything, _generate(qwen, tokenizer, cache, slots=slots, steer="off"), atol=1e-4)
+
+
+def test_static_cache_compacts_and_grows_when_full(qwen, tokenizer, monkeypatch):
+    import gtalign_fast.sampler as sampler_module
+    import gtalign_fast.static_cache as static_cache
+
+    made = []
+
+    class Spy(static_cache.StaticKV):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.compactions = 0
+            made.append(self)
+
+        def make_room(self, width):
+            compacted = super().make_room(width)
+            self.compactions += compacted
+            return compacted
+
+    monkeypatch.setattr(sampler_module, "ROOM", 0)  # capacity: longest prompt + max_new_tokens, no room
+    monkeypatch.setattr(sampler_module, "StaticKV", Spy)
+    expected = _generate(qwen, tokenizer, "dynamic", steer="off")
+    _same(expected, _generate(qwen, tokenizer, "static", slots=2, steer="off"), atol=1e-4)  # 3 waves: compacts
+    _same(expected, _generate(qwen, tokenizer, "static", steer="off"), atol=1e-4)  # re-fed blocks: grows
+    assert made[0].compactions > 0 and made[1].generation > 0
+
+
+def test_reference_mode_on_the_static_cache(qwen, tokenizer):
+    from tests.test_sampler import POLICY
+
+    script = _chain(tokenizer)
+    outs = [
+        SteeringSampler(qwen, tokenizer, policy=POLICY, mode="reference", cache=cache).generate(
+            ["Q: explain", "Q: other"], max_new_tokens=len(script) + 4, seed=2, forced_tokens=[script, None],
+            slots=slots)
+        for cache, slots in (("dynamic", None), ("static", None), ("static", 1))
+    ]
+    assert outs[0].events[0].status == "reasked"
+    _same(outs[0], outs[1])
+    _same(outs[0], outs[2], atol=1e-4)
+
+
+def test_bad_cache_and_slots(qwen, tokenizer):
+    with pytest.raises(ValueError, match="cache"):
+        SteeringSampler(qwen, tokenizer, cache="paged")
+    eager = _model_with_attention(tokenizer, "eager")
+    with pytest.raises(ValueError, match="sdpa"):
+        SteeringSampler(eager, tokenizer, cache="static")
+    assert SteeringSampler(eager, tokenizer).generate(["a"], max_new_tokens=2, seed=1).completion_ids
+    for slots in (0, 1.5, True):
+        with pytest.raises(ValueError, match="slots"):
+            SteeringSampler(qwen, tokenizer).generate(["a"], max_new_tokens=2, slots=slots)
+
+
+def _model_with_attention(tokenizer, attention):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=0, eos_token_id=1)
+    config._attn_implementation = attention
+    return Qwen2ForCausalLM(config).eval()
+
+
+def test_cpu_never_takes_the_graph(qwen, tokenizer, monkeypatch):
+    import gtalign_fast.sampler as sampler_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the CUDA graph step was built on CPU")
+
+    monkeypatch.setattr(sampler_module, "GraphedDecodeStep", refuse)
+    out = SteeringSampler(qwen, tokenizer, mode="off", cache="static").generate(["a", "bc"], max_new_tokens=3, seed=0)
+    assert all(len(ids) == 3 for ids in out.completion_ids)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("steer", ["force", "bias"])
+def test_cuda_graph_step_samples_what_the_eager_step_samples(qwen, tokenizer, steer):
+    """On CUDA: graph replay vs eager static steps vs the dynamic cache, float32 model, same seeds;
+    with slots (refills between replays) too."""
+    from tests.test_sampler import POLICY
+
+    model = qwen.to("cuda")
+    try:
+        rows = _rows(tokenizer)
+        settings = dict(max_new_tokens=len(_chain(tokenizer, "a longer thought")) + 6, temperature=0.9, top_p=0.95,
+                        seed=[11, 12, 13, 14, 15, 16], forced_tokens=[s for _, s in rows], keep_edit_logits=True)
+        prompts = [p for p, _ in rows]
+
+        def run(cache, graph, slots=None):
+            sampler = SteeringSampler(model, tokenizer, policy=POLICY, mode="rewrite", steer_analyze=steer,
+                                      cache=cache, cuda_graph=graph, stop_strings=("END",))
+            return sampler.generate(prompts, slots=slots, **settings)
+
+        eager = run("static", False)
+        graphed = run("static", True)
+        _same(eager, graphed)
+        for a, b in zip(eager.events, graphed.events):
+            if a.next_logits is not None:
+                torch.testing.assert_close(b.next_logits, a.next_logits, atol=1e-5, rtol=1e-5)
+        _same(run("dynamic", False), graphed)
+        _same(graphed, run("static", True, slots=2), atol=1e-4)
+    finally:
+        qwen.to("cpu")
+
+
+def test_trainer_passes_the_slot_budget_and_cache_through(tmp_path):
+    """generation_batch_size (slots) and cache_implementation reach the sampler; the completions
+    of a step do not depend on them."""
+    from gtalign_fast import GRPOConfig
+    from tests.test_trainer import install_missing_ops, toy
+
+    install_missing_ops()
+    outs = []
+    for slots, cache in ((None, None), (5, "static"), (3, "dynamic")):
+        trainer = toy.make_trainer(str(tmp_path / f"run{slots}"), 1, n_rows=16, per_device_train_batch_size=16,
+                                   generation_batch_size=slots, cache_implementation=cache)
+        assert trainer.sampler.cache == (cache or "auto")
+        prompts = [row["prompt"] for row in trainer._process_rows(0)]
+        outs.append(trainer._generate(prompts, 0))
+    for gen in outs[1:]:
+        assert torch.equal(gen.completion_ids, outs[0].completion_ids)
+        assert torch.equal(gen.completion_mask, outs[0].completion_mask)
+    for bad in (dict(generation_batch_size=0), dict(generation_batch_size=2.5), dict(cache_implementation="paged")):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            GRPOConfig(output_dir=str(tmp_path), **bad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_step_under_bf16_autocast(qwen, tokenizer):
+    """The trainer generates under bf16 autocast: the graph is captured without autocast's weight
+    cache and gives the eager static path's rows (scripted chains, edits, lengths)."""
+    from tests.test_sampler import POLICY
+
+    model = qwen.to("cuda")
+    try:
+        rows = _rows(tokenizer)
+        outs = []
+        for graph in (False, True):
+            sampler = SteeringSampler(model, tokenizer, policy=POLICY, mode="rewrite", cache="static",
+                                      cuda_graph=graph, stop_strings=("END",))
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                outs.append(sampler.generate([p for p, _ in rows], temperature=0.0, seed=1,
+                                             max_new_tokens=len(_chain(tokenizer, "a longer thought")) + 4,
+                                             forced_tokens=[s for _, s in rows]))
+        eager, graphed = outs
+        assert [e.status for e in eager.events] == [e.status for e in graphed.events]
+        assert graphed.events[0].status == "edited" and graphed.finish_reasons[4] == "stop"
+        for script, a, b in zip([s for _, s in rows], eager.completion_ids, graphed.completion_ids):
+            n = len(script) if script else 1  # scripted tokens, or at least the first greedy draw
+            assert a[:n] == b[:n]
+    finally:
+        qwen.to("cpu")
+
+
+def test_graph_step_logic_on_cpu_equals_the_eager_step(qwen, tokenizer, monkeypatch):
+    """The graph step's body (inputs packed in one buffer, the visibility bit written at the
+    column, the mask, forward + sample_ fused, the next draw made with the step) run eagerly on
+    CPU in place of capture / replay: the same rows as the eager static path, re-fed blocks,
+    refills, compaction and steering included."""
+    import gtalign_fast.decode_graph as decode_graph
+    import gtalign_fast.sampler as sampler_module
+
+    replays = []
+
+    class Uncaptured(decode_graph.GraphedDecodeStep):
+        def _capture(self):
+            self.graph = "uncaptured"
+
+        def _replay(self):
+            replays.append(1)
+            self._body()
+
+        def _wait(self):
+            pass
+
+    monkeypatch.setattr(sampler_module, "graph_supported", lambda device: True)
+    monkeypatch.setattr(sampler_module, "GraphedDecodeStep", Uncaptured)
+    monkeypatch.setattr(sampler_module, "ROOM", 0)  # compaction / growth between replays
+    for steer, slots in (("force", None), ("bias", 2)):
+        eager = _generate(qwen, tokenizer, "static", slots=slots, steer=steer, graph=False)
+        before = len(replays)
+        graphed = _generate(qwen, tokenizer, "static", slots=slots, steer=steer, graph=True)
+        assert len(replays) > before + 20
+        _same(eager, graphed, atol=1e-4)
