@@ -244,7 +244,7 @@ def _decode_step(setup: Setup, device: torch.device, extra: dict):
             with trainer._autocast():
                 return sampler.generate(prompts, max_new_tokens=new_tokens, temperature=args.temperature,
                                         num_return_sequences=setup.generations, seed=0,
-                                        slots=args.generation_batch_size)
+                                        slots=args.max_num_seqs)
 
         short = max(1, setup.completion_len // 8)
         seconds = {}

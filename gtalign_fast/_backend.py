@@ -45,6 +45,8 @@ CUDA_DEFAULTS: dict[str, str] = {
 # Backends an op does not have, with the reason (every other op has every backend of BACKENDS).
 MISSING_BACKENDS: dict[str, dict[str, str]] = {
     "sample": {"cuda": "sample_ has no CUDA C++ kernel; on CUDA tensors its compiled backend is 'triton'"},
+    "logits_grpo_loss": {"cuda": "logits_grpo_loss has no CUDA C++ kernel; on CUDA tensors it runs 'triton'"},
+    "linear_grpo_loss": {"cuda": "linear_grpo_loss has no CUDA C++ kernel; on CUDA tensors it runs 'triton'"},
 }
 
 _last_backend: dict[str, str] = {}

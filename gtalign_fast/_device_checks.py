@@ -33,7 +33,7 @@ import torch
 # Code bits (OR-ed together in flag[0]). Mirrored by csrc/device_checks_common.h (enum ErrorCode).
 ERR_TARGET_RANGE = 1  # a target / token id outside [0, V) that is not ignore_index
 ERR_GROUP_OFFSETS = 2  # group / sequence offsets not increasing within [0, N]
-ERR_NONFINITE_REWARD = 4  # a reward that is NaN or +-inf where the op cannot treat it as a failure
+ERR_NONFINITE_REWARD = 4  # welfare_advantages: a negative or infinite reward (NaN, a missing reward, is allowed)
 ERR_FORCED_TOKEN = 8  # sample_'s forced token outside [0, V)
 ERR_NUM_ITEMS = 16  # num_items_in_batch (a tensor) not a positive finite number
 # sample_'s bad values found on the device (NaN / +inf logits, a row without a finite logit, bad bias
@@ -58,7 +58,9 @@ ERROR_KINDS: dict[int, ErrorKind] = {
         "group / sequence offsets not increasing within [0, N] (or a length out of range)",
         ValueError,
     ),
-    ERR_NONFINITE_REWARD: ErrorKind("ERR_NONFINITE_REWARD", "a non-finite reward (NaN or +-inf)", ValueError),
+    ERR_NONFINITE_REWARD: ErrorKind(
+        "ERR_NONFINITE_REWARD", "a negative or infinite reward (NaN, a missing reward, is allowed)", ValueError
+    ),
     ERR_FORCED_TOKEN: ErrorKind("ERR_FORCED_TOKEN", "a forced token id outside [0, V)", IndexError),
     ERR_NUM_ITEMS: ErrorKind("ERR_NUM_ITEMS", "num_items_in_batch is not a positive finite number", ValueError),
     ERR_SAMPLE_INPUT: ErrorKind(

@@ -220,7 +220,7 @@ def _forward_reference(hidden, weight, bias, targets, old_logp, ref_logp, advant
 
 def _check(hidden, weight, bias, targets, old_logp, ref_logp, advantages, mask, num_items_tensor, options,
            backend) -> None:
-    check_targets(OP, hidden.device, torch.where(mask != 0, targets, SKIP), weight.shape[0], backend)
+    check_targets(OP, hidden.device, targets, mask, weight.shape[0], backend)
     if backend == "triton" and hidden.dtype == torch.float64:
         raise TypeError(f"{OP}: the 'triton' backend takes float16 / bfloat16 / float32, got float64")
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Callable, NamedTuple
 
 import torch
@@ -63,9 +64,20 @@ def why_unavailable(name: str, device: torch.device) -> str | None:
 
 
 def default_backend(device: torch.device) -> str:
+    """Triton on CUDA, the C++ kernels on CPU; else the reference, with a RuntimeWarning as
+    ``_backend`` gives (it materialises the logits and runs autograd: never a silent fallback)."""
     if device.type == "cuda":
         return "triton"
-    return "cpu" if why_unavailable("cpu", device) is None else "reference"
+    reason = why_unavailable("cpu", device)
+    if reason is None:
+        return "cpu"
+    warnings.warn(
+        f"gtalign_fast.logits_grpo_loss / linear_grpo_loss: no compiled kernel for {device.type} tensors "
+        f"({reason}); using the pure-PyTorch reference backend (same maths, slower, O(N V) memory)",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return "reference"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,12 +124,15 @@ def kernel_targets(targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask != 0, targets, SKIP).reshape(-1)
 
 
-def check_targets(op: str, logits_device: torch.device, targets: torch.Tensor, vocab: int, backend: str) -> None:
-    """Target ids of counted positions must be in ``[0, V)``. Checked here on CPU tensors (free: no
-    device); on CUDA the gradient kernel sets ERR_TARGET_RANGE in the device's error flag instead
-    (no host sync; reported by ``check_device_errors``)."""
-    if logits_device.type == "cpu" and backend != "cpu":  # the C++ kernels check it themselves
-        check_target_range(targets, vocab, SKIP, op=op)
+def check_targets(op: str, logits_device: torch.device, targets: torch.Tensor, mask: torch.Tensor, vocab: int,
+                  backend: str) -> None:
+    """Target ids of counted positions (``mask`` nonzero) must be in ``[0, V)``. Checked here on CPU
+    tensors (free: no device) and for the reference backend on any device (its gather has no
+    device-side check: a bad id would end the CUDA context); the C++ CPU kernels check themselves,
+    and on CUDA the Triton kernels set ERR_TARGET_RANGE in the device's error flag instead (no host
+    sync; reported by ``check_device_errors``). The masked copy of the targets is only made here."""
+    if backend == "reference" or (logits_device.type == "cpu" and backend != "cpu"):
+        check_target_range(torch.where(mask != 0, targets, SKIP), vocab, SKIP, op=op)
 
 
 def row_weights(mask: torch.Tensor, options: GrpoLossOptions, num_items_tensor: torch.Tensor | None) -> torch.Tensor:
@@ -229,7 +244,7 @@ def _forward_reference(logits, targets, old_logp, ref_logp, advantages, mask, nu
 
 
 def _check(logits, targets, old_logp, ref_logp, advantages, mask, num_items_tensor, options, backend) -> None:
-    check_targets(OP, logits.device, torch.where(mask != 0, targets, SKIP), logits.shape[-1], backend)
+    check_targets(OP, logits.device, targets, mask, logits.shape[-1], backend)
 
 
 FORWARD = Op(

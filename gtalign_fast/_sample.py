@@ -98,10 +98,15 @@ def _run_cpu(*args):  # no CUDA C++ kernel: _backend.MISSING_BACKENDS
     extension_kernel("sample", args[0].device)(*args)
 
 
+def _duplicate_bias_rows(bias_ids: torch.Tensor) -> torch.Tensor:
+    """bool ``[B]``: the rows that name a token twice (padding ``-1`` aside). Device ops only."""
+    ordered = bias_ids.sort(dim=1).values
+    return ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(dim=1)
+
+
 def _flag_duplicate_biases(bias_ids: torch.Tensor, flag: torch.Tensor) -> None:
     """Set ERR_SAMPLE_INPUT when a row names a token twice, with device ops only (no host sync)."""
-    ordered = bias_ids.sort(dim=1).values
-    duplicate = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any()
+    duplicate = _duplicate_bias_rows(bias_ids).any()
     flag.bitwise_or_(duplicate.to(torch.int32) * _device_checks.ERR_SAMPLE_INPUT)
 
 
@@ -267,9 +272,7 @@ def _check_values(vocab, temperature, top_k, top_p, min_p, forced, bias_ids, bia
     # A bias may ban a token (-inf) but not force one (+inf) or be NaN: use `forced` for that.
     bad_value = torch.isnan(bias_values) | torch.isposinf(bias_values)
     _check_range(bias_values, bad_value.any(dim=1), "bias_values", "finite or -inf")
-    ordered = bias_ids.sort(dim=1).values
-    duplicate = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(dim=1)
-    row = _first_bad(duplicate)
+    row = _first_bad(_duplicate_bias_rows(bias_ids))
     if row is not None:
         raise ValueError(f"sample_: bias_ids row {row} names a token twice; give each token one bias")
 

@@ -6,7 +6,8 @@ part plus a short window of tokens that is decoded again each time (vLLM's / TGI
 window starts a few tokens back (``prefix``) so that tokenizers which strip a leading space from
 the first token of a decode (SentencePiece) lose it on the overlap only, and text ending in
 U+FFFD (a multi-byte character not complete yet) stays in the window until the next token
-completes it. ``text`` is what ``tokenizer.decode(ids)`` returns (byte-level BPE, SentencePiece
+completes it (for at most ``_MAX_PENDING`` tokens: a longer run is invalid bytes, committed as
+decoded). ``text`` is what ``tokenizer.decode(ids)`` returns (byte-level BPE, SentencePiece
 with byte fallback, character and word-level vocabularies; the tests check it token by token),
 except while the last character is incomplete: a byte-fallback decoder then turns the whole run
 of byte tokens into U+FFFD, earlier complete characters included, where this keeps them. Tags
@@ -25,6 +26,10 @@ __all__ = ["IncrementalText", "TagScanner", "TokenTextCache"]
 # Tokens kept before the read offset when a window is (re)started: enough context for any
 # tokenizer's leading-space handling (vLLM uses 5).
 _CONTEXT = 6
+# Tokens a window may hold past its read offset while its text still ends in U+FFFD. A UTF-8
+# character is at most 4 bytes, so a longer run is invalid bytes (untrusted model output): it is
+# committed as the decoder renders it instead of being decoded again at every token (quadratic).
+_MAX_PENDING = 8
 
 
 class IncrementalText:
@@ -56,7 +61,8 @@ class IncrementalText:
     def push(self, tokenizer: Any, ids: Sequence[int]) -> None:
         """Follow ``ids`` after tokens were appended to it (``ids`` is the whole row)."""
         tail = tokenizer.decode(list(ids[self.prefix:]))
-        if len(tail) > len(self._head) and not tail.endswith("\ufffd"):
+        settled = not tail.endswith("\ufffd") or len(ids) - self.read >= _MAX_PENDING
+        if len(tail) > len(self._head) and settled:
             self.committed += tail[len(self._head):]
             self.prefix, self.read = self.read, len(ids)
             self._head = tokenizer.decode(list(ids[self.prefix:self.read]))

@@ -56,10 +56,10 @@ class GRPOConfig:
     step uses ``per_device_train_batch_size * gradient_accumulation_steps`` completions per process:
     that number must be a multiple of ``num_generations`` (so a prompt's group stays on one process).
 
-    Generation: ``generation_batch_size`` (TRL's name) caps the completions the sampler decodes at
-    once (its slots); when one finishes, its slot takes the next waiting completion of the step.
-    None: all completions of the step at once. Unlike TRL it never changes how many completions a
-    step trains on (TRL derives ``steps_per_generation`` from it). ``cache_implementation``
+    Generation: ``max_num_seqs`` (vLLM's name) caps the completions the sampler decodes at once
+    (its slots); when one finishes, its slot takes the next waiting completion of the step. None:
+    all completions of the step at once. It never changes how many completions a step trains on
+    (TRL's ``generation_batch_size`` does, so that name is not used here). ``cache_implementation``
     (TRL's name): ``"static"`` (preallocated KV cache; on CUDA its decode step runs as a CUDA
     graph), ``"dynamic"`` (the model's ``DynamicCache``) or None (static where the model supports
     it: SDPA attention, full-attention layers); the same seeds sample the same tokens on either.
@@ -138,7 +138,7 @@ class GRPOConfig:
     top_p: float = 1.0
     top_k: int = 0
     min_p: float | None = None
-    generation_batch_size: int | None = None
+    max_num_seqs: int | None = None
     cache_implementation: str | None = None
     # -- the GRPO objective
     beta: float = 0.0
@@ -205,9 +205,9 @@ class GRPOConfig:
             self._fail(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.min_p is not None and not 0 <= self.min_p <= 1:
             self._fail(f"min_p must be in [0, 1], got {self.min_p}")
-        slots = self.generation_batch_size
+        slots = self.max_num_seqs
         if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int) or slots < 1):
-            self._fail(f"generation_batch_size must be a positive int or None (all completions at once), got {slots!r}")
+            self._fail(f"max_num_seqs must be a positive int or None (all completions at once), got {slots!r}")
         if self.cache_implementation not in CACHE_IMPLEMENTATIONS:
             self._fail(f"cache_implementation must be one of {CACHE_IMPLEMENTATIONS}, "
                        f"got {self.cache_implementation!r}")

@@ -45,21 +45,23 @@ class StageTimer:
 
 class UpdateTotals:
     """What the micro-batches of one update add up to on this process: the weighted loss (the step's
-    loss once summed over processes), the entropy over completion tokens and the loss op's metrics
-    (averaged over the micro-batches)."""
+    loss once summed over processes), the entropy summed over loss tokens and the loss op's metrics
+    (averaged over the micro-batches). Everything stays on the device: nothing here synchronises."""
 
     def __init__(self, device: torch.device, micro_batches: int) -> None:
         self.micro_batches = micro_batches
         self.weighted_loss = torch.zeros((), device=device)
         self.entropy_sum = torch.zeros((), device=device)
-        self.op_metrics: dict[str, float] = {}
+        self.op_metrics: dict[str, torch.Tensor] = {}
 
-    def add(self, weighted_loss: torch.Tensor, entropy: torch.Tensor, completion_mask: torch.Tensor,
+    def add(self, weighted_loss: torch.Tensor, entropy: torch.Tensor, loss_mask: torch.Tensor,
             op_metrics: dict) -> None:
+        """``entropy``: per token ``[B, T]``, or the mean over the loss tokens (the fused path)."""
         self.weighted_loss += weighted_loss.detach()
-        self.entropy_sum += (entropy.detach() * completion_mask).sum()
+        self.entropy_sum += (entropy.detach() * loss_mask).sum()
         for key, value in op_metrics.items():
-            self.op_metrics[key] = self.op_metrics.get(key, 0.0) + float(value) / self.micro_batches
+            share = value.detach().float() / self.micro_batches
+            self.op_metrics[key] = self.op_metrics[key] + share if key in self.op_metrics else share
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -34,12 +34,10 @@ def policy_loss(
 ) -> tuple[torch.Tensor, dict]:
     """``ops.grpo_loss`` on one micro-batch (clipped surrogate, k3 KL, the config's aggregation).
 
-    A micro-batch without a loss token contributes an exact zero that still runs backward (every
-    DDP process must). ``global_tokens`` is the loss-token count of the whole global batch, which
-    "dapo" divides by.
+    A micro-batch without a loss token gives loss 0, metrics 0 and zero gradients from the op itself
+    (every DDP process still runs backward; no host-side check, which would synchronise on a GPU).
+    ``global_tokens`` is the loss-token count of the whole global batch, which "dapo" divides by.
     """
-    if not bool(part.loss_mask.any()):
-        return (logp * 0.0).sum(), {}
     return ops.grpo_loss(
         logp, part.old_logp, part.advantages, part.loss_mask, ref_logp=part.ref_logp, beta=args.beta,
         epsilon_low=args.epsilon, epsilon_high=args.epsilon_high, delta=args.delta, dual_clip=args.dual_clip,
@@ -70,9 +68,9 @@ def fused_policy_loss(
     )
     metrics = dict(metrics)
     entropy = metrics.pop("entropy")
-    # A micro-batch without a loss token: loss 0 and zero gradients (it still runs backward, as every
-    # DDP process must); its metrics are left out, as policy_loss does.
-    return loss, (metrics if bool(part.loss_mask.any()) else {}), entropy
+    # A micro-batch without a loss token: loss 0, metrics 0 and zero gradients from the op (it still
+    # runs backward, as every DDP process must), as policy_loss.
+    return loss, metrics, entropy
 
 
 def loss_weight(loss_type: str, micro_rows: int, rows: int, micro_batches: int, world: int) -> float:

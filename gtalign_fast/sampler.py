@@ -73,6 +73,7 @@ from typing import Any, Sequence
 
 import torch
 
+from . import _device_checks
 from ._sample import sample_
 from ._seeds import signed64, splitmix64, step_seed
 from .decode_graph import GraphedDecodeStep, graph_supported
@@ -551,8 +552,9 @@ class SteeringSampler:
         return prefilled
 
     def _make_graph(self, kv, next_logits, settings, device):
-        """The CUDA-graph decode step of this run, or None (CPU, dynamic cache, or turned off)."""
-        if not (self.cuda_graph and kv.kind == "static" and graph_supported(device)):
+        """The CUDA-graph decode step of this run, or None (CPU, dynamic cache, turned off, or
+        synchronous device checks: they read the error flag after each launch, which a capture refuses)."""
+        if not (self.cuda_graph and kv.kind == "static" and graph_supported(device)) or _device_checks._sync_checks:
             return None
         return GraphedDecodeStep(self._forward, kv, next_logits, settings, self.backend)
 

@@ -416,7 +416,7 @@ class GRPOTrainer:
                         loss, loss_metrics = policy_loss(logp, part, global_tokens, args, self.backend)
                     weight = loss_weight(args.loss_type, len(part), len(rollout), len(parts), dist.world)
                     (loss * weight).backward()
-                totals.add(loss.detach() * weight, entropy, part.completion_mask, loss_metrics)
+                totals.add(loss.detach() * weight, entropy, part.loss_mask, loss_metrics)
             # DDP averaged the gradients over processes: the loss it optimised is the mean of the weighted sums
             step_loss = dist.sum(totals.weighted_loss) / dist.world
             optimizer_metrics = self._optimizer_step(step_loss)
@@ -450,7 +450,7 @@ class GRPOTrainer:
                 out = self.sampler.generate(
                     self._tokenize_prompts(prompts), max_new_tokens=self.args.max_completion_length,
                     temperature=self.args.temperature, top_k=self.args.top_k, top_p=self.args.top_p,
-                    num_return_sequences=g, seed=seeds, slots=self.args.generation_batch_size,
+                    num_return_sequences=g, seed=seeds, slots=self.args.max_num_seqs,
                 )
         finally:
             self.model.train(was_training)
@@ -532,12 +532,12 @@ class GRPOTrainer:
         # Bad indices / rewards the kernels flagged this step (no host sync inside the ops): read here,
         # once per step, where the loss below synchronises anyway.
         check_device_errors(self.device)
-        completion_tokens = dist.sum(rollout.completion_mask.sum().float())
+        loss_tokens = dist.sum(rollout.loss_mask.sum().float())
         trained_tokens = dist.sum(rollout.completion_mask.sum() + rollout.prompt_mask.sum())
         metrics.update({
             "loss": float(loss), **optimizer_metrics,
-            "entropy": float(dist.sum(totals.entropy_sum) / completion_tokens.clamp(min=1)),
-            **{k: float(dist.mean(torch.tensor(v, device=self.device))) for k, v in totals.op_metrics.items()},
+            "entropy": float(dist.sum(totals.entropy_sum) / loss_tokens.clamp(min=1)),  # over the tokens trained on
+            **{k: float(dist.mean(v)) for k, v in totals.op_metrics.items()},
             "time/update": seconds["update"],
             "tokens_per_second/training": float(trained_tokens) / max(seconds["update"], 1e-9),
             "memory/peak_gib": float(dist.max(torch.tensor(peak_memory_gib(self.device)))),

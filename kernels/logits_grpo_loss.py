@@ -30,6 +30,7 @@ import triton.language as tl
 
 from gtalign_fast import _device_checks
 from gtalign_fast import _token_logprobs_constants as constants
+from gtalign_fast.kernels.token_logprobs import _check_rows
 
 STAT_ROW_MAX = tl.constexpr(constants.STAT_ROW_MAX)
 STAT_LOG_SUM = tl.constexpr(constants.STAT_LOG_SUM)
@@ -77,9 +78,13 @@ def logits_grpo_grad(
     out3d: torch.Tensor,
 ) -> None:
     """Launch the gradient kernel (the arguments are those of the C++ kernel): writes every
-    element of ``out3d``, which may be ``logits3d`` itself."""
+    element of ``out3d``, which may be ``logits3d`` itself. The layout is checked here (metadata
+    only, as the C++ kernel checks it): the kernel indexes targets, ``grad_logp`` and ``stats`` by row."""
+    if out3d.shape != logits3d.shape or out3d.dtype != logits3d.dtype or out3d.device != logits3d.device:
+        raise ValueError("logits_grpo_loss: out3d must be a [D0, D1, V] view like logits3d (dtype, device)")
     d0, d1, vocab = logits3d.shape
     n_rows = d0 * d1
+    _check_rows(logits3d, targets, (grad_logp, n_rows), (stats, n_rows * constants.NUM_STATS))
     if n_rows == 0 or vocab == 0:
         return
     block_v = min(MAX_BLOCK_V, triton.next_power_of_2(max(vocab, 16)))

@@ -76,6 +76,8 @@ def test_several_codes_are_all_named():
         checks.after_launch("op", "cpu")
     message = str(info.value)
     assert "ERR_TARGET_RANGE" in message and "ERR_NONFINITE_REWARD" in message and "0x100000" in message
+    # The kernels set this bit for a negative or infinite reward; NaN (a missing reward) is allowed.
+    assert "negative or infinite" in message and "NaN or" not in message
 
 
 def test_check_device_errors_names_kinds_and_ops():
@@ -182,24 +184,44 @@ def _gpu_op_calls():
     def sample_():
         ops.sample_(sample_logits.clone(), temperature=0.8, top_k=50, top_p=0.9, seed=1)
 
+    def logits_grpo_loss():  # in place, into the storage of a non-leaf [:, :-1] view
+        loss, _ = ops.logits_grpo_loss((logits * 1.0)[:, :-1], targets, advantages, mask, old_logp=logp.detach(),
+                                       inplace_backward=True)
+        loss.backward()
+
+    def linear_grpo_loss():  # the trainer's default loss
+        loss, _ = ops.linear_grpo_loss(hidden.view(b, t, h), weight, targets, advantages, mask,
+                                       old_logp=logp.detach(), loss_type="dapo", num_items_in_batch=num_items)
+        loss.backward()
+
     return {
         "token_logprobs": token_logprobs,
         "linear_token_logprobs": linear_token_logprobs,
         "grpo_loss": grpo_loss,
         "welfare_advantages": welfare_advantages,
         "sample_": sample_,
+        "logits_grpo_loss": logits_grpo_loss,
+        "linear_grpo_loss": linear_grpo_loss,
     }
+
+
+def _runs_on_cuda(op: str, backend: str) -> bool:
+    from gtalign_fast import _backend, _logits_grpo_loss
+
+    if op in ("logits_grpo_loss", "linear_grpo_loss"):  # their own backends: no CUDA C++ kernel
+        return _logits_grpo_loss.why_unavailable(backend, torch.device("cuda")) is None
+    return backend in _backend.available_backends("cuda", "sample" if op == "sample_" else op)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(
-    "op", ["token_logprobs", "linear_token_logprobs", "grpo_loss", "welfare_advantages", "sample_"]
+    "op",
+    ["token_logprobs", "linear_token_logprobs", "grpo_loss", "welfare_advantages", "sample_", "logits_grpo_loss",
+     "linear_grpo_loss"],
 )
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_ops_do_not_synchronise_on_cuda(op, backend, monkeypatch):
-    from gtalign_fast import _backend
-
-    if backend not in _backend.available_backends("cuda", "sample" if op == "sample_" else op):
+    if not _runs_on_cuda(op, backend):
         pytest.skip(f"no {backend} backend for {op}")
     monkeypatch.setenv("GTALIGN_FAST_BACKEND", backend)
     monkeypatch.setattr(checks, "_sync_checks", False)

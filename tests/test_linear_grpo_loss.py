@@ -192,8 +192,11 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="linear_grpo_loss: advantages"):
         ops.linear_grpo_loss(hidden, weight, targets, advantages[:1], mask)
     mask[0, 0], targets[0, 0] = True, 11
-    with pytest.raises(IndexError):
-        ops.linear_grpo_loss(hidden, weight, targets, advantages, mask)
+    # Checked before any kernel or gather reads the id: on CPU tensors by every backend, on CUDA ones
+    # by the reference (its gather has no device-side check; the Triton kernels flag it lazily).
+    for backend in BACKENDS if DEVICE.type == "cpu" else ["reference"]:
+        with pytest.raises(IndexError, match="target id 11"):
+            ops.linear_grpo_loss(hidden, weight, targets, advantages, mask, backend=backend)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from gtalign_fast import ops, reference
+from gtalign_fast import _backend, _device_checks, ops, reference
 from gtalign_fast._logits_grpo_loss import why_unavailable
 
 from .conftest import DEVICE
@@ -164,12 +164,41 @@ def test_logit_dtypes(backend, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_counted_target_out_of_range_raises(backend):
+    # On CUDA tensors the Triton kernels flag the id without a host sync: the synchronous check mode
+    # (GTALIGN_FAST_SYNC_CHECKS=1) raises at the call, as CPU tensors always do.
     full, targets, advantages, mask, _, _ = _inputs(2, 4, 17, seed=1)
     mask[0, 0] = True
     for bad in (-1, 17, -100):
         targets[0, 0] = bad
-        with pytest.raises(IndexError):
+        with _device_checks.sync_checks(True), pytest.raises(IndexError, match=f"target id {bad} "):
             ops.logits_grpo_loss(full.float()[:, :-1], targets, advantages, mask, backend=backend)
+
+
+def test_host_target_check_covers_the_reference_backend_on_any_device():
+    """The reference backend gathers with the targets unchecked (on CUDA a bad id would be a
+    device-side assert), so its ids are checked on the host whatever the device; the Triton kernels
+    check them on the device (nothing read on the host for CUDA logits). Only counted ids matter."""
+    from gtalign_fast._logits_grpo_loss import check_targets
+
+    targets = torch.tensor([[0, 9, 2]])
+    mask = torch.tensor([[1, 1, 0]])
+    cuda = torch.device("cuda")  # a device object only: nothing is allocated there
+    with pytest.raises(IndexError, match="target id 9 at position 1"):
+        check_targets("logits_grpo_loss", cuda, targets, mask, 5, "reference")
+    check_targets("logits_grpo_loss", cuda, targets, mask, 5, "triton")
+    mask[0, 1] = 0
+    check_targets("logits_grpo_loss", cuda, targets, mask, 5, "reference")
+
+
+def test_default_backend_warns_when_it_falls_back_to_the_reference(monkeypatch):
+    """Without the C++ extension the default is the reference (materialised logits, autograd): said
+    with a RuntimeWarning, as _backend does for the other ops, never silently."""
+    from gtalign_fast import _logits_grpo_loss
+
+    monkeypatch.setattr(_logits_grpo_loss._backend, "why_unavailable", lambda name, device: "no extension here")
+    with pytest.warns(RuntimeWarning, match="reference backend"):
+        assert _logits_grpo_loss.default_backend(torch.device("cpu")) == "reference"
+    assert _logits_grpo_loss.default_backend(torch.device("cuda")) == "triton"
 
 
 def test_bad_arguments():
@@ -215,3 +244,15 @@ def test_torch_compile_fullgraph():
             results.append((loss, entropy, base.grad))
         for eager, traced in zip(*results):
             torch.testing.assert_close(traced, eager)
+
+
+@pytest.mark.parametrize("op", ["logits_grpo_loss", "linear_grpo_loss"])
+def test_cuda_backend_is_refused_with_the_reason(op):
+    """There is no CUDA C++ kernel: asking for one names the backend that runs instead, and
+    available_backends never lists it."""
+    assert "cuda" not in _backend.available_backends("cuda", op)
+    logits, targets = torch.randn(2, 3, 11), torch.randint(0, 11, (2, 3))
+    advantages, mask = torch.randn(2), torch.ones(2, 3, dtype=torch.bool)
+    inputs = (logits, targets) if op == "logits_grpo_loss" else (torch.randn(2, 3, 5), torch.randn(11, 5), targets)
+    with pytest.raises(RuntimeError, match="no CUDA C\\+\\+ kernel; on CUDA tensors it runs 'triton'"):
+        getattr(ops, op)(*inputs, advantages, mask, backend="cuda")

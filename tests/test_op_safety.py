@@ -529,6 +529,30 @@ def test_welfare_bad_offsets_and_rewards_are_flagged_lazily(lazy_checks, case, c
         checks.check_device_errors()
 
 
+def test_logits_grpo_loss_bad_target_is_flagged_lazily(lazy_checks, monkeypatch):
+    """On CUDA the host target check is skipped (check_targets; turned off here as it is there): the
+    kernels flag a counted id outside [0, V) (NaN loss), a masked-out one is never read."""
+    _need_triton()
+    from gtalign_fast import _logits_grpo_loss
+
+    monkeypatch.setattr(_logits_grpo_loss, "check_targets", lambda *args: None)
+    generator = torch.Generator().manual_seed(13)
+    logits = torch.randn(2, 3, 9, generator=generator).to(DEVICE).requires_grad_(True)
+    targets = torch.tensor([[1, 10**9, 2], [-7, 3, 8]], device=DEVICE)
+    mask = torch.tensor([[1, 1, 1], [0, 1, 1]], device=DEVICE)
+    advantages, old = torch.tensor([1.0, -1.0], device=DEVICE), torch.full((2, 3), -2.0, device=DEVICE)
+    loss, _ = ops.logits_grpo_loss(logits, targets, advantages, mask, old_logp=old, backend="triton")
+    loss.backward()
+    assert torch.isnan(loss)  # the bad row's log-prob is NaN (off-policy: the ratio reads it)
+    with pytest.raises(RuntimeError, match=r"ERR_TARGET_RANGE.*logits_grpo_loss"):
+        checks.check_device_errors()
+    targets[0, 1] = 4  # the -7 is masked out: nothing is flagged
+    loss, _ = ops.logits_grpo_loss(logits, targets, advantages, mask, old_logp=old, backend="triton")
+    loss.backward()
+    assert torch.isfinite(loss)
+    checks.check_device_errors()
+
+
 @pytest.mark.parametrize("value", [0.0, -2.0, math.nan, math.inf])
 def test_grpo_num_items_tensor_is_flagged_lazily(lazy_checks, value):
     _need_triton()
@@ -580,6 +604,16 @@ def test_launchers_refuse_inconsistent_layouts():
         token_kernels.token_logprobs_forward(logits, torch.zeros(4, dtype=torch.int64, device=DEVICE), 1.0, -100,
                                              torch.empty(2, device=DEVICE), torch.empty(0, device=DEVICE),
                                              torch.empty(4, 2, device=DEVICE))
+    from gtalign_fast.kernels import logits_grpo_loss as logits_grpo_kernels
+
+    rows = (torch.zeros(4, dtype=torch.int64, device=DEVICE), torch.zeros(4, device=DEVICE),
+            torch.zeros(4, 2, device=DEVICE))
+    with pytest.raises(ValueError, match="targets"):  # the gradient kernel reads one id, g, stats per row
+        logits_grpo_kernels.logits_grpo_grad(logits, rows[0][:3], rows[1], rows[2], 1.0, -100, logits.clone())
+    with pytest.raises(ValueError, match="per-row"):
+        logits_grpo_kernels.logits_grpo_grad(logits, rows[0], rows[1][:2], rows[2], 1.0, -100, logits.clone())
+    with pytest.raises(ValueError, match="out3d"):
+        logits_grpo_kernels.logits_grpo_grad(logits, *rows, 1.0, -100, logits[:, :2].clone())
     logp = torch.randn(2, 5, device=DEVICE)
     short = torch.randn(2, 3, device=DEVICE)
     mask = torch.ones(2, 5, dtype=torch.uint8, device=DEVICE)
@@ -662,6 +696,30 @@ def test_welfare_advantages_reads_nothing_on_the_host(no_host_reads):
     for group in (offsets, 4):
         for scale in ("group", "batch"):
             ops.welfare_advantages(user, llm, group, scale=scale, mask=mask, backend="triton")
+
+
+def test_logits_and_linear_grpo_loss_read_nothing_on_the_host(no_host_reads, monkeypatch):
+    """The trainer's default loss path. Their only host read is the target check that runs on CPU
+    tensors by design (free there; on CUDA the kernels flag bad ids): turned off here as on CUDA."""
+    _need_triton()
+    from gtalign_fast import _linear_grpo_loss, _logits_grpo_loss
+
+    for module in (_logits_grpo_loss, _linear_grpo_loss):
+        monkeypatch.setattr(module, "check_targets", lambda *args: None)
+    generator = torch.Generator().manual_seed(12)
+    base = torch.randn(2, 4, 11, generator=generator).to(DEVICE).requires_grad_(True)
+    hidden = torch.randn(2, 3, 8, generator=generator).to(DEVICE).requires_grad_(True)
+    weight = torch.randn(11, 8, generator=generator).to(DEVICE).requires_grad_(True)
+    targets = torch.randint(0, 11, (2, 3), generator=generator).to(DEVICE)
+    mask = (torch.rand(2, 3, generator=generator) > 0.2).to(DEVICE)
+    advantages, old = torch.randn(2, generator=generator).to(DEVICE), torch.zeros(2, 3, device=DEVICE)
+    for level in ("token", "sequence"):
+        kwargs = dict(old_logp=old, importance_sampling_level=level, backend="triton")
+        loss, _ = ops.logits_grpo_loss((base * 1.0)[:, :-1], targets, advantages, mask, inplace_backward=True, **kwargs)
+        loss.backward()
+        loss, _ = ops.linear_grpo_loss(hidden, weight, targets, advantages, mask, chunk_size=4, **kwargs)
+        loss.backward()
+    assert base.grad is not None and hidden.grad is not None and weight.grad is not None
 
 
 def test_the_host_read_guard_catches_a_sync():

@@ -70,6 +70,27 @@ def test_incremental_text_equals_the_full_decode_after_every_token(make):
     assert checked > 100
 
 
+def test_incremental_text_window_is_bounded_on_invalid_bytes():
+    """A model that emits bytes that never complete a character (text ending in U+FFFD for ever)
+    must not make every push decode the whole run again (quadratic in the completion length)."""
+    tokenizer = _byte_bpe()
+    bad = tokenizer.convert_tokens_to_ids("\u00ff")  # byte 0xFF: never valid UTF-8
+    decoded = []
+
+    class Counting:
+        def decode(self, ids):
+            decoded.append(len(ids))
+            return tokenizer.decode(ids)
+
+    ids = list(tokenizer("ok ", add_special_tokens=False)["input_ids"])
+    text = IncrementalText(Counting(), ids)
+    for _ in range(300):
+        ids.append(bad)
+        text.push(Counting(), ids)
+    assert max(decoded[1:]) <= 20, max(decoded)
+    assert text.text == tokenizer.decode(ids)
+
+
 def test_tag_scanner_finds_the_first_tag_searching_each_character_about_once():
     tag = "</payoff>"
     text = "ab</pay" + "off> and again </payoff>"
@@ -236,6 +257,23 @@ def test_cpu_never_takes_the_graph(qwen, tokenizer, monkeypatch):
     assert all(len(ids) == 3 for ids in out.completion_ids)
 
 
+def test_sync_checks_keep_the_graph_off(qwen, tokenizer, monkeypatch):
+    """GTALIGN_FAST_SYNC_CHECKS reads the error flag after every launch: a host sync, which a CUDA
+    graph capture refuses, so the decode step stays eager."""
+    import gtalign_fast.sampler as sampler_module
+    from gtalign_fast._device_checks import sync_checks
+
+    built = []
+    monkeypatch.setattr(sampler_module, "graph_supported", lambda device: True)
+    monkeypatch.setattr(sampler_module, "GraphedDecodeStep", lambda *args: built.append(args))
+    sampler = SteeringSampler(qwen, tokenizer, mode="off", cache="static")
+    with sync_checks():
+        out = sampler.generate(["a", "bc"], max_new_tokens=3, seed=0)
+    assert built == [] and all(len(ids) == 3 for ids in out.completion_ids)
+    sampler.generate(["a", "bc"], max_new_tokens=1, seed=0)
+    assert len(built) == 1  # without them the graph step is built
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("steer", ["force", "bias"])
 def test_cuda_graph_step_samples_what_the_eager_step_samples(qwen, tokenizer, steer):
@@ -268,7 +306,7 @@ def test_cuda_graph_step_samples_what_the_eager_step_samples(qwen, tokenizer, st
 
 
 def test_trainer_passes_the_slot_budget_and_cache_through(tmp_path):
-    """generation_batch_size (slots) and cache_implementation reach the sampler; the completions
+    """max_num_seqs (slots) and cache_implementation reach the sampler; the completions
     of a step do not depend on them."""
     from gtalign_fast import GRPOConfig
     from tests.test_trainer import install_missing_ops, toy
@@ -277,14 +315,14 @@ def test_trainer_passes_the_slot_budget_and_cache_through(tmp_path):
     outs = []
     for slots, cache in ((None, None), (5, "static"), (3, "dynamic")):
         trainer = toy.make_trainer(str(tmp_path / f"run{slots}"), 1, n_rows=16, per_device_train_batch_size=16,
-                                   generation_batch_size=slots, cache_implementation=cache)
+                                   max_num_seqs=slots, cache_implementation=cache)
         assert trainer.sampler.cache == (cache or "auto")
         prompts = [row["prompt"] for row in trainer._process_rows(0)]
         outs.append(trainer._generate(prompts, 0))
     for gen in outs[1:]:
         assert torch.equal(gen.completion_ids, outs[0].completion_ids)
         assert torch.equal(gen.completion_mask, outs[0].completion_mask)
-    for bad in (dict(generation_batch_size=0), dict(generation_batch_size=2.5), dict(cache_implementation="paged")):
+    for bad in (dict(max_num_seqs=0), dict(max_num_seqs=2.5), dict(cache_implementation="paged")):
         with pytest.raises(ValueError, match=next(iter(bad))):
             GRPOConfig(output_dir=str(tmp_path), **bad)
 

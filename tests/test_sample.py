@@ -262,6 +262,12 @@ def test_empirical_distribution_matches(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_and_inf_logits_raise(backend):
+    # CUDA logits are checked on the device, without a host sync: the synchronous mode raises at the call.
+    with _device_checks.sync_checks():
+        _nan_and_inf_logits_raise(backend)
+
+
+def _nan_and_inf_logits_raise(backend):
     logits = _logits(3, 20, torch.float32, seed=0)
     bad = logits.clone()
     bad[1, 4] = float("nan")
@@ -310,7 +316,8 @@ def test_nan_and_inf_logits_raise(backend):
 def test_bad_arguments_raise(kwargs, error, match):
     logits = _logits(2, 10, torch.float32, seed=0)
     kwargs = _to_device(kwargs)
-    with pytest.raises(error, match=match):
+    # CUDA tensors are checked on the device, without a host sync: the synchronous mode raises at the call.
+    with _device_checks.sync_checks(), pytest.raises(error, match=match):
         ops.sample_(logits, **kwargs)
 
 
@@ -485,12 +492,12 @@ def test_low_level_op_refuses_out_of_range_forced_token(backend):
     storage, view, outside = _padded_logits(batch, vocab, pad)
     before = storage.clone()
     for forced in ([-1, vocab, 2, -1], [-1, -1, -(pad + 3), -1], [2**40, 0, 1, 2]):
-        with pytest.raises(IndexError, match="forced"):
+        with _device_checks.sync_checks(), pytest.raises(IndexError, match="forced"):  # CUDA: checked on the device
             OP_DEF.custom_op(view, *_low_level_args(batch, forced), backend)
         assert torch.equal(storage[outside], before[outside])
     # And bias ids past the row (Triton: ERR_TARGET_RANGE; C++: its own pre-pass).
     ids = torch.tensor([[0], [vocab + pad], [1], [2]], device=DEVICE)
-    with pytest.raises(IndexError, match="bias"):
+    with _device_checks.sync_checks(), pytest.raises(IndexError, match="bias"):
         OP_DEF.custom_op(view, *_low_level_args(batch, [-1] * batch, ids, torch.ones(batch, 1, device=DEVICE)),
                          backend)
     assert torch.equal(storage[outside], before[outside])
@@ -518,6 +525,18 @@ def test_triton_flags_bad_values_instead_of_reading_them_on_the_host():
     assert int(tokens[0]) == int(ref[0][0]) and bool(torch.isfinite(logp[good]).all())
     assert bool(torch.isnan(logp[~good]).all()) and bool(torch.isnan(raw[~good]).all())
     assert int(status[5]) == constants.STATUS_BAD_LOGITS
+
+
+def test_duplicate_bias_ids_set_the_flag_on_the_device():
+    """The Triton path's duplicate check (device ops, no host read): repeated padding is fine, a
+    token named twice in one row sets ERR_SAMPLE_INPUT (the same rule the host check applies)."""
+    from gtalign_fast._sample import _flag_duplicate_biases
+
+    flag = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    _flag_duplicate_biases(torch.tensor([[1, -1, -1], [2, 3, 4]], device=DEVICE), flag)
+    assert int(flag) == 0
+    _flag_duplicate_biases(torch.tensor([[1, -1, -1], [4, 3, 4]], device=DEVICE), flag)
+    assert int(flag) == _device_checks.ERR_SAMPLE_INPUT
 
 
 def test_int_seed_rows_equal_batch_row_seeds():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gtalign_fast import ops, reference
+from gtalign_fast import _device_checks, ops, reference
 from gtalign_fast._token_logprobs import rows_view
 
 from .conftest import DEVICE, kernel_backends
@@ -185,9 +185,10 @@ def test_backends_agree_with_each_other():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_targets_raise(backend):
     logits = torch.randn(3, 10).to(DEVICE)
-    with pytest.raises(IndexError, match="outside \\[0, 10\\)"):
+    # CUDA tensors are checked on the device, without a host sync: the synchronous mode raises at the call.
+    with _device_checks.sync_checks(), pytest.raises(IndexError, match="outside \\[0, 10\\)"):
         ops.token_logprobs(logits, torch.tensor([0, 10, 1]).to(DEVICE), backend=backend)
-    with pytest.raises(IndexError, match="-5"):
+    with _device_checks.sync_checks(), pytest.raises(IndexError, match="-5"):
         ops.token_logprobs(logits, torch.tensor([0, -5, 1]).to(DEVICE), backend=backend)
 
 

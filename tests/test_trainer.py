@@ -393,16 +393,23 @@ def test_gradient_accumulation_gives_the_same_update(tmp_path, loss_type):
     assert_same_update(parameters(one), parameters(two), before, atol=2e-6)
 
 
-def test_fused_lm_head_matches_logits_path(tmp_path):
-    fused = sgd_trainer(tmp_path, "fused", use_fused_lm_head=True, beta=0.04, num_iterations=2, steps=2)
-    plain = sgd_trainer(tmp_path, "plain", use_fused_lm_head=False, beta=0.04, num_iterations=2, steps=2)
+@pytest.mark.parametrize("mask_truncated", [False, True])
+def test_fused_lm_head_matches_logits_path(tmp_path, mask_truncated):
+    settings = dict(beta=0.04, num_iterations=2, steps=2, mask_truncated_completions=mask_truncated)
+    fused = sgd_trainer(tmp_path, "fused", use_fused_lm_head=True, **settings)
+    plain = sgd_trainer(tmp_path, "plain", use_fused_lm_head=False, **settings)
     before = parameters(fused)
     fused.train()
     plain.train()
     assert_same_update(parameters(fused), parameters(plain), before, atol=2e-5, rtol=1e-3)
-    logged = read_metrics(fused)
+    logged, logged_plain = read_metrics(fused), read_metrics(plain)
     assert logged[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the reference is the starting policy
     assert logged[1]["kl"] > 0  # second iteration on the same rollout: the policy has moved
+    # The same metrics from both paths: entropy over the loss tokens (truncated ones masked or not).
+    for row, row_plain in zip(logged, logged_plain):
+        for key in ("entropy", "kl", "clip_ratio/region_mean", "loss"):
+            if key in row_plain:
+                assert row[key] == pytest.approx(row_plain[key], rel=1e-4, abs=1e-6), key
 
 
 def test_gradient_checkpointing_gives_the_same_update(tmp_path):

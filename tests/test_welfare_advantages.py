@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gtalign_fast import _backend, ops, reference
+from gtalign_fast import _backend, _device_checks, ops, reference
 
 from .conftest import DEVICE, kernel_backends
 
@@ -323,7 +323,8 @@ def test_triton_many_tiles():
 def test_bad_reward_values(backend, name, value):
     user, llm = _rewards(24, seed=14)
     (user if name == "user" else llm)[17] = value
-    with pytest.raises(ValueError, match=rf"welfare_advantages: {name}\[17\]"):
+    # CUDA tensors are checked on the device, without a host sync: the synchronous mode raises at the call.
+    with _device_checks.sync_checks(), pytest.raises(ValueError, match=rf"welfare_advantages: {name}\[17\]"):
         ops.welfare_advantages(user, llm, 8, backend=backend)
 
 
@@ -355,7 +356,8 @@ def test_bad_groups(backend, group, error, match):
     }
     if isinstance(group, str):
         group = bad_offsets[group].to(DEVICE)
-    with pytest.raises(error, match=match):
+    # CUDA tensors are checked on the device, without a host sync: the synchronous mode raises at the call.
+    with _device_checks.sync_checks(), pytest.raises(error, match=match):
         ops.welfare_advantages(user, llm, group, backend=backend)
 
 

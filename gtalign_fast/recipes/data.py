@@ -159,8 +159,12 @@ def _concatenate(parts: list[Any], paths: list[str]) -> Any:
 
 def _filter_by_tokenizer(dataset: Any, tokenizer: Any, max_prompt_length: int | None) -> Any:
     """Check that the chat template renders every prompt; drop prompts over ``max_prompt_length`` tokens."""
+    from tqdm.auto import tqdm
+
     keep = []
-    for row, prompt in enumerate(dataset["prompt"]):
+    # every prompt is rendered (and tokenized): a minute or more on GTAlign's tens of thousands of rows
+    prompts = tqdm(dataset["prompt"], desc="checking prompts", unit="prompt", disable=len(dataset) < 1000)
+    for row, prompt in enumerate(prompts):
         try:
             text = prompt if isinstance(prompt, str) else tokenizer.apply_chat_template(
                 prompt, tokenize=False, add_generation_prompt=True

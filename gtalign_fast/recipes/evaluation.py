@@ -71,6 +71,7 @@ def generate_and_score(
     batch_size: int = 8,
     seed: int = 0,
     generate_kwargs: Mapping[str, Any] | Callable[[range], Mapping[str, Any]] | None = None,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
     """One completion per dataset row, steered by ``policy`` and scored by ``reward``.
 
@@ -91,6 +92,8 @@ def generate_and_score(
     generate_kwargs : mapping or callable, optional
         Extra ``SteeringSampler.generate`` arguments, or ``rows -> arguments`` per batch (tests
         script completions with ``forced_tokens``).
+    progress : bool
+        Show a tqdm bar over the rows (generation and judging take minutes per batch on a real model).
 
     Returns
     -------
@@ -99,6 +102,8 @@ def generate_and_score(
         ``length`` (completion tokens), ``action`` (``"DA"``/``"CQ"``/``"AQ"`` or ``"none"``),
         ``hard_failure``, ``judge_failed``, ``finish_reason``, ``text``.
     """
+    from tqdm.auto import tqdm
+
     from ..rollout import tokenize_prompts
     from ..sampler import SteeringSampler
 
@@ -108,6 +113,7 @@ def generate_and_score(
     rows = [dataset[i] for i in range(len(dataset))]
     columns = [name for name in rows[0] if name != "prompt"] if rows else []
     records: list[dict[str, Any]] = []
+    bar = tqdm(total=len(rows), desc=f"eval {policy_name}", unit="row", disable=not progress, dynamic_ncols=True)
     for batch in _batches(len(rows), batch_size):
         chunk = [rows[i] for i in batch]
         prompts = [row["prompt"] for row in chunk]
@@ -143,6 +149,8 @@ def generate_and_score(
                 "finish_reason": out.finish_reasons[j],
                 "text": texts[j],
             })
+        bar.update(len(chunk))
+    bar.close()
     return records
 
 
