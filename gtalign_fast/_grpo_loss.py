@@ -369,6 +369,30 @@ def _validate(logp, old_logp, advantages, mask, ref_logp, beta, epsilon_low, eps
         _check_number("num_items_in_batch", num_items_in_batch, low=0.0, low_inclusive=False, optional=True)
 
 
+def options_from_arguments(length: int, beta, epsilon_low, epsilon_high, delta, dual_clip, loss_type,
+                           importance_sampling_level, max_completion_length, num_items_in_batch):
+    """The (validated) keyword arguments of the GRPO-loss ops as ``GrpoLossOptions``, plus
+    ``num_items_in_batch`` as a float32 tensor when it was given as one (else None: it is an option).
+    ``length`` is T, the default ``max_completion_length``."""
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_tensor, num_items_value = _checked_normaliser(num_items_in_batch), None
+    else:
+        num_items_tensor = None
+        num_items_value = None if num_items_in_batch is None else float(num_items_in_batch)
+    options = GrpoLossOptions(
+        beta=float(beta),
+        epsilon_low=float(epsilon_low),
+        epsilon_high=float(epsilon_low if epsilon_high is None else epsilon_high),
+        delta=None if delta is None else float(delta),
+        dual_clip=None if dual_clip is None else float(dual_clip),
+        loss_type=loss_type,
+        sequence_level=importance_sampling_level == "sequence",
+        max_completion_length=int(length if max_completion_length is None else max_completion_length),
+        num_items_value=num_items_value,
+    )
+    return num_items_tensor, options
+
+
 def _checked_normaliser(num_items: torch.Tensor) -> torch.Tensor:
     """The tensor ``num_items_in_batch`` as a 0-dim float32, refused like the number when it is not
     finite and > 0: a CPU tensor is read on the host in an eager call (a ValueError) and checked
@@ -498,21 +522,9 @@ def grpo_loss(
     """
     _validate(logp, old_logp, advantages, mask, ref_logp, beta, epsilon_low, epsilon_high, delta, dual_clip,
               loss_type, importance_sampling_level, max_completion_length, num_items_in_batch)
-    if isinstance(num_items_in_batch, torch.Tensor):
-        num_items_tensor, num_items_value = _checked_normaliser(num_items_in_batch), None
-    else:
-        num_items_tensor = None
-        num_items_value = None if num_items_in_batch is None else float(num_items_in_batch)
-    options = GrpoLossOptions(
-        beta=float(beta),
-        epsilon_low=float(epsilon_low),
-        epsilon_high=float(epsilon_low if epsilon_high is None else epsilon_high),
-        delta=None if delta is None else float(delta),
-        dual_clip=None if dual_clip is None else float(dual_clip),
-        loss_type=loss_type,
-        sequence_level=importance_sampling_level == "sequence",
-        max_completion_length=int(logp.shape[1] if max_completion_length is None else max_completion_length),
-        num_items_value=num_items_value,
+    num_items_tensor, options = options_from_arguments(
+        logp.shape[1], beta, epsilon_low, epsilon_high, delta, dual_clip, loss_type, importance_sampling_level,
+        max_completion_length, num_items_in_batch,
     )
     old_logp = None if old_logp is None else old_logp.detach()
     loss, metrics, _, _ = FORWARD(logp, old_logp, ref_logp, advantages.detach(), mask.detach(), num_items_tensor,

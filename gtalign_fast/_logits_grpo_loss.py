@@ -29,7 +29,7 @@ import torch
 
 from . import _backend, _device_checks, reference
 from ._grpo_constants import METRIC_NAMES, NUM_METRICS, NUM_STATS
-from ._grpo_loss import GrpoLossOptions, _checked_normaliser
+from ._grpo_loss import GrpoLossOptions, options_from_arguments
 from ._grpo_loss import _validate as _validate_grpo
 from ._op import Op, Output, extension_kernel
 from ._token_logprobs import MIN_TEMPERATURE, check_target_range, rows_view
@@ -367,21 +367,9 @@ def grpo_options(op: str, batch: int, length: int, device: torch.device, old_log
                        loss_type, importance_sampling_level, max_completion_length, num_items_in_batch)
     except (TypeError, ValueError) as error:
         raise type(error)(str(error).replace("grpo_loss:", f"{op}:", 1).replace(" but logp is", " but targets are"))
-    if isinstance(num_items_in_batch, torch.Tensor):
-        num_items_tensor, num_items_value = _checked_normaliser(num_items_in_batch), None
-    else:
-        num_items_tensor = None
-        num_items_value = None if num_items_in_batch is None else float(num_items_in_batch)
-    options = GrpoLossOptions(
-        beta=float(beta),
-        epsilon_low=float(epsilon_low),
-        epsilon_high=float(epsilon_low if epsilon_high is None else epsilon_high),
-        delta=None if delta is None else float(delta),
-        dual_clip=None if dual_clip is None else float(dual_clip),
-        loss_type=loss_type,
-        sequence_level=importance_sampling_level == "sequence",
-        max_completion_length=int(length if max_completion_length is None else max_completion_length),
-        num_items_value=num_items_value,
+    num_items_tensor, options = options_from_arguments(
+        length, beta, epsilon_low, epsilon_high, delta, dual_clip, loss_type, importance_sampling_level,
+        max_completion_length, num_items_in_batch,
     )
     return old_logp, ref_logp, num_items_tensor, options
 

@@ -44,6 +44,8 @@ from torch import nn
 
 from . import _backend, checkpoint
 from ._device_checks import check_device_errors
+from ._logits_grpo_loss import default_backend as fused_loss_backend
+from ._logits_grpo_loss import why_unavailable as fused_loss_unavailable
 from .callbacks import CallbackHandler
 from .distributed import Dist, RootForward, distribute, fsdp_gathered, rebind_optimizer
 from .grpo_config import LOSS_TYPES, GRPOConfig
@@ -270,9 +272,7 @@ class GRPOTrainer:
         whenever the fused head is allowed and the op has the chosen backend), and the path's name for the log."""
         if not self.args.use_fused_lm_head:
             return False, "logits LM head (token_logprobs + grpo_loss)"
-        from ._logits_grpo_loss import default_backend, why_unavailable
-
-        problem = why_unavailable(self.backend or default_backend(self.device), self.device)
+        problem = fused_loss_unavailable(self.backend or fused_loss_backend(self.device), self.device)
         if problem is None:
             return True, "fused LM head + GRPO loss (linear_grpo_loss)"
         return False, f"fused LM head (linear_token_logprobs + grpo_loss; not linear_grpo_loss: {problem})"

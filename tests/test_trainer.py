@@ -543,3 +543,19 @@ def test_toy_gtalign_game_learns(tmp_path):
     first = sum(welfare[:TOY_WINDOW]) / TOY_WINDOW
     last = sum(welfare[-TOY_WINDOW:]) / TOY_WINDOW
     assert last - first >= TOY_MARGIN, f"mean welfare went from {first:.3f} to {last:.3f}"
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_log_says_which_loss_path_runs(tmp_path, caplog, monkeypatch, fused):
+    """The start-up line names the update's path, and that path is the one called."""
+    calls = []
+    for name in ("grpo_loss", "linear_grpo_loss"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    with caplog.at_level("INFO", logger="gtalign_fast.trainer"):
+        trainer = sgd_trainer(tmp_path, use_fused_lm_head=fused)
+    expected = "linear_grpo_loss" if fused else "token_logprobs + grpo_loss"
+    assert any(expected in record.getMessage() for record in caplog.records), [r.getMessage() for r in caplog.records]
+    assert trainer.fused_loss is fused
+    trainer.train()
+    assert set(calls) == {"linear_grpo_loss" if fused else "grpo_loss"}
