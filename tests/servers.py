@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
+
+
+@contextlib.contextmanager
+def serving(server):
+    """Run ``server`` (a ``socketserver`` server bound to 127.0.0.1) in a daemon thread for the
+    ``with`` block, then shut it down, close its socket and join the thread."""
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
 
 
 def write_slowly(wfile, data: bytes, delay: float = 0.05) -> None:

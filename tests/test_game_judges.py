@@ -33,7 +33,7 @@ from gtalign_fast.game import (
     wildguard_verdict,
 )
 
-from .servers import write_slowly
+from .servers import serving, write_slowly
 
 # ---------------------------------------------------------------------------------------------
 # \boxed{} extraction and math normalisation
@@ -354,15 +354,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    srv = _FakeJudgeServer()
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with serving(_FakeJudgeServer()) as srv:
         yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(timeout=5)
 
 
 def _judge(server, **kwargs) -> OpenAIJudge:
@@ -506,10 +499,7 @@ def test_client_timeout_is_a_deadline_for_the_whole_request(server, mode):
 
 
 def test_client_does_not_follow_redirects_nor_leak_the_key(server):
-    other = _FakeJudgeServer()
-    thread = threading.Thread(target=other.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with serving(_FakeJudgeServer()) as other:
         host, port = other.server_address
         server.redirect_to = f"http://{host}:{port}/v1/chat/completions"
         judge = _judge(server, api_key="secret", max_retries=2)
@@ -518,10 +508,6 @@ def test_client_does_not_follow_redirects_nor_leak_the_key(server):
         assert out[1].user == 1.0 and not out[1].failed  # one sample's failure is its own
         assert other.requests == 0 and other.auth == []  # the other origin never saw the key
         assert judge.stats.http_errors == 1 and judge.stats.failures == 1 and judge.stats.retries == 0
-    finally:
-        other.shutdown()
-        other.server_close()
-        thread.join(timeout=5)
 
 
 def test_client_retries_a_reply_cut_short_and_caps_replies(server):

@@ -30,6 +30,7 @@ from gtalign_fast import reference
 from gtalign_fast.game import split_chain
 from gtalign_fast.game.welfare import score_chain
 from gtalign_fast.integrations import verl as plugin
+from tests.servers import serving
 
 ROOT = Path(__file__).resolve().parent.parent
 VERL_PYTHON = ROOT / ".venv-verl" / "bin" / "python"
@@ -409,15 +410,8 @@ class _JudgeHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def judge_server():
-    srv = _JudgeServer()
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with serving(_JudgeServer()) as srv:
         yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(timeout=5)
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ autograd's (grad_output scaling, accumulation, DDP all-reduce)."""
 
 from __future__ import annotations
 
-import itertools
 import os
 
 import pytest
@@ -17,14 +16,7 @@ from gtalign_fast._linear_grpo_loss import default_chunk_tokens
 from gtalign_fast._logits_grpo_loss import why_unavailable
 
 from .conftest import DEVICE
-
-BACKENDS = [b for b in ("cpu", "triton", "reference") if why_unavailable(b, DEVICE) is None]
-LOSS_TYPES = reference.GRPO_LOSS_TYPES
-CLIPS = {
-    "clip": dict(epsilon_low=0.2),
-    "clip_higher_delta": dict(epsilon_low=0.2, epsilon_high=0.28, delta=1.25),
-    "dual_clip": dict(epsilon_low=0.2, epsilon_high=0.3, dual_clip=3.0),
-}
+from .test_logits_grpo_loss import BACKENDS, CLIPS, _configurations
 
 
 def _dtype(backend):
@@ -102,17 +94,6 @@ def _check(backend, hidden, weight, bias, targets, advantages, mask, old, ref, *
         assert grad.dtype == dtype and grad.shape == leaf.shape
         torch.testing.assert_close(grad.double(), ref_grad, **grad_tol, msg=name)
     return loss, grads
-
-
-def _configurations(backend):
-    for index, (loss_type, level, clip) in enumerate(itertools.product(LOSS_TYPES, ("token", "sequence"), CLIPS)):
-        pairs = list(itertools.product((0.0, 0.04), (False, True)))
-        if backend == "triton" and DEVICE.type == "cpu":  # the interpreter is slow
-            if index % 2:
-                continue
-            pairs = [pairs[(index // 2) % len(pairs)]]
-        for beta, adv_2d in pairs:
-            yield loss_type, level, clip, beta, adv_2d
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

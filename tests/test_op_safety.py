@@ -687,15 +687,20 @@ def test_grpo_loss_forward_and_backward_read_nothing_on_the_host(no_host_reads):
     assert logp.grad is not None
 
 
-def test_welfare_advantages_reads_nothing_on_the_host(no_host_reads):
+def test_welfare_advantages_reads_nothing_on_the_host(no_host_reads, monkeypatch):
     _need_triton()
     generator = torch.Generator().manual_seed(10)
     user, llm = torch.rand(8, generator=generator).to(DEVICE), torch.rand(8, generator=generator).to(DEVICE)
     offsets = torch.tensor([0, 3, 3, 8], device=DEVICE)
     mask = torch.ones(8, 4, dtype=torch.bool, device=DEVICE)
-    for group in (offsets, 4):
-        for scale in ("group", "batch"):
-            ops.welfare_advantages(user, llm, group, scale=scale, mask=mask, backend="triton")
+    cases = [(group, scale) for group in (offsets, 4) for scale in ("group", "batch")]
+    results = [ops.welfare_advantages(user, llm, group, scale=scale, mask=mask, backend="triton")
+               for group, scale in cases]
+    monkeypatch.undo()  # host reads allowed again: compare with the reference
+    for (group, scale), result in zip(cases, results):
+        expected = ops.welfare_advantages(user, llm, group, scale=scale, mask=mask, backend="reference")
+        for got, want in zip(result, expected):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_logits_and_linear_grpo_loss_read_nothing_on_the_host(no_host_reads, monkeypatch):

@@ -181,8 +181,18 @@ def test_static_cache_samples_what_the_dynamic_cache_samples(qwen, tokenizer):
 @pytest.mark.parametrize("cache", ["static", "dynamic"])
 def test_rows_do_not_depend_on_slots(qwen, tokenizer, cache):
     everything = _generate(qwen, tokenizer, cache, steer="off")
+    assert len(set(map(len, everything.completion_ids))) > 1  # rows finish at different steps: lanes refill
     for slots in (1, 4):
-        _same(everything, _generate(qwen, tokenizer, cache, slots=slots, steer="off"), atol=1e-4)
+        widths = []  # rows per model forward: at most `slots` decode at once
+        hook = qwen.register_forward_pre_hook(
+            lambda _module, _args, kwargs: widths.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+        )
+        try:
+            out = _generate(qwen, tokenizer, cache, slots=slots, steer="off")
+        finally:
+            hook.remove()
+        assert widths and max(widths) == slots
+        _same(everything, out, atol=1e-4)
 
 
 def test_static_cache_compacts_and_grows_when_full(qwen, tokenizer, monkeypatch):

@@ -32,7 +32,7 @@ import torch
 
 from gtalign_fast import GRPOTrainer
 from gtalign_fast.game import GTAlignReward, JudgeItem, OpenAIJudge
-from tests.servers import write_slowly
+from tests.servers import serving, write_slowly
 from tests.test_trainer import install_missing_ops, read_metrics, toy
 
 pytestmark = pytest.mark.timeout(120)
@@ -142,26 +142,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return self._reply(404, b"{}")
 
 
-def _serve():
-    srv = _Server()
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    return srv, thread
-
-
 @pytest.fixture
 def servers():
     """(the judge server, the redirect target), both on 127.0.0.1."""
-    (judge_srv, t1), (other, t2) = _serve(), _serve()
-    host, port = other.server_address
-    judge_srv.redirect_to = f"http://{host}:{port}/v1/chat/completions"
-    try:
+    with serving(_Server()) as judge_srv, serving(_Server()) as other:
+        host, port = other.server_address
+        judge_srv.redirect_to = f"http://{host}:{port}/v1/chat/completions"
         yield judge_srv, other
-    finally:
-        for srv, thread in ((judge_srv, t1), (other, t2)):
-            srv.shutdown()
-            srv.server_close()
-            thread.join(timeout=5)
 
 
 @pytest.fixture
