@@ -9,8 +9,10 @@ Set ``GTALIGN_FAST_NO_EXT=1`` to skip the extension entirely: the package then r
 Triton and pure-PyTorch reference backends. ``GTALIGN_FAST_FORCE_CUDA=1`` builds the CUDA sources
 even when torch reports no GPU (for building on a machine without one).
 
-The Triton kernels live in the top-level ``kernels/`` folder and are installed as
-``gtalign_fast.kernels`` (a top-level package named ``kernels`` would clash with PyPI's).
+The Triton kernels live in the top-level ``kernels/`` folder (no ``__init__.py``: a top-level
+package named ``kernels`` would shadow Hugging Face's, which transformers imports). The package
+``gtalign_fast.kernels`` finds them there in a checkout or an editable install; a wheel gets a copy
+of them inside ``gtalign_fast/kernels/`` (``BuildPyWithKernels``).
 """
 
 import glob
@@ -18,13 +20,26 @@ import os
 import shutil
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PACKAGES = [
     "gtalign_fast", "gtalign_fast.game", "gtalign_fast.game.judges", "gtalign_fast.integrations",
     "gtalign_fast.kernels", "gtalign_fast.recipes",
 ]
-PACKAGE_DIR = {"gtalign_fast.kernels": "kernels"}
+
+
+class BuildPyWithKernels(build_py):
+    """build_py that also copies the top-level ``kernels/*.py`` into ``gtalign_fast/kernels/``."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return  # an editable install reads them from the checkout (gtalign_fast/kernels/__init__.py)
+        target = os.path.join(self.build_lib, "gtalign_fast", "kernels")
+        self.mkpath(target)
+        for source in sorted(glob.glob(os.path.join(ROOT, "kernels", "*.py"))):
+            self.copy_file(source, os.path.join(target, os.path.basename(source)))
 
 
 def _flag(name: str) -> bool:
@@ -74,7 +89,6 @@ ext_modules, cmdclass = _extension_modules()
 
 setup(
     packages=PACKAGES,
-    package_dir=PACKAGE_DIR,
     ext_modules=ext_modules,
-    cmdclass=cmdclass,
+    cmdclass={"build_py": BuildPyWithKernels, **cmdclass},
 )
