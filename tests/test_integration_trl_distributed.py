@@ -108,7 +108,8 @@ def _assert_same_step(actual: dict, expected: dict, what: str) -> None:
         _assert_relative(a, b, f"{what}: gradients at step {step + 1}")
     _assert_relative(actual["before"], expected["before"], f"{what}: parameters before", tolerance=0.0)
     _assert_relative(actual["after"], expected["after"], f"{what}: parameters after {runner.STEPS} steps")
-    _assert_relative(_update(actual), _update(expected), f"{what}: the update")
+    # the update as one vector (per tensor, after - before carries the parameters' float32 rounding)
+    assert _relative_distance(_update(actual), _update(expected)) <= TOLERANCE, f"{what}: the update"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,7 +134,9 @@ def test_two_processes_train_under_ddp_on_one_global_batch(runs):
 
 def test_ranks_end_with_identical_parameters(runs):
     # Data differ between the ranks: equal gradients and parameters mean every gradient was all-reduced, the LM
-    # head's (computed by our op and handed to autograd in its backward) included.
+    # head's (computed by our op and handed to autograd in its backward) included. Checked by hand: a head that
+    # wrote lm_head.weight.grad directly makes DDP raise "Expected to have finished reduction in the prior
+    # iteration", and with ddp_find_unused_parameters=True leaves lm_head.weight 0.07-0.11 apart between the ranks.
     rank0, rank1 = runs["two"]
     for name in runner.CONFIGS:
         for side in ("trl", "ours"):

@@ -31,13 +31,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gtalign_fast import ops  # noqa: E402
 from gtalign_fast.integrations import trl as integration  # noqa: E402
 from tests.test_integration_trl import (  # noqa: E402
-    COMPLETION_LEN, GENERATIONS, VOCAB, _dataset, _distinct_tokens, _perturb_reference, _tokenizer,
+    COMPLETION_LEN,
+    GENERATIONS,
+    VOCAB,
+    _dataset,
+    _distinct_tokens,
+    _perturb_reference,
+    _tokenizer,
 )
 
 GLOBAL_BATCH = 8  # completions per optimizer step, all processes together: 2 prompts x GENERATIONS
 STEPS = 2  # optimizer steps; with num_iterations=2 both train on one generation batch (the second is off-policy)
 
-SALT = int(os.environ.get("TRLDDP_SALT", "0"))
+SALT = 0  # part of every seed; with it the two prompt groups differ in token count (the test asserts it)
 # name -> (GRPOConfig overrides, gradient_accumulation_steps)
 CONFIGS: dict[str, tuple[dict, int]] = {
     # the global token count (num_items_in_batch) normalises; the KL and the reference model's fused head; two
