@@ -71,7 +71,8 @@ UNSUPPORTED: tuple[tuple[str, str], ...] = (
      "the KL by the importance ratio"),
     ("entropy_coef", "must be 0.0 (and use_adaptive_entropy False): the entropy bonus is not added"),
     ("router_aux_loss_coef", "must be 0 for MoE models: the load-balancing loss is not computed by the fused head"),
-    ("deepspeed", "ZeRO-3 is not supported: the fused head reads lm_head.weight outside the module's gather hooks"),
+    ("deepspeed", "ZeRO-3 is not supported: the fused head reads lm_head.weight outside the module's gather hooks; "
+     "ZeRO-1/2 are refused too: they have no parity test (DeepSpeed is not installed where the tests run)"),
 )
 
 
@@ -193,9 +194,19 @@ def _refusals(trainer) -> list[str]:
                      f"use_adaptive_entropy={getattr(trainer, 'use_adaptive_entropy', None)}")
     if getattr(trainer, "aux_loss_enabled", False):
         found.append(f"router_aux_loss_coef={getattr(trainer, 'router_aux_loss_coef', None)}")
-    if _zero3_enabled():
-        found.append("deepspeed ZeRO-3")
+    stage = _deepspeed_stage(trainer)
+    if stage is not None:
+        found.append(f"deepspeed ZeRO-{stage}")
     return found
+
+
+def _deepspeed_stage(trainer) -> int | None:
+    """The ZeRO stage when ``trainer`` runs under DeepSpeed, else None (read where transformers' Trainer reads it)."""
+    if _zero3_enabled():
+        return 3
+    if not getattr(trainer, "is_deepspeed_enabled", False):
+        return None
+    return int(trainer.accelerator.state.deepspeed_plugin.zero_stage)
 
 
 def _zero3_enabled() -> bool:
