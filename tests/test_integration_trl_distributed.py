@@ -2,10 +2,11 @@
 
 ``tests/trl_distributed_run.py`` trains TRL 1.16's GRPOTrainer for two optimizer steps, unpatched ("trl") and
 patched ("ours"), once as one plain process and once under ``accelerate launch --multi_gpu --num_processes 2``
-(on a machine without CUDA that is two CPU processes on gloo, the model wrapped in DDP by accelerate as TRL sets it
-up; ``accelerate launch --cpu --num_processes 2`` starts only one process unless mpirun is configured). Both
-layouts train on the same global batch (8 completions per step; each of the two processes gets one whole prompt
-group) and on the same completions (a function of the prompt and the occurrence, not of a random stream).
+(with CUDA hidden that is two CPU processes on gloo, the model wrapped in DDP by accelerate as TRL sets it up, with
+TRL's default gradient checkpointing; ``accelerate launch --cpu --num_processes 2`` starts only one process unless
+mpirun is configured). Both layouts train on the same global batch (8 completions per step; each of the two
+processes gets one whole prompt group) and on the same completions (a function of the prompt and the occurrence,
+not of a random stream).
 
 What must hold: the two ranks end with identical parameters (so every gradient, the fused LM head's included, went
 through DDP's reducer: a gradient that was never all-reduced would leave the ranks apart); the patched two-process
@@ -59,9 +60,10 @@ def model_dir(tmp_path_factory):
     return str(path)
 
 
-def _launch(command: list[str], out_dir: str) -> None:
+def _launch(command: list[str]) -> None:
+    # CPU only, also on a machine with GPUs: the comparison is of gloo + DDP on CPU processes.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "TOKENIZERS_PARALLELISM": "false"}
+           "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert done.returncode == 0, f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-4000:]}\n" \
                                  f"{done.stderr[-8000:]}"
@@ -71,11 +73,11 @@ def _launch(command: list[str], out_dir: str) -> None:
 def runs(model_dir, tmp_path_factory):
     """{"one": rank 0 of the plain run, "two": [rank 0, rank 1] of the 2-process run}, as the runner saves them."""
     one, two = str(tmp_path_factory.mktemp("one_process")), str(tmp_path_factory.mktemp("two_processes"))
-    _launch([sys.executable, SCRIPT, model_dir, one], one)
+    _launch([sys.executable, SCRIPT, model_dir, one])
     # The README's command. Port 0: a free port, so that concurrent runs on one machine do not collide.
     _launch([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-             SCRIPT, model_dir, two], two)
+             SCRIPT, model_dir, two])
 
     def load(directory, rank):
         return torch.load(os.path.join(directory, f"rank{rank}.pt"), weights_only=False)
