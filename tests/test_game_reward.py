@@ -314,3 +314,12 @@ def test_grpo_config_checks_max_judge_failure_rate():
     for bad in (-0.1, 1.5, math.nan):
         with pytest.raises(ValueError, match="max_judge_failure_rate"):
             GRPOConfig(max_steps=1, max_judge_failure_rate=bad)
+
+
+def test_normalization_leaves_judge_failures_out_of_the_statistics():
+    reward = GTAlignReward(_FlakyJudge(), normalize="zscore")
+    texts = [chain("good"), chain("fail"), chain("bad"), chain("fail")]
+    out = reward(prompts=["q"] * 4, completions=texts)
+    expected = normalize_by_source([out.score[0], out.score[2]], None)
+    assert [out[0], out[2]] == pytest.approx(expected)  # the two verdicts' own mean and std
+    assert out[1] == out.score[1] and out[3] == out.score[3]  # missing: raw, flagged judge_failed

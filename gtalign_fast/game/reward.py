@@ -162,7 +162,8 @@ class RewardBatch(list):
     """Per-completion rewards of one call: a ``list`` of floats plus the details.
 
     The list itself holds the scalar reward per completion (W of the variant, normalised per source
-    when the reward was built with ``normalize``), so TRL-style trainers can use it directly.
+    when the reward was built with ``normalize``, over the completions whose judge gave a verdict),
+    so TRL-style trainers can use it directly.
 
     Attributes
     ----------
@@ -342,7 +343,13 @@ class GTAlignReward:
             )
             fields.append(row)
         scores = [r.score for r in results]
-        values = normalize_by_source(scores, sources, self.normalize)
+        # a failed judge's score is missing: it stays out of its source's normalisation statistics (its own
+        # value is the raw score, which trainers replace by NaN through ``judge_failed``)
+        judged = [i for i in range(n) if not answers.get(i, AnswerScore(0.0, 0.0)).failed]
+        values = list(scores)
+        for i, value in zip(judged, normalize_by_source([scores[i] for i in judged], [sources[i] for i in judged],
+                                                        self.normalize)):
+            values[i] = value
         return RewardBatch(
             values, results=results, fields=fields,
             judge_failures=sum(1 for i in answers if answers[i].failed),
