@@ -11,6 +11,8 @@ parses), as a table (stdout and ``summary.csv``), a PNG (``steering.png``) and t
     python examples/gtalign_eval.py --model_name_or_path runs/gtalign --test_files data/test.parquet \\
         --judge_url http://127.0.0.1:30000/v1 --judge_model Qwen/Qwen3-32B --output_dir runs/gtalign/eval
 
+``--judge_url`` may be left out when every row is ``math-hard`` (scored by the ``\\boxed{}`` rule).
+
 The same seeds are used under every policy, so two policies differ only where a payoff edit
 changed the completion.
 """
@@ -28,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from gtalign_fast.game import OpenAIJudge  # noqa: E402
 from gtalign_fast.game.pricing import RULES  # noqa: E402
-from gtalign_fast.recipes import gtalign_reward, load_gtalign_dataset  # noqa: E402
+from gtalign_fast.recipes import gtalign_reward, load_gtalign_dataset, require_model_judge  # noqa: E402
 from gtalign_fast.recipes.evaluation import (  # noqa: E402
     format_table,
     generate_and_score,
@@ -61,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--use_cpu", action="store_true")
     judge = parser.add_argument_group("judge (an OpenAI-compatible /v1/chat/completions server)")
-    judge.add_argument("--judge_url", required=True)
+    judge.add_argument("--judge_url", default=None, help="not needed when every row is math-hard (rule-judged)")
     judge.add_argument("--judge_model", default="Qwen/Qwen3-32B")
     judge.add_argument("--judge_api_key_env", default=None, help="name of the environment variable holding the key")
     judge.add_argument("--judge_timeout", type=float, default=60.0)
@@ -72,7 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_judge(args: argparse.Namespace) -> OpenAIJudge:
+def build_judge(args: argparse.Namespace) -> OpenAIJudge | None:
+    """The model judge, or None without ``--judge_url`` (then every row must be rule-judged)."""
+    if args.judge_url is None:
+        return None
     api_key = os.environ.get(args.judge_api_key_env) if args.judge_api_key_env else None
     if args.judge_api_key_env and not api_key:
         raise SystemExit(f"--judge_api_key_env: the environment variable {args.judge_api_key_env} is not set")
@@ -106,6 +111,12 @@ def main(argv: list[str] | None = None) -> None:
     dataset = load_gtalign_dataset(
         args.test_files, tokenizer, data_sources=args.data_sources, max_samples=args.max_samples
     )
+    if args.judge_url is None:  # before the model loads: say at once which row needs a judge
+        try:
+            require_model_judge(dataset["data_source"], math_model_judge=args.math_model_judge,
+                                how="pass --judge_url (and --judge_model)")
+        except ValueError as error:
+            raise SystemExit(f"gtalign_eval.py: {error}") from None
     device = "cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu"
     model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path).to(device).eval()
     reward = gtalign_reward(build_judge(args), math_model_judge=build_judge(args) if args.math_model_judge else None)

@@ -6,6 +6,9 @@ One command::
         --train_files data/train.parquet --judge_url http://127.0.0.1:30000/v1 --judge_model Qwen/Qwen3-32B \\
         --output_dir runs/gtalign --max_steps 200
 
+``--judge_url`` is needed only when a row's task needs a model judge: ``math-hard`` alone is scored by the
+``\\boxed{}`` rule without any server (a clear error names the first row that needs a judge when none is given).
+
 Check the wiring first (a few rows per task: generate, judge, print U / L / W per task; no training)::
 
     python examples/gtalign_train.py ... --dry_run
@@ -31,7 +34,7 @@ from gtalign_fast import GRPOConfig, GRPOTrainer  # noqa: E402
 from gtalign_fast.game import OpenAIJudge  # noqa: E402
 from gtalign_fast.game.reward import NORMALIZATIONS  # noqa: E402
 from gtalign_fast.game.welfare import VARIANTS  # noqa: E402
-from gtalign_fast.recipes import gtalign_reward, load_gtalign_dataset  # noqa: E402
+from gtalign_fast.recipes import gtalign_reward, load_gtalign_dataset, require_model_judge  # noqa: E402
 from gtalign_fast.recipes.evaluation import format_table, generate_and_score, summarize  # noqa: E402
 
 # GTAlign's GRPO runs (GTALIGN.md section 6), where they differ from GRPOConfig's TRL defaults
@@ -99,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--filter_overlong_prompts", action="store_true",
                         help="drop prompts longer than --max_prompt_length tokens (else their end is kept)")
     judge = parser.add_argument_group("judge (an OpenAI-compatible /v1/chat/completions server)")
-    judge.add_argument("--judge_url", required=True, help="e.g. http://127.0.0.1:30000/v1")
+    judge.add_argument("--judge_url", default=None,
+                       help="e.g. http://127.0.0.1:30000/v1; not needed when every row is math-hard (rule-judged)")
     judge.add_argument("--judge_model", default="Qwen/Qwen3-32B")
     judge.add_argument("--judge_api_key_env", default=None, help="name of the environment variable holding the key")
     judge.add_argument("--judge_timeout", type=float, default=60.0, help="deadline per request, seconds")
@@ -120,7 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_judge(args: argparse.Namespace) -> OpenAIJudge:
+def build_judge(args: argparse.Namespace) -> OpenAIJudge | None:
+    """The model judge, or None without ``--judge_url`` (rule-judged rows only: :func:`check_judge`)."""
+    if args.judge_url is None:
+        return None
     api_key = None
     if args.judge_api_key_env:
         api_key = os.environ.get(args.judge_api_key_env)
@@ -132,6 +139,16 @@ def build_judge(args: argparse.Namespace) -> OpenAIJudge:
         max_retries=args.judge_max_retries, concurrency=args.judge_concurrency, max_tokens=args.judge_max_tokens,
         extra_body=extra_body,
     )
+
+
+def check_judge(args: argparse.Namespace, dataset) -> None:
+    """Without ``--judge_url``, every row must be rule-judged: the clear error names the first that is not."""
+    if args.judge_url is None:
+        try:
+            require_model_judge(dataset["data_source"], math_model_judge=args.math_model_judge,
+                                how="pass --judge_url (and --judge_model)")
+        except ValueError as error:
+            raise SystemExit(f"gtalign_train.py: {error}") from None
 
 
 def build_config(args: argparse.Namespace) -> GRPOConfig:
@@ -160,6 +177,7 @@ def dry_run(args: argparse.Namespace, reward, config: GRPOConfig) -> None:
         max_prompt_length=config.max_prompt_length if args.filter_overlong_prompts else None,
     )
     dataset = rows_per_task(dataset, args.dry_run_rows)
+    check_judge(args, dataset)
     device = "cuda" if torch.cuda.is_available() and not config.use_cpu else "cpu"
     model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path).to(device).eval()
     records = generate_and_score(
@@ -167,7 +185,8 @@ def dry_run(args: argparse.Namespace, reward, config: GRPOConfig) -> None:
         max_prompt_length=config.max_prompt_length, temperature=config.temperature, top_p=config.top_p,
         seed=config.seed,
     )
-    print(f"dry run: {len(records)} completions from {args.model_name_or_path}, judge {args.judge_url}")
+    judge = args.judge_url or "none (rule-judged rows only)"
+    print(f"dry run: {len(records)} completions from {args.model_name_or_path}, judge {judge}")
     print(format_table(summarize(records), metrics=("U", "L", "W", "format", "length")))
 
 
@@ -189,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         args.train_files, tokenizer, data_sources=args.data_sources, max_samples=args.max_samples,
         max_prompt_length=config.max_prompt_length if args.filter_overlong_prompts else None,
     )
+    check_judge(args, dataset)
     trainer = GRPOTrainer(
         args.model_name_or_path, reward, args=config, train_dataset=dataset, processing_class=tokenizer
     )

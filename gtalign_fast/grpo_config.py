@@ -88,6 +88,11 @@ class GRPOConfig:
         How rollouts steer; None: "rewrite" when ``pricing_policy`` is set, else "off".
     max_consecutive_nan_steps : int
         A non-finite loss or gradient norm skips the step; this many in a row stop training.
+    max_judge_failure_rate : float, default 0.5
+        The largest fraction of one step's completions whose judge may fail (GTAlignReward's
+        ``judge_failed``: a missing score, advantage 0). More stops training with an error naming
+        the judge and the rate: a dead judge server must not train the model on noise. In [0, 1];
+        1 never stops.
     distributed_strategy : {"ddp", "fsdp2"}
         How several processes share the model (transformers' ``fsdp`` string option is not used).
         "ddp" (default): a full replica per process, gradients all-reduced; with one process the
@@ -160,6 +165,7 @@ class GRPOConfig:
     pricing_policy: Any = None
     steering_mode: str | None = None
     max_consecutive_nan_steps: int = 5
+    max_judge_failure_rate: float = 0.5
     distributed_strategy: str = "ddp"
 
     def __post_init__(self) -> None:
@@ -253,6 +259,8 @@ class GRPOConfig:
             self._fail("logging_steps must be >= 1 and save_steps >= 0 (0: no checkpoints)")
         if self.max_consecutive_nan_steps < 1:
             self._fail(f"max_consecutive_nan_steps must be >= 1, got {self.max_consecutive_nan_steps}")
+        if not 0 <= self.max_judge_failure_rate <= 1:  # NaN fails too
+            self._fail(f"max_judge_failure_rate must be in [0, 1], got {self.max_judge_failure_rate}")
         if self.distributed_strategy not in DISTRIBUTED_STRATEGIES:
             self._fail(
                 f"distributed_strategy must be one of {DISTRIBUTED_STRATEGIES}, got {self.distributed_strategy!r}"

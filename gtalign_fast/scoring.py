@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
@@ -31,6 +31,7 @@ logger = logging.getLogger("gtalign_fast.trainer")
 __all__ = [
     "RewardSpec", "reward_specs", "single_welfare", "reward_name", "is_welfare_reward", "RewardScores",
     "score_completions", "call_reward_funcs", "GroupAdvantages", "group_advantages", "batch_advantages",
+    "check_judge_failure_rate",
 ]
 
 
@@ -134,10 +135,12 @@ def is_welfare_reward(func: Any) -> bool:
 class RewardScores:
     """Rewards of one batch on this process.
 
-    per_func : ``[N, F]`` float32, NaN where a function returned None or failed.
+    per_func : ``[N, F]`` float32, NaN where a function returned None or failed, or its judge failed.
     user, llm : ``[N]`` float32 or None, U and L of the first welfare reward function.
-    failures : completions each function could not score (None or an exception), by name.
+    failures : completions each function could not score (None, an exception, a failed judge), by name.
     extra : batch means of the welfare reward's logged fields (``RewardBatch.metrics()``).
+    judge_failures : completions whose judge failed in some function (``RewardBatch.judge_failed``).
+    failed_judges : those failures per judge (its repr), for the error that stops a run.
     """
 
     per_func: torch.Tensor
@@ -145,6 +148,8 @@ class RewardScores:
     llm: torch.Tensor | None
     failures: dict[str, int]
     extra: dict[str, float]
+    judge_failures: int = 0
+    failed_judges: dict[str, int] = field(default_factory=dict)
 
 
 def score_completions(
@@ -180,7 +185,9 @@ def call_reward_funcs(
     (logged with its traceback once per function name); None means "cannot score this one" and
     also becomes NaN, which the advantages exclude (advantage 0). So does a value that is not a
     finite float32 (NaN, +-inf, or past +-3.4e38): it is never clamped to a huge finite number,
-    which would swamp its group. Every NaN counts in ``failures``.
+    which would swamp its group. So does a completion whose judge failed (a ``judge_failed`` flag
+    on the result, as :class:`~gtalign_fast.game.reward.RewardBatch` has): a missing score, not
+    a 0, counted in ``judge_failures`` too. Every NaN counts in ``failures``.
 
     Raises ValueError when a column does not hold one value per completion (a caller's error).
     """
@@ -194,13 +201,23 @@ def call_reward_funcs(
     user = llm = None
     failures: dict[str, int] = {}
     extra: dict[str, float] = {}
+    judge_failed = torch.zeros(n, dtype=torch.bool)
+    failed_judges: dict[str, int] = {}
     for j, spec in enumerate(specs):
         try:
             out = spec.func(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
             per_func[:, j] = torch.tensor(_as_floats(out, n, spec.name))
+            failed = _judge_failed(out, n)
+            if failed is not None:  # a failed judge is no verdict: missing, not the 0 the reward put there
+                per_func[failed, j] = math.nan
+                judge_failed |= failed
+                for name, count in getattr(out, "failed_judges", {}).items():
+                    failed_judges[name] = failed_judges.get(name, 0) + int(count)
             if spec.is_welfare and user is None:
                 user = torch.tensor(_as_floats(out.user, n, f"{spec.name}.user"))
                 llm = torch.tensor(_as_floats(out.llm, n, f"{spec.name}.llm"))
+                if failed is not None:
+                    user[failed] = llm[failed] = math.nan
                 # no U or no L: no welfare either, so the completion counts as a failure of this function
                 per_func[user.isnan() | llm.isnan(), j] = math.nan
                 if hasattr(out, "metrics"):
@@ -217,7 +234,19 @@ def call_reward_funcs(
     def to_device(t):
         return None if t is None else t.to(device)
 
-    return RewardScores(to_device(per_func), to_device(user), to_device(llm), failures, extra)
+    return RewardScores(to_device(per_func), to_device(user), to_device(llm), failures, extra,
+                        int(judge_failed.sum()), failed_judges)
+
+
+def _judge_failed(out: Any, n: int) -> torch.Tensor | None:
+    """The result's per-completion ``judge_failed`` flags as a bool ``[n]`` tensor; None when it has none."""
+    flags = getattr(out, "judge_failed", None)
+    if flags is None:
+        return None
+    flags = [bool(f) for f in flags]
+    if len(flags) != n:
+        raise ValueError(f"judge_failed has {len(flags)} flags for {n} completions")
+    return torch.tensor(flags, dtype=torch.bool)
 
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
@@ -336,13 +365,15 @@ def weighted_reward(per_func: torch.Tensor, weights: Sequence[float]) -> torch.T
 
 def batch_advantages(
     scores: RewardScores, specs: Sequence[RewardSpec], dist: Any, *, group_size: int, alpha: float, scale: str,
-    eps: float, backend: str | None,
+    eps: float, backend: str | None, max_judge_failure_rate: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Group advantages over the GLOBAL batch, and the reward metrics.
 
     Rewards are gathered from every process (``dist``: the trainer's process group), so "batch"
     scaling and the metrics see every completion; returns this process's slice of the advantages
-    (float32) and the metrics.
+    (float32) and the metrics. ``gtalign/judge_failures`` counts the global batch's completions
+    whose judge failed; more than ``max_judge_failure_rate`` of them raise
+    (:func:`check_judge_failure_rate`), on every process alike.
     """
     per_func = dist.gather_rows(scores.per_func)
     user = llm = welfare = None
@@ -356,7 +387,9 @@ def batch_advantages(
         out = group_advantages(reward, group_size, scale=scale, eps=eps)
         if user is not None:
             welfare = per_func[:, [spec.is_welfare for spec in specs].index(True)]
-    metrics = _reward_metrics(specs, per_func, reward, scores.failures, dist)
+    metrics = _reward_metrics(specs, per_func, reward, scores, dist)
+    check_judge_failure_rate(metrics["gtalign/judge_failures"], per_func.shape[0], max_judge_failure_rate,
+                             scores.failed_judges)
     if user is not None:
         metrics.update({"welfare/U": _nanmean(user), "welfare/L": _nanmean(llm), "welfare/W": _nanmean(welfare)})
     metrics.update({k: v for k, v in scores.extra.items() if k not in metrics})  # main process's batch
@@ -365,15 +398,49 @@ def batch_advantages(
 
 
 def _reward_metrics(specs: Sequence[RewardSpec], per_func: torch.Tensor, reward: torch.Tensor,
-                    failures: dict[str, int], dist: Any) -> dict[str, float]:
+                    scores: RewardScores, dist: Any) -> dict[str, float]:
     metrics = {"reward": _nanmean(reward), "reward_std": _nanstd(reward)}
     for j, spec in enumerate(specs):
         metrics[f"rewards/{spec.name}/mean"] = _nanmean(per_func[:, j])
         metrics[f"rewards/{spec.name}/std"] = _nanstd(per_func[:, j])
-    counts = dist.sum(torch.tensor([float(failures[spec.name]) for spec in specs]))
-    for spec, count in zip(specs, counts.tolist()):
+    # host counts, one all-reduce for them all (the judge failures ride along: no extra sync)
+    counts = [float(scores.failures[spec.name]) for spec in specs] + [float(scores.judge_failures)]
+    *per_spec, judge_failures = dist.sum(torch.tensor(counts)).tolist()
+    for spec, count in zip(specs, per_spec):
         metrics[f"rewards/{spec.name}/failures"] = count
+    metrics["gtalign/judge_failures"] = judge_failures
+    metrics["gtalign/judge_failure_rate"] = judge_failures / max(per_func.shape[0], 1)
     return metrics
+
+
+def check_judge_failure_rate(failures: float, total: int, max_rate: float, judges: dict[str, int]) -> None:
+    """Stop a run whose judge fails too often: a dead judge server must not train the model on noise.
+
+    Parameters
+    ----------
+    failures : float
+        Completions of the step (global batch) whose judge failed.
+    total : int
+        Completions of the step (global batch).
+    max_rate : float
+        ``GRPOConfig.max_judge_failure_rate``: more than this fraction raises.
+    judges : dict of str to int
+        This process's failures per judge (its repr), named in the error.
+
+    Raises
+    ------
+    RuntimeError
+        ``failures / total > max_rate``.
+    """
+    rate = failures / max(total, 1)
+    if rate > max_rate:
+        named = ", ".join(f"{name} ({count} here)" for name, count in sorted(judges.items())) or "see the logs"
+        raise RuntimeError(
+            f"GRPOTrainer: the judge failed on {int(failures)} of {total} completions of this step ({rate:.0%}), more "
+            f"than GRPOConfig.max_judge_failure_rate = {max_rate:g}; judge: {named}. Is the judge server up and "
+            "answering in time? (Failed samples are missing scores, advantage 0; raise max_judge_failure_rate to "
+            "tolerate more.)"
+        )
 
 
 def _advantage_metrics(advantages: torch.Tensor, group_all_equal: torch.Tensor) -> dict[str, float]:

@@ -472,6 +472,7 @@ class GRPOTrainer:
         return batch_advantages(
             scores, self.rewards, self.dist, group_size=args.num_generations, alpha=args.alpha,
             scale=args.scale_rewards, eps=args.advantage_eps, backend=self.backend,
+            max_judge_failure_rate=args.max_judge_failure_rate,
         )
 
     def _optimizer_step(self, loss: torch.Tensor) -> dict[str, float]:

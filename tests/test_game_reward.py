@@ -239,3 +239,87 @@ def test_unhashable_data_source_is_routed_to_the_fallback():
     strict = GTAlignReward({"math": lambda item: 0.0})
     with pytest.raises(KeyError):  # no fallback: a config error, as for any unknown source
         strict(completions=[text], data_source=[["math"]])
+
+
+# ---------------------------------------------------------------------------------------------
+# A judge failure is a missing score for the trainer (issue 23.4)
+# ---------------------------------------------------------------------------------------------
+
+
+class _FlakyJudge:
+    """1.0 for responses saying "good", a failure for those saying "fail", else 0."""
+
+    def judge_batch(self, items):
+        return [AnswerScore.failure("down") if "fail" in item.response else AnswerScore.both(float("good" in
+                item.response)) for item in items]
+
+    def __repr__(self):
+        return "FlakyJudge(url='http://judge')"
+
+
+def _flaky_batch():
+    reward = GTAlignReward(_FlakyJudge())
+    texts = [chain("good"), chain("fail"), chain("bad"), chain("fail")]
+    return reward, texts, reward(prompts=["q"] * 4, completions=texts)
+
+
+def test_reward_batch_flags_judge_failures_per_sample_and_per_judge():
+    _, _, out = _flaky_batch()
+    assert out.judge_failed == [False, True, False, True]
+    assert out.failed_judges == {"FlakyJudge(url='http://judge')": 2} and out.judge_failures == 2
+    assert out.fields[1]["answer_reward"] == 0.0  # the reward itself still reports the 0 it scored
+
+
+def test_call_reward_funcs_makes_a_judge_failure_missing():
+    """per_func, U and L are NaN where the judge failed (so the advantages leave them out), counted."""
+    import torch
+
+    from gtalign_fast.scoring import RewardSpec, call_reward_funcs
+
+    reward, texts, expected = _flaky_batch()
+    scores = call_reward_funcs([RewardSpec.of(reward)], prompts=["q"] * 4, completions=texts,
+                               completion_ids=[[1]] * 4, columns={}, device=torch.device("cpu"))
+    nan = torch.tensor([False, True, False, True])
+    assert torch.equal(scores.per_func[:, 0].isnan(), nan)
+    assert torch.equal(scores.user.isnan(), nan) and torch.equal(scores.llm.isnan(), nan)
+    assert scores.user[0].item() == pytest.approx(expected.user[0]) and scores.user[0] > scores.user[2]
+    assert scores.judge_failures == 2 and scores.failures["gtalign"] == 2
+    assert scores.failed_judges == {"FlakyJudge(url='http://judge')": 2}
+
+
+def test_batch_advantages_counts_judge_failures_and_stops_past_the_rate():
+    import torch
+
+    from gtalign_fast.distributed import Dist
+    from gtalign_fast.scoring import RewardSpec, batch_advantages, call_reward_funcs
+
+    reward, texts, _ = _flaky_batch()
+    specs = [RewardSpec.of(reward)]
+    scores = call_reward_funcs(specs, prompts=["q"] * 4, completions=texts, completion_ids=[[1]] * 4, columns={},
+                               device=torch.device("cpu"))
+    kwargs = dict(group_size=4, alpha=0.5, scale="group", eps=1e-4, backend="reference")
+    advantages, metrics = batch_advantages(scores, specs, Dist(use_cpu=True), max_judge_failure_rate=0.5, **kwargs)
+    assert metrics["gtalign/judge_failures"] == 2 and metrics["gtalign/judge_failure_rate"] == 0.5
+    assert advantages[1] == 0 and advantages[3] == 0 and advantages[0] > 0 > advantages[2]
+    assert advantages[0].item() == pytest.approx(-advantages[2].item(), rel=1e-5)  # the group of the two verdicts only
+    with pytest.raises(RuntimeError, match=r"2 of 4 completions .*\(50%\).*max_judge_failure_rate = 0\.4.*"
+                                           r"FlakyJudge\(url='http://judge'\) \(2 here\)"):
+        batch_advantages(scores, specs, Dist(use_cpu=True), max_judge_failure_rate=0.4, **kwargs)
+
+
+def test_grpo_config_checks_max_judge_failure_rate():
+    from gtalign_fast import GRPOConfig
+
+    assert GRPOConfig(max_steps=1).max_judge_failure_rate == 0.5
+    for bad in (-0.1, 1.5, math.nan):
+        with pytest.raises(ValueError, match="max_judge_failure_rate"):
+            GRPOConfig(max_steps=1, max_judge_failure_rate=bad)
+
+
+def test_normalization_leaves_judge_failures_out_of_the_statistics():
+    reward = GTAlignReward(_FlakyJudge(), normalize="zscore")
+    texts = [chain("good"), chain("fail"), chain("bad"), chain("fail")]
+    out = reward(prompts=["q"] * 4, completions=texts)
+    expected = normalize_by_source([out.score[0], out.score[2]], None)
+    assert [out[0], out[2]] == pytest.approx(expected)  # the two verdicts' own mean and std
+    assert out[1] == out.score[1] and out[3] == out.score[3]  # missing: raw, flagged judge_failed

@@ -218,6 +218,108 @@ def test_advantage_estimator_equals_verl_grpo(verl_results, norm):
     assert case["returns"] == case["ours"]
 
 
+_ZERO_WEIGHTS_SCRIPT = r"""
+import json
+import torch
+import verl  # loads the plugin
+from verl.trainer.ppo import core_algos
+from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_rejection_mask
+from verl.workers.config import ActorConfig
+
+# verl's own test inputs (tests/trainer/ppo/test_rollout_corr_integration.py: 4 x 16 randn, every token valid,
+# clip_ratio 0.2), seed 0, with IcePop weights from verl's own helper: 0 outside [0.5, 5].
+torch.manual_seed(0)
+B, T = 4, 16
+old, logp0, rollout = torch.randn(B, T), torch.randn(B, T), torch.randn(B, T)
+adv, mask = torch.randn(B, T), torch.ones(B, T)
+proto, _, _ = compute_rollout_correction_and_rejection_mask(
+    old_log_prob=old, rollout_log_prob=rollout, response_mask=mask, rollout_is="token", rollout_is_threshold="0.5_5.0")
+weights = proto.batch["rollout_is_weights"]
+config = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size=2, clip_ratio=0.2)
+out = {"zero_weights": int((weights == 0).sum()), "cases": {}}
+for verl_mode, ours in (("vanilla", "gtalign_fast"), ("gspo", "gtalign_fast_gspo")):
+    for name, mode in (("verl", verl_mode), ("ours", ours)):
+        logp = logp0.clone().requires_grad_(True)
+        loss, metrics = core_algos.get_policy_loss_fn(mode)(
+            old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask, loss_agg_mode="token-mean",
+            config=config, rollout_is_weights=weights)
+        loss.backward()
+        out["cases"][f"{verl_mode}|{name}"] = {"loss": float(loss), "grad": logp.grad.tolist(),
+                                               "metrics": {k: float(v) for k, v in metrics.items()}}
+# verl's agg_loss takes **global_batch_info: an unknown key is a TypeError there
+config.global_batch_info.update({"dp_size": 1, "batch_num_tokenz": 64})
+for mode in ("vanilla", "gtalign_fast"):
+    try:
+        core_algos.get_policy_loss_fn(mode)(old_log_prob=old, log_prob=logp0, advantages=adv, response_mask=mask,
+                                            loss_agg_mode="token-mean", config=config)
+        out[f"unknown_key|{mode}"] = "no error"
+    except TypeError as error:
+        out[f"unknown_key|{mode}"] = str(error)
+print(json.dumps(out))
+"""
+
+
+def test_pg_clipfrac_equals_verl_with_zero_rollout_weights():
+    """IcePop weights of 0: verl counts clipping before weighting; the plugin folds weights into the advantages,
+    so it computes ``actor/pg_clipfrac`` from the unweighted ones (verl's test inputs: 0.4219 vanilla, 0.2969 gspo;
+    folded, a weight-0 token never counted: 0.2344)."""
+    out = _run_in_verl(_ZERO_WEIGHTS_SCRIPT)
+    assert out["zero_weights"] > 0
+    for mode in ("vanilla", "gspo"):
+        ours, theirs = out["cases"][f"{mode}|ours"], out["cases"][f"{mode}|verl"]
+        assert set(ours["metrics"]) == set(theirs["metrics"])
+        for name, value in theirs["metrics"].items():
+            assert ours["metrics"][name] == pytest.approx(value, rel=1e-6, abs=1e-7), f"{mode}: {name}"
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5, abs=1e-7)
+        torch.testing.assert_close(torch.tensor(ours["grad"]), torch.tensor(theirs["grad"]), rtol=1e-5, atol=1e-7)
+    assert out["cases"]["vanilla|verl"]["metrics"]["actor/pg_clipfrac"] == pytest.approx(0.421875)
+    assert out["cases"]["gspo|verl"]["metrics"]["actor/pg_clipfrac"] == pytest.approx(0.296875)
+    assert "batch_num_tokenz" in out["unknown_key|vanilla"]  # verl's own TypeError
+    assert "batch_num_tokenz" in out["unknown_key|gtalign_fast"]
+
+
+def test_policy_loss_refuses_unknown_global_batch_info_keys():
+    old, logp, adv, mask = _loss_inputs()
+    for fn in (plugin.compute_policy_loss_gtalign_fast, plugin.compute_policy_loss_gtalign_fast_gspo):
+        with pytest.raises(TypeError, match="batch_num_tokenz"):
+            fn(old, logp, adv, mask, "token-mean", {"global_batch_info": {"dp_size": 1, "batch_num_tokenz": 20}})
+    loss, _ = plugin.compute_policy_loss_gtalign_fast(  # every key verl's agg_loss takes is accepted
+        old, logp, adv, mask, "token-mean",
+        {"global_batch_info": {"dp_size": 1, "batch_num_tokens": 20, "global_batch_size": 4, "loss_scale_factor": 5}},
+    )
+    assert torch.isfinite(loss)
+
+
+def test_pg_clipfrac_counts_weight_zero_tokens_in_process():
+    """The same property without verl: zeroing a clipped token's rollout weight leaves ``actor/pg_clipfrac``."""
+    old, logp, adv, mask = _loss_inputs()
+    adv = adv.sign() * (adv.abs() + 0.5)
+    logp = old + torch.tensor([0.5, -0.5, 0.0, 0.05, -0.05]).repeat(4, 1)  # clipped where |log r| = 0.5 and A agrees
+    config = {"clip_ratio": 0.2}
+    plain = plugin.compute_policy_loss_gtalign_fast(old, logp, adv, mask, "token-mean", config)[1]
+    weights = torch.ones_like(adv)
+    weights[:, :2] = 0.0  # the only tokens that can be clipped
+    for fn in (plugin.compute_policy_loss_gtalign_fast, plugin.compute_policy_loss_gtalign_fast_gspo):
+        weighted = fn(old, logp, adv, mask, "token-mean", config, rollout_is_weights=weights)[1]
+        unweighted = fn(old, logp, adv, mask, "token-mean", config)[1]
+        assert float(weighted["actor/pg_clipfrac"]) == pytest.approx(float(unweighted["actor/pg_clipfrac"]))
+    assert float(plain["actor/pg_clipfrac"]) > 0
+
+
+def test_advantage_estimator_warns_about_nan_rewards(caplog):
+    """A NaN reward is missing (advantage 0, out of its group's statistics), and said (verl: the group NaN)."""
+    uids, _, rewards, mask = _grouped_rewards([3, 4])
+    rewards[0, 0] = math.nan
+    with caplog.at_level("WARNING", logger="gtalign_fast.integrations.verl"):
+        advantages, _ = plugin.compute_gtalign_welfare_advantage(rewards, mask, index=uids)
+    assert torch.isfinite(advantages).all() and advantages[0].abs().max() == 0
+    assert "1 of 7 rewards are NaN" in caplog.text and "whole group NaN" in caplog.text
+    without = rewards.clone()
+    keep = [i for i in range(len(uids)) if i != 0]
+    expected, _ = plugin.compute_gtalign_welfare_advantage(without[keep], mask[keep], index=uids[keep])
+    torch.testing.assert_close(advantages[keep], expected)
+
+
 # ---------------------------------------------------------------------------------------------
 # Advantage estimator against our float64 reference; argument checks (no verl needed)
 
@@ -519,6 +621,28 @@ def test_compute_score_settings_kwargs_override_environment(judge_server, monkey
     monkeypatch.setenv("GTALIGN_MATH_MODEL_JUDGE", "maybe")
     with pytest.raises(ValueError, match="GTALIGN_MATH_MODEL_JUDGE"):
         plugin.compute_score("x", text, "y")
+
+
+def test_compute_score_rule_rows_need_no_judge(monkeypatch):
+    """math-hard is scored by the \\boxed{} rule with no judge configured (sync, batch, async); the first row whose
+    data source needs a model judge raises today's "no judge configured"; so does math-hard with math_model_judge."""
+    for name in plugin.JUDGE_ENV.values():
+        monkeypatch.delenv(name, raising=False)
+    right, wrong = _completion("so \\boxed{42}"), _completion("so \\boxed{41}")
+    _check(plugin.compute_score("math-hard", right, "42", {"question": "6 x 7?"}), right, 1.0, 1.0)
+    batch = plugin.compute_score_batch(["math-hard"] * 2, [right, wrong], ["42", "42"], None)
+    _check(batch[0], right, 1.0, 1.0)
+    _check(batch[1], wrong, 0.0, 0.0)
+    _check(asyncio.run(plugin.compute_score_async("math-hard", wrong, "42")), wrong, 0.0, 0.0)
+    with pytest.raises(ValueError, match="GTALIGN_JUDGE_URL.*'medium' needs a model judge"):
+        plugin.compute_score("medium", right, "a story")
+    with pytest.raises(ValueError, match="no judge configured.*'wildguard'"):
+        plugin.compute_score_batch(["math-hard", "wildguard"], [right, right], ["42", ""], None)
+    with pytest.raises(ValueError, match="no judge configured.*math_model_judge is on"):
+        plugin.compute_score("math-hard", wrong, "42", math_model_judge=True)
+    monkeypatch.setenv("GTALIGN_JUDGE_URL", "http://127.0.0.1:9/v1")  # half a judge: an error at once
+    with pytest.raises(ValueError, match="only one of the two"):
+        plugin.compute_score("math-hard", right, "42")
 
 
 def test_compute_score_batch_overlaps_judge_calls(judge_env):

@@ -34,6 +34,7 @@ from gtalign_fast.recipes import (
     gtalign_task_judges,
     is_harmful,
     load_gtalign_dataset,
+    require_model_judge,
 )
 from gtalign_fast.recipes.evaluation import (
     ACTION_COLUMNS,
@@ -227,14 +228,32 @@ def test_task_judges_structure_and_judge_copies(judge_server):
     assert isinstance(with_math["math-hard"], RuleThenModelJudge)
     plain = lambda item: 0.25  # noqa: E731  a non-OpenAI judge is used as it is
     assert gtalign_task_judges(plain)["ambig_qa"] is plain
-    with pytest.raises(ValueError, match="model_judge is required"):
-        gtalign_task_judges(None)
+    assert set(gtalign_task_judges(None)) == {"math-hard"}  # rule-judged tasks only, no server
     with pytest.raises(TypeError, match="model_judge"):
         gtalign_task_judges(42)
     with pytest.raises(TypeError, match="math_model_judge"):
         gtalign_task_judges(plain, math_model_judge="judge")
     reward = gtalign_reward(plain, normalize="zscore", variant="linear", name="gt")
     assert (reward.normalize, reward.variant, reward.__name__) == ("zscore", "linear", "gt")
+
+
+def test_rule_judged_reward_needs_no_judge_and_names_the_row_that_does():
+    """gtalign_reward() with no model judge scores math-hard by the rule; require_model_judge names the first
+    data source that needs a model judge (math-hard too when math_model_judge is on)."""
+    reward = gtalign_reward()
+    text = ("<thinking>t</thinking><payoff>" + json.dumps({k: {"LLM": 1.0, "user": 2.0} for k in (
+        "DQ_AQ", "DQ_CQ", "DQ_DA", "VQ_AQ", "VQ_CQ", "VQ_DA")}) + "</payoff><analyze>a</analyze>"
+        "<response>\\boxed{2}</response>")
+    out = reward(prompts=["What is 1+1?"] * 2, completions=[text, text.replace("{2}", "{3}")],
+                 data_source=["math-hard"] * 2, ground_truth=["2", "2"])
+    assert out.judge_failures == 0 and out.user[0] > out.user[1] and out.fields[0]["answer_reward"] > 0
+    require_model_judge(["math-hard", "math-hard"])  # nothing to say
+    with pytest.raises(ValueError, match="'medium' needs a model judge.*--judge_url"):
+        require_model_judge(["math-hard", "medium", "wildguard"], how="pass --judge_url")
+    with pytest.raises(ValueError, match="'math-hard'.*math_model_judge is on"):
+        require_model_judge(["math-hard"], math_model_judge=True)
+    with pytest.raises(KeyError, match="medium"):  # the reward itself never guesses a judge
+        reward(prompts=["q"], completions=[text], data_source=["medium"], ground_truth=["x"])
 
 
 def test_rule_then_model_judge_asks_the_model_only_about_misses():
@@ -428,6 +447,37 @@ def test_train_example_dry_run_and_one_step(tmp_path, tiny, judge_server):
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(row.get("step") == 1 for row in logged), logged
     assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_examples_run_rule_judged_rows_without_a_judge(tmp_path, tiny):
+    """No --judge_url: a math-hard-only dry run and eval work; a model-judged row stops with a clear error."""
+    _, _, model_dir = tiny
+    math_only = write_parquet(tmp_path / "math.parquet", [verl_row("math-hard", i) for i in range(2)])
+    out = run_example(
+        "gtalign_train.py", "--model_name_or_path", model_dir, "--train_files", math_only, "--dry_run",
+        "--dry_run_rows", "2", "--max_completion_length", "4", "--output_dir", str(tmp_path / "run"),
+        cache=tmp_path / "hf",
+    )
+    assert "judge none (rule-judged rows only)" in out
+    rows = [line.split() for line in out.splitlines()]
+    table = {cells[1]: cells for cells in rows if cells and cells[0] == "dry_run"}
+    assert table["math-hard"][2] == "2"
+    run_example(
+        "gtalign_eval.py", "--model_name_or_path", model_dir, "--test_files", math_only, "--output_dir",
+        str(tmp_path / "eval"), "--max_new_tokens", "4", "--use_cpu", "--policies", "off", cache=tmp_path / "hf",
+    )
+    assert (tmp_path / "eval" / "summary.csv").exists()
+    mixed = write_parquet(tmp_path / "mixed.parquet", task_rows())
+    for script, flag in (("gtalign_train.py", "--train_files"), ("gtalign_eval.py", "--test_files")):
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "examples" / script), "--model_name_or_path", model_dir, flag, mixed,
+             "--output_dir", str(tmp_path / "x"), "--use_cpu" if script == "gtalign_eval.py" else "--dry_run"],
+            capture_output=True, text=True, timeout=240, cwd=ROOT,
+            env=dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_DATASETS_CACHE=str(tmp_path / "hf")),
+        )
+        assert done.returncode != 0, script
+        assert "no judge configured, but data source 'medium' needs a model judge" in done.stderr, done.stderr[-2000:]
+        assert "--judge_url" in done.stderr
 
 
 def test_eval_example_writes_table_and_png(tmp_path, tiny, judge_server):

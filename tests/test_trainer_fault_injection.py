@@ -6,12 +6,13 @@ A tiny toy-game trainer (tests/test_trainer.py) is scored by a GTAlign reward wh
 redirects (302) to a second local server, resets the connection, or sends a body cut short of its
 Content-Length. Each training batch holds every kind, so every step meets every fault.
 
-What must hold: the steps complete; each failing sample is counted (``welfare/judge_failures`` for
-GTAlignReward, which scores a judge failure as answer quality 0 and flags it ``judge_failed``; the
-trainer's ``rewards/<name>/failures`` for a reward that returns None, which becomes NaN and advantage
-0); the good samples' verdicts drive the advantages; a step takes at most about
-``timeout x attempts`` more than a clean one; the redirect target never gets a request (so never
-the key); ``metrics.jsonl`` holds every step once, across a resume too.
+What must hold: the steps complete; each failing sample is a missing score, advantage 0, and is
+counted (GTAlignReward flags it ``judge_failed``: ``gtalign/judge_failures`` and
+``rewards/<name>/failures``; a reward that returns None: ``rewards/<name>/failures``); the good
+samples' verdicts drive the advantages; a judge that fails on more than
+``GRPOConfig.max_judge_failure_rate`` of a step's samples stops the run with an error naming it; a
+step takes at most about ``timeout x attempts`` more than a clean one; the redirect target never
+gets a request (so never the key); ``metrics.jsonl`` holds every step once, across a resume too.
 
 The kill during a checkpoint write is tests/test_trainer_reliability.py's.
 """
@@ -277,23 +278,54 @@ def test_gtalign_reward_survives_a_faulty_judge_and_resumes(tmp_path, servers, j
     rows = read_metrics(resumed)
     assert [row["step"] for row in rows] == [1, 2, 3], "metrics.jsonl must hold every step once"
     for row in rows:
-        # GTAlignReward's rule: a judge failure is answer quality 0, flagged and counted, not a NaN
-        assert row["welfare/judge_failures"] == len(BAD)
-        assert row["rewards/gtalign/failures"] == 0 and row["welfare/hard_failures"] == 0
+        # a judge failure is a missing score (half the step: not more than max_judge_failure_rate = 0.5)
+        assert row["gtalign/judge_failures"] == len(BAD) == row["welfare/judge_failures"]
+        assert row["gtalign/judge_failure_rate"] == 0.5
+        assert row["rewards/gtalign/failures"] == len(BAD) and row["welfare/hard_failures"] == 0
         assert all(math.isfinite(row[k]) for k in ("loss", "reward", "welfare/U", "welfare/L", "welfare/W"))
     for batch, advantage in zip(reward.batches, advantages):
         flags = [f["judge_failed"] for f in batch.fields]
-        assert flags == [i in BAD for i in range(BATCH)]
+        assert flags == [i in BAD for i in range(BATCH)] == batch.judge_failed
+        assert batch.failed_judges == {repr(judge): len(BAD)}
         answers = [f["answer_reward"] for f in batch.fields]
-        assert [answers[i] for i in BAD] == [0.0] * len(BAD)
         assert answers[:GROUP] == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0] == answers[GROUP:]
-        # the good verdicts are what separates the samples: every failure scores like a "0" verdict
-        assert all(batch.user[i] == batch.user[2] and batch.llm[i] == batch.llm[2] for i in BAD)
-        assert batch.user[0] > batch.user[2]
+        # missing, not 0: advantage 0, and the group's statistics are the good verdicts' only
+        assert torch.equal(advantage[BAD], torch.zeros(len(BAD)))
         ones = [i for i in GOOD if MODES[i % GROUP] == "ok:1"]
-        assert bool((advantage[ones] > 0).all()) and bool((advantage[BAD] < 0).all())
+        zeros = [i for i in GOOD if MODES[i % GROUP] == "ok:0"]
+        assert bool((advantage[ones] > 0).all()) and bool((advantage[zeros] < 0).all())
+        good_w = torch.tensor([math.sqrt(batch.user[i] * batch.llm[i]) for i in GOOD[:4]], dtype=torch.float64)
+        expected = (good_w - good_w.mean()) / (good_w.std() + trainer_eps(resumed))
+        torch.testing.assert_close(advantage[GOOD[:4]].double(), expected, rtol=1e-4, atol=1e-5)
     assert max(seconds) < STEP_BOUND, seconds
     _check_server_side(servers, judge, steps=3)
+
+
+def trainer_eps(trainer: GRPOTrainer) -> float:
+    return trainer.args.advantage_eps
+
+
+def test_a_dead_judge_stops_the_run_with_its_name_and_rate(tmp_path):
+    """Every request refused (nothing listens on port 9): 16 of 16 failures > max_judge_failure_rate = 0.5
+    stop the first step, before any update, with an error naming the judge and the rate; 1.0 never stops."""
+    dead = OpenAIJudge("http://127.0.0.1:9/v1", "dead-judge", prompt="{response}", timeout=TIMEOUT, max_retries=0)
+    try:
+        trainer = _trainer(tmp_path, GTAlignOverJudge(dead), steps=2)
+        before = [p.detach().clone() for p in trainer.model.parameters()]
+        with pytest.raises(RuntimeError, match=r"judge failed on 16 of 16 completions .*\(100%\).*"
+                                               r"max_judge_failure_rate = 0\.5.*OpenAIJudge\(model='dead-judge'"):
+            trainer.train()
+        assert trainer.step == 0
+        assert all(torch.equal(a, b.detach()) for a, b in zip(before, trainer.model.parameters()))
+        tolerant = _trainer(tmp_path / "tolerant", GTAlignOverJudge(dead), steps=1)
+        tolerant.args.max_judge_failure_rate = 1.0
+        advantages: list = []
+        _instrument(tolerant, [], advantages)
+        tolerant.train()
+        assert torch.equal(advantages[0], torch.zeros(BATCH))  # nothing to learn from: every score missing
+        assert read_metrics(tolerant)[0]["gtalign/judge_failures"] == BATCH
+    finally:
+        dead.close()
 
 
 def test_a_reward_returning_none_on_judge_failure_gets_advantage_zero(tmp_path, servers, judge):

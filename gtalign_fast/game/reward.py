@@ -10,8 +10,9 @@
 
 The formulas live in :func:`gtalign_fast.game.welfare.score_chain`; this module only gathers the
 inputs (completion text, reference answers, data sources), calls the judges in batches, and
-collects the results. A judge failure scores 0 for that completion and is counted; nothing the
-model wrote and nothing a judge does raises out of ``__call__``.
+collects the results. A judge failure scores 0 for that completion here, flagged ``judge_failed``
+and counted; :class:`~gtalign_fast.GRPOTrainer` treats a flagged completion as a missing score
+(advantage 0). Nothing the model wrote and nothing a judge does raises out of ``__call__``.
 """
 
 from __future__ import annotations
@@ -161,7 +162,8 @@ class RewardBatch(list):
     """Per-completion rewards of one call: a ``list`` of floats plus the details.
 
     The list itself holds the scalar reward per completion (W of the variant, normalised per source
-    when the reward was built with ``normalize``), so TRL-style trainers can use it directly.
+    when the reward was built with ``normalize``, over the completions whose judge gave a verdict),
+    so TRL-style trainers can use it directly.
 
     Attributes
     ----------
@@ -175,18 +177,26 @@ class RewardBatch(list):
         ``P``, ``hard_failure``, ``judge_failed``, ``data_source``.
     results : list of ScoreResult
     judge_failures : int
-        Completions whose judge failed (scored 0 for the answer terms).
+        Completions whose judge failed (scored 0 for the answer terms here; a trainer treats them as
+        missing: :attr:`judge_failed`).
+    judge_failed : list of bool
+        Per completion: its judge failed, so its score is not a verdict. :class:`~gtalign_fast.GRPOTrainer`
+        leaves these out of the advantages (advantage 0) and counts them (``gtalign/judge_failures``).
+    failed_judges : dict of str to int
+        Failures per judge (its ``repr``, e.g. ``OpenAIJudge(model=..., url=...)``), for error messages.
     hard_failures : int
         Completions that failed the chain rules (every field 0).
     """
 
     def __init__(
         self, values: Iterable[float], *, results: list[ScoreResult], fields: list[dict[str, Any]],
-        judge_failures: int, hard_failures: int,
+        judge_failures: int, hard_failures: int, failed_judges: dict[str, int] | None = None,
     ) -> None:
         super().__init__(values)
         self.results = results
         self.fields = fields
+        self.judge_failed = [bool(row.get("judge_failed", False)) for row in fields]
+        self.failed_judges = dict(failed_judges or {})
         self.user = [r.user_reward for r in results]
         self.llm = [r.llm_reward for r in results]
         self.score = [r.score for r in results]
@@ -315,7 +325,7 @@ class GTAlignReward:
         ]
         references = [self._reference(row) for row in per_sample]
 
-        answers = self._judge_all(chains, sources, prompt_texts, references, per_sample)
+        answers, failed_judges = self._judge_all(chains, sources, prompt_texts, references, per_sample)
         results, fields = [], []
         for i, chain in enumerate(chains):
             answer = answers.get(i, AnswerScore(0.0, 0.0))
@@ -333,11 +343,17 @@ class GTAlignReward:
             )
             fields.append(row)
         scores = [r.score for r in results]
-        values = normalize_by_source(scores, sources, self.normalize)
+        # a failed judge's score is missing: it stays out of its source's normalisation statistics (its own
+        # value is the raw score, which trainers replace by NaN through ``judge_failed``)
+        judged = [i for i in range(n) if not answers.get(i, AnswerScore(0.0, 0.0)).failed]
+        values = list(scores)
+        for i, value in zip(judged, normalize_by_source([scores[i] for i in judged], [sources[i] for i in judged],
+                                                        self.normalize)):
+            values[i] = value
         return RewardBatch(
             values, results=results, fields=fields,
             judge_failures=sum(1 for i in answers if answers[i].failed),
-            hard_failures=sum(1 for r in results if r.hard_failure),
+            hard_failures=sum(1 for r in results if r.hard_failure), failed_judges=failed_judges,
         )
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -363,14 +379,16 @@ class GTAlignReward:
     def _judge_all(
         self, chains: list[Chain], sources: list[Any], prompts: list[str | None],
         references: list[str | None], rows: list[dict[str, Any]],
-    ) -> dict[int, AnswerScore]:
-        """Call each source's judge once on its samples that passed the chain rules."""
+    ) -> tuple[dict[int, AnswerScore], dict[str, int]]:
+        """Call each source's judge once on its samples that passed the chain rules; (the verdicts by sample,
+        the failures per judge's repr)."""
         by_source: dict[Any, list[int]] = {}
         for i, chain in enumerate(chains):
             if not chain.hard_failure:  # the reference only asks the judge about parsed chains
                 key = _source_key(sources[i]) if self.judges is not None else None
                 by_source.setdefault(key, []).append(i)
         answers: dict[int, AnswerScore] = {}
+        failed: dict[str, int] = {}
         for indices in by_source.values():
             judge = self.judge_for(sources[indices[0]])
             items = [
@@ -382,7 +400,9 @@ class GTAlignReward:
             ]
             for i, answer in zip(indices, run_judge(judge, items)):
                 answers[i] = answer
-        return answers
+                if answer.failed:
+                    failed[repr(judge)] = failed.get(repr(judge), 0) + 1
+        return answers, failed
 
     def _pareto(self, chain: Chain) -> float:
         """The Pareto judge's verdict snapped to {0, 0.5, 1}; failures count as 0."""

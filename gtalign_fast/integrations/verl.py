@@ -37,8 +37,8 @@ one not given, an environment variable:
 ==================== ============================= =====================================================
 reward_kwargs         environment variable          meaning
 ==================== ============================= =====================================================
-``judge_url``         ``GTALIGN_JUDGE_URL``         base URL, e.g. ``http://127.0.0.1:30000/v1`` (required)
-``judge_model``       ``GTALIGN_JUDGE_MODEL``       the request's ``model`` (required)
+``judge_url``         ``GTALIGN_JUDGE_URL``         base URL, e.g. ``http://127.0.0.1:30000/v1`` (see below)
+``judge_model``       ``GTALIGN_JUDGE_MODEL``       the request's ``model`` (see below)
 ``judge_api_key``     ``GTALIGN_JUDGE_API_KEY``     bearer token (default: none)
 ``judge_timeout``     ``GTALIGN_JUDGE_TIMEOUT``     deadline of one request in seconds (default 60)
 ``judge_concurrency`` ``GTALIGN_JUDGE_CONCURRENCY`` requests in flight per batch (default 8)
@@ -49,12 +49,24 @@ reward_kwargs         environment variable          meaning
 ``judge_max_tokens`` and ``judge_extra_body`` (a dict, e.g. ``{"chat_template_kwargs": {"enable_thinking":
 false}}``), ``alpha`` and ``variant`` (of :class:`~gtalign_fast.game.GTAlignReward`) are ``reward_kwargs`` only. The
 judge's ``{prompt}`` (the user's question) is read from ``extra_info["question"]`` (else ``prompt``, ``query``,
-``problem``): verl does not pass the prompt to a reward function. A judge failure scores 0 and sets
-``judge_failed``; nothing a completion or the judge does raises.
+``problem``): verl does not pass the prompt to a reward function.
 
-Documented differences from verl's own code: a batch without any loss token gives loss 0 (verl: NaN); the GSPO
-log-ratio is clamped to +-20 (verl: at most 10); a group with a single response gets advantage 0 (verl's ``grpo``:
-``score / (1 + eps)``).
+No judge is needed for rule-judged rows: ``math-hard`` (the ``\\boxed{}`` rule, unless ``math_model_judge`` is on)
+is scored without any server. ``judge_url`` and ``judge_model`` are required only when a row whose data source needs
+a model judge arrives; that row raises "no judge configured".
+
+A judge failure follows verl's own convention for a reward that could not be computed (verl 0.9.1's ``limited`` and
+``prime`` reward managers score a timeout or an exception 0.0 and flag it in the extra info): ``score`` is the
+welfare with the answer terms 0 and ``judge_failed`` is 1 (a column of verl's reward extra info, so its mean is the
+step's failure rate). It is not NaN: verl's ``grpo`` estimator would make the whole group NaN. Nothing a completion
+or the judge does raises.
+
+Deliberate differences from verl's own code (the README's "verl plugin: differences from verl" lists them too): a
+batch without any loss token gives loss 0 (verl: NaN); the GSPO log-ratio is clamped to +-20 (verl: at most 10); a
+group with a single response gets advantage 0 (verl's ``grpo``: ``score / (1 + eps)``); a NaN reward is a missing
+one, advantage 0 and left out of its group's statistics, with a warning (verl's ``grpo``: the whole group NaN).
+Unknown ``global_batch_info`` keys raise ``TypeError`` as in verl, and ``actor/pg_clipfrac`` is verl's, rollout
+weights of 0 included.
 """
 
 from __future__ import annotations
@@ -64,6 +76,7 @@ import concurrent.futures
 import functools
 import importlib.util
 import json
+import logging
 import math
 import os
 import threading
@@ -93,6 +106,8 @@ __all__ = [
 POLICY_LOSS = "gtalign_fast"
 POLICY_LOSS_GSPO = "gtalign_fast_gspo"
 ADV_ESTIMATOR = "gtalign_welfare"
+logger = logging.getLogger("gtalign_fast.integrations.verl")
+
 LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean")
 
 # verl's vanilla loss clamps the log-ratio to +-20 before exp, as our kernels do.
@@ -135,10 +150,21 @@ def _sequences(mask: torch.Tensor, global_batch_size: Any, dp_size: float) -> fl
     return (mask.sum(dim=-1) > 0).sum().clamp(min=1).to(torch.float32)
 
 
+# The keyword arguments of verl's ``agg_loss``, which receives ``**global_batch_info``: any other key makes verl
+# raise TypeError, and so do we (a misspelt normaliser must not be ignored).
+GLOBAL_BATCH_INFO_KEYS = ("dp_size", "batch_num_tokens", "global_batch_size", "loss_scale_factor")
+
+
 def _aggregation(loss_agg_mode: str, mask: torch.Tensor, info: Mapping[str, Any]) -> _Aggregation:
     """verl's ``agg_loss`` as our op computes it. Four of the five modes are ``sum(mask * loss) / constant``
     (the op's ``dapo`` with that constant); ``seq-mean-token-mean`` weights each row by ``1 / n_b`` (the op's
     ``seq-mean-token-mean``, which divides by the B rows) and is rescaled to verl's sequence count."""
+    unknown = sorted(map(str, set(info) - set(GLOBAL_BATCH_INFO_KEYS)))
+    if unknown:
+        raise TypeError(
+            f"gtalign_fast verl loss: unknown global_batch_info keys {unknown} (verl's agg_loss raises TypeError for "
+            f"them too); known: {list(GLOBAL_BATCH_INFO_KEYS)}"
+        )
     dp_size = _positive(info.get("dp_size") or 1, "dp_size")
     batch_num_tokens = info.get("batch_num_tokens")
     if loss_agg_mode == "token-mean":
@@ -164,20 +190,45 @@ def _aggregation(loss_agg_mode: str, mask: torch.Tensor, info: Mapping[str, Any]
     raise ValueError(f"gtalign_fast verl loss: unknown loss_agg_mode {loss_agg_mode!r}; choose one of {LOSS_AGG_MODES}")
 
 
+def _clipped(advantages: torch.Tensor, ratio: torch.Tensor, epsilon_low: float, epsilon_high: float) -> torch.Tensor:
+    """verl's clip test, ``-A clip(r) > -A r``, per token (bool ``[B, T]``)."""
+    return torch.gt(-advantages * ratio.clamp(1 - epsilon_low, 1 + epsilon_high), -advantages * ratio)
+
+
 @torch.no_grad()
-def _verl_metrics(old_log_prob, log_prob, advantages, mask, epsilon_low, epsilon_high, dual_clip) -> dict:
+def _verl_metrics(old_log_prob, log_prob, advantages, mask, epsilon_low, epsilon_high, dual_clip,
+                  rollout_is_weights=None) -> dict:
     """verl's ``actor/ppo_kl`` and ``actor/pg_clipfrac_lower``, which the op does not report (two small [B, T]
-    passes; the values stay on the device: verl's ``Metric`` reads them)."""
+    passes; the values stay on the device: verl's ``Metric`` reads them).
+
+    With ``rollout_is_weights`` also ``actor/pg_clipfrac``: the op sees the advantages times the weights, so a
+    token of weight 0 (IcePop, rejection) would never count as clipped there, while verl tests clipping on the
+    unweighted advantages. One more [B, T] pass, only when weights are given.
+    """
     mask = mask.to(torch.float32)
     count = mask.sum().clamp(min=1.0)
+    advantages = advantages.to(torch.float32)
+    if advantages.dim() == 1:  # one advantage per row
+        advantages = advantages.unsqueeze(-1)
     log_ratio = (log_prob.detach() - old_log_prob).to(torch.float32)
+    metrics = {}
     if dual_clip is None:  # GSPO: verl reports the unclamped KL and no dual clip
-        return {"actor/ppo_kl": -(log_ratio * mask).sum() / count, "actor/pg_clipfrac_lower": torch.zeros_like(count)}
+        metrics["actor/ppo_kl"] = -(log_ratio * mask).sum() / count
+        metrics["actor/pg_clipfrac_lower"] = torch.zeros_like(count)
+        if rollout_is_weights is not None:  # the sequence's ratio on every token, log clamped at 10 as verl does
+            seq_log_ratio = (log_ratio * mask).sum(dim=-1, keepdim=True) / mask.sum(dim=-1, keepdim=True).clamp(min=1)
+            ratio = torch.exp(seq_log_ratio.clamp(max=10.0)).expand_as(log_ratio)
+            metrics["actor/pg_clipfrac"] = (_clipped(advantages, ratio, epsilon_low, epsilon_high) * mask).sum() / count
+        return metrics
     log_ratio = log_ratio.clamp(-_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT)
     ratio = torch.exp(log_ratio)
     # A < 0: the dual clip binds where max(r, clip(r)) * |A| exceeds clip_ratio_c * |A|.
     lower = (advantages < 0) & (torch.maximum(ratio, ratio.clamp(1 - epsilon_low, 1 + epsilon_high)) > dual_clip)
-    return {"actor/ppo_kl": -(log_ratio * mask).sum() / count, "actor/pg_clipfrac_lower": (lower * mask).sum() / count}
+    metrics["actor/ppo_kl"] = -(log_ratio * mask).sum() / count
+    metrics["actor/pg_clipfrac_lower"] = (lower * mask).sum() / count
+    if rollout_is_weights is not None:
+        metrics["actor/pg_clipfrac"] = (_clipped(advantages, ratio, epsilon_low, epsilon_high) * mask).sum() / count
+    return metrics
 
 
 @torch.no_grad()
@@ -223,9 +274,9 @@ def _policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mod
     if aggregation.scale is not None:
         loss = loss * aggregation.scale
     pg_metrics = {"actor/pg_clipfrac": metrics["clip_ratio/region_mean"]}
-    pg_metrics.update(
-        _verl_metrics(old_log_prob, log_prob, advantages, response_mask, epsilon_low, epsilon_high, dual_clip)
-    )
+    pg_metrics.update(_verl_metrics(
+        old_log_prob, log_prob, advantages, response_mask, epsilon_low, epsilon_high, dual_clip, rollout_is_weights
+    ))
     return loss, pg_metrics
 
 
@@ -333,6 +384,11 @@ def compute_gtalign_welfare_advantage(
     -------
     (advantages, returns) : Tensors, shape ``[B, T]``, the same values (outcome supervision), 0 off the mask.
 
+    Notes
+    -----
+    A NaN reward is a missing one: advantage 0, left out of its group's mean and std, with a warning (verl's
+    ``grpo`` makes the whole group NaN). :func:`compute_score` never returns NaN; a failed judge scores 0.
+
     Raises
     ------
     ValueError
@@ -344,6 +400,14 @@ def compute_gtalign_welfare_advantage(
     if norm_adv_by_std_in_grpo is None:
         norm_adv_by_std_in_grpo = bool(_setting(config, "norm_adv_by_std_in_grpo", True))
     scores = token_level_rewards.detach().sum(dim=-1).to(torch.float32)
+    # verl's grpo would turn a NaN reward's whole group NaN; here it is a missing reward (advantage 0, the group's
+    # statistics over the others). Said once per step (the estimator runs once per step, on the driver).
+    missing = int(scores.isnan().sum())
+    if missing:
+        logger.warning(
+            "gtalign_welfare: %d of %d rewards are NaN; treated as missing (advantage 0, left out of their group's "
+            "statistics), where verl's grpo would make the whole group NaN", missing, scores.numel(),
+        )
     order, offsets = _group_layout(index, scores.shape[0])
     if order is not None:
         order_t = torch.from_numpy(order).to(scores.device)
@@ -409,8 +473,8 @@ _QUESTION_KEYS = ("question", "prompt", "query", "problem")
 class _Settings:
     """The resolved reward settings; hashable, so one reward (and one HTTP client) serves each setting."""
 
-    url: str
-    model: str
+    url: str | None  # None: no judge configured, rule-judged rows only
+    model: str | None
     api_key: str | None
     timeout: float
     concurrency: int
@@ -457,6 +521,26 @@ def _flag(config: Mapping[str, Any], name: str) -> bool:
     raise ValueError(f"gtalign_fast compute_score: {where} must be a boolean (1/0, true/false), got {value!r}")
 
 
+_NO_JUDGE = (
+    "gtalign_fast compute_score: no judge configured: set GTALIGN_JUDGE_URL and GTALIGN_JUDGE_MODEL (or "
+    "reward_kwargs judge_url / judge_model) to an OpenAI-compatible server, e.g. http://127.0.0.1:30000/v1"
+)
+
+
+def _check_judge_needed(settings: _Settings, data_sources: Sequence[Any]) -> None:
+    """The "no judge configured" error for the first row whose data source needs a model judge, when none is
+    configured; rule-judged rows (``math-hard`` without ``math_model_judge``) need none."""
+    from gtalign_fast.recipes.tasks import RULE_JUDGED_TASKS, needs_model_judge
+
+    if settings.url is not None:
+        return
+    for source in data_sources:
+        if needs_model_judge(source, math_model_judge=settings.math_model_judge):
+            why = ("math_model_judge is on" if settings.math_model_judge else
+                   f"only {list(RULE_JUDGED_TASKS)} are scored without one")
+            raise ValueError(f"{_NO_JUDGE}; data source {source!r} needs a model judge ({why})")
+
+
 def _settings(config: Mapping[str, Any]) -> _Settings:
     unknown = sorted(set(config) - set(JUDGE_ENV) - set(_CONFIG_ONLY) - set(_VERL_KWARGS))
     if unknown:
@@ -466,18 +550,16 @@ def _settings(config: Mapping[str, Any]) -> _Settings:
         )
     url, _ = _raw(config, "judge_url")
     model, _ = _raw(config, "judge_model")
-    if not url or not model:
-        raise ValueError(
-            "gtalign_fast compute_score: no judge configured: set GTALIGN_JUDGE_URL and GTALIGN_JUDGE_MODEL (or "
-            "reward_kwargs judge_url / judge_model) to an OpenAI-compatible server, e.g. http://127.0.0.1:30000/v1"
-        )
+    if bool(url) != bool(model):  # half a judge is a configuration error even before a model-judged row arrives
+        raise ValueError(_NO_JUDGE + " (only one of the two is set)")
     api_key, _ = _raw(config, "judge_api_key")
     extra_body = config.get("judge_extra_body") or {}
     if not isinstance(extra_body, Mapping):
         raise TypeError(f"gtalign_fast compute_score: judge_extra_body must be a mapping, got {type(extra_body)}")
     max_tokens = config.get("judge_max_tokens")
     return _Settings(
-        url=str(url), model=str(model), api_key=None if api_key is None else str(api_key),
+        url=str(url) if url else None, model=str(model) if model else None,
+        api_key=None if api_key is None else str(api_key),
         timeout=_number(config, "judge_timeout", float, 60.0, 1e-3),
         concurrency=_number(config, "judge_concurrency", int, 8, 1),
         max_retries=_number(config, "judge_max_retries", int, 3, 0),
@@ -510,7 +592,7 @@ def _reward_for(settings: _Settings) -> Any:
             from gtalign_fast.game.judges import OpenAIJudge
             from gtalign_fast.recipes.tasks import gtalign_reward
 
-            judge = OpenAIJudge(
+            judge = None if settings.url is None else OpenAIJudge(
                 settings.url, settings.model, api_key=settings.api_key, timeout=settings.timeout,
                 concurrency=settings.concurrency, max_retries=settings.max_retries, max_tokens=settings.max_tokens,
                 extra_body=json.loads(settings.extra_body),
@@ -573,7 +655,9 @@ def compute_score_batch(
             f"gtalign_fast compute_score_batch: {len(data_sources)} data_sources, {n} solution_strs, "
             f"{len(ground_truths)} ground_truths and {len(extras)} extra_infos must have the same length"
         )
-    reward = _reward_for(_settings(settings))
+    resolved = _settings(settings)
+    _check_judge_needed(resolved, data_sources)
+    reward = _reward_for(resolved)
     extras = [dict(e) if isinstance(e, Mapping) else {} for e in extras]
     batch = reward(
         prompts=[_question(e) for e in extras], completions=[str(s) for s in solution_strs],
@@ -598,8 +682,9 @@ def compute_score(
     Raises
     ------
     ValueError, TypeError
-        Only for a configuration error (no judge URL / model, a bad or unknown setting); never for what the model
-        wrote or what the judge answered.
+        Only for a configuration error (no judge URL / model while ``data_source`` needs a model judge, a bad or
+        unknown setting); never for what the model wrote or what the judge answered. ``math-hard`` rows are
+        scored by the ``\\boxed{}`` rule without any judge unless ``math_model_judge`` is on.
     """
     return compute_score_batch([data_source], [solution_str], [ground_truth], [extra_info], **settings)[0]
 

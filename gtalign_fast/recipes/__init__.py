@@ -9,9 +9,18 @@
 from __future__ import annotations
 
 from .data import load_gtalign_dataset, reference_text
-from .tasks import TASKS, RuleThenModelJudge, gtalign_reward, gtalign_task_judges, is_harmful
+from .tasks import (
+    RULE_JUDGED_TASKS,
+    TASKS,
+    RuleThenModelJudge,
+    gtalign_reward,
+    gtalign_task_judges,
+    is_harmful,
+    needs_model_judge,
+    require_model_judge,
+)
 
 __all__ = [
-    "TASKS", "RuleThenModelJudge", "gtalign_reward", "gtalign_task_judges", "is_harmful", "load_gtalign_dataset",
-    "reference_text",
+    "TASKS", "RULE_JUDGED_TASKS", "RuleThenModelJudge", "gtalign_reward", "gtalign_task_judges", "is_harmful",
+    "needs_model_judge", "require_model_judge", "load_gtalign_dataset", "reference_text",
 ]

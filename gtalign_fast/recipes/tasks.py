@@ -48,12 +48,53 @@ __all__ = [
     "AMBIG_QA_JUDGE_PROMPT",
     "RuleThenModelJudge",
     "is_harmful",
+    "RULE_JUDGED_TASKS",
+    "needs_model_judge",
+    "require_model_judge",
     "gtalign_task_judges",
     "gtalign_reward",
 ]
 
 TASKS: tuple[str, ...] = ("math-hard", "medium", "wildguard", "ambig_qa")
 """GTAlign's in-distribution data sources (the keys of :func:`gtalign_task_judges` besides ``"*"``)."""
+
+RULE_JUDGED_TASKS: tuple[str, ...] = ("math-hard",)
+"""The data sources scored by a rule alone (no model judge, no server) unless a math model judge is asked for."""
+
+
+def needs_model_judge(data_source: Any, *, math_model_judge: bool = False) -> bool:
+    """Whether a row of ``data_source`` needs a model judge (every source but :data:`RULE_JUDGED_TASKS`; those
+    too when ``math_model_judge`` re-checks the rule's misses)."""
+    return math_model_judge or data_source not in RULE_JUDGED_TASKS
+
+
+def require_model_judge(data_sources: Any, *, math_model_judge: bool = False, how: str = "") -> None:
+    """Raise the clear "no judge" error when any of ``data_sources`` needs a model judge.
+
+    Parameters
+    ----------
+    data_sources : iterable
+        The rows' data sources (checked in order; the first that needs a model judge is named).
+    math_model_judge : bool
+        Whether ``math-hard`` answers the rule missed go to a model judge too.
+    how : str
+        How the caller configures a judge (e.g. ``"pass --judge_url"``), appended to the message.
+
+    Raises
+    ------
+    ValueError
+        Naming the first data source that needs a model judge.
+    """
+    how = how or "give a model_judge"
+    for source in data_sources:
+        if needs_model_judge(source, math_model_judge=math_model_judge):
+            rule_judged = source in RULE_JUDGED_TASKS
+            why = "math_model_judge is on" if rule_judged else f"only {list(RULE_JUDGED_TASKS)} are rule-judged"
+            raise ValueError(
+                f"no judge configured, but data source {source!r} needs a model judge ({why}): {how} "
+                "(an OpenAI-compatible server, e.g. http://127.0.0.1:30000/v1)"
+            )
+
 
 MEDIUM_JUDGE_PROMPT = (
     "You grade how helpful an AI assistant's answer to a writing request is.\n\n"
@@ -182,15 +223,18 @@ def _check_judge(judge: Any, name: str) -> None:
         )
 
 
-def gtalign_task_judges(model_judge: Any, *, math_model_judge: Any = None) -> dict[str, Any]:
+def gtalign_task_judges(model_judge: Any = None, *, math_model_judge: Any = None) -> dict[str, Any]:
     """The judge of each GTAlign task, keyed by ``data_source`` (see the module's table).
 
     Parameters
     ----------
-    model_judge : OpenAIJudge or judge
+    model_judge : OpenAIJudge or judge, optional
         The model judge of ``medium`` (A_llm), ``wildguard``, ``ambig_qa`` and of unknown sources
         (``"*"``). An :class:`OpenAIJudge` is copied per task with that task's prompt and verdict
         rule (its own prompt and verdict pattern are not used); any other judge is used as it is.
+        ``None``: only the rule-judged tasks (:data:`RULE_JUDGED_TASKS`) are in the mapping, so a
+        reward over it scores ``math-hard`` without any server and raises ``KeyError`` for any other
+        source (:func:`require_model_judge` checks a dataset up front).
     math_model_judge : OpenAIJudge or judge, optional
         Re-checks ``math-hard`` answers the ``\\boxed{}`` rule scored 0 (an OpenAIJudge gets the
         0/1 agreement prompt). ``None``: the rule alone, as fast and deterministic as it gets.
@@ -201,18 +245,15 @@ def gtalign_task_judges(model_judge: Any, *, math_model_judge: Any = None) -> di
         ``{"math-hard": ..., "medium": ..., "wildguard": ..., "ambig_qa": ..., "*": ...}``, ready
         for :class:`~gtalign_fast.game.reward.GTAlignReward`.
     """
-    if model_judge is None:
-        raise ValueError(
-            "model_judge is required: medium, wildguard and ambig_qa are scored by a model judge "
-            "(e.g. OpenAIJudge('http://127.0.0.1:30000/v1', 'Qwen/Qwen3-32B'))"
-        )
-    _check_judge(model_judge, "model_judge")
     math_judge: Any = MathJudge()
     if math_model_judge is not None:
         _check_judge(math_model_judge, "math_model_judge")
         math_judge = RuleThenModelJudge(
             math_judge, _task_judge(math_model_judge, DEFAULT_JUDGE_PROMPT, scaled_verdict(1.0))
         )
+    if model_judge is None:  # rule-judged tasks only: no server needed
+        return {"math-hard": math_judge}
+    _check_judge(model_judge, "model_judge")
     return {
         "math-hard": math_judge,
         "medium": CompositeJudge(
@@ -224,7 +265,7 @@ def gtalign_task_judges(model_judge: Any, *, math_model_judge: Any = None) -> di
     }
 
 
-def gtalign_reward(model_judge: Any, *, math_model_judge: Any = None, **kwargs: Any) -> GTAlignReward:
+def gtalign_reward(model_judge: Any = None, *, math_model_judge: Any = None, **kwargs: Any) -> GTAlignReward:
     """:class:`~gtalign_fast.game.reward.GTAlignReward` over :func:`gtalign_task_judges`.
 
     ``kwargs`` go to ``GTAlignReward`` (``variant``, ``alpha``, ``weights``, ``normalize``,

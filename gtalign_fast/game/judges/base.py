@@ -174,6 +174,9 @@ class CompositeJudge:
         self.user_judge = user
         self.llm_judge = llm
 
+    def __repr__(self) -> str:
+        return f"CompositeJudge(user={self.user_judge!r}, llm={self.llm_judge!r})"
+
     def judge_batch(self, items: Sequence[JudgeItem]) -> list[AnswerScore]:
         users = run_judge(self.user_judge, items)
         llms = run_judge(self.llm_judge, items)

@@ -100,6 +100,9 @@ class BleuJudge:
         self.max_chars = max_chars
         self.max_references = max_references
 
+    def __repr__(self) -> str:
+        return "BleuJudge()"
+
     def judge_batch(self, items: Sequence[JudgeItem]) -> list[AnswerScore]:
         out = []
         for item in items:

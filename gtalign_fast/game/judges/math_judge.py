@@ -191,6 +191,9 @@ class MathJudge:
         self.require_boxed = require_boxed
         self.max_chars = max_chars
 
+    def __repr__(self) -> str:
+        return "MathJudge()"
+
     def judge_batch(self, items: Sequence[JudgeItem]) -> list[AnswerScore]:
         return [self.judge_one(item) for item in items]
 

@@ -299,6 +299,9 @@ class OpenAIJudge:
         self._runtime: _Runtime | None = None
         self._finalizer: Any = None
 
+    def __repr__(self) -> str:  # names the judge in errors and logs; never the API key
+        return f"OpenAIJudge(model={self.model!r}, url={self.url!r})"
+
     @staticmethod
     def _endpoint(base_url: str) -> str:
         url = base_url.rstrip("/")
