@@ -131,7 +131,9 @@ def _forward_chunks(name, hidden, weight, bias, targets, old_logp, ref_logp, adv
         w_rows, row_inputs = weights_b, (logp, old_logp, ref_logp, advantages, mask)
     else:  # rows = single tokens ([N, 1] views): a chunk may cut a sequence anywhere
         rows_per_chunk, row_len = chunk, 1
-        w_rows = weights_b.unsqueeze(1).expand(batch, length).reshape(n_tokens)
+        # repeat_interleave, not expand().reshape(): at B = 1 the reshape keeps the stride-0 view, and
+        # the kernels read row_weights as a contiguous float32 [rows] tensor.
+        w_rows = weights_b.repeat_interleave(length)
         adv = advantages.to(torch.float32)
         adv = adv.unsqueeze(1).expand(batch, length) if adv.dim() == 1 else adv
         row_inputs = tuple(None if x is None else x.reshape(n_tokens, 1)

@@ -395,3 +395,13 @@ def test_one_launch_per_direction_on_cuda(backend, loss_type):
     ours = [name for name in kernels if "grpo" in name]
     assert len(ours) == 2, "\n".join(kernels)
     assert len(kernels) - len(ours) <= 1, "\n".join(kernels)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", LEVELS)
+def test_batch_size_one(backend, level):
+    for loss_type, adv_2d in (("grpo", False), ("dapo", True), ("bnpo", False)):
+        logp, old, ref, advantages, mask = _inputs(1, 6, seed=17, adv_2d=adv_2d)
+        advantages = torch.full_like(advantages, 0.8)
+        _check(backend, logp, old, advantages, mask, ref, ref_grad=True, beta=0.04, loss_type=loss_type,
+               importance_sampling_level=level)

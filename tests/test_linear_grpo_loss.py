@@ -249,3 +249,16 @@ def test_torch_compile_fullgraph():
         results.append((loss, entropy, *(leaf.grad for leaf in leaves)))
     for eager, traced in zip(*results):
         torch.testing.assert_close(traced, eager)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_batch_size_one(backend, level, loss_type):
+    # Issue 22: at B = 1 the per-token row weights were a stride-0 view, refused by the kernels
+    # (Liger's B=1, T=4096 case). Chunks of 2 cut the one sequence at token level.
+    for adv_2d in (False, True):
+        inputs = list(_inputs(1, 5, 6, 29, seed=11, adv_2d=adv_2d))
+        inputs[4] = torch.full_like(inputs[4], 0.7)  # the one advantage must not be 0
+        _check(backend, *inputs[:-2], inputs[-2], inputs[-1], chunk_size=2, beta=0.04, loss_type=loss_type,
+               importance_sampling_level=level, epsilon_high=0.28)

@@ -256,3 +256,13 @@ def test_cuda_backend_is_refused_with_the_reason(op):
     inputs = (logits, targets) if op == "logits_grpo_loss" else (torch.randn(2, 3, 5), torch.randn(11, 5), targets)
     with pytest.raises(RuntimeError, match="no CUDA C\\+\\+ kernel; on CUDA tensors it runs 'triton'"):
         getattr(ops, op)(*inputs, advantages, mask, backend="cuda")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_batch_size_one(backend, level):
+    for loss_type, adv_2d in (("grpo", False), ("dapo", True)):
+        full, targets, advantages, mask, old, ref = _inputs(1, 5, 31, seed=5, adv_2d=adv_2d)
+        advantages = torch.full_like(advantages, -0.6)
+        _check(backend, full, targets, advantages, mask, old, ref, beta=0.04, loss_type=loss_type,
+               importance_sampling_level=level)
