@@ -25,17 +25,21 @@ constexpr int64_t kNumMetrics = 5;
 enum Metric : int64_t { kMetricLow = 0, kMetricHigh, kMetricRegion, kMetricKl, kMetricRatio };
 static_assert(kMetricRatio + 1 == kNumMetrics, "one metrics entry per Metric");
 constexpr float kLogRatioLimit = 20.0f;  // log-ratios are clamped to [-20, 20]
-constexpr float kKlLimit = 10.0f;        // k3 KL values are clamped to [-10, 10]
+constexpr float kKlLimit = 10.0f;        // verl's low_var_kl bound on k3 values (the kl_clamp verl's plugin passes)
 
 // The op's float arguments as the kernels use them (passed to the CUDA kernels by value).
+// kl_clamp bounds each k3 value to [-kl_clamp, kl_clamp]; +inf (the ops' default, TRL's k3) clamps nothing.
+// bias_kl: TRL's use_bias_correction_kl, the k3 term times the importance ratio.
 struct ClipParams {
-  float low_bound, high_bound, delta, dual_clip, beta;
-  bool has_dual_clip;
+  float low_bound, high_bound, delta, dual_clip, beta, kl_clamp;
+  bool has_dual_clip, bias_kl;
 };
 
-inline ClipParams clip_params(double beta, double eps_low, double eps_high, double delta, double dual_clip) {
+inline ClipParams clip_params(double beta, double eps_low, double eps_high, double delta, double dual_clip,
+                              double kl_clamp, bool bias_kl) {
   return {1.0f - static_cast<float>(eps_low), 1.0f + static_cast<float>(eps_high), static_cast<float>(delta),
-          static_cast<float>(dual_clip), static_cast<float>(beta), dual_clip > 0.0};
+          static_cast<float>(dual_clip), static_cast<float>(beta), static_cast<float>(kl_clamp), dual_clip > 0.0,
+          bias_kl};
 }
 
 // Per-token policy loss, d loss / d ratio, and coef_1 = min(ratio, delta).

@@ -28,6 +28,7 @@ LOSS_TYPES = {
     "seq-mean-token-mean": "sequences",
     "seq-mean-token-sum": "sequences",
     "seq-mean-token-sum-norm": "sequences",
+    "luspo": "sequences",  # TRL's name for seq-mean-token-sum
 }
 SCALE_REWARDS = ("group", "batch", "none")
 DISTRIBUTED_STRATEGIES = ("ddp", "fsdp2")
@@ -46,7 +47,8 @@ class GRPOConfig:
     ``num_generations=8``, ``max_completion_length=256``, ``temperature=1.0``, ``top_p=1.0``,
     ``top_k=0`` (off), ``beta=0.0``, ``epsilon=0.2``, ``epsilon_high=None`` (= epsilon),
     ``loss_type="dapo"``, ``scale_rewards="group"``, ``importance_sampling_level="token"``,
-    ``num_iterations=1``, ``mask_truncated_completions=False``, ``learning_rate=1e-6``,
+    ``num_iterations=1``, ``mask_truncated_completions=False``, ``use_bias_correction_kl=True``
+    (with ``beta > 0`` the k3 KL is multiplied by the importance ratio), ``learning_rate=1e-6``,
     ``logging_steps=10``, ``gradient_checkpointing=True``; and from ``TrainingArguments``
     ``per_device_train_batch_size=8``, ``gradient_accumulation_steps=1``, ``max_steps=-1``,
     ``num_train_epochs=3``, ``save_steps=500``, ``seed=42``, ``max_grad_norm=1.0``, AdamW betas
@@ -146,6 +148,7 @@ class GRPOConfig:
     epsilon: float = 0.2
     epsilon_high: float | None = None
     delta: float | None = None
+    use_bias_correction_kl: bool = True
     loss_type: str = "dapo"
     scale_rewards: str | bool = "group"
     importance_sampling_level: str = "token"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._grpo_constants import KL_LIMIT, LOG_RATIO_LIMIT
+from ._grpo_constants import LOG_RATIO_LIMIT
 
 __all__ = [
     "token_logprobs",
@@ -83,6 +83,7 @@ def token_logprobs(
 GRPO_LOSS_TYPES = (
     "grpo", "bnpo", "dr_grpo", "dapo",
     "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm",
+    "luspo",  # TRL's name for seq-mean-token-sum
 )
 
 
@@ -101,6 +102,8 @@ def grpo_loss(
     importance_sampling_level: str = "token",
     max_completion_length: int | None = None,
     num_items_in_batch=None,
+    kl_clamp: float | None = None,
+    use_bias_correction_kl: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped-surrogate GRPO / PPO policy loss with k3 KL, written plainly from TRL and verl.
 
@@ -148,9 +151,15 @@ def grpo_loss(
     per_token_loss = per_token_loss.expand(batch, length)
 
     if ref_logp is not None:
-        # k3 ("low_var_kl" in verl): log-ratio clamped to [-20, 20], the estimate to [-10, 10].
+        # k3, log-ratio clamped to [-20, 20]; the estimate is TRL's (unclamped) unless kl_clamp is
+        # given (verl's "low_var_kl" clamps it to [-10, 10]).
         kl_log_ratio = torch.clamp(ref_logp.to(dtype) - logp, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
-        per_token_kl = torch.clamp(torch.exp(kl_log_ratio) - kl_log_ratio - 1, -KL_LIMIT, KL_LIMIT)
+        per_token_kl = torch.exp(kl_log_ratio) - kl_log_ratio - 1
+        if kl_clamp is not None:
+            per_token_kl = torch.clamp(per_token_kl, -kl_clamp, kl_clamp)
+        if use_bias_correction_kl:
+            # TRL's importance-sampling correction of the KL: times the raw ratio (before delta).
+            per_token_kl = per_token_kl * ratio
         if beta != 0.0:
             per_token_loss = per_token_loss + beta * per_token_kl
 
@@ -168,7 +177,7 @@ def grpo_loss(
         if isinstance(normaliser, torch.Tensor):
             normaliser = normaliser.to(dtype).reshape(())
         loss = masked_loss.sum() / normaliser
-    elif loss_type == "seq-mean-token-sum":
+    elif loss_type in ("luspo", "seq-mean-token-sum"):
         loss = masked_loss.sum(-1).mean()
     elif loss_type == "seq-mean-token-sum-norm":
         loss = masked_loss.sum() / norm_length

@@ -266,3 +266,31 @@ def test_batch_size_one(backend, level):
         advantages = torch.full_like(advantages, -0.6)
         _check(backend, full, targets, advantages, mask, old, ref, beta=0.04, loss_type=loss_type,
                importance_sampling_level=level)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kl_clamp", [None, 10.0])
+def test_kl_above_ten(backend, kl_clamp):
+    # Issue 22.2 (Liger's test_triton_grpo_loss_matches_reference: dapo, beta=0.04): k3 values above
+    # 10 count in full by default (TRL, Liger); kl_clamp=10 is verl's low_var_kl.
+    full, targets, advantages, mask, old, _ = _inputs(4, 8, 37, seed=8)
+    true_logp, _ = reference.token_logprobs(full[:, :-1].cpu(), torch.where(mask, targets, 0).cpu())
+    shift = 5.0 * torch.rand(true_logp.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64) - 0.5
+    ref = (true_logp + shift).to(DEVICE)
+    d = (ref.cpu() - true_logp)[mask.cpu()]
+    k3 = torch.exp(d) - d - 1
+    assert (k3 > 10).sum() >= 2 and (k3 < 10).sum() >= 2
+    expected = k3.mean() if kl_clamp is None else k3.clamp(-10, 10).mean()
+    _, metrics = _check(backend, full, targets, advantages, mask, old, ref, beta=0.04, loss_type="dapo",
+                        kl_clamp=kl_clamp)
+    torch.testing.assert_close(metrics["kl"].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_bias_corrected_kl(backend, level):
+    # TRL's use_bias_correction_kl: k3 * r with the gradient through r (and on-policy, r = 1 with dr = 1).
+    full, targets, advantages, mask, old, ref = _inputs(3, 6, 37, seed=12)
+    for loss_type, on_policy in (("dapo", False), ("luspo", True)):
+        _check(backend, full, targets, advantages, mask, None if on_policy else old, ref, beta=0.05,
+               loss_type=loss_type, importance_sampling_level=level, use_bias_correction_kl=True, epsilon_high=0.28)
