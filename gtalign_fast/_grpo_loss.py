@@ -49,6 +49,8 @@ class GrpoLossOptions(NamedTuple):
     num_items_value: float | None  # dapo's normaliser when given as a number
     kl_clamp: float | None = None  # |k3| bound (verl's low_var_kl: 10); None: unclamped, as TRL
     use_bias_correction_kl: bool = False  # TRL's: the k3 term weighted by the importance ratio
+    sapo_temperature_pos: float = 1.0  # loss_type="sapo" only (TRL's defaults)
+    sapo_temperature_neg: float = 1.05
 
 
 def aggregation(
@@ -56,7 +58,7 @@ def aggregation(
 ):
     """The finalize mode and the constant per-row weight of ``loss_type`` (see the docstring of
     :func:`grpo_loss` for the formulas)."""
-    if loss_type in ("grpo", "seq-mean-token-mean"):
+    if loss_type in ("grpo", "sapo", "seq-mean-token-mean"):
         return MODE_SEQ_MEAN, 0.0
     if loss_type in ("bnpo", "token-mean"):
         return MODE_TOKEN_MEAN, 0.0
@@ -106,6 +108,7 @@ def _reference_loss(logp, old_logp, ref_logp, advantages, mask, num_items_tensor
         logp, old_logp, advantages, mask, ref_logp, options.beta, options.epsilon_low, options.epsilon_high,
         options.delta, options.dual_clip, options.loss_type, "sequence" if options.sequence_level else "token",
         options.max_completion_length, num_items, options.kl_clamp, options.use_bias_correction_kl,
+        options.sapo_temperature_pos, options.sapo_temperature_neg,
     )
 
 
@@ -141,15 +144,18 @@ def _forward_args(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, 
     )
 
 
-def _clip_args(options: GrpoLossOptions) -> tuple[float, float, float, float, float, float, bool]:
-    """(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, use_bias_correction_kl) as the
-    kernels take them: no delta is +inf, no dual clip is 0, no KL clamp is +inf (clamping to +-inf
-    changes nothing)."""
+def _clip_args(options: GrpoLossOptions) -> tuple:
+    """(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, use_bias_correction_kl,
+    sapo_tau_pos, sapo_tau_neg) as the kernels take them: no delta is +inf, no dual clip is 0, no KL
+    clamp is +inf (clamping to +-inf changes nothing), the SAPO temperatures are 0 unless
+    loss_type="sapo" (a positive sapo_tau_pos selects the SAPO objective)."""
     delta = math.inf if options.delta is None else options.delta
     dual_clip = 0.0 if options.dual_clip is None else options.dual_clip
     kl_clamp = math.inf if options.kl_clamp is None else options.kl_clamp
+    sapo = options.loss_type == "sapo"
+    taus = (options.sapo_temperature_pos, options.sapo_temperature_neg) if sapo else (0.0, 0.0)
     return (options.beta, options.epsilon_low, options.epsilon_high, delta, dual_clip, kl_clamp,
-            options.use_bias_correction_kl)
+            options.use_bias_correction_kl, *taus)
 
 
 _FINALIZE_COUNTERS: dict[tuple, torch.Tensor] = {}
@@ -320,7 +326,8 @@ def _check_tensor(name: str, tensor, shape, device, dtypes=None) -> None:
 
 def _validate(logp, old_logp, advantages, mask, ref_logp, beta, epsilon_low, epsilon_high, delta, dual_clip,
               loss_type, importance_sampling_level, max_completion_length, num_items_in_batch,
-              kl_clamp=None, use_bias_correction_kl=False) -> None:
+              kl_clamp=None, use_bias_correction_kl=False, sapo_temperature_pos=1.0,
+              sapo_temperature_neg=1.05) -> None:
     if not isinstance(logp, torch.Tensor):
         raise TypeError(f"grpo_loss: logp must be a tensor, got {type(logp).__name__}")
     if logp.dtype not in FLOAT_DTYPES:
@@ -357,6 +364,10 @@ def _validate(logp, old_logp, advantages, mask, ref_logp, beta, epsilon_low, eps
     _check_number("delta", delta, low=0.0, low_inclusive=False, optional=True)
     _check_number("dual_clip", dual_clip, low=1.0, low_inclusive=False, optional=True)
     _check_number("kl_clamp", kl_clamp, low=0.0, low_inclusive=False, optional=True)
+    _check_number("sapo_temperature_pos", sapo_temperature_pos, low=0.0, low_inclusive=False)
+    _check_number("sapo_temperature_neg", sapo_temperature_neg, low=0.0, low_inclusive=False)
+    if loss_type == "sapo" and (delta is not None or dual_clip is not None):
+        raise ValueError("grpo_loss: loss_type='sapo' replaces the clip: delta and dual_clip must be None")
     if not isinstance(use_bias_correction_kl, bool):
         kind = type(use_bias_correction_kl).__name__
         raise TypeError(f"grpo_loss: use_bias_correction_kl must be a bool, got {kind}")
@@ -381,7 +392,7 @@ def _validate(logp, old_logp, advantages, mask, ref_logp, beta, epsilon_low, eps
 
 def options_from_arguments(length: int, beta, epsilon_low, epsilon_high, delta, dual_clip, loss_type,
                            importance_sampling_level, max_completion_length, num_items_in_batch, kl_clamp=None,
-                           use_bias_correction_kl=False):
+                           use_bias_correction_kl=False, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05):
     """The (validated) keyword arguments of the GRPO-loss ops as ``GrpoLossOptions``, plus
     ``num_items_in_batch`` as a float32 tensor when it was given as one (else None: it is an option).
     ``length`` is T, the default ``max_completion_length``."""
@@ -402,6 +413,8 @@ def options_from_arguments(length: int, beta, epsilon_low, epsilon_high, delta, 
         num_items_value=num_items_value,
         kl_clamp=None if kl_clamp is None else float(kl_clamp),
         use_bias_correction_kl=bool(use_bias_correction_kl),
+        sapo_temperature_pos=float(sapo_temperature_pos),
+        sapo_temperature_neg=float(sapo_temperature_neg),
     )
     return num_items_tensor, options
 
@@ -443,6 +456,8 @@ def grpo_loss(
     num_items_in_batch: int | float | torch.Tensor | None = None,
     kl_clamp: float | None = None,
     use_bias_correction_kl: bool = False,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped-surrogate GRPO / PPO / GSPO policy loss with k3 KL and its metrics, fused.
@@ -457,6 +472,9 @@ def grpo_loss(
         coef_2 = clip(r, 1 - epsilon_low, 1 + epsilon_high)
         pg     = -min(coef_1 * A, coef_2 * A)
         pg     = min(pg, -dual_clip * A)  where A < 0   (verl's dual clip; default none)
+        pg     = -sigmoid(tau (r - 1)) * 4 / tau * A     (loss_type="sapo", TRL's SAPO, instead of the
+                                                          clip; tau = sapo_temperature_pos where A > 0,
+                                                          else sapo_temperature_neg)
         kl     = exp(d) - d - 1,  d = clip(ref_logp - logp, -20, 20)
         kl     = clip(kl, -kl_clamp, kl_clamp)          (verl's low_var_kl: kl_clamp=10; default none)
         kl     = kl * r                                  (TRL's use_bias_correction_kl; default off)
@@ -495,7 +513,7 @@ def grpo_loss(
         Aggregation, with ``S_b = sum_t mask * loss_t``, ``n_b`` the tokens of row ``b``,
         ``N = sum_b n_b`` (counts are clamped to >= 1) and ``L = max_completion_length``:
 
-        - ``"grpo"``, ``"seq-mean-token-mean"``: ``mean_b(S_b / n_b)``
+        - ``"grpo"``, ``"sapo"`` (with SAPO's objective), ``"seq-mean-token-mean"``: ``mean_b(S_b / n_b)``
         - ``"bnpo"``, ``"token-mean"``: ``sum_b S_b / N``
         - ``"dr_grpo"``: ``sum_b S_b / (B * L)``
         - ``"dapo"``: ``sum_b S_b / num_items_in_batch`` (default ``N``)
@@ -520,6 +538,10 @@ def grpo_loss(
         multiplied by the importance ratio ``r`` (the sequence's at sequence level, before
         ``delta``), with its gradient through ``r``; the ``kl`` metric is then that product, as
         TRL logs it.
+    sapo_temperature_pos, sapo_temperature_neg : float, default 1.0 and 1.05
+        SAPO's temperatures (TRL's names and defaults), ``> 0``; ``loss_type="sapo"`` only (which
+        refuses ``delta`` and ``dual_clip``). The clip metrics still report where ``r`` leaves
+        ``[1 - epsilon_low, 1 + epsilon_high]``.
     backend : {"triton", "cuda", "cpu", "reference"}, optional
         Force a backend; default: ``GTALIGN_FAST_BACKEND[_GRPO_LOSS]``, else the C++ kernel on CPU
         and the CUDA C++ kernel on CUDA (the faster there, see ``_backend.CUDA_DEFAULTS``).
@@ -550,10 +572,11 @@ def grpo_loss(
     """
     _validate(logp, old_logp, advantages, mask, ref_logp, beta, epsilon_low, epsilon_high, delta, dual_clip,
               loss_type, importance_sampling_level, max_completion_length, num_items_in_batch, kl_clamp,
-              use_bias_correction_kl)
+              use_bias_correction_kl, sapo_temperature_pos, sapo_temperature_neg)
     num_items_tensor, options = options_from_arguments(
         logp.shape[1], beta, epsilon_low, epsilon_high, delta, dual_clip, loss_type, importance_sampling_level,
-        max_completion_length, num_items_in_batch, kl_clamp, use_bias_correction_kl,
+        max_completion_length, num_items_in_batch, kl_clamp, use_bias_correction_kl, sapo_temperature_pos,
+        sapo_temperature_neg,
     )
     old_logp = None if old_logp is None else old_logp.detach()
     loss, metrics, _, _ = FORWARD(logp, old_logp, ref_logp, advantages.detach(), mask.detach(), num_items_tensor,

@@ -89,6 +89,8 @@ class LinearGrpoLossOptions(NamedTuple):
     num_items_value: float | None
     kl_clamp: float | None
     use_bias_correction_kl: bool
+    sapo_temperature_pos: float
+    sapo_temperature_neg: float
     temperature: float
     chunk_size: int  # tokens per chunk; 0 = default_chunk_tokens
     need_hidden: bool
@@ -293,6 +295,8 @@ def linear_grpo_loss(
     num_items_in_batch: int | float | torch.Tensor | None = None,
     kl_clamp: float | None = None,
     use_bias_correction_kl: bool = False,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
     chunk_size: int | None = None,
     return_logp: bool = False,
     backend: str | None = None,
@@ -314,7 +318,8 @@ def linear_grpo_loss(
     targets : Tensor, shape ``[B, T]``, int64
         Token ids in ``[0, V)`` where ``mask`` is nonzero (any value elsewhere).
     advantages, mask, old_logp, ref_logp, beta, epsilon_low, epsilon_high, delta, dual_clip, loss_type,
-    importance_sampling_level, max_completion_length, num_items_in_batch, kl_clamp, use_bias_correction_kl
+    importance_sampling_level, max_completion_length, num_items_in_batch, kl_clamp, use_bias_correction_kl,
+    sapo_temperature_pos, sapo_temperature_neg
         As :func:`gtalign_fast.ops.grpo_loss` (``old_logp`` / ``ref_logp`` any float dtype, used in
         float32; ``old_logp=None``: on-policy, ratio 1, the true gradient).
     bias : Tensor, shape ``[V]``, hidden's dtype, optional
@@ -387,7 +392,7 @@ def linear_grpo_loss(
     old_logp, ref_logp, num_items_tensor, grpo = grpo_options(
         OP, batch, length, hidden.device, old_logp, advantages, mask, ref_logp, beta, epsilon_low, epsilon_high,
         delta, dual_clip, loss_type, importance_sampling_level, max_completion_length, num_items_in_batch,
-        kl_clamp, use_bias_correction_kl)
+        kl_clamp, use_bias_correction_kl, sapo_temperature_pos, sapo_temperature_neg)
     grad = torch.is_grad_enabled()
     options = LinearGrpoLossOptions(
         *grpo, temperature=float(temperature), chunk_size=int(chunk_size or 0),

@@ -84,6 +84,7 @@ GRPO_LOSS_TYPES = (
     "grpo", "bnpo", "dr_grpo", "dapo",
     "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm",
     "luspo",  # TRL's name for seq-mean-token-sum
+    "sapo",  # TRL's SAPO objective, aggregated as grpo
 )
 
 
@@ -104,6 +105,8 @@ def grpo_loss(
     num_items_in_batch=None,
     kl_clamp: float | None = None,
     use_bias_correction_kl: bool = False,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped-surrogate GRPO / PPO policy loss with k3 KL, written plainly from TRL and verl.
 
@@ -145,6 +148,10 @@ def grpo_loss(
     coef_1 = ratio if delta is None else torch.clamp(ratio, max=delta)
     coef_2 = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
+    if loss_type == "sapo":
+        # TRL's SAPO: a soft gate -sigmoid(tau (r - 1)) * 4 / tau * A instead of the clip.
+        tau = torch.where(adv > 0, sapo_temperature_pos, sapo_temperature_neg).to(dtype)
+        per_token_loss = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
     if dual_clip is not None:
         # verl's dual clip: for A < 0 the loss is capped at -A * c.
         per_token_loss = torch.where(adv < 0, torch.min(-adv * dual_clip, per_token_loss), per_token_loss)
@@ -166,7 +173,7 @@ def grpo_loss(
     masked_loss = per_token_loss * weight
     total_tokens = weight.sum().clamp(min=1.0)
     norm_length = length if max_completion_length is None else max_completion_length
-    if loss_type in ("grpo", "seq-mean-token-mean"):
+    if loss_type in ("grpo", "sapo", "seq-mean-token-mean"):
         loss = (masked_loss.sum(-1) / row_tokens).mean()
     elif loss_type in ("bnpo", "token-mean"):
         loss = masked_loss.sum() / total_tokens

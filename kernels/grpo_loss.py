@@ -70,8 +70,14 @@ MAX_BLOCK_B = 1024
 
 
 @triton.jit
-def _policy_term(ratio, adv, low_bound, high_bound, delta, dual_clip, DUAL_CLIP: tl.constexpr):
+def _policy_term(ratio, adv, low_bound, high_bound, delta, dual_clip, tau_pos, tau_neg, DUAL_CLIP: tl.constexpr,
+                 SAPO: tl.constexpr):
     """Per-token policy loss ``pg``, its derivative ``d pg / d ratio`` and ``coef_1``."""
+    if SAPO:
+        # TRL's SAPO: -sigmoid(tau (r - 1)) * 4 / tau * A (tau_pos where A > 0), d / d r = -4 A s (1 - s).
+        tau = tl.where(adv > 0, tl.cast(tau_pos, tl.float32), tl.cast(tau_neg, tl.float32))
+        s = 1.0 / (1.0 + tl.exp(-tau * (ratio - 1.0)))
+        return -s * 4.0 / tau * adv, -4.0 * adv * s * (1.0 - s), ratio
     coef_1 = tl.minimum(ratio, delta)
     gate_1 = tl.where(ratio <= delta, 1.0, 0.0)
     coef_2 = tl.minimum(tl.maximum(ratio, low_bound), high_bound)
@@ -170,13 +176,14 @@ def _grpo_loss_rows_kernel(
     num_items_ptr, loss_ptr, metrics_ptr, weights_ptr, error_ptr, counter_ptr,
     T,
     s_lb, s_lt, s_ob, s_ot, s_rb, s_rt, s_ab, s_at, s_mb, s_mt,
-    beta, eps_low, eps_high, delta, dual_clip, kl_clamp, const_weight,
+    beta, eps_low, eps_high, delta, dual_clip, kl_clamp, tau_pos, tau_neg, const_weight,
     ON_POLICY: tl.constexpr,
     HAS_REF: tl.constexpr,
     SEQ_LEVEL: tl.constexpr,
     ROW_METRICS: tl.constexpr,
     DUAL_CLIP: tl.constexpr,
     BIAS_KL: tl.constexpr,
+    SAPO: tl.constexpr,
     BLOCK_T: tl.constexpr,
     FUSED: tl.constexpr,
     MODE: tl.constexpr,
@@ -185,8 +192,8 @@ def _grpo_loss_rows_kernel(
 ):
     _grpo_loss_row(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, stats_ptr, T,
                    s_lb, s_lt, s_ob, s_ot, s_rb, s_rt, s_ab, s_at, s_mb, s_mt,
-                   beta, eps_low, eps_high, delta, dual_clip, kl_clamp,
-                   ON_POLICY, HAS_REF, SEQ_LEVEL, ROW_METRICS, DUAL_CLIP, BIAS_KL, BLOCK_T)
+                   beta, eps_low, eps_high, delta, dual_clip, kl_clamp, tau_pos, tau_neg,
+                   ON_POLICY, HAS_REF, SEQ_LEVEL, ROW_METRICS, DUAL_CLIP, BIAS_KL, SAPO, BLOCK_T)
     if FUSED:
         # One launch per forward: the last program to finish reduces every row. The barrier and the
         # release half of the atomic publish this program's row; its acquire half (in the last
@@ -204,13 +211,14 @@ def _grpo_loss_row(
     logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, stats_ptr,
     T,
     s_lb, s_lt, s_ob, s_ot, s_rb, s_rt, s_ab, s_at, s_mb, s_mt,
-    beta, eps_low, eps_high, delta, dual_clip, kl_clamp,
+    beta, eps_low, eps_high, delta, dual_clip, kl_clamp, tau_pos, tau_neg,
     ON_POLICY: tl.constexpr,
     HAS_REF: tl.constexpr,
     SEQ_LEVEL: tl.constexpr,
     ROW_METRICS: tl.constexpr,
     DUAL_CLIP: tl.constexpr,
     BIAS_KL: tl.constexpr,
+    SAPO: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     """One sequence's partial sums into row_stats[row] (row = the program id)."""
@@ -244,7 +252,8 @@ def _grpo_loss_row(
         else:
             old = _load_tokens(old_ptr, row, s_ob, cols, s_ot, valid)
             ratio, _ = _token_ratio(lp, old)
-        pg, dpg, coef_1 = _policy_term(ratio, adv, low_bound, high_bound, delta, dual_clip, DUAL_CLIP)
+        pg, dpg, coef_1 = _policy_term(ratio, adv, low_bound, high_bound, delta, dual_clip, tau_pos, tau_neg,
+                                       DUAL_CLIP, SAPO)
         token_loss = pg
         if HAS_REF:
             ref = _load_tokens(ref_ptr, row, s_rb, cols, s_rt, valid)
@@ -375,13 +384,14 @@ def _grpo_loss_bwd_kernel(
     logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, dlogp_ptr, dref_ptr,
     T,
     s_lb, s_lt, s_ob, s_ot, s_rb, s_rt, s_ab, s_at, s_mb, s_mt,
-    beta, eps_low, eps_high, delta, dual_clip, kl_clamp,
+    beta, eps_low, eps_high, delta, dual_clip, kl_clamp, tau_pos, tau_neg,
     ON_POLICY: tl.constexpr,
     HAS_REF: tl.constexpr,
     REF_GRAD: tl.constexpr,
     SEQ_LEVEL: tl.constexpr,
     DUAL_CLIP: tl.constexpr,
     BIAS_KL: tl.constexpr,
+    SAPO: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -409,7 +419,8 @@ def _grpo_loss_bwd_kernel(
             else:
                 old = _load_tokens(old_ptr, row, s_ob, cols, s_ot, valid)
                 ratio, dratio = _token_ratio(lp, old)
-            _, dpg, _ = _policy_term(ratio, adv, low_bound, high_bound, delta, dual_clip, DUAL_CLIP)
+            _, dpg, _ = _policy_term(ratio, adv, low_bound, high_bound, delta, dual_clip, tau_pos, tau_neg,
+                                     DUAL_CLIP, SAPO)
             dloss = dpg * dratio
         if HAS_REF:
             ref = _load_tokens(ref_ptr, row, s_rb, cols, s_rt, valid)
@@ -473,6 +484,8 @@ def grpo_loss_forward(
     dual_clip: float,
     kl_clamp: float,
     bias_kl: bool,
+    sapo_tau_pos: float,
+    sapo_tau_neg: float,
     seq_level: bool,
     row_metrics: bool,
     mode: int,
@@ -512,9 +525,10 @@ def grpo_loss_forward(
         advantages, mask, row_stats,
         num_items, loss, metrics, row_weights, error_flag, finalize_counter if fused else error_flag,
         length, *_strides(logp, old_logp, ref_logp, advantages, mask),
-        beta, eps_low, eps_high, delta, dual_clip, kl_clamp, const_weight,
+        beta, eps_low, eps_high, delta, dual_clip, kl_clamp, sapo_tau_pos, sapo_tau_neg, const_weight,
         ON_POLICY=old_logp is None, HAS_REF=ref_logp is not None, SEQ_LEVEL=seq_level,
-        ROW_METRICS=row_metrics, DUAL_CLIP=dual_clip > 0, BIAS_KL=bool(bias_kl), BLOCK_T=_block_t(length),
+        ROW_METRICS=row_metrics, DUAL_CLIP=dual_clip > 0, BIAS_KL=bool(bias_kl), SAPO=sapo_tau_pos > 0,
+        BLOCK_T=_block_t(length),
         FUSED=fused, MODE=mode, BLOCK_B=block_b, ERR_NUM_ITEMS=device_checks.ERR_NUM_ITEMS, num_warps=4,
     )
     if not fused:
@@ -541,6 +555,8 @@ def grpo_loss_backward(
     dual_clip: float,
     kl_clamp: float,
     bias_kl: bool,
+    sapo_tau_pos: float,
+    sapo_tau_neg: float,
     seq_level: bool,
     dlogp: torch.Tensor,
     dref: torch.Tensor,
@@ -561,8 +577,9 @@ def grpo_loss_backward(
         logp, old_logp if old_logp is not None else logp, ref_logp if ref_logp is not None else logp,
         advantages, mask, dlogp, dref if dref.numel() > 0 else dlogp,
         length, *_strides(logp, old_logp, ref_logp, advantages, mask),
-        beta, eps_low, eps_high, delta, dual_clip, kl_clamp,
+        beta, eps_low, eps_high, delta, dual_clip, kl_clamp, sapo_tau_pos, sapo_tau_neg,
         ON_POLICY=old_logp is None, HAS_REF=ref_logp is not None, REF_GRAD=dref.numel() > 0,
-        SEQ_LEVEL=seq_level, DUAL_CLIP=dual_clip > 0, BIAS_KL=bool(bias_kl), BLOCK_T=_block_t(length),
+        SEQ_LEVEL=seq_level, DUAL_CLIP=dual_clip > 0, BIAS_KL=bool(bias_kl), SAPO=sapo_tau_pos > 0,
+        BLOCK_T=_block_t(length),
         num_warps=4,
     )

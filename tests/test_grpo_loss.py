@@ -95,6 +95,8 @@ def _configurations(backend):
     slow on CPU: there each (loss type, level, clip) gets one (beta, advantage shape) pair, rotated
     so that every pair still meets every loss type and clip setting."""
     for index, (loss_type, level, clip) in enumerate(itertools.product(LOSS_TYPES, LEVELS, CLIPS)):
+        if loss_type == "sapo" and clip != "clip":
+            continue  # SAPO replaces the clip: no delta, no dual clip
         pairs = list(itertools.product(BETAS, (False, True)))
         if _interpreted_triton(backend):
             pairs = [pairs[(index + index // len(CLIPS)) % len(pairs)]]
@@ -275,7 +277,7 @@ def test_custom_op_registration():
     backend = kernel_backends()[0] if kernel_backends() else "reference"
     for kl_clamp, bias_kl in ((None, False), (10.0, True)):
         args = (logp.detach().requires_grad_(True), old, ref, advantages, mask, None, 0.04, 0.2, 0.28, 1.5, 3.0,
-                "grpo", False, 5, None, kl_clamp, bias_kl, backend)
+                "grpo", False, 5, None, kl_clamp, bias_kl, 1.0, 1.05, backend)
         torch.library.opcheck(_grpo_loss.FORWARD.custom_op, args, test_utils=("test_schema", "test_faketensor",
                                                                          "test_autograd_registration"))
 
@@ -328,7 +330,7 @@ def test_matches_trl_when_installed():
 
     logp, old, ref, advantages, mask = _inputs(4, 11, seed=40, empty_row=False)
     ref = ref + 2.0 * (torch.arange(11, device=DEVICE) % 3 == 0)  # some k3 above 10: not clamped, as TRL
-    for loss_type, level, bias_kl in itertools.product(("grpo", "bnpo", "dr_grpo", "dapo", "luspo"), LEVELS,
+    for loss_type, level, bias_kl in itertools.product(("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "sapo"), LEVELS,
                                                        (False, True)):
         leaf = logp.clone().requires_grad_(True)
         trl_loss = trl_grpo_loss(leaf, old, advantages, mask, ref_logp=ref, beta=0.04, epsilon_high=0.28,
@@ -473,3 +475,25 @@ def test_bias_corrected_kl(backend):
         _check(backend, logp, None if on_policy else old, advantages, mask, ref, ref_grad=True, beta=0.05,
                **CLIPS[clip], loss_type=("grpo", "dapo", "luspo")[index % 3], importance_sampling_level=level,
                kl_clamp=kl_clamp, use_bias_correction_kl=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sapo(backend):
+    # TRL's SAPO objective: -sigmoid(tau (r - 1)) * 4 / tau * A, tau by the sign of A, aggregated as grpo.
+    logp, old, ref, advantages, mask = _inputs(4, 9, seed=43)
+    for index, (level, adv_2d, beta) in enumerate(itertools.product(LEVELS, (False, True), BETAS)):
+        if _interpreted_triton(backend) and index % 2:
+            continue
+        adv = torch.randn(mask.shape, generator=torch.Generator().manual_seed(index)).to(DEVICE) if adv_2d \
+            else advantages
+        _check(backend, logp, old, adv, mask, ref if beta else None, loss_type="sapo", importance_sampling_level=level,
+               beta=beta, sapo_temperature_pos=0.9, sapo_temperature_neg=1.3, use_bias_correction_kl=index % 3 == 0)
+
+
+def test_sapo_refuses_the_clip_options():
+    logp, old, ref, advantages, mask = _inputs(2, 4, seed=0)
+    for extra in (dict(delta=1.5), dict(dual_clip=3.0)):
+        with pytest.raises(ValueError, match="sapo"):
+            ops.grpo_loss(logp, old, advantages, mask, loss_type="sapo", **extra)
+    with pytest.raises(ValueError, match="sapo_temperature_neg"):
+        ops.grpo_loss(logp, old, advantages, mask, loss_type="sapo", sapo_temperature_neg=0.0)

@@ -293,3 +293,11 @@ def test_bias_corrected_kl(backend, level):
     for loss_type, on_policy in (("dapo", False), ("luspo", True)):
         _check(backend, *inputs[:-2], None if on_policy else inputs[-2], inputs[-1], chunk_size=4, beta=0.05,
                loss_type=loss_type, importance_sampling_level=level, use_bias_correction_kl=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_sapo(backend, level):
+    inputs = _inputs(3, 5, 6, 29, seed=15)
+    _check(backend, *inputs, chunk_size=4, beta=0.04, loss_type="sapo", importance_sampling_level=level,
+           sapo_temperature_pos=0.9, sapo_temperature_neg=1.3)

@@ -32,7 +32,7 @@ constexpr int kWarps = kThreads / 32;
 
 using namespace gtalign_fast::grpo;  // row_stats columns, modes, metrics, limits, ClipParams (../grpo_loss_common.h)
 
-__device__ __forceinline__ PolicyTerm policy_term(float ratio, float adv, const ClipParams& p) {
+__device__ __forceinline__ PolicyTerm clip_term(float ratio, float adv, const ClipParams& p) {
   const float coef_1 = ratio <= p.delta ? ratio : p.delta;
   const float gate_1 = ratio <= p.delta ? 1.0f : 0.0f;
   const float coef_2 = fminf(fmaxf(ratio, p.low_bound), p.high_bound);
@@ -50,6 +50,14 @@ __device__ __forceinline__ PolicyTerm policy_term(float ratio, float adv, const 
   dloss = capped ? 0.0f : (tie ? 0.5f * dloss : dloss);
   loss = capped ? cap : loss;
   return {loss, dloss, coef_1};
+}
+
+// TRL's SAPO objective (p.sapo): -sigmoid(tau (r - 1)) * 4 / tau * A, d / d r = -4 A s (1 - s); coef_1 = r.
+__device__ __forceinline__ PolicyTerm policy_term(float ratio, float adv, const ClipParams& p) {
+  if (!p.sapo) return clip_term(ratio, adv, p);
+  const float tau = adv > 0.0f ? p.sapo_tau_pos : p.sapo_tau_neg;
+  const float s = 1.0f / (1.0f + expf(-tau * (ratio - 1.0f)));
+  return {-s * 4.0f / tau * adv, -4.0f * adv * s * (1.0f - s), ratio};
 }
 
 // exp(clamp(l, -20, 20)) and its derivative w.r.t. l (0 where clamped). expf, not __expf: the
@@ -348,7 +356,7 @@ void check_inputs(const at::Tensor& logp, const std::optional<at::Tensor>& old_l
 void grpo_loss_fwd_cuda(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
                         const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask,
                         const std::optional<at::Tensor>& num_items, double beta, double epsilon_low,
-                        double epsilon_high, double delta, double dual_clip, double kl_clamp, bool bias_kl, bool seq_level,
+                        double epsilon_high, double delta, double dual_clip, double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool seq_level,
                         bool row_metrics,
                         int64_t mode, double const_weight, at::Tensor& loss, at::Tensor& metrics,
                         at::Tensor& row_stats, at::Tensor& row_weights, const std::optional<at::Tensor>& error_flag,
@@ -374,7 +382,7 @@ void grpo_loss_fwd_cuda(const at::Tensor& logp, const std::optional<at::Tensor>&
   if (batch == 0) return;
   const c10::cuda::CUDAGuard guard(logp.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl);
+  const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl, sapo_tau_pos, sapo_tau_neg);
   const Strides strides = strides_of(logp, old_logp, ref_logp, advantages, mask);
   const Finalize finalize{mode == kNormaliserTensor ? num_items->data_ptr<float>() : nullptr,
                           loss.data_ptr<float>(),
@@ -400,7 +408,7 @@ void grpo_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& row_weigh
                         const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
                         const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask,
                         double beta, double epsilon_low, double epsilon_high, double delta, double dual_clip,
-                        double kl_clamp, bool bias_kl, bool seq_level, at::Tensor& dlogp, at::Tensor& dref) {
+                        double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool seq_level, at::Tensor& dlogp, at::Tensor& dref) {
   check_inputs(logp, old_logp, ref_logp, advantages, mask);
   const int64_t batch = logp.size(0), length = logp.size(1);
   check_float_out(grad_loss, 1, logp, "grad_loss");
@@ -416,7 +424,7 @@ void grpo_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& row_weigh
   if (batch == 0) return;
   const c10::cuda::CUDAGuard guard(logp.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl);
+  const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl, sapo_tau_pos, sapo_tau_neg);
   const Strides strides = strides_of(logp, old_logp, ref_logp, advantages, mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logp.scalar_type(), "grpo_loss_bwd_cuda", [&] {
     grpo_loss_bwd_kernel<scalar_t><<<static_cast<unsigned int>(batch), kThreads, 0, stream>>>(

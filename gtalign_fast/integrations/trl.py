@@ -60,11 +60,12 @@ LOSS_TYPES: dict[str, str] = {
     "dr_grpo": "dr_grpo",
     "dapo": "dapo",
     "luspo": "luspo",
+    "sapo": "sapo",
 }
 
 # TRL options we do not compute: (GRPOConfig field, why), checked by patch_grpo_trainer.
 UNSUPPORTED: tuple[tuple[str, str], ...] = (
-    ("loss_type", "only " + ", ".join(LOSS_TYPES) + " are computed by grpo_loss (not cispo, sapo, vespo)"),
+    ("loss_type", "only " + ", ".join(LOSS_TYPES) + " are computed by grpo_loss (not cispo, vespo)"),
     ("top_entropy_quantile", "must be 1.0: the high-entropy token mask is not applied by grpo_loss"),
     ("off_policy_mask_threshold", "must be None: the off-policy sequence mask is not applied by grpo_loss"),
     ("vllm_importance_sampling_correction", "must be False when use_vllm=True: the vLLM IS weights are not applied"),
@@ -397,10 +398,14 @@ def _compute_loss(self, model, inputs):
         logp, None if old is None else old.to(logp.dtype), inputs["advantages"], mask,
         ref_logp=None if ref is None else ref.to(logp.dtype), beta=float(self.beta),
         epsilon_low=float(self.epsilon_low), epsilon_high=float(self.epsilon_high),
-        delta=None if self.args.delta is None else float(self.args.delta), loss_type=LOSS_TYPES[self.loss_type],
+        # TRL's sapo ignores delta (it has no clip); grpo_loss refuses a delta with sapo rather than ignore it
+        delta=None if self.args.delta is None or self.loss_type == "sapo" else float(self.args.delta),
+        loss_type=LOSS_TYPES[self.loss_type],
         importance_sampling_level=self.importance_sampling_level,
         max_completion_length=int(self.max_completion_length), num_items_in_batch=num_items,
         use_bias_correction_kl=bool(getattr(self.args, "use_bias_correction_kl", False)),
+        **({"sapo_temperature_pos": float(self.args.sapo_temperature_pos),
+            "sapo_temperature_neg": float(self.args.sapo_temperature_neg)} if self.loss_type == "sapo" else {}),
     )
     if self.loss_type != "dapo":  # dapo's normaliser already covers the accumulation window
         loss = loss / accumulation
@@ -421,6 +426,8 @@ def _log_metrics(self, mode: str, metrics: Mapping[str, torch.Tensor], logp, old
         self._metrics[mode]["kl"].append(global_mean(metrics["kl"], tokens))
     entropy_mean = (entropies.detach() * mask).sum() / tokens.clamp(min=1.0)
     self._metrics[mode]["entropy"].append(global_mean(entropy_mean, tokens))
+    if self.loss_type == "sapo":  # TRL logs clip ratios only for its clipped objectives
+        return
     clip_count = torch.tensor(float(mask.shape[0]), device=tokens.device) if sequence else tokens
     for name in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
         self._metrics[mode][name].append(global_mean(metrics[name], clip_count))
@@ -466,7 +473,8 @@ def patch_grpo_trainer(trainer, *, fused_lm_head: bool = True):
     ``fused_lm_head=False``), and ``_compute_loss`` runs :func:`gtalign_fast.ops.grpo_loss`. Calling it twice is a
     no-op.
 
-    Supported: ``loss_type`` grpo, bnpo, dr_grpo, dapo, luspo; ``importance_sampling_level`` token and sequence;
+    Supported: ``loss_type`` grpo, bnpo, dr_grpo, dapo, luspo, sapo (with ``sapo_temperature_pos`` /
+    ``sapo_temperature_neg``); ``importance_sampling_level`` token and sequence;
     ``beta`` >= 0 (k3 KL against the reference model or the disabled PEFT adapter, with or without
     ``use_bias_correction_kl``, TRL's default True); ``epsilon`` /
     ``epsilon_high`` (clip-higher); ``delta`` (two-sided clip); ``temperature``; ``cast_lm_head_to_fp32``;
