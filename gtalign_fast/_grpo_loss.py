@@ -364,10 +364,11 @@ def _validate(logp, old_logp, advantages, mask, ref_logp, beta, epsilon_low, eps
     _check_number("delta", delta, low=0.0, low_inclusive=False, optional=True)
     _check_number("dual_clip", dual_clip, low=1.0, low_inclusive=False, optional=True)
     _check_number("kl_clamp", kl_clamp, low=0.0, low_inclusive=False, optional=True)
-    _check_number("sapo_temperature_pos", sapo_temperature_pos, low=0.0, low_inclusive=False)
-    _check_number("sapo_temperature_neg", sapo_temperature_neg, low=0.0, low_inclusive=False)
-    if loss_type == "sapo" and (delta is not None or dual_clip is not None):
-        raise ValueError("grpo_loss: loss_type='sapo' replaces the clip: delta and dual_clip must be None")
+    if loss_type == "sapo":  # the temperatures are read by SAPO only (checked there: a few us per call)
+        _check_number("sapo_temperature_pos", sapo_temperature_pos, low=0.0, low_inclusive=False)
+        _check_number("sapo_temperature_neg", sapo_temperature_neg, low=0.0, low_inclusive=False)
+        if delta is not None or dual_clip is not None:
+            raise ValueError("grpo_loss: loss_type='sapo' replaces the clip: delta and dual_clip must be None")
     if not isinstance(use_bias_correction_kl, bool):
         kind = type(use_bias_correction_kl).__name__
         raise TypeError(f"grpo_loss: use_bias_correction_kl must be a bool, got {kind}")
