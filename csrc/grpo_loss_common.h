@@ -25,17 +25,23 @@ constexpr int64_t kNumMetrics = 5;
 enum Metric : int64_t { kMetricLow = 0, kMetricHigh, kMetricRegion, kMetricKl, kMetricRatio };
 static_assert(kMetricRatio + 1 == kNumMetrics, "one metrics entry per Metric");
 constexpr float kLogRatioLimit = 20.0f;  // log-ratios are clamped to [-20, 20]
-constexpr float kKlLimit = 10.0f;        // k3 KL values are clamped to [-10, 10]
+constexpr float kKlLimit = 10.0f;        // verl's low_var_kl bound on k3 values (the kl_clamp verl's plugin passes)
 
 // The op's float arguments as the kernels use them (passed to the CUDA kernels by value).
+// kl_clamp bounds each k3 value to [-kl_clamp, kl_clamp]; +inf (the ops' default, TRL's k3) clamps nothing.
+// bias_kl: TRL's use_bias_correction_kl, the k3 term times the importance ratio. sapo_tau_pos > 0 selects
+// TRL's SAPO objective -sigmoid(tau (r - 1)) 4 / tau A (tau_pos where A > 0, else tau_neg) instead of the clip.
 struct ClipParams {
-  float low_bound, high_bound, delta, dual_clip, beta;
-  bool has_dual_clip;
+  float low_bound, high_bound, delta, dual_clip, beta, kl_clamp, sapo_tau_pos, sapo_tau_neg;
+  bool has_dual_clip, bias_kl, sapo;
 };
 
-inline ClipParams clip_params(double beta, double eps_low, double eps_high, double delta, double dual_clip) {
+inline ClipParams clip_params(double beta, double eps_low, double eps_high, double delta, double dual_clip,
+                              double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg) {
   return {1.0f - static_cast<float>(eps_low), 1.0f + static_cast<float>(eps_high), static_cast<float>(delta),
-          static_cast<float>(dual_clip), static_cast<float>(beta), dual_clip > 0.0};
+          static_cast<float>(dual_clip), static_cast<float>(beta), static_cast<float>(kl_clamp),
+          static_cast<float>(sapo_tau_pos), static_cast<float>(sapo_tau_neg), dual_clip > 0.0, bias_kl,
+          sapo_tau_pos > 0.0};
 }
 
 // Per-token policy loss, d loss / d ratio, and coef_1 = min(ratio, delta).

@@ -31,6 +31,7 @@ METRIC_NAMES = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/regio
 METRIC_LOW, METRIC_HIGH, METRIC_REGION, METRIC_KL, METRIC_RATIO = range(len(METRIC_NAMES))
 NUM_METRICS = len(METRIC_NAMES)
 
-# Clamp limits (TRL's and verl's): log-ratios to [-20, 20] before exp, k3 KL values to [-10, 10].
+# Clamp limits (verl's): log-ratios to [-20, 20] before exp; verl's low_var_kl bound on the k3 value,
+# which the ops apply only when asked (their kl_clamp option; verl's plugin passes KL_LIMIT).
 LOG_RATIO_LIMIT = 20.0
 KL_LIMIT = 10.0

@@ -47,6 +47,10 @@ class GrpoLossOptions(NamedTuple):
     sequence_level: bool
     max_completion_length: int  # L of dr_grpo / seq-mean-token-sum-norm
     num_items_value: float | None  # dapo's normaliser when given as a number
+    kl_clamp: float | None = None  # |k3| bound (verl's low_var_kl: 10); None: unclamped, as TRL
+    use_bias_correction_kl: bool = False  # TRL's: the k3 term weighted by the importance ratio
+    sapo_temperature_pos: float = 1.0  # loss_type="sapo" only (TRL's defaults)
+    sapo_temperature_neg: float = 1.05
 
 
 def aggregation(
@@ -54,7 +58,7 @@ def aggregation(
 ):
     """The finalize mode and the constant per-row weight of ``loss_type`` (see the docstring of
     :func:`grpo_loss` for the formulas)."""
-    if loss_type in ("grpo", "seq-mean-token-mean"):
+    if loss_type in ("grpo", "sapo", "seq-mean-token-mean"):
         return MODE_SEQ_MEAN, 0.0
     if loss_type in ("bnpo", "token-mean"):
         return MODE_TOKEN_MEAN, 0.0
@@ -66,7 +70,7 @@ def aggregation(
         if num_items_value is not None:
             return MODE_CONSTANT, 1.0 / num_items_value
         return MODE_TOKEN_MEAN, 0.0
-    if loss_type == "seq-mean-token-sum":
+    if loss_type in ("luspo", "seq-mean-token-sum"):
         return MODE_CONSTANT, 1.0 / batch
     if loss_type == "seq-mean-token-sum-norm":
         return MODE_CONSTANT, 1.0 / norm_length
@@ -103,7 +107,8 @@ def _reference_loss(logp, old_logp, ref_logp, advantages, mask, num_items_tensor
     return reference.grpo_loss(
         logp, old_logp, advantages, mask, ref_logp, options.beta, options.epsilon_low, options.epsilon_high,
         options.delta, options.dual_clip, options.loss_type, "sequence" if options.sequence_level else "token",
-        options.max_completion_length, num_items,
+        options.max_completion_length, num_items, options.kl_clamp, options.use_bias_correction_kl,
+        options.sapo_temperature_pos, options.sapo_temperature_neg,
     )
 
 
@@ -139,12 +144,18 @@ def _forward_args(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, 
     )
 
 
-def _clip_args(options: GrpoLossOptions) -> tuple[float, float, float, float, float]:
-    """(beta, epsilon_low, epsilon_high, delta, dual_clip) as the kernels take them: no delta is
-    +inf, no dual clip is 0."""
+def _clip_args(options: GrpoLossOptions) -> tuple:
+    """(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, use_bias_correction_kl,
+    sapo_tau_pos, sapo_tau_neg) as the kernels take them: no delta is +inf, no dual clip is 0, no KL
+    clamp is +inf (clamping to +-inf changes nothing), the SAPO temperatures are 0 unless
+    loss_type="sapo" (a positive sapo_tau_pos selects the SAPO objective)."""
     delta = math.inf if options.delta is None else options.delta
     dual_clip = 0.0 if options.dual_clip is None else options.dual_clip
-    return options.beta, options.epsilon_low, options.epsilon_high, delta, dual_clip
+    kl_clamp = math.inf if options.kl_clamp is None else options.kl_clamp
+    sapo = options.loss_type == "sapo"
+    taus = (options.sapo_temperature_pos, options.sapo_temperature_neg) if sapo else (0.0, 0.0)
+    return (options.beta, options.epsilon_low, options.epsilon_high, delta, dual_clip, kl_clamp,
+            options.use_bias_correction_kl, *taus)
 
 
 _FINALIZE_COUNTERS: dict[tuple, torch.Tensor] = {}
@@ -314,7 +325,9 @@ def _check_tensor(name: str, tensor, shape, device, dtypes=None) -> None:
 
 
 def _validate(logp, old_logp, advantages, mask, ref_logp, beta, epsilon_low, epsilon_high, delta, dual_clip,
-              loss_type, importance_sampling_level, max_completion_length, num_items_in_batch) -> None:
+              loss_type, importance_sampling_level, max_completion_length, num_items_in_batch,
+              kl_clamp=None, use_bias_correction_kl=False, sapo_temperature_pos=1.0,
+              sapo_temperature_neg=1.05) -> None:
     if not isinstance(logp, torch.Tensor):
         raise TypeError(f"grpo_loss: logp must be a tensor, got {type(logp).__name__}")
     if logp.dtype not in FLOAT_DTYPES:
@@ -350,6 +363,15 @@ def _validate(logp, old_logp, advantages, mask, ref_logp, beta, epsilon_low, eps
     _check_number("epsilon_high", epsilon_high, low=0.0, optional=True)
     _check_number("delta", delta, low=0.0, low_inclusive=False, optional=True)
     _check_number("dual_clip", dual_clip, low=1.0, low_inclusive=False, optional=True)
+    _check_number("kl_clamp", kl_clamp, low=0.0, low_inclusive=False, optional=True)
+    if loss_type == "sapo":  # the temperatures are read by SAPO only (checked there: a few us per call)
+        _check_number("sapo_temperature_pos", sapo_temperature_pos, low=0.0, low_inclusive=False)
+        _check_number("sapo_temperature_neg", sapo_temperature_neg, low=0.0, low_inclusive=False)
+        if delta is not None or dual_clip is not None:
+            raise ValueError("grpo_loss: loss_type='sapo' replaces the clip: delta and dual_clip must be None")
+    if not isinstance(use_bias_correction_kl, bool):
+        kind = type(use_bias_correction_kl).__name__
+        raise TypeError(f"grpo_loss: use_bias_correction_kl must be a bool, got {kind}")
     if max_completion_length is not None:
         if isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int):
             raise TypeError(
@@ -370,7 +392,8 @@ def _validate(logp, old_logp, advantages, mask, ref_logp, beta, epsilon_low, eps
 
 
 def options_from_arguments(length: int, beta, epsilon_low, epsilon_high, delta, dual_clip, loss_type,
-                           importance_sampling_level, max_completion_length, num_items_in_batch):
+                           importance_sampling_level, max_completion_length, num_items_in_batch, kl_clamp=None,
+                           use_bias_correction_kl=False, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05):
     """The (validated) keyword arguments of the GRPO-loss ops as ``GrpoLossOptions``, plus
     ``num_items_in_batch`` as a float32 tensor when it was given as one (else None: it is an option).
     ``length`` is T, the default ``max_completion_length``."""
@@ -389,6 +412,10 @@ def options_from_arguments(length: int, beta, epsilon_low, epsilon_high, delta, 
         sequence_level=importance_sampling_level == "sequence",
         max_completion_length=int(length if max_completion_length is None else max_completion_length),
         num_items_value=num_items_value,
+        kl_clamp=None if kl_clamp is None else float(kl_clamp),
+        use_bias_correction_kl=bool(use_bias_correction_kl),
+        sapo_temperature_pos=float(sapo_temperature_pos),
+        sapo_temperature_neg=float(sapo_temperature_neg),
     )
     return num_items_tensor, options
 
@@ -428,6 +455,10 @@ def grpo_loss(
     importance_sampling_level: str = "token",
     max_completion_length: int | None = None,
     num_items_in_batch: int | float | torch.Tensor | None = None,
+    kl_clamp: float | None = None,
+    use_bias_correction_kl: bool = False,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped-surrogate GRPO / PPO / GSPO policy loss with k3 KL and its metrics, fused.
@@ -442,7 +473,12 @@ def grpo_loss(
         coef_2 = clip(r, 1 - epsilon_low, 1 + epsilon_high)
         pg     = -min(coef_1 * A, coef_2 * A)
         pg     = min(pg, -dual_clip * A)  where A < 0   (verl's dual clip; default none)
-        kl     = clip(exp(d) - d - 1, -10, 10),  d = clip(ref_logp - logp, -20, 20)
+        pg     = -sigmoid(tau (r - 1)) * 4 / tau * A     (loss_type="sapo", TRL's SAPO, instead of the
+                                                          clip; tau = sapo_temperature_pos where A > 0,
+                                                          else sapo_temperature_neg)
+        kl     = exp(d) - d - 1,  d = clip(ref_logp - logp, -20, 20)
+        kl     = clip(kl, -kl_clamp, kl_clamp)          (verl's low_var_kl: kl_clamp=10; default none)
+        kl     = kl * r                                  (TRL's use_bias_correction_kl; default off)
         loss_t = pg + beta * kl
 
     At ``importance_sampling_level="sequence"`` (GSPO) ``r`` is one number per sequence, the exp
@@ -478,11 +514,11 @@ def grpo_loss(
         Aggregation, with ``S_b = sum_t mask * loss_t``, ``n_b`` the tokens of row ``b``,
         ``N = sum_b n_b`` (counts are clamped to >= 1) and ``L = max_completion_length``:
 
-        - ``"grpo"``, ``"seq-mean-token-mean"``: ``mean_b(S_b / n_b)``
+        - ``"grpo"``, ``"sapo"`` (with SAPO's objective), ``"seq-mean-token-mean"``: ``mean_b(S_b / n_b)``
         - ``"bnpo"``, ``"token-mean"``: ``sum_b S_b / N``
         - ``"dr_grpo"``: ``sum_b S_b / (B * L)``
         - ``"dapo"``: ``sum_b S_b / num_items_in_batch`` (default ``N``)
-        - ``"seq-mean-token-sum"``: ``mean_b S_b``
+        - ``"luspo"`` (TRL's name), ``"seq-mean-token-sum"`` (verl's): ``mean_b S_b``
         - ``"seq-mean-token-sum-norm"``: ``sum_b S_b / L`` (verl's Dr. GRPO form)
     importance_sampling_level : {"token", "sequence"}, default "token"
     max_completion_length : int, optional
@@ -492,6 +528,21 @@ def grpo_loss(
         ``> 0`` (a CUDA tensor is read and checked by the kernel on the device, without a host sync:
         a bad one gives a NaN loss and an error from ``check_device_errors``; a CPU tensor is checked
         like the number). Ignored by the other loss types.
+    kl_clamp : float, optional
+        Bound on each token's k3 value, ``> 0``: ``kl = clip(kl, -kl_clamp, kl_clamp)``, no KL
+        gradient where it binds. verl's ``low_var_kl`` clamps at 10
+        (:data:`gtalign_fast._grpo_constants.KL_LIMIT`; verl's plugin passes it); TRL and Liger do
+        not clamp, nor does the default (None). Either way ``d`` is clamped to [-20, 20] first, as
+        verl does (TRL does not; it only matters where TRL's KL exceeds ``exp(20) - 21``, 4.9e8).
+    use_bias_correction_kl : bool, default False
+        TRL's ``use_bias_correction_kl`` (its ``GRPOConfig`` default is True): the k3 term is
+        multiplied by the importance ratio ``r`` (the sequence's at sequence level, before
+        ``delta``), with its gradient through ``r``; the ``kl`` metric is then that product, as
+        TRL logs it.
+    sapo_temperature_pos, sapo_temperature_neg : float, default 1.0 and 1.05
+        SAPO's temperatures (TRL's names and defaults), ``> 0``; ``loss_type="sapo"`` only (which
+        refuses ``delta`` and ``dual_clip``). The clip metrics still report where ``r`` leaves
+        ``[1 - epsilon_low, 1 + epsilon_high]``.
     backend : {"triton", "cuda", "cpu", "reference"}, optional
         Force a backend; default: ``GTALIGN_FAST_BACKEND[_GRPO_LOSS]``, else the C++ kernel on CPU
         and the CUDA C++ kernel on CUDA (the faster there, see ``_backend.CUDA_DEFAULTS``).
@@ -521,10 +572,12 @@ def grpo_loss(
     TRL does), so a micro-batch of truncated-and-masked completions does not produce NaN.
     """
     _validate(logp, old_logp, advantages, mask, ref_logp, beta, epsilon_low, epsilon_high, delta, dual_clip,
-              loss_type, importance_sampling_level, max_completion_length, num_items_in_batch)
+              loss_type, importance_sampling_level, max_completion_length, num_items_in_batch, kl_clamp,
+              use_bias_correction_kl, sapo_temperature_pos, sapo_temperature_neg)
     num_items_tensor, options = options_from_arguments(
         logp.shape[1], beta, epsilon_low, epsilon_high, delta, dual_clip, loss_type, importance_sampling_level,
-        max_completion_length, num_items_in_batch,
+        max_completion_length, num_items_in_batch, kl_clamp, use_bias_correction_kl, sapo_temperature_pos,
+        sapo_temperature_neg,
     )
     old_logp = None if old_logp is None else old_logp.detach()
     loss, metrics, _, _ = FORWARD(logp, old_logp, ref_logp, advantages.detach(), mask.detach(), num_items_tensor,

@@ -87,6 +87,10 @@ class LinearGrpoLossOptions(NamedTuple):
     sequence_level: bool
     max_completion_length: int
     num_items_value: float | None
+    kl_clamp: float | None
+    use_bias_correction_kl: bool
+    sapo_temperature_pos: float
+    sapo_temperature_neg: float
     temperature: float
     chunk_size: int  # tokens per chunk; 0 = default_chunk_tokens
     need_hidden: bool
@@ -131,7 +135,9 @@ def _forward_chunks(name, hidden, weight, bias, targets, old_logp, ref_logp, adv
         w_rows, row_inputs = weights_b, (logp, old_logp, ref_logp, advantages, mask)
     else:  # rows = single tokens ([N, 1] views): a chunk may cut a sequence anywhere
         rows_per_chunk, row_len = chunk, 1
-        w_rows = weights_b.unsqueeze(1).expand(batch, length).reshape(n_tokens)
+        # repeat_interleave, not expand().reshape(): at B = 1 the reshape keeps the stride-0 view, and
+        # the kernels read row_weights as a contiguous float32 [rows] tensor.
+        w_rows = weights_b.repeat_interleave(length)
         adv = advantages.to(torch.float32)
         adv = adv.unsqueeze(1).expand(batch, length) if adv.dim() == 1 else adv
         row_inputs = tuple(None if x is None else x.reshape(n_tokens, 1)
@@ -287,6 +293,10 @@ def linear_grpo_loss(
     importance_sampling_level: str = "token",
     max_completion_length: int | None = None,
     num_items_in_batch: int | float | torch.Tensor | None = None,
+    kl_clamp: float | None = None,
+    use_bias_correction_kl: bool = False,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
     chunk_size: int | None = None,
     return_logp: bool = False,
     backend: str | None = None,
@@ -308,7 +318,8 @@ def linear_grpo_loss(
     targets : Tensor, shape ``[B, T]``, int64
         Token ids in ``[0, V)`` where ``mask`` is nonzero (any value elsewhere).
     advantages, mask, old_logp, ref_logp, beta, epsilon_low, epsilon_high, delta, dual_clip, loss_type,
-    importance_sampling_level, max_completion_length, num_items_in_batch
+    importance_sampling_level, max_completion_length, num_items_in_batch, kl_clamp, use_bias_correction_kl,
+    sapo_temperature_pos, sapo_temperature_neg
         As :func:`gtalign_fast.ops.grpo_loss` (``old_logp`` / ``ref_logp`` any float dtype, used in
         float32; ``old_logp=None``: on-policy, ratio 1, the true gradient).
     bias : Tensor, shape ``[V]``, hidden's dtype, optional
@@ -380,7 +391,8 @@ def linear_grpo_loss(
     batch, length, size = hidden.shape
     old_logp, ref_logp, num_items_tensor, grpo = grpo_options(
         OP, batch, length, hidden.device, old_logp, advantages, mask, ref_logp, beta, epsilon_low, epsilon_high,
-        delta, dual_clip, loss_type, importance_sampling_level, max_completion_length, num_items_in_batch)
+        delta, dual_clip, loss_type, importance_sampling_level, max_completion_length, num_items_in_batch,
+        kl_clamp, use_bias_correction_kl, sapo_temperature_pos, sapo_temperature_neg)
     grad = torch.is_grad_enabled()
     options = LinearGrpoLossOptions(
         *grpo, temperature=float(temperature), chunk_size=int(chunk_size or 0),

@@ -141,7 +141,7 @@ def row_weights(mask: torch.Tensor, options: GrpoLossOptions, num_items_tensor: 
     batch = mask.shape[0]
     tokens = (mask != 0).sum(dim=1, dtype=torch.float32)
     loss_type = options.loss_type
-    if loss_type in ("grpo", "seq-mean-token-mean"):
+    if loss_type in ("grpo", "sapo", "seq-mean-token-mean"):
         return 1.0 / (batch * tokens.clamp(min=1.0))
     if loss_type in ("bnpo", "token-mean") or (
         loss_type == "dapo" and num_items_tensor is None and options.num_items_value is None
@@ -153,6 +153,7 @@ def row_weights(mask: torch.Tensor, options: GrpoLossOptions, num_items_tensor: 
         "dr_grpo": 1.0 / (batch * options.max_completion_length),
         "dapo": 1.0 / (options.num_items_value or 1.0),
         "seq-mean-token-sum": 1.0 / batch,
+        "luspo": 1.0 / batch,
         "seq-mean-token-sum-norm": 1.0 / options.max_completion_length,
     }[loss_type]
     return torch.full((batch,), constant, dtype=torch.float32, device=mask.device)
@@ -172,6 +173,10 @@ class LogitsGrpoLossOptions(NamedTuple):
     sequence_level: bool
     max_completion_length: int
     num_items_value: float | None
+    kl_clamp: float | None
+    use_bias_correction_kl: bool
+    sapo_temperature_pos: float
+    sapo_temperature_neg: float
     temperature: float
     inplace_backward: bool
 
@@ -220,7 +225,8 @@ def reference_loss(logp, old_logp, ref_logp, advantages, mask, num_items_tensor,
     return reference.grpo_loss(
         logp, old_logp, advantages, mask, ref_logp, options.beta, options.epsilon_low, options.epsilon_high,
         options.delta, options.dual_clip, options.loss_type, "sequence" if options.sequence_level else "token",
-        options.max_completion_length, num_items,
+        options.max_completion_length, num_items, options.kl_clamp, options.use_bias_correction_kl,
+        options.sapo_temperature_pos, options.sapo_temperature_neg,
     )
 
 
@@ -348,7 +354,8 @@ def validate_temperature(op: str, temperature) -> None:
 
 def grpo_options(op: str, batch: int, length: int, device: torch.device, old_logp, advantages, mask, ref_logp,
                  beta, epsilon_low, epsilon_high, delta, dual_clip, loss_type, importance_sampling_level,
-                 max_completion_length, num_items_in_batch):
+                 max_completion_length, num_items_in_batch, kl_clamp=None, use_bias_correction_kl=False,
+                 sapo_temperature_pos=1.0, sapo_temperature_neg=1.05):
     """Validate the grpo_loss arguments as grpo_loss does (errors name ``op``); returns the
     float32 old / ref log-probs, the normaliser tensor (or None) and the GrpoLossOptions."""
     converted = []
@@ -364,12 +371,14 @@ def grpo_options(op: str, batch: int, length: int, device: torch.device, old_log
     probe = torch.empty((), dtype=torch.float32, device=device).expand(batch, length)  # shape / device only
     try:
         _validate_grpo(probe, old_logp, advantages, mask, ref_logp, beta, epsilon_low, epsilon_high, delta, dual_clip,
-                       loss_type, importance_sampling_level, max_completion_length, num_items_in_batch)
+                       loss_type, importance_sampling_level, max_completion_length, num_items_in_batch, kl_clamp,
+                       use_bias_correction_kl, sapo_temperature_pos, sapo_temperature_neg)
     except (TypeError, ValueError) as error:
         raise type(error)(str(error).replace("grpo_loss:", f"{op}:", 1).replace(" but logp is", " but targets are"))
     num_items_tensor, options = options_from_arguments(
         length, beta, epsilon_low, epsilon_high, delta, dual_clip, loss_type, importance_sampling_level,
-        max_completion_length, num_items_in_batch,
+        max_completion_length, num_items_in_batch, kl_clamp, use_bias_correction_kl, sapo_temperature_pos,
+        sapo_temperature_neg,
     )
     return old_logp, ref_logp, num_items_tensor, options
 
@@ -397,6 +406,10 @@ def logits_grpo_loss(
     importance_sampling_level: str = "token",
     max_completion_length: int | None = None,
     num_items_in_batch: int | float | torch.Tensor | None = None,
+    kl_clamp: float | None = None,
+    use_bias_correction_kl: bool = False,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
     temperature: float = 1.0,
     inplace_backward: bool = False,
     backend: str | None = None,
@@ -418,7 +431,8 @@ def logits_grpo_loss(
     targets : Tensor, shape ``[B, T]``, int64
         Token ids in ``[0, V)`` wherever ``mask`` is nonzero (any value elsewhere).
     advantages, mask, old_logp, ref_logp, beta, epsilon_low, epsilon_high, delta, dual_clip, loss_type,
-    importance_sampling_level, max_completion_length, num_items_in_batch
+    importance_sampling_level, max_completion_length, num_items_in_batch, kl_clamp, use_bias_correction_kl,
+    sapo_temperature_pos, sapo_temperature_neg
         As :func:`gtalign_fast.ops.grpo_loss` (``old_logp`` / ``ref_logp``: any float dtype, used in
         float32; ``old_logp=None``: on-policy, ratio 1, the true gradient).
     temperature : float, default 1.0
@@ -464,7 +478,8 @@ def logits_grpo_loss(
     batch, length, _ = logits.shape
     old_logp, ref_logp, num_items_tensor, grpo = grpo_options(
         OP, batch, length, logits.device, old_logp, advantages, mask, ref_logp, beta, epsilon_low, epsilon_high,
-        delta, dual_clip, loss_type, importance_sampling_level, max_completion_length, num_items_in_batch)
+        delta, dual_clip, loss_type, importance_sampling_level, max_completion_length, num_items_in_batch,
+        kl_clamp, use_bias_correction_kl, sapo_temperature_pos, sapo_temperature_neg)
     options = LogitsGrpoLossOptions(*grpo, temperature=float(temperature), inplace_backward=bool(inplace_backward))
     loss, metrics, *_ = FORWARD(logits, targets, old_logp, ref_logp, advantages.detach(), mask.detach(),
                                 num_items_tensor, options=options, backend=backend or "")

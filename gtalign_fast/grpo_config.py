@@ -28,6 +28,8 @@ LOSS_TYPES = {
     "seq-mean-token-mean": "sequences",
     "seq-mean-token-sum": "sequences",
     "seq-mean-token-sum-norm": "sequences",
+    "luspo": "sequences",  # TRL's name for seq-mean-token-sum
+    "sapo": "sequences",  # TRL's SAPO objective, aggregated as grpo
 }
 SCALE_REWARDS = ("group", "batch", "none")
 DISTRIBUTED_STRATEGIES = ("ddp", "fsdp2")
@@ -46,7 +48,9 @@ class GRPOConfig:
     ``num_generations=8``, ``max_completion_length=256``, ``temperature=1.0``, ``top_p=1.0``,
     ``top_k=0`` (off), ``beta=0.0``, ``epsilon=0.2``, ``epsilon_high=None`` (= epsilon),
     ``loss_type="dapo"``, ``scale_rewards="group"``, ``importance_sampling_level="token"``,
-    ``num_iterations=1``, ``mask_truncated_completions=False``, ``learning_rate=1e-6``,
+    ``num_iterations=1``, ``mask_truncated_completions=False``, ``use_bias_correction_kl=True``
+    (with ``beta > 0`` the k3 KL is multiplied by the importance ratio), ``sapo_temperature_pos=1.0``,
+    ``sapo_temperature_neg=1.05`` (``loss_type="sapo"``), ``learning_rate=1e-6``,
     ``logging_steps=10``, ``gradient_checkpointing=True``; and from ``TrainingArguments``
     ``per_device_train_batch_size=8``, ``gradient_accumulation_steps=1``, ``max_steps=-1``,
     ``num_train_epochs=3``, ``save_steps=500``, ``seed=42``, ``max_grad_norm=1.0``, AdamW betas
@@ -151,7 +155,10 @@ class GRPOConfig:
     epsilon: float = 0.2
     epsilon_high: float | None = None
     delta: float | None = None
+    use_bias_correction_kl: bool = True
     loss_type: str = "dapo"
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
     scale_rewards: str | bool = "group"
     importance_sampling_level: str = "token"
     mask_truncated_completions: bool = False
@@ -239,6 +246,10 @@ class GRPOConfig:
             self._fail(f"delta (two-sided clip) must be > 0 (TRL recommends > 1 + epsilon), got {self.delta}")
         if self.dual_clip is not None and self.dual_clip <= 1:
             self._fail(f"dual_clip must be > 1, got {self.dual_clip}")
+        if not (self.sapo_temperature_pos > 0 and self.sapo_temperature_neg > 0):
+            self._fail(f"sapo temperatures must be > 0, got {self.sapo_temperature_pos}, {self.sapo_temperature_neg}")
+        if self.loss_type == "sapo" and (self.delta is not None or self.dual_clip is not None):
+            self._fail("loss_type='sapo' replaces the clip: delta and dual_clip must be None")
         if self.num_iterations < 1:
             self._fail(f"num_iterations must be >= 1, got {self.num_iterations}")
         if not 0 <= self.alpha <= 1:

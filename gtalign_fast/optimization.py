@@ -44,7 +44,8 @@ def policy_loss(
         loss_type=args.loss_type, importance_sampling_level=args.importance_sampling_level,
         max_completion_length=args.max_completion_length,
         num_items_in_batch=global_tokens if LOSS_TYPES[args.loss_type] == "global_tokens" else None,
-        backend=backend,
+        use_bias_correction_kl=args.use_bias_correction_kl, sapo_temperature_pos=args.sapo_temperature_pos,
+        sapo_temperature_neg=args.sapo_temperature_neg, backend=backend,
     )
 
 
@@ -64,6 +65,8 @@ def fused_policy_loss(
             importance_sampling_level=args.importance_sampling_level,
             max_completion_length=args.max_completion_length,
             num_items_in_batch=global_tokens if LOSS_TYPES[args.loss_type] == "global_tokens" else None,
+            use_bias_correction_kl=args.use_bias_correction_kl, sapo_temperature_pos=args.sapo_temperature_pos,
+            sapo_temperature_neg=args.sapo_temperature_neg,
         ),
     )
     metrics = dict(metrics)

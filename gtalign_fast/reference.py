@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._grpo_constants import KL_LIMIT, LOG_RATIO_LIMIT
+from ._grpo_constants import LOG_RATIO_LIMIT
 
 __all__ = [
     "token_logprobs",
@@ -83,6 +83,8 @@ def token_logprobs(
 GRPO_LOSS_TYPES = (
     "grpo", "bnpo", "dr_grpo", "dapo",
     "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm",
+    "luspo",  # TRL's name for seq-mean-token-sum
+    "sapo",  # TRL's SAPO objective, aggregated as grpo
 )
 
 
@@ -101,6 +103,10 @@ def grpo_loss(
     importance_sampling_level: str = "token",
     max_completion_length: int | None = None,
     num_items_in_batch=None,
+    kl_clamp: float | None = None,
+    use_bias_correction_kl: bool = False,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped-surrogate GRPO / PPO policy loss with k3 KL, written plainly from TRL and verl.
 
@@ -142,22 +148,32 @@ def grpo_loss(
     coef_1 = ratio if delta is None else torch.clamp(ratio, max=delta)
     coef_2 = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
+    if loss_type == "sapo":
+        # TRL's SAPO: a soft gate -sigmoid(tau (r - 1)) * 4 / tau * A instead of the clip.
+        tau = torch.where(adv > 0, sapo_temperature_pos, sapo_temperature_neg).to(dtype)
+        per_token_loss = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
     if dual_clip is not None:
         # verl's dual clip: for A < 0 the loss is capped at -A * c.
         per_token_loss = torch.where(adv < 0, torch.min(-adv * dual_clip, per_token_loss), per_token_loss)
     per_token_loss = per_token_loss.expand(batch, length)
 
     if ref_logp is not None:
-        # k3 ("low_var_kl" in verl): log-ratio clamped to [-20, 20], the estimate to [-10, 10].
+        # k3, log-ratio clamped to [-20, 20]; the estimate is TRL's (unclamped) unless kl_clamp is
+        # given (verl's "low_var_kl" clamps it to [-10, 10]).
         kl_log_ratio = torch.clamp(ref_logp.to(dtype) - logp, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
-        per_token_kl = torch.clamp(torch.exp(kl_log_ratio) - kl_log_ratio - 1, -KL_LIMIT, KL_LIMIT)
+        per_token_kl = torch.exp(kl_log_ratio) - kl_log_ratio - 1
+        if kl_clamp is not None:
+            per_token_kl = torch.clamp(per_token_kl, -kl_clamp, kl_clamp)
+        if use_bias_correction_kl:
+            # TRL's importance-sampling correction of the KL: times the raw ratio (before delta).
+            per_token_kl = per_token_kl * ratio
         if beta != 0.0:
             per_token_loss = per_token_loss + beta * per_token_kl
 
     masked_loss = per_token_loss * weight
     total_tokens = weight.sum().clamp(min=1.0)
     norm_length = length if max_completion_length is None else max_completion_length
-    if loss_type in ("grpo", "seq-mean-token-mean"):
+    if loss_type in ("grpo", "sapo", "seq-mean-token-mean"):
         loss = (masked_loss.sum(-1) / row_tokens).mean()
     elif loss_type in ("bnpo", "token-mean"):
         loss = masked_loss.sum() / total_tokens
@@ -168,7 +184,7 @@ def grpo_loss(
         if isinstance(normaliser, torch.Tensor):
             normaliser = normaliser.to(dtype).reshape(())
         loss = masked_loss.sum() / normaliser
-    elif loss_type == "seq-mean-token-sum":
+    elif loss_type in ("luspo", "seq-mean-token-sum"):
         loss = masked_loss.sum(-1).mean()
     elif loss_type == "seq-mean-token-sum-norm":
         loss = masked_loss.sum() / norm_length

@@ -22,6 +22,9 @@ def trl_grpo_loss(
     loss_type: str = "grpo",
     importance_sampling_level: str = "token",
     num_items_in_batch: torch.Tensor | None = None,
+    use_bias_correction_kl: bool = False,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
 ) -> torch.Tensor:
     """TRL's own ``GRPOTrainer._compute_loss`` on given per-token log-probs.
 
@@ -43,7 +46,9 @@ def trl_grpo_loss(
     """
     from trl.trainer.grpo_trainer import GRPOTrainer
 
-    args = types.SimpleNamespace(delta=None, use_bias_correction_kl=False, vllm_importance_sampling_correction=False,
+    args = types.SimpleNamespace(delta=None, use_bias_correction_kl=use_bias_correction_kl,
+                                 vllm_importance_sampling_correction=False, sapo_temperature_pos=sapo_temperature_pos,
+                                 sapo_temperature_neg=sapo_temperature_neg,
                                  top_entropy_quantile=1.0, off_policy_mask_threshold=None, steps_per_generation=1)
     accelerator = types.SimpleNamespace(num_processes=1, gather=lambda x: x, gather_for_metrics=lambda x: x,
                                         reduce=lambda x, reduction="sum": x, sync_gradients=True)

@@ -20,7 +20,8 @@ Forward, one launch:
 Per token, with ``r`` the importance ratio (``exp`` of the log-ratio clamped to [-20, 20]):
 ``coef_1 = min(r, delta)``, ``coef_2 = clip(r, 1 - eps_low, 1 + eps_high)``,
 ``pg = -min(coef_1 * A, coef_2 * A)``, dual clip (A < 0): ``pg = min(pg, -c * A)``;
-``kl = clip(exp(d) - d - 1, -10, 10)`` with ``d = clip(ref - logp, -20, 20)``;
+``kl = clip(exp(d) - d - 1, -kl_clamp, kl_clamp)`` with ``d = clip(ref - logp, -20, 20)`` (no
+KL clamp: ``kl_clamp = +inf``);
 ``loss_t = pg + beta * kl``; the loss is ``sum_b w_b * sum_t mask * loss_t``.
 
 Backward, one launch, one program per row:
@@ -62,7 +63,6 @@ METRIC_REGION = tl.constexpr(constants.METRIC_REGION)
 METRIC_KL = tl.constexpr(constants.METRIC_KL)
 METRIC_RATIO = tl.constexpr(constants.METRIC_RATIO)
 LOG_RATIO_LIMIT = tl.constexpr(constants.LOG_RATIO_LIMIT)
-KL_LIMIT = tl.constexpr(constants.KL_LIMIT)
 
 # Tile bounds of the launches (tuning, not part of the layout contract).
 MAX_BLOCK_T = 1024
@@ -70,8 +70,14 @@ MAX_BLOCK_B = 1024
 
 
 @triton.jit
-def _policy_term(ratio, adv, low_bound, high_bound, delta, dual_clip, DUAL_CLIP: tl.constexpr):
+def _policy_term(ratio, adv, low_bound, high_bound, delta, dual_clip, tau_pos, tau_neg, DUAL_CLIP: tl.constexpr,
+                 SAPO: tl.constexpr):
     """Per-token policy loss ``pg``, its derivative ``d pg / d ratio`` and ``coef_1``."""
+    if SAPO:
+        # TRL's SAPO: -sigmoid(tau (r - 1)) * 4 / tau * A (tau_pos where A > 0), d / d r = -4 A s (1 - s).
+        tau = tl.where(adv > 0, tl.cast(tau_pos, tl.float32), tl.cast(tau_neg, tl.float32))
+        s = 1.0 / (1.0 + tl.exp(-tau * (ratio - 1.0)))
+        return -s * 4.0 / tau * adv, -4.0 * adv * s * (1.0 - s), ratio
     coef_1 = tl.minimum(ratio, delta)
     gate_1 = tl.where(ratio <= delta, 1.0, 0.0)
     coef_2 = tl.minimum(tl.maximum(ratio, low_bound), high_bound)
@@ -95,14 +101,16 @@ def _policy_term(ratio, adv, low_bound, high_bound, delta, dual_clip, DUAL_CLIP:
 
 
 @triton.jit
-def _k3_term(logp, ref):
-    """k3 KL ``exp(d) - d - 1`` (d = ref - logp, both clamped as verl does) and ``d kl / d ref``."""
+def _k3_term(logp, ref, kl_clamp):
+    """k3 KL ``exp(d) - d - 1`` (d = ref - logp clamped to [-20, 20], the value to
+    [-kl_clamp, kl_clamp]; kl_clamp = +inf: no clamp) and ``d kl / d ref``."""
+    kl_clamp = tl.cast(kl_clamp, tl.float32)
     d = ref - logp
     d_clamped = tl.minimum(tl.maximum(d, -LOG_RATIO_LIMIT), LOG_RATIO_LIMIT)
     e = tl.exp(d_clamped)
     kl = e - d_clamped - 1.0
-    gate = (d >= -LOG_RATIO_LIMIT) & (d <= LOG_RATIO_LIMIT) & (kl >= -KL_LIMIT) & (kl <= KL_LIMIT)
-    kl = tl.minimum(tl.maximum(kl, -KL_LIMIT), KL_LIMIT)
+    gate = (d >= -LOG_RATIO_LIMIT) & (d <= LOG_RATIO_LIMIT) & (kl >= -kl_clamp) & (kl <= kl_clamp)
+    kl = tl.minimum(tl.maximum(kl, -kl_clamp), kl_clamp)
     return kl, tl.where(gate, e - 1.0, 0.0)
 
 
@@ -144,17 +152,38 @@ def _load_valid(mask_ptr, row, s_mb, cols, s_mt, T):
 
 
 @triton.jit
+def _sequence_ratio(logp_ptr, old_ptr, mask_ptr, row, T, s_lb, s_lt, s_ob, s_ot, s_mb, s_mt,
+                    ON_POLICY: tl.constexpr, BLOCK_T: tl.constexpr):
+    """GSPO's ratio of row ``row`` (exp of the masked mean log-ratio, clamped) and its derivative."""
+    offsets = tl.arange(0, BLOCK_T)
+    lr_acc = tl.zeros([BLOCK_T], tl.float32)
+    n_acc = tl.zeros([BLOCK_T], tl.float32)
+    for start in range(0, T, BLOCK_T):
+        cols = start + offsets
+        _, valid = _load_valid(mask_ptr, row, s_mb, cols, s_mt, T)
+        n_acc += tl.where(valid, 1.0, 0.0)
+        if not ON_POLICY:
+            lp = _load_tokens(logp_ptr, row, s_lb, cols, s_lt, valid)
+            old = _load_tokens(old_ptr, row, s_ob, cols, s_ot, valid)
+            lr_acc += tl.where(valid, lp - old, 0.0)
+    mean_lr = tl.sum(lr_acc, axis=0) / tl.maximum(tl.sum(n_acc, axis=0), 1.0)
+    return _clamped_exp(mean_lr)
+
+
+@triton.jit
 def _grpo_loss_rows_kernel(
     logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, stats_ptr,
     num_items_ptr, loss_ptr, metrics_ptr, weights_ptr, error_ptr, counter_ptr,
     T,
     s_lb, s_lt, s_ob, s_ot, s_rb, s_rt, s_ab, s_at, s_mb, s_mt,
-    beta, eps_low, eps_high, delta, dual_clip, const_weight,
+    beta, eps_low, eps_high, delta, dual_clip, kl_clamp, tau_pos, tau_neg, const_weight,
     ON_POLICY: tl.constexpr,
     HAS_REF: tl.constexpr,
     SEQ_LEVEL: tl.constexpr,
     ROW_METRICS: tl.constexpr,
     DUAL_CLIP: tl.constexpr,
+    BIAS_KL: tl.constexpr,
+    SAPO: tl.constexpr,
     BLOCK_T: tl.constexpr,
     FUSED: tl.constexpr,
     MODE: tl.constexpr,
@@ -163,8 +192,8 @@ def _grpo_loss_rows_kernel(
 ):
     _grpo_loss_row(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, stats_ptr, T,
                    s_lb, s_lt, s_ob, s_ot, s_rb, s_rt, s_ab, s_at, s_mb, s_mt,
-                   beta, eps_low, eps_high, delta, dual_clip,
-                   ON_POLICY, HAS_REF, SEQ_LEVEL, ROW_METRICS, DUAL_CLIP, BLOCK_T)
+                   beta, eps_low, eps_high, delta, dual_clip, kl_clamp, tau_pos, tau_neg,
+                   ON_POLICY, HAS_REF, SEQ_LEVEL, ROW_METRICS, DUAL_CLIP, BIAS_KL, SAPO, BLOCK_T)
     if FUSED:
         # One launch per forward: the last program to finish reduces every row. The barrier and the
         # release half of the atomic publish this program's row; its acquire half (in the last
@@ -182,12 +211,14 @@ def _grpo_loss_row(
     logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, stats_ptr,
     T,
     s_lb, s_lt, s_ob, s_ot, s_rb, s_rt, s_ab, s_at, s_mb, s_mt,
-    beta, eps_low, eps_high, delta, dual_clip,
+    beta, eps_low, eps_high, delta, dual_clip, kl_clamp, tau_pos, tau_neg,
     ON_POLICY: tl.constexpr,
     HAS_REF: tl.constexpr,
     SEQ_LEVEL: tl.constexpr,
     ROW_METRICS: tl.constexpr,
     DUAL_CLIP: tl.constexpr,
+    BIAS_KL: tl.constexpr,
+    SAPO: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     """One sequence's partial sums into row_stats[row] (row = the program id)."""
@@ -199,18 +230,8 @@ def _grpo_loss_row(
     seq_ratio = tl.cast(1.0, tl.float32)
     seq_dratio = tl.cast(1.0, tl.float32)
     if SEQ_LEVEL:
-        lr_acc = tl.zeros([BLOCK_T], tl.float32)
-        n_acc = tl.zeros([BLOCK_T], tl.float32)
-        for start in range(0, T, BLOCK_T):
-            cols = start + offsets
-            _, valid = _load_valid(mask_ptr, row, s_mb, cols, s_mt, T)
-            n_acc += tl.where(valid, 1.0, 0.0)
-            if not ON_POLICY:
-                lp = _load_tokens(logp_ptr, row, s_lb, cols, s_lt, valid)
-                old = _load_tokens(old_ptr, row, s_ob, cols, s_ot, valid)
-                lr_acc += tl.where(valid, lp - old, 0.0)
-        mean_lr = tl.sum(lr_acc, axis=0) / tl.maximum(tl.sum(n_acc, axis=0), 1.0)
-        seq_ratio, seq_dratio = _clamped_exp(mean_lr)
+        seq_ratio, seq_dratio = _sequence_ratio(logp_ptr, old_ptr, mask_ptr, row, T, s_lb, s_lt, s_ob, s_ot, s_mb,
+                                                s_mt, ON_POLICY, BLOCK_T)
 
     loss_acc = tl.zeros([BLOCK_T], tl.float32)
     tokens_acc = tl.zeros([BLOCK_T], tl.float32)
@@ -231,11 +252,15 @@ def _grpo_loss_row(
         else:
             old = _load_tokens(old_ptr, row, s_ob, cols, s_ot, valid)
             ratio, _ = _token_ratio(lp, old)
-        pg, dpg, coef_1 = _policy_term(ratio, adv, low_bound, high_bound, delta, dual_clip, DUAL_CLIP)
+        pg, dpg, coef_1 = _policy_term(ratio, adv, low_bound, high_bound, delta, dual_clip, tau_pos, tau_neg,
+                                       DUAL_CLIP, SAPO)
         token_loss = pg
         if HAS_REF:
             ref = _load_tokens(ref_ptr, row, s_rb, cols, s_rt, valid)
-            kl, _ = _k3_term(lp, ref)
+            kl, _ = _k3_term(lp, ref, kl_clamp)
+            if BIAS_KL:  # TRL's use_bias_correction_kl: kl * r, whose d / d r (beta * kl) joins dpg
+                dpg += beta * kl
+                kl = kl * ratio
             kl_acc += tl.where(valid, kl, 0.0)
             token_loss += beta * kl
         loss_acc += tl.where(valid, token_loss, 0.0)
@@ -359,24 +384,32 @@ def _grpo_loss_bwd_kernel(
     logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, dlogp_ptr, dref_ptr,
     T,
     s_lb, s_lt, s_ob, s_ot, s_rb, s_rt, s_ab, s_at, s_mb, s_mt,
-    beta, eps_low, eps_high, delta, dual_clip,
+    beta, eps_low, eps_high, delta, dual_clip, kl_clamp, tau_pos, tau_neg,
     ON_POLICY: tl.constexpr,
     HAS_REF: tl.constexpr,
     REF_GRAD: tl.constexpr,
     SEQ_LEVEL: tl.constexpr,
     DUAL_CLIP: tl.constexpr,
+    BIAS_KL: tl.constexpr,
+    SAPO: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     beta, low_bound, high_bound, delta, dual_clip = _loss_params(beta, eps_low, eps_high, delta, dual_clip)
     row_scale = tl.load(grad_loss_ptr).to(tl.float32) * tl.load(weights_ptr + row)
     seq_grad = tl.load(stats_ptr + row * NUM_STATS + STAT_SEQ_GRAD)
+    seq_ratio = tl.cast(1.0, tl.float32)
+    if SEQ_LEVEL and BIAS_KL and HAS_REF:  # the KL weight r of every token: one more pass over the row
+        seq_ratio, _ = _sequence_ratio(logp_ptr, old_ptr, mask_ptr, row, T, s_lb, s_lt, s_ob, s_ot, s_mb, s_mt,
+                                       ON_POLICY, BLOCK_T)
     offsets = tl.arange(0, BLOCK_T)
     for start in range(0, T, BLOCK_T):
         cols = start + offsets
         in_row, valid = _load_valid(mask_ptr, row, s_mb, cols, s_mt, T)
         lp = _load_tokens(logp_ptr, row, s_lb, cols, s_lt, valid)
         if SEQ_LEVEL:
+            ratio = tl.zeros([BLOCK_T], tl.float32) + seq_ratio
+            dratio = ratio  # unused: the ratio's gradient is in seq_grad
             dloss = tl.zeros([BLOCK_T], tl.float32) + seq_grad
         else:
             adv = _load_tokens(adv_ptr, row, s_ab, cols, s_at, valid)
@@ -386,11 +419,16 @@ def _grpo_loss_bwd_kernel(
             else:
                 old = _load_tokens(old_ptr, row, s_ob, cols, s_ot, valid)
                 ratio, dratio = _token_ratio(lp, old)
-            _, dpg, _ = _policy_term(ratio, adv, low_bound, high_bound, delta, dual_clip, DUAL_CLIP)
+            _, dpg, _ = _policy_term(ratio, adv, low_bound, high_bound, delta, dual_clip, tau_pos, tau_neg,
+                                     DUAL_CLIP, SAPO)
             dloss = dpg * dratio
         if HAS_REF:
             ref = _load_tokens(ref_ptr, row, s_rb, cols, s_rt, valid)
-            _, dkl_dref = _k3_term(lp, ref)
+            kl, dkl_dref = _k3_term(lp, ref, kl_clamp)
+            if BIAS_KL:  # d (kl * r): r * dkl, plus kl * dr (at sequence level inside seq_grad)
+                if not SEQ_LEVEL:
+                    dloss += beta * kl * dratio
+                dkl_dref = dkl_dref * ratio
             dloss -= beta * dkl_dref
             if REF_GRAD:
                 dref = tl.where(valid, row_scale * beta * dkl_dref, 0.0)
@@ -444,6 +482,10 @@ def grpo_loss_forward(
     eps_high: float,
     delta: float,
     dual_clip: float,
+    kl_clamp: float,
+    bias_kl: bool,
+    sapo_tau_pos: float,
+    sapo_tau_neg: float,
     seq_level: bool,
     row_metrics: bool,
     mode: int,
@@ -483,9 +525,10 @@ def grpo_loss_forward(
         advantages, mask, row_stats,
         num_items, loss, metrics, row_weights, error_flag, finalize_counter if fused else error_flag,
         length, *_strides(logp, old_logp, ref_logp, advantages, mask),
-        beta, eps_low, eps_high, delta, dual_clip, const_weight,
+        beta, eps_low, eps_high, delta, dual_clip, kl_clamp, sapo_tau_pos, sapo_tau_neg, const_weight,
         ON_POLICY=old_logp is None, HAS_REF=ref_logp is not None, SEQ_LEVEL=seq_level,
-        ROW_METRICS=row_metrics, DUAL_CLIP=dual_clip > 0, BLOCK_T=_block_t(length),
+        ROW_METRICS=row_metrics, DUAL_CLIP=dual_clip > 0, BIAS_KL=bool(bias_kl), SAPO=sapo_tau_pos > 0,
+        BLOCK_T=_block_t(length),
         FUSED=fused, MODE=mode, BLOCK_B=block_b, ERR_NUM_ITEMS=device_checks.ERR_NUM_ITEMS, num_warps=4,
     )
     if not fused:
@@ -510,6 +553,10 @@ def grpo_loss_backward(
     eps_high: float,
     delta: float,
     dual_clip: float,
+    kl_clamp: float,
+    bias_kl: bool,
+    sapo_tau_pos: float,
+    sapo_tau_neg: float,
     seq_level: bool,
     dlogp: torch.Tensor,
     dref: torch.Tensor,
@@ -530,7 +577,9 @@ def grpo_loss_backward(
         logp, old_logp if old_logp is not None else logp, ref_logp if ref_logp is not None else logp,
         advantages, mask, dlogp, dref if dref.numel() > 0 else dlogp,
         length, *_strides(logp, old_logp, ref_logp, advantages, mask),
-        beta, eps_low, eps_high, delta, dual_clip,
+        beta, eps_low, eps_high, delta, dual_clip, kl_clamp, sapo_tau_pos, sapo_tau_neg,
         ON_POLICY=old_logp is None, HAS_REF=ref_logp is not None, REF_GRAD=dref.numel() > 0,
-        SEQ_LEVEL=seq_level, DUAL_CLIP=dual_clip > 0, BLOCK_T=_block_t(length), num_warps=4,
+        SEQ_LEVEL=seq_level, DUAL_CLIP=dual_clip > 0, BIAS_KL=bool(bias_kl), SAPO=sapo_tau_pos > 0,
+        BLOCK_T=_block_t(length),
+        num_warps=4,
     )

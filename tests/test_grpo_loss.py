@@ -95,6 +95,8 @@ def _configurations(backend):
     slow on CPU: there each (loss type, level, clip) gets one (beta, advantage shape) pair, rotated
     so that every pair still meets every loss type and clip setting."""
     for index, (loss_type, level, clip) in enumerate(itertools.product(LOSS_TYPES, LEVELS, CLIPS)):
+        if loss_type == "sapo" and clip != "clip":
+            continue  # SAPO replaces the clip: no delta, no dual clip
         pairs = list(itertools.product(BETAS, (False, True)))
         if _interpreted_triton(backend):
             pairs = [pairs[(index + index // len(CLIPS)) % len(pairs)]]
@@ -159,14 +161,15 @@ def test_on_policy_loss_is_kl_but_gradient_is_not_zero(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_clamps_extreme_log_ratios_and_kl(backend):
-    # Log-ratios beyond +-20 are clamped before exp, k3 beyond 10 is clamped: no inf, no nan,
+    # Log-ratios beyond +-20 are clamped before exp, k3 beyond kl_clamp is clamped: no inf, no nan,
     # zero gradient through the clamps, exactly as autograd through torch.clamp.
     logp, old, ref, advantages, mask = _inputs(3, 8, seed=21, empty_row=False)
     old[0, :4] = logp[0, :4] - torch.tensor([25.0, -30.0, 19.5, -19.5], device=DEVICE)
     ref[1, :4] = logp[1, :4] + torch.tensor([5.0, -25.0, 30.0, -5.0], device=DEVICE)
-    for level, dual_clip in itertools.product(LEVELS, (None, 3.0)):
+    for level, dual_clip, kl_clamp in itertools.product(LEVELS, (None, 3.0), (None, 10.0)):
         loss, _, grads = _check(backend, logp, old, advantages, mask, ref, ref_grad=True, beta=0.1,
-                                loss_type="dr_grpo", importance_sampling_level=level, dual_clip=dual_clip)
+                                loss_type="dr_grpo", importance_sampling_level=level, dual_clip=dual_clip,
+                                kl_clamp=kl_clamp)
         assert torch.isfinite(loss) and torch.isfinite(grads[0]).all() and torch.isfinite(grads[1]).all()
 
 
@@ -272,10 +275,11 @@ def test_custom_op_registration():
 
     logp, old, ref, advantages, mask = _inputs(3, 5, seed=31)
     backend = kernel_backends()[0] if kernel_backends() else "reference"
-    args = (logp.requires_grad_(True), old, ref, advantages, mask, None, 0.04, 0.2, 0.28, 1.5, 3.0, "grpo", False, 5,
-            None, backend)
-    torch.library.opcheck(_grpo_loss.FORWARD.custom_op, args, test_utils=("test_schema", "test_faketensor",
-                                                                     "test_autograd_registration"))
+    for kl_clamp, bias_kl in ((None, False), (10.0, True)):
+        args = (logp.detach().requires_grad_(True), old, ref, advantages, mask, None, 0.04, 0.2, 0.28, 1.5, 3.0,
+                "grpo", False, 5, None, kl_clamp, bias_kl, 1.0, 1.05, backend)
+        torch.library.opcheck(_grpo_loss.FORWARD.custom_op, args, test_utils=("test_schema", "test_faketensor",
+                                                                         "test_autograd_registration"))
 
 
 BAD_INPUTS = [
@@ -325,14 +329,17 @@ def test_matches_trl_when_installed():
     from gtalign_fast.testing import trl_grpo_loss
 
     logp, old, ref, advantages, mask = _inputs(4, 11, seed=40, empty_row=False)
-    for loss_type, level in itertools.product(("grpo", "bnpo", "dr_grpo", "dapo"), LEVELS):
+    ref = ref + 2.0 * (torch.arange(11, device=DEVICE) % 3 == 0)  # some k3 above 10: not clamped, as TRL
+    for loss_type, level, bias_kl in itertools.product(("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "sapo"), LEVELS,
+                                                       (False, True)):
         leaf = logp.clone().requires_grad_(True)
         trl_loss = trl_grpo_loss(leaf, old, advantages, mask, ref_logp=ref, beta=0.04, epsilon_high=0.28,
-                                 loss_type=loss_type, importance_sampling_level=level)
+                                 loss_type=loss_type, importance_sampling_level=level, use_bias_correction_kl=bias_kl)
         (trl_grad,) = torch.autograd.grad(trl_loss, leaf)
         ours = logp.clone().requires_grad_(True)
         loss, _ = ops.grpo_loss(ours, old, advantages, mask, ref_logp=ref, beta=0.04, epsilon_high=0.28,
-                                loss_type=loss_type, importance_sampling_level=level, num_items_in_batch=mask.sum())
+                                loss_type=loss_type, importance_sampling_level=level, num_items_in_batch=mask.sum(),
+                                use_bias_correction_kl=bias_kl)
         (grad,) = torch.autograd.grad(loss, ours)
         torch.testing.assert_close(loss, trl_loss.float(), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(grad, trl_grad.float(), atol=1e-5, rtol=1e-5)
@@ -395,3 +402,98 @@ def test_one_launch_per_direction_on_cuda(backend, loss_type):
     ours = [name for name in kernels if "grpo" in name]
     assert len(ours) == 2, "\n".join(kernels)
     assert len(kernels) - len(ours) <= 1, "\n".join(kernels)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", LEVELS)
+def test_batch_size_one(backend, level):
+    for loss_type, adv_2d in (("grpo", False), ("dapo", True), ("bnpo", False)):
+        logp, old, ref, advantages, mask = _inputs(1, 6, seed=17, adv_2d=adv_2d)
+        advantages = torch.full_like(advantages, 0.8)
+        _check(backend, logp, old, advantages, mask, ref, ref_grad=True, beta=0.04, loss_type=loss_type,
+               importance_sampling_level=level)
+
+
+def trl_k3(logp, ref):
+    """TRL's per-token KL (GRPOTrainer._compute_loss): unclamped k3, float64."""
+    d = ref.double() - logp.double()
+    return torch.exp(d) - d - 1
+
+
+def verl_low_var_kl(logp, ref):
+    """verl's kl_penalty(..., "low_var_kl") (core_algos.py): log-ratio to [-20, 20], k3 to [-10, 10]."""
+    d = torch.clamp(ref.double() - logp.double(), -20, 20)
+    return torch.clamp(torch.exp(d) - d - 1, -10, 10)
+
+
+def kl_inputs(batch, length, seed):
+    """Inputs where many tokens' k3 exceeds 10 (ref - logp up to about 5: k3 up to about 140)."""
+    logp, old, ref, advantages, mask = _inputs(batch, length, seed, empty_row=False)
+    generator = torch.Generator().manual_seed(seed + 1)
+    shift = 5.0 * torch.rand(batch, length, generator=generator, dtype=torch.float64) - 0.5
+    ref = (logp.double().cpu() + shift).to(logp)
+    return logp, old, ref, advantages, mask
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kl_above_ten_is_trl_by_default_and_verl_with_kl_clamp(backend):
+    # Issue 22.2: the k3 term was clamped at 10 (verl's low_var_kl) while TRL's is not. Default:
+    # TRL's value and gradient; kl_clamp=10: verl's, with no KL gradient where the clamp binds.
+    logp, old, ref, advantages, mask = kl_inputs(4, 9, seed=31)
+    weight = mask.double()
+    assert (trl_k3(logp, ref)[mask] > 10).sum() >= 5
+    for kl_clamp, formula in ((None, trl_k3), (10.0, verl_low_var_kl)):
+        for level in LEVELS:
+            loss, metrics, grads = _check(backend, logp, old, advantages, mask, ref, ref_grad=True, beta=0.04,
+                                          loss_type="dapo", importance_sampling_level=level, kl_clamp=kl_clamp)
+            expected_kl = (formula(logp, ref) * weight).sum() / weight.sum()
+            torch.testing.assert_close(metrics["kl"].double(), expected_kl, atol=1e-6, rtol=1e-5)
+            # Only the KL term depends on ref_logp: its gradient is beta * d formula / d ref / N.
+            leaf = ref.detach().double().requires_grad_(True)
+            (expected_dref,) = torch.autograd.grad((0.04 * formula(logp, leaf) * weight).sum() / weight.sum(), [leaf])
+            torch.testing.assert_close(grads[1].double(), expected_dref, atol=1e-7, rtol=1e-5)
+        if kl_clamp is not None:
+            assert (grads[1][(trl_k3(logp, ref) > 10) & mask] == 0).all()
+
+
+def test_kl_clamp_is_validated():
+    logp, old, ref, advantages, mask = _inputs(2, 4, seed=0)
+    for bad, error in ((0.0, ValueError), (-1.0, ValueError), (math.inf, ValueError), ("10", TypeError)):
+        with pytest.raises(error, match="kl_clamp"):
+            ops.grpo_loss(logp, old, advantages, mask, ref_logp=ref, beta=0.1, kl_clamp=bad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bias_corrected_kl(backend):
+    # TRL's use_bias_correction_kl (its default): k3 * r, with the gradient through r, on- and off-policy,
+    # token and sequence level, with and without delta / the KL clamp, dref included.
+    logp, old, ref, advantages, mask = kl_inputs(4, 9, seed=41)
+    for index, (level, on_policy, clip, kl_clamp) in enumerate(
+            itertools.product(LEVELS, (False, True), ("clip_higher_delta", "dual_clip"), (None, 10.0))):
+        if _interpreted_triton(backend) and index % 2:
+            continue
+        _check(backend, logp, None if on_policy else old, advantages, mask, ref, ref_grad=True, beta=0.05,
+               **CLIPS[clip], loss_type=("grpo", "dapo", "luspo")[index % 3], importance_sampling_level=level,
+               kl_clamp=kl_clamp, use_bias_correction_kl=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sapo(backend):
+    # TRL's SAPO objective: -sigmoid(tau (r - 1)) * 4 / tau * A, tau by the sign of A, aggregated as grpo.
+    logp, old, ref, advantages, mask = _inputs(4, 9, seed=43)
+    for index, (level, adv_2d, beta) in enumerate(itertools.product(LEVELS, (False, True), BETAS)):
+        if _interpreted_triton(backend) and index % 2:
+            continue
+        adv = torch.randn(mask.shape, generator=torch.Generator().manual_seed(index)).to(DEVICE) if adv_2d \
+            else advantages
+        _check(backend, logp, old, adv, mask, ref if beta else None, loss_type="sapo", importance_sampling_level=level,
+               beta=beta, sapo_temperature_pos=0.9, sapo_temperature_neg=1.3, use_bias_correction_kl=index % 3 == 0)
+
+
+def test_sapo_refuses_the_clip_options():
+    logp, old, ref, advantages, mask = _inputs(2, 4, seed=0)
+    for extra in (dict(delta=1.5), dict(dual_clip=3.0)):
+        with pytest.raises(ValueError, match="sapo"):
+            ops.grpo_loss(logp, old, advantages, mask, loss_type="sapo", **extra)
+    with pytest.raises(ValueError, match="sapo_temperature_neg"):
+        ops.grpo_loss(logp, old, advantages, mask, loss_type="sapo", sapo_temperature_neg=0.0)

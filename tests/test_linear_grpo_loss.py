@@ -249,3 +249,55 @@ def test_torch_compile_fullgraph():
         results.append((loss, entropy, *(leaf.grad for leaf in leaves)))
     for eager, traced in zip(*results):
         torch.testing.assert_close(traced, eager)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_batch_size_one(backend, level, loss_type):
+    # Issue 22: at B = 1 the per-token row weights were a stride-0 view, refused by the kernels
+    # (Liger's B=1, T=4096 case). Chunks of 2 cut the one sequence at token level.
+    for adv_2d in (False, True):
+        inputs = list(_inputs(1, 5, 6, 29, seed=11, adv_2d=adv_2d))
+        inputs[4] = torch.full_like(inputs[4], 0.7)  # the one advantage must not be 0
+        _check(backend, *inputs[:-2], inputs[-2], inputs[-1], chunk_size=2, beta=0.04, loss_type=loss_type,
+               importance_sampling_level=level, epsilon_high=0.28)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kl_clamp", [None, 10.0])
+def test_kl_above_ten(backend, kl_clamp):
+    # Issue 22.2: k3 above 10 counts in full by default (TRL); kl_clamp=10 is verl's low_var_kl.
+    hidden, weight, bias, targets, advantages, mask, old, _ = _inputs(2, 6, 8, 31, seed=4)
+    logits = torch.nn.functional.linear(hidden.cpu(), weight.cpu())
+    true_logp, _ = reference.token_logprobs(logits, torch.where(mask, targets, 0).cpu())
+    shift = 5.0 * torch.rand(true_logp.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64) - 0.5
+    ref = (true_logp + shift).to(DEVICE)
+    d = (ref.cpu() - true_logp)[mask.cpu()]
+    k3 = torch.exp(d) - d - 1
+    assert (k3 > 10).sum() >= 2 and (k3 < 10).sum() >= 2
+    expected = k3.mean() if kl_clamp is None else k3.clamp(-10, 10).mean()
+    _check(backend, hidden, weight, bias, targets, advantages, mask, old, ref, chunk_size=4, beta=0.04,
+           loss_type="dapo", kl_clamp=kl_clamp)
+    _, metrics = ops.linear_grpo_loss(hidden.to(_dtype(backend)), weight.to(_dtype(backend)), targets, advantages,
+                                      mask, old_logp=old, ref_logp=ref, beta=0.04, loss_type="dapo",
+                                      kl_clamp=kl_clamp, backend=backend)
+    torch.testing.assert_close(metrics["kl"].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_bias_corrected_kl(backend, level):
+    # TRL's use_bias_correction_kl: k3 * r with the gradient through r, across chunks of 4 tokens.
+    inputs = _inputs(3, 5, 6, 29, seed=13)
+    for loss_type, on_policy in (("dapo", False), ("luspo", True)):
+        _check(backend, *inputs[:-2], None if on_policy else inputs[-2], inputs[-1], chunk_size=4, beta=0.05,
+               loss_type=loss_type, importance_sampling_level=level, use_bias_correction_kl=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_sapo(backend, level):
+    inputs = _inputs(3, 5, 6, 29, seed=15)
+    _check(backend, *inputs, chunk_size=4, beta=0.04, loss_type="sapo", importance_sampling_level=level,
+           sapo_temperature_pos=0.9, sapo_temperature_neg=1.3)

@@ -95,6 +95,8 @@ def _configurations(backend):
     under the slow Triton interpreter each combination gets one rotated (beta, adv shape) pair,
     and only half the loss types, alternating)."""
     for index, (loss_type, level, clip) in enumerate(itertools.product(LOSS_TYPES, ("token", "sequence"), CLIPS)):
+        if loss_type == "sapo" and clip != "clip":
+            continue  # SAPO replaces the clip: no delta, no dual clip
         pairs = list(itertools.product((0.0, 0.04), (False, True)))
         if _interpreted(backend):
             if index % 2:
@@ -256,3 +258,49 @@ def test_cuda_backend_is_refused_with_the_reason(op):
     inputs = (logits, targets) if op == "logits_grpo_loss" else (torch.randn(2, 3, 5), torch.randn(11, 5), targets)
     with pytest.raises(RuntimeError, match="no CUDA C\\+\\+ kernel; on CUDA tensors it runs 'triton'"):
         getattr(ops, op)(*inputs, advantages, mask, backend="cuda")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_batch_size_one(backend, level):
+    for loss_type, adv_2d in (("grpo", False), ("dapo", True)):
+        full, targets, advantages, mask, old, ref = _inputs(1, 5, 31, seed=5, adv_2d=adv_2d)
+        advantages = torch.full_like(advantages, -0.6)
+        _check(backend, full, targets, advantages, mask, old, ref, beta=0.04, loss_type=loss_type,
+               importance_sampling_level=level)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kl_clamp", [None, 10.0])
+def test_kl_above_ten(backend, kl_clamp):
+    # Issue 22.2 (Liger's test_triton_grpo_loss_matches_reference: dapo, beta=0.04): k3 values above
+    # 10 count in full by default (TRL, Liger); kl_clamp=10 is verl's low_var_kl.
+    full, targets, advantages, mask, old, _ = _inputs(4, 8, 37, seed=8)
+    true_logp, _ = reference.token_logprobs(full[:, :-1].cpu(), torch.where(mask, targets, 0).cpu())
+    shift = 5.0 * torch.rand(true_logp.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64) - 0.5
+    ref = (true_logp + shift).to(DEVICE)
+    d = (ref.cpu() - true_logp)[mask.cpu()]
+    k3 = torch.exp(d) - d - 1
+    assert (k3 > 10).sum() >= 2 and (k3 < 10).sum() >= 2
+    expected = k3.mean() if kl_clamp is None else k3.clamp(-10, 10).mean()
+    _, metrics = _check(backend, full, targets, advantages, mask, old, ref, beta=0.04, loss_type="dapo",
+                        kl_clamp=kl_clamp)
+    torch.testing.assert_close(metrics["kl"].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_bias_corrected_kl(backend, level):
+    # TRL's use_bias_correction_kl: k3 * r with the gradient through r (and on-policy, r = 1 with dr = 1).
+    full, targets, advantages, mask, old, ref = _inputs(3, 6, 37, seed=12)
+    for loss_type, on_policy in (("dapo", False), ("luspo", True)):
+        _check(backend, full, targets, advantages, mask, None if on_policy else old, ref, beta=0.05,
+               loss_type=loss_type, importance_sampling_level=level, use_bias_correction_kl=True, epsilon_high=0.28)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_sapo(backend, level):
+    full, targets, advantages, mask, old, ref = _inputs(3, 6, 37, seed=14)
+    _check(backend, full, targets, advantages, mask, old, ref, beta=0.04, loss_type="sapo",
+           importance_sampling_level=level, sapo_temperature_pos=0.9, sapo_temperature_neg=1.3)

@@ -487,7 +487,8 @@ def _grpo_custom_op(logp, num_items, backend):
     advantages = torch.ones(logp.shape[0], device=logp.device)
     return torch.ops.gtalign_fast.grpo_loss(
         logp, logp.detach() + 0.1, None, advantages, mask, num_items,
-        0.0, 0.2, 0.2, None, None, "dapo", False, logp.shape[1], None, backend,
+        0.0, 0.2, 0.2, None, None, "dapo", False, logp.shape[1], None, None, False, 1.0, 1.05,
+        backend,
     )
 
 
@@ -621,7 +622,8 @@ def test_launchers_refuse_inconsistent_layouts():
                torch.empty(2, device=DEVICE)]
     with pytest.raises(ValueError, match=r"\[B, T\]"):
         grpo_kernels.grpo_loss_forward(logp, short, None, torch.ones(2, 5, device=DEVICE), mask, None, 0.0, 0.2, 0.2,
-                                       math.inf, 0.0, False, False, 0, 0.1, *outputs)
+                                       math.inf, 0.0, math.inf, False, 0.0, 0.0, False, False, 0, 0.1,
+                                       *outputs)
     n = 6
     with pytest.raises(ValueError, match="output"):
         welfare_kernels.welfare_advantages(

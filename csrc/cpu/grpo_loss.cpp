@@ -63,6 +63,23 @@ GTALIGN_ALWAYS_INLINE PolicyTerm policy_term(float ratio, float adv, const ClipP
   return {loss, dloss, coef_1};
 }
 
+// TRL's SAPO objective: -sigmoid(tau (r - 1)) * 4 / tau * A, d / d r = -4 A s (1 - s); coef_1 = r (the
+// clip metrics keep their meaning of where r leaves [1 - eps_low, 1 + eps_high]).
+GTALIGN_ALWAYS_INLINE PolicyTerm sapo_term(float ratio, float adv, const ClipParams& p) {
+  const float tau = blend(adv > 0.0f, p.sapo_tau_pos, p.sapo_tau_neg);
+  const float s = 1.0f / (1.0f + exp_f32(-tau * (ratio - 1.0f)));
+  return {-s * 4.0f / tau * adv, -4.0f * adv * s * (1.0f - s), ratio};
+}
+
+template <bool kSapo>
+GTALIGN_ALWAYS_INLINE PolicyTerm objective_term(float ratio, float adv, const ClipParams& p) {
+  if constexpr (kSapo) {
+    return sapo_term(ratio, adv, p);
+  } else {
+    return policy_term(ratio, adv, p);
+  }
+}
+
 // exp(clamp(l, -20, 20)) and its derivative w.r.t. l (0 where clamped, torch.clamp's convention).
 GTALIGN_ALWAYS_INLINE float clamped_exp(float log_ratio, float* dratio) {
   const float clamped = clamp_f32(log_ratio, -kLogRatioLimit, kLogRatioLimit);
@@ -71,15 +88,16 @@ GTALIGN_ALWAYS_INLINE float clamped_exp(float log_ratio, float* dratio) {
   return ratio;
 }
 
-// k3 KL clamp(exp(d) - d - 1, -10, 10) with d = clamp(ref - logp, -20, 20), and d kl / d ref.
-GTALIGN_ALWAYS_INLINE float k3_term(float logp, float ref, float* dkl_dref) {
+// k3 KL clamp(exp(d) - d - 1, -c, c) with d = clamp(ref - logp, -20, 20), and d kl / d ref
+// (c = kl_clamp; +inf: no clamp, TRL's k3).
+GTALIGN_ALWAYS_INLINE float k3_term(float logp, float ref, float kl_clamp, float* dkl_dref) {
   const float d = ref - logp;
   const float d_clamped = clamp_f32(d, -kLogRatioLimit, kLogRatioLimit);
   const float e = exp_f32(d_clamped);
   const float kl = e - d_clamped - 1.0f;
-  const bool pass = (d >= -kLogRatioLimit) & (d <= kLogRatioLimit) & (kl >= -kKlLimit) & (kl <= kKlLimit);
+  const bool pass = (d >= -kLogRatioLimit) & (d <= kLogRatioLimit) & (kl >= -kl_clamp) & (kl <= kl_clamp);
   *dkl_dref = blend(pass, e - 1.0f, 0.0f);
-  return clamp_f32(kl, -kKlLimit, kKlLimit);
+  return clamp_f32(kl, -kl_clamp, kl_clamp);
 }
 
 // A strided [B, T] view: element (b, t) at data[b * row + t * col].
@@ -160,14 +178,14 @@ struct RowSums {
 
 // The exponentials of one chunk (ratio and k3) and their derivatives, for the backward, in a
 // loop of their own (the forward computes them inside its reduction loop instead).
-GTALIGN_CPU_CLONES void exp_chunk(Chunk* c, int64_t count, float ref_on) {
+GTALIGN_CPU_CLONES void exp_chunk(Chunk* c, int64_t count, float ref_on, float kl_clamp) {
   const float *logp = c->logp, *old = c->old, *ref = c->ref;  // locals: see forward_chunk_body
 #pragma omp simd
   for (int64_t i = 0; i < count; ++i) {
     float dratio, dkl_dref;
     c->ratio[i] = clamped_exp(logp[i] - old[i], &dratio);
     c->dratio[i] = dratio;
-    c->kl[i] = ref_on * k3_term(logp[i], ref[i], &dkl_dref);
+    c->kl[i] = ref_on * k3_term(logp[i], ref[i], kl_clamp, &dkl_dref);
     c->dkl_dref[i] = ref_on * dkl_dref;
   }
 }
@@ -176,7 +194,7 @@ GTALIGN_CPU_CLONES void exp_chunk(Chunk* c, int64_t count, float ref_on) {
 // arrays). kSeqLevel: every token uses the sequence's ratio (no per-token exp). kRef: ref_logp
 // was given (without it the k3 exp is skipped and the KL is 0). No run-time flag inside the
 // loop (GCC keeps a scalar fallback for loops with invariant branches).
-template <bool kSeqLevel, bool kRef>
+template <bool kSeqLevel, bool kRef, bool kSapo>
 GTALIGN_ALWAYS_INLINE void forward_chunk_body(const Chunk& c, int64_t count, const ClipParams params,
                                               float seq_ratio, RowSums* sums) {
   const ClipParams p = params;  // a local copy: loads through a reference inside the loop block vectorisation
@@ -188,14 +206,16 @@ GTALIGN_ALWAYS_INLINE void forward_chunk_body(const Chunk& c, int64_t count, con
     const bool valid = valid_in[i] != 0.0f;
     float unused;
     const float ratio = kSeqLevel ? seq_ratio : clamped_exp(logp[i] - old[i], &unused);
-    const float kl = kRef ? k3_term(logp[i], ref[i], &unused) : 0.0f;
+    const float k3 = kRef ? k3_term(logp[i], ref[i], p.kl_clamp, &unused) : 0.0f;
+    const float kl = blend(p.bias_kl, k3 * ratio, k3);  // TRL's bias correction: k3 * r
     const float adv = adv_in[i];
-    const PolicyTerm term = policy_term(ratio, adv, p);
+    const PolicyTerm term = objective_term<kSapo>(ratio, adv, p);
     loss += blend(valid, term.loss + p.beta * kl, 0.0f);
     tokens += indicator(valid);
     kl_sum += blend(valid, kl, 0.0f);
     ratio_sum += blend(valid, ratio, 0.0f);
-    if (kSeqLevel) dpg_sum += blend(valid, term.dloss_dratio, 0.0f);  // only the sequence level needs it
+    // Only the sequence level needs d loss / d r (with the bias correction, beta * k3 is part of it).
+    if (kSeqLevel) dpg_sum += blend(valid, term.dloss_dratio + blend(p.bias_kl, p.beta * k3, 0.0f), 0.0f);
     low += indicator(valid & (term.coef_1 < p.low_bound) & (adv < 0.0f));
     high += indicator(valid & (term.coef_1 > p.high_bound) & (adv > 0.0f));
   }
@@ -211,19 +231,31 @@ GTALIGN_ALWAYS_INLINE void forward_chunk_body(const Chunk& c, int64_t count, con
 // The four instantiations behind two multi-versioned entry points (the ref branch is outside the loop).
 GTALIGN_CPU_CLONES void forward_chunk_token(const Chunk& c, int64_t count, const ClipParams& p, bool has_ref,
                                             RowSums* sums) {
-  if (has_ref) {
-    forward_chunk_body<false, true>(c, count, p, 1.0f, sums);
+  if (p.sapo) {
+    if (has_ref) {
+      forward_chunk_body<false, true, true>(c, count, p, 1.0f, sums);
+    } else {
+      forward_chunk_body<false, false, true>(c, count, p, 1.0f, sums);
+    }
+  } else if (has_ref) {
+    forward_chunk_body<false, true, false>(c, count, p, 1.0f, sums);
   } else {
-    forward_chunk_body<false, false>(c, count, p, 1.0f, sums);
+    forward_chunk_body<false, false, false>(c, count, p, 1.0f, sums);
   }
 }
 
 GTALIGN_CPU_CLONES void forward_chunk_sequence(const Chunk& c, int64_t count, const ClipParams& p, bool has_ref,
                                                float seq_ratio, RowSums* sums) {
-  if (has_ref) {
-    forward_chunk_body<true, true>(c, count, p, seq_ratio, sums);
+  if (p.sapo) {
+    if (has_ref) {
+      forward_chunk_body<true, true, true>(c, count, p, seq_ratio, sums);
+    } else {
+      forward_chunk_body<true, false, true>(c, count, p, seq_ratio, sums);
+    }
+  } else if (has_ref) {
+    forward_chunk_body<true, true, false>(c, count, p, seq_ratio, sums);
   } else {
-    forward_chunk_body<true, false>(c, count, p, seq_ratio, sums);
+    forward_chunk_body<true, false, false>(c, count, p, seq_ratio, sums);
   }
 }
 
@@ -241,19 +273,23 @@ GTALIGN_CPU_CLONES void log_ratio_chunk(const Chunk& c, int64_t count, float* su
   *count_out += tokens;
 }
 
+// GSPO's ratio of row b (exp of the masked mean log-ratio, clamped) and its derivative: one pass over the row.
+template <typename scalar_t>
+float sequence_ratio(const Inputs<scalar_t>& in, int64_t b, Chunk* c, float* dratio) {
+  float lr_sum = 0.0f, tokens = 0.0f;
+  for (int64_t start = 0; start < in.length; start += kChunk) {
+    const int64_t count = std::min(kChunk, in.length - start);
+    load_chunk(in, b, start, count, false, c);
+    log_ratio_chunk(*c, count, &lr_sum, &tokens);
+  }
+  return clamped_exp(lr_sum / std::max(tokens, 1.0f), dratio);
+}
+
 template <typename scalar_t>
 void forward_row(const Inputs<scalar_t>& in, int64_t b, const ClipParams& p, bool seq_level, bool row_metrics,
                  Chunk* c, float* stats) {
   float seq_ratio = 1.0f, seq_dratio = 1.0f;
-  if (seq_level) {
-    float lr_sum = 0.0f, tokens = 0.0f;
-    for (int64_t start = 0; start < in.length; start += kChunk) {
-      const int64_t count = std::min(kChunk, in.length - start);
-      load_chunk(in, b, start, count, false, c);
-      log_ratio_chunk(*c, count, &lr_sum, &tokens);
-    }
-    seq_ratio = clamped_exp(lr_sum / std::max(tokens, 1.0f), &seq_dratio);
-  }
+  if (seq_level) seq_ratio = sequence_ratio(in, b, c, &seq_dratio);
   RowSums sums;
   for (int64_t start = 0; start < in.length; start += kChunk) {
     const int64_t count = std::min(kChunk, in.length - start);
@@ -323,17 +359,22 @@ void finalize(const float* stats, int64_t batch, int64_t mode, double const_weig
 
 // d loss / d logp (and d loss / d ref) of one chunk, scaled by the row's weight times the
 // incoming gradient; masked tokens get exactly 0. Same structure as forward_chunk_body.
-template <bool kSeqLevel>
+// With the bias correction (k3 * r): d / d logp gains beta * k3 * dr / dlogp (at sequence level already
+// inside seq_grad) and the k3 gradient is weighted by r (seq_ratio at sequence level).
+template <bool kSeqLevel, bool kSapo>
 GTALIGN_ALWAYS_INLINE void backward_chunk_body(const Chunk& c, int64_t count, const ClipParams params,
-                                               float seq_grad, float row_scale, float* dlogp, float* dref) {
+                                               float seq_grad, float seq_ratio, float row_scale, float* dlogp,
+                                               float* dref) {
   const ClipParams p = params;  // local copies, as in forward_chunk_body
   const float *adv = c.adv, *valid_in = c.valid;
 #pragma omp simd
   for (int64_t i = 0; i < count; ++i) {
     const bool valid = valid_in[i] != 0.0f;
+    const float ratio = kSeqLevel ? seq_ratio : c.ratio[i];
+    const float kl_dratio = blend(p.bias_kl, p.beta * c.kl[i], 0.0f);
     const float policy_grad =
-        kSeqLevel ? seq_grad : policy_term(c.ratio[i], adv[i], p).dloss_dratio * c.dratio[i];
-    const float kl_grad = p.beta * c.dkl_dref[i];
+        kSeqLevel ? seq_grad : (objective_term<kSapo>(ratio, adv[i], p).dloss_dratio + kl_dratio) * c.dratio[i];
+    const float kl_grad = p.beta * c.dkl_dref[i] * blend(p.bias_kl, ratio, 1.0f);
     dlogp[i] = blend(valid, row_scale * (policy_grad - kl_grad), 0.0f);
     dref[i] = blend(valid, row_scale * kl_grad, 0.0f);
   }
@@ -341,21 +382,28 @@ GTALIGN_ALWAYS_INLINE void backward_chunk_body(const Chunk& c, int64_t count, co
 
 GTALIGN_CPU_CLONES void backward_chunk_token(const Chunk& c, int64_t count, const ClipParams& p, float row_scale,
                                              float* dlogp, float* dref) {
-  backward_chunk_body<false>(c, count, p, 0.0f, row_scale, dlogp, dref);
+  if (p.sapo) {
+    backward_chunk_body<false, true>(c, count, p, 0.0f, 1.0f, row_scale, dlogp, dref);
+  } else {
+    backward_chunk_body<false, false>(c, count, p, 0.0f, 1.0f, row_scale, dlogp, dref);
+  }
 }
 
 GTALIGN_CPU_CLONES void backward_chunk_sequence(const Chunk& c, int64_t count, const ClipParams& p, float seq_grad,
-                                                float row_scale, float* dlogp, float* dref) {
-  backward_chunk_body<true>(c, count, p, seq_grad, row_scale, dlogp, dref);
+                                                float seq_ratio, float row_scale, float* dlogp, float* dref) {
+  backward_chunk_body<true, false>(c, count, p, seq_grad, seq_ratio, row_scale, dlogp, dref);  // no per-token term
 }
 
 template <typename scalar_t>
 void backward_row(const Inputs<scalar_t>& in, int64_t b, const ClipParams& p, bool seq_level, float row_scale,
                   float seq_grad, Chunk* c, float* dlogp_buffer, float* dref_buffer, scalar_t* dlogp, scalar_t* dref) {
+  // The bias-corrected KL of a sequence-level row weights each token's k3 gradient by the row's ratio.
+  float seq_ratio = 1.0f, unused;
+  if (seq_level && p.bias_kl && in.ref.data != nullptr) seq_ratio = sequence_ratio(in, b, c, &unused);
   for (int64_t start = 0; start < in.length; start += kChunk) {
     const int64_t count = std::min(kChunk, in.length - start);
     load_chunk(in, b, start, count, true, c);
-    exp_chunk(c, count, in.ref.data != nullptr ? 1.0f : 0.0f);
+    exp_chunk(c, count, in.ref.data != nullptr ? 1.0f : 0.0f, p.kl_clamp);
     scalar_t* dlogp_out = dlogp + b * in.length + start;
     scalar_t* dref_out = dref != nullptr ? dref + b * in.length + start : nullptr;
     // float32 gradients go straight into the outputs; other dtypes through the buffers.
@@ -366,7 +414,7 @@ void backward_row(const Inputs<scalar_t>& in, int64_t b, const ClipParams& p, bo
       if (dref_out != nullptr) dref_chunk = dref_out;
     }
     if (seq_level) {
-      backward_chunk_sequence(*c, count, p, seq_grad, row_scale, dlogp_chunk, dref_chunk);
+      backward_chunk_sequence(*c, count, p, seq_grad, seq_ratio, row_scale, dlogp_chunk, dref_chunk);
     } else {
       backward_chunk_token(*c, count, p, row_scale, dlogp_chunk, dref_chunk);
     }
@@ -416,7 +464,7 @@ void check_inputs(const at::Tensor& logp, const std::optional<at::Tensor>& old_l
 void grpo_loss_fwd_cpu(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
                        const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask,
                        const std::optional<at::Tensor>& num_items, double beta, double epsilon_low, double epsilon_high,
-                       double delta, double dual_clip, bool seq_level, bool row_metrics, int64_t mode,
+                       double delta, double dual_clip, double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool seq_level, bool row_metrics, int64_t mode,
                        double const_weight, at::Tensor& loss, at::Tensor& metrics, at::Tensor& row_stats,
                        at::Tensor& row_weights, const std::optional<at::Tensor>& error_flag,
                        const std::optional<at::Tensor>& /*finalize_counter: the CUDA kernel's one-launch path*/) {
@@ -436,7 +484,7 @@ void grpo_loss_fwd_cpu(const at::Tensor& logp, const std::optional<at::Tensor>& 
     const float n = num_items->data_ptr<float>()[0];
     TORCH_CHECK_VALUE(n > 0.0f && std::isfinite(n), "grpo_loss: num_items_in_batch must be finite and > 0, got ", n);
   }
-  const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip);
+  const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl, sapo_tau_pos, sapo_tau_neg);
   float* stats = row_stats.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logp.scalar_type(), "grpo_loss_fwd_cpu", [&] {
     const Inputs<scalar_t> in = make_inputs<scalar_t>(logp, old_logp, ref_logp, advantages, mask);
@@ -456,7 +504,7 @@ void grpo_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& row_weight
                        const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
                        const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask,
                        double beta, double epsilon_low, double epsilon_high, double delta, double dual_clip,
-                       bool seq_level, at::Tensor& dlogp, at::Tensor& dref) {
+                       double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool seq_level, at::Tensor& dlogp, at::Tensor& dref) {
   check_inputs(logp, old_logp, ref_logp, advantages, mask);
   const int64_t batch = logp.size(0), length = logp.size(1);
   check_float_out(grad_loss, 1, "grad_loss");
@@ -470,7 +518,7 @@ void grpo_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& row_weight
     TORCH_CHECK(dref.is_contiguous() && dref.scalar_type() == logp.scalar_type() && dref.numel() == batch * length,
                 "grpo_loss: dref must be contiguous [B, T] in logp's dtype");
   }
-  const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip);
+  const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl, sapo_tau_pos, sapo_tau_neg);
   const float grad = grad_loss.data_ptr<float>()[0];
   const float* weights = row_weights.data_ptr<float>();
   const float* stats = row_stats.data_ptr<float>();
@@ -498,13 +546,14 @@ TORCH_LIBRARY_FRAGMENT(gtalign_fast_C, m) {
   m.def(
       "grpo_loss_fwd(Tensor logp, Tensor? old_logp, Tensor? ref_logp, Tensor advantages, Tensor mask, "
       "Tensor? num_items, float beta, float epsilon_low, float epsilon_high, float delta, float dual_clip, "
-      "bool seq_level, bool row_metrics, int mode, float const_weight, Tensor(a!) loss, Tensor(b!) metrics, "
+      "float kl_clamp, bool bias_kl, float sapo_tau_pos, float sapo_tau_neg, bool seq_level, bool row_metrics, int mode, float const_weight, Tensor(a!) loss, Tensor(b!) metrics, "
       "Tensor(c!) row_stats, Tensor(d!) row_weights, Tensor(e!)? error_flag=None, "
       "Tensor(f!)? finalize_counter=None) -> ()");
   m.def(
       "grpo_loss_bwd(Tensor grad_loss, Tensor row_weights, Tensor row_stats, Tensor logp, Tensor? old_logp, "
       "Tensor? ref_logp, Tensor advantages, Tensor mask, float beta, float epsilon_low, float epsilon_high, "
-      "float delta, float dual_clip, bool seq_level, Tensor(a!) dlogp, Tensor(b!) dref) -> ()");
+      "float delta, float dual_clip, float kl_clamp, bool bias_kl, float sapo_tau_pos, float sapo_tau_neg, "
+      "bool seq_level, Tensor(a!) dlogp, Tensor(b!) dref) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(gtalign_fast_C, CPU, m) {

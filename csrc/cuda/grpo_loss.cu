@@ -32,7 +32,7 @@ constexpr int kWarps = kThreads / 32;
 
 using namespace gtalign_fast::grpo;  // row_stats columns, modes, metrics, limits, ClipParams (../grpo_loss_common.h)
 
-__device__ __forceinline__ PolicyTerm policy_term(float ratio, float adv, const ClipParams& p) {
+__device__ __forceinline__ PolicyTerm clip_term(float ratio, float adv, const ClipParams& p) {
   const float coef_1 = ratio <= p.delta ? ratio : p.delta;
   const float gate_1 = ratio <= p.delta ? 1.0f : 0.0f;
   const float coef_2 = fminf(fmaxf(ratio, p.low_bound), p.high_bound);
@@ -52,6 +52,14 @@ __device__ __forceinline__ PolicyTerm policy_term(float ratio, float adv, const 
   return {loss, dloss, coef_1};
 }
 
+// TRL's SAPO objective (p.sapo): -sigmoid(tau (r - 1)) * 4 / tau * A, d / d r = -4 A s (1 - s); coef_1 = r.
+__device__ __forceinline__ PolicyTerm policy_term(float ratio, float adv, const ClipParams& p) {
+  if (!p.sapo) return clip_term(ratio, adv, p);
+  const float tau = adv > 0.0f ? p.sapo_tau_pos : p.sapo_tau_neg;
+  const float s = 1.0f / (1.0f + expf(-tau * (ratio - 1.0f)));
+  return {-s * 4.0f / tau * adv, -4.0f * adv * s * (1.0f - s), ratio};
+}
+
 // exp(clamp(l, -20, 20)) and its derivative w.r.t. l (0 where clamped). expf, not __expf: the
 // ratio sits next to the clip bounds and must round like the other backends.
 __device__ __forceinline__ float clamped_exp(float log_ratio, float* dratio) {
@@ -60,15 +68,16 @@ __device__ __forceinline__ float clamped_exp(float log_ratio, float* dratio) {
   return ratio;
 }
 
-// k3 KL clamp(exp(d) - d - 1, -10, 10) with d = clamp(ref - logp, -20, 20), and d kl / d ref.
-__device__ __forceinline__ float k3_term(float logp, float ref, float* dkl_dref) {
+// k3 KL clamp(exp(d) - d - 1, -c, c) with d = clamp(ref - logp, -20, 20), and d kl / d ref
+// (c = kl_clamp; +inf: no clamp, TRL's k3).
+__device__ __forceinline__ float k3_term(float logp, float ref, float kl_clamp, float* dkl_dref) {
   const float d = ref - logp;
   const float d_clamped = fminf(fmaxf(d, -kLogRatioLimit), kLogRatioLimit);
   const float e = expf(d_clamped);
   const float kl = e - d_clamped - 1.0f;
-  const bool pass = d >= -kLogRatioLimit && d <= kLogRatioLimit && kl >= -kKlLimit && kl <= kKlLimit;
+  const bool pass = d >= -kLogRatioLimit && d <= kLogRatioLimit && kl >= -kl_clamp && kl <= kl_clamp;
   *dkl_dref = pass ? e - 1.0f : 0.0f;
-  return fminf(fmaxf(kl, -kKlLimit), kKlLimit);
+  return fminf(fmaxf(kl, -kl_clamp), kl_clamp);
 }
 
 // Sums N values across the block; every thread gets the totals (fixed order: deterministic).
@@ -187,6 +196,24 @@ __device__ void store_row_stats(float* out, const float (&sums)[kNumStats], cons
   out[kSeqGrad] = seq_level ? sums[kSeqGrad] * seq_dratio / fmaxf(sums[kTokens], 1.0f) : 0.0f;
 }
 
+// GSPO's ratio of row b (exp of the masked mean log-ratio, clamped) and its derivative; every thread
+// of the block calls it (block_sum synchronises).
+template <typename scalar_t>
+__device__ float sequence_ratio(const scalar_t* __restrict__ logp, const scalar_t* __restrict__ old,
+                                const uint8_t* __restrict__ mask, int64_t b, int64_t length, const Strides& s,
+                                float* dratio) {
+  float sums[2] = {0.0f, 0.0f};  // masked log-ratio, tokens
+  for (int64_t t = threadIdx.x; t < length; t += blockDim.x) {
+    if (mask[b * s.mask_b + t * s.mask_t] == 0) continue;
+    sums[1] += 1.0f;
+    if (old != nullptr) {
+      sums[0] += static_cast<float>(logp[b * s.logp_b + t * s.logp_t]) - static_cast<float>(old[b * s.old_b + t * s.old_t]);
+    }
+  }
+  block_sum(sums);
+  return clamped_exp(sums[0] / fmaxf(sums[1], 1.0f), dratio);
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) grpo_loss_rows_kernel(
     const scalar_t* __restrict__ logp, const scalar_t* __restrict__ old, const scalar_t* __restrict__ ref,
@@ -194,18 +221,7 @@ __global__ void __launch_bounds__(kThreads) grpo_loss_rows_kernel(
     Strides s, ClipParams p, bool seq_level, bool row_metrics, Finalize f) {
   const int64_t b = blockIdx.x;
   float seq_ratio = 1.0f, seq_dratio = 1.0f;
-  if (seq_level) {
-    float sums[2] = {0.0f, 0.0f};  // masked log-ratio, tokens
-    for (int64_t t = threadIdx.x; t < length; t += blockDim.x) {
-      if (mask[b * s.mask_b + t * s.mask_t] == 0) continue;
-      sums[1] += 1.0f;
-      if (old != nullptr) {
-        sums[0] += static_cast<float>(logp[b * s.logp_b + t * s.logp_t]) - static_cast<float>(old[b * s.old_b + t * s.old_t]);
-      }
-    }
-    block_sum(sums);
-    seq_ratio = clamped_exp(sums[0] / fmaxf(sums[1], 1.0f), &seq_dratio);
-  }
+  if (seq_level) seq_ratio = sequence_ratio(logp, old, mask, b, length, s, &seq_dratio);
   // The row's sums, indexed by row_stats column. kRegion is derived from kLow and kHigh after the
   // reduction (its slot stays 0); kSeqGrad collects the sum of d pg / d ratio, turned into the
   // sequence gradient at the end.
@@ -218,14 +234,17 @@ __global__ void __launch_bounds__(kThreads) grpo_loss_rows_kernel(
     if (!seq_level && old != nullptr) ratio = clamped_exp(lp - static_cast<float>(old[b * s.old_b + t * s.old_t]), &dratio);
     const PolicyTerm term = policy_term(ratio, a, p);
     float kl = 0.0f, dkl_dref;
-    if (ref != nullptr) kl = k3_term(lp, static_cast<float>(ref[b * s.ref_b + t * s.ref_t]), &dkl_dref);
+    if (ref != nullptr) kl = k3_term(lp, static_cast<float>(ref[b * s.ref_b + t * s.ref_t]), p.kl_clamp, &dkl_dref);
+    // TRL's bias correction: k3 * r, whose d / d r (beta * k3) joins d pg / d r for the sequence gradient.
+    const float dkl_dratio = p.bias_kl ? p.beta * kl : 0.0f;
+    if (p.bias_kl) kl *= ratio;
     sums[kLossSum] += term.loss + p.beta * kl;
     sums[kTokens] += 1.0f;
     sums[kLow] += (term.coef_1 < p.low_bound && a < 0.0f) ? 1.0f : 0.0f;
     sums[kHigh] += (term.coef_1 > p.high_bound && a > 0.0f) ? 1.0f : 0.0f;
     sums[kKlSum] += kl;
     sums[kRatioSum] += ratio;
-    sums[kSeqGrad] += term.dloss_dratio;
+    sums[kSeqGrad] += term.dloss_dratio + dkl_dratio;
   }
   block_sum(sums);
   if (threadIdx.x == 0) store_row_stats(stats + b * kNumStats, sums, adv + b * s.adv_b, p, seq_level, row_metrics,
@@ -254,6 +273,9 @@ __global__ void __launch_bounds__(kThreads) grpo_loss_bwd_kernel(
   const int64_t b = blockIdx.x;
   const float row_scale = grad_loss[0] * weights[b];
   const float seq_grad = stats[b * kNumStats + kSeqGrad];
+  // The bias-corrected KL of a sequence-level row weights each token's k3 gradient by the row's ratio.
+  float seq_ratio = 1.0f, unused;
+  if (seq_level && p.bias_kl && ref != nullptr) seq_ratio = sequence_ratio(logp, old, mask, b, length, s, &unused);
   for (int64_t t = threadIdx.x; t < length; t += blockDim.x) {
     const int64_t out = b * length + t;
     if (mask[b * s.mask_b + t * s.mask_t] == 0) {
@@ -262,17 +284,21 @@ __global__ void __launch_bounds__(kThreads) grpo_loss_bwd_kernel(
       continue;
     }
     const float lp = static_cast<float>(logp[b * s.logp_b + t * s.logp_t]);
-    float dloss = seq_grad;
+    float dloss = seq_grad, ratio = seq_ratio, dratio = 1.0f;
     if (!seq_level) {
-      float ratio = 1.0f, dratio = 1.0f;
+      ratio = 1.0f;
       if (old != nullptr) ratio = clamped_exp(lp - static_cast<float>(old[b * s.old_b + t * s.old_t]), &dratio);
       dloss = policy_term(ratio, adv[b * s.adv_b + t * s.adv_t], p).dloss_dratio * dratio;
     }
     float kl_grad = 0.0f;
     if (ref != nullptr) {
       float dkl_dref;
-      k3_term(lp, static_cast<float>(ref[b * s.ref_b + t * s.ref_t]), &dkl_dref);
+      const float kl = k3_term(lp, static_cast<float>(ref[b * s.ref_b + t * s.ref_t]), p.kl_clamp, &dkl_dref);
       kl_grad = p.beta * dkl_dref;
+      if (p.bias_kl) {  // d (k3 * r): r * d k3, plus k3 * dr (at sequence level inside seq_grad)
+        if (!seq_level) dloss += p.beta * kl * dratio;
+        kl_grad *= ratio;
+      }
     }
     dlogp[out] = static_cast<scalar_t>(row_scale * (dloss - kl_grad));
     if (dref != nullptr) dref[out] = static_cast<scalar_t>(row_scale * kl_grad);
@@ -330,7 +356,8 @@ void check_inputs(const at::Tensor& logp, const std::optional<at::Tensor>& old_l
 void grpo_loss_fwd_cuda(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
                         const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask,
                         const std::optional<at::Tensor>& num_items, double beta, double epsilon_low,
-                        double epsilon_high, double delta, double dual_clip, bool seq_level, bool row_metrics,
+                        double epsilon_high, double delta, double dual_clip, double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool seq_level,
+                        bool row_metrics,
                         int64_t mode, double const_weight, at::Tensor& loss, at::Tensor& metrics,
                         at::Tensor& row_stats, at::Tensor& row_weights, const std::optional<at::Tensor>& error_flag,
                         const std::optional<at::Tensor>& finalize_counter) {
@@ -355,7 +382,7 @@ void grpo_loss_fwd_cuda(const at::Tensor& logp, const std::optional<at::Tensor>&
   if (batch == 0) return;
   const c10::cuda::CUDAGuard guard(logp.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip);
+  const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl, sapo_tau_pos, sapo_tau_neg);
   const Strides strides = strides_of(logp, old_logp, ref_logp, advantages, mask);
   const Finalize finalize{mode == kNormaliserTensor ? num_items->data_ptr<float>() : nullptr,
                           loss.data_ptr<float>(),
@@ -381,7 +408,7 @@ void grpo_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& row_weigh
                         const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
                         const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask,
                         double beta, double epsilon_low, double epsilon_high, double delta, double dual_clip,
-                        bool seq_level, at::Tensor& dlogp, at::Tensor& dref) {
+                        double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool seq_level, at::Tensor& dlogp, at::Tensor& dref) {
   check_inputs(logp, old_logp, ref_logp, advantages, mask);
   const int64_t batch = logp.size(0), length = logp.size(1);
   check_float_out(grad_loss, 1, logp, "grad_loss");
@@ -397,7 +424,7 @@ void grpo_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& row_weigh
   if (batch == 0) return;
   const c10::cuda::CUDAGuard guard(logp.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip);
+  const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl, sapo_tau_pos, sapo_tau_neg);
   const Strides strides = strides_of(logp, old_logp, ref_logp, advantages, mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logp.scalar_type(), "grpo_loss_bwd_cuda", [&] {
     grpo_loss_bwd_kernel<scalar_t><<<static_cast<unsigned int>(batch), kThreads, 0, stream>>>(

@@ -23,14 +23,15 @@ What the patch replaces (TRL 1.16 hook points):
   names (``kl``, ``entropy``, ``clip_ratio/*``).
 
 TRL options the patch does not compute are refused by :func:`patch_grpo_trainer` with a ``ValueError`` naming the
-option (see :data:`UNSUPPORTED`); nothing falls back silently. Note TRL 1.16's default ``use_bias_correction_kl=True``:
-with ``beta > 0`` set it to False (the k3 KL without the importance weight, TRL's KL before 1.14).
+option (see :data:`UNSUPPORTED`); nothing falls back silently. TRL 1.16's default ``use_bias_correction_kl=True``
+(the k3 KL times the importance ratio) is computed by ``grpo_loss`` too.
 
 Equal to TRL (tested: one optimizer step of TRL's own trainer, loss 1e-5, gradients and parameters 1e-5 relative) in
 float32 and with ``cast_lm_head_to_fp32``. Known differences: under bf16 / fp16 autocast our LM head runs in the
 autocast dtype like ``F.linear`` (bf16 weight copy, gradients rounded to bf16), where TRL's chunked head keeps float32
 gradients, so the two agree to bf16 precision only (about 1e-2 relative); the log-ratio is clamped to +-20 before
-``exp`` and the k3 KL to [-10, 10] (verl's clamps; TRL clamps neither), which only matters far off-policy.
+``exp`` (verl's clamp; TRL has none), which only matters far off-policy; the k3 KL is not clamped (as TRL; the
+ops' ``kl_clamp`` option, verl's [-10, 10], stays off here).
 """
 
 from __future__ import annotations
@@ -52,23 +53,22 @@ __all__ = [
 
 IGNORE_INDEX = -100  # TRL's label for prompt and padding positions
 
-# TRL loss_type -> grpo_loss loss_type. luspo is TRL's mean over sequences of the token sums of the clipped loss.
+# TRL loss_type -> grpo_loss loss_type (luspo: the mean over sequences of the token sums of the clipped loss).
 LOSS_TYPES: dict[str, str] = {
     "grpo": "grpo",
     "bnpo": "bnpo",
     "dr_grpo": "dr_grpo",
     "dapo": "dapo",
-    "luspo": "seq-mean-token-sum",
+    "luspo": "luspo",
+    "sapo": "sapo",
 }
 
 # TRL options we do not compute: (GRPOConfig field, why), checked by patch_grpo_trainer.
 UNSUPPORTED: tuple[tuple[str, str], ...] = (
-    ("loss_type", "only " + ", ".join(LOSS_TYPES) + " are computed by grpo_loss (not cispo, sapo, vespo)"),
+    ("loss_type", "only " + ", ".join(LOSS_TYPES) + " are computed by grpo_loss (not cispo, vespo)"),
     ("top_entropy_quantile", "must be 1.0: the high-entropy token mask is not applied by grpo_loss"),
     ("off_policy_mask_threshold", "must be None: the off-policy sequence mask is not applied by grpo_loss"),
     ("vllm_importance_sampling_correction", "must be False when use_vllm=True: the vLLM IS weights are not applied"),
-    ("use_bias_correction_kl", "must be False when beta != 0 (TRL's default is True): grpo_loss does not weight "
-     "the KL by the importance ratio"),
     ("entropy_coef", "must be 0.0 (and use_adaptive_entropy False): the entropy bonus is not added"),
     ("router_aux_loss_coef", "must be 0 for MoE models: the load-balancing loss is not computed by the fused head"),
     ("deepspeed", "ZeRO-3 is not supported: the fused head reads lm_head.weight outside the module's gather hooks; "
@@ -177,7 +177,6 @@ def gtalign_reward_func(judge: Any, *, log_extra: bool = False, **reward_kwargs:
 
 def _refusals(trainer) -> list[str]:
     """One message per TRL option of ``trainer`` that the patch does not compute."""
-    args = trainer.args
     found: list[str] = []
     if trainer.loss_type not in LOSS_TYPES:
         found.append(f"loss_type={trainer.loss_type!r}")
@@ -187,8 +186,6 @@ def _refusals(trainer) -> list[str]:
         found.append(f"off_policy_mask_threshold={trainer.off_policy_mask_threshold}")
     if getattr(trainer, "use_vllm", False) and getattr(trainer, "vllm_importance_sampling_correction", False):
         found.append("vllm_importance_sampling_correction=True")
-    if trainer.beta != 0.0 and getattr(args, "use_bias_correction_kl", False):
-        found.append("use_bias_correction_kl=True")
     if getattr(trainer, "_entropy_bonus_enabled", False):
         found.append(f"entropy_coef={getattr(trainer, 'entropy_coef', None)} / "
                      f"use_adaptive_entropy={getattr(trainer, 'use_adaptive_entropy', None)}")
@@ -412,9 +409,14 @@ def _compute_loss(self, model, inputs):
         logp, None if old is None else old.to(logp.dtype), inputs["advantages"], mask,
         ref_logp=None if ref is None else ref.to(logp.dtype), beta=float(self.beta),
         epsilon_low=float(self.epsilon_low), epsilon_high=float(self.epsilon_high),
-        delta=None if self.args.delta is None else float(self.args.delta), loss_type=LOSS_TYPES[self.loss_type],
+        # TRL's sapo ignores delta (it has no clip); grpo_loss refuses a delta with sapo rather than ignore it
+        delta=None if self.args.delta is None or self.loss_type == "sapo" else float(self.args.delta),
+        loss_type=LOSS_TYPES[self.loss_type],
         importance_sampling_level=self.importance_sampling_level,
         max_completion_length=int(self.max_completion_length), num_items_in_batch=num_items,
+        use_bias_correction_kl=bool(getattr(self.args, "use_bias_correction_kl", False)),
+        **({"sapo_temperature_pos": float(self.args.sapo_temperature_pos),
+            "sapo_temperature_neg": float(self.args.sapo_temperature_neg)} if self.loss_type == "sapo" else {}),
     )
     if self.loss_type != "dapo":  # dapo's normaliser already covers the accumulation window
         loss = loss / accumulation
@@ -435,6 +437,8 @@ def _log_metrics(self, mode: str, metrics: Mapping[str, torch.Tensor], logp, old
         self._metrics[mode]["kl"].append(global_mean(metrics["kl"], tokens))
     entropy_mean = (entropies.detach() * mask).sum() / tokens.clamp(min=1.0)
     self._metrics[mode]["entropy"].append(global_mean(entropy_mean, tokens))
+    if self.loss_type == "sapo":  # TRL logs clip ratios only for its clipped objectives
+        return
     clip_count = torch.tensor(float(mask.shape[0]), device=tokens.device) if sequence else tokens
     for name in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
         self._metrics[mode][name].append(global_mean(metrics[name], clip_count))
@@ -480,9 +484,10 @@ def patch_grpo_trainer(trainer, *, fused_lm_head: bool = True):
     ``fused_lm_head=False``), and ``_compute_loss`` runs :func:`gtalign_fast.ops.grpo_loss`. Calling it twice is a
     no-op.
 
-    Supported: ``loss_type`` grpo, bnpo, dr_grpo, dapo, luspo; ``importance_sampling_level`` token and sequence;
-    ``beta`` >= 0 (k3 KL against the reference model or the disabled PEFT adapter; with ``beta > 0``,
-    ``use_bias_correction_kl=False``); ``epsilon`` /
+    Supported: ``loss_type`` grpo, bnpo, dr_grpo, dapo, luspo, sapo (with ``sapo_temperature_pos`` /
+    ``sapo_temperature_neg``); ``importance_sampling_level`` token and sequence;
+    ``beta`` >= 0 (k3 KL against the reference model or the disabled PEFT adapter, with or without
+    ``use_bias_correction_kl``, TRL's default True); ``epsilon`` /
     ``epsilon_high`` (clip-higher); ``delta`` (two-sided clip); ``temperature``; ``cast_lm_head_to_fp32``;
     gradient accumulation, ``num_iterations``, ``steps_per_generation``, tool masks, DDP / FSDP; bf16 / fp16
     autocast.
