@@ -346,7 +346,7 @@ class SaveAttempt:
                 "resume and rotation away from it)" if os.path.exists(self.temporary)
                 else f"the partial folder {self.temporary} was removed")
         newest = latest_checkpoint(os.path.dirname(self.temporary))
-        message = (f"GRPOTrainer: saving checkpoint {self.path} failed writing {file}: {cause}. {left}; "
+        message = (f"GRPOTrainer: saving checkpoint {self.path} failed writing {file}: {cause}; {left}; "
                    f"earlier checkpoints are untouched (newest complete: {newest}). Original error: {error!r}")
         result = CheckpointSaveError(message, self.path, file, cause, code)
         result.__cause__ = error

@@ -176,7 +176,7 @@ class OutputDirLock:
     honoured as held.
     """
 
-    _held: dict[str, tuple[int, int]] = {}  # realpath -> (fd, number of trainers holding it)
+    _held: dict[str, tuple[int | None, int]] = {}  # realpath -> (fd or None, number of trainers holding it)
 
     @classmethod
     def acquire(cls, output_dir: str, owner: Any, overwrite: bool = False) -> None:
@@ -192,7 +192,7 @@ class OutputDirLock:
         weakref.finalize(owner, cls._release, key)
 
     @classmethod
-    def _lock(cls, output_dir: str, overwrite: bool) -> int:
+    def _lock(cls, output_dir: str, overwrite: bool) -> int | None:
         path = os.path.join(output_dir, LOCK_FILE)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         holder = _read_holder(fd)
@@ -212,10 +212,12 @@ class OutputDirLock:
                 "Two runs on one folder delete each other's saves and log every step twice: wait for it, "
                 "stop it, or pick another output_dir; GRPOConfig(overwrite_output_dir=True) uses the folder anyway"
             )
-        if held:
+        if held:  # the holder keeps its lock and its name in the file
             logger.warning("GRPOTrainer: overwrite_output_dir=True: using %s although %s holds it", output_dir,
                            described)
-        elif holder is not None:
+            os.close(fd)
+            return None
+        if holder is not None:
             logger.warning("GRPOTrainer: taking over the lock of %s left by %s, which no longer runs",
                            output_dir, described)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
@@ -226,13 +228,14 @@ class OutputDirLock:
 
     @classmethod
     def _release(cls, key: str) -> None:
-        fd, count = cls._held.get(key, (None, 0))
-        if fd is None:
+        if key not in cls._held:
             return
+        fd, count = cls._held.pop(key)
         if count > 1:
             cls._held[key] = (fd, count - 1)
             return
-        del cls._held[key]
+        if fd is None:  # used under overwrite_output_dir: nothing of ours to release
+            return
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)  # an empty lock file: released cleanly (a dead holder leaves its pid)
             os.close(fd)  # drops the flock
@@ -241,9 +244,12 @@ class OutputDirLock:
 def _read_holder(fd: int) -> dict | None:
     try:
         text = os.pread(fd, 4096, 0).decode(errors="replace").strip()
-        holder = json.loads(text) if text else None
+        if not text:
+            return None  # a new lock file, or one released cleanly
+        holder = json.loads(text)
     except (OSError, ValueError):
-        return {"pid": "?", "host": "?"}  # something is there: say so rather than treat it as free
+        holder = None
+    # something unreadable is there: say so rather than treat the folder as free
     return holder if isinstance(holder, dict) else {"pid": "?", "host": "?"}
 
 
