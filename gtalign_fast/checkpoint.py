@@ -173,12 +173,22 @@ def write_trainer_state(path: str, state: dict, summary: dict) -> None:
     last file of a checkpoint: :func:`why_incomplete` looks for it)."""
     # through a Python file: a failed write then carries its OSError (errno), which torch.save's own
     # writer loses ("unexpected pos 70016 vs 69908")
-    with open(os.path.join(path, TRAINER_STATE), "wb") as handle:
+    with _naming(os.path.join(path, TRAINER_STATE)) as file, open(file, "wb") as handle:
         torch.save(state, handle)
-    with open(os.path.join(path, TRAINER_SUMMARY), "w") as handle:
+    with _naming(os.path.join(path, TRAINER_SUMMARY)) as file, open(file, "w") as handle:
         json.dump(summary, handle, indent=1)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+@contextlib.contextmanager
+def _naming(file: str):
+    """Tag an exception raised while writing ``file`` with its name (a failed ``write`` does not say)."""
+    try:
+        yield file
+    except Exception as error:
+        error.checkpoint_file = file
+        raise
 
 
 def read_trainer_state(path: str, device: torch.device) -> dict:
@@ -373,16 +383,28 @@ def _errno(error: Exception) -> int | None:
 
 
 def _failed_file(error: Exception, temporary: str) -> str:
-    """The file being written: the OSError's filename, or else the newest file in the folder (the
-    writer that failed had created it; safetensors and torch's writer do not say)."""
+    """The file being written: ours name themselves (:func:`_naming`), an OSError may carry it;
+    otherwise the newest file in the folder (the writer that failed had created it), a
+    ``.safetensors`` one when safetensors failed. Files as new as each other (the clock's tick)
+    are all named."""
     for link in _chain(error):
+        if getattr(link, "checkpoint_file", None):
+            return link.checkpoint_file
         if isinstance(link, OSError) and link.filename:
             return str(link.filename)
     try:
-        entries = [e for e in os.scandir(temporary) if e.is_file()]
+        entries = [(e.stat().st_mtime_ns, e.path) for e in os.scandir(temporary) if e.is_file()]
     except OSError:
         return temporary
-    return max(entries, key=lambda e: e.stat().st_mtime_ns).path if entries else temporary
+    if any("safetensor" in f"{type(link).__name__} {link}".lower() for link in _chain(error)):
+        entries = [entry for entry in entries if entry[1].endswith(".safetensors")]
+        if not entries:  # the writer removed its partial file
+            return os.path.join(temporary, "model.safetensors")
+    if not entries:
+        return temporary
+    newest = max(t for t, _ in entries)
+    files = sorted(path for t, path in entries if t == newest)
+    return files[0] if len(files) == 1 else f"one of {files} (the writer does not say which)"
 
 
 def _diagnose(file: str, temporary: str, error: Exception) -> str:

@@ -81,7 +81,8 @@ def main() -> None:
         callbacks.append(LimitFileSize(options.fsize_target))
     tokenizer = toy.build_tokenizer()
     args = toy.toy_config(
-        options.output_dir, options.steps, seed=0, per_device_train_batch_size=32 // world, save_steps=options.save_steps,
+        options.output_dir, options.steps, seed=0, per_device_train_batch_size=32 // world,
+        save_steps=options.save_steps,
         logging_steps=1, learning_rate=1e-2, preemption_grace_s=None if options.grace < 0 else options.grace,
     )
     trainer = toy.GRPOTrainer(
