@@ -74,7 +74,7 @@ class StepAbandoned(Exception):
 class Preemption:
     """Stop signals during ``train()``: a flag the loop reads, agreed over processes once per step.
 
-    Use ``with preemption.handling(): ...`` around the loop; call :meth:`step_begins` before each
+    :meth:`install` before the loop, :meth:`uninstall` after it; call :meth:`step_begins` before each
     step, :meth:`safe_point` between its stages and :meth:`agreed_signal` after it (every process,
     the same number of times: the two last are collectives when several processes run).
     """
@@ -84,7 +84,7 @@ class Preemption:
         self.signum: int | None = None  # the first stop signal this process received
         self.received_at = 0.0
         self.rng_at_step_start: dict | None = None
-        self._group = None
+        self._group, self._previous = None, {}
         if dist.enabled:
             import torch.distributed as tdist
 
@@ -93,22 +93,22 @@ class Preemption:
 
     # -- signal handling ------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def handling(self):
-        """Install the stop-signal handlers for the block (main thread only), restore the old ones after."""
+    def install(self) -> None:
+        """Handle the stop signals (main thread only) until :meth:`uninstall`."""
         import threading
 
+        self._previous = {}
         if threading.current_thread() is not threading.main_thread():
             logger.warning("GRPOTrainer: train() runs outside the main thread; stop signals are not handled "
                            "(a preemption loses the steps since the last checkpoint)")
-            yield self
             return
-        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
-        try:
-            yield self
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+        self._previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+
+    def uninstall(self) -> None:
+        """Give the stop signals back to the handlers they had before :meth:`install`."""
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         # no logging here: the handler may run while the main thread holds the logging lock

@@ -359,31 +359,32 @@ class GRPOTrainer:
         window, losses = MetricWindow(), []
         progress = progress_bar(self.max_steps, self.step, disable=self.args.disable_tqdm or not self.dist.is_main)
         self.callbacks("on_train_begin")
-        with self.preemption.handling():
-            try:
-                while self.step < self.max_steps and not self.callbacks.control.should_training_stop:
-                    self.callbacks("on_step_begin")
-                    self.preemption.step_begins()
-                    try:
-                        metrics = self._training_step()
-                    except StepAbandoned as abandoned:  # grace period over: the checkpoint of the step before
-                        self._preempted(str(abandoned), sinks, window, self.preemption.rng_at_step_start)
-                    self.step += 1
-                    losses.append(metrics.get("loss", math.nan))
-                    window.add(metrics)
-                    progress.update(1)
-                    progress.set_postfix({k: f"{metrics[k]:.4g}" for k in ("reward", "loss") if k in metrics})
-                    self.callbacks("on_step_end")
-                    last = self.step == self.max_steps
-                    if self.step % self.args.logging_steps == 0 or last:
-                        self._log(sinks, window.flush())
-                    if self.args.save_steps and (self.step % self.args.save_steps == 0 or last):
-                        self._save_checkpoint()
-                    if not last and (signal_name := self.preemption.agreed_signal()):  # one all-reduce
-                        self._preempted(signal_name, sinks, window)
-            finally:
-                progress.close()
-                sinks.close()
+        self.preemption.install()  # stop signals: finish the step, save it, exit 75
+        try:
+            while self.step < self.max_steps and not self.callbacks.control.should_training_stop:
+                self.callbacks("on_step_begin")
+                self.preemption.step_begins()
+                try:
+                    metrics = self._training_step()
+                except StepAbandoned as abandoned:  # grace period over: the checkpoint of the step before
+                    self._preempted(str(abandoned), sinks, window, self.preemption.rng_at_step_start)
+                self.step += 1
+                losses.append(metrics.get("loss", math.nan))
+                window.add(metrics)
+                progress.update(1)
+                progress.set_postfix({k: f"{metrics[k]:.4g}" for k in ("reward", "loss") if k in metrics})
+                self.callbacks("on_step_end")
+                last = self.step == self.max_steps
+                if self.step % self.args.logging_steps == 0 or last:
+                    self._log(sinks, window.flush())
+                if self.args.save_steps and (self.step % self.args.save_steps == 0 or last):
+                    self._save_checkpoint()
+                if not last and (signal_name := self.preemption.agreed_signal()):  # one all-reduce
+                    self._preempted(signal_name, sinks, window)
+        finally:
+            self.preemption.uninstall()
+            progress.close()
+            sinks.close()
         self.callbacks("on_train_end")
         finite = [x for x in losses if math.isfinite(x)]
         return TrainOutput(self.step, sum(finite) / len(finite) if finite else math.nan, {"global_step": self.step})
