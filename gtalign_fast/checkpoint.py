@@ -404,7 +404,18 @@ def _failed_file(error: Exception, temporary: str) -> str:
         return temporary
     newest = max(t for t, _ in entries)
     files = sorted(path for t, path in entries if t == newest)
+    if len(files) > 1:  # as new as each other: the one cut short (a JSON file that does not parse)
+        files = [f for f in files if f.endswith(".json") and not _parses(f)] or files
     return files[0] if len(files) == 1 else f"one of {files} (the writer does not say which)"
+
+
+def _parses(path: str) -> bool:
+    try:
+        with open(path) as handle:
+            json.load(handle)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _diagnose(file: str, temporary: str, error: Exception) -> str:

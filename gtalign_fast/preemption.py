@@ -84,12 +84,8 @@ class Preemption:
         self.signum: int | None = None  # the first stop signal this process received
         self.received_at = 0.0
         self.rng_at_step_start: dict | None = None
-        self._group, self._previous = None, {}
-        if dist.enabled:
-            import torch.distributed as tdist
-
-            # a CPU group: the flag is read on the host without synchronising the training device
-            self._group = tdist.new_group(backend="gloo")
+        self._group = _flag_group() if dist.enabled else None
+        self._previous: dict = {}
 
     # -- signal handling ------------------------------------------------------------------------
 
@@ -154,6 +150,20 @@ class Preemption:
         flag = torch.tensor([value], dtype=torch.int64)
         tdist.all_reduce(flag, op=tdist.ReduceOp.MAX, group=self._group)
         return int(flag)
+
+
+_FLAG_GROUP: list = []  # [(the default group, its gloo twin)]: one per process group, shared by trainers
+
+
+def _flag_group():
+    """A gloo group of every process (made once per default group: making one is a collective):
+    the stop flag is reduced on the host, without synchronising the training device."""
+    import torch.distributed as tdist
+
+    world = tdist.group.WORLD
+    if not _FLAG_GROUP or _FLAG_GROUP[0][0] is not world:
+        _FLAG_GROUP[:] = [(world, tdist.new_group(backend="gloo"))]
+    return _FLAG_GROUP[0][1]
 
 
 # ---------------------------------------------------------------------------------------------

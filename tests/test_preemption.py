@@ -149,6 +149,16 @@ def test_a_second_signal_exits_at_once(tmp_path):
     assert "taking over the lock" in resumed.stderr and "which no longer runs" in resumed.stderr
 
 
+@pytest.mark.timeout(TIMEOUT)
+def test_copies_of_one_signal_count_once(tmp_path):
+    # SLURM signals every process of a step and torchrun forwards what it gets: two copies, ms apart
+    output_dir = tmp_path / "run"
+    stopped = run(output_dir, "--signal-at", "6", "--signal", "SIGINT", "--second-after", "0.05")
+    assert stopped.returncode == PREEMPTED_EXIT_CODE, stopped.stderr[-3000:]
+    assert "stopped by SIGINT after step 6" in stopped.stderr and "second stop signal" not in stopped.stderr
+    assert _complete_steps(output_dir) == [4, 6]
+
+
 @pytest.mark.timeout(4 * TIMEOUT)
 def test_two_torchrun_processes_stop_after_the_same_step_and_resume_exactly(tmp_path):
     reference = tmp_path / "uninterrupted"
@@ -208,6 +218,16 @@ def _fail_writing(monkeypatch, name: str, code: int) -> None:
 
         monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", save_file)
         return
+    if name == "tokenizer.json":  # written by the tokenizers library's Rust code, the same way
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+        def save_tokenizer(self, directory, *args, **kwargs):
+            with open(os.path.join(directory, name), "w") as handle:
+                handle.write('{"version": "1.0", "trunc')
+            raise Exception(f"{os.strerror(code)} (os error {code})")
+
+        monkeypatch.setattr(TokenizersBackend, "_save_pretrained", save_tokenizer)
+        return
     real_open = builtins.open
 
     def failing_open(file, mode="r", *args, **kwargs):
@@ -219,7 +239,7 @@ def _fail_writing(monkeypatch, name: str, code: int) -> None:
 
 
 @pytest.mark.timeout(TIMEOUT)
-@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "generation_config.json",
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
                                   "tokenizer_config.json", "trainer_state.pt", "trainer_state.json"])
 def test_a_full_disk_names_the_checkpoint_file_and_enospc(tmp_path, monkeypatch, name):
     trainer = sgd_trainer(tmp_path, steps=2, save_steps=1)
@@ -337,11 +357,9 @@ def test_overwrite_output_dir_defaults_to_false_and_grace_is_checked(tmp_path):
 # Item 4: the reward-failure warning names the step
 
 
-def test_the_reward_failure_warning_names_the_step(tmp_path):
+def test_the_reward_failure_warning_names_the_step(tmp_path, trainer_log):
     from gtalign_fast.scoring import RewardSpec
 
-    handler, logger = _Records(), logging.getLogger("gtalign_fast.scoring")
-    logger.addHandler(handler)
     calls = []
 
     def flaky(completions, **_):
@@ -350,12 +368,9 @@ def test_the_reward_failure_warning_names_the_step(tmp_path):
             raise RuntimeError("judge unreachable")
         return [0.5] * len(completions)
 
-    try:
-        trainer = sgd_trainer(tmp_path, steps=3)
-        trainer.rewards += [RewardSpec(flaky, 1.0, "flaky_judge", False)]
-        trainer.train()
-    finally:
-        logger.removeHandler(handler)
-    failures = [m for m in handler.messages if "flaky_judge" in m]
+    trainer = sgd_trainer(tmp_path, steps=3)
+    trainer.rewards += [RewardSpec(flaky, 1.0, "flaky_judge", False)]
+    trainer.train()
+    failures = [m for m in trainer_log if "flaky_judge" in m]
     assert len(failures) == 1 and failures[0].startswith("step 2: reward function 'flaky_judge' failed"), failures
     assert [row["rewards/flaky_judge/failures"] for row in read_metrics(trainer)] == [0, 16, 0]
