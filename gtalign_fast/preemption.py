@@ -93,7 +93,7 @@ class Preemption:
         """Handle the stop signals (main thread only) until :meth:`uninstall`."""
         import threading
 
-        self._previous = {}
+        self._previous, self.signum = {}, None
         if threading.current_thread() is not threading.main_thread():
             logger.warning("GRPOTrainer: train() runs outside the main thread; stop signals are not handled "
                            "(a preemption loses the steps since the last checkpoint)")
@@ -111,12 +111,12 @@ class Preemption:
         now = time.monotonic()
         if self.signum is None:
             self.signum, self.received_at = signum, now
-            os.write(2, f"GRPOTrainer: got {signal.Signals(signum).name}: finishing the step in progress, "
-                        "saving a checkpoint, then exiting (a second signal exits at once)\n".encode())
+            _say(f"GRPOTrainer: got {signal.Signals(signum).name}: finishing the step in progress, saving a "
+                 "checkpoint, then exiting (a second signal exits at once)")
             return
         if now - self.received_at < DUPLICATE_WINDOW_S:
             return  # the same request again (SLURM and torchrun both deliver it)
-        os.write(2, f"GRPOTrainer: second stop signal ({signal.Signals(signum).name}): exiting at once\n".encode())
+        _say(f"GRPOTrainer: second stop signal ({signal.Signals(signum).name}): exiting at once")
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
 
@@ -125,7 +125,8 @@ class Preemption:
     def step_begins(self) -> None:
         """Remember the RNG state: a step abandoned half-way must leave the checkpoint the state a
         completed previous step left (a resumed run then draws what an uninterrupted one does)."""
-        self.rng_at_step_start = checkpoint.rng_state()
+        if self.grace_s is not None:  # without a grace period no step is abandoned
+            self.rng_at_step_start = checkpoint.rng_state()
 
     def safe_point(self) -> None:
         """Raise :class:`StepAbandoned` when some process's grace period has run out (a collective
@@ -150,6 +151,12 @@ class Preemption:
         flag = torch.tensor([value], dtype=torch.int64)
         tdist.all_reduce(flag, op=tdist.ReduceOp.MAX, group=self._group)
         return int(flag)
+
+
+def _say(line: str) -> None:
+    """One line on stderr from a signal handler (a raw write: logging may hold its lock right now)."""
+    with contextlib.suppress(OSError):
+        os.write(2, (line + "\n").encode())
 
 
 _FLAG_GROUP: list = []  # [(the default group, its gloo twin)]: one per process group, shared by trainers

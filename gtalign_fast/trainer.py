@@ -21,7 +21,8 @@ Each stage lives in a module named after it: :mod:`~gtalign_fast.rollout` (promp
 the rollout), :mod:`~gtalign_fast.scoring` (reward functions, advantages),
 :mod:`~gtalign_fast.logprobs` (per-token log-probs), :mod:`~gtalign_fast.optimization` (loss shares,
 optimizer), :mod:`~gtalign_fast.distributed`, :mod:`~gtalign_fast.checkpoint`,
-:mod:`~gtalign_fast.metrics`; this module wires them into the loop.
+:mod:`~gtalign_fast.metrics`, :mod:`~gtalign_fast.preemption` (stop signals, the output-folder lock);
+this module wires them into the loop.
 
 Scale out: ``torchrun --nproc_per_node N script.py`` (DDP; NCCL on GPUs, gloo on CPU). Rewards are gathered
 so advantages, token counts (dapo) and metrics are global; checkpoints are written by rank 0 only.

@@ -221,8 +221,8 @@ def _fail_writing(monkeypatch, name: str, code: int) -> None:
     if name == "tokenizer.json":  # written by the tokenizers library's Rust code, the same way
         from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-        def save_tokenizer(self, directory, *args, **kwargs):
-            with open(os.path.join(directory, name), "w") as handle:
+        def save_tokenizer(self, save_directory, *args, **kwargs):
+            with open(os.path.join(save_directory, name), "w") as handle:
                 handle.write('{"version": "1.0", "trunc')
             raise Exception(f"{os.strerror(code)} (os error {code})")
 
