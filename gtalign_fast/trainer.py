@@ -618,7 +618,7 @@ class GRPOTrainer:
             summary = {"global_step": self.step, "max_steps": self.max_steps, "config": self.args.to_dict()}
             attempt.run(checkpoint.write_trainer_state, temporary, state, summary)
             attempt.run(checkpoint.publish, temporary, path)
-            checkpoint.rotate_checkpoints(self.args.output_dir, self.args.save_total_limit, newest=path)
+            attempt.run(checkpoint.rotate_checkpoints, self.args.output_dir, self.args.save_total_limit, path)
         attempt.raise_if_failed(self.dist)  # every process: one all-reduce, which is also the barrier
         self._saved_step = self.step
         self.callbacks("on_save", checkpoint=path)
