@@ -10,20 +10,30 @@ A checkpoint folder holds the model (``save_pretrained``: safetensors, full tens
 FSDP2), the tokenizer, ``trainer_state.pt`` (step, NaN streak, optimizer, scheduler, a pending
 rollout, RNG states) and a readable ``trainer_state.json``. Only rank 0 writes; under FSDP2 the full
 model and optimizer states are gathered to it first, and every process re-shards them on load.
+
+A failed write (disk full, quota, file-size limit, permission) raises one :class:`CheckpointSaveError`
+on every process, naming the checkpoint, the file and the cause (:class:`SaveAttempt`); the partial
+``tmp-checkpoint-<step>`` folder is removed (or, when it cannot be, left under its ``tmp-`` name,
+which resume and rotation never take for a checkpoint), and earlier checkpoints are untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
+import resource
 import shutil
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 __all__ = [
-    "CHECKPOINT_PREFIX", "TRAINER_STATE", "folder", "temporary_folder", "why_incomplete", "latest_checkpoint",
+    "CHECKPOINT_PREFIX", "TRAINER_STATE", "CheckpointSaveError", "SaveAttempt", "folder", "temporary_folder",
+    "why_incomplete", "latest_checkpoint",
     "publish", "remove_temporary_folders", "rotate_checkpoints",
     "write_trainer_state", "read_trainer_state", "rng_state", "restore_rng_state", "full_model_state",
     "optimizer_state", "load_optimizer_state", "load_model_weights", "read_model_weights",
@@ -161,11 +171,24 @@ def rotate_checkpoints(output_dir: str, keep: int | None, newest: str | None = N
 def write_trainer_state(path: str, state: dict, summary: dict) -> None:
     """``state`` to ``trainer_state.pt``, then a readable ``summary`` to ``trainer_state.json`` (the
     last file of a checkpoint: :func:`why_incomplete` looks for it)."""
-    torch.save(state, os.path.join(path, TRAINER_STATE))
-    with open(os.path.join(path, TRAINER_SUMMARY), "w") as handle:
+    # through a Python file: a failed write then carries its OSError (errno), which torch.save's own
+    # writer loses ("unexpected pos 70016 vs 69908")
+    with _naming(os.path.join(path, TRAINER_STATE)) as file, open(file, "wb") as handle:
+        torch.save(state, handle)
+    with _naming(os.path.join(path, TRAINER_SUMMARY)) as file, open(file, "w") as handle:
         json.dump(summary, handle, indent=1)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+@contextlib.contextmanager
+def _naming(file: str):
+    """Tag an exception raised while writing ``file`` with its name (a failed ``write`` does not say)."""
+    try:
+        yield file
+    except Exception as error:
+        error.checkpoint_file = file
+        raise
 
 
 def read_trainer_state(path: str, device: torch.device) -> dict:
@@ -265,3 +288,146 @@ def read_model_weights(directory: str) -> dict[str, torch.Tensor]:
     else:
         raise FileNotFoundError(f"GRPOTrainer: no model.safetensors(.index.json) in {directory}")
     return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Failed saves
+
+
+class CheckpointSaveError(OSError):
+    """Writing a checkpoint failed: ``checkpoint`` (the folder it was to become), ``file`` (the one
+    being written) and ``cause`` (``ENOSPC``, ``EFBIG``, ``EACCES``, ... and what it means)."""
+
+    def __init__(self, message: str, checkpoint: str, file: str, cause: str, errno_: int | None) -> None:
+        super().__init__(errno_, message)
+        self.message, self.checkpoint, self.file, self.cause = message, checkpoint, file, cause
+
+    def __str__(self) -> str:
+        return self.message
+
+
+_MEANINGS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large (a file-size limit: ulimit -f / RLIMIT_FSIZE, or the filesystem's)",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only filesystem",
+    errno.EIO: "I/O error",
+}
+
+
+class SaveAttempt:
+    """The writes of one checkpoint on rank 0: :meth:`run` each one; after the first failure the
+    later writes are skipped (collectives between them still run on every process), and
+    :meth:`raise_if_failed` (every process) removes the partial folder and raises one
+    :class:`CheckpointSaveError` everywhere."""
+
+    def __init__(self, temporary: str, path: str) -> None:
+        self.temporary, self.path = temporary, path
+        self.error: CheckpointSaveError | None = None
+
+    def run(self, write: Callable[..., Any], *args: Any) -> None:
+        if self.error is not None:
+            return
+        try:
+            write(*args)
+        except Exception as error:  # any write failure: named, explained, then raised on every process
+            self.error = self._explain(error)
+
+    def raise_if_failed(self, dist: Any) -> None:
+        failed = self.error is not None
+        if dist.enabled:
+            failed = bool(int(dist.max(torch.tensor(int(failed)))))
+        if not failed:
+            return
+        if self.error is None:  # another rank (rank 0) failed; it names the file
+            raise CheckpointSaveError(f"GRPOTrainer: saving checkpoint {self.path} failed on rank 0 (see its error)",
+                                      self.path, "", "on rank 0", None)
+        raise self.error from self.error.__cause__
+
+    def _explain(self, error: Exception) -> CheckpointSaveError:
+        file = _failed_file(error, self.temporary)
+        code = _errno(error)
+        cause = (f"{errno.errorcode.get(code, code)}: {_MEANINGS.get(code, os.strerror(code))}" if code is not None
+                 else _diagnose(file, self.temporary, error))
+        shutil.rmtree(self.temporary, ignore_errors=True)
+        left = (f"the partial folder {self.temporary} is left (it could not be removed; its tmp- name keeps "
+                "resume and rotation away from it)" if os.path.exists(self.temporary)
+                else f"the partial folder {self.temporary} was removed")
+        newest = latest_checkpoint(os.path.dirname(self.temporary))
+        message = (f"GRPOTrainer: saving checkpoint {self.path} failed writing {file}: {cause}; {left}; "
+                   f"earlier checkpoints are untouched (newest complete: {newest}). Original error: {error!r}")
+        result = CheckpointSaveError(message, self.path, file, cause, code)
+        result.__cause__ = error
+        return result
+
+
+def _chain(error: BaseException):
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _errno(error: Exception) -> int | None:
+    """The errno of the failure: an OSError in the exception chain, or safetensors' "(os error N)"."""
+    for link in _chain(error):
+        if isinstance(link, OSError) and link.errno:
+            return link.errno
+        m = re.search(r"os error (\d+)", str(link))
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def _failed_file(error: Exception, temporary: str) -> str:
+    """The file being written: ours name themselves (:func:`_naming`), an OSError may carry it;
+    otherwise the newest file in the folder (the writer that failed had created it), a
+    ``.safetensors`` one when safetensors failed. Files as new as each other (the clock's tick)
+    are all named."""
+    for link in _chain(error):
+        if getattr(link, "checkpoint_file", None):
+            return link.checkpoint_file
+        if isinstance(link, OSError) and link.filename:
+            return str(link.filename)
+    try:
+        entries = [(e.stat().st_mtime_ns, e.path) for e in os.scandir(temporary) if e.is_file()]
+    except OSError:
+        return temporary
+    if any("safetensor" in f"{type(link).__name__} {link}".lower() for link in _chain(error)):
+        entries = [entry for entry in entries if entry[1].endswith(".safetensors")]
+        if not entries:  # the writer removed its partial file
+            return os.path.join(temporary, "model.safetensors")
+    if not entries:
+        return temporary
+    newest = max(t for t, _ in entries)
+    files = sorted(path for t, path in entries if t == newest)
+    if len(files) > 1:  # as new as each other: the one cut short (a JSON file that does not parse)
+        files = [f for f in files if f.endswith(".json") and not _parses(f)] or files
+    return files[0] if len(files) == 1 else f"one of {files} (the writer does not say which)"
+
+
+def _parses(path: str) -> bool:
+    try:
+        with open(path) as handle:
+            json.load(handle)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _diagnose(file: str, temporary: str, error: Exception) -> str:
+    """The likely cause when the error carries no errno (checked on the spot)."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and os.path.isfile(file) and os.path.getsize(file) >= limit - 4096:
+        return f"EFBIG: {_MEANINGS[errno.EFBIG]}; the limit is {limit} bytes"
+    probe = temporary if os.path.isdir(temporary) else os.path.dirname(temporary)
+    with contextlib.suppress(OSError):
+        stats = os.statvfs(probe)
+        if stats.f_bavail * stats.f_frsize < 1 << 20:
+            return f"ENOSPC: {_MEANINGS[errno.ENOSPC]} (under 1 MiB free)"
+    if not os.access(probe, os.W_OK):
+        return f"EACCES: {_MEANINGS[errno.EACCES]} ({probe} is not writable)"
+    return f"unknown cause ({type(error).__name__})"

@@ -109,6 +109,18 @@ class GRPOConfig:
         generation all-gathers the whole model once per rollout (it must fit one device for
         that while optimizer state and gradients stay sharded); checkpoints hold full tensors
         written by rank 0, and resuming re-shards them.
+    preemption_grace_s : float or None
+        After SIGTERM, SIGINT or SIGUSR1 the step in progress finishes, is saved, and ``train`` exits
+        with code 75 (:mod:`~gtalign_fast.preemption`). A step still running this many seconds after
+        the signal is abandoned at its next safe point (between its stages: after the rollout, between
+        micro-batches; generation itself is not interrupted) and the checkpoint is the step before.
+        Default 20: SLURM's KillWait and Kubernetes' grace period are 30 s, torchrun's shutdown timeout
+        too; set it to your budget minus the time a save takes. None: always finish the step (with
+        several processes, also no per-micro-batch agreement).
+    overwrite_output_dir : bool
+        ``output_dir`` is held by one run (a lock file naming its pid and host; a second run is
+        refused at construction, a dead run's lock is taken over). True: use the folder even while
+        another live run holds it (logged). Never the default.
     """
 
     # -- output, logging, checkpoints
@@ -174,6 +186,8 @@ class GRPOConfig:
     max_consecutive_nan_steps: int = 5
     max_judge_failure_rate: float = 0.5
     distributed_strategy: str = "ddp"
+    preemption_grace_s: float | None = 20.0
+    overwrite_output_dir: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.scale_rewards, bool):  # TRL accepts True / False
@@ -276,6 +290,8 @@ class GRPOConfig:
             self._fail(
                 f"distributed_strategy must be one of {DISTRIBUTED_STRATEGIES}, got {self.distributed_strategy!r}"
             )
+        if self.preemption_grace_s is not None and not self.preemption_grace_s >= 0:
+            self._fail(f"preemption_grace_s must be >= 0 or None, got {self.preemption_grace_s}")
         unknown = set(self.report_to) - {"none", "all", "tensorboard", "jsonl"}
         if unknown:
             self._fail(

@@ -154,7 +154,7 @@ class RewardScores:
 
 def score_completions(
     specs: Sequence[RewardSpec], tokenizer: Any, prompts: list, rows: list[dict], completion_ids: list[list[int]],
-    group_size: int, device: torch.device,
+    group_size: int, device: torch.device, step: int | None = None,
 ) -> RewardScores:
     """Score this process's completions (prompt-major, ``group_size`` per prompt) with TRL's arguments:
     decoded completions (as assistant messages when the prompts are chats), each prompt and each extra
@@ -171,13 +171,13 @@ def score_completions(
     columns = {key: [row[key] for row in rows for _ in range(group_size)] for key in names}
     return call_reward_funcs(
         specs, prompts=repeated_prompts, completions=completions, completion_ids=completion_ids, columns=columns,
-        device=device,
+        device=device, step=step,
     )
 
 
 def call_reward_funcs(
     specs: Sequence[RewardSpec], *, prompts: list, completions: list, completion_ids: list[list[int]],
-    columns: dict[str, list], device: torch.device,
+    columns: dict[str, list], device: torch.device, step: int | None = None,
 ) -> RewardScores:
     """Call every reward function with TRL's keyword arguments; never raises for a reward failure.
 
@@ -190,6 +190,7 @@ def call_reward_funcs(
     a 0, counted in ``judge_failures`` too. Every NaN counts in ``failures``.
 
     Raises ValueError when a column does not hold one value per completion (a caller's error).
+    ``step`` (the trainer's step being made, as logged) is named in the failure warning.
     """
     n = len(completions)
     for name, values in columns.items():
@@ -223,7 +224,9 @@ def call_reward_funcs(
                 if hasattr(out, "metrics"):
                     extra = {f"welfare/{k}": float(v) for k, v in out.metrics().items()}
         except Exception as error:  # a reward failure must never stop training
-            _warn_once(f"reward:{spec.name}", f"reward function {spec.name!r} failed on a batch of {n} ({error!r}); "
+            where = "" if step is None else f"step {step}: "
+            _warn_once(f"reward:{spec.name}", f"{where}reward function {spec.name!r} failed on a batch of {n} "
+                       f"({error!r}); "
                        f"scored as missing (NaN -> advantage 0)\n{traceback.format_exc()}")
             per_func[:, j] = math.nan
             if spec.is_welfare and user is None:

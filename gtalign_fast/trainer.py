@@ -21,7 +21,8 @@ Each stage lives in a module named after it: :mod:`~gtalign_fast.rollout` (promp
 the rollout), :mod:`~gtalign_fast.scoring` (reward functions, advantages),
 :mod:`~gtalign_fast.logprobs` (per-token log-probs), :mod:`~gtalign_fast.optimization` (loss shares,
 optimizer), :mod:`~gtalign_fast.distributed`, :mod:`~gtalign_fast.checkpoint`,
-:mod:`~gtalign_fast.metrics`; this module wires them into the loop.
+:mod:`~gtalign_fast.metrics`, :mod:`~gtalign_fast.preemption` (stop signals, the output-folder lock);
+this module wires them into the loop.
 
 Scale out: ``torchrun --nproc_per_node N script.py`` (DDP; NCCL on GPUs, gloo on CPU). Rewards are gathered
 so advantages, token counts (dapo) and metrics are global; checkpoints are written by rank 0 only.
@@ -67,6 +68,7 @@ from .optimization import (
     loss_weight,
     policy_loss,
 )
+from .preemption import Preemption, StepAbandoned, TrainingPreempted, hold_output_dir
 from .rollout import (
     Generation,
     PromptOrder,
@@ -131,6 +133,7 @@ class GRPOTrainer:
         self.args = args = args if args is not None else GRPOConfig()
         self.dist = Dist(use_cpu=args.use_cpu)
         self.device = self.dist.device
+        hold_output_dir(args.output_dir, self, self.dist, args.overwrite_output_dir)  # one run per folder
         self.fsdp = args.distributed_strategy == "fsdp2"
         if self.fsdp and not self.dist.enabled:
             raise ValueError(
@@ -156,6 +159,7 @@ class GRPOTrainer:
         self.rollout: Rollout | None = None
         self._prompt_rows: list[int] | None = None  # dataset rows of the prompts being generated from
         self.callbacks = CallbackHandler(callbacks or [], self)
+        self.preemption, self._saved_step = Preemption(args.preemption_grace_s, self.dist), None
         self.sampler = self._setup_sampler()
         logger.info(
             "GRPOTrainer: %d process(es) on %s, attention %s, %s, bf16 %s, %d steps",
@@ -328,6 +332,12 @@ class GRPOTrainer:
             logged after its step, which are logged again. The model,
             optimizer, scheduler, step, pending rollout and RNG state are restored; generation seeds
             and data order depend on the step only, so the next step equals an uninterrupted run.
+
+        Raises
+        ------
+        TrainingPreempted
+            (a ``SystemExit`` with code 75) after SIGTERM, SIGINT or SIGUSR1, once the step in
+            progress is done and saved (:mod:`~gtalign_fast.preemption`).
         """
         resumed = bool(resume_from_checkpoint)
         if resume_from_checkpoint:
@@ -350,10 +360,15 @@ class GRPOTrainer:
         window, losses = MetricWindow(), []
         progress = progress_bar(self.max_steps, self.step, disable=self.args.disable_tqdm or not self.dist.is_main)
         self.callbacks("on_train_begin")
+        self.preemption.install()  # stop signals: finish the step, save it, exit 75
         try:
             while self.step < self.max_steps and not self.callbacks.control.should_training_stop:
                 self.callbacks("on_step_begin")
-                metrics = self._training_step()
+                self.preemption.step_begins()
+                try:
+                    metrics = self._training_step()
+                except StepAbandoned as abandoned:  # grace period over: the checkpoint of the step before
+                    self._preempted(str(abandoned), sinks, window, self.preemption.rng_at_step_start)
                 self.step += 1
                 losses.append(metrics.get("loss", math.nan))
                 window.add(metrics)
@@ -365,7 +380,10 @@ class GRPOTrainer:
                     self._log(sinks, window.flush())
                 if self.args.save_steps and (self.step % self.args.save_steps == 0 or last):
                     self._save_checkpoint()
+                if not last and (signal_name := self.preemption.agreed_signal()):  # one all-reduce
+                    self._preempted(signal_name, sinks, window)
         finally:
+            self.preemption.uninstall()
             progress.close()
             sinks.close()
         self.callbacks("on_train_end")
@@ -399,6 +417,7 @@ class GRPOTrainer:
                 if self.ref_logprobs is not None:  # beta > 0: the KL term's reference
                     rollout.ref_logp = rollout_logprobs(self.ref_logprobs, rollout, size, self._autocast)
             self.rollout = rollout
+        self.preemption.safe_point()  # past the grace period the step stops here or between micro-batches
         rollout = self.rollout
         parts = rollout.micro_batches(size)
         totals = UpdateTotals(self.device, len(parts))
@@ -406,6 +425,8 @@ class GRPOTrainer:
         self.model.train()
         with timer("update"):
             for k, part in enumerate(parts):
+                if k:
+                    self.preemption.safe_point()
                 with self._no_sync(k < len(parts) - 1), self._autocast():
                     if self.fused_loss:  # LM head + GRPO loss in one op (ops.linear_grpo_loss)
                         loss, loss_metrics, entropy = fused_policy_loss(self.train_logprobs, part, global_tokens, args)
@@ -463,7 +484,8 @@ class GRPOTrainer:
     def _score(self, prompts: list, rows: list[dict], completion_ids: list[list[int]]) -> RewardScores:
         """Call the reward functions on this process's completions (TRL's arguments)."""
         return score_completions(
-            self.rewards, self.processing_class, prompts, rows, completion_ids, self.args.num_generations, self.device
+            self.rewards, self.processing_class, prompts, rows, completion_ids, self.args.num_generations, self.device,
+            step=self.step + 1,  # the step being made, as it will be logged
         )
 
     def _advantages(self, scores: RewardScores) -> tuple[torch.Tensor, dict[str, float]]:
@@ -558,21 +580,30 @@ class GRPOTrainer:
         output_dir = output_dir or self.args.output_dir
         state = checkpoint.full_model_state(self.model) if self.fsdp else None  # FSDP2: a collective, full tensors
         if self.dist.is_main:
-            os.makedirs(output_dir, exist_ok=True)
-            self.model.save_pretrained(output_dir, state_dict=state)
-            if hasattr(self.processing_class, "save_pretrained"):
-                self.processing_class.save_pretrained(output_dir)
+            self._write_model(output_dir, state)
         self.dist.barrier()
 
-    def _save_checkpoint(self) -> str:
+    def _write_model(self, output_dir: str, state: dict | None) -> None:
+        os.makedirs(output_dir, exist_ok=True)
+        self.model.save_pretrained(output_dir, state_dict=state)
+        if hasattr(self.processing_class, "save_pretrained"):
+            self.processing_class.save_pretrained(output_dir)
+
+    def _save_checkpoint(self, rng: dict | None = None) -> str:
         """Write ``checkpoint-<step>``: everything goes to ``tmp-checkpoint-<step>``, renamed once complete,
-        so a crash mid-save leaves no ``checkpoint-<step>`` for resume or rotation to trust."""
+        so a crash mid-save leaves no ``checkpoint-<step>`` for resume or rotation to trust. A failed
+        write raises :class:`~gtalign_fast.checkpoint.CheckpointSaveError` on every process.
+        ``rng``: the RNG state to save instead of the current one (a step abandoned half-way)."""
         path = checkpoint.folder(self.args.output_dir, self.step)
         temporary = checkpoint.temporary_folder(self.args.output_dir, self.step)
         if self.dist.is_main:
             checkpoint.remove_temporary_folders(self.args.output_dir)  # what earlier crashed saves left
         self.dist.barrier()
-        self.save_model(temporary)
+        attempt = checkpoint.SaveAttempt(temporary, path)  # rank 0's writes; the collectives run regardless
+        model_state = checkpoint.full_model_state(self.model) if self.fsdp else None  # FSDP2: a collective
+        if self.dist.is_main:
+            attempt.run(self._write_model, temporary, model_state)
+        del model_state
         # a rollout that later steps will reuse (num_iterations > 1) must survive the restart
         pending = self.rollout if self.args.num_iterations > 1 else None
         optimizer = checkpoint.optimizer_state(self.model, self.optimizer, self.fsdp)  # FSDP2: a collective
@@ -583,15 +614,28 @@ class GRPOTrainer:
                 "optimizer": optimizer,
                 "lr_scheduler": self.lr_scheduler.state_dict(),
                 "rollout": None if pending is None else pending.state_dict(),
-                **checkpoint.rng_state(),
+                **(rng or checkpoint.rng_state()),
             }
             summary = {"global_step": self.step, "max_steps": self.max_steps, "config": self.args.to_dict()}
-            checkpoint.write_trainer_state(temporary, state, summary)
-            checkpoint.publish(temporary, path)
-            checkpoint.rotate_checkpoints(self.args.output_dir, self.args.save_total_limit, newest=path)
-        self.dist.barrier()
+            attempt.run(checkpoint.write_trainer_state, temporary, state, summary)
+            attempt.run(checkpoint.publish, temporary, path)
+            attempt.run(checkpoint.rotate_checkpoints, self.args.output_dir, self.args.save_total_limit, path)
+        attempt.raise_if_failed(self.dist)  # every process: one all-reduce, which is also the barrier
+        self._saved_step = self.step
         self.callbacks("on_save", checkpoint=path)
         return path
+
+    def _preempted(self, signal_name: str, sinks: MetricSinks, window: MetricWindow, rng: dict | None = None):
+        """A stop signal: log the steps not logged yet, save the last completed step (unless just
+        saved), say why, and raise :class:`~gtalign_fast.preemption.TrainingPreempted` (exit code 75)."""
+        if window.sums:
+            self._log(sinks, window.flush())
+        path = checkpoint.folder(self.args.output_dir, self.step)
+        if self._saved_step != self.step:
+            path = self._save_checkpoint(rng=rng)
+        stopped = TrainingPreempted(self.step, path, signal_name)
+        logger.warning("GRPOTrainer: %s; resume with train(resume_from_checkpoint=True)", stopped)
+        raise stopped
 
     def _load_checkpoint(self, path: str) -> None:
         reason = checkpoint.why_incomplete(path)

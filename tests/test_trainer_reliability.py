@@ -6,6 +6,7 @@ Each test reproduces one failure the issue reports and checks the promised behav
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from gtalign_fast import GRPOTrainer, checkpoint
+from gtalign_fast.preemption import LOCK_FILE
 from gtalign_fast.scoring import RewardSpec, call_reward_funcs
 from tests.test_trainer import install_missing_ops, read_metrics, sgd_trainer, toy
 
@@ -123,10 +125,9 @@ def test_a_column_of_the_wrong_length_is_an_error_not_judge_failures():
 def _crash_on_trainer_state(monkeypatch):
     """Make the next ``trainer_state.pt`` write leave a truncated file and raise (a full disk)."""
 
-    def broken_save(obj, path, *args, **kwargs):
-        with open(path, "wb") as handle:
-            handle.write(b"PK\x03\x04 truncated")
-        raise OSError("No space left on device")
+    def broken_save(obj, handle, *args, **kwargs):
+        handle.write(b"PK\x03\x04 truncated")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint.torch, "save", broken_save)
 
@@ -167,6 +168,11 @@ def test_resume_skips_an_incomplete_checkpoint_and_says_why(tmp_path, trainer_lo
         sgd_trainer(tmp_path, steps=4).train(resume_from_checkpoint=str(run / "checkpoint-3"))
 
 
+def _visible(folder) -> list[str]:
+    """The folder's entries but the output-dir lock file."""
+    return sorted(name for name in os.listdir(folder) if name != LOCK_FILE)
+
+
 def test_rotation_never_deletes_the_newest_complete_checkpoint(tmp_path):
     trainer = sgd_trainer(tmp_path, steps=2, save_steps=1)
     trainer.train()
@@ -175,14 +181,14 @@ def test_rotation_never_deletes_the_newest_complete_checkpoint(tmp_path):
         (run / f"checkpoint-{step}").mkdir()
         shutil.copy(run / "checkpoint-2" / "model.safetensors", run / f"checkpoint-{step}")
     deleted = checkpoint.rotate_checkpoints(str(run), 1)
-    assert sorted(os.listdir(run)) == ["checkpoint-2", "metrics.jsonl"]
+    assert _visible(run) == ["checkpoint-2", "metrics.jsonl"]
     assert str(run / "checkpoint-1") in deleted
     # the checkpoint just written survives even when an older run left higher steps
     (run / "checkpoint-1").mkdir()
     shutil.copytree(run / "checkpoint-2", run / "checkpoint-1", dirs_exist_ok=True)
     (run / "checkpoint-1" / "trainer_state.json").write_text('{"global_step": 1}')
     checkpoint.rotate_checkpoints(str(run), 1, newest=str(run / "checkpoint-1"))
-    assert sorted(os.listdir(run)) == ["checkpoint-1", "metrics.jsonl"]
+    assert _visible(run) == ["checkpoint-1", "metrics.jsonl"]
 
 
 def test_save_total_limit_with_a_crash_keeps_a_readable_checkpoint(tmp_path, monkeypatch):
@@ -190,13 +196,12 @@ def test_save_total_limit_with_a_crash_keeps_a_readable_checkpoint(tmp_path, mon
     real_save = checkpoint.torch.save
     calls = []
 
-    def save_twice_then_crash(obj, path, *args, **kwargs):
-        calls.append(path)
+    def save_twice_then_crash(obj, handle, *args, **kwargs):
+        calls.append(handle)
         if len(calls) == 3:
-            with open(path, "wb") as handle:
-                handle.write(b"PK truncated")
-            raise OSError("No space left on device")
-        return real_save(obj, path, *args, **kwargs)
+            handle.write(b"PK truncated")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, handle, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint.torch, "save", save_twice_then_crash)
     with pytest.raises(OSError):
