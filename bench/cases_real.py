@@ -25,6 +25,7 @@ Rows (every provider on the same model, prompts, lengths and sampling settings):
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 
@@ -83,18 +84,21 @@ def _sampler_generate(device, mode: str, cache: str, extra: dict):
         tokenizer = realmodel.tokenizer()
         sampler = SteeringSampler(_model(device), tokenizer, mode=mode, cache=cache)
         prompts = _chat_prompts(tokenizer, 8)
-        produced = {}
+        rates: list[float] = []
 
         @torch.no_grad()
-        def generate(new_tokens=NEW_TOKENS):
+        def generate():
+            _sync(device)
+            begin = time.perf_counter()
             with _autocast(device):
-                out = sampler.generate(prompts, max_new_tokens=new_tokens, temperature=1.0, seed=0)
-            produced["tokens"] = sum(len(ids) for ids in out.completion_ids)
+                out = sampler.generate(prompts, max_new_tokens=NEW_TOKENS, temperature=1.0, seed=0)
+            _sync(device)
+            tokens = sum(len(ids) for ids in out.completion_ids)  # EOS may end a row early
+            rates.append(tokens / (time.perf_counter() - begin))
+            extra.update(tokens_per_call=tokens, tokens_per_s=statistics.median(rates))
             return out
 
-        generate()
-        extra["tokens_per_call"] = produced["tokens"]
-        return _with_throughput(generate, extra, produced["tokens"], device)
+        return generate
 
     return make
 
