@@ -38,8 +38,11 @@ def gguf_directory() -> str:
     return directory
 
 
+@functools.lru_cache(maxsize=1)
 def load_gguf_model():
-    """The model exactly as transformers loads it from the GGUF file: float32, ``is_quantized`` True."""
+    """The model exactly as transformers loads it from the GGUF file: float32, ``is_quantized`` True.
+
+    Read once per process (shared: do not train it; :func:`smollm2` gives a plain copy to train)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -57,8 +60,7 @@ def dequantized(model):
 
 @functools.lru_cache(maxsize=1)
 def _cached_plain_state():
-    gguf_model = load_gguf_model()
-    plain = dequantized(gguf_model)
+    plain = dequantized(load_gguf_model())
     return plain.config, {k: v.clone() for k, v in plain.state_dict().items()}
 
 
