@@ -181,13 +181,12 @@ def _hf_decode_step(device, extra: dict):
             prefill = model(**encoded, use_cache=True)
         cache, next_ids = prefill.past_key_values, prefill.logits[:, -1].argmax(-1, keepdim=True)
         mask = torch.cat([encoded["attention_mask"], encoded["attention_mask"].new_ones(8, 1)], 1)
-        length = cache.get_seq_length()
 
         @torch.no_grad()
         def step():
             with _autocast(device):
                 out = model(input_ids=next_ids, attention_mask=mask, past_key_values=cache, use_cache=True)
-            cache.crop(length)  # the same context length every call
+            cache.crop(-1)  # drop the fed column: the same context length every call
             return out.logits
 
         step()
