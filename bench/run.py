@@ -15,6 +15,7 @@ Examples
     python bench/run.py --suite full --ops token_logprobs,grpo_loss
     python bench/run.py --suite e2e           # trainer step throughput vs TRL
     python bench/run.py --suite trl           # TRL's GRPOTrainer update, patched vs not
+    python bench/run.py --suite real          # SmolLM2-135M-Instruct: generation, decode floor, GRPO step vs TRL
     python bench/run.py --plot-only bench/results/*.json   # redraw the PNGs from committed results
 """
 
@@ -42,7 +43,7 @@ import torch  # noqa: E402
 
 from bench.common import Case  # noqa: E402
 
-SUITES = ("default", "full", "e2e", "trl")
+SUITES = ("default", "full", "e2e", "trl", "real")
 
 
 # ---------------------------------------------------------------------------------------------

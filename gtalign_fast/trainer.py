@@ -145,6 +145,7 @@ class GRPOTrainer:
             raise ValueError(f"GRPOTrainer: kernel_backend={self.backend!r} cannot run on {self.device}: {reason}")
         torch.manual_seed(args.seed)
         self.model = self._load_model(model).to(self.device)
+        refuse_unsaveable(self.model)
         self.processing_class = self._load_tokenizer(model, processing_class)
         self.rewards: list[RewardSpec] = reward_specs(reward_funcs, args.reward_weights, args.alpha)
         self._setup_dataset(train_dataset)
@@ -657,3 +658,36 @@ def _attention_implementation(device: torch.device) -> str:
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
+
+
+_DEQUANTIZE = (
+    "Dequantize it into a plain model first: GGUF weights are already floats once loaded, so copy them into a "
+    "model built from the same config without its quantization_config:\n"
+    "    config = copy.deepcopy(model.config); del config.quantization_config\n"
+    "    plain = type(model)(config).to(model.dtype); plain.load_state_dict(model.state_dict())\n"
+    "(bitsandbytes: `model = model.dequantize()`, or attach trainable adapters with peft)."
+)
+
+
+def refuse_unsaveable(model: nn.Module) -> None:
+    """Raise ``ValueError`` for a quantized model whose checkpoints would fail or hold no training.
+
+    ``save_pretrained`` refuses a quantized model whose quantizer is not serializable (GGUF-loaded
+    models keep their GGUF quantizer after dequantizing): found at the first checkpoint, that is
+    hours into a run. A purely quantized model (bitsandbytes, ...) without adapters has frozen
+    weights: nothing would train (transformers' ``Trainer`` refuses it too). Adapters (peft) make
+    either trainable and saveable, so a model with them passes.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or getattr(model, "_hf_peft_config_loaded", False) or hasattr(model, "peft_config"):
+        return
+    method = getattr(quantizer.quantization_config.quant_method, "value", quantizer.quantization_config.quant_method)
+    if not quantizer.is_serializable():
+        problem = (f"the model is quantized with {method} (is_quantized=True), and save_pretrained refuses such a "
+                   "model ('not serializable'): the first checkpoint would fail.")
+    elif not quantizer.is_qat_trainable:
+        problem = (f"the model is purely quantized with {method} and has no trainable adapters: its quantized "
+                   "weights cannot be trained.")
+    else:
+        return
+    raise ValueError(f"GRPOTrainer: {problem} {_DEQUANTIZE}")

