@@ -133,7 +133,6 @@ class GRPOTrainer:
         self.args = args = args if args is not None else GRPOConfig()
         self.dist = Dist(use_cpu=args.use_cpu)
         self.device = self.dist.device
-        hold_output_dir(args.output_dir, self, self.dist, args.overwrite_output_dir)  # one run per folder
         self.fsdp = args.distributed_strategy == "fsdp2"
         if self.fsdp and not self.dist.enabled:
             raise ValueError(
@@ -146,6 +145,9 @@ class GRPOTrainer:
         torch.manual_seed(args.seed)
         self.model = self._load_model(model).to(self.device)
         refuse_unsaveable(self.model)
+        # one run per folder; taken once the model is known to be trainable and saveable, so that a refused
+        # trainer leaves nothing in output_dir (nothing is written there before this)
+        hold_output_dir(args.output_dir, self, self.dist, args.overwrite_output_dir)
         self.processing_class = self._load_tokenizer(model, processing_class)
         self.rewards: list[RewardSpec] = reward_specs(reward_funcs, args.reward_weights, args.alpha)
         self._setup_dataset(train_dataset)
