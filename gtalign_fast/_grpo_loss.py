@@ -224,16 +224,14 @@ FORWARD.register_autograd(_save, _backward, differentiable=(0,))
 # Public function
 
 
-def _validate(logp, old_logp, advantages, mask, ref_logp, *loss_arguments) -> None:
-    """``logp`` here, the loss arguments by :func:`gtalign_fast._grpo_objective.validate`."""
+def _check_logp(logp) -> None:
+    """``logp`` here; the loss arguments are checked by :func:`gtalign_fast._grpo_objective.validate`."""
     if not isinstance(logp, torch.Tensor):
         raise TypeError(f"grpo_loss: logp must be a tensor, got {type(logp).__name__}")
     if logp.dtype not in FLOAT_DTYPES:
         raise TypeError(f"grpo_loss: logp must be float16, bfloat16, float32 or float64, got {logp.dtype}")
     if logp.dim() != 2 or logp.shape[0] == 0 or logp.shape[1] == 0:
         raise ValueError(f"grpo_loss: logp must be [B, T] with B >= 1 and T >= 1, got shape {tuple(logp.shape)}")
-    _grpo_objective.validate(OP, logp.shape, logp.device, "logp is", logp.dtype, old_logp, advantages, mask,
-                             ref_logp, *loss_arguments)
 
 
 def grpo_loss(
@@ -368,9 +366,12 @@ def grpo_loss(
     A mask with no token at all gives loss 0 and metrics 0 (every count is clamped to >= 1, as
     TRL does), so a micro-batch of truncated-and-masked completions does not produce NaN.
     """
-    _validate(logp, old_logp, advantages, mask, ref_logp, beta, epsilon_low, epsilon_high, delta, dual_clip,
-              loss_type, importance_sampling_level, max_completion_length, num_items_in_batch, kl_clamp,
-              use_bias_correction_kl, sapo_temperature_pos, sapo_temperature_neg)
+    _check_logp(logp)
+    _grpo_objective.validate(
+        OP, logp.shape, logp.device, "logp is", logp.dtype, old_logp, advantages, mask, ref_logp, beta, epsilon_low,
+        epsilon_high, delta, dual_clip, loss_type, importance_sampling_level, max_completion_length,
+        num_items_in_batch, kl_clamp, use_bias_correction_kl, sapo_temperature_pos, sapo_temperature_neg,
+    )
     num_items_tensor, options = options_from_arguments(
         OP, logp.shape[1], beta, epsilon_low, epsilon_high, delta, dual_clip, loss_type, importance_sampling_level,
         max_completion_length, num_items_in_batch, kl_clamp, use_bias_correction_kl, sapo_temperature_pos,

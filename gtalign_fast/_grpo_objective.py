@@ -151,7 +151,7 @@ def check_tensor(op: str, name: str, tensor, shape, device, owner: str, dtypes=N
         raise TypeError(f"{op}: {name} must be a tensor, got {type(tensor).__name__}")
     if dtypes is not None and tensor.dtype not in dtypes:
         raise TypeError(f"{op}: {name} must be one of {dtypes}, got {tensor.dtype}")
-    if shape is not None and tuple(tensor.shape) != tuple(shape):
+    if shape is not None and tensor.shape != shape:  # torch.Size is a tuple: no conversion per check
         raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(tensor.shape)}")
     if tensor.device != device:
         raise ValueError(f"{op}: {name} is on {tensor.device} but {owner} on {device}")
@@ -163,15 +163,16 @@ def validate(op: str, shape, device, owner: str, dtype, old_logp, advantages, ma
              sapo_temperature_neg=1.05) -> None:
     """The loss arguments of ``op`` for ``[B, T] = shape`` tokens on ``device`` (``owner`` names
     the input that fixed them); ``old_logp`` / ``ref_logp`` must have ``dtype`` unless it is None."""
+    shape = tuple(shape)
     for name, other in (("old_logp", old_logp), ("ref_logp", ref_logp)):
         if other is not None:
             check_tensor(op, name, other, shape, device, owner)
             if dtype is not None and other.dtype != dtype:
                 raise TypeError(f"{op}: {name} must have logp's dtype {dtype}, got {other.dtype}")
     check_tensor(op, "advantages", advantages, None, device, owner, FLOAT_DTYPES)
-    if tuple(advantages.shape) not in ((shape[0],), tuple(shape)):
+    if advantages.shape not in ((shape[0],), shape):
         raise ValueError(
-            f"{op}: advantages must have shape [B] = ({shape[0]},) or [B, T] = {tuple(shape)}, "
+            f"{op}: advantages must have shape [B] = ({shape[0]},) or [B, T] = {shape}, "
             f"got {tuple(advantages.shape)}"
         )
     check_tensor(op, "mask", mask, shape, device, owner)
