@@ -19,8 +19,45 @@ STAT_RATIO_SUM = 6  # sum_t mask * r (or, with per-row metrics, the row's ratio)
 STAT_SEQ_GRAD = 7  # sequence level: d(sum_t mask * pg) / d logp_t for each masked token; else 0
 NUM_STATS = 8
 
+# How each loss_type normalises the row sums S_b = sum_t mask * loss_t (n_b: tokens of row b, N: all
+# tokens, L: max_completion_length). The one table from loss type to normaliser: the reference, the
+# kernels' aggregation modes and row weights (gtalign_fast._grpo_objective) and the trainer's
+# micro-batch shares (MICRO_BATCH_SHARES) all read it.
+NORM_ROW_TOKENS = "row_tokens"  # mean_b(S_b / n_b)
+NORM_TOKENS = "tokens"  # sum_b S_b / N
+NORM_ROWS_LENGTH = "rows_length"  # sum_b S_b / (B * L)
+NORM_NUM_ITEMS = "num_items"  # sum_b S_b / num_items_in_batch (default N)
+NORM_ROWS = "rows"  # mean_b S_b
+NORM_LENGTH = "length"  # sum_b S_b / L
+LOSS_NORMALISERS = {
+    "grpo": NORM_ROW_TOKENS,
+    "bnpo": NORM_TOKENS,
+    "dr_grpo": NORM_ROWS_LENGTH,
+    "dapo": NORM_NUM_ITEMS,
+    "token-mean": NORM_TOKENS,
+    "seq-mean-token-mean": NORM_ROW_TOKENS,
+    "seq-mean-token-sum": NORM_ROWS,
+    "seq-mean-token-sum-norm": NORM_LENGTH,
+    "luspo": NORM_ROWS,  # TRL's name for seq-mean-token-sum
+    "sapo": NORM_ROW_TOKENS,  # TRL's SAPO objective, aggregated as grpo
+}
+LOSS_TYPES = tuple(LOSS_NORMALISERS)
+
+# A micro-batch's share of the global loss, by normaliser (the trainer's gradient accumulation):
+#   "global_tokens": the op is told the global batch's token count
+#   "sequences":     a sum or mean over rows, so a micro-batch weighs rows_micro / rows_global
+#   "local_tokens":  a mean over the micro-batch's tokens, averaged over micro-batches (TRL's bnpo)
+MICRO_BATCH_SHARES = {
+    NORM_ROW_TOKENS: "sequences",
+    NORM_TOKENS: "local_tokens",
+    NORM_ROWS_LENGTH: "sequences",
+    NORM_NUM_ITEMS: "global_tokens",
+    NORM_ROWS: "sequences",
+    NORM_LENGTH: "sequences",
+}
+
 # Aggregation modes of the finalize step: the weight w_b of row b's loss sum (the mapping from
-# loss_type is gtalign_fast._grpo_loss.aggregation).
+# loss_type is gtalign_fast._grpo_objective.aggregation).
 MODE_SEQ_MEAN = 0  # w_b = 1 / (B * max(n_b, 1))
 MODE_TOKEN_MEAN = 1  # w_b = 1 / max(sum_b n_b, 1)
 MODE_NORMALISER_TENSOR = 2  # w_b = 1 / num_items (a device tensor: no host sync)

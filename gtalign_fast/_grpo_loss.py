@@ -10,84 +10,31 @@ mode fixes).
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import NamedTuple
 
 import torch
 
-from . import _device_checks, reference
+from . import _device_checks, _grpo_objective
 from ._device_checks import error_flag
-from ._grpo_constants import (
-    METRIC_NAMES,
-    MODE_CONSTANT,
-    MODE_NORMALISER_TENSOR,
-    MODE_SEQ_MEAN,
-    MODE_TOKEN_MEAN,
-    NUM_METRICS,
-    NUM_STATS,
+from ._grpo_constants import NUM_METRICS, NUM_STATS
+from ._grpo_objective import (
+    FLOAT_DTYPES,
+    GrpoLossOptions,
+    aggregation,
+    autograd_inside_op,
+    kernel_mask,
+    metrics_dict,
+    options_from_arguments,
+    reference_loss,
+    write_metrics,
 )
-from ._op import Op, Output, compiled_backends, plain_eager
+from ._op import Op, Output, compiled_backends
 
 OP = "grpo_loss"
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-LOSS_TYPES = reference.GRPO_LOSS_TYPES
-IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
-
-
-class GrpoLossOptions(NamedTuple):
-    """The scalar arguments of the op, as the public function normalised them."""
-
-    beta: float
-    epsilon_low: float
-    epsilon_high: float
-    delta: float | None
-    dual_clip: float | None
-    loss_type: str
-    sequence_level: bool
-    max_completion_length: int  # L of dr_grpo / seq-mean-token-sum-norm
-    num_items_value: float | None  # dapo's normaliser when given as a number
-    kl_clamp: float | None = None  # |k3| bound (verl's low_var_kl: 10); None: unclamped, as TRL
-    use_bias_correction_kl: bool = False  # TRL's: the k3 term weighted by the importance ratio
-    sapo_temperature_pos: float = 1.0  # loss_type="sapo" only (TRL's defaults)
-    sapo_temperature_neg: float = 1.05
-
-
-def aggregation(
-    loss_type: str, batch: int, norm_length: int, num_items_value: float | None, has_num_items_tensor: bool
-):
-    """The finalize mode and the constant per-row weight of ``loss_type`` (see the docstring of
-    :func:`grpo_loss` for the formulas)."""
-    if loss_type in ("grpo", "sapo", "seq-mean-token-mean"):
-        return MODE_SEQ_MEAN, 0.0
-    if loss_type in ("bnpo", "token-mean"):
-        return MODE_TOKEN_MEAN, 0.0
-    if loss_type == "dr_grpo":
-        return MODE_CONSTANT, 1.0 / (batch * norm_length)
-    if loss_type == "dapo":
-        if has_num_items_tensor:
-            return MODE_NORMALISER_TENSOR, 0.0
-        if num_items_value is not None:
-            return MODE_CONSTANT, 1.0 / num_items_value
-        return MODE_TOKEN_MEAN, 0.0
-    if loss_type in ("luspo", "seq-mean-token-sum"):
-        return MODE_CONSTANT, 1.0 / batch
-    if loss_type == "seq-mean-token-sum-norm":
-        return MODE_CONSTANT, 1.0 / norm_length
-    raise ValueError(f"grpo_loss: unknown loss_type {loss_type!r}; choose one of {LOSS_TYPES}")
 
 
 # ---------------------------------------------------------------------------------------------
 # Kernel-side layout: every per-token input as a strided [B, T] view, float32 advantages, uint8 mask
-
-
-def _kernel_mask(mask: torch.Tensor) -> torch.Tensor:
-    """uint8 view of the mask, nonzero = counted (a bool mask is reinterpreted, not copied)."""
-    if mask.dtype == torch.bool:
-        return mask.view(torch.uint8)
-    if mask.dtype == torch.uint8:
-        return mask
-    return (mask != 0).view(torch.uint8)
 
 
 def _kernel_advantages(advantages: torch.Tensor, shape) -> torch.Tensor:
@@ -102,16 +49,6 @@ def _kernel_advantages(advantages: torch.Tensor, shape) -> torch.Tensor:
 # Forward
 
 
-def _reference_loss(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, options: GrpoLossOptions):
-    num_items = num_items_tensor if num_items_tensor is not None else options.num_items_value
-    return reference.grpo_loss(
-        logp, old_logp, advantages, mask, ref_logp, options.beta, options.epsilon_low, options.epsilon_high,
-        options.delta, options.dual_clip, options.loss_type, "sequence" if options.sequence_level else "token",
-        options.max_completion_length, num_items, options.kl_clamp, options.use_bias_correction_kl,
-        options.sapo_temperature_pos, options.sapo_temperature_neg,
-    )
-
-
 def _forward_outputs(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, options):
     batch = logp.shape[0]
     return (
@@ -124,10 +61,9 @@ def _forward_outputs(logp, old_logp, ref_logp, advantages, mask, num_items_tenso
 
 def _forward_reference(*args):
     *inputs, options, loss, metrics, row_stats, row_weights = args
-    ref_loss, ref_metrics = _reference_loss(*inputs, options)
+    ref_loss, ref_metrics = reference_loss(*inputs, options)
     loss.copy_(ref_loss)
-    for index, name in enumerate(METRIC_NAMES):
-        metrics[index] = ref_metrics[name] if name in ref_metrics else 0.0
+    write_metrics(ref_metrics, metrics)
     # The reference backward recomputes through autograd: the per-row tensors are not used.
     row_stats.zero_()
     row_weights.zero_()
@@ -139,7 +75,7 @@ def _forward_args(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, 
                                      options.num_items_value, num_items_tensor is not None)
     row_metrics = options.sequence_level and advantages.dim() == 1
     return (
-        logp, old_logp, ref_logp, _kernel_advantages(advantages, logp.shape), _kernel_mask(mask), num_items_tensor,
+        logp, old_logp, ref_logp, _kernel_advantages(advantages, logp.shape), kernel_mask(mask), num_items_tensor,
         *_clip_args(options), options.sequence_level, row_metrics, mode, const_weight, *outputs,
     )
 
@@ -182,21 +118,17 @@ def finalize_counter(device: torch.device) -> torch.Tensor:
     return counter
 
 
-def _forward_kernel(launch, *args) -> None:
-    """One call of the launcher (one kernel launch on CUDA); a ``num_items_tensor`` that is not
+def forward_kernel(launch, *args) -> None:
+    """One call of the launcher (one kernel launch on CUDA; also the launch adapter of the fused
+    ops' chunk engine, ``_grpo_chunks``); a ``num_items_tensor`` that is not
     finite and > 0 sets the device's error flag (the loss is NaN), raised at once for CPU tensors,
     lazily (no host sync) for CUDA ones."""
     device = args[0].device
     launch(*_forward_args(*args), error_flag(device), finalize_counter(device))
     num_items_tensor = args[5]
     if num_items_tensor is not None:
-        _device_checks.after_launch(OP, device, explain=lambda: _explain_normaliser(num_items_tensor))
-
-
-def _explain_normaliser(num_items: torch.Tensor) -> None:
-    number = float(num_items.reshape(-1)[0])
-    if not (math.isfinite(number) and number > 0):
-        raise ValueError(f"grpo_loss: num_items_in_batch must be finite and > 0, got {number}")
+        explain = lambda: _grpo_objective.explain_normaliser(OP, num_items_tensor)  # noqa: E731
+        _device_checks.after_launch(OP, device, explain=explain)
 
 
 FORWARD = Op(
@@ -206,7 +138,7 @@ FORWARD = Op(
     returns=("loss", "metrics", "row_stats", "row_weights"),
     outputs=_forward_outputs,
     backends=compiled_backends(
-        _forward_kernel, triton="grpo_loss.grpo_loss_forward", extension="grpo_loss_fwd", reference=_forward_reference
+        forward_kernel, triton="grpo_loss.grpo_loss_forward", extension="grpo_loss_fwd", reference=_forward_reference
     ),
 )
 
@@ -223,26 +155,14 @@ def _backward_outputs(grad_loss, row_stats, row_weights, logp, old_logp, ref_log
     )
 
 
-@contextlib.contextmanager
-def _autograd_inside_op():
-    """Re-enable autograd inside a custom op (which runs below the autograd dispatch keys), so the
-    reference backward is autograd through the reference itself, not a second hand-written formula."""
-    keys = (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.ADInplaceOrView)
-    with contextlib.ExitStack() as stack:
-        for key in keys:
-            stack.enter_context(torch._C._SetExcludeDispatchKeyGuard(key, False))
-        stack.enter_context(torch.enable_grad())
-        yield
-
-
 def _backward_reference(grad_loss, row_stats, row_weights, logp, old_logp, ref_logp, advantages, mask,
                         num_items_tensor, ref_grad, options, dlogp, dref):
-    with _autograd_inside_op():
+    with autograd_inside_op():
         leaves = [logp.detach().requires_grad_(True)]
         ref_leaf = ref_logp.detach().requires_grad_(True) if ref_grad else ref_logp
         if ref_grad:
             leaves.append(ref_leaf)
-        loss, _ = _reference_loss(leaves[0], old_logp, ref_leaf, advantages, mask, num_items_tensor, options)
+        loss, _ = reference_loss(leaves[0], old_logp, ref_leaf, advantages, mask, num_items_tensor, options)
         grads = torch.autograd.grad(loss, leaves, grad_loss.to(loss.dtype))
     dlogp.copy_(grads[0])
     if ref_grad:
@@ -254,11 +174,12 @@ def _backward_args(grad_loss, row_stats, row_weights, logp, old_logp, ref_logp, 
     """The kernels' arguments before the outputs (the same for every launcher)."""
     return (
         grad_loss.to(torch.float32).reshape(()), row_weights, row_stats, logp, old_logp, ref_logp,
-        _kernel_advantages(advantages, logp.shape), _kernel_mask(mask), *_clip_args(options), options.sequence_level,
+        _kernel_advantages(advantages, logp.shape), kernel_mask(mask), *_clip_args(options), options.sequence_level,
     )
 
 
-def _backward_kernel(launch, *args) -> None:
+def backward_kernel(launch, *args) -> None:
+    """The backward launch adapter (also the chunk engine's, ``_grpo_chunks``)."""
     *inputs, dlogp, dref = args
     launch(*_backward_args(*inputs), dlogp, dref)  # dref is empty ([0]) when ref_logp needs no gradient
 
@@ -274,7 +195,7 @@ BACKWARD = Op(
     returns=("dlogp", "dref"),
     outputs=_backward_outputs,
     backends=compiled_backends(
-        _backward_kernel, triton="grpo_loss.grpo_loss_backward", extension="grpo_loss_bwd",
+        backward_kernel, triton="grpo_loss.grpo_loss_backward", extension="grpo_loss_bwd",
         reference=_backward_reference,
     ),
 )
@@ -303,140 +224,14 @@ FORWARD.register_autograd(_save, _backward, differentiable=(0,))
 # Public function
 
 
-def _check_number(name: str, value, *, low: float, low_inclusive: bool = True, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"grpo_loss: {name} must be a Python float, got {type(value).__name__}")
-    if not math.isfinite(value) or value < low or (value == low and not low_inclusive):
-        bound = f">= {low}" if low_inclusive else f"> {low}"
-        raise ValueError(f"grpo_loss: {name} must be finite and {bound}, got {value}")
-
-
-def _check_tensor(name: str, tensor, shape, device, dtypes=None) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"grpo_loss: {name} must be a tensor, got {type(tensor).__name__}")
-    if dtypes is not None and tensor.dtype not in dtypes:
-        raise TypeError(f"grpo_loss: {name} must be one of {dtypes}, got {tensor.dtype}")
-    if shape is not None and tuple(tensor.shape) != tuple(shape):
-        raise ValueError(f"grpo_loss: {name} must have shape {tuple(shape)}, got {tuple(tensor.shape)}")
-    if tensor.device != device:
-        raise ValueError(f"grpo_loss: {name} is on {tensor.device} but logp is on {device}")
-
-
-def _validate(logp, old_logp, advantages, mask, ref_logp, beta, epsilon_low, epsilon_high, delta, dual_clip,
-              loss_type, importance_sampling_level, max_completion_length, num_items_in_batch,
-              kl_clamp=None, use_bias_correction_kl=False, sapo_temperature_pos=1.0,
-              sapo_temperature_neg=1.05) -> None:
+def _check_logp(logp) -> None:
+    """``logp`` here; the loss arguments are checked by :func:`gtalign_fast._grpo_objective.validate`."""
     if not isinstance(logp, torch.Tensor):
         raise TypeError(f"grpo_loss: logp must be a tensor, got {type(logp).__name__}")
     if logp.dtype not in FLOAT_DTYPES:
         raise TypeError(f"grpo_loss: logp must be float16, bfloat16, float32 or float64, got {logp.dtype}")
     if logp.dim() != 2 or logp.shape[0] == 0 or logp.shape[1] == 0:
         raise ValueError(f"grpo_loss: logp must be [B, T] with B >= 1 and T >= 1, got shape {tuple(logp.shape)}")
-    shape, device = logp.shape, logp.device
-    for name, other in (("old_logp", old_logp), ("ref_logp", ref_logp)):
-        if other is not None:
-            _check_tensor(name, other, shape, device)
-            if other.dtype != logp.dtype:
-                raise TypeError(f"grpo_loss: {name} must have logp's dtype {logp.dtype}, got {other.dtype}")
-    _check_tensor("advantages", advantages, None, device, FLOAT_DTYPES)
-    if tuple(advantages.shape) not in ((shape[0],), tuple(shape)):
-        raise ValueError(
-            f"grpo_loss: advantages must have shape [B] = ({shape[0]},) or [B, T] = {tuple(shape)}, "
-            f"got {tuple(advantages.shape)}"
-        )
-    _check_tensor("mask", mask, shape, device)
-    if mask.dtype.is_complex:
-        raise TypeError(f"grpo_loss: mask must be bool, integer or float, got {mask.dtype}")
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"grpo_loss: unknown loss_type {loss_type!r}; choose one of {LOSS_TYPES}")
-    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
-        raise ValueError(
-            f"grpo_loss: importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
-            f"got {importance_sampling_level!r}"
-        )
-    _check_number("beta", beta, low=0.0)
-    if beta != 0.0 and ref_logp is None:
-        raise ValueError("grpo_loss: beta > 0 needs ref_logp (the reference model's log-probs)")
-    _check_number("epsilon_low", epsilon_low, low=0.0)
-    _check_number("epsilon_high", epsilon_high, low=0.0, optional=True)
-    _check_number("delta", delta, low=0.0, low_inclusive=False, optional=True)
-    _check_number("dual_clip", dual_clip, low=1.0, low_inclusive=False, optional=True)
-    _check_number("kl_clamp", kl_clamp, low=0.0, low_inclusive=False, optional=True)
-    if loss_type == "sapo":  # the temperatures are read by SAPO only (checked there: a few us per call)
-        _check_number("sapo_temperature_pos", sapo_temperature_pos, low=0.0, low_inclusive=False)
-        _check_number("sapo_temperature_neg", sapo_temperature_neg, low=0.0, low_inclusive=False)
-        if delta is not None or dual_clip is not None:
-            raise ValueError("grpo_loss: loss_type='sapo' replaces the clip: delta and dual_clip must be None")
-    if not isinstance(use_bias_correction_kl, bool):
-        kind = type(use_bias_correction_kl).__name__
-        raise TypeError(f"grpo_loss: use_bias_correction_kl must be a bool, got {kind}")
-    if max_completion_length is not None:
-        if isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int):
-            raise TypeError(
-                f"grpo_loss: max_completion_length must be an int, got {type(max_completion_length).__name__}"
-            )
-        if max_completion_length < 1:
-            raise ValueError(f"grpo_loss: max_completion_length must be >= 1, got {max_completion_length}")
-    if isinstance(num_items_in_batch, torch.Tensor):
-        _check_tensor("num_items_in_batch", num_items_in_batch, None, device)
-        if num_items_in_batch.numel() != 1:
-            raise ValueError(
-                f"grpo_loss: num_items_in_batch must hold one number, got shape {tuple(num_items_in_batch.shape)}"
-            )
-        if num_items_in_batch.dtype == torch.bool or num_items_in_batch.is_complex():
-            raise TypeError(f"grpo_loss: num_items_in_batch must be a real number, got {num_items_in_batch.dtype}")
-    else:
-        _check_number("num_items_in_batch", num_items_in_batch, low=0.0, low_inclusive=False, optional=True)
-
-
-def options_from_arguments(length: int, beta, epsilon_low, epsilon_high, delta, dual_clip, loss_type,
-                           importance_sampling_level, max_completion_length, num_items_in_batch, kl_clamp=None,
-                           use_bias_correction_kl=False, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05):
-    """The (validated) keyword arguments of the GRPO-loss ops as ``GrpoLossOptions``, plus
-    ``num_items_in_batch`` as a float32 tensor when it was given as one (else None: it is an option).
-    ``length`` is T, the default ``max_completion_length``."""
-    if isinstance(num_items_in_batch, torch.Tensor):
-        num_items_tensor, num_items_value = _checked_normaliser(num_items_in_batch), None
-    else:
-        num_items_tensor = None
-        num_items_value = None if num_items_in_batch is None else float(num_items_in_batch)
-    options = GrpoLossOptions(
-        beta=float(beta),
-        epsilon_low=float(epsilon_low),
-        epsilon_high=float(epsilon_low if epsilon_high is None else epsilon_high),
-        delta=None if delta is None else float(delta),
-        dual_clip=None if dual_clip is None else float(dual_clip),
-        loss_type=loss_type,
-        sequence_level=importance_sampling_level == "sequence",
-        max_completion_length=int(length if max_completion_length is None else max_completion_length),
-        num_items_value=num_items_value,
-        kl_clamp=None if kl_clamp is None else float(kl_clamp),
-        use_bias_correction_kl=bool(use_bias_correction_kl),
-        sapo_temperature_pos=float(sapo_temperature_pos),
-        sapo_temperature_neg=float(sapo_temperature_neg),
-    )
-    return num_items_tensor, options
-
-
-def _checked_normaliser(num_items: torch.Tensor) -> torch.Tensor:
-    """The tensor ``num_items_in_batch`` as a 0-dim float32, refused like the number when it is not
-    finite and > 0: a CPU tensor is read on the host in an eager call (a ValueError) and checked
-    with ``torch._assert_async`` when traced. A CUDA tensor is checked by the kernel, which sets the
-    device's error flag (no host sync; a device-side assert would end the CUDA context): the loss is
-    NaN and :func:`gtalign_fast.ops.check_device_errors` raises (at once with
-    ``GTALIGN_FAST_SYNC_CHECKS=1``)."""
-    value = num_items.detach().reshape(()).to(torch.float32)
-    if value.device.type != "cpu":
-        return value
-    if plain_eager(value):
-        number = float(value)
-        if not (math.isfinite(number) and number > 0):
-            raise ValueError(f"grpo_loss: num_items_in_batch must be finite and > 0, got {number}")
-    else:
-        torch._assert_async(torch.isfinite(value) & (value > 0), "grpo_loss: num_items_in_batch must be finite and > 0")
-    return value
 
 
 def grpo_loss(
@@ -571,16 +366,18 @@ def grpo_loss(
     A mask with no token at all gives loss 0 and metrics 0 (every count is clamped to >= 1, as
     TRL does), so a micro-batch of truncated-and-masked completions does not produce NaN.
     """
-    _validate(logp, old_logp, advantages, mask, ref_logp, beta, epsilon_low, epsilon_high, delta, dual_clip,
-              loss_type, importance_sampling_level, max_completion_length, num_items_in_batch, kl_clamp,
-              use_bias_correction_kl, sapo_temperature_pos, sapo_temperature_neg)
+    _check_logp(logp)
+    _grpo_objective.validate(
+        OP, logp.shape, logp.device, "logp is", logp.dtype, old_logp, advantages, mask, ref_logp, beta, epsilon_low,
+        epsilon_high, delta, dual_clip, loss_type, importance_sampling_level, max_completion_length,
+        num_items_in_batch, kl_clamp, use_bias_correction_kl, sapo_temperature_pos, sapo_temperature_neg,
+    )
     num_items_tensor, options = options_from_arguments(
-        logp.shape[1], beta, epsilon_low, epsilon_high, delta, dual_clip, loss_type, importance_sampling_level,
+        OP, logp.shape[1], beta, epsilon_low, epsilon_high, delta, dual_clip, loss_type, importance_sampling_level,
         max_completion_length, num_items_in_batch, kl_clamp, use_bias_correction_kl, sapo_temperature_pos,
         sapo_temperature_neg,
     )
     old_logp = None if old_logp is None else old_logp.detach()
     loss, metrics, _, _ = FORWARD(logp, old_logp, ref_logp, advantages.detach(), mask.detach(), num_items_tensor,
                                   options=options, backend=backend or "")
-    values = metrics.detach().unbind()  # one call for the five 0-dim views
-    return loss, {name: value for name, value in zip(METRIC_NAMES, values) if ref_logp is not None or name != "kl"}
+    return loss, metrics_dict(metrics, ref_logp is not None)

@@ -1,13 +1,13 @@
 """``linear_grpo_loss``: hidden states -> LM head -> GRPO loss, with the gradients computed in the forward.
 
 The loss reaches the logits only through the target log-probs, and the weight of each sequence in
-the loss is known from the mask before any logits exist (``_logits_grpo_loss.row_weights``), so
+the loss is known from the mask before any logits exist (``_grpo_objective.row_weights``), so
 the gradient of a chunk of tokens is final as soon as that chunk's logits are. Per chunk of
 tokens (whole sequences at ``importance_sampling_level="sequence"``, whose ratio needs the whole
 sequence):
 
 1. ``Z = H_c @ W^T (+ b)`` into one reused ``[C, V]`` buffer (BLAS / cuBLAS);
-2. the chunk kernels of ``_logits_grpo_loss`` (log-sum-exp / log-prob / entropy pass, the
+2. the chunk kernels of ``_grpo_chunks`` (log-sum-exp / log-prob / entropy pass, the
    ``[C]``-sized GRPO terms, then ``dZ`` written over ``Z`` in place);
 3. ``dH_c = dZ @ W`` and ``dW += dZ^T @ H_c`` (and ``db += sum dZ``).
 
@@ -19,11 +19,22 @@ adds up. Under ``torch.no_grad()`` (or with nothing requiring a gradient) only t
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from . import _device_checks
+from ._grpo_chunks import (
+    SKIP,
+    check_targets,
+    chunk_kernels,
+    default_backend,
+    fused_metrics,
+    kernel_targets,
+    loss_options,
+    metrics_vector,
+    reference_logp,
+    validate_temperature,
+    why_unavailable,
+)
 from ._grpo_constants import (
     METRIC_HIGH,
     METRIC_KL,
@@ -40,22 +51,13 @@ from ._grpo_constants import (
     STAT_REGION,
     STAT_TOKENS,
 )
-from ._grpo_loss import _autograd_inside_op, _kernel_mask
-from ._logits_grpo_loss import (
+from ._grpo_objective import (
     FLOAT_DTYPES,
-    SKIP,
-    check_targets,
-    chunk_kernels,
-    default_backend,
-    grpo_options,
-    kernel_targets,
-    metrics_dict,
-    metrics_vector,
-    reference_logp,
+    autograd_inside_op,
+    kernel_mask,
+    options_type,
     reference_loss,
     row_weights,
-    validate_temperature,
-    why_unavailable,
 )
 from ._op import Op, Output
 from ._token_logprobs_constants import NUM_STATS as NUM_ROW_STATS
@@ -77,30 +79,14 @@ def default_chunk_tokens(n_tokens: int, vocab: int, dtype: torch.dtype, device: 
     return max(1, min(n_tokens, tokens))
 
 
-class LinearGrpoLossOptions(NamedTuple):
-    beta: float
-    epsilon_low: float
-    epsilon_high: float
-    delta: float | None
-    dual_clip: float | None
-    loss_type: str
-    sequence_level: bool
-    max_completion_length: int
-    num_items_value: float | None
-    kl_clamp: float | None
-    use_bias_correction_kl: bool
-    sapo_temperature_pos: float
-    sapo_temperature_neg: float
-    temperature: float
-    chunk_size: int  # tokens per chunk; 0 = default_chunk_tokens
-    need_hidden: bool
-    need_weight: bool
-    need_bias: bool
-
-    def grpo(self):
-        from ._grpo_loss import GrpoLossOptions
-
-        return GrpoLossOptions(*self[: len(GrpoLossOptions._fields)])
+LinearGrpoLossOptions = options_type(
+    "LinearGrpoLossOptions",
+    temperature=float,
+    chunk_size=int,  # tokens per chunk; 0 = default_chunk_tokens
+    need_hidden=bool,
+    need_weight=bool,
+    need_bias=bool,
+)
 
 
 def _outputs(hidden, weight, bias, targets, old_logp, ref_logp, advantages, mask, num_items_tensor, options):
@@ -141,7 +127,7 @@ def _forward_chunks(name, hidden, weight, bias, targets, old_logp, ref_logp, adv
         adv = advantages.to(torch.float32)
         adv = adv.unsqueeze(1).expand(batch, length) if adv.dim() == 1 else adv
         row_inputs = tuple(None if x is None else x.reshape(n_tokens, 1)
-                           for x in (logp, old_logp, ref_logp, adv, _kernel_mask(mask)))
+                           for x in (logp, old_logp, ref_logp, adv, kernel_mask(mask)))
     n_rows = row_inputs[0].shape[0]
     chunk_tokens = min(n_tokens, rows_per_chunk * row_len)
     row_stats = torch.empty(n_rows, NUM_STATS, dtype=torch.float32, device=device)
@@ -206,7 +192,7 @@ def _forward_reference(hidden, weight, bias, targets, old_logp, ref_logp, advant
                        options, loss, metrics, logp, dhidden, dweight, dbias):
     """Materialised float64 (float32 for half inputs) logits and autograd through the reference."""
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    with _autograd_inside_op():
+    with autograd_inside_op():
         leaves = [hidden.detach().to(dtype).requires_grad_(True), weight.detach().to(dtype).requires_grad_(True)]
         if bias is not None:
             leaves.append(bias.detach().to(dtype).requires_grad_(True))
@@ -389,7 +375,7 @@ def linear_grpo_loss(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"{OP}: chunk_size must be >= 1, got {chunk_size}")
     batch, length, size = hidden.shape
-    old_logp, ref_logp, num_items_tensor, grpo = grpo_options(
+    old_logp, ref_logp, num_items_tensor, grpo = loss_options(
         OP, batch, length, hidden.device, old_logp, advantages, mask, ref_logp, beta, epsilon_low, epsilon_high,
         delta, dual_clip, loss_type, importance_sampling_level, max_completion_length, num_items_in_batch,
         kl_clamp, use_bias_correction_kl, sapo_temperature_pos, sapo_temperature_neg)
@@ -402,5 +388,5 @@ def linear_grpo_loss(
     loss, metrics, logp, *_ = FORWARD(hidden.reshape(batch * length, size), weight, bias, targets, old_logp, ref_logp,
                                       advantages.detach(), mask.detach(), num_items_tensor, options=options,
                                       backend=backend or "")
-    result = (loss, metrics_dict(metrics, ref_logp is not None))
+    result = (loss, fused_metrics(metrics, ref_logp is not None))
     return (*result, logp.detach()) if return_logp else result

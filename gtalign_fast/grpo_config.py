@@ -12,25 +12,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _backend
+from ._grpo_constants import LOSS_NORMALISERS, MICRO_BATCH_SHARES
 
 __all__ = ["GRPOConfig", "LOSS_TYPES", "SCALE_REWARDS", "DISTRIBUTED_STRATEGIES", "STEERING_MODES", "SCHEDULERS"]
 
-# How each loss type normalises, which decides each micro-batch's share of the global loss:
-#   "global_tokens": sum over tokens / tokens of the whole global batch (the op is told the count)
-#   "sequences":     a mean over sequences, so a micro-batch weighs rows_micro / rows_global
-#   "local_tokens":  a mean over the micro-batch's tokens, averaged over micro-batches (TRL's bnpo)
-LOSS_TYPES = {
-    "dapo": "global_tokens",
-    "grpo": "sequences",
-    "dr_grpo": "sequences",
-    "bnpo": "local_tokens",
-    "token-mean": "local_tokens",
-    "seq-mean-token-mean": "sequences",
-    "seq-mean-token-sum": "sequences",
-    "seq-mean-token-sum-norm": "sequences",
-    "luspo": "sequences",  # TRL's name for seq-mean-token-sum
-    "sapo": "sequences",  # TRL's SAPO objective, aggregated as grpo
-}
+# Each loss type's share of the global loss per micro-batch ("global_tokens", "sequences" or
+# "local_tokens"; see _grpo_constants.MICRO_BATCH_SHARES), from the one normaliser table.
+LOSS_TYPES = {loss_type: MICRO_BATCH_SHARES[norm] for loss_type, norm in LOSS_NORMALISERS.items()}
 SCALE_REWARDS = ("group", "batch", "none")
 DISTRIBUTED_STRATEGIES = ("ddp", "fsdp2")
 STEERING_MODES = ("off", "rewrite", "reference")

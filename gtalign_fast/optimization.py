@@ -1,7 +1,9 @@
 """The update stage of a GRPO step: the loss of a micro-batch, its share of the step, and the optimizer.
 
-:func:`policy_loss` calls ``ops.grpo_loss`` on one micro-batch with the config's objective
-(:func:`fused_policy_loss`: ``ops.linear_grpo_loss`` from the last hidden state, the default path);
+:func:`policy_loss` computes one micro-batch's loss with the trainer's
+:class:`~gtalign_fast._grpo_objective.GrpoObjective` (built once from the config), through
+``ops.linear_grpo_loss`` from the last hidden state (the default path) or ``ops.grpo_loss`` on the
+log-probs;
 :func:`loss_weight` is that micro-batch's share of the global batch's loss (so gradient
 accumulation and several processes give the one-process, one-micro-batch update);
 :func:`clip_gradients` clips and returns the full gradient norm; :func:`default_optimizer` and
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from . import ops
+from ._grpo_objective import GrpoObjective
 from .distributed import full_value
 from .grpo_config import LOSS_TYPES, GRPOConfig
 
@@ -24,55 +27,38 @@ if TYPE_CHECKING:
     from .rollout import Rollout
 
 __all__ = [
-    "policy_loss", "fused_policy_loss", "loss_weight", "clip_gradients", "default_optimizer", "default_scheduler",
+    "policy_loss", "loss_weight", "clip_gradients", "default_optimizer", "default_scheduler",
     "lr_lambda",
 ]
 
 
 def policy_loss(
-    logp: torch.Tensor, part: Rollout, global_tokens: torch.Tensor, args: GRPOConfig, backend: str | None
-) -> tuple[torch.Tensor, dict]:
-    """``ops.grpo_loss`` on one micro-batch (clipped surrogate, k3 KL, the config's aggregation).
+    module: nn.Module, part: Rollout, global_tokens: torch.Tensor, objective: GrpoObjective, *, fused: bool,
+    backend: str | None,
+) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """One micro-batch's GRPO loss with ``objective``; returns ``(loss, metrics, entropy)``.
+
+    ``module`` is the trainer's (DDP-wrapped) :class:`~gtalign_fast.logprobs.CompletionLogprobs`.
+    ``fused``: it runs ``ops.linear_grpo_loss`` on the last hidden state, so neither the logits nor
+    a ``[N, C]`` log-prob graph exist and the gradients are computed in the forward (``entropy`` is
+    the op's mean over the loss tokens). Otherwise it gives ``logp`` and the per-token entropy
+    ``[N, C]`` and ``ops.grpo_loss`` computes the loss. ``global_tokens`` is the loss-token count of
+    the whole global batch, which the "global_tokens" normalisers ("dapo") divide by.
 
     A micro-batch without a loss token gives loss 0, metrics 0 and zero gradients from the op itself
     (every DDP process still runs backward; no host-side check, which would synchronise on a GPU).
-    ``global_tokens`` is the loss-token count of the whole global batch, which "dapo" divides by.
     """
-    return ops.grpo_loss(
-        logp, part.old_logp, part.advantages, part.loss_mask, ref_logp=part.ref_logp, beta=args.beta,
-        epsilon_low=args.epsilon, epsilon_high=args.epsilon_high, delta=args.delta, dual_clip=args.dual_clip,
-        loss_type=args.loss_type, importance_sampling_level=args.importance_sampling_level,
-        max_completion_length=args.max_completion_length,
-        num_items_in_batch=global_tokens if LOSS_TYPES[args.loss_type] == "global_tokens" else None,
-        use_bias_correction_kl=args.use_bias_correction_kl, sapo_temperature_pos=args.sapo_temperature_pos,
-        sapo_temperature_neg=args.sapo_temperature_neg, backend=backend,
-    )
-
-
-def fused_policy_loss(
-    module: nn.Module, part: Rollout, global_tokens: torch.Tensor, args: GRPOConfig
-) -> tuple[torch.Tensor, dict, torch.Tensor]:
-    """:func:`policy_loss` through the fused LM head: ``module`` (the trainer's, DDP-wrapped,
-    :class:`~gtalign_fast.logprobs.CompletionLogprobs`) runs ``ops.linear_grpo_loss`` on the last
-    hidden state, so neither the logits nor a ``[N, C]`` log-prob graph exist and the gradients are
-    computed in the forward. Returns ``(loss, metrics, mean entropy over the loss tokens)``."""
-    loss, metrics = module(
-        part.prompt_ids, part.prompt_mask, part.completion_ids, part.completion_mask,
-        loss_kwargs=dict(
-            advantages=part.advantages, mask=part.loss_mask, old_logp=part.old_logp, ref_logp=part.ref_logp,
-            beta=args.beta, epsilon_low=args.epsilon, epsilon_high=args.epsilon_high, delta=args.delta,
-            dual_clip=args.dual_clip, loss_type=args.loss_type,
-            importance_sampling_level=args.importance_sampling_level,
-            max_completion_length=args.max_completion_length,
-            num_items_in_batch=global_tokens if LOSS_TYPES[args.loss_type] == "global_tokens" else None,
-            use_bias_correction_kl=args.use_bias_correction_kl, sapo_temperature_pos=args.sapo_temperature_pos,
-            sapo_temperature_neg=args.sapo_temperature_neg,
-        ),
-    )
-    metrics = dict(metrics)
-    entropy = metrics.pop("entropy")
-    # A micro-batch without a loss token: loss 0, metrics 0 and zero gradients from the op (it still
-    # runs backward, as every DDP process must), as policy_loss.
+    kwargs = objective.op_kwargs(global_tokens if objective.micro_batch_share == "global_tokens" else None)
+    ids = (part.prompt_ids, part.prompt_mask, part.completion_ids, part.completion_mask)
+    if fused:
+        loss, metrics = module(*ids, loss_kwargs=dict(
+            advantages=part.advantages, mask=part.loss_mask, old_logp=part.old_logp, ref_logp=part.ref_logp, **kwargs
+        ))
+        metrics = dict(metrics)
+        return loss, metrics, metrics.pop("entropy")
+    logp, entropy = module(*ids)
+    loss, metrics = ops.grpo_loss(logp, part.old_logp, part.advantages, part.loss_mask, ref_logp=part.ref_logp,
+                                  backend=backend, **kwargs)
     return loss, metrics, entropy
 
 

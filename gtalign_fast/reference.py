@@ -10,7 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from ._grpo_constants import LOG_RATIO_LIMIT
+from ._grpo_constants import (
+    LOG_RATIO_LIMIT,
+    LOSS_NORMALISERS,
+    NORM_LENGTH,
+    NORM_NUM_ITEMS,
+    NORM_ROW_TOKENS,
+    NORM_ROWS,
+    NORM_ROWS_LENGTH,
+    NORM_TOKENS,
+)
 
 __all__ = [
     "token_logprobs",
@@ -80,12 +89,7 @@ def token_logprobs(
 # ---------------------------------------------------------------------------------------------
 # grpo_loss
 
-GRPO_LOSS_TYPES = (
-    "grpo", "bnpo", "dr_grpo", "dapo",
-    "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm",
-    "luspo",  # TRL's name for seq-mean-token-sum
-    "sapo",  # TRL's SAPO objective, aggregated as grpo
-)
+GRPO_LOSS_TYPES = tuple(LOSS_NORMALISERS)  # the normaliser of each: _grpo_constants.LOSS_NORMALISERS
 
 
 def grpo_loss(
@@ -173,20 +177,21 @@ def grpo_loss(
     masked_loss = per_token_loss * weight
     total_tokens = weight.sum().clamp(min=1.0)
     norm_length = length if max_completion_length is None else max_completion_length
-    if loss_type in ("grpo", "sapo", "seq-mean-token-mean"):
+    normaliser = LOSS_NORMALISERS.get(loss_type)
+    if normaliser == NORM_ROW_TOKENS:
         loss = (masked_loss.sum(-1) / row_tokens).mean()
-    elif loss_type in ("bnpo", "token-mean"):
+    elif normaliser == NORM_TOKENS:
         loss = masked_loss.sum() / total_tokens
-    elif loss_type == "dr_grpo":
+    elif normaliser == NORM_ROWS_LENGTH:
         loss = masked_loss.sum() / (batch * norm_length)
-    elif loss_type == "dapo":
-        normaliser = total_tokens if num_items_in_batch is None else num_items_in_batch
-        if isinstance(normaliser, torch.Tensor):
-            normaliser = normaliser.to(dtype).reshape(())
-        loss = masked_loss.sum() / normaliser
-    elif loss_type in ("luspo", "seq-mean-token-sum"):
+    elif normaliser == NORM_NUM_ITEMS:
+        num_items = total_tokens if num_items_in_batch is None else num_items_in_batch
+        if isinstance(num_items, torch.Tensor):
+            num_items = num_items.to(dtype).reshape(())
+        loss = masked_loss.sum() / num_items
+    elif normaliser == NORM_ROWS:
         loss = masked_loss.sum(-1).mean()
-    elif loss_type == "seq-mean-token-sum-norm":
+    elif normaliser == NORM_LENGTH:
         loss = masked_loss.sum() / norm_length
     else:
         raise ValueError(f"grpo_loss: unknown loss_type {loss_type!r}; choose one of {GRPO_LOSS_TYPES}")

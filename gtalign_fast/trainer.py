@@ -45,8 +45,9 @@ from torch import nn
 
 from . import _backend, checkpoint
 from ._device_checks import check_device_errors
-from ._logits_grpo_loss import default_backend as fused_loss_backend
-from ._logits_grpo_loss import why_unavailable as fused_loss_unavailable
+from ._grpo_chunks import default_backend as fused_loss_backend
+from ._grpo_chunks import why_unavailable as fused_loss_unavailable
+from ._grpo_objective import GrpoObjective
 from .callbacks import CallbackHandler
 from .distributed import Dist, RootForward, distribute, fsdp_gathered, rebind_optimizer
 from .grpo_config import LOSS_TYPES, GRPOConfig
@@ -64,7 +65,6 @@ from .optimization import (
     clip_gradients,
     default_optimizer,
     default_scheduler,
-    fused_policy_loss,
     loss_weight,
     policy_loss,
 )
@@ -268,6 +268,7 @@ class GRPOTrainer:
             self._enable_gradient_checkpointing()
         options = dict(temperature=args.temperature, fused_head=args.use_fused_lm_head, backend=self.backend)
         self.fused_loss, self.loss_path = self._loss_path()
+        self.objective = GrpoObjective.from_config(args)  # the loss options, once, whichever op runs
         self.logprobs = CompletionLogprobs(self.model, **options)
         self.ref_logprobs = None if self.ref_model is None else CompletionLogprobs(self.ref_model, **options)
         # parameter names before sharding, to re-point an optimizer the caller built on them
@@ -431,13 +432,10 @@ class GRPOTrainer:
                 if k:
                     self.preemption.safe_point()
                 with self._no_sync(k < len(parts) - 1), self._autocast():
-                    if self.fused_loss:  # LM head + GRPO loss in one op (ops.linear_grpo_loss)
-                        loss, loss_metrics, entropy = fused_policy_loss(self.train_logprobs, part, global_tokens, args)
-                    else:
-                        logp, entropy = self.train_logprobs(
-                            part.prompt_ids, part.prompt_mask, part.completion_ids, part.completion_mask
-                        )
-                        loss, loss_metrics = policy_loss(logp, part, global_tokens, args, self.backend)
+                    loss, loss_metrics, entropy = policy_loss(
+                        self.train_logprobs, part, global_tokens, self.objective, fused=self.fused_loss,
+                        backend=self.backend,
+                    )
                     weight = loss_weight(args.loss_type, len(part), len(rollout), len(parts), dist.world)
                     (loss * weight).backward()
                 totals.add(loss.detach() * weight, entropy, part.loss_mask, loss_metrics)

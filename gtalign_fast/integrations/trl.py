@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from gtalign_fast import ops
+from gtalign_fast._grpo_objective import GrpoObjective, cached_objective
 from gtalign_fast.game.reward import GTAlignReward, RewardBatch
 
 __all__ = [
@@ -384,6 +385,21 @@ _MULTIMODAL_INPUTS = ("pixel_values", "image_grid_thw", "num_images", "pixel_att
                       "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
 
 
+def _objective(self) -> GrpoObjective:
+    """The GRPO objective of TRL's trainer ``self`` (its attributes and ``args``, TRL's names)."""
+    sapo = self.loss_type == "sapo"
+    return cached_objective(
+        beta=float(self.beta), epsilon_low=float(self.epsilon_low), epsilon_high=float(self.epsilon_high),
+        # TRL's sapo ignores delta (it has no clip); grpo_loss refuses a delta with sapo rather than ignore it
+        delta=None if self.args.delta is None or sapo else float(self.args.delta),
+        loss_type=LOSS_TYPES[self.loss_type], importance_sampling_level=self.importance_sampling_level,
+        max_completion_length=int(self.max_completion_length),
+        use_bias_correction_kl=bool(getattr(self.args, "use_bias_correction_kl", False)),
+        **({"sapo_temperature_pos": float(self.args.sapo_temperature_pos),
+            "sapo_temperature_neg": float(self.args.sapo_temperature_neg)} if sapo else {}),
+    )
+
+
 def _compute_loss(self, model, inputs):
     """TRL's ``GRPOTrainer._compute_loss`` for the supported options, with the loss from one ``grpo_loss`` call."""
     prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
@@ -407,16 +423,7 @@ def _compute_loss(self, model, inputs):
             num_items = num_items * accumulation / self.args.steps_per_generation
     loss, metrics = ops.grpo_loss(
         logp, None if old is None else old.to(logp.dtype), inputs["advantages"], mask,
-        ref_logp=None if ref is None else ref.to(logp.dtype), beta=float(self.beta),
-        epsilon_low=float(self.epsilon_low), epsilon_high=float(self.epsilon_high),
-        # TRL's sapo ignores delta (it has no clip); grpo_loss refuses a delta with sapo rather than ignore it
-        delta=None if self.args.delta is None or self.loss_type == "sapo" else float(self.args.delta),
-        loss_type=LOSS_TYPES[self.loss_type],
-        importance_sampling_level=self.importance_sampling_level,
-        max_completion_length=int(self.max_completion_length), num_items_in_batch=num_items,
-        use_bias_correction_kl=bool(getattr(self.args, "use_bias_correction_kl", False)),
-        **({"sapo_temperature_pos": float(self.args.sapo_temperature_pos),
-            "sapo_temperature_neg": float(self.args.sapo_temperature_neg)} if self.loss_type == "sapo" else {}),
+        ref_logp=None if ref is None else ref.to(logp.dtype), **_objective(self).op_kwargs(num_items),
     )
     if self.loss_type != "dapo":  # dapo's normaliser already covers the accumulation window
         loss = loss / accumulation

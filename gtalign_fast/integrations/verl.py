@@ -86,6 +86,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import numpy as np
 import torch
 
+from gtalign_fast._grpo_objective import cached_objective
 from gtalign_fast.ops import grpo_loss, welfare_advantages
 
 __all__ = [
@@ -266,11 +267,10 @@ def _policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mod
         dtype = torch.promote_types(old_log_prob.dtype, log_prob.dtype)
         old_log_prob, log_prob = old_log_prob.to(dtype), log_prob.to(dtype)
     old_for_op = _gspo_token_old_log_prob(old_log_prob, log_prob, response_mask) if sequence_level else old_log_prob
-    loss, metrics = grpo_loss(
-        log_prob, old_for_op.detach(), weighted, response_mask,
-        epsilon_low=epsilon_low, epsilon_high=epsilon_high, dual_clip=dual_clip, loss_type=aggregation.loss_type,
-        num_items_in_batch=aggregation.num_items,
-    )
+    objective = cached_objective(epsilon_low=epsilon_low, epsilon_high=epsilon_high, dual_clip=dual_clip,
+                                loss_type=aggregation.loss_type)
+    loss, metrics = grpo_loss(log_prob, old_for_op.detach(), weighted, response_mask,
+                              **objective.op_kwargs(aggregation.num_items))
     if aggregation.scale is not None:
         loss = loss * aggregation.scale
     pg_metrics = {"actor/pg_clipfrac": metrics["clip_ratio/region_mean"]}
