@@ -25,7 +25,8 @@ from setuptools.command.build_py import build_py
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PACKAGES = [
     "gtalign_fast", "gtalign_fast.game", "gtalign_fast.game.judges", "gtalign_fast.integrations",
-    "gtalign_fast.kernels", "gtalign_fast.recipes",
+    "gtalign_fast.integrations.verl", "gtalign_fast.kernels", "gtalign_fast.ops", "gtalign_fast.recipes",
+    "gtalign_fast.sampling", "gtalign_fast.training",
 ]
 
 

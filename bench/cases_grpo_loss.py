@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 
 from bench.common import Case, dtype_of, grad_closure, missing, skipped
-from gtalign_fast import _backend, ops, reference
+from gtalign_fast import ops, reference
+from gtalign_fast.ops import _backend
 
 OP = "grpo_loss"
 OP_LOGITS = "grpo_loss_logits"

@@ -16,7 +16,7 @@ import torch
 
 from bench.common import Case, dtype_of, missing, skipped
 from gtalign_fast import ops, reference
-from gtalign_fast._logits_grpo_loss import why_unavailable
+from gtalign_fast.ops._logits_grpo_loss import why_unavailable
 
 OP = "linear_grpo_loss"
 MODES = ("fwd", "full")

@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 
 from bench.common import Case, dtype_of, missing, skipped
-from gtalign_fast import _linear_token_logprobs, ops
+from gtalign_fast import ops
+from gtalign_fast.ops import _linear_token_logprobs
 
 OP = "linear_token_logprobs"
 MODES = ("fwd", "full")

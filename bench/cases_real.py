@@ -82,7 +82,7 @@ def model_bytes(model) -> int:
 
 def _sampler_generate(device, mode: str, cache: str, extra: dict):
     def make():
-        from gtalign_fast.sampler import SteeringSampler
+        from gtalign_fast.sampling.sampler import SteeringSampler
 
         tokenizer = realmodel.tokenizer()
         sampler = SteeringSampler(_model(device), tokenizer, mode=mode, cache=cache)
@@ -144,7 +144,7 @@ def _floor(model, device, extra: dict, step_seconds: float) -> None:
 
 def _our_decode_step(device, extra: dict):
     def make():
-        from gtalign_fast.sampler import SteeringSampler
+        from gtalign_fast.sampling.sampler import SteeringSampler
 
         tokenizer = realmodel.tokenizer()
         model = _model(device)

@@ -10,7 +10,7 @@ import torch
 
 from bench.common import Case, dtype_of, missing, skipped
 from gtalign_fast import ops
-from gtalign_fast._backend import available_backends
+from gtalign_fast.ops._backend import available_backends
 
 OP = "sample_"
 SETTINGS = dict(temperature=0.7, top_k=50, top_p=0.9)

@@ -39,7 +39,7 @@ import torch
 from bench.common import Case, missing, skipped
 from gtalign_fast.game.chain import PAYOFF_KEYS
 from gtalign_fast.game.pricing import PricingPolicy
-from gtalign_fast.sampler import SteeringSampler
+from gtalign_fast.sampling.sampler import SteeringSampler
 
 OP = "steering"
 POLICY = PricingPolicy.reference(scale_llm=1.0)  # shifts every LLM payoff: every row is edited

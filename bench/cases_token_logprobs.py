@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from bench.common import Case, dtype_of, grad_closure, missing, skipped
-from gtalign_fast import _backend, ops
+from gtalign_fast import ops
+from gtalign_fast.ops import _backend
 
 OP = "token_logprobs"
 MODES = ("fwd", "bwd", "full")

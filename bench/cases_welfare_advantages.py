@@ -15,7 +15,8 @@ import math
 import torch
 
 from bench.common import Case, missing, skipped
-from gtalign_fast import _backend, ops
+from gtalign_fast import ops
+from gtalign_fast.ops import _backend
 
 OP = "welfare_advantages"
 MODES = ("fwd",)

@@ -1,8 +1,8 @@
 // Error codes the CUDA kernels OR into the per-device error flag (an int32 [1] tensor) when an
-// index they were given is out of range (see gtalign_fast/_device_checks.py: the wrapper passes
+// index they were given is out of range (see gtalign_fast/ops/_device_checks.py: the wrapper passes
 // the flag and reports it without a host synchronisation).
 //
-// The values mirror the ERR_* constants of gtalign_fast/_device_checks.py;
+// The values mirror the ERR_* constants of gtalign_fast/ops/_device_checks.py;
 // tests/test_device_checks.py parses this file and checks every value against them.
 #pragma once
 
@@ -25,7 +25,7 @@ enum ErrorCode : int32_t {
 
 // The flag's data pointer, or nullptr when the caller passed none (the kernels then still mask a
 // bad index, NaN row included, but nothing reports it). The registered ops take it as an optional
-// last argument; the Python wrappers always pass gtalign_fast._device_checks.error_flag(device).
+// last argument; the Python wrappers always pass gtalign_fast.ops._device_checks.error_flag(device).
 inline int* error_flag_data(const std::optional<at::Tensor>& flag, const at::Tensor& like, const char* op) {
   if (!flag.has_value() || !flag->defined()) return nullptr;
   TORCH_CHECK(flag->scalar_type() == at::kInt && flag->numel() >= 1 && flag->is_contiguous() &&

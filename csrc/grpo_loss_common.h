@@ -4,7 +4,7 @@
 // per-token maths stays in each file, written for its own compiler (omp simd selects on the CPU,
 // fminf / expf on the GPU).
 //
-// The constants mirror gtalign_fast/_grpo_constants.py, which the Python code and the Triton
+// The constants mirror gtalign_fast/ops/_grpo_constants.py, which the Python code and the Triton
 // kernels use; tests/test_constants.py parses this file and checks every value against it, so the
 // enum and constexpr lines below keep their simple `name = literal` form.
 #pragma once
@@ -18,7 +18,7 @@ constexpr int64_t kNumStats = 8;
 // Columns of row_stats, one row per sequence.
 enum Stat : int64_t { kLossSum = 0, kTokens, kLow, kHigh, kRegion, kKlSum, kRatioSum, kSeqGrad };
 static_assert(kSeqGrad + 1 == kNumStats, "one row_stats column per Stat");
-// Aggregation modes of the finalize step (the mapping from loss_type is in gtalign_fast/_grpo_loss.py).
+// Aggregation modes of the finalize step (the mapping from loss_type is in gtalign_fast/ops/_grpo_loss.py).
 enum Mode : int64_t { kSeqMean = 0, kTokenMean = 1, kNormaliserTensor = 2, kConstant = 3 };
 constexpr int64_t kNumMetrics = 5;
 // Entries of the metrics vector the finalize step writes (their names: METRIC_NAMES in Python).

@@ -1,7 +1,7 @@
 // Definitions of the sample_ C++ CPU kernel (csrc/cpu/sample.cpp) that the Python side shares: the
 // per-row status word (see kernels/sample.py for the maths).
 //
-// The constants mirror gtalign_fast/_sample_constants.py, which the Python code and the Triton
+// The constants mirror gtalign_fast/ops/_sample_constants.py, which the Python code and the Triton
 // kernel use; tests/test_constants.py parses this file and checks every value against it, so the
 // enum lines below keep their simple `name = literal` form.
 #pragma once

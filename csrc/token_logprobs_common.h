@@ -2,7 +2,7 @@
 // CUDA kernel (csrc/cuda/token_logprobs.cu, nvcc): the layout of the per-row stats the forward
 // saves for the backward (see kernels/token_logprobs.py for the maths).
 //
-// The constants mirror gtalign_fast/_token_logprobs_constants.py, which the Python code and the
+// The constants mirror gtalign_fast/ops/_token_logprobs_constants.py, which the Python code and the
 // Triton kernels use; tests/test_constants.py parses this file and checks every value against it,
 // so the enum and constexpr lines below keep their simple `name = literal` form.
 #pragma once

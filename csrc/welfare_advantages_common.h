@@ -2,7 +2,7 @@
 // g++) and CUDA kernel (csrc/cuda/welfare_advantages.cu, nvcc): the scale modes, the scale maths
 // (host and device) and the validation of the op's arguments (host).
 //
-// The scale modes mirror gtalign_fast/_welfare_constants.py, which the Python code and the Triton
+// The scale modes mirror gtalign_fast/ops/_welfare_constants.py, which the Python code and the Triton
 // kernel use; tests/test_constants.py parses this file and checks every value against it, so the
 // enum line below keeps its simple `name = literal` form.
 #pragma once

@@ -9,16 +9,16 @@ from __future__ import annotations
 import importlib
 
 from . import ops
-from ._backend import available_backends, last_backend
+from .ops._backend import available_backends, last_backend
 
 __version__ = "0.1.0"
 
 # name -> module that defines it, imported on first attribute access
 _LAZY = {
     "game": "gtalign_fast.game",
-    "GRPOConfig": "gtalign_fast.grpo_config",
-    "GRPOTrainer": "gtalign_fast.trainer",
-    "SteeringSampler": "gtalign_fast.sampler",
+    "GRPOConfig": "gtalign_fast.training.grpo_config",
+    "GRPOTrainer": "gtalign_fast.training.trainer",
+    "SteeringSampler": "gtalign_fast.sampling.sampler",
 }
 
 __all__ = ["ops", "available_backends", "last_backend", "__version__", *_LAZY]

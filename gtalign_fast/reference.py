@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._grpo_constants import (
+from .ops._grpo_constants import (
     LOG_RATIO_LIMIT,
     LOSS_NORMALISERS,
     NORM_LENGTH,

@@ -10,7 +10,7 @@ Forward, one launch:
 
 1. ``_grpo_loss_rows_kernel``, one program per sequence (a 1-D grid over B), walks the row in
    blocks of tokens and writes the row's partial sums to ``row_stats[B, NUM_STATS]`` (the
-   ``STAT_*`` columns of ``gtalign_fast._grpo_constants``). Sequence-level importance sampling
+   ``STAT_*`` columns of ``gtalign_fast.ops._grpo_constants``). Sequence-level importance sampling
    (GSPO) walks the row twice: once for the masked mean log-ratio, once for the loss.
 2. The last program to finish (a persistent zeroed counter, incremented with acquire-release
    semantics) reduces the ``[B]`` partial sums: the per-row loss weights of the aggregation mode
@@ -38,11 +38,11 @@ import torch
 import triton
 import triton.language as tl
 
-from gtalign_fast import _device_checks as device_checks
-from gtalign_fast import _grpo_constants as constants
+from gtalign_fast.ops import _device_checks as device_checks
+from gtalign_fast.ops import _grpo_constants as constants
 
 # The row_stats columns, aggregation modes, metrics and clamp limits are defined once, in
-# gtalign_fast/_grpo_constants.py (documented there; csrc/grpo_loss_common.h holds the same values
+# gtalign_fast/ops/_grpo_constants.py (documented there; csrc/grpo_loss_common.h holds the same values
 # for the C++ and CUDA kernels). Triton reads a global inside @triton.jit code only when it is a
 # tl.constexpr, so the kernels see them through these bindings.
 STAT_LOSS_SUM = tl.constexpr(constants.STAT_LOSS_SUM)
@@ -498,10 +498,10 @@ def grpo_loss_forward(
     finalize_counter: torch.Tensor | None = None,
 ) -> None:
     """Launch the forward: one launch when ``finalize_counter`` is given (an int32 ``[1]`` tensor
-    that is zero, ``gtalign_fast._grpo_loss.finalize_counter``; the last program to finish reduces the rows and
+    that is zero, ``gtalign_fast.ops._grpo_loss.finalize_counter``; the last program to finish reduces the rows and
     leaves it at zero), else the row kernel and the finalize kernel. A ``num_items`` tensor that is
     not finite and > 0 sets ``ERR_NUM_ITEMS`` in ``error_flag`` (int32 ``[1]``, see
-    ``gtalign_fast._device_checks``; default: the device's flag) and gives a NaN loss."""
+    ``gtalign_fast.ops._device_checks``; default: the device's flag) and gives a NaN loss."""
     batch, length = logp.shape
     _check_layout(logp, old_logp, ref_logp, advantages, mask)
     _check_outputs(logp, (loss, 1), (metrics, constants.NUM_METRICS), (row_stats, batch * constants.NUM_STATS),

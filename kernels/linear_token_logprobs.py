@@ -29,11 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
-from gtalign_fast import _device_checks as device_checks
-from gtalign_fast import _token_logprobs_constants as constants
 from gtalign_fast.kernels.linear_token_logprobs_chunked import MAX_CHUNK_ROWS  # rows of a chunk = programs
+from gtalign_fast.ops import _device_checks as device_checks
+from gtalign_fast.ops import _token_logprobs_constants as constants
 
-# The stats columns are shared with token_logprobs (gtalign_fast/_token_logprobs_constants.py).
+# The stats columns are shared with token_logprobs (gtalign_fast/ops/_token_logprobs_constants.py).
 STAT_ROW_MAX = tl.constexpr(constants.STAT_ROW_MAX)
 STAT_LOG_SUM = tl.constexpr(constants.STAT_LOG_SUM)
 NUM_STATS = tl.constexpr(constants.NUM_STATS)
@@ -156,7 +156,7 @@ def _chunk_dlogits_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Launchers (inputs validated and allocated by gtalign_fast._linear_token_logprobs)
+# Launchers (inputs validated and allocated by gtalign_fast.ops._linear_token_logprobs)
 
 
 def launch_grid(n_rows: int) -> tuple[int]:

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import torch
 
-from gtalign_fast import _backend, _device_checks, reference
-from gtalign_fast._token_logprobs_constants import NUM_STATS, STAT_LOG_SUM, STAT_ROW_MAX
+from gtalign_fast import reference
+from gtalign_fast.ops import _backend, _device_checks
+from gtalign_fast.ops._token_logprobs_constants import NUM_STATS, STAT_LOG_SUM, STAT_ROW_MAX
 
 # Chunk size. Bytes of the float32 [R, V] logits buffer when chunk_size is not given: 64 MiB on CPU
 # (512 rows at V = 32000, H = 1024: on a 2-core Xeon the three GEMM shapes ran as fast with 256 to
@@ -47,7 +48,6 @@ MAX_CHUNK_ROWS = 32768
 TORCH_BLOCK_ROWS = 32
 # CPU half inputs: weight rows upcast at a time for the float32 logits GEMM.
 CPU_UPCAST_ROWS = 4096
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +180,7 @@ def dlogits_torch(z, targets, stats, entropy, g_logp, g_entropy, inv_t, ignore_i
 
 
 def _extension(name: str):
-    from gtalign_fast._op import extension_kernel
+    from gtalign_fast.ops._op import extension_kernel
 
     return extension_kernel(name, torch.device("cpu"))
 

@@ -19,7 +19,7 @@ stats contiguous ``[N, 2]``. Rows whose target is ``ignore_index`` get zeros. On
 a 1-D grid (its x dimension takes up to 2^31 - 1 programs; no grid dimension grows past 65535).
 
 A target outside ``[0, V)`` (other than ``ignore_index``) matches no column, and the program
-sets ``ERR_TARGET_RANGE`` in the device's error flag (``gtalign_fast._device_checks``).
+sets ``ERR_TARGET_RANGE`` in the device's error flag (``gtalign_fast.ops._device_checks``).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from gtalign_fast import _device_checks
-from gtalign_fast import _token_logprobs_constants as constants
 from gtalign_fast.kernels.token_logprobs import _check_rows
+from gtalign_fast.ops import _device_checks
+from gtalign_fast.ops import _token_logprobs_constants as constants
 
 STAT_ROW_MAX = tl.constexpr(constants.STAT_ROW_MAX)
 STAT_LOG_SUM = tl.constexpr(constants.STAT_LOG_SUM)

@@ -51,7 +51,7 @@ the target is ``p`` times the mass of that set (the first top-p level's total), 
 chooses the digit where the cumulative mass from the top first reaches it: the result is the
 largest row value whose mass at or above is ``>= p * M_k`` (a whole tie group is kept or dropped).
 
-Inputs checked on the device (no host synchronisation; see ``gtalign_fast/_device_checks.py``):
+Inputs checked on the device (no host synchronisation; see ``gtalign_fast/ops/_device_checks.py``):
 a forced token outside ``[-1, V)`` (``ERR_FORCED_TOKEN``: the row is sampled unforced, never read
 or written outside the row), a bias id outside ``[-1, V)`` (``ERR_TARGET_RANGE``: skipped), and
 ``ERR_SAMPLE_INPUT`` for NaN / +inf logits, a row without a finite logit, a NaN / +inf bias value
@@ -64,13 +64,13 @@ import torch
 import triton
 import triton.language as tl
 
-from gtalign_fast import _sample_constants as constants
-from gtalign_fast._device_checks import ERR_FORCED_TOKEN as ERR_FORCED_TOKEN_CODE
-from gtalign_fast._device_checks import ERR_SAMPLE_INPUT as ERR_SAMPLE_INPUT_CODE
-from gtalign_fast._device_checks import ERR_TARGET_RANGE as ERR_TARGET_RANGE_CODE
-from gtalign_fast._token_logprobs import MIN_TEMPERATURE
+from gtalign_fast.ops import _sample_constants as constants
+from gtalign_fast.ops._device_checks import ERR_FORCED_TOKEN as ERR_FORCED_TOKEN_CODE
+from gtalign_fast.ops._device_checks import ERR_SAMPLE_INPUT as ERR_SAMPLE_INPUT_CODE
+from gtalign_fast.ops._device_checks import ERR_TARGET_RANGE as ERR_TARGET_RANGE_CODE
+from gtalign_fast.ops._token_logprobs import MIN_TEMPERATURE
 
-# The per-row status words are defined once, in gtalign_fast/_sample_constants.py (the C++ kernel
+# The per-row status words are defined once, in gtalign_fast/ops/_sample_constants.py (the C++ kernel
 # reads them from csrc/sample_common.h). Triton reads a global inside @triton.jit code only when it
 # is a tl.constexpr.
 STATUS_OK = tl.constexpr(constants.STATUS_OK)
@@ -541,7 +541,7 @@ def sample(
 ) -> None:
     """Launch the sampling kernels on inputs of the right dtypes and layout (see the module
     docstring); the values are checked on the device: an error sets a bit of ``error_flag``
-    (int32 ``[1]``, see ``gtalign_fast._device_checks``). ``programs``: programs per row (tests)."""
+    (int32 ``[1]``, see ``gtalign_fast.ops._device_checks``). ``programs``: programs per row (tests)."""
     batch, vocab = logits.shape
     if batch == 0:
         return

@@ -21,10 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from gtalign_fast import _device_checks as device_checks
-from gtalign_fast import _token_logprobs_constants as constants
+from gtalign_fast.ops import _device_checks as device_checks
+from gtalign_fast.ops import _token_logprobs_constants as constants
 
-# The columns of the per-row stats are defined once, in gtalign_fast/_token_logprobs_constants.py
+# The columns of the per-row stats are defined once, in gtalign_fast/ops/_token_logprobs_constants.py
 # (the C++ and CUDA kernels read them from csrc/token_logprobs_common.h). Triton reads a global
 # inside @triton.jit code only when it is a tl.constexpr.
 STAT_ROW_MAX = tl.constexpr(constants.STAT_ROW_MAX)
@@ -64,7 +64,7 @@ def _token_logprobs_fwd_kernel(
 
     # The target's logit is read first, independent of the walk below, so its memory latency hides
     # behind it. A target outside [0, V) reads column 0, not outside the row; it sets the error flag
-    # (the wrapper reports it without a host sync, see gtalign_fast/_device_checks.py) and its logp
+    # (the wrapper reports it without a host sync, see gtalign_fast/ops/_device_checks.py) and its logp
     # is NaN.
     out_of_range = valid & ((target < 0) | (target >= V))
     tl.atomic_or(error_ptr, ERR_TARGET_RANGE, mask=out_of_range)
@@ -202,7 +202,7 @@ def token_logprobs_forward(
     ``[N]``, and the per-row ``stats`` ``[N, NUM_STATS]`` = (max of z/T, log of the sum of
     exp(z/T - max)). A target outside ``[0, V)`` that is not ``ignore_index`` gets a NaN ``logp``
     and sets ``ERR_TARGET_RANGE`` in ``error_flag`` (int32 ``[1]``, see
-    ``gtalign_fast._device_checks``; default: the device's flag). The arguments are those of the
+    ``gtalign_fast.ops._device_checks``; default: the device's flag). The arguments are those of the
     C++ kernels, which check the same layout."""
     d0, d1, vocab = logits3d.shape
     n_rows = d0 * d1

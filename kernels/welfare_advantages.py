@@ -11,7 +11,7 @@ read with its strides, ``token_advantages`` is contiguous ``[N, T]``.
 Maths, per completion i in group g (only valid, i.e. non-NaN, rewards enter the statistics):
 ``W_i = exp(alpha log U_i + (1 - alpha) log L_i)`` (a zero exponent drops its factor; NaN where U or
 L is NaN; -inf marks a negative or infinite U or L, which sets the error flag: see
-gtalign_fast._device_checks);
+gtalign_fast.ops._device_checks);
 ``mean_g``, ``std_g`` (population or Bessel, 0 below two valid rewards), ``all_equal_g`` (the valid
 rewards are all the same number: exact min == max, vacuous below two);
 ``A_i = (W_i - mean_g) / (std + eps)`` with the group's or the batch's std, or ``W_i - mean_g``;
@@ -31,10 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
-from gtalign_fast import _device_checks as device_checks
-from gtalign_fast import _welfare_constants as constants
+from gtalign_fast.ops import _device_checks as device_checks
+from gtalign_fast.ops import _welfare_constants as constants
 
-# The scale modes are defined once, in gtalign_fast/_welfare_constants.py (the C++ and CUDA kernels
+# The scale modes are defined once, in gtalign_fast/ops/_welfare_constants.py (the C++ and CUDA kernels
 # read them from csrc/welfare_advantages_common.h). Triton reads a global inside @triton.jit code
 # only when it is a tl.constexpr.
 SCALE_BATCH = tl.constexpr(constants.SCALE_BATCH)
@@ -308,7 +308,7 @@ def welfare_advantages(
 ) -> None:
     """Launch the kernel once; fills every output (same contract as the C++ op). Invalid offsets
     and negative or infinite rewards set ``ERR_GROUP_OFFSETS`` / ``ERR_NONFINITE_REWARD`` in
-    ``error_flag`` (int32 ``[1]``, see ``gtalign_fast._device_checks``; default: the device's flag).
+    ``error_flag`` (int32 ``[1]``, see ``gtalign_fast.ops._device_checks``; default: the device's flag).
     The layout is checked here (metadata only), as the C++ kernels check it."""
     n_rows = user.numel()
     n_groups = offsets.numel() - 1 if offsets is not None else (n_rows // group_size if group_size >= 1 else -1)

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from gtalign_fast import _backend  # noqa: E402
+from gtalign_fast.ops import _backend  # noqa: E402
 
 # Backends the kernel tests compare with the reference on this machine (CPU tensors); on a GPU
 # machine the CUDA backends are added and the tensors move there.

@@ -17,7 +17,7 @@ from types import ModuleType
 import pytest
 import triton.language as tl
 
-from gtalign_fast import (
+from gtalign_fast.ops import (
     _device_checks,
     _grpo_constants,
     _sample_constants,

@@ -1,4 +1,4 @@
-"""gtalign_fast._device_checks: the per-device error flag kernels set instead of a host sync."""
+"""gtalign_fast.ops._device_checks: the per-device error flag kernels set instead of a host sync."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from gtalign_fast import _device_checks as checks
+from gtalign_fast.ops import _device_checks as checks
 
 from .test_constants import mismatches, python_constants
 
@@ -206,7 +206,7 @@ def _gpu_op_calls():
 
 
 def _runs_on_cuda(op: str, backend: str) -> bool:
-    from gtalign_fast import _backend, _logits_grpo_loss
+    from gtalign_fast.ops import _backend, _logits_grpo_loss
 
     if op in ("logits_grpo_loss", "linear_grpo_loss"):  # their own backends: no CUDA C++ kernel
         return _logits_grpo_loss.why_unavailable(backend, torch.device("cuda")) is None

@@ -274,7 +274,7 @@ def test_call_reward_funcs_makes_a_judge_failure_missing():
     """per_func, U and L are NaN where the judge failed (so the advantages leave them out), counted."""
     import torch
 
-    from gtalign_fast.scoring import RewardSpec, call_reward_funcs
+    from gtalign_fast.training.scoring import RewardSpec, call_reward_funcs
 
     reward, texts, expected = _flaky_batch()
     scores = call_reward_funcs([RewardSpec.of(reward)], prompts=["q"] * 4, completions=texts,
@@ -290,8 +290,8 @@ def test_call_reward_funcs_makes_a_judge_failure_missing():
 def test_batch_advantages_counts_judge_failures_and_stops_past_the_rate():
     import torch
 
-    from gtalign_fast.distributed import Dist
-    from gtalign_fast.scoring import RewardSpec, batch_advantages, call_reward_funcs
+    from gtalign_fast.training.distributed import Dist
+    from gtalign_fast.training.scoring import RewardSpec, batch_advantages, call_reward_funcs
 
     reward, texts, _ = _flaky_batch()
     specs = [RewardSpec.of(reward)]

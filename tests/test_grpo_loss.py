@@ -271,7 +271,7 @@ def test_torch_compile_fullgraph(compiler):
 
 def test_custom_op_registration():
     # Schema, fake kernel and autograd registration agree with the real kernels.
-    from gtalign_fast import _grpo_loss
+    from gtalign_fast.ops import _grpo_loss
 
     logp, old, ref, advantages, mask = _inputs(3, 5, seed=31)
     backend = kernel_backends()[0] if kernel_backends() else "reference"
@@ -350,7 +350,7 @@ def test_matches_trl_when_installed():
 def test_eager_path_equals_custom_op(backend, level):
     """Plain eager calls skip the custom op (an autograd.Function over the same forward and
     backward); through the op (as torch.compile and export take it) the results are the same bits."""
-    from gtalign_fast import _op
+    from gtalign_fast.ops import _op
 
     logp, old, ref, advantages, mask = _inputs(5, 37, seed=32)
     options = dict(ref_logp=None, beta=0.04, epsilon_high=0.28, importance_sampling_level=level, loss_type="dapo",
@@ -381,7 +381,7 @@ def test_one_launch_per_direction_on_cuda(backend, loss_type):
     rows), besides nothing: no cast, no reduction, no host read. A bool mask, float32 inputs."""
     from torch.profiler import DeviceType, ProfilerActivity, profile
 
-    from gtalign_fast import _backend
+    from gtalign_fast.ops import _backend
 
     generator = torch.Generator(device=DEVICE).manual_seed(3)
     logp = torch.randn(16, 1024, device=DEVICE, generator=generator).requires_grad_(True)

@@ -1,4 +1,4 @@
-"""The verl plugin (gtalign_fast/integrations/verl.py) against verl's own code.
+"""The verl plugin (gtalign_fast/integrations/verl/__init__.py) against verl's own code.
 
 verl 0.9 lives in its own virtual environment, ``.venv-verl`` (``.ci/setup`` builds it: verl's pins clash with
 ours). The tests that need verl run ``.venv-verl/bin/python`` in a subprocess (one fresh interpreter per script,
@@ -71,7 +71,7 @@ from verl.trainer.config import AlgoConfig
 from verl.trainer.ppo import core_algos
 from verl.workers.config import ActorConfig
 import gtalign_fast.integrations.verl as plugin
-from gtalign_fast import _backend
+from gtalign_fast.ops import _backend
 from gtalign_fast.ops import grpo_loss
 
 MODES = %(modes)r
@@ -111,7 +111,7 @@ backends = [b for b in _backend.available_backends("cpu", "grpo_loss")]
 losses = {}
 with _backend.poison_outputs(True):
     for backend in backends:
-        plugin.grpo_loss = functools.partial(grpo_loss, backend=backend)
+        plugin.loss.grpo_loss = functools.partial(grpo_loss, backend=backend)
         full = backend == backends[0]  # the default backend over every case, the others on the plain ones
         for verl_mode, ours in (("vanilla", "gtalign_fast"), ("gspo", "gtalign_fast_gspo")):
             for agg in MODES:
@@ -123,7 +123,7 @@ with _backend.poison_outputs(True):
                         losses[key] = {"verl": run(verl_mode, agg, info, weighted, inputs),
                                        "ours": run(ours, agg, info, weighted, inputs),
                                        "backend": _backend.last_backend("grpo_loss")}
-    plugin.grpo_loss = grpo_loss
+    plugin.loss.grpo_loss = grpo_loss
 
 # Advantages: groups of 2..5 in shuffled order, W on the last response token.
 g = torch.Generator().manual_seed(1)

@@ -12,8 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from gtalign_fast import ops, reference
-from gtalign_fast._grpo_chunks import why_unavailable
-from gtalign_fast._linear_grpo_loss import default_chunk_tokens
+from gtalign_fast.ops._grpo_chunks import why_unavailable
+from gtalign_fast.ops._linear_grpo_loss import default_chunk_tokens
 
 from .conftest import DEVICE
 from .test_logits_grpo_loss import BACKENDS, CLIPS, _configurations

@@ -12,10 +12,10 @@ import torch
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
-from gtalign_fast import _device_checks as checks
-from gtalign_fast import _linear_token_logprobs as module
 from gtalign_fast import ops, reference
 from gtalign_fast.kernels import linear_token_logprobs_chunked as chunked
+from gtalign_fast.ops import _device_checks as checks
+from gtalign_fast.ops import _linear_token_logprobs as module
 
 from .conftest import DEVICE
 

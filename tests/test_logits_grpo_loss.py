@@ -9,8 +9,9 @@ import itertools
 import pytest
 import torch
 
-from gtalign_fast import _backend, _device_checks, ops, reference
-from gtalign_fast._grpo_chunks import why_unavailable
+from gtalign_fast import ops, reference
+from gtalign_fast.ops import _backend, _device_checks
+from gtalign_fast.ops._grpo_chunks import why_unavailable
 
 from .conftest import DEVICE
 
@@ -180,7 +181,7 @@ def test_host_target_check_covers_the_reference_backend_on_any_device():
     """The reference backend gathers with the targets unchecked (on CUDA a bad id would be a
     device-side assert), so its ids are checked on the host whatever the device; the Triton kernels
     check them on the device (nothing read on the host for CUDA logits). Only counted ids matter."""
-    from gtalign_fast._grpo_chunks import check_targets
+    from gtalign_fast.ops._grpo_chunks import check_targets
 
     targets = torch.tensor([[0, 9, 2]])
     mask = torch.tensor([[1, 1, 0]])
@@ -195,7 +196,7 @@ def test_host_target_check_covers_the_reference_backend_on_any_device():
 def test_default_backend_warns_when_it_falls_back_to_the_reference(monkeypatch):
     """Without the C++ extension the default is the reference (materialised logits, autograd): said
     with a RuntimeWarning, as _backend does for the other ops, never silently."""
-    from gtalign_fast import _grpo_chunks
+    from gtalign_fast.ops import _grpo_chunks
 
     monkeypatch.setattr(_grpo_chunks._backend, "why_unavailable", lambda name, device: "no extension here")
     with pytest.warns(RuntimeWarning, match="reference backend"):

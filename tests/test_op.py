@@ -1,4 +1,4 @@
-"""The op-definition helper (gtalign_fast._op.Op) on a toy op: one schema from the declaration,
+"""The op-definition helper (gtalign_fast.ops._op.Op) on a toy op: one schema from the declaration,
 the same results on the eager path and through the custom op, a fake kernel from the output
 declaration, autograd on both paths, backend choice and the stale-extension check."""
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from gtalign_fast import _backend, _op
-from gtalign_fast._op import Op, Output
+from gtalign_fast.ops import _backend, _op
+from gtalign_fast.ops._op import Op, Output
 
 
 class ScaleOptions(NamedTuple):

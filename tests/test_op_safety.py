@@ -13,12 +13,12 @@ import textwrap
 import pytest
 import torch
 
-from gtalign_fast import _device_checks as checks
 from gtalign_fast import ops
+from gtalign_fast.ops import _device_checks as checks
 
 from .conftest import DEVICE, kernel_backends
 
-# The smallest temperature with a finite float32 1/T (gtalign_fast._token_logprobs.MIN_TEMPERATURE).
+# The smallest temperature with a finite float32 1/T (gtalign_fast.ops._token_logprobs.MIN_TEMPERATURE).
 MIN_TEMPERATURE = 1.0 / torch.finfo(torch.float32).max
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +261,7 @@ _LOW_LEVEL_CALLS = {
 }
 
 # What each call raises: an id outside the tensor is an IndexError, invalid group offsets a
-# ValueError (as the public op and gtalign_fast._device_checks.ERR_GROUP_OFFSETS raise them).
+# ValueError (as the public op and gtalign_fast.ops._device_checks.ERR_GROUP_OFFSETS raise them).
 _EXPECTED_ERROR = {"welfare_offsets": "ValueError"}
 
 _BAD_VALUES = {
@@ -315,7 +315,7 @@ def _triton_kernels(name: str):
 
 
 def _backend_names() -> list[str]:
-    from gtalign_fast import _backend
+    from gtalign_fast.ops import _backend
 
     return list(_backend.available_backends(DEVICE))
 
@@ -338,7 +338,7 @@ def _assert_padding_untouched(buffer, poison=_POISON):
 @pytest.mark.parametrize("scale_mode", ["group", "batch", "none"])
 @pytest.mark.parametrize("offsets", [[0, 3, 9], [-5, 3, 6], [0, 5, 2, 6], [-3, 8], [2, 1, 7], [7, 9, 6]])
 def test_triton_welfare_clamps_group_offsets_into_the_rows(offsets, scale_mode):
-    from gtalign_fast import _welfare_constants as constants
+    from gtalign_fast.ops import _welfare_constants as constants
 
     kernels = _triton_kernels("welfare_advantages")
     n, t, g = 6, 5, len(offsets) - 1
@@ -374,7 +374,7 @@ def test_triton_welfare_clamps_group_offsets_into_the_rows(offsets, scale_mode):
 
 
 def test_triton_welfare_clamps_leave_valid_offsets_unchanged():
-    from gtalign_fast import _welfare_constants as constants
+    from gtalign_fast.ops import _welfare_constants as constants
 
     kernels = _triton_kernels("welfare_advantages")
     generator = torch.Generator().manual_seed(2)
@@ -534,7 +534,7 @@ def test_logits_grpo_loss_bad_target_is_flagged_lazily(lazy_checks, monkeypatch)
     """On CUDA the host target check is skipped (check_targets; turned off here as it is there): the
     kernels flag a counted id outside [0, V) (NaN loss), a masked-out one is never read."""
     _need_triton()
-    from gtalign_fast import _logits_grpo_loss
+    from gtalign_fast.ops import _logits_grpo_loss
 
     monkeypatch.setattr(_logits_grpo_loss, "check_targets", lambda *args: None)
     generator = torch.Generator().manual_seed(13)
@@ -709,7 +709,7 @@ def test_logits_and_linear_grpo_loss_read_nothing_on_the_host(no_host_reads, mon
     """The trainer's default loss path. Their only host read is the target check that runs on CPU
     tensors by design (free there; on CUDA the kernels flag bad ids): turned off here as on CUDA."""
     _need_triton()
-    from gtalign_fast import _linear_grpo_loss, _logits_grpo_loss
+    from gtalign_fast.ops import _linear_grpo_loss, _logits_grpo_loss
 
     for module in (_logits_grpo_loss, _linear_grpo_loss):
         monkeypatch.setattr(module, "check_targets", lambda *args: None)
@@ -731,7 +731,7 @@ def test_logits_and_linear_grpo_loss_read_nothing_on_the_host(no_host_reads, mon
 
 def test_the_host_read_guard_catches_a_sync():
     """The guard above must be able to fail: the old range check (bool(tensor.any())) trips it."""
-    from gtalign_fast._token_logprobs import check_target_range
+    from gtalign_fast.ops._token_logprobs import check_target_range
 
     with pytest.MonkeyPatch.context() as patch:
         for name in _HOST_READS:
@@ -749,7 +749,7 @@ def test_the_host_read_guard_catches_a_sync():
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "bnpo", "dr_grpo"])
 @pytest.mark.parametrize("seq_level", [False, True])
 def test_triton_grpo_one_launch_forward_matches_two_launches(loss_type, seq_level):
-    from gtalign_fast import _grpo_loss
+    from gtalign_fast.ops import _grpo_loss
 
     kernels = _triton_kernels("grpo_loss")
     generator = torch.Generator().manual_seed(11)

@@ -24,9 +24,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gtalign_fast import GRPOTrainer, checkpoint
-from gtalign_fast.checkpoint import CheckpointSaveError
-from gtalign_fast.preemption import LOCK_FILE, PREEMPTED_EXIT_CODE, OutputDirLocked
+from gtalign_fast import GRPOTrainer
+from gtalign_fast.training import checkpoint
+from gtalign_fast.training.checkpoint import CheckpointSaveError
+from gtalign_fast.training.preemption import LOCK_FILE, PREEMPTED_EXIT_CODE, OutputDirLocked
 from tests.test_trainer import install_missing_ops, read_metrics, sgd_trainer, toy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,7 +196,9 @@ def test_a_file_size_limit_names_the_checkpoint_file_and_efbig(tmp_path, target)
     output_dir = tmp_path / "run"
     failed = run(output_dir, "--save-steps", "1", "--fsize-target", target)
     assert failed.returncode == 1, failed.stderr[-3000:]
-    (line,) = [x for x in failed.stderr.splitlines() if x.startswith("gtalign_fast.checkpoint.CheckpointSaveError")]
+    (line,) = [
+        x for x in failed.stderr.splitlines() if x.startswith("gtalign_fast.training.checkpoint.CheckpointSaveError")
+    ]
     assert "checkpoint-2 failed writing" in line and f"tmp-checkpoint-2/{target}: EFBIG" in line, line
     assert "the partial folder" in line and "was removed" in line
     assert _complete_steps(output_dir) == [1]
@@ -358,7 +361,7 @@ def test_overwrite_output_dir_defaults_to_false_and_grace_is_checked(tmp_path):
 
 
 def test_the_reward_failure_warning_names_the_step(tmp_path, trainer_log):
-    from gtalign_fast.scoring import RewardSpec
+    from gtalign_fast.training.scoring import RewardSpec
 
     calls = []
 

@@ -9,8 +9,8 @@ import random
 import pytest
 import torch
 
-from gtalign_fast.detokenize import IncrementalText, TagScanner
-from gtalign_fast.sampler import SteeringSampler
+from gtalign_fast.sampling.detokenize import IncrementalText, TagScanner
+from gtalign_fast.sampling.sampler import SteeringSampler
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -196,8 +196,8 @@ def test_rows_do_not_depend_on_slots(qwen, tokenizer, cache):
 
 
 def test_static_cache_compacts_and_grows_when_full(qwen, tokenizer, monkeypatch):
-    import gtalign_fast.sampler as sampler_module
-    import gtalign_fast.static_cache as static_cache
+    import gtalign_fast.sampling.sampler as sampler_module
+    import gtalign_fast.sampling.static_cache as static_cache
 
     made = []
 
@@ -257,7 +257,7 @@ def _model_with_attention(tokenizer, attention):
 
 
 def test_cpu_never_takes_the_graph(qwen, tokenizer, monkeypatch):
-    import gtalign_fast.sampler as sampler_module
+    import gtalign_fast.sampling.sampler as sampler_module
 
     def refuse(*args, **kwargs):
         raise AssertionError("the CUDA graph step was built on CPU")
@@ -270,8 +270,8 @@ def test_cpu_never_takes_the_graph(qwen, tokenizer, monkeypatch):
 def test_sync_checks_keep_the_graph_off(qwen, tokenizer, monkeypatch):
     """GTALIGN_FAST_SYNC_CHECKS reads the error flag after every launch: a host sync, which a CUDA
     graph capture refuses, so the decode step stays eager."""
-    import gtalign_fast.sampler as sampler_module
-    from gtalign_fast._device_checks import sync_checks
+    import gtalign_fast.sampling.sampler as sampler_module
+    from gtalign_fast.ops._device_checks import sync_checks
 
     built = []
     monkeypatch.setattr(sampler_module, "graph_supported", lambda device: True)
@@ -369,8 +369,8 @@ def test_graph_step_logic_on_cpu_equals_the_eager_step(qwen, tokenizer, monkeypa
     column, the mask, forward + sample_ fused, the next draw made with the step) run eagerly on
     CPU in place of capture / replay: the same rows as the eager static path, re-fed blocks,
     refills, compaction and steering included."""
-    import gtalign_fast.decode_graph as decode_graph
-    import gtalign_fast.sampler as sampler_module
+    import gtalign_fast.sampling.decode_graph as decode_graph
+    import gtalign_fast.sampling.sampler as sampler_module
 
     replays = []
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gtalign_fast import _device_checks, ops, reference
-from gtalign_fast import _sample_constants as constants
-from gtalign_fast._sample import uniform_noise
-from gtalign_fast._seeds import batch_row_seeds
+from gtalign_fast import ops, reference
+from gtalign_fast.ops import _device_checks
+from gtalign_fast.ops import _sample_constants as constants
+from gtalign_fast.ops._sample import uniform_noise
+from gtalign_fast.ops._seeds import batch_row_seeds
 
 from .conftest import DEVICE, kernel_backends
 
@@ -338,7 +339,7 @@ def test_fake_tensor_shapes():
     # The fake (meta) kernel gives the output shapes without running a backend.
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from gtalign_fast._sample import OP_DEF
+    from gtalign_fast.ops._sample import OP_DEF
 
     with FakeTensorMode():
         logits = torch.empty(3, 11)
@@ -457,7 +458,7 @@ def _low_level_args(batch, forced, ids=None, values=None):
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="no Triton backend here")
 def test_triton_out_of_range_ids_flag_and_stay_inside():
-    from gtalign_fast._device_checks import ERR_FORCED_TOKEN, ERR_TARGET_RANGE
+    from gtalign_fast.ops._device_checks import ERR_FORCED_TOKEN, ERR_TARGET_RANGE
 
     kernels = _triton_kernels()
     batch, vocab, pad = 5, 40, 9
@@ -486,7 +487,7 @@ def test_low_level_op_refuses_out_of_range_forced_token(backend):
     """The registered op (what torch.compile and direct callers reach) with an out-of-range forced
     id: an IndexError naming it on every backend (Triton: through the device flag), and the
     padding around the logits untouched."""
-    from gtalign_fast._sample import OP_DEF
+    from gtalign_fast.ops._sample import OP_DEF
 
     batch, vocab, pad = 4, 30, 6
     storage, view, outside = _padded_logits(batch, vocab, pad)
@@ -530,7 +531,7 @@ def test_triton_flags_bad_values_instead_of_reading_them_on_the_host():
 def test_duplicate_bias_ids_set_the_flag_on_the_device():
     """The Triton path's duplicate check (device ops, no host read): repeated padding is fine, a
     token named twice in one row sets ERR_SAMPLE_INPUT (the same rule the host check applies)."""
-    from gtalign_fast._sample import _flag_duplicate_biases
+    from gtalign_fast.ops._sample import _flag_duplicate_biases
 
     flag = torch.zeros(1, dtype=torch.int32, device=DEVICE)
     _flag_duplicate_biases(torch.tensor([[1, -1, -1], [2, 3, 4]], device=DEVICE), flag)
@@ -541,7 +542,7 @@ def test_duplicate_bias_ids_set_the_flag_on_the_device():
 
 def test_int_seed_rows_equal_batch_row_seeds():
     # The device-side construction of per-row seeds (no host -> device copy) is the documented one.
-    from gtalign_fast._sample import _row_seeds
+    from gtalign_fast.ops._sample import _row_seeds
 
     for seed in (0, 123, -1, 2**63 - 1, -(2**63), 2**64 + 5):
         assert torch.equal(_row_seeds(seed, 9, DEVICE), batch_row_seeds(seed, 9, DEVICE))
@@ -582,7 +583,7 @@ import inspect
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from gtalign_fast import _sample_constants as constants
+from gtalign_fast.ops import _sample_constants as constants
 from gtalign_fast.kernels import sample as K
 
 INTS = {"stride_b": "i64", "stride_v": "i64", "min_temperature": "fp32"}

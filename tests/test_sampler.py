@@ -12,7 +12,7 @@ import torch
 
 from gtalign_fast.game.chain import PAYOFF_KEYS, format_payoff, parse_payoff
 from gtalign_fast.game.pricing import PricingPolicy
-from gtalign_fast.sampler import SteeringSampler
+from gtalign_fast.sampling.sampler import SteeringSampler
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gtalign_fast import _device_checks, ops, reference
-from gtalign_fast._token_logprobs import rows_view
+from gtalign_fast import ops, reference
+from gtalign_fast.ops import _device_checks
+from gtalign_fast.ops._token_logprobs import rows_view
 
 from .conftest import DEVICE, kernel_backends
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from gtalign_fast import GRPOConfig, GRPOTrainer, ops, reference
-from gtalign_fast.scoring import RewardScores, RewardSpec, is_welfare_reward
+from gtalign_fast.training.scoring import RewardScores, RewardSpec, is_welfare_reward
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "toy_gtalign_game.py"
 
@@ -289,7 +289,7 @@ def test_one_extreme_plain_reward_leaves_other_groups_alone(tmp_path):
 @pytest.mark.parametrize("unbiased", [True, False])
 def test_group_advantages_match_the_welfare_op_statistics(scale, unbiased):
     # For non-negative rewards, W = r^1 * 1^0 in the welfare reference gives the same statistics
-    from gtalign_fast.scoring import group_advantages
+    from gtalign_fast.training.scoring import group_advantages
 
     g = 4
     rewards = torch.tensor([0.5, 1.5, 0.0, 2.0,  # a plain group
@@ -313,14 +313,14 @@ def test_group_advantages_match_the_welfare_op_statistics(scale, unbiased):
 
 
 def test_group_advantages_reject_infinite_rewards():
-    from gtalign_fast.scoring import group_advantages
+    from gtalign_fast.training.scoring import group_advantages
 
     with pytest.raises(ValueError, match="finite"):
         group_advantages(torch.tensor([1.0, math.inf, 0.0, 2.0]), 2)
 
 
 def test_reward_specs_hold_every_reward_function(tmp_path):
-    from gtalign_fast.scoring import reward_specs, single_welfare
+    from gtalign_fast.training.scoring import reward_specs, single_welfare
 
     tokenizer = toy.build_tokenizer()
     welfare = toy.ToyWelfareReward(tokenizer)

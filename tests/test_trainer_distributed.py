@@ -26,9 +26,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gtalign_fast.distributed import full_value
-from gtalign_fast.rollout import pad_rows
-from gtalign_fast.trainer import Generation
+from gtalign_fast.training.distributed import full_value
+from gtalign_fast.training.rollout import pad_rows
+from gtalign_fast.training.trainer import Generation
 from tests.test_trainer import install_missing_ops, toy
 
 GLOBAL_COMPLETIONS = 32  # 4 prompts x 8 generations per step, all processes together

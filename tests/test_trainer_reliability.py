@@ -15,9 +15,10 @@ import shutil
 import pytest
 import torch
 
-from gtalign_fast import GRPOTrainer, checkpoint
-from gtalign_fast.preemption import LOCK_FILE
-from gtalign_fast.scoring import RewardSpec, call_reward_funcs
+from gtalign_fast import GRPOTrainer
+from gtalign_fast.training import checkpoint
+from gtalign_fast.training.preemption import LOCK_FILE
+from gtalign_fast.training.scoring import RewardSpec, call_reward_funcs
 from tests.test_trainer import install_missing_ops, read_metrics, sgd_trainer, toy
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gtalign_fast import _backend, _device_checks, ops, reference
+from gtalign_fast import ops, reference
+from gtalign_fast.ops import _backend, _device_checks
 
 from .conftest import DEVICE, kernel_backends
 
@@ -422,7 +423,7 @@ def test_torch_compile_fullgraph(with_mask):
 
 
 def test_custom_op_registration():
-    from gtalign_fast import _welfare_advantages
+    from gtalign_fast.ops import _welfare_advantages
 
     backend = kernel_backends()[0] if kernel_backends() else "reference"
     user, llm = _rewards(12, seed=20, missing=0.0)  # opcheck compares outputs without equal_nan
@@ -443,10 +444,10 @@ def test_custom_op_registration():
 @pytest.mark.parametrize("scale", ["group", "batch"])
 def test_one_launch_on_cuda(backend, scale):
     """The whole op is one kernel launch: bad offsets and rewards are flagged by the kernel itself
-    (gtalign_fast._device_checks), with no reduction or host read after it."""
+    (gtalign_fast.ops._device_checks), with no reduction or host read after it."""
     from torch.profiler import DeviceType, ProfilerActivity, profile
 
-    from gtalign_fast import _backend
+    from gtalign_fast.ops import _backend
 
     user, llm = _rewards(65536, seed=30)
     mask = torch.ones(65536, 16, dtype=torch.bool, device=DEVICE)

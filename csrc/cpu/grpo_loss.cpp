@@ -468,7 +468,7 @@ void grpo_loss_fwd_cpu(const at::Tensor& logp, const std::optional<at::Tensor>& 
                        double const_weight, at::Tensor& loss, at::Tensor& metrics, at::Tensor& row_stats,
                        at::Tensor& row_weights, const std::optional<at::Tensor>& error_flag,
                        const std::optional<at::Tensor>& /*finalize_counter: the CUDA kernel's one-launch path*/) {
-  // The error flag (gtalign_fast/_device_checks.py) is for the CUDA kernel, which cannot raise
+  // The error flag (gtalign_fast/ops/_device_checks.py) is for the CUDA kernel, which cannot raise
   // without a host sync; here a bad num_items raises directly (the flag is left untouched).
   error_flag_data(error_flag, logp, "grpo_loss");
   check_inputs(logp, old_logp, ref_logp, advantages, mask);

@@ -187,7 +187,7 @@ void check_targets(const at::Tensor& targets, int64_t vocab, int64_t ignore_inde
 void token_logprobs_fwd_cpu(const at::Tensor& logits3d, const at::Tensor& targets, double inv_temperature,
                             int64_t ignore_index, at::Tensor& logp, at::Tensor& entropy, at::Tensor& stats,
                             const std::optional<at::Tensor>& error_flag) {
-  // The error flag (gtalign_fast/_device_checks.py) is for the CUDA kernel, which cannot raise
+  // The error flag (gtalign_fast/ops/_device_checks.py) is for the CUDA kernel, which cannot raise
   // without a host sync; here a bad target raises directly (the flag is left untouched).
   error_flag_data(error_flag, logits3d, "token_logprobs");
   TORCH_CHECK(logits3d.dim() == 3, "token_logprobs: logits must be a [D0, D1, V] view");

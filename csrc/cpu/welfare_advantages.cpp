@@ -536,7 +536,7 @@ void welfare_advantages_cpu(const at::Tensor& user, const at::Tensor& llm, const
                             const std::optional<at::Tensor>& mask, at::Tensor& welfare, at::Tensor& advantages,
                             at::Tensor& group_mean, at::Tensor& group_std, at::Tensor& group_all_equal,
                             at::Tensor& token_advantages, const std::optional<at::Tensor>& error_flag) {
-  // The error flag (gtalign_fast/_device_checks.py) is for the CUDA kernel, which cannot raise
+  // The error flag (gtalign_fast/ops/_device_checks.py) is for the CUDA kernel, which cannot raise
   // without a host sync; here bad offsets and rewards raise directly (the flag is left untouched).
   error_flag_data(error_flag, user, "welfare_advantages");
   const int64_t n_rows = user.numel();

@@ -150,7 +150,7 @@ __device__ void finalize_block(const float* stats, const Finalize& f, int64_t ba
   if (f.mode == kTokenMean) shared_weight = 1.0f / total_tokens;
   if (f.mode == kNormaliserTensor) {
     // num_items_in_batch as a device tensor: not finite and > 0 sets the error flag (reported
-    // without a host sync, gtalign_fast/_device_checks.py) and makes the loss NaN.
+    // without a host sync, gtalign_fast/ops/_device_checks.py) and makes the loss NaN.
     const float n = f.num_items[0];
     const bool bad = !(n > 0.0f && n < INFINITY);
     if (bad && threadIdx.x == 0 && f.error_flag != nullptr) atomicOr(f.error_flag, static_cast<int>(kErrNumItems));

@@ -96,7 +96,7 @@ __global__ void __launch_bounds__(kThreads) token_logprobs_fwd_kernel(
     const float log_s = logf(state.s);
     // (y_t - m) - log s, never m + log s: at |y| ~ 1e4 that sum alone rounds by 1e-3.
     // A target outside [0, vocab) reads nothing: its logp is NaN and it sets the error flag, which
-    // the wrapper reports without a host sync (gtalign_fast/_device_checks.py), as the Triton kernel does.
+    // the wrapper reports without a host sync (gtalign_fast/ops/_device_checks.py), as the Triton kernel does.
     if (target >= 0 && target < vocab) {
       logp[row] = (static_cast<float>(row_ptr[target * stride_v]) * inv_t - state.m) - log_s;
     } else {

@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from gtalign_fast import ops
-from gtalign_fast._grpo_objective import GrpoObjective, cached_objective
 from gtalign_fast.game.reward import GTAlignReward, RewardBatch
+from gtalign_fast.ops._grpo_objective import GrpoObjective, cached_objective
 
 __all__ = [
     "TRLGTAlignReward", "gtalign_reward_func", "patch_grpo_trainer", "install_fused_head", "head_logprobs",

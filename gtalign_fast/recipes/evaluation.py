@@ -104,8 +104,8 @@ def generate_and_score(
     """
     from tqdm.auto import tqdm
 
-    from ..rollout import tokenize_prompts
-    from ..sampler import SteeringSampler
+    from ..sampling.sampler import SteeringSampler
+    from ..training.rollout import tokenize_prompts
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -123,7 +123,7 @@ def generate_and_score(
             ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             seed=[seed + i for i in batch], **extra,
         )
-        # what the trainer's reward sees (gtalign_fast.scoring.score_completions): special tokens such as
+        # what the trainer's reward sees (gtalign_fast.training.scoring.score_completions): special tokens such as
         # the closing EOS dropped (the format rule wants nothing after </response>), chat-shaped completions
         texts = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
         completions = [t if isinstance(p, str) else [{"role": "assistant", "content": t}]

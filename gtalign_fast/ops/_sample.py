@@ -1,10 +1,10 @@
 """``sample_``: the public op and its backends.
 
-One :class:`~gtalign_fast._op.Op` (custom op ``gtalign_fast::sample_``) mutates the logits buffer
+One :class:`~gtalign_fast.ops._op.Op` (custom op ``gtalign_fast::sample_``) mutates the logits buffer
 in place and returns the tokens, both log-probs and a per-row status word. No host
 synchronisation on CUDA: the public function checks scalar arguments and metadata on the host,
 and the values of CUDA tensors (per-row parameters, forced ids, bias ids, NaN logits) are checked
-by the Triton kernel, which sets a bit of the device error flag (:mod:`gtalign_fast._device_checks`,
+by the Triton kernel, which sets a bit of the device error flag (:mod:`gtalign_fast.ops._device_checks`,
 raised by :func:`~gtalign_fast.ops.check_device_errors` or at once with
 ``GTALIGN_FAST_SYNC_CHECKS=1``). On CPU tensors every check runs on the host before the kernel and
 a bad row raises after it, with the row and the value. Sampling has no gradient, so no autograd is
@@ -18,7 +18,8 @@ import numbers
 
 import torch
 
-from . import _device_checks, reference
+from .. import reference
+from . import _device_checks
 from . import _sample_constants as constants
 from ._device_checks import error_flag
 from ._op import Op, Output, extension_kernel
@@ -278,7 +279,7 @@ def _check_values(vocab, temperature, top_k, top_p, min_p, forced, bias_ids, bia
 
 
 def _row_seeds(seed: int, batch: int, device: torch.device) -> torch.Tensor:
-    """``seed + row * GOLDEN`` mod 2**64 (``gtalign_fast._seeds.batch_row_seeds``), built on the
+    """``seed + row * GOLDEN`` mod 2**64 (``gtalign_fast.ops._seeds.batch_row_seeds``), built on the
     device: int64 arithmetic wraps mod 2**64, and no host -> device copy (a sync on CUDA) is made."""
     rows = torch.arange(batch, dtype=torch.int64, device=device)
     return rows * signed64(GOLDEN) + signed64(seed)

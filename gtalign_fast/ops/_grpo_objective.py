@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from . import reference
+from .. import reference
 from ._grpo_constants import (
     LOSS_NORMALISERS,
     LOSS_TYPES,
@@ -353,7 +353,7 @@ class GrpoObjective:
 
     @classmethod
     def from_config(cls, args) -> GrpoObjective:
-        """From a :class:`~gtalign_fast.grpo_config.GRPOConfig` (TRL's field names)."""
+        """From a :class:`~gtalign_fast.GRPOConfig` (TRL's field names)."""
         return cls(
             beta=args.beta, epsilon_low=args.epsilon, epsilon_high=args.epsilon_high, delta=args.delta,
             dual_clip=args.dual_clip, loss_type=args.loss_type,

@@ -111,7 +111,7 @@ def validate_dataset(dataset: Any, rewards: Sequence[Any]) -> None:
     row (a column missing from some rows would otherwise reach the reward functions for some
     batches only). Raises ValueError naming the first bad row and column.
 
-    ``rewards``: the trainer's :class:`~gtalign_fast.scoring.RewardSpec` list (``.func``, ``.name``).
+    ``rewards``: the trainer's :class:`~gtalign_fast.training.scoring.RewardSpec` list (``.func``, ``.name``).
     """
     needed: dict[str, str] = {}
     for spec in rewards:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 
-from . import ops
+from .. import ops
 from .distributed import is_dtensor
 
 if TYPE_CHECKING:

@@ -1,6 +1,6 @@
 """``token_logprobs``: the public op and its backends.
 
-Forward and backward are two :class:`~gtalign_fast._op.Op` (custom ops
+Forward and backward are two :class:`~gtalign_fast.ops._op.Op` (custom ops
 ``gtalign_fast::token_logprobs`` and ``gtalign_fast::token_logprobs_backward``); autograd links
 them. Each resolves its backend at run time (inside the op), so a compiled graph keeps working
 when the backend changes.
@@ -13,7 +13,8 @@ from typing import NamedTuple
 
 import torch
 
-from . import _device_checks, reference
+from .. import reference
+from . import _device_checks
 from ._device_checks import error_flag
 from ._op import Op, Output, compiled_backends
 from ._token_logprobs_constants import NUM_STATS
@@ -110,11 +111,11 @@ def _forward_reference(logits, targets, options, logp, entropy, stats):
         entropy.copy_(ref_entropy)
 
 
-def _forward_kernel(launch, logits, targets, options, logp, entropy, stats) -> None:
+def forward_kernel(launch, logits, targets, options, logp, entropy, stats) -> None:
     """Call a kernel (the Triton launcher and the C++/CUDA kernels share one signature) on rows read in
     place and flat outputs. The kernels check the targets themselves: the C++ CPU kernel raises, the
     Triton and CUDA kernels set the device's error flag (a bad row's logp is NaN), which
-    :func:`~gtalign_fast._device_checks.after_launch` raises on at once for CPU tensors and lazily
+    :func:`~gtalign_fast.ops._device_checks.after_launch` raises on at once for CPU tensors and lazily
     (no host sync) for CUDA ones."""
     if targets.numel() > 0:
         device = logits.device
@@ -140,7 +141,7 @@ FORWARD = Op(
     outputs=_forward_outputs,
     check=_check_forward,
     backends=compiled_backends(
-        _forward_kernel, triton="token_logprobs.token_logprobs_forward", extension="token_logprobs_fwd",
+        forward_kernel, triton="token_logprobs.token_logprobs_forward", extension="token_logprobs_fwd",
         reference=_forward_reference,
     ),
 )

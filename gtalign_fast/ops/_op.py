@@ -14,7 +14,7 @@ An op declares what is particular to it and nothing else:
   ``torch.compile`` does not trace them), and an autograd formula (:meth:`Op.register_autograd`).
 
 :class:`Op` does the rest, the same way for every op: backend resolution and
-:func:`~gtalign_fast.last_backend` (:mod:`gtalign_fast._backend`), output allocation (poisoned
+:func:`~gtalign_fast.last_backend` (:mod:`gtalign_fast.ops._backend`), output allocation (poisoned
 under test), the ``torch.library`` custom op with its fake kernel and autograd, and the eager
 bypass. The custom op is what ``torch.compile``, ``torch.export``, fake tensors and tensor
 subclasses see; a plain eager call runs the same functions directly (through a
@@ -162,8 +162,8 @@ class Op:
     mutates : tuple of str
         Names of the inputs written in place.
     availability, default : callable, optional
-        Replace :mod:`gtalign_fast._backend`'s rules for which backends can run and which is the
-        default (see :func:`gtalign_fast._backend.resolve`).
+        Replace :mod:`gtalign_fast.ops._backend`'s rules for which backends can run and which is the
+        default (see :func:`gtalign_fast.ops._backend.resolve`).
     """
 
     def __init__(

@@ -1,9 +1,9 @@
 """``grpo_loss``: the public op and its backends.
 
-Forward and backward are two :class:`~gtalign_fast._op.Op` (custom ops ``gtalign_fast::grpo_loss``
+Forward and backward are two :class:`~gtalign_fast.ops._op.Op` (custom ops ``gtalign_fast::grpo_loss``
 and ``gtalign_fast::grpo_loss_backward``); autograd links them. The forward returns, besides the
 loss and the metrics, two small per-row tensors the backward needs: ``row_stats [B, NUM_STATS]``
-(partial sums of each sequence, columns ``STAT_*`` of :mod:`gtalign_fast._grpo_constants`) and
+(partial sums of each sequence, columns ``STAT_*`` of :mod:`gtalign_fast.ops._grpo_constants`) and
 ``row_weights [B]`` (the weight of each sequence's token sum in the loss, which the aggregation
 mode fixes).
 """
@@ -225,7 +225,7 @@ FORWARD.register_autograd(_save, _backward, differentiable=(0,))
 
 
 def _check_logp(logp) -> None:
-    """``logp`` here; the loss arguments are checked by :func:`gtalign_fast._grpo_objective.validate`."""
+    """``logp`` here; the loss arguments are checked by :func:`gtalign_fast.ops._grpo_objective.validate`."""
     if not isinstance(logp, torch.Tensor):
         raise TypeError(f"grpo_loss: logp must be a tensor, got {type(logp).__name__}")
     if logp.dtype not in FLOAT_DTYPES:
@@ -326,7 +326,7 @@ def grpo_loss(
     kl_clamp : float, optional
         Bound on each token's k3 value, ``> 0``: ``kl = clip(kl, -kl_clamp, kl_clamp)``, no KL
         gradient where it binds. verl's ``low_var_kl`` clamps at 10
-        (:data:`gtalign_fast._grpo_constants.KL_LIMIT`; verl's plugin passes it); TRL and Liger do
+        (:data:`gtalign_fast.ops._grpo_constants.KL_LIMIT`; verl's plugin passes it); TRL and Liger do
         not clamp, nor does the default (None). Either way ``d`` is clamped to [-20, 20] first, as
         verl does (TRL does not; it only matters where TRL's KL exceeds ``exp(20) - 21``, 4.9e8).
     use_bias_correction_kl : bool, default False

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ._sample import sample_
+from ..ops._sample import sample_
 
 __all__ = ["GraphedDecodeStep", "graph_supported"]
 
@@ -39,7 +39,7 @@ def graph_supported(device: torch.device) -> bool:
 
 
 class GraphedDecodeStep:
-    """A captured width-1 decode step over a :class:`~gtalign_fast.static_cache.StaticKV`.
+    """A captured width-1 decode step over a :class:`~gtalign_fast.sampling.static_cache.StaticKV`.
 
     Parameters
     ----------

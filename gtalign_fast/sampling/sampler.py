@@ -73,13 +73,13 @@ from typing import Any, Sequence
 
 import torch
 
-from . import _device_checks
-from ._sample import sample_
-from ._seeds import signed64, splitmix64, step_seed
+from ..game.chain import format_payoff, parse_payoff
+from ..game.pricing import ActionChoice, PricingPolicy, choose_action
+from ..ops import _device_checks
+from ..ops._sample import sample_
+from ..ops._seeds import signed64, splitmix64, step_seed
 from .decode_graph import GraphedDecodeStep, graph_supported
 from .detokenize import IncrementalText, TagScanner, TokenTextCache
-from .game.chain import format_payoff, parse_payoff
-from .game.pricing import ActionChoice, PricingPolicy, choose_action
 from .static_cache import ROOM, DynamicKV, StaticKV, static_cache_support
 
 __all__ = ["SteeringSampler", "SteeringEvent", "GenerationOutput", "ACTION_INSTRUCTIONS"]
@@ -267,7 +267,7 @@ class SteeringSampler:
         (``"DA"``) and ``question_type`` (``"DQ"``); default ``"{key}"``. Encoded without special
         tokens.
     cache : {"auto", "static", "dynamic"}
-        The KV cache (``gtalign_fast/static_cache.py``): ``"static"`` preallocates it with an
+        The KV cache (``gtalign_fast/sampling/static_cache.py``): ``"static"`` preallocates it with an
         in-place mask (SDPA attention, full-attention layers; on CUDA the decode step is then
         captured in a CUDA graph), ``"dynamic"`` is the model's ``DynamicCache``. ``"auto"``:
         static where the model supports it (SDPA, full attention), else dynamic. Both give the

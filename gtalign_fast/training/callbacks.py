@@ -1,4 +1,4 @@
-"""``transformers.TrainerCallback``-style hooks for :class:`~gtalign_fast.trainer.GRPOTrainer`.
+"""``transformers.TrainerCallback``-style hooks for :class:`~gtalign_fast.GRPOTrainer`.
 
 :class:`CallbackHandler` keeps a ``TrainerState`` and a ``TrainerControl`` (plain stand-ins when
 transformers is missing) and calls each callback's ``on_<event>`` method with the trainer's

@@ -1,4 +1,4 @@
-"""Seed arithmetic shared by ``sample_`` and the :class:`~gtalign_fast.sampler.SteeringSampler`.
+"""Seed arithmetic shared by ``sample_`` and the :class:`~gtalign_fast.SteeringSampler`.
 
 Seeds are int64 tensors on the device (the kernels' Philox keys), so every helper here maps Python
 ints onto the signed 64-bit range. Rows get seeds of their own so that a row's draws depend on its

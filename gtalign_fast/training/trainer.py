@@ -12,16 +12,18 @@ One optimizer step, the whole story (``GRPOTrainer._training_step``)::
                                                                        plain rewards: a float64 group advantage)
     old / ref = per-token log-probs, only when num_iterations > 1 / beta > 0
     for each micro-batch:                                             (gradient accumulation, DDP syncs on the last)
-        logp  = ops.linear_token_logprobs(last hidden state, LM head) (no [tokens, vocab] logits)
-        loss  = ops.grpo_loss(logp, old, adv, mask, ref, ...)          (clipped surrogate + k3 KL + aggregation)
+        loss  = ops.linear_grpo_loss(last hidden state, LM head, ...)  (LM head + log-prob + clipped surrogate +
+                                                                       k3 KL + aggregation, in token chunks: no
+                                                                       [tokens, vocab] logits; without the fused
+                                                                       head ops.token_logprobs + ops.grpo_loss)
         (loss * its share of the global batch).backward()
     clip gradients, optimizer, scheduler                             (a non-finite loss skips the step)
 
-Each stage lives in a module named after it: :mod:`~gtalign_fast.rollout` (prompts, generation,
-the rollout), :mod:`~gtalign_fast.scoring` (reward functions, advantages),
-:mod:`~gtalign_fast.logprobs` (per-token log-probs), :mod:`~gtalign_fast.optimization` (loss shares,
-optimizer), :mod:`~gtalign_fast.distributed`, :mod:`~gtalign_fast.checkpoint`,
-:mod:`~gtalign_fast.metrics`, :mod:`~gtalign_fast.preemption` (stop signals, the output-folder lock);
+Each stage lives in a module named after it: :mod:`~gtalign_fast.training.rollout` (prompts, generation,
+the rollout), :mod:`~gtalign_fast.training.scoring` (reward functions, advantages),
+:mod:`~gtalign_fast.training.logprobs` (per-token log-probs), :mod:`~gtalign_fast.training.optimization` (loss shares,
+optimizer), :mod:`~gtalign_fast.training.distributed`, :mod:`~gtalign_fast.training.checkpoint`,
+:mod:`~gtalign_fast.training.metrics`, :mod:`~gtalign_fast.training.preemption` (stop signals, the output-folder lock);
 this module wires them into the loop.
 
 Scale out: ``torchrun --nproc_per_node N script.py`` (DDP; NCCL on GPUs, gloo on CPU). Rewards are gathered
@@ -43,11 +45,12 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from . import _backend, checkpoint
-from ._device_checks import check_device_errors
-from ._grpo_chunks import default_backend as fused_loss_backend
-from ._grpo_chunks import why_unavailable as fused_loss_unavailable
-from ._grpo_objective import GrpoObjective
+from ..ops import _backend
+from ..ops._device_checks import check_device_errors
+from ..ops._grpo_chunks import default_backend as fused_loss_backend
+from ..ops._grpo_chunks import why_unavailable as fused_loss_unavailable
+from ..ops._grpo_objective import GrpoObjective
+from . import checkpoint
 from .callbacks import CallbackHandler
 from .distributed import Dist, RootForward, distribute, fsdp_gathered, rebind_optimizer
 from .grpo_config import LOSS_TYPES, GRPOConfig
@@ -102,7 +105,8 @@ class GRPOTrainer:
         A :class:`~gtalign_fast.game.GTAlignReward` (Cobb-Douglas variant) contributes U and L, which
         go to the fused welfare op. Several functions combine as ``sum_i w_i r_i``
         (``args.reward_weights``), which gets a plain group advantage; None scores are NaN, excluded
-        from statistics, advantage 0. Held as :attr:`rewards`, one :class:`~gtalign_fast.scoring.RewardSpec` each.
+        from statistics, advantage 0. Held as :attr:`rewards`, one :class:`~gtalign_fast.training.scoring.RewardSpec`
+        each.
     args : GRPOConfig
     train_dataset : datasets.Dataset or sequence of dict
         Rows with a ``prompt`` (text, or chat messages) and any extra columns; the extra columns
@@ -296,7 +300,7 @@ class GRPOTrainer:
                              "activation_checkpointing_enable / gradient_checkpointing_enable method")
 
     def _setup_sampler(self):
-        from .sampler import SteeringSampler
+        from ..sampling.sampler import SteeringSampler
 
         if self.args.min_p:
             raise ValueError("GRPOTrainer: min_p is not supported by the SteeringSampler; leave it None")
@@ -341,7 +345,7 @@ class GRPOTrainer:
         ------
         TrainingPreempted
             (a ``SystemExit`` with code 75) after SIGTERM, SIGINT or SIGUSR1, once the step in
-            progress is done and saved (:mod:`~gtalign_fast.preemption`).
+            progress is done and saved (:mod:`~gtalign_fast.training.preemption`).
         """
         resumed = bool(resume_from_checkpoint)
         if resume_from_checkpoint:
@@ -462,7 +466,7 @@ class GRPOTrainer:
 
     def _generate(self, prompts: list, batch_index: int) -> Generation:
         """``num_generations`` completions per prompt through the SteeringSampler, prompt-major
-        (each completion sampled from its own seed, see :func:`~gtalign_fast.rollout.generation_seeds`)."""
+        (each completion sampled from its own seed, see :func:`~gtalign_fast.training.rollout.generation_seeds`)."""
         g, n_local = self.args.num_generations, len(prompts) * self.args.num_generations
         seeds = generation_seeds(self.args.seed, batch_index, self.dist.rank * n_local, n_local)
         was_training = self.model.training
@@ -593,7 +597,7 @@ class GRPOTrainer:
     def _save_checkpoint(self, rng: dict | None = None) -> str:
         """Write ``checkpoint-<step>``: everything goes to ``tmp-checkpoint-<step>``, renamed once complete,
         so a crash mid-save leaves no ``checkpoint-<step>`` for resume or rotation to trust. A failed
-        write raises :class:`~gtalign_fast.checkpoint.CheckpointSaveError` on every process.
+        write raises :class:`~gtalign_fast.training.checkpoint.CheckpointSaveError` on every process.
         ``rng``: the RNG state to save instead of the current one (a step abandoned half-way)."""
         path = checkpoint.folder(self.args.output_dir, self.step)
         temporary = checkpoint.temporary_folder(self.args.output_dir, self.step)
@@ -628,7 +632,7 @@ class GRPOTrainer:
 
     def _preempted(self, signal_name: str, sinks: MetricSinks, window: MetricWindow, rng: dict | None = None):
         """A stop signal: log the steps not logged yet, save the last completed step (unless just
-        saved), say why, and raise :class:`~gtalign_fast.preemption.TrainingPreempted` (exit code 75)."""
+        saved), say why, and raise :class:`~gtalign_fast.training.preemption.TrainingPreempted` (exit code 75)."""
         if window.sums:
             self._log(sinks, window.flush())
         path = checkpoint.folder(self.args.output_dir, self.step)

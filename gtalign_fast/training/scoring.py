@@ -23,7 +23,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
-from . import ops
+from .. import ops
 from .grpo_config import SCALE_REWARDS
 
 logger = logging.getLogger("gtalign_fast.trainer")
@@ -117,7 +117,7 @@ def is_welfare_reward(func: Any) -> bool:
     if getattr(func, "welfare_reward", False):
         return True
     try:
-        from .game.reward import GTAlignReward
+        from ..game.reward import GTAlignReward
     except ImportError:  # the game module is optional for plain float rewards
         return False
     return (

@@ -4,11 +4,11 @@ The maths is ``grpo_loss(token_logprobs(logits / T, targets), ...)``. A loss tha
 logits only through the target log-probs has the logits gradient
 ``dz_j = g_t / T * (1[j = t] - p_j)`` with ``g_t = d loss / d logp_t``, so the logits are handled
 by the three steps of the chunk engine it shares with ``linear_grpo_loss``
-(:mod:`gtalign_fast._grpo_chunks`), here on one chunk, the whole ``[B, T, V]`` tensor:
+(:mod:`gtalign_fast.ops._grpo_chunks`), here on one chunk, the whole ``[B, T, V]`` tensor:
 ``logits_grpo_loss`` runs the statistics pass and the GRPO forward in its forward, the GRPO
 backward and the gradient pass in its backward (into a new tensor, or into the logits' storage
 with ``inplace_backward=True``). The objective (options, validation, normaliser, reference) is
-:mod:`gtalign_fast._grpo_objective`.
+:mod:`gtalign_fast.ops._grpo_objective`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The configuration of :class:`~gtalign_fast.trainer.GRPOTrainer`: :class:`GRPOConfig` and its option tables.
+"""The configuration of :class:`~gtalign_fast.GRPOTrainer`: :class:`GRPOConfig` and its option tables.
 
 Kept beside the trainer as TRL keeps ``grpo_config.py`` beside ``grpo_trainer.py``: field names and
 defaults follow TRL's ``GRPOConfig`` where the concept exists; the checks run once, at construction.
@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from . import _backend
-from ._grpo_constants import LOSS_NORMALISERS, MICRO_BATCH_SHARES
+from ..ops import _backend
+from ..ops._grpo_constants import LOSS_NORMALISERS, MICRO_BATCH_SHARES
 
 __all__ = ["GRPOConfig", "LOSS_TYPES", "SCALE_REWARDS", "DISTRIBUTED_STRATEGIES", "STEERING_MODES", "SCHEDULERS"]
 
@@ -30,7 +30,7 @@ SCHEDULERS = ("linear", "constant", "constant_with_warmup", "cosine")
 
 @dataclass
 class GRPOConfig:
-    """Configuration of :class:`~gtalign_fast.trainer.GRPOTrainer`: TRL's ``GRPOConfig`` names and defaults, plus ours.
+    """Configuration of :class:`~gtalign_fast.GRPOTrainer`: TRL's ``GRPOConfig`` names and defaults, plus ours.
 
     TRL (``trl.GRPOConfig``, which extends ``transformers.TrainingArguments``) defaults kept here:
     ``num_generations=8``, ``max_completion_length=256``, ``temperature=1.0``, ``top_p=1.0``,
@@ -99,7 +99,7 @@ class GRPOConfig:
         written by rank 0, and resuming re-shards them.
     preemption_grace_s : float or None
         After SIGTERM, SIGINT or SIGUSR1 the step in progress finishes, is saved, and ``train`` exits
-        with code 75 (:mod:`~gtalign_fast.preemption`). A step still running this many seconds after
+        with code 75 (:mod:`~gtalign_fast.training.preemption`). A step still running this many seconds after
         the signal is abandoned at its next safe point (between its stages: after the rollout, between
         micro-batches; generation itself is not interrupted) and the checkpoint is the step before.
         Default 20: SLURM's KillWait and Kubernetes' grace period are 30 s, torchrun's shutdown timeout

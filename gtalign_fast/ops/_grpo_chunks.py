@@ -9,7 +9,7 @@ Both handle a chunk of logits in three steps (:class:`ChunkKernels`), each one p
 3. ``grad``: ``dz = g / T (onehot - p)`` written to any strided view of the logits' shape, the
    logits themselves included (``kernels/logits_grpo_loss.py``, ``csrc/cpu/logits_grpo_loss.cpp``).
 
-This module holds what the two ops share besides the objective (:mod:`gtalign_fast._grpo_objective`):
+This module holds what the two ops share besides the objective (:mod:`gtalign_fast.ops._grpo_objective`):
 their backends, the kernels of each, the masked targets, the temperature check, the reference
 log-probs and the entropy metric. Positions where ``mask`` is 0 skip the vocabulary walk (their
 target is replaced by :data:`SKIP`): their log-prob is 0 and their gradient row is zero.
@@ -24,7 +24,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from . import _backend, _grpo_objective, reference
+from .. import reference
+from . import _backend, _grpo_objective
 from ._grpo_constants import NUM_METRICS
 from ._grpo_objective import FLOAT_DTYPES, metrics_dict, options_from_arguments, write_metrics
 from ._op import extension_kernel
@@ -103,7 +104,7 @@ def chunk_kernels(name: str, device: torch.device) -> ChunkKernels:
     def stats(logits, targets, temperature, logp, entropy, row_stats):
         options = _token_logprobs.TokenLogprobsOptions(temperature, True, SKIP)
         # token_logprobs' launch adapter (its module owns it; it has no public name yet)
-        _token_logprobs._forward_kernel(stats_launch, logits, targets, options, logp, entropy, row_stats)
+        _token_logprobs.forward_kernel(stats_launch, logits, targets, options, logp, entropy, row_stats)
 
     return ChunkKernels(
         stats,
@@ -142,7 +143,7 @@ def validate_temperature(op: str, temperature) -> None:
 
 def loss_options(op: str, batch: int, length: int, device: torch.device, old_logp, advantages, mask, ref_logp,
                  *loss_arguments):
-    """The loss arguments of a fused op, validated by :func:`gtalign_fast._grpo_objective.validate`
+    """The loss arguments of a fused op, validated by :func:`gtalign_fast.ops._grpo_objective.validate`
     (errors name ``op``; ``old_logp`` / ``ref_logp`` may have any float dtype, they are used in
     float32); returns the float32 old / ref log-probs, the normaliser tensor (or None) and the
     GrpoLossOptions. ``loss_arguments``: ``beta`` to ``sapo_temperature_neg``, in grpo_loss' order."""

@@ -24,7 +24,7 @@ The backend is chosen by ``backend=``, then ``GTALIGN_FAST_BACKEND_LINEAR_TOKEN_
 availability rules because its CPU / CUDA paths run without the compiled extension.
 
 Target ids outside ``[0, V)``: the CPU and reference backends raise ``IndexError`` at once; on CUDA
-the kernels set the device error flag (``gtalign_fast._device_checks``; the row's log-prob is NaN)
+the kernels set the device error flag (``gtalign_fast.ops._device_checks``; the row's log-prob is NaN)
 and the error is raised by ``check_device_errors()``, without a host synchronisation per call.
 """
 
@@ -38,7 +38,8 @@ import torch
 
 from gtalign_fast.kernels import linear_token_logprobs_chunked as chunked
 
-from . import _backend, _device_checks, reference
+from .. import reference
+from . import _backend, _device_checks
 from ._op import Op, Output
 from ._token_logprobs import MIN_TEMPERATURE, check_target_range
 from ._token_logprobs_constants import NUM_STATS, STAT_LOG_SUM, STAT_ROW_MAX

@@ -21,7 +21,7 @@ NUM_STATS = 8
 
 # How each loss_type normalises the row sums S_b = sum_t mask * loss_t (n_b: tokens of row b, N: all
 # tokens, L: max_completion_length). The one table from loss type to normaliser: the reference, the
-# kernels' aggregation modes and row weights (gtalign_fast._grpo_objective) and the trainer's
+# kernels' aggregation modes and row weights (gtalign_fast.ops._grpo_objective) and the trainer's
 # micro-batch shares (MICRO_BATCH_SHARES) all read it.
 NORM_ROW_TOKENS = "row_tokens"  # mean_b(S_b / n_b)
 NORM_TOKENS = "tokens"  # sum_b S_b / N
@@ -57,7 +57,7 @@ MICRO_BATCH_SHARES = {
 }
 
 # Aggregation modes of the finalize step: the weight w_b of row b's loss sum (the mapping from
-# loss_type is gtalign_fast._grpo_objective.aggregation).
+# loss_type is gtalign_fast.ops._grpo_objective.aggregation).
 MODE_SEQ_MEAN = 0  # w_b = 1 / (B * max(n_b, 1))
 MODE_TOKEN_MEAN = 1  # w_b = 1 / max(sum_b n_b, 1)
 MODE_NORMALISER_TENSOR = 2  # w_b = 1 / num_items (a device tensor: no host sync)

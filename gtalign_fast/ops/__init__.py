@@ -1,6 +1,6 @@
 """Public ops of gtalign_fast: one function per op, with a documented contract.
 
-Every op dispatches to a backend (see :mod:`gtalign_fast._backend`): ``backend=`` per call,
+Every op dispatches to a backend (see :mod:`gtalign_fast.ops._backend`): ``backend=`` per call,
 ``GTALIGN_FAST_BACKEND[_<OP>]`` in the environment, or the default for the device;
 :func:`last_backend` reports what ran. The ops are ``torch.library`` custom ops with fake
 (meta) kernels and registered autograd, so ``torch.compile(fullgraph=True)`` traces through them.

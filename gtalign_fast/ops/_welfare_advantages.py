@@ -1,6 +1,6 @@
 """``welfare_advantages``: the public op and its backends.
 
-One :class:`~gtalign_fast._op.Op` (custom op ``gtalign_fast::welfare_advantages``) resolves its
+One :class:`~gtalign_fast.ops._op.Op` (custom op ``gtalign_fast::welfare_advantages``) resolves its
 backend at run time (inside the op, so a compiled graph keeps working when the backend changes)
 and launches one kernel. Rewards are data, not parameters: the op is not differentiable (no
 autograd is registered and the inputs are detached), but it has a fake kernel so
@@ -14,7 +14,8 @@ from typing import NamedTuple
 
 import torch
 
-from . import _device_checks, reference
+from .. import reference
+from . import _device_checks
 from ._device_checks import error_flag
 from ._op import Op, Output, extension_kernel
 from ._welfare_constants import SCALES
@@ -123,7 +124,7 @@ def _kernel_args(user, llm, offsets, mask, options, *outputs) -> tuple:
 def _launch(kernel, user, llm, offsets, *rest) -> None:
     """One launch; bad offsets or rewards set the device's error flag, which after_launch raises on
     at once for CPU tensors (the C++ CPU kernel raises itself first) and reports lazily, without a
-    host sync, for CUDA ones (gtalign_fast._device_checks)."""
+    host sync, for CUDA ones (gtalign_fast.ops._device_checks)."""
     device = user.device
     kernel(*_kernel_args(user, llm, offsets, *rest), error_flag(device))
     _device_checks.after_launch(OP, device, explain=lambda: _explain(user, llm, offsets))

@@ -1,7 +1,7 @@
 """The update stage of a GRPO step: the loss of a micro-batch, its share of the step, and the optimizer.
 
 :func:`policy_loss` computes one micro-batch's loss with the trainer's
-:class:`~gtalign_fast._grpo_objective.GrpoObjective` (built once from the config), through
+:class:`~gtalign_fast.ops._grpo_objective.GrpoObjective` (built once from the config), through
 ``ops.linear_grpo_loss`` from the last hidden state (the default path) or ``ops.grpo_loss`` on the
 log-probs;
 :func:`loss_weight` is that micro-batch's share of the global batch's loss (so gradient
@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Callable, Iterable
 import torch
 from torch import nn
 
-from . import ops
-from ._grpo_objective import GrpoObjective
+from .. import ops
+from ..ops._grpo_objective import GrpoObjective
 from .distributed import full_value
 from .grpo_config import LOSS_TYPES, GRPOConfig
 
@@ -38,7 +38,7 @@ def policy_loss(
 ) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """One micro-batch's GRPO loss with ``objective``; returns ``(loss, metrics, entropy)``.
 
-    ``module`` is the trainer's (DDP-wrapped) :class:`~gtalign_fast.logprobs.CompletionLogprobs`.
+    ``module`` is the trainer's (DDP-wrapped) :class:`~gtalign_fast.training.logprobs.CompletionLogprobs`.
     ``fused``: it runs ``ops.linear_grpo_loss`` on the last hidden state, so neither the logits nor
     a ``[N, C]`` log-prob graph exist and the gradients are computed in the forward (``entropy`` is
     the op's mean over the loss tokens). Otherwise it gives ``logp`` and the per-token entropy
