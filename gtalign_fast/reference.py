@@ -20,6 +20,7 @@ from .ops._grpo_constants import (
     NORM_ROWS_LENGTH,
     NORM_TOKENS,
 )
+from .ops._welfare_constants import SCALES
 
 __all__ = [
     "token_logprobs",
@@ -222,7 +223,7 @@ def grpo_loss(
 # ---------------------------------------------------------------------------------------------
 # welfare_advantages
 
-_SCALES = ("group", "batch", "none")
+_SCALES = tuple(SCALES)  # the public scale names, defined once in ops/_welfare_constants.py
 
 
 def _group_bounds(group, n: int) -> list[tuple[int, int]]:

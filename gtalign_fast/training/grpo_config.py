@@ -13,13 +13,14 @@ from typing import Any
 
 from ..ops import _backend
 from ..ops._grpo_constants import LOSS_NORMALISERS, MICRO_BATCH_SHARES
+from ..ops._welfare_constants import SCALES
 
 __all__ = ["GRPOConfig", "LOSS_TYPES", "SCALE_REWARDS", "DISTRIBUTED_STRATEGIES", "STEERING_MODES", "SCHEDULERS"]
 
 # Each loss type's share of the global loss per micro-batch ("global_tokens", "sequences" or
 # "local_tokens"; see _grpo_constants.MICRO_BATCH_SHARES), from the one normaliser table.
 LOSS_TYPES = {loss_type: MICRO_BATCH_SHARES[norm] for loss_type, norm in LOSS_NORMALISERS.items()}
-SCALE_REWARDS = ("group", "batch", "none")
+SCALE_REWARDS = tuple(SCALES)  # "group", "batch", "none": the welfare_advantages op's names
 DISTRIBUTED_STRATEGIES = ("ddp", "fsdp2")
 STEERING_MODES = ("off", "rewrite", "reference")
 CACHE_IMPLEMENTATIONS = (None, "static", "dynamic")
