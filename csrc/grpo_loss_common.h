@@ -31,17 +31,20 @@ constexpr float kKlLimit = 10.0f;        // verl's low_var_kl bound on k3 values
 // kl_clamp bounds each k3 value to [-kl_clamp, kl_clamp]; +inf (the ops' default, TRL's k3) clamps nothing.
 // bias_kl: TRL's use_bias_correction_kl, the k3 term times the importance ratio. sapo_tau_pos > 0 selects
 // TRL's SAPO objective -sigmoid(tau (r - 1)) 4 / tau A (tau_pos where A > 0, else tau_neg) instead of the clip.
+// cispo selects TRL's CISPO objective -sg(min(r, eps_high)) A logp: its high_bound is eps_high itself (the
+// ratio cap, and the bound of TRL's cispo_clip_ratio), not 1 + eps_high.
 struct ClipParams {
   float low_bound, high_bound, delta, dual_clip, beta, kl_clamp, sapo_tau_pos, sapo_tau_neg;
-  bool has_dual_clip, bias_kl, sapo;
+  bool has_dual_clip, bias_kl, sapo, cispo;
 };
 
 inline ClipParams clip_params(double beta, double eps_low, double eps_high, double delta, double dual_clip,
-                              double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg) {
-  return {1.0f - static_cast<float>(eps_low), 1.0f + static_cast<float>(eps_high), static_cast<float>(delta),
+                              double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool cispo) {
+  const float high_bound = cispo ? static_cast<float>(eps_high) : 1.0f + static_cast<float>(eps_high);
+  return {1.0f - static_cast<float>(eps_low), high_bound, static_cast<float>(delta),
           static_cast<float>(dual_clip), static_cast<float>(beta), static_cast<float>(kl_clamp),
           static_cast<float>(sapo_tau_pos), static_cast<float>(sapo_tau_neg), dual_clip > 0.0, bias_kl,
-          sapo_tau_pos > 0.0};
+          sapo_tau_pos > 0.0, cispo};
 }
 
 // Per-token policy loss, d loss / d ratio, and coef_1 = min(ratio, delta).

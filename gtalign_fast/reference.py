@@ -157,6 +157,12 @@ def grpo_loss(
         # TRL's SAPO: a soft gate -sigmoid(tau (r - 1)) * 4 / tau * A instead of the clip.
         tau = torch.where(adv > 0, sapo_temperature_pos, sapo_temperature_neg).to(dtype)
         per_token_loss = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
+    high_bound = 1 + epsilon_high
+    if loss_type == "cispo":
+        # TRL's CISPO: the ratio capped at epsilon_high itself (ScaleRL's eps_max, not 1 + eps) and
+        # detached, times A log p: the gradient is -min(r, eps_high) A whatever r is.
+        high_bound = epsilon_high
+        per_token_loss = -torch.clamp(ratio, max=epsilon_high).detach() * adv * logp
     if dual_clip is not None:
         # verl's dual clip: for A < 0 the loss is capped at -A * c.
         per_token_loss = torch.where(adv < 0, torch.min(-adv * dual_clip, per_token_loss), per_token_loss)
@@ -201,7 +207,7 @@ def grpo_loss(
     # means over sequences when the ratio and the advantage are both per sequence.
     with torch.no_grad():
         is_low = ((coef_1 < 1 - epsilon_low) & (adv < 0)).to(dtype)
-        is_high = ((coef_1 > 1 + epsilon_high) & (adv > 0)).to(dtype)
+        is_high = ((coef_1 > high_bound) & (adv > 0)).to(dtype)  # cispo: TRL's cispo_clip_ratio
         is_region = torch.maximum(is_low, is_high)
 
         def batch_mean(x: torch.Tensor) -> torch.Tensor:

@@ -70,9 +70,13 @@ MAX_BLOCK_B = 1024
 
 
 @triton.jit
-def _policy_term(ratio, adv, low_bound, high_bound, delta, dual_clip, tau_pos, tau_neg, DUAL_CLIP: tl.constexpr,
-                 SAPO: tl.constexpr):
-    """Per-token policy loss ``pg``, its derivative ``d pg / d ratio`` and ``coef_1``."""
+def _policy_term(ratio, adv, lp, low_bound, high_bound, delta, dual_clip, tau_pos, tau_neg, DUAL_CLIP: tl.constexpr,
+                 SAPO: tl.constexpr, CISPO: tl.constexpr):
+    """Per-token policy loss ``pg``, its derivative ``d pg / d ratio`` and ``coef_1`` (CISPO's
+    gradient, which goes to logp directly, is ``_cispo_grad``)."""
+    if CISPO:
+        # TRL's CISPO: -sg(min(r, eps_high)) * A * logp (high_bound is eps_high itself): no gradient via r.
+        return -tl.minimum(ratio, high_bound) * adv * lp, tl.zeros_like(ratio), ratio
     if SAPO:
         # TRL's SAPO: -sigmoid(tau (r - 1)) * 4 / tau * A (tau_pos where A > 0), d / d r = -4 A s (1 - s).
         tau = tl.where(adv > 0, tl.cast(tau_pos, tl.float32), tl.cast(tau_neg, tl.float32))
@@ -98,6 +102,12 @@ def _policy_term(ratio, adv, low_bound, high_bound, delta, dual_clip, tau_pos, t
         pg = tl.where(capped, cap, pg)
         dpg = tl.where(capped, 0.0, tl.where(tie, 0.5 * dpg, dpg))
     return pg, dpg, coef_1
+
+
+@triton.jit
+def _cispo_grad(ratio, adv, high_bound):
+    """CISPO's ``d pg / d logp = -min(r, eps_high) * A`` (the capped ratio is detached, as TRL's)."""
+    return -tl.minimum(ratio, high_bound) * adv
 
 
 @triton.jit
@@ -129,11 +139,15 @@ def _token_ratio(logp, old):
 
 
 @triton.jit
-def _loss_params(beta, eps_low, eps_high, delta, dual_clip):
+def _loss_params(beta, eps_low, eps_high, delta, dual_clip, CISPO: tl.constexpr):
     """The float kernel arguments (they arrive as Python floats) as float32, with the epsilons turned
-    into the clip bounds: ``(beta, 1 - eps_low, 1 + eps_high, delta, dual_clip)``."""
+    into the clip bounds: ``(beta, 1 - eps_low, 1 + eps_high, delta, dual_clip)`` (CISPO: its ratio
+    cap ``eps_high`` itself as the high bound, TRL's ``cispo_clip_ratio``)."""
     low_bound = 1.0 - tl.cast(eps_low, tl.float32)
-    high_bound = 1.0 + tl.cast(eps_high, tl.float32)
+    if CISPO:
+        high_bound = tl.cast(eps_high, tl.float32)
+    else:
+        high_bound = 1.0 + tl.cast(eps_high, tl.float32)
     return tl.cast(beta, tl.float32), low_bound, high_bound, tl.cast(delta, tl.float32), tl.cast(dual_clip, tl.float32)
 
 
@@ -184,6 +198,7 @@ def _grpo_loss_rows_kernel(
     DUAL_CLIP: tl.constexpr,
     BIAS_KL: tl.constexpr,
     SAPO: tl.constexpr,
+    CISPO: tl.constexpr,
     BLOCK_T: tl.constexpr,
     FUSED: tl.constexpr,
     MODE: tl.constexpr,
@@ -193,7 +208,7 @@ def _grpo_loss_rows_kernel(
     _grpo_loss_row(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, stats_ptr, T,
                    s_lb, s_lt, s_ob, s_ot, s_rb, s_rt, s_ab, s_at, s_mb, s_mt,
                    beta, eps_low, eps_high, delta, dual_clip, kl_clamp, tau_pos, tau_neg,
-                   ON_POLICY, HAS_REF, SEQ_LEVEL, ROW_METRICS, DUAL_CLIP, BIAS_KL, SAPO, BLOCK_T)
+                   ON_POLICY, HAS_REF, SEQ_LEVEL, ROW_METRICS, DUAL_CLIP, BIAS_KL, SAPO, CISPO, BLOCK_T)
     if FUSED:
         # One launch per forward: the last program to finish reduces every row. The barrier and the
         # release half of the atomic publish this program's row; its acquire half (in the last
@@ -219,11 +234,12 @@ def _grpo_loss_row(
     DUAL_CLIP: tl.constexpr,
     BIAS_KL: tl.constexpr,
     SAPO: tl.constexpr,
+    CISPO: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     """One sequence's partial sums into row_stats[row] (row = the program id)."""
     row = tl.program_id(0).to(tl.int64)
-    beta, low_bound, high_bound, delta, dual_clip = _loss_params(beta, eps_low, eps_high, delta, dual_clip)
+    beta, low_bound, high_bound, delta, dual_clip = _loss_params(beta, eps_low, eps_high, delta, dual_clip, CISPO)
     offsets = tl.arange(0, BLOCK_T)
 
     # Sequence level (GSPO): first the masked mean log-ratio of the row.
@@ -252,8 +268,8 @@ def _grpo_loss_row(
         else:
             old = _load_tokens(old_ptr, row, s_ob, cols, s_ot, valid)
             ratio, _ = _token_ratio(lp, old)
-        pg, dpg, coef_1 = _policy_term(ratio, adv, low_bound, high_bound, delta, dual_clip, tau_pos, tau_neg,
-                                       DUAL_CLIP, SAPO)
+        pg, dpg, coef_1 = _policy_term(ratio, adv, lp, low_bound, high_bound, delta, dual_clip, tau_pos, tau_neg,
+                                       DUAL_CLIP, SAPO, CISPO)
         token_loss = pg
         if HAS_REF:
             ref = _load_tokens(ref_ptr, row, s_rb, cols, s_rt, valid)
@@ -392,14 +408,15 @@ def _grpo_loss_bwd_kernel(
     DUAL_CLIP: tl.constexpr,
     BIAS_KL: tl.constexpr,
     SAPO: tl.constexpr,
+    CISPO: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    beta, low_bound, high_bound, delta, dual_clip = _loss_params(beta, eps_low, eps_high, delta, dual_clip)
+    beta, low_bound, high_bound, delta, dual_clip = _loss_params(beta, eps_low, eps_high, delta, dual_clip, CISPO)
     row_scale = tl.load(grad_loss_ptr).to(tl.float32) * tl.load(weights_ptr + row)
     seq_grad = tl.load(stats_ptr + row * NUM_STATS + STAT_SEQ_GRAD)
     seq_ratio = tl.cast(1.0, tl.float32)
-    if SEQ_LEVEL and BIAS_KL and HAS_REF:  # the KL weight r of every token: one more pass over the row
+    if SEQ_LEVEL and ((BIAS_KL and HAS_REF) or CISPO):  # r for the KL weight or CISPO: one more pass
         seq_ratio, _ = _sequence_ratio(logp_ptr, old_ptr, mask_ptr, row, T, s_lb, s_lt, s_ob, s_ot, s_mb, s_mt,
                                        ON_POLICY, BLOCK_T)
     offsets = tl.arange(0, BLOCK_T)
@@ -411,6 +428,9 @@ def _grpo_loss_bwd_kernel(
             ratio = tl.zeros([BLOCK_T], tl.float32) + seq_ratio
             dratio = ratio  # unused: the ratio's gradient is in seq_grad
             dloss = tl.zeros([BLOCK_T], tl.float32) + seq_grad
+            if CISPO:  # the per-token term outside seq_grad: min(r, eps_high) is detached
+                adv = _load_tokens(adv_ptr, row, s_ab, cols, s_at, valid)
+                dloss += _cispo_grad(ratio, adv, high_bound)
         else:
             adv = _load_tokens(adv_ptr, row, s_ab, cols, s_at, valid)
             if ON_POLICY:
@@ -419,9 +439,11 @@ def _grpo_loss_bwd_kernel(
             else:
                 old = _load_tokens(old_ptr, row, s_ob, cols, s_ot, valid)
                 ratio, dratio = _token_ratio(lp, old)
-            _, dpg, _ = _policy_term(ratio, adv, low_bound, high_bound, delta, dual_clip, tau_pos, tau_neg,
-                                     DUAL_CLIP, SAPO)
+            _, dpg, _ = _policy_term(ratio, adv, lp, low_bound, high_bound, delta, dual_clip, tau_pos, tau_neg,
+                                     DUAL_CLIP, SAPO, CISPO)
             dloss = dpg * dratio
+            if CISPO:
+                dloss += _cispo_grad(ratio, adv, high_bound)
         if HAS_REF:
             ref = _load_tokens(ref_ptr, row, s_rb, cols, s_rt, valid)
             kl, dkl_dref = _k3_term(lp, ref, kl_clamp)
@@ -486,6 +508,7 @@ def grpo_loss_forward(
     bias_kl: bool,
     sapo_tau_pos: float,
     sapo_tau_neg: float,
+    cispo: bool,
     seq_level: bool,
     row_metrics: bool,
     mode: int,
@@ -528,6 +551,7 @@ def grpo_loss_forward(
         beta, eps_low, eps_high, delta, dual_clip, kl_clamp, sapo_tau_pos, sapo_tau_neg, const_weight,
         ON_POLICY=old_logp is None, HAS_REF=ref_logp is not None, SEQ_LEVEL=seq_level,
         ROW_METRICS=row_metrics, DUAL_CLIP=dual_clip > 0, BIAS_KL=bool(bias_kl), SAPO=sapo_tau_pos > 0,
+        CISPO=bool(cispo),
         BLOCK_T=_block_t(length),
         FUSED=fused, MODE=mode, BLOCK_B=block_b, ERR_NUM_ITEMS=device_checks.ERR_NUM_ITEMS, num_warps=4,
     )
@@ -557,6 +581,7 @@ def grpo_loss_backward(
     bias_kl: bool,
     sapo_tau_pos: float,
     sapo_tau_neg: float,
+    cispo: bool,
     seq_level: bool,
     dlogp: torch.Tensor,
     dref: torch.Tensor,
@@ -580,6 +605,7 @@ def grpo_loss_backward(
         beta, eps_low, eps_high, delta, dual_clip, kl_clamp, sapo_tau_pos, sapo_tau_neg,
         ON_POLICY=old_logp is None, HAS_REF=ref_logp is not None, REF_GRAD=dref.numel() > 0,
         SEQ_LEVEL=seq_level, DUAL_CLIP=dual_clip > 0, BIAS_KL=bool(bias_kl), SAPO=sapo_tau_pos > 0,
+        CISPO=bool(cispo),
         BLOCK_T=_block_t(length),
         num_warps=4,
     )

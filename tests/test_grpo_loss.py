@@ -95,8 +95,8 @@ def _configurations(backend):
     slow on CPU: there each (loss type, level, clip) gets one (beta, advantage shape) pair, rotated
     so that every pair still meets every loss type and clip setting."""
     for index, (loss_type, level, clip) in enumerate(itertools.product(LOSS_TYPES, LEVELS, CLIPS)):
-        if loss_type == "sapo" and clip != "clip":
-            continue  # SAPO replaces the clip: no delta, no dual clip
+        if loss_type in ("sapo", "cispo") and clip != "clip":
+            continue  # SAPO and CISPO replace the clip: no delta, no dual clip
         pairs = list(itertools.product(BETAS, (False, True)))
         if _interpreted_triton(backend):
             pairs = [pairs[(index + index // len(CLIPS)) % len(pairs)]]
@@ -330,8 +330,8 @@ def test_matches_trl_when_installed():
 
     logp, old, ref, advantages, mask = _inputs(4, 11, seed=40, empty_row=False)
     ref = ref + 2.0 * (torch.arange(11, device=DEVICE) % 3 == 0)  # some k3 above 10: not clamped, as TRL
-    for loss_type, level, bias_kl in itertools.product(("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "sapo"), LEVELS,
-                                                       (False, True)):
+    for loss_type, level, bias_kl in itertools.product(("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "sapo", "cispo"),
+                                                       LEVELS, (False, True)):
         leaf = logp.clone().requires_grad_(True)
         trl_loss = trl_grpo_loss(leaf, old, advantages, mask, ref_logp=ref, beta=0.04, epsilon_high=0.28,
                                  loss_type=loss_type, importance_sampling_level=level, use_bias_correction_kl=bias_kl)
@@ -339,6 +339,21 @@ def test_matches_trl_when_installed():
         ours = logp.clone().requires_grad_(True)
         loss, _ = ops.grpo_loss(ours, old, advantages, mask, ref_logp=ref, beta=0.04, epsilon_high=0.28,
                                 loss_type=loss_type, importance_sampling_level=level, num_items_in_batch=mask.sum(),
+                                use_bias_correction_kl=bias_kl)
+        (grad,) = torch.autograd.grad(loss, ours)
+        torch.testing.assert_close(loss, trl_loss.float(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grad, trl_grad.float(), atol=1e-5, rtol=1e-5)
+    # CISPO with a cap some ratios exceed and some do not (above, 0.28 caps every ratio).
+    for level, bias_kl, on_policy in itertools.product(LEVELS, (False, True), (False, True)):
+        sampled = None if on_policy else old
+        leaf = logp.clone().requires_grad_(True)
+        trl_loss = trl_grpo_loss(leaf, sampled, advantages, mask, ref_logp=ref, beta=0.04, epsilon_high=1.05,
+                                 loss_type="cispo", importance_sampling_level=level, num_items_in_batch=mask.sum(),
+                                 use_bias_correction_kl=bias_kl)
+        (trl_grad,) = torch.autograd.grad(trl_loss, leaf)
+        ours = logp.clone().requires_grad_(True)
+        loss, _ = ops.grpo_loss(ours, sampled, advantages, mask, ref_logp=ref, beta=0.04, epsilon_high=1.05,
+                                loss_type="cispo", importance_sampling_level=level, num_items_in_batch=mask.sum(),
                                 use_bias_correction_kl=bias_kl)
         (grad,) = torch.autograd.grad(loss, ours)
         torch.testing.assert_close(loss, trl_loss.float(), atol=1e-5, rtol=1e-5)
@@ -488,6 +503,39 @@ def test_sapo(backend):
             else advantages
         _check(backend, logp, old, adv, mask, ref if beta else None, loss_type="sapo", importance_sampling_level=level,
                beta=beta, sapo_temperature_pos=0.9, sapo_temperature_neg=1.3, use_bias_correction_kl=index % 3 == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cispo(backend):
+    # TRL's CISPO objective: -sg(min(r, epsilon_high)) * A * logp, aggregated as dapo; a cap of 1.1 that
+    # some ratios exceed (the gradient is then -1.1 A) and some do not (-r A), on- and off-policy.
+    logp, old, ref, advantages, mask = _inputs(4, 9, seed=44)
+    assert ((old - logp).exp() > 1.1).any() and ((logp - old).exp() < 1.1).any()
+    for index, (level, adv_2d, beta, on_policy) in enumerate(
+            itertools.product(LEVELS, (False, True), BETAS, (False, True))):
+        if _interpreted_triton(backend) and index % 2:
+            continue
+        adv = torch.randn(mask.shape, generator=torch.Generator().manual_seed(index)).to(DEVICE) if adv_2d \
+            else advantages
+        _check(backend, logp, None if on_policy else old, adv, mask, ref if beta else None, ref_grad=beta > 0,
+               loss_type="cispo", importance_sampling_level=level, beta=beta, epsilon_high=1.1,
+               num_items_in_batch=30.0 if index % 3 == 0 else None, use_bias_correction_kl=index % 3 == 1)
+
+
+def test_cispo_reports_trls_clip_ratio():
+    # clip_ratio/high_mean is TRL's cispo_clip_ratio: r > epsilon_high (not 1 + epsilon_high) where A > 0.
+    logp = torch.log(torch.tensor([[0.5, 0.5, 0.5, 0.5]], device=DEVICE))
+    old = logp - torch.log(torch.tensor([[1.5, 2.5, 3.0, 0.5]], device=DEVICE))  # r = 1.5, 2.5, 3.0, 0.5
+    mask = torch.ones(1, 4, dtype=torch.bool, device=DEVICE)
+    _, metrics = ops.grpo_loss(logp, old, torch.ones(1, device=DEVICE), mask, loss_type="cispo", epsilon_high=2.0)
+    assert metrics["clip_ratio/high_mean"].item() == pytest.approx(0.5)
+
+
+def test_cispo_refuses_the_clip_options():
+    logp, old, ref, advantages, mask = _inputs(2, 4, seed=0)
+    for extra in (dict(delta=1.5), dict(dual_clip=3.0)):
+        with pytest.raises(ValueError, match="cispo"):
+            ops.grpo_loss(logp, old, advantages, mask, loss_type="cispo", **extra)
 
 
 def test_sapo_refuses_the_clip_options():

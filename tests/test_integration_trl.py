@@ -204,14 +204,16 @@ def _check_parity(model_dir, tmp_path, *, fused: bool = True, tolerance: float =
         flat = [torch.cat([(d[name] - trl_before[name]).flatten() for name in names]) for d in (our_after, trl_after)]
         assert (flat[0] - flat[1]).norm() <= tolerance * flat[1].norm()
 
-    clipped = config.get("loss_type") != "sapo"  # TRL logs no clip ratios for SAPO
+    clipped = config.get("loss_type") not in ("sapo", "cispo")  # TRL logs no clip ratios for SAPO, CISPO its own
     keys = ["entropy"] + (["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
                            "clip_ratio/low_min", "clip_ratio/high_max"] if clipped else [])
+    keys += ["cispo_clip_ratio"] if config.get("loss_type") == "cispo" else []
     keys += ["kl"] if config.get("beta") else []
     for key in keys:
         a, b = our_metrics[key], trl_metrics[key]
         assert (math.isnan(a) and math.isnan(b)) or abs(a - b) <= tolerance, (key, a, b)
     assert not clipped or trl_metrics["clip_ratio/region_mean"] > 0  # the perturbed old log-probs make the clip bite
+    assert config.get("loss_type") != "cispo" or 0 < trl_metrics["cispo_clip_ratio"] < 1  # the cap binds, not always
     if config.get("beta"):
         assert trl_metrics["kl"] > 1e-4
 
@@ -246,6 +248,12 @@ def test_default_config_matches_trl(model_dir, tmp_path):
 def test_sapo_matches_trl(model_dir, tmp_path, level):
     _check_parity(model_dir, tmp_path, loss_type="sapo", importance_sampling_level=level, beta=0.1,
                   sapo_temperature_pos=0.9, sapo_temperature_neg=1.3)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_cispo_matches_trl(model_dir, tmp_path, level):
+    # epsilon_high is CISPO's ratio cap itself: 1.02 lies inside the perturbed ratios, so some tokens are capped.
+    _check_parity(model_dir, tmp_path, loss_type="cispo", importance_sampling_level=level, beta=0.1, epsilon_high=1.02)
 
 
 def test_luspo_and_delta_match_trl(model_dir, tmp_path):
@@ -318,7 +326,6 @@ def plain_trainer(model_dir, tmp_path_factory):
 
 
 REFUSALS = [
-    ({"loss_type": "cispo"}, "loss_type='cispo'"),
     ({"loss_type": "vespo"}, "loss_type='vespo'"),
     ({"top_entropy_quantile": 0.2}, "top_entropy_quantile=0.2"),
     ({"off_policy_mask_threshold": 0.5}, "off_policy_mask_threshold=0.5"),

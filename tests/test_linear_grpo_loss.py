@@ -301,3 +301,12 @@ def test_sapo(backend, level):
     inputs = _inputs(3, 5, 6, 29, seed=15)
     _check(backend, *inputs, chunk_size=4, beta=0.04, loss_type="sapo", importance_sampling_level=level,
            sapo_temperature_pos=0.9, sapo_temperature_neg=1.3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_cispo(backend, level):
+    # TRL's CISPO (-sg(min(r, epsilon_high)) A logp); a cap of 1.05 some ratios exceed and some do not.
+    inputs = _inputs(3, 5, 6, 29, seed=16)
+    _check(backend, *inputs, chunk_size=4, beta=0.04, loss_type="cispo", importance_sampling_level=level,
+           epsilon_high=1.05, use_bias_correction_kl=True)

@@ -96,8 +96,8 @@ def _configurations(backend):
     under the slow Triton interpreter each combination gets one rotated (beta, adv shape) pair,
     and only half the loss types, alternating)."""
     for index, (loss_type, level, clip) in enumerate(itertools.product(LOSS_TYPES, ("token", "sequence"), CLIPS)):
-        if loss_type == "sapo" and clip != "clip":
-            continue  # SAPO replaces the clip: no delta, no dual clip
+        if loss_type in ("sapo", "cispo") and clip != "clip":
+            continue  # SAPO and CISPO replace the clip: no delta, no dual clip
         pairs = list(itertools.product((0.0, 0.04), (False, True)))
         if _interpreted(backend):
             if index % 2:
@@ -305,3 +305,12 @@ def test_sapo(backend, level):
     full, targets, advantages, mask, old, ref = _inputs(3, 6, 37, seed=14)
     _check(backend, full, targets, advantages, mask, old, ref, beta=0.04, loss_type="sapo",
            importance_sampling_level=level, sapo_temperature_pos=0.9, sapo_temperature_neg=1.3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_cispo(backend, level):
+    # TRL's CISPO (-sg(min(r, epsilon_high)) A logp); a cap of 1.05 some ratios exceed and some do not.
+    full, targets, advantages, mask, old, ref = _inputs(3, 6, 37, seed=16)
+    _check(backend, full, targets, advantages, mask, old, ref, beta=0.04, loss_type="cispo",
+           importance_sampling_level=level, epsilon_high=1.05, use_bias_correction_kl=True)

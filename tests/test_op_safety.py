@@ -622,7 +622,7 @@ def test_launchers_refuse_inconsistent_layouts():
                torch.empty(2, device=DEVICE)]
     with pytest.raises(ValueError, match=r"\[B, T\]"):
         grpo_kernels.grpo_loss_forward(logp, short, None, torch.ones(2, 5, device=DEVICE), mask, None, 0.0, 0.2, 0.2,
-                                       math.inf, 0.0, math.inf, False, 0.0, 0.0, False, False, 0, 0.1,
+                                       math.inf, 0.0, math.inf, False, 0.0, 0.0, False, False, False, 0, 0.1,
                                        *outputs)
     n = 6
     with pytest.raises(ValueError, match="output"):

@@ -71,10 +71,21 @@ GTALIGN_ALWAYS_INLINE PolicyTerm sapo_term(float ratio, float adv, const ClipPar
   return {-s * 4.0f / tau * adv, -4.0f * adv * s * (1.0f - s), ratio};
 }
 
-template <bool kSapo>
-GTALIGN_ALWAYS_INLINE PolicyTerm objective_term(float ratio, float adv, const ClipParams& p) {
-  if constexpr (kSapo) {
+// TRL's CISPO objective: -sg(min(r, eps_high)) * A * logp (p.high_bound is eps_high itself). No gradient
+// through r (dloss_dratio = 0): its d / d logp, -min(r, eps_high) * A, is cispo_grad; coef_1 = r.
+GTALIGN_ALWAYS_INLINE float cispo_grad(float ratio, float adv, const ClipParams& p) {
+  return -blend(ratio < p.high_bound, ratio, p.high_bound) * adv;
+}
+
+// The policy objective, a template argument so that its branch stays outside the token loops.
+constexpr int kClipObjective = 0, kSapoObjective = 1, kCispoObjective = 2;
+
+template <int kObjective>
+GTALIGN_ALWAYS_INLINE PolicyTerm objective_term(float ratio, float adv, float logp, const ClipParams& p) {
+  if constexpr (kObjective == kSapoObjective) {
     return sapo_term(ratio, adv, p);
+  } else if constexpr (kObjective == kCispoObjective) {
+    return {cispo_grad(ratio, adv, p) * logp, 0.0f, ratio};
   } else {
     return policy_term(ratio, adv, p);
   }
@@ -194,7 +205,7 @@ GTALIGN_CPU_CLONES void exp_chunk(Chunk* c, int64_t count, float ref_on, float k
 // arrays). kSeqLevel: every token uses the sequence's ratio (no per-token exp). kRef: ref_logp
 // was given (without it the k3 exp is skipped and the KL is 0). No run-time flag inside the
 // loop (GCC keeps a scalar fallback for loops with invariant branches).
-template <bool kSeqLevel, bool kRef, bool kSapo>
+template <bool kSeqLevel, bool kRef, int kObjective>
 GTALIGN_ALWAYS_INLINE void forward_chunk_body(const Chunk& c, int64_t count, const ClipParams params,
                                               float seq_ratio, RowSums* sums) {
   const ClipParams p = params;  // a local copy: loads through a reference inside the loop block vectorisation
@@ -209,7 +220,7 @@ GTALIGN_ALWAYS_INLINE void forward_chunk_body(const Chunk& c, int64_t count, con
     const float k3 = kRef ? k3_term(logp[i], ref[i], p.kl_clamp, &unused) : 0.0f;
     const float kl = blend(p.bias_kl, k3 * ratio, k3);  // TRL's bias correction: k3 * r
     const float adv = adv_in[i];
-    const PolicyTerm term = objective_term<kSapo>(ratio, adv, p);
+    const PolicyTerm term = objective_term<kObjective>(ratio, adv, logp[i], p);
     loss += blend(valid, term.loss + p.beta * kl, 0.0f);
     tokens += indicator(valid);
     kl_sum += blend(valid, kl, 0.0f);
@@ -228,34 +239,35 @@ GTALIGN_ALWAYS_INLINE void forward_chunk_body(const Chunk& c, int64_t count, con
   sums->dpg += dpg_sum;
 }
 
-// The four instantiations behind two multi-versioned entry points (the ref branch is outside the loop).
+// The objective's instantiation (the branch is outside the loop).
+template <bool kSeqLevel, bool kRef>
+GTALIGN_ALWAYS_INLINE void forward_chunk_objective(const Chunk& c, int64_t count, const ClipParams& p,
+                                                   float seq_ratio, RowSums* sums) {
+  if (p.cispo) {
+    forward_chunk_body<kSeqLevel, kRef, kCispoObjective>(c, count, p, seq_ratio, sums);
+  } else if (p.sapo) {
+    forward_chunk_body<kSeqLevel, kRef, kSapoObjective>(c, count, p, seq_ratio, sums);
+  } else {
+    forward_chunk_body<kSeqLevel, kRef, kClipObjective>(c, count, p, seq_ratio, sums);
+  }
+}
+
+// The instantiations behind two multi-versioned entry points (the ref branch is outside the loop).
 GTALIGN_CPU_CLONES void forward_chunk_token(const Chunk& c, int64_t count, const ClipParams& p, bool has_ref,
                                             RowSums* sums) {
-  if (p.sapo) {
-    if (has_ref) {
-      forward_chunk_body<false, true, true>(c, count, p, 1.0f, sums);
-    } else {
-      forward_chunk_body<false, false, true>(c, count, p, 1.0f, sums);
-    }
-  } else if (has_ref) {
-    forward_chunk_body<false, true, false>(c, count, p, 1.0f, sums);
+  if (has_ref) {
+    forward_chunk_objective<false, true>(c, count, p, 1.0f, sums);
   } else {
-    forward_chunk_body<false, false, false>(c, count, p, 1.0f, sums);
+    forward_chunk_objective<false, false>(c, count, p, 1.0f, sums);
   }
 }
 
 GTALIGN_CPU_CLONES void forward_chunk_sequence(const Chunk& c, int64_t count, const ClipParams& p, bool has_ref,
                                                float seq_ratio, RowSums* sums) {
-  if (p.sapo) {
-    if (has_ref) {
-      forward_chunk_body<true, true, true>(c, count, p, seq_ratio, sums);
-    } else {
-      forward_chunk_body<true, false, true>(c, count, p, seq_ratio, sums);
-    }
-  } else if (has_ref) {
-    forward_chunk_body<true, true, false>(c, count, p, seq_ratio, sums);
+  if (has_ref) {
+    forward_chunk_objective<true, true>(c, count, p, seq_ratio, sums);
   } else {
-    forward_chunk_body<true, false, false>(c, count, p, seq_ratio, sums);
+    forward_chunk_objective<true, false>(c, count, p, seq_ratio, sums);
   }
 }
 
@@ -361,19 +373,23 @@ void finalize(const float* stats, int64_t batch, int64_t mode, double const_weig
 // incoming gradient; masked tokens get exactly 0. Same structure as forward_chunk_body.
 // With the bias correction (k3 * r): d / d logp gains beta * k3 * dr / dlogp (at sequence level already
 // inside seq_grad) and the k3 gradient is weighted by r (seq_ratio at sequence level).
-template <bool kSeqLevel, bool kSapo>
+template <bool kSeqLevel, int kObjective>
 GTALIGN_ALWAYS_INLINE void backward_chunk_body(const Chunk& c, int64_t count, const ClipParams params,
                                                float seq_grad, float seq_ratio, float row_scale, float* dlogp,
                                                float* dref) {
   const ClipParams p = params;  // local copies, as in forward_chunk_body
-  const float *adv = c.adv, *valid_in = c.valid;
+  const float *adv = c.adv, *valid_in = c.valid, *logp = c.logp;
 #pragma omp simd
   for (int64_t i = 0; i < count; ++i) {
     const bool valid = valid_in[i] != 0.0f;
     const float ratio = kSeqLevel ? seq_ratio : c.ratio[i];
     const float kl_dratio = blend(p.bias_kl, p.beta * c.kl[i], 0.0f);
-    const float policy_grad =
-        kSeqLevel ? seq_grad : (objective_term<kSapo>(ratio, adv[i], p).dloss_dratio + kl_dratio) * c.dratio[i];
+    float policy_grad = kSeqLevel
+                            ? seq_grad
+                            : (objective_term<kObjective>(ratio, adv[i], logp[i], p).dloss_dratio + kl_dratio) *
+                                  c.dratio[i];
+    // CISPO's gradient goes to logp directly (the capped ratio is detached), at either level.
+    if constexpr (kObjective == kCispoObjective) policy_grad += cispo_grad(ratio, adv[i], p);
     const float kl_grad = p.beta * c.dkl_dref[i] * blend(p.bias_kl, ratio, 1.0f);
     dlogp[i] = blend(valid, row_scale * (policy_grad - kl_grad), 0.0f);
     dref[i] = blend(valid, row_scale * kl_grad, 0.0f);
@@ -382,24 +398,32 @@ GTALIGN_ALWAYS_INLINE void backward_chunk_body(const Chunk& c, int64_t count, co
 
 GTALIGN_CPU_CLONES void backward_chunk_token(const Chunk& c, int64_t count, const ClipParams& p, float row_scale,
                                              float* dlogp, float* dref) {
-  if (p.sapo) {
-    backward_chunk_body<false, true>(c, count, p, 0.0f, 1.0f, row_scale, dlogp, dref);
+  if (p.cispo) {
+    backward_chunk_body<false, kCispoObjective>(c, count, p, 0.0f, 1.0f, row_scale, dlogp, dref);
+  } else if (p.sapo) {
+    backward_chunk_body<false, kSapoObjective>(c, count, p, 0.0f, 1.0f, row_scale, dlogp, dref);
   } else {
-    backward_chunk_body<false, false>(c, count, p, 0.0f, 1.0f, row_scale, dlogp, dref);
+    backward_chunk_body<false, kClipObjective>(c, count, p, 0.0f, 1.0f, row_scale, dlogp, dref);
   }
 }
 
 GTALIGN_CPU_CLONES void backward_chunk_sequence(const Chunk& c, int64_t count, const ClipParams& p, float seq_grad,
                                                 float seq_ratio, float row_scale, float* dlogp, float* dref) {
-  backward_chunk_body<true, false>(c, count, p, seq_grad, seq_ratio, row_scale, dlogp, dref);  // no per-token term
+  // Only CISPO has a per-token term besides seq_grad (the clip's and SAPO's gradients are all in it).
+  if (p.cispo) {
+    backward_chunk_body<true, kCispoObjective>(c, count, p, seq_grad, seq_ratio, row_scale, dlogp, dref);
+  } else {
+    backward_chunk_body<true, kClipObjective>(c, count, p, seq_grad, seq_ratio, row_scale, dlogp, dref);
+  }
 }
 
 template <typename scalar_t>
 void backward_row(const Inputs<scalar_t>& in, int64_t b, const ClipParams& p, bool seq_level, float row_scale,
                   float seq_grad, Chunk* c, float* dlogp_buffer, float* dref_buffer, scalar_t* dlogp, scalar_t* dref) {
-  // The bias-corrected KL of a sequence-level row weights each token's k3 gradient by the row's ratio.
+  // The bias-corrected KL of a sequence-level row weights each token's k3 gradient by the row's ratio;
+  // CISPO's per-token gradient reads it too.
   float seq_ratio = 1.0f, unused;
-  if (seq_level && p.bias_kl && in.ref.data != nullptr) seq_ratio = sequence_ratio(in, b, c, &unused);
+  if (seq_level && ((p.bias_kl && in.ref.data != nullptr) || p.cispo)) seq_ratio = sequence_ratio(in, b, c, &unused);
   for (int64_t start = 0; start < in.length; start += kChunk) {
     const int64_t count = std::min(kChunk, in.length - start);
     load_chunk(in, b, start, count, true, c);
@@ -464,7 +488,7 @@ void check_inputs(const at::Tensor& logp, const std::optional<at::Tensor>& old_l
 void grpo_loss_fwd_cpu(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
                        const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask,
                        const std::optional<at::Tensor>& num_items, double beta, double epsilon_low, double epsilon_high,
-                       double delta, double dual_clip, double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool seq_level, bool row_metrics, int64_t mode,
+                       double delta, double dual_clip, double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool cispo, bool seq_level, bool row_metrics, int64_t mode,
                        double const_weight, at::Tensor& loss, at::Tensor& metrics, at::Tensor& row_stats,
                        at::Tensor& row_weights, const std::optional<at::Tensor>& error_flag,
                        const std::optional<at::Tensor>& /*finalize_counter: the CUDA kernel's one-launch path*/) {
@@ -484,7 +508,7 @@ void grpo_loss_fwd_cpu(const at::Tensor& logp, const std::optional<at::Tensor>& 
     const float n = num_items->data_ptr<float>()[0];
     TORCH_CHECK_VALUE(n > 0.0f && std::isfinite(n), "grpo_loss: num_items_in_batch must be finite and > 0, got ", n);
   }
-  const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl, sapo_tau_pos, sapo_tau_neg);
+  const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl, sapo_tau_pos, sapo_tau_neg, cispo);
   float* stats = row_stats.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logp.scalar_type(), "grpo_loss_fwd_cpu", [&] {
     const Inputs<scalar_t> in = make_inputs<scalar_t>(logp, old_logp, ref_logp, advantages, mask);
@@ -504,7 +528,7 @@ void grpo_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& row_weight
                        const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
                        const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask,
                        double beta, double epsilon_low, double epsilon_high, double delta, double dual_clip,
-                       double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool seq_level, at::Tensor& dlogp, at::Tensor& dref) {
+                       double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool cispo, bool seq_level, at::Tensor& dlogp, at::Tensor& dref) {
   check_inputs(logp, old_logp, ref_logp, advantages, mask);
   const int64_t batch = logp.size(0), length = logp.size(1);
   check_float_out(grad_loss, 1, "grad_loss");
@@ -518,7 +542,7 @@ void grpo_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& row_weight
     TORCH_CHECK(dref.is_contiguous() && dref.scalar_type() == logp.scalar_type() && dref.numel() == batch * length,
                 "grpo_loss: dref must be contiguous [B, T] in logp's dtype");
   }
-  const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl, sapo_tau_pos, sapo_tau_neg);
+  const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl, sapo_tau_pos, sapo_tau_neg, cispo);
   const float grad = grad_loss.data_ptr<float>()[0];
   const float* weights = row_weights.data_ptr<float>();
   const float* stats = row_stats.data_ptr<float>();
@@ -546,14 +570,14 @@ TORCH_LIBRARY_FRAGMENT(gtalign_fast_C, m) {
   m.def(
       "grpo_loss_fwd(Tensor logp, Tensor? old_logp, Tensor? ref_logp, Tensor advantages, Tensor mask, "
       "Tensor? num_items, float beta, float epsilon_low, float epsilon_high, float delta, float dual_clip, "
-      "float kl_clamp, bool bias_kl, float sapo_tau_pos, float sapo_tau_neg, bool seq_level, bool row_metrics, int mode, float const_weight, Tensor(a!) loss, Tensor(b!) metrics, "
+      "float kl_clamp, bool bias_kl, float sapo_tau_pos, float sapo_tau_neg, bool cispo, bool seq_level, bool row_metrics, int mode, float const_weight, Tensor(a!) loss, Tensor(b!) metrics, "
       "Tensor(c!) row_stats, Tensor(d!) row_weights, Tensor(e!)? error_flag=None, "
       "Tensor(f!)? finalize_counter=None) -> ()");
   m.def(
       "grpo_loss_bwd(Tensor grad_loss, Tensor row_weights, Tensor row_stats, Tensor logp, Tensor? old_logp, "
       "Tensor? ref_logp, Tensor advantages, Tensor mask, float beta, float epsilon_low, float epsilon_high, "
       "float delta, float dual_clip, float kl_clamp, bool bias_kl, float sapo_tau_pos, float sapo_tau_neg, "
-      "bool seq_level, Tensor(a!) dlogp, Tensor(b!) dref) -> ()");
+      "bool cispo, bool seq_level, Tensor(a!) dlogp, Tensor(b!) dref) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(gtalign_fast_C, CPU, m) {

@@ -53,7 +53,14 @@ __device__ __forceinline__ PolicyTerm clip_term(float ratio, float adv, const Cl
 }
 
 // TRL's SAPO objective (p.sapo): -sigmoid(tau (r - 1)) * 4 / tau * A, d / d r = -4 A s (1 - s); coef_1 = r.
-__device__ __forceinline__ PolicyTerm policy_term(float ratio, float adv, const ClipParams& p) {
+// TRL's CISPO objective (p.cispo): -sg(min(r, eps_high)) * A * logp (p.high_bound is eps_high itself); no
+// gradient through r: its d / d logp is cispo_grad; coef_1 = r.
+__device__ __forceinline__ float cispo_grad(float ratio, float adv, const ClipParams& p) {
+  return -fminf(ratio, p.high_bound) * adv;
+}
+
+__device__ __forceinline__ PolicyTerm policy_term(float ratio, float adv, float lp, const ClipParams& p) {
+  if (p.cispo) return {cispo_grad(ratio, adv, p) * lp, 0.0f, ratio};
   if (!p.sapo) return clip_term(ratio, adv, p);
   const float tau = adv > 0.0f ? p.sapo_tau_pos : p.sapo_tau_neg;
   const float s = 1.0f / (1.0f + expf(-tau * (ratio - 1.0f)));
@@ -232,7 +239,7 @@ __global__ void __launch_bounds__(kThreads) grpo_loss_rows_kernel(
     const float a = adv[b * s.adv_b + t * s.adv_t];
     float ratio = seq_ratio, dratio;
     if (!seq_level && old != nullptr) ratio = clamped_exp(lp - static_cast<float>(old[b * s.old_b + t * s.old_t]), &dratio);
-    const PolicyTerm term = policy_term(ratio, a, p);
+    const PolicyTerm term = policy_term(ratio, a, lp, p);
     float kl = 0.0f, dkl_dref;
     if (ref != nullptr) kl = k3_term(lp, static_cast<float>(ref[b * s.ref_b + t * s.ref_t]), p.kl_clamp, &dkl_dref);
     // TRL's bias correction: k3 * r, whose d / d r (beta * k3) joins d pg / d r for the sequence gradient.
@@ -273,9 +280,10 @@ __global__ void __launch_bounds__(kThreads) grpo_loss_bwd_kernel(
   const int64_t b = blockIdx.x;
   const float row_scale = grad_loss[0] * weights[b];
   const float seq_grad = stats[b * kNumStats + kSeqGrad];
-  // The bias-corrected KL of a sequence-level row weights each token's k3 gradient by the row's ratio.
+  // The bias-corrected KL of a sequence-level row weights each token's k3 gradient by the row's ratio;
+  // CISPO's per-token gradient reads it too.
   float seq_ratio = 1.0f, unused;
-  if (seq_level && p.bias_kl && ref != nullptr) seq_ratio = sequence_ratio(logp, old, mask, b, length, s, &unused);
+  if (seq_level && ((p.bias_kl && ref != nullptr) || p.cispo)) seq_ratio = sequence_ratio(logp, old, mask, b, length, s, &unused);
   for (int64_t t = threadIdx.x; t < length; t += blockDim.x) {
     const int64_t out = b * length + t;
     if (mask[b * s.mask_b + t * s.mask_t] == 0) {
@@ -288,8 +296,10 @@ __global__ void __launch_bounds__(kThreads) grpo_loss_bwd_kernel(
     if (!seq_level) {
       ratio = 1.0f;
       if (old != nullptr) ratio = clamped_exp(lp - static_cast<float>(old[b * s.old_b + t * s.old_t]), &dratio);
-      dloss = policy_term(ratio, adv[b * s.adv_b + t * s.adv_t], p).dloss_dratio * dratio;
+      dloss = policy_term(ratio, adv[b * s.adv_b + t * s.adv_t], lp, p).dloss_dratio * dratio;
     }
+    // CISPO's gradient goes to logp directly (the capped ratio is detached), at either level.
+    if (p.cispo) dloss += cispo_grad(ratio, adv[b * s.adv_b + t * s.adv_t], p);
     float kl_grad = 0.0f;
     if (ref != nullptr) {
       float dkl_dref;
@@ -356,7 +366,7 @@ void check_inputs(const at::Tensor& logp, const std::optional<at::Tensor>& old_l
 void grpo_loss_fwd_cuda(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
                         const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask,
                         const std::optional<at::Tensor>& num_items, double beta, double epsilon_low,
-                        double epsilon_high, double delta, double dual_clip, double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool seq_level,
+                        double epsilon_high, double delta, double dual_clip, double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool cispo, bool seq_level,
                         bool row_metrics,
                         int64_t mode, double const_weight, at::Tensor& loss, at::Tensor& metrics,
                         at::Tensor& row_stats, at::Tensor& row_weights, const std::optional<at::Tensor>& error_flag,
@@ -382,7 +392,7 @@ void grpo_loss_fwd_cuda(const at::Tensor& logp, const std::optional<at::Tensor>&
   if (batch == 0) return;
   const c10::cuda::CUDAGuard guard(logp.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl, sapo_tau_pos, sapo_tau_neg);
+  const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl, sapo_tau_pos, sapo_tau_neg, cispo);
   const Strides strides = strides_of(logp, old_logp, ref_logp, advantages, mask);
   const Finalize finalize{mode == kNormaliserTensor ? num_items->data_ptr<float>() : nullptr,
                           loss.data_ptr<float>(),
@@ -408,7 +418,7 @@ void grpo_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& row_weigh
                         const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
                         const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask,
                         double beta, double epsilon_low, double epsilon_high, double delta, double dual_clip,
-                        double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool seq_level, at::Tensor& dlogp, at::Tensor& dref) {
+                        double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool cispo, bool seq_level, at::Tensor& dlogp, at::Tensor& dref) {
   check_inputs(logp, old_logp, ref_logp, advantages, mask);
   const int64_t batch = logp.size(0), length = logp.size(1);
   check_float_out(grad_loss, 1, logp, "grad_loss");
@@ -424,7 +434,7 @@ void grpo_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& row_weigh
   if (batch == 0) return;
   const c10::cuda::CUDAGuard guard(logp.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl, sapo_tau_pos, sapo_tau_neg);
+  const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl, sapo_tau_pos, sapo_tau_neg, cispo);
   const Strides strides = strides_of(logp, old_logp, ref_logp, advantages, mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logp.scalar_type(), "grpo_loss_bwd_cuda", [&] {
     grpo_loss_bwd_kernel<scalar_t><<<static_cast<unsigned int>(batch), kThreads, 0, stream>>>(

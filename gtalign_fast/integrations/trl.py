@@ -62,11 +62,12 @@ LOSS_TYPES: dict[str, str] = {
     "dapo": "dapo",
     "luspo": "luspo",
     "sapo": "sapo",
+    "cispo": "cispo",
 }
 
 # TRL options we do not compute: (GRPOConfig field, why), checked by patch_grpo_trainer.
 UNSUPPORTED: tuple[tuple[str, str], ...] = (
-    ("loss_type", "only " + ", ".join(LOSS_TYPES) + " are computed by grpo_loss (not cispo, vespo)"),
+    ("loss_type", "only " + ", ".join(LOSS_TYPES) + " are computed by grpo_loss (not vespo)"),
     ("top_entropy_quantile", "must be 1.0: the high-entropy token mask is not applied by grpo_loss"),
     ("off_policy_mask_threshold", "must be None: the off-policy sequence mask is not applied by grpo_loss"),
     ("vllm_importance_sampling_correction", "must be False when use_vllm=True: the vLLM IS weights are not applied"),
@@ -388,10 +389,11 @@ _MULTIMODAL_INPUTS = ("pixel_values", "image_grid_thw", "num_images", "pixel_att
 def _objective(self) -> GrpoObjective:
     """The GRPO objective of TRL's trainer ``self`` (its attributes and ``args``, TRL's names)."""
     sapo = self.loss_type == "sapo"
+    # TRL's sapo and cispo ignore delta (they have no clip); grpo_loss refuses a delta with them rather than ignore it
+    unclipped = self.loss_type in ("sapo", "cispo")
     return cached_objective(
         beta=float(self.beta), epsilon_low=float(self.epsilon_low), epsilon_high=float(self.epsilon_high),
-        # TRL's sapo ignores delta (it has no clip); grpo_loss refuses a delta with sapo rather than ignore it
-        delta=None if self.args.delta is None or sapo else float(self.args.delta),
+        delta=None if self.args.delta is None or unclipped else float(self.args.delta),
         loss_type=LOSS_TYPES[self.loss_type], importance_sampling_level=self.importance_sampling_level,
         max_completion_length=int(self.max_completion_length),
         use_bias_correction_kl=bool(getattr(self.args, "use_bias_correction_kl", False)),
@@ -416,7 +418,7 @@ def _compute_loss(self, model, inputs):
     old = inputs.get("old_per_token_logps")
     ref = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
     num_items = None
-    if self.loss_type == "dapo":
+    if self.loss_type in ("dapo", "cispo"):
         # TRL: num_items_in_batch spans the generation batch; rescale it to one accumulation window
         num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
         if mode == "train":
@@ -425,7 +427,7 @@ def _compute_loss(self, model, inputs):
         logp, None if old is None else old.to(logp.dtype), inputs["advantages"], mask,
         ref_logp=None if ref is None else ref.to(logp.dtype), **_objective(self).op_kwargs(num_items),
     )
-    if self.loss_type != "dapo":  # dapo's normaliser already covers the accumulation window
+    if self.loss_type not in ("dapo", "cispo"):  # their normaliser already covers the accumulation window
         loss = loss / accumulation
     _log_metrics(self, mode, metrics, logp, old, inputs["advantages"], mask, entropies)
     return loss
@@ -447,6 +449,9 @@ def _log_metrics(self, mode: str, metrics: Mapping[str, torch.Tensor], logp, old
     if self.loss_type == "sapo":  # TRL logs clip ratios only for its clipped objectives
         return
     clip_count = torch.tensor(float(mask.shape[0]), device=tokens.device) if sequence else tokens
+    if self.loss_type == "cispo":  # grpo_loss' high clip for cispo is TRL's r > epsilon_high where A > 0
+        self._metrics[mode]["cispo_clip_ratio"].append(global_mean(metrics["clip_ratio/high_mean"], clip_count))
+        return
     for name in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
         self._metrics[mode][name].append(global_mean(metrics[name], clip_count))
     low, high = _clip_fractions_per_row(self, logp.detach(), old, advantages, mask)
@@ -492,7 +497,7 @@ def patch_grpo_trainer(trainer, *, fused_lm_head: bool = True):
     no-op.
 
     Supported: ``loss_type`` grpo, bnpo, dr_grpo, dapo, luspo, sapo (with ``sapo_temperature_pos`` /
-    ``sapo_temperature_neg``); ``importance_sampling_level`` token and sequence;
+    ``sapo_temperature_neg``), cispo (its ratio cap ``epsilon_high``); ``importance_sampling_level`` token and sequence;
     ``beta`` >= 0 (k3 KL against the reference model or the disabled PEFT adapter, with or without
     ``use_bias_correction_kl``, TRL's default True); ``epsilon`` /
     ``epsilon_high`` (clip-higher); ``delta`` (two-sided clip); ``temperature``; ``cast_lm_head_to_fp32``;

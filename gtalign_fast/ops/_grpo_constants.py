@@ -40,6 +40,7 @@ LOSS_NORMALISERS = {
     "seq-mean-token-sum-norm": NORM_LENGTH,
     "luspo": NORM_ROWS,  # TRL's name for seq-mean-token-sum
     "sapo": NORM_ROW_TOKENS,  # TRL's SAPO objective, aggregated as grpo
+    "cispo": NORM_NUM_ITEMS,  # TRL's CISPO objective, aggregated as dapo
 }
 LOSS_TYPES = tuple(LOSS_NORMALISERS)
 

@@ -82,16 +82,17 @@ def _forward_args(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, 
 
 def _clip_args(options: GrpoLossOptions) -> tuple:
     """(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, use_bias_correction_kl,
-    sapo_tau_pos, sapo_tau_neg) as the kernels take them: no delta is +inf, no dual clip is 0, no KL
+    sapo_tau_pos, sapo_tau_neg, cispo) as the kernels take them: no delta is +inf, no dual clip is 0, no KL
     clamp is +inf (clamping to +-inf changes nothing), the SAPO temperatures are 0 unless
-    loss_type="sapo" (a positive sapo_tau_pos selects the SAPO objective)."""
+    loss_type="sapo" (a positive sapo_tau_pos selects the SAPO objective); cispo selects TRL's CISPO
+    objective (whose ratio cap, and high-clip metric bound, is epsilon_high itself)."""
     delta = math.inf if options.delta is None else options.delta
     dual_clip = 0.0 if options.dual_clip is None else options.dual_clip
     kl_clamp = math.inf if options.kl_clamp is None else options.kl_clamp
     sapo = options.loss_type == "sapo"
     taus = (options.sapo_temperature_pos, options.sapo_temperature_neg) if sapo else (0.0, 0.0)
     return (options.beta, options.epsilon_low, options.epsilon_high, delta, dual_clip, kl_clamp,
-            options.use_bias_correction_kl, *taus)
+            options.use_bias_correction_kl, *taus, options.loss_type == "cispo")
 
 
 _FINALIZE_COUNTERS: dict[tuple, torch.Tensor] = {}
@@ -271,6 +272,9 @@ def grpo_loss(
         pg     = -sigmoid(tau (r - 1)) * 4 / tau * A     (loss_type="sapo", TRL's SAPO, instead of the
                                                           clip; tau = sapo_temperature_pos where A > 0,
                                                           else sapo_temperature_neg)
+        pg     = -sg(min(r, epsilon_high)) * A * logp    (loss_type="cispo", TRL's CISPO, instead of the
+                                                          clip; sg: no gradient through the capped
+                                                          ratio, so d pg / d logp = -min(r, epsilon_high) A)
         kl     = exp(d) - d - 1,  d = clip(ref_logp - logp, -20, 20)
         kl     = clip(kl, -kl_clamp, kl_clamp)          (verl's low_var_kl: kl_clamp=10; default none)
         kl     = kl * r                                  (TRL's use_bias_correction_kl; default off)
@@ -312,14 +316,14 @@ def grpo_loss(
         - ``"grpo"``, ``"sapo"`` (with SAPO's objective), ``"seq-mean-token-mean"``: ``mean_b(S_b / n_b)``
         - ``"bnpo"``, ``"token-mean"``: ``sum_b S_b / N``
         - ``"dr_grpo"``: ``sum_b S_b / (B * L)``
-        - ``"dapo"``: ``sum_b S_b / num_items_in_batch`` (default ``N``)
+        - ``"dapo"``, ``"cispo"`` (with CISPO's objective): ``sum_b S_b / num_items_in_batch`` (default ``N``)
         - ``"luspo"`` (TRL's name), ``"seq-mean-token-sum"`` (verl's): ``mean_b S_b``
         - ``"seq-mean-token-sum-norm"``: ``sum_b S_b / L`` (verl's Dr. GRPO form)
     importance_sampling_level : {"token", "sequence"}, default "token"
     max_completion_length : int, optional
         ``L`` above (``dr_grpo`` and ``seq-mean-token-sum-norm`` only); default ``T``.
     num_items_in_batch : int, float or 0-dim Tensor, optional
-        ``dapo`` only: the global number of completion tokens across processes, finite and
+        ``dapo`` and ``cispo`` only: the global number of completion tokens across processes, finite and
         ``> 0`` (a CUDA tensor is read and checked by the kernel on the device, without a host sync:
         a bad one gives a NaN loss and an error from ``check_device_errors``; a CPU tensor is checked
         like the number). Ignored by the other loss types.
@@ -338,6 +342,10 @@ def grpo_loss(
         SAPO's temperatures (TRL's names and defaults), ``> 0``; ``loss_type="sapo"`` only (which
         refuses ``delta`` and ``dual_clip``). The clip metrics still report where ``r`` leaves
         ``[1 - epsilon_low, 1 + epsilon_high]``.
+
+    ``loss_type="cispo"`` (TRL's CISPO) caps the ratio at ``epsilon_high`` itself (ScaleRL's
+    ``eps_max``; TRL recommends 5.0), refuses ``delta`` and ``dual_clip``, and reports TRL's
+    ``cispo_clip_ratio`` (``r > epsilon_high`` where ``A > 0``) as ``clip_ratio/high_mean``.
     backend : {"triton", "cuda", "cpu", "reference"}, optional
         Force a backend; default: ``GTALIGN_FAST_BACKEND[_GRPO_LOSS]``, else the C++ kernel on CPU
         and the CUDA C++ kernel on CUDA (the faster there, see ``_backend.CUDA_DEFAULTS``).

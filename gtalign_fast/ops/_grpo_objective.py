@@ -198,6 +198,8 @@ def validate(op: str, shape, device, owner: str, dtype, old_logp, advantages, ma
         check_number(op, "sapo_temperature_neg", sapo_temperature_neg, low=0.0, low_inclusive=False)
         if delta is not None or dual_clip is not None:
             raise ValueError(f"{op}: loss_type='sapo' replaces the clip: delta and dual_clip must be None")
+    elif loss_type == "cispo" and (delta is not None or dual_clip is not None):
+        raise ValueError(f"{op}: loss_type='cispo' replaces the clip: delta and dual_clip must be None")
     if not isinstance(use_bias_correction_kl, bool):
         raise TypeError(f"{op}: use_bias_correction_kl must be a bool, got {type(use_bias_correction_kl).__name__}")
     if max_completion_length is not None:

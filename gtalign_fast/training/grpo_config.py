@@ -251,8 +251,8 @@ class GRPOConfig:
             self._fail(f"dual_clip must be > 1, got {self.dual_clip}")
         if not (self.sapo_temperature_pos > 0 and self.sapo_temperature_neg > 0):
             self._fail(f"sapo temperatures must be > 0, got {self.sapo_temperature_pos}, {self.sapo_temperature_neg}")
-        if self.loss_type == "sapo" and (self.delta is not None or self.dual_clip is not None):
-            self._fail("loss_type='sapo' replaces the clip: delta and dual_clip must be None")
+        if self.loss_type in ("sapo", "cispo") and (self.delta is not None or self.dual_clip is not None):
+            self._fail(f"loss_type={self.loss_type!r} replaces the clip: delta and dual_clip must be None")
         if self.num_iterations < 1:
             self._fail(f"num_iterations must be >= 1, got {self.num_iterations}")
         if not 0 <= self.alpha <= 1:
