@@ -19,6 +19,7 @@ Rows (every provider on the same model, prompts, lengths and sampling settings):
   Ours reports its generation / scoring / update split (``time/*`` of the step's metrics); TRL's
   generation and generation + scoring are timed by wrapping its ``_generate`` and
   ``_generate_and_score_completions``, the update is the rest.
+  Each split is the per-stage median over the calls after the warm-up (``split_calls`` of them).
 - ``trl_grpo_update``: TRL's update (``compute_loss`` + ``backward`` on one fixed batch of
   full-length completions) unpatched vs ``patch_grpo_trainer`` (as ``bench/cases_trl_patch.py``).
 """
@@ -46,9 +47,11 @@ PROMPTS = [
     "Describe, in many paragraphs, how to bake bread from scratch.",
     "Explain the rules of chess and some opening strategies in detail.",
 ]
+# GTALIGN_REAL_ROWS (comma-separated op names, e.g. "real_grpo_step") runs only those rows.
 # The issue's sizes by default; a busy machine may shrink them (the shapes in the JSON say what ran).
 NEW_TOKENS = int(os.environ.get("GTALIGN_REAL_NEW_TOKENS", "64"))
 SHORT_TOKENS = max(1, NEW_TOKENS // 4)
+ROWS = {op for op in os.environ.get("GTALIGN_REAL_ROWS", "").split(",") if op}
 GRPO = dict(prompts=2, generations=int(os.environ.get("GTALIGN_REAL_GENERATIONS", "4")),
             completion_len=int(os.environ.get("GTALIGN_REAL_COMPLETION_LEN", "32")))
 
@@ -233,15 +236,27 @@ def _our_step(device, extra: dict):
         trainer = GRPOTrainer(_model(device), distinct_tokens, args=args, train_dataset=_dataset(tokenizer),
                               processing_class=tokenizer)
 
+        splits: list[dict] = []
+
         def step():
             metrics = trainer._training_step()
             trainer.step += 1
-            extra.update({f"split_{k.split('/', 1)[1]}_s": v for k, v in metrics.items() if k.startswith("time/")})
+            splits.append({f"split_{k.split('/', 1)[1]}_s": v for k, v in metrics.items() if k.startswith("time/")})
+            _median_split(splits, extra)
             return metrics
 
         return step
 
     return make
+
+
+def _median_split(splits: list[dict], extra: dict) -> None:
+    """Per stage, the median over the calls after the first (the warm-up, which pays the first-call
+    costs: lazy optimizer state, allocator growth) -- not the last call's split, which on a shared
+    machine can be far from the median step."""
+    timed = splits[1:] or splits
+    extra.update({key: statistics.median(s[key] for s in timed) for key in timed[-1]})
+    extra["split_calls"] = len(timed)
 
 
 def _timed_method(obj, name: str, seconds: dict) -> None:
@@ -271,6 +286,7 @@ def _trl_step(device, extra: dict):
                              train_dataset=datasets.Dataset.from_list(_dataset(tokenizer)), processing_class=tokenizer)
         trainer.remove_callback(PrinterCallback)
         seconds: dict = {}
+        splits: list[dict] = []
         _timed_method(trainer, "_generate", seconds)
         _timed_method(trainer, "_generate_and_score_completions", seconds)
 
@@ -281,8 +297,9 @@ def _trl_step(device, extra: dict):
             total = time.perf_counter() - begin
             generation = seconds.get("_generate", 0.0)
             scored = seconds.get("_generate_and_score_completions", 0.0)
-            extra.update(split_generation_s=generation, split_scoring_s=scored - generation,
-                         split_update_s=total - scored)
+            splits.append(dict(split_generation_s=generation, split_scoring_s=scored - generation,
+                               split_update_s=total - scored))
+            _median_split(splits, extra)
 
         return step
 
@@ -342,6 +359,8 @@ def cases(device: torch.device, suite: str) -> list[Case]:
     out: list[Case] = []
 
     def add(op, provider, shape, make_or_none, extra, why=None):
+        if ROWS and op not in ROWS:
+            return
         why = why or reason
         if why:
             out.extend(skipped(op, provider, ["full"], shape, dtype, why))

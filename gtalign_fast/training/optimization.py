@@ -84,11 +84,29 @@ def clip_gradients(params: Iterable[torch.Tensor], max_grad_norm: float | None) 
 
 
 def default_optimizer(model: nn.Module, args: GRPOConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters with the config's hyper-parameters (TRL's default)."""
+    """AdamW over the trainable parameters with the config's hyper-parameters (TRL's default).
+
+    Fused (one kernel over all parameters, ``fused=True``) where torch has that kernel for every
+    parameter, as transformers' default ``optim="adamw_torch_fused"`` is: on the CPU the per-tensor
+    loop makes six passes over parameters and states, about 4x the fused step's time (0.41 s vs
+    0.10 s for SmolLM2-135M's 135M float32 parameters on 2 cores). The update is the same up to
+    float rounding. Sharded (DTensor) parameters keep the per-tensor loop.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(
         params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-        weight_decay=args.weight_decay,
+        weight_decay=args.weight_decay, fused=_fused_adamw_supported(params) or None,
+    )
+
+
+def _fused_adamw_supported(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW kernel takes every one of ``params``: plain (not DTensor)
+    floating-point tensors on a device type that has the kernel."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    devices = _get_fused_kernels_supported_devices()
+    return bool(params) and all(
+        type(p.data) is torch.Tensor and p.is_floating_point() and p.device.type in devices for p in params
     )
 
 
