@@ -34,6 +34,7 @@ import time
 import torch
 
 from bench.cases_e2e import _sync, _with_throughput, copy_bandwidth
+from bench.cases_trl_patch import update_step
 from bench.common import Case, missing, skipped
 from tests import realmodel
 
@@ -337,14 +338,7 @@ def _trl_update(device, fused: bool | None):
         trainer.current_gradient_accumulation_steps = 1
         inputs = trainer._generate_and_score_completions(
             [{"prompt": p} for p in prompts for _ in range(GRPO["generations"])])
-
-        def step():
-            loss = trainer.compute_loss(trainer.model, inputs)
-            loss.backward()
-            trainer.model.zero_grad(set_to_none=True)
-            return loss.detach()
-
-        return step
+        return update_step(trainer, inputs)
 
     return make
 

@@ -78,16 +78,21 @@ def _update(setup: Setup, device: torch.device, fused: bool | None):
         trainer.model.train()
         trainer.current_gradient_accumulation_steps = 1
         inputs = trainer._generate_and_score_completions(rows)  # old / ref log-probs, rewards, advantages
-
-        def step():
-            loss = trainer.compute_loss(trainer.model, inputs)
-            loss.backward()
-            trainer.model.zero_grad(set_to_none=True)
-            return loss.detach()
-
-        return step
+        return update_step(trainer, inputs)
 
     return make
+
+
+def update_step(trainer, inputs):
+    """The timed part of TRL's update: ``compute_loss`` + backward on prepared inputs (grads dropped)."""
+
+    def step():
+        loss = trainer.compute_loss(trainer.model, inputs)
+        loss.backward()
+        trainer.model.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
 
 
 def cases(device: torch.device, suite: str) -> list[Case]:

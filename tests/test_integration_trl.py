@@ -43,18 +43,22 @@ def _tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<pad>")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def save_tiny_qwen2(path) -> str:
+    """A seeded two-layer Qwen2 and its word-level tokenizer saved under ``path`` (no downloads)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
                          tie_word_embeddings=False, pad_token_id=0, eos_token_id=VOCAB - 1)
-    path = tmp_path_factory.mktemp("tiny_qwen2")
     Qwen2ForCausalLM(config).save_pretrained(path)
     _tokenizer().save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_qwen2(tmp_path_factory.mktemp("tiny_qwen2"))
 
 
 def _dataset(rows: int = 8):

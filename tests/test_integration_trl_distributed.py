@@ -37,7 +37,7 @@ if not torch.distributed.is_available() or not torch.distributed.is_gloo_availab
 
 from gtalign_fast.integrations import trl as integration  # noqa: E402
 from tests import trl_distributed_run as runner  # noqa: E402
-from tests.test_integration_trl import VOCAB, _tokenizer, _trainer  # noqa: E402
+from tests.test_integration_trl import _trainer, save_tiny_qwen2  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "trl_distributed_run.py")
@@ -48,16 +48,7 @@ GLOBAL_NORMALISER = ["dapo-token-kl-accum2", "grpo-sequence"]  # the 2-process s
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                         tie_word_embeddings=False, pad_token_id=0, eos_token_id=VOCAB - 1)
-    path = tmp_path_factory.mktemp("tiny_qwen2_ddp")
-    Qwen2ForCausalLM(config).save_pretrained(path)
-    _tokenizer().save_pretrained(path)
-    return str(path)
+    return save_tiny_qwen2(tmp_path_factory.mktemp("tiny_qwen2_ddp"))
 
 
 def _launch(command: list[str]) -> None:
