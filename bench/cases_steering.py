@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.common import Case, missing, skipped
-from gtalign_fast.game.chain import PAYOFF_KEYS
+from gtalign_fast.game.payoff import PAYOFF_KEYS
 from gtalign_fast.game.pricing import PricingPolicy
 from gtalign_fast.sampling.sampler import SteeringSampler
 

@@ -1,4 +1,4 @@
-"""Tests of gtalign_fast.game.chain: splitting, format regex, payoff parsing, F, P, Pareto."""
+"""Tests of gtalign_fast.game.chain (splitting, format regex, F) and .payoff (parsing, P, Pareto)."""
 
 from __future__ import annotations
 

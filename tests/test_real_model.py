@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from gtalign_fast import GRPOConfig, GRPOTrainer
-from gtalign_fast.game.chain import format_payoff, parse_payoff
+from gtalign_fast.game.payoff import format_payoff, parse_payoff
 from gtalign_fast.game.pricing import PricingPolicy
 from gtalign_fast.sampling.sampler import SteeringSampler
 from gtalign_fast.training.trainer import refuse_unsaveable

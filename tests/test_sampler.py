@@ -10,7 +10,7 @@ import string
 import pytest
 import torch
 
-from gtalign_fast.game.chain import PAYOFF_KEYS, format_payoff, parse_payoff
+from gtalign_fast.game.payoff import PAYOFF_KEYS, format_payoff, parse_payoff
 from gtalign_fast.game.pricing import PricingPolicy
 from gtalign_fast.sampling.sampler import SteeringSampler
 

@@ -2,42 +2,22 @@
 
 Pure Python (standard library only): importing it needs no compiled extension and no torch.
 
-- :mod:`.chain`: split / validate a completion, parse the payoff matrix (:class:`PayoffMatrix`),
-  the format reward F, payoff diversity P, the Pareto frontier, canonical payoff text.
+- :mod:`.chain`: split a completion into its tagged blocks, check their order, the format reward F.
+- :mod:`.payoff`: the payoff matrix (:class:`PayoffMatrix`): its keys, parsing, canonical text,
+  payoff diversity P, the Pareto frontier.
 - :mod:`.literal`: the bounded reader (no ``eval``) of a payoff written as a Python dict literal.
 - :mod:`.welfare`: U, L and W of one completion (:func:`score_completion`, the only place the
   formulas live) and the variants.
 - :mod:`.judges`: answer judges, one module each: the protocol and :func:`run_judge`
   (``judges.base``), rule-based math (``judges.math_judge``), character BLEU (``judges.bleu``), an
-  OpenAI-compatible server (``judges.openai_judge``), the rule-based Pareto judge
+  OpenAI-compatible server (``judges.openai_judge``) and its prompt and verdict mappers
+  (``judges.verdicts``), the rule-based Pareto judge
   (``judges.pareto``).
 - :mod:`.reward`: :class:`GTAlignReward` for trainers and :func:`normalize_by_source`.
 - :mod:`.pricing`: :class:`PricingPolicy` (payoff edits) and :func:`choose_action`.
 """
 
-from .chain import (
-    ACTIONS,
-    MAX_PAYOFF_CHARS,
-    MAX_TEXT_CHARS,
-    PAYOFF_KEYS,
-    QUESTION_TYPES,
-    TAGS,
-    Cell,
-    Chain,
-    PayoffError,
-    PayoffMatrix,
-    extract_tag,
-    format_matches,
-    format_payoff,
-    format_reward,
-    make_key,
-    pareto_frontier,
-    parse_payoff,
-    parse_payoff_strict,
-    payoff_diversity,
-    split_chain,
-    split_key,
-)
+from .chain import MAX_TEXT_CHARS, TAGS, Chain, extract_tag, format_matches, format_reward, split_chain
 from .judges import (
     AnswerScore,
     BleuJudge,
@@ -56,6 +36,22 @@ from .judges import (
     run_judge,
     scaled_verdict,
     wildguard_verdict,
+)
+from .payoff import (
+    ACTIONS,
+    MAX_PAYOFF_CHARS,
+    PAYOFF_KEYS,
+    QUESTION_TYPES,
+    Cell,
+    PayoffError,
+    PayoffMatrix,
+    format_payoff,
+    make_key,
+    pareto_frontier,
+    parse_payoff,
+    parse_payoff_strict,
+    payoff_diversity,
+    split_key,
 )
 from .pricing import DEFAULT_EXPECTED_TOKENS, RULES, ActionChoice, PricingPolicy, choose_action, disagreement_point
 from .reward import GTAlignReward, RewardBatch, completion_text, normalize_by_source
@@ -77,10 +73,11 @@ from .welfare import (
 
 __all__ = [
     # chain
-    "ACTIONS", "MAX_PAYOFF_CHARS", "MAX_TEXT_CHARS", "PAYOFF_KEYS", "QUESTION_TYPES", "TAGS", "Cell",
-    "Chain", "PayoffError", "PayoffMatrix", "extract_tag", "format_matches", "format_payoff",
-    "format_reward", "make_key", "pareto_frontier", "parse_payoff", "parse_payoff_strict",
-    "payoff_diversity", "split_chain", "split_key",
+    "MAX_TEXT_CHARS", "TAGS", "Chain", "extract_tag", "format_matches", "format_reward", "split_chain",
+    # payoff
+    "ACTIONS", "MAX_PAYOFF_CHARS", "PAYOFF_KEYS", "QUESTION_TYPES", "Cell", "PayoffError", "PayoffMatrix",
+    "format_payoff", "make_key", "pareto_frontier", "parse_payoff", "parse_payoff_strict", "payoff_diversity",
+    "split_key",
     # welfare
     "DEFAULT_WEIGHTS", "LOGGED_FIELDS", "VARIANTS", "ScoreResult", "WelfareWeights", "combine_welfare",
     "length_window", "llm_welfare", "llm_welfare_pareto", "reasoning_efficiency", "score_chain",

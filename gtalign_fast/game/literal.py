@@ -15,7 +15,7 @@ parenthesised values, implicit string concatenation or triple-quoted strings (``
 would take them; models do not write them in a payoff). Duplicate keys are rejected (Python would
 keep the last one, so the text and the value read would disagree). Whether the keys are the six
 payoff keys, and whether the numbers are finite, is for the caller to check
-(:meth:`gtalign_fast.game.chain.PayoffMatrix.from_mapping`).
+(:meth:`gtalign_fast.game.payoff.PayoffMatrix.from_mapping`).
 """
 
 from __future__ import annotations

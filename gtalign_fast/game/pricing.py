@@ -2,7 +2,7 @@
 
 A :class:`PricingPolicy` is data: uniform shifts and per-action bonuses for each player, plus an
 optional per-token price that a player pays for the expected tokens of each action. Applying it to
-a :class:`~gtalign_fast.game.chain.PayoffMatrix` gives the edited matrix that the steering sampler
+a :class:`~gtalign_fast.game.payoff.PayoffMatrix` gives the edited matrix that the steering sampler
 writes back into the chain. :func:`choose_action` picks the cell the assistant should play.
 
 For a cell (question type q, action a) with payoffs (LLM, user)::
@@ -30,7 +30,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from .chain import ACTIONS, PAYOFF_KEYS, QUESTION_TYPES, Cell, PayoffMatrix, make_key, pareto_frontier, split_key
+from .payoff import ACTIONS, PAYOFF_KEYS, QUESTION_TYPES, Cell, PayoffMatrix, make_key, pareto_frontier, split_key
 
 __all__ = [
     "DEFAULT_EXPECTED_TOKENS",

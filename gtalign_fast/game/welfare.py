@@ -24,7 +24,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .chain import Chain, PayoffMatrix, split_chain
+from .chain import Chain, split_chain
+from .payoff import PayoffMatrix
 
 __all__ = [
     "VARIANTS",

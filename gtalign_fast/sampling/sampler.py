@@ -5,7 +5,7 @@ Decoding keeps a KV cache, left-pads the prompts, and passes explicit ``position
 attention mask on every call, so that cache slots can be hidden later. A per-row detector follows
 the generated text; when a row closes ``</payoff>`` (mode ``"rewrite"``):
 
-1. the block is parsed (:func:`gtalign_fast.game.chain.parse_payoff`) and the pricing policy
+1. the block is parsed (:func:`gtalign_fast.game.payoff.parse_payoff`) and the pricing policy
    applied (:meth:`gtalign_fast.game.pricing.PricingPolicy.apply`); the chosen action is recorded
    (:func:`gtalign_fast.game.pricing.choose_action`);
 2. if the matrix changed, the row's tokens from the one holding ``<payoff>`` onwards are hidden
@@ -73,7 +73,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..game.chain import format_payoff, parse_payoff
+from ..game.payoff import format_payoff, parse_payoff
 from ..game.pricing import ActionChoice, PricingPolicy, choose_action
 from ..ops import _device_checks
 from ..ops._sample import sample_

@@ -13,9 +13,10 @@ AnswerScore``, can be used (see :func:`as_judge`). One concern per module:
 - :mod:`.bleu`: :func:`char_bleu` / :class:`BleuJudge`, character-level sentence BLEU-4 (writing
   task).
 - :mod:`.openai_judge`: :class:`OpenAIJudge`, a client for any OpenAI-compatible
-  ``/v1/chat/completions`` server that asks a judge model and reads its verdict with a regular
-  expression (the ``openai`` SDK's async client, optional extra ``gtalign_fast[judge]``), and the
-  verdict mappers.
+  ``/v1/chat/completions`` server that asks a judge model (the ``openai`` SDK's async client,
+  optional extra ``gtalign_fast[judge]``).
+- :mod:`.verdicts`: what the judge model is asked and how its reply becomes a score: the default
+  prompt and verdict pattern, the verdict reader and the verdict mappers.
 - :mod:`.pareto`: :func:`analyze_pareto_score`, a rule-based stand-in for the Pareto judge of the
   ablation variant.
 
@@ -28,15 +29,9 @@ from __future__ import annotations
 from .base import AnswerScore, CompositeJudge, Judge, JudgeItem, as_judge, run_judge
 from .bleu import BleuJudge, char_bleu
 from .math_judge import MathJudge, extract_boxed, math_answers_equal, normalize_math_answer
-from .openai_judge import (
-    DEFAULT_JUDGE_PROMPT,
-    DEFAULT_VERDICT_PATTERN,
-    JudgeStats,
-    OpenAIJudge,
-    scaled_verdict,
-    wildguard_verdict,
-)
+from .openai_judge import JudgeStats, OpenAIJudge
 from .pareto import analyze_pareto_score
+from .verdicts import DEFAULT_JUDGE_PROMPT, DEFAULT_VERDICT_PATTERN, scaled_verdict, wildguard_verdict
 
 __all__ = [
     "JudgeItem",

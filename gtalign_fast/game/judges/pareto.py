@@ -2,14 +2,15 @@
 
 A stand-in for the LLM Pareto judge of the ``pareto`` welfare variant: it reads the last payoff key
 (or bare action) that ``<analyze>`` names and checks it against the Pareto frontier of the parsed
-matrix (:func:`~gtalign_fast.game.chain.pareto_frontier`).
+matrix (:func:`~gtalign_fast.game.payoff.pareto_frontier`).
 """
 
 from __future__ import annotations
 
 import re
 
-from ..chain import PayoffMatrix, extract_tag, pareto_frontier
+from ..chain import extract_tag
+from ..payoff import PayoffMatrix, pareto_frontier
 
 __all__ = ["analyze_pareto_score"]
 
