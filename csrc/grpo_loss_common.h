@@ -1,15 +1,19 @@
 // Definitions shared by the grpo_loss C++ CPU kernel (csrc/cpu/grpo_loss.cpp, g++) and CUDA kernel
 // (csrc/cuda/grpo_loss.cu, nvcc): the row_stats columns, the aggregation modes, the clamp limits
-// and the clip parameters (see kernels/grpo_loss.py for their meaning). Host code only: the
-// per-token maths stays in each file, written for its own compiler (omp simd selects on the CPU,
-// fminf / expf on the GPU).
+// the clip parameters (see kernels/grpo_loss.py for their meaning) and the host-side checks of the
+// inputs' layout, which both entry points run. Host code only: the per-token maths stays in each
+// file, written for its own compiler (omp simd selects on the CPU, fminf / expf on the GPU).
 //
 // The constants mirror gtalign_fast/ops/_grpo_constants.py, which the Python code and the Triton
 // kernels use; tests/test_constants.py parses this file and checks every value against it, so the
 // enum and constexpr lines below keep their simple `name = literal` form.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
 #include <cstdint>
+#include <optional>
 
 namespace gtalign_fast {
 namespace grpo {
@@ -51,6 +55,42 @@ inline ClipParams clip_params(double beta, double eps_low, double eps_high, doub
 struct PolicyTerm {
   float loss, dloss_dratio, coef_1;
 };
+
+// ---------------------------------------------------------------------------------------------
+// Host-side checks of the layout contract, shared by the CPU and CUDA entry points (the Python side
+// validates and allocates; a direct call of the registered op gets no Python validation first).
+
+inline bool present(const std::optional<at::Tensor>& tensor) { return tensor.has_value() && tensor->defined(); }
+
+// Every input is indexed with logp's [B, T] and its own strides: each must be a [B, T] view on
+// logp's device.
+inline void check_bt(const at::Tensor& tensor, const at::Tensor& logp, const char* name) {
+  TORCH_CHECK(tensor.dim() == 2 && tensor.size(0) == logp.size(0) && tensor.size(1) == logp.size(1) &&
+                  tensor.device() == logp.device(),
+              "grpo_loss: ", name, " must be a [B, T] view like logp, on its device");
+}
+
+inline void check_float_out(const at::Tensor& out, int64_t numel, const at::Tensor& logp, const char* name) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() == numel &&
+                  out.device() == logp.device(),
+              "grpo_loss: ", name, " must be a contiguous float32 tensor of ", numel, " elements on logp's device");
+}
+
+inline void check_inputs(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
+                         const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages,
+                         const at::Tensor& mask) {
+  TORCH_CHECK(logp.dim() == 2, "grpo_loss: logp must be a [B, T] tensor");
+  for (const auto* other : {&old_logp, &ref_logp}) {
+    if (present(*other)) {
+      check_bt(**other, logp, "old_logp / ref_logp");
+      TORCH_CHECK((*other)->scalar_type() == logp.scalar_type(), "grpo_loss: old_logp / ref_logp need logp's dtype");
+    }
+  }
+  check_bt(advantages, logp, "advantages");
+  TORCH_CHECK(advantages.scalar_type() == at::kFloat, "grpo_loss: advantages must be a float32 [B, T] view");
+  check_bt(mask, logp, "mask");
+  TORCH_CHECK(mask.scalar_type() == at::kByte, "grpo_loss: mask must be a uint8 [B, T] view");
+}
 
 }  // namespace grpo
 }  // namespace gtalign_fast

@@ -450,17 +450,7 @@ void backward_row(const Inputs<scalar_t>& in, int64_t b, const ClipParams& p, bo
 }
 
 // ---------------------------------------------------------------------------------------------
-// Checks and entry points
-
-void check_bt(const at::Tensor& tensor, const at::Tensor& logp, const char* name) {
-  TORCH_CHECK(tensor.dim() == 2 && tensor.size(0) == logp.size(0) && tensor.size(1) == logp.size(1),
-              "grpo_loss: ", name, " must be a [B, T] view like logp");
-}
-
-void check_float_out(const at::Tensor& out, int64_t numel, const char* name) {
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() == numel,
-              "grpo_loss: ", name, " must be a contiguous float32 tensor of ", numel, " elements");
-}
+// Entry points (the layout checks: ../grpo_loss_common.h)
 
 template <typename scalar_t>
 Inputs<scalar_t> make_inputs(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
@@ -468,21 +458,6 @@ Inputs<scalar_t> make_inputs(const at::Tensor& logp, const std::optional<at::Ten
                              const at::Tensor& mask) {
   return {view_of<scalar_t>(logp), optional_view<scalar_t>(old_logp), optional_view<scalar_t>(ref_logp),
           view_of<float>(advantages), view_of<uint8_t>(mask), logp.size(1)};
-}
-
-void check_inputs(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
-                  const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask) {
-  TORCH_CHECK(logp.dim() == 2, "grpo_loss: logp must be [B, T]");
-  for (const auto* other : {&old_logp, &ref_logp}) {
-    if (other->has_value() && (*other)->defined()) {
-      check_bt(**other, logp, "old_logp / ref_logp");
-      TORCH_CHECK((*other)->scalar_type() == logp.scalar_type(), "grpo_loss: old_logp / ref_logp need logp's dtype");
-    }
-  }
-  check_bt(advantages, logp, "advantages");
-  TORCH_CHECK(advantages.scalar_type() == at::kFloat, "grpo_loss: advantages must be float32 here");
-  check_bt(mask, logp, "mask");
-  TORCH_CHECK(mask.scalar_type() == at::kByte, "grpo_loss: mask must be uint8 here");
 }
 
 void grpo_loss_fwd_cpu(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
@@ -497,10 +472,10 @@ void grpo_loss_fwd_cpu(const at::Tensor& logp, const std::optional<at::Tensor>& 
   error_flag_data(error_flag, logp, "grpo_loss");
   check_inputs(logp, old_logp, ref_logp, advantages, mask);
   const int64_t batch = logp.size(0);
-  check_float_out(loss, 1, "loss");
-  check_float_out(metrics, kNumMetrics, "metrics");
-  check_float_out(row_stats, batch * kNumStats, "row_stats");
-  check_float_out(row_weights, batch, "row_weights");
+  check_float_out(loss, 1, logp, "loss");
+  check_float_out(metrics, kNumMetrics, logp, "metrics");
+  check_float_out(row_stats, batch * kNumStats, logp, "row_stats");
+  check_float_out(row_weights, batch, logp, "row_weights");
   TORCH_CHECK(mode != kNormaliserTensor || (num_items.has_value() && num_items->numel() == 1 &&
                                             num_items->scalar_type() == at::kFloat),
               "grpo_loss: num_items must be a float32 tensor of one element");
@@ -531,9 +506,9 @@ void grpo_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& row_weight
                        double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool cispo, bool seq_level, at::Tensor& dlogp, at::Tensor& dref) {
   check_inputs(logp, old_logp, ref_logp, advantages, mask);
   const int64_t batch = logp.size(0), length = logp.size(1);
-  check_float_out(grad_loss, 1, "grad_loss");
-  check_float_out(row_weights, batch, "row_weights");
-  check_float_out(row_stats, batch * kNumStats, "row_stats");
+  check_float_out(grad_loss, 1, logp, "grad_loss");
+  check_float_out(row_weights, batch, logp, "row_weights");
+  check_float_out(row_stats, batch * kNumStats, logp, "row_stats");
   TORCH_CHECK(dlogp.is_contiguous() && dlogp.scalar_type() == logp.scalar_type() && dlogp.numel() == batch * length,
               "grpo_loss: dlogp must be contiguous [B, T] in logp's dtype");
   const bool ref_grad = dref.numel() > 0;

@@ -165,11 +165,6 @@ void backward_rows(const float* grad_logp, const float* grad_entropy, const at::
   });
 }
 
-void check_row_output(const at::Tensor& out, int64_t numel, const char* name) {
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() == numel,
-              "token_logprobs: ", name, " must be a contiguous float32 tensor of ", numel, " elements");
-}
-
 // Every target the kernels index the logits with is in [0, V) or ignore_index: a pre-pass over the
 // [N] ids (next to the O(N V) kernel it costs nothing), so a direct call of the registered op with a
 // bad id raises instead of reading or writing outside the row.
@@ -190,14 +185,9 @@ void token_logprobs_fwd_cpu(const at::Tensor& logits3d, const at::Tensor& target
   // The error flag (gtalign_fast/ops/_device_checks.py) is for the CUDA kernel, which cannot raise
   // without a host sync; here a bad target raises directly (the flag is left untouched).
   error_flag_data(error_flag, logits3d, "token_logprobs");
-  TORCH_CHECK(logits3d.dim() == 3, "token_logprobs: logits must be a [D0, D1, V] view");
-  const int64_t n_rows = logits3d.size(0) * logits3d.size(1);
-  TORCH_CHECK(targets.scalar_type() == at::kLong && targets.is_contiguous() && targets.numel() == n_rows,
-              "token_logprobs: targets must be contiguous int64 with one id per row");
-  check_row_output(logp, n_rows, "logp");
-  check_row_output(stats, kNumStats * n_rows, "stats");
+  const int64_t n_rows = check_rows(logits3d, targets);
+  check_forward_outputs(logits3d, n_rows, logp, entropy, stats);
   const bool with_entropy = entropy.numel() > 0;
-  if (with_entropy) check_row_output(entropy, n_rows, "entropy");
   if (n_rows == 0) return;
   check_targets(targets, logits3d.size(2), ignore_index);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits3d.scalar_type(), "token_logprobs_fwd_cpu", [&] {
@@ -211,20 +201,9 @@ void token_logprobs_bwd_cpu(const at::Tensor& grad_logp, const std::optional<at:
                             const at::Tensor& logits3d, const at::Tensor& targets, const at::Tensor& stats,
                             const at::Tensor& entropy, double inv_temperature, int64_t ignore_index,
                             at::Tensor& dlogits) {
-  TORCH_CHECK(logits3d.dim() == 3, "token_logprobs: logits must be a [D0, D1, V] view");
-  const int64_t n_rows = logits3d.size(0) * logits3d.size(1);
-  TORCH_CHECK(targets.scalar_type() == at::kLong && targets.is_contiguous() && targets.numel() == n_rows,
-              "token_logprobs: targets must be contiguous int64 with one id per row");
-  check_row_output(grad_logp, n_rows, "grad_logp");
-  check_row_output(stats, kNumStats * n_rows, "stats");
+  const int64_t n_rows = check_rows(logits3d, targets);
+  check_backward_tensors(logits3d, n_rows, grad_logp, grad_entropy, stats, entropy, dlogits);
   const bool has_grad_entropy = grad_entropy.has_value() && grad_entropy->defined();
-  if (has_grad_entropy) {
-    check_row_output(*grad_entropy, n_rows, "grad_entropy");
-    check_row_output(entropy, n_rows, "entropy");
-  }
-  TORCH_CHECK(dlogits.is_contiguous() && dlogits.scalar_type() == logits3d.scalar_type() &&
-                  dlogits.numel() == n_rows * logits3d.size(2),
-              "token_logprobs: dlogits must be contiguous [N, V] in the logits' dtype");
   if (n_rows == 0) return;
   check_targets(targets, logits3d.size(2), ignore_index);
   advise_huge_pages(dlogits.data_ptr(), dlogits.nbytes());

@@ -318,7 +318,14 @@ __global__ void __launch_bounds__(kThreads) grpo_loss_bwd_kernel(
 // ---------------------------------------------------------------------------------------------
 // Entry points (the Python side validates and allocates; these check the layout contract)
 
-bool present(const std::optional<at::Tensor>& tensor) { return tensor.has_value() && tensor->defined(); }
+// The shared layout checks (grpo::check_inputs, ../grpo_loss_common.h), plus what the launch needs:
+// CUDA tensors and one block per sequence within the grid's limit.
+void check_inputs(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
+                  const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask) {
+  TORCH_CHECK(logp.is_cuda(), "grpo_loss: logp must be a CUDA tensor");
+  grpo::check_inputs(logp, old_logp, ref_logp, advantages, mask);
+  TORCH_CHECK(logp.size(0) <= INT32_MAX, "grpo_loss: at most 2^31 - 1 sequences per call");
+}
 
 template <typename scalar_t>
 const scalar_t* optional_data(const std::optional<at::Tensor>& tensor) {
@@ -331,36 +338,6 @@ Strides strides_of(const at::Tensor& logp, const std::optional<at::Tensor>& old_
           present(old_logp) ? old_logp->stride(0) : 0, present(old_logp) ? old_logp->stride(1) : 0,
           present(ref_logp) ? ref_logp->stride(0) : 0, present(ref_logp) ? ref_logp->stride(1) : 0,
           advantages.stride(0), advantages.stride(1), mask.stride(0), mask.stride(1)};
-}
-
-// Every input is indexed with logp's [B, T] and its own strides: each must be a [B, T] view on
-// logp's device (a direct call of the registered op gets no Python validation first).
-void check_bt(const at::Tensor& tensor, const at::Tensor& logp, const char* name) {
-  TORCH_CHECK(tensor.dim() == 2 && tensor.size(0) == logp.size(0) && tensor.size(1) == logp.size(1) &&
-                  tensor.device() == logp.device(),
-              "grpo_loss: ", name, " must be a [B, T] view like logp, on its device");
-}
-
-void check_float_out(const at::Tensor& out, int64_t numel, const at::Tensor& logp, const char* name) {
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() == numel &&
-                  out.device() == logp.device(),
-              "grpo_loss: ", name, " must be a contiguous float32 tensor of ", numel, " elements on logp's device");
-}
-
-void check_inputs(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
-                  const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask) {
-  TORCH_CHECK(logp.dim() == 2 && logp.is_cuda(), "grpo_loss: logp must be a CUDA [B, T] tensor");
-  TORCH_CHECK(logp.size(0) <= INT32_MAX, "grpo_loss: at most 2^31 - 1 sequences per call");
-  for (const auto* other : {&old_logp, &ref_logp}) {
-    if (present(*other)) {
-      check_bt(**other, logp, "old_logp / ref_logp");
-      TORCH_CHECK((*other)->scalar_type() == logp.scalar_type(), "grpo_loss: old_logp / ref_logp need logp's dtype");
-    }
-  }
-  check_bt(advantages, logp, "advantages");
-  TORCH_CHECK(advantages.scalar_type() == at::kFloat, "grpo_loss: advantages must be a float32 [B, T] view");
-  check_bt(mask, logp, "mask");
-  TORCH_CHECK(mask.scalar_type() == at::kByte, "grpo_loss: mask must be a uint8 [B, T] view");
 }
 
 void grpo_loss_fwd_cuda(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,

@@ -138,32 +138,19 @@ __global__ void __launch_bounds__(kThreads) token_logprobs_bwd_kernel(
   }
 }
 
-// Every tensor a kernel reads or writes by row index holds the rows it is indexed with, on the
-// logits' device: a direct call of the registered op with a short output cannot write past it.
-void check_row_tensor(const at::Tensor& tensor, int64_t numel, const at::Tensor& logits3d, const char* name) {
-  TORCH_CHECK(tensor.scalar_type() == at::kFloat && tensor.is_contiguous() && tensor.numel() == numel &&
-                  tensor.device() == logits3d.device(),
-              "token_logprobs: ", name, " must be a contiguous float32 tensor of ", numel,
-              " elements on the logits' device");
-}
-
-void check_rows(const at::Tensor& logits3d, const at::Tensor& targets, int64_t n_rows) {
-  TORCH_CHECK(logits3d.dim() == 3 && logits3d.is_cuda(), "token_logprobs: logits must be a CUDA [D0, D1, V] view");
-  TORCH_CHECK(targets.numel() == n_rows && targets.is_contiguous() && targets.scalar_type() == at::kLong &&
-                  targets.device() == logits3d.device(),
-              "token_logprobs: targets must be contiguous int64 with one id per row, on the logits' device");
+// The shared checks (../token_logprobs_common.h), plus one block per row within the grid's limit.
+int64_t check_cuda_rows(const at::Tensor& logits3d, const at::Tensor& targets) {
+  TORCH_CHECK(logits3d.is_cuda(), "token_logprobs: logits must be a CUDA tensor");
+  const int64_t n_rows = check_rows(logits3d, targets);
   TORCH_CHECK(n_rows <= INT32_MAX, "token_logprobs: at most 2^31 - 1 rows per call");
+  return n_rows;
 }
 
 void token_logprobs_fwd_cuda(const at::Tensor& logits3d, const at::Tensor& targets, double inv_temperature,
                              int64_t ignore_index, at::Tensor& logp, at::Tensor& entropy, at::Tensor& stats,
                              const std::optional<at::Tensor>& error_flag) {
-  TORCH_CHECK(logits3d.dim() == 3, "token_logprobs: logits must be a [D0, D1, V] view");
-  const int64_t n_rows = logits3d.size(0) * logits3d.size(1);
-  check_rows(logits3d, targets, n_rows);
-  check_row_tensor(logp, n_rows, logits3d, "logp");
-  check_row_tensor(stats, kNumStats * n_rows, logits3d, "stats");
-  if (entropy.numel() > 0) check_row_tensor(entropy, n_rows, logits3d, "entropy");
+  const int64_t n_rows = check_cuda_rows(logits3d, targets);
+  check_forward_outputs(logits3d, n_rows, logp, entropy, stats);
   int* flag = error_flag_data(error_flag, logits3d, "token_logprobs");
   if (n_rows == 0) return;
   const c10::cuda::CUDAGuard guard(logits3d.device());
@@ -184,19 +171,8 @@ void token_logprobs_bwd_cuda(const at::Tensor& grad_logp, const std::optional<at
                              const at::Tensor& logits3d, const at::Tensor& targets, const at::Tensor& stats,
                              const at::Tensor& entropy, double inv_temperature, int64_t ignore_index,
                              at::Tensor& dlogits) {
-  TORCH_CHECK(logits3d.dim() == 3, "token_logprobs: logits must be a [D0, D1, V] view");
-  const int64_t n_rows = logits3d.size(0) * logits3d.size(1);
-  check_rows(logits3d, targets, n_rows);
-  check_row_tensor(grad_logp, n_rows, logits3d, "grad_logp");
-  check_row_tensor(stats, kNumStats * n_rows, logits3d, "stats");
-  if (grad_entropy.has_value() && grad_entropy->defined()) {
-    check_row_tensor(*grad_entropy, n_rows, logits3d, "grad_entropy");
-    check_row_tensor(entropy, n_rows, logits3d, "entropy");
-  }
-  TORCH_CHECK(dlogits.is_contiguous() && dlogits.scalar_type() == logits3d.scalar_type() &&
-                  dlogits.numel() == n_rows * logits3d.size(2),
-              "token_logprobs: dlogits must be contiguous [N, V] in the logits' dtype");
-  TORCH_CHECK(n_rows <= INT32_MAX, "token_logprobs: at most 2^31 - 1 rows per call");
+  const int64_t n_rows = check_cuda_rows(logits3d, targets);
+  check_backward_tensors(logits3d, n_rows, grad_logp, grad_entropy, stats, entropy, dlogits);
   if (n_rows == 0) return;
   const c10::cuda::CUDAGuard guard(logits3d.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
