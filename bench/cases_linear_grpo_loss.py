@@ -16,7 +16,7 @@ import torch
 
 from bench.common import Case, dtype_of, missing, skipped
 from gtalign_fast import ops, reference
-from gtalign_fast.ops._logits_grpo_loss import why_unavailable
+from gtalign_fast.ops._backend import why_unavailable
 
 OP = "linear_grpo_loss"
 MODES = ("fwd", "full")
@@ -120,7 +120,7 @@ def _providers(device: torch.device, suite: str):
     for backend in ("cpu", "triton"):
         if backend == "triton" and device.type == "cpu":
             continue  # the interpreter is a test vehicle, not a CPU backend
-        reason = why_unavailable(backend, device)
+        reason = why_unavailable(backend, device, OP)
         if reason is None or backend == device.type:
             providers.append((f"gtalign_fast[{backend}]", _ours(backend), reason))
     providers.append(("torch-eager", _eager, None))

@@ -20,7 +20,7 @@ import torch
 
 from bench.common import Case, dtype_of, missing, skipped
 from gtalign_fast import ops
-from gtalign_fast.ops import _linear_token_logprobs
+from gtalign_fast.ops import _backend
 
 OP = "linear_token_logprobs"
 MODES = ("fwd", "full")
@@ -128,7 +128,7 @@ def _providers(device: torch.device, suite: str):
     """(name, compute or None, reason if unavailable)."""
     providers = []
     for backend in ("triton", "cuda", "cpu"):
-        reason = _linear_token_logprobs._why_unavailable(backend, device)
+        reason = _backend.why_unavailable(backend, device, "linear_token_logprobs")
         if backend == "triton" and device.type == "cpu":
             providers.append(("gtalign_fast[triton]", None, "needs CUDA (the interpreter is a test vehicle)"))
         elif reason is None:

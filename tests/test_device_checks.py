@@ -206,10 +206,8 @@ def _gpu_op_calls():
 
 
 def _runs_on_cuda(op: str, backend: str) -> bool:
-    from gtalign_fast.ops import _backend, _logits_grpo_loss
+    from gtalign_fast.ops import _backend
 
-    if op in ("logits_grpo_loss", "linear_grpo_loss"):  # their own backends: no CUDA C++ kernel
-        return _logits_grpo_loss.why_unavailable(backend, torch.device("cuda")) is None
     return backend in _backend.available_backends("cuda", "sample" if op == "sample_" else op)
 
 

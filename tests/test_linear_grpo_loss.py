@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from gtalign_fast import ops, reference
-from gtalign_fast.ops._grpo_chunks import why_unavailable
+from gtalign_fast.ops._backend import why_unavailable
 from gtalign_fast.ops._linear_grpo_loss import default_chunk_tokens
 
 from .conftest import DEVICE
@@ -217,7 +217,7 @@ def _ddp_worker(rank: int, world: int, directory: str) -> None:
 
 @pytest.mark.timeout(300)
 def test_ddp_two_processes_match_one(tmp_path, monkeypatch):
-    if why_unavailable("cpu", torch.device("cpu")) is not None:
+    if why_unavailable("cpu", torch.device("cpu"), "linear_grpo_loss") is not None:
         pytest.skip("needs the C++ extension")
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)

@@ -14,6 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from gtalign_fast import ops, reference
 from gtalign_fast.kernels import linear_token_logprobs_chunked as chunked
+from gtalign_fast.ops import _backend
 from gtalign_fast.ops import _device_checks as checks
 from gtalign_fast.ops import _linear_token_logprobs as module
 
@@ -21,7 +22,7 @@ from .conftest import DEVICE
 
 OP = "linear_token_logprobs"
 # This op's "cpu" / "cuda" backends run without the compiled extension.
-BACKENDS = [b for b in ("triton", DEVICE.type) if module._why_unavailable(b, DEVICE) is None] + ["reference"]
+BACKENDS = [b for b in ("triton", DEVICE.type) if _backend.why_unavailable(b, DEVICE, OP) is None] + ["reference"]
 KERNEL_BACKENDS = [b for b in BACKENDS if b != "reference"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -11,11 +11,11 @@ import torch
 
 from gtalign_fast import ops, reference
 from gtalign_fast.ops import _backend, _device_checks
-from gtalign_fast.ops._grpo_chunks import why_unavailable
 
 from .conftest import DEVICE
 
-BACKENDS = [b for b in ("cpu", "triton", "reference") if why_unavailable(b, DEVICE) is None]
+OP = "logits_grpo_loss"
+BACKENDS = [b for b in ("cpu", "triton", "reference") if _backend.why_unavailable(b, DEVICE, OP) is None]
 LOSS_TYPES = reference.GRPO_LOSS_TYPES
 CLIPS = {
     "clip": dict(epsilon_low=0.2),
@@ -193,15 +193,17 @@ def test_host_target_check_covers_the_reference_backend_on_any_device():
     check_targets("logits_grpo_loss", cuda, targets, mask, 5, "reference")
 
 
-def test_default_backend_warns_when_it_falls_back_to_the_reference(monkeypatch):
+@pytest.mark.parametrize("op", ["logits_grpo_loss", "linear_grpo_loss"])
+def test_default_backend_warns_when_it_falls_back_to_the_reference(monkeypatch, op):
     """Without the C++ extension the default is the reference (materialised logits, autograd): said
-    with a RuntimeWarning, as _backend does for the other ops, never silently."""
-    from gtalign_fast.ops import _grpo_chunks
-
-    monkeypatch.setattr(_grpo_chunks._backend, "why_unavailable", lambda name, device: "no extension here")
+    with a RuntimeWarning, as for every op, never silently."""
+    monkeypatch.setattr(_backend, "_EXTENSION", None)  # what why_unavailable reads: no extension here
+    monkeypatch.setattr(_backend, "_DEFAULTS", {})  # defaults are cached per (op, device type)
+    monkeypatch.setattr(_backend, "_warned_fallback", set())
     with pytest.warns(RuntimeWarning, match="reference backend"):
-        assert _grpo_chunks.default_backend(torch.device("cpu")) == "reference"
-    assert _grpo_chunks.default_backend(torch.device("cuda")) == "triton"
+        assert _backend.default_backend(op, torch.device("cpu")) == "reference"
+    if _backend.why_unavailable("triton", torch.device("cuda")) is None:  # Triton installed
+        assert _backend.default_backend(op, torch.device("cuda")) == "triton"
 
 
 def test_bad_arguments():

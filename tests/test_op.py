@@ -11,7 +11,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from gtalign_fast.ops import _backend, _op
-from gtalign_fast.ops._op import Op, Output
+from gtalign_fast.ops._op import Op, Output, backends
 
 
 class ScaleOptions(NamedTuple):
@@ -43,7 +43,7 @@ SCALE = Op(
     options=ScaleOptions,
     returns=("y", "row_sums"),
     outputs=_outputs,
-    backends={"reference": _scale, "cpu": _scale},
+    backends=backends(reference=_scale, cpu=_scale, torch_paths=("cpu",)),
 )
 SCALE_BACKWARD = Op(
     "test_op_scale_backward",
@@ -52,7 +52,7 @@ SCALE_BACKWARD = Op(
     options=ScaleOptions,
     returns=("dx",),
     outputs=_scale_backward_outputs,
-    backends={"reference": _scale_backward, "cpu": _scale_backward},
+    backends=backends(reference=_scale_backward, cpu=_scale_backward, torch_paths=("cpu",)),
 )
 
 
@@ -130,7 +130,23 @@ def test_options_of_an_unsupported_type_are_refused():
 
     with pytest.raises(TypeError, match="no schema type"):
         Op("test_op_bad", inputs="Tensor x", options=BadOptions, returns=("y",), outputs=_outputs,
-           backends={"reference": _scale})
+           backends=backends(reference=_scale))
+
+
+@pytest.mark.skipif(not _backend.extension_available(), reason="needs the compiled extension")
+def test_backends_are_declared_one_way_and_recorded_once():
+    """A plain dict is refused (every op declares its backends with _op.backends); the declaration is
+    what available_backends reads: the toy op has no Triton or CUDA backend, and says so."""
+    with pytest.raises(TypeError, match="declare the backends"):
+        Op("test_op_plain_dict", inputs="Tensor x", options=ScaleOptions, returns=("y", "row_sums"),
+           outputs=_outputs, backends={"reference": _scale})
+    assert _backend.available_backends("cpu", "test_op_scale") == ["cpu", "reference"]
+    assert "has no CUDA C++ kernel" in _backend.why_unavailable("cuda", torch.device("cuda"), "test_op_scale")
+    with pytest.raises(RuntimeError, match="test_op_scale has no Triton kernel"):
+        SCALE(torch.ones(2, 3), options=ScaleOptions(2.0, None, "x"), backend="triton")
+    with pytest.raises(ValueError, match="different backends"):
+        Op("test_op_scale_other", key="test_op_scale", inputs="Tensor x", options=ScaleOptions,
+           returns=("y", "row_sums"), outputs=_outputs, backends=backends(reference=_scale))
 
 
 @pytest.mark.skipif(not _backend.extension_available(), reason="needs the compiled extension")

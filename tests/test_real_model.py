@@ -17,7 +17,7 @@ from gtalign_fast import GRPOConfig, GRPOTrainer
 from gtalign_fast.game.payoff import format_payoff, parse_payoff
 from gtalign_fast.game.pricing import PricingPolicy
 from gtalign_fast.sampling.sampler import SteeringSampler
-from gtalign_fast.training.trainer import refuse_unsaveable
+from gtalign_fast.training.model_setup import refuse_unsaveable
 from tests import realmodel
 
 transformers = pytest.importorskip("transformers")

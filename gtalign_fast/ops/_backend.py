@@ -42,12 +42,25 @@ CUDA_DEFAULTS: dict[str, str] = {
     "grpo_loss": "cuda",  # fwd+bwd 0.69 ms vs Triton 0.81 ms at B=16 T=1024 (fwd 0.042 vs 0.51)
 }
 
-# Backends an op does not have, with the reason (every other op has every backend of BACKENDS).
-MISSING_BACKENDS: dict[str, dict[str, str]] = {
-    "sample": {"cuda": "sample_ has no CUDA C++ kernel; on CUDA tensors its compiled backend is 'triton'"},
-    "logits_grpo_loss": {"cuda": "logits_grpo_loss has no CUDA C++ kernel; on CUDA tensors it runs 'triton'"},
-    "linear_grpo_loss": {"cuda": "linear_grpo_loss has no CUDA C++ kernel; on CUDA tensors it runs 'triton'"},
+# What each backend needs to run, besides tensors on its device (the rules of why_unavailable). An op
+# may declare a "cpu" / "cuda" backend that is PyTorch code on that device instead ("torch"; see
+# gtalign_fast.ops._op.backends).
+NEEDS = {"triton": "triton", "cuda": "extension", "cpu": "extension", "reference": "torch"}
+
+# Which backends each op has and what each needs: op key -> {backend: need}, in BACKENDS order. The
+# one source of truth, filled by each op's declaration (gtalign_fast.ops._op.Op) when its module is
+# imported; every question about an op's backends (available_backends, resolve, the trainer's
+# choice of loss path) reads it.
+DECLARED: dict[str, dict[str, str]] = {}
+
+# A missing backend, as the error names it: (what it would be, the tensors it would run on), and the
+# compiled backends that run on each device type (named as the alternative).
+_MISSING_KIND = {
+    "triton": ("Triton kernel", "cuda"),
+    "cuda": ("CUDA C++ kernel", "cuda"),
+    "cpu": ("C++ CPU kernel", "cpu"),
 }
+_COMPILED_ON = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
 
 _last_backend: dict[str, str] = {}
 _warned_fallback: set[str] = set()
@@ -98,11 +111,53 @@ def triton_interpreted() -> bool:
 # Resolution
 
 
-def why_unavailable(backend: str, device: torch.device) -> str | None:
-    """Return why ``backend`` cannot run on ``device``, or None when it can."""
-    if backend == "reference":
+def declare(op: str, needs: dict[str, str]) -> None:
+    """Record ``op``'s backends (name -> what it needs, see :data:`NEEDS`). An op's forward and
+    backward share its key and must declare the same backends."""
+    unknown = [name for name in needs if name not in BACKENDS]
+    if unknown or "reference" not in needs:
+        raise ValueError(f"gtalign_fast.{op}: backends must be some of {BACKENDS}, the reference included; "
+                         f"got {list(needs)}")
+    ordered = {name: needs[name] for name in BACKENDS if name in needs}
+    if DECLARED.setdefault(op, ordered) != ordered:
+        raise ValueError(f"gtalign_fast.{op}: declared twice with different backends ({DECLARED[op]} vs {ordered})")
+
+
+def why_unavailable(backend: str, device: torch.device, op: str | None = None) -> str | None:
+    """Return why ``backend`` cannot run on ``device`` (for ``op``, when given: it may lack the
+    backend, or run it as PyTorch code), or None when it can."""
+    if backend not in BACKENDS:
+        return f"unknown backend {backend!r}; choose one of {BACKENDS}"
+    if op is None:
+        return _why_unmet(backend, NEEDS[backend], device)
+    declared = _declared(op)
+    if backend not in declared:
+        return _missing(op, backend, declared)
+    return _why_unmet(backend, declared[backend], device)
+
+
+def _declared(op: str) -> dict[str, str]:
+    declared = DECLARED.get(op)
+    if declared is None:
+        raise ValueError(f"gtalign_fast: unknown op {op!r}; the ops are {sorted(DECLARED)}")
+    return declared
+
+
+def _missing(op: str, backend: str, declared: dict[str, str]) -> str:
+    kind, device_type = _MISSING_KIND[backend]
+    instead = [name for name in _COMPILED_ON[device_type] if name in declared]
+    if instead:
+        return f"{op} has no {kind}; on {device_type.upper()} tensors it runs {instead[0]!r}"
+    return f"{op} has no {kind}; its backends are {list(declared)}"
+
+
+def _why_unmet(backend: str, needs: str, device: torch.device) -> str | None:
+    """Why a backend that needs ``needs`` (see :data:`NEEDS`) cannot run on ``device``."""
+    if needs == "torch":  # PyTorch code: the reference anywhere, a "cpu" / "cuda" path on its device
+        if backend != "reference" and backend != device.type:
+            return f"the {backend!r} backend runs on {backend} tensors, got {device.type} tensors"
         return None
-    if backend == "triton":
+    if needs == "triton":
         ok, reason = _triton_status()
         if not ok:
             return reason
@@ -111,7 +166,7 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
         if device.type not in ("cpu", "cuda"):
             return f"Triton does not run on {device.type} tensors"
         return None
-    if backend in ("cpu", "cuda"):
+    if needs == "extension":
         if _EXTENSION is None:
             return f"the compiled extension gtalign_fast._C is not available ({_EXTENSION_ERROR})"
         if backend != device.type:
@@ -119,15 +174,15 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
         if backend == "cuda" and not extension_has_cuda():
             return "the extension was built without CUDA kernels"
         return None
-    return f"unknown backend {backend!r}; choose one of {BACKENDS}"
+    raise ValueError(f"unknown need {needs!r} of backend {backend!r}; see NEEDS")
 
 
 def available_backends(device: torch.device | str, op: str | None = None) -> list[str]:
-    """The backends that can run on ``device`` (those of ``op``, when given), in the order of
-    :data:`BACKENDS` (not a speed ranking: the default per device is :data:`CUDA_DEFAULTS`)."""
+    """The backends that can run on ``device`` (those of ``op``, when given: ``"token_logprobs"``,
+    ``"sample"``, ...), in the order of :data:`BACKENDS` (not a speed ranking: the default per device
+    is :data:`CUDA_DEFAULTS`)."""
     device = torch.device(device)
-    missing = MISSING_BACKENDS.get(op, {}) if op else {}
-    return [b for b in BACKENDS if b not in missing and why_unavailable(b, device) is None]
+    return [b for b in BACKENDS if why_unavailable(b, device, op) is None]
 
 
 def _default_backend(op: str, device: torch.device) -> str:
@@ -137,13 +192,13 @@ def _default_backend(op: str, device: torch.device) -> str:
         for candidate in (preferred, "triton", "cuda"):
             if candidate in runnable:
                 return candidate
-    elif device.type == "cpu" and why_unavailable("cpu", device) is None:
+    elif device.type == "cpu" and why_unavailable("cpu", device, op) is None:
         return "cpu"
     if op not in _warned_fallback:
         _warned_fallback.add(op)
         warnings.warn(
             f"gtalign_fast.{op}: no compiled kernel for {device.type} tensors "
-            f"({why_unavailable('cpu' if device.type == 'cpu' else 'triton', device)}); "
+            f"({why_unavailable('cpu' if device.type == 'cpu' else 'triton', device, op)}); "
             "using the pure-PyTorch reference backend (same maths, slower, more memory)",
             RuntimeWarning,
             stacklevel=4,
@@ -151,13 +206,9 @@ def _default_backend(op: str, device: torch.device) -> str:
     return "reference"
 
 
-def resolve(op: str, device: torch.device, requested: str | None, *, availability=None, default=None) -> str:
-    """Pick the backend for one call of ``op`` on ``device``.
-
-    ``availability(name, device)`` (why a backend cannot run, or None) and ``default(device)``
-    replace this module's rules for an op whose backends differ (``linear_token_logprobs`` runs its
-    "cpu"/"cuda" paths in PyTorch, without the extension); the precedence (argument, then
-    environment, then default) stays the same.
+def resolve(op: str, device: torch.device, requested: str | None) -> str:
+    """Pick the backend for one call of ``op`` on ``device``: the argument, then the environment,
+    then the device's default (what runs is decided by ``op``'s declared backends, :data:`DECLARED`).
 
     Raises
     ------
@@ -166,16 +217,15 @@ def resolve(op: str, device: torch.device, requested: str | None, *, availabilit
     RuntimeError
         If the backend that was asked for (argument or environment) cannot run here.
     """
-    check = availability or why_unavailable
     source = "backend="
     if not requested:
         requested = os.environ.get(_env_key(op)) or os.environ.get(ENV_BACKEND)
         source = "environment"
     if not requested or requested == "auto":
-        return _cached_default(op, device, default)
+        return default_backend(op, device)
     if requested not in BACKENDS:
         raise ValueError(f"gtalign_fast.{op}: unknown backend {requested!r} (from {source}); choose one of {BACKENDS}")
-    reason = MISSING_BACKENDS.get(op, {}).get(requested) or check(requested, device)
+    reason = why_unavailable(requested, device, op)
     if reason is not None:
         raise RuntimeError(f"gtalign_fast.{op}: backend {requested!r} (from {source}) cannot run: {reason}")
     return requested
@@ -186,17 +236,20 @@ def _env_key(op: str) -> str:
     return f"{ENV_BACKEND}_{op.upper()}"
 
 
-# (op, device type, op's own default rule) -> the default backend. What can run is fixed once the
-# package is imported (the extension, Triton, TRITON_INTERPRET), so the default is worked out once:
-# every op call resolves a backend, and the checks cost more than the smallest kernels.
-_DEFAULTS: dict[tuple, str] = {}
+# (op, device type) -> the default backend. What can run is fixed once the package is imported (the
+# extension, Triton, TRITON_INTERPRET), so the default is worked out once: every op call resolves a
+# backend, and the checks cost more than the smallest kernels.
+_DEFAULTS: dict[tuple[str, str], str] = {}
 
 
-def _cached_default(op: str, device: torch.device, default) -> str:
-    key = (op, device.type, default)
+def default_backend(op: str, device: torch.device) -> str:
+    """The backend a call of ``op`` on ``device`` runs when none is asked for: on CUDA tensors
+    :data:`CUDA_DEFAULTS` (else Triton, else CUDA C++), on CPU tensors the C++ kernel; else the
+    reference, said once with a RuntimeWarning."""
+    key = (op, device.type)
     name = _DEFAULTS.get(key)
     if name is None:
-        name = _DEFAULTS[key] = default(device) if default is not None else _default_backend(op, device)
+        name = _DEFAULTS[key] = _default_backend(op, device)
     return name
 
 

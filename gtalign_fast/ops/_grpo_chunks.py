@@ -10,7 +10,7 @@ Both handle a chunk of logits in three steps (:class:`ChunkKernels`), each one p
    logits themselves included (``kernels/logits_grpo_loss.py``, ``csrc/cpu/logits_grpo_loss.cpp``).
 
 This module holds what the two ops share besides the objective (:mod:`gtalign_fast.ops._grpo_objective`):
-their backends, the kernels of each, the masked targets, the temperature check, the reference
+the kernels of each backend, the masked targets, the temperature check, the reference
 log-probs and the entropy metric. Positions where ``mask`` is 0 skip the vocabulary walk (their
 target is replaced by :data:`SKIP`): their log-prob is 0 and their gradient row is zero.
 """
@@ -19,59 +19,21 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from typing import Callable, NamedTuple
 
 import torch
 
 from .. import reference
-from . import _backend, _grpo_objective
+from . import _grpo_objective
 from ._grpo_constants import NUM_METRICS
 from ._grpo_objective import FLOAT_DTYPES, metrics_dict, options_from_arguments, write_metrics
 from ._op import extension_kernel
 from ._token_logprobs import MIN_TEMPERATURE, check_target_range
 
-BACKENDS = ("triton", "cpu", "reference")
 # Kernel target of a masked-out position: the kernels treat it as ignore_index (no vocabulary
 # walk, log-prob 0, zero gradient). No real token id can equal it.
 SKIP = -(2**63)
 ENTROPY_METRIC = "entropy"
-
-
-# ---------------------------------------------------------------------------------------------
-# Backend availability: Triton (CUDA, or CPU under the interpreter), the C++ CPU kernels, the
-# reference. No CUDA C++ kernel for the gradient pass yet: on CUDA tensors the compiled backend is Triton.
-
-
-def why_unavailable(name: str, device: torch.device) -> str | None:
-    if name == "reference":
-        return None
-    if name == "triton":
-        return _backend.why_unavailable("triton", device)
-    if name == "cpu":
-        if device.type != "cpu":
-            return f"the 'cpu' backend runs on cpu tensors, got {device.type} tensors"
-        return _backend.why_unavailable("cpu", device)
-    if name == "cuda":
-        return "logits_grpo_loss / linear_grpo_loss have no CUDA C++ kernel; on CUDA tensors use 'triton'"
-    return f"unknown backend {name!r}; choose one of {BACKENDS}"
-
-
-def default_backend(device: torch.device) -> str:
-    """Triton on CUDA, the C++ kernels on CPU; else the reference, with a RuntimeWarning as
-    ``_backend`` gives (it materialises the logits and runs autograd: never a silent fallback)."""
-    if device.type == "cuda":
-        return "triton"
-    reason = why_unavailable("cpu", device)
-    if reason is None:
-        return "cpu"
-    warnings.warn(
-        f"gtalign_fast.logits_grpo_loss / linear_grpo_loss: no compiled kernel for {device.type} tensors "
-        f"({reason}); using the pure-PyTorch reference backend (same maths, slower, O(N V) memory)",
-        RuntimeWarning,
-        stacklevel=4,
-    )
-    return "reference"
 
 
 # ---------------------------------------------------------------------------------------------

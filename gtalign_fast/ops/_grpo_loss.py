@@ -28,7 +28,7 @@ from ._grpo_objective import (
     reference_loss,
     write_metrics,
 )
-from ._op import Op, Output, compiled_backends
+from ._op import Op, Output, backends, compiled_kernels
 
 OP = "grpo_loss"
 
@@ -138,8 +138,9 @@ FORWARD = Op(
     options=GrpoLossOptions,
     returns=("loss", "metrics", "row_stats", "row_weights"),
     outputs=_forward_outputs,
-    backends=compiled_backends(
-        forward_kernel, triton="grpo_loss.grpo_loss_forward", extension="grpo_loss_fwd", reference=_forward_reference
+    backends=backends(
+        **compiled_kernels(forward_kernel, triton="grpo_loss.grpo_loss_forward", extension="grpo_loss_fwd"),
+        reference=_forward_reference,
     ),
 )
 
@@ -195,8 +196,8 @@ BACKWARD = Op(
     options=GrpoLossOptions,
     returns=("dlogp", "dref"),
     outputs=_backward_outputs,
-    backends=compiled_backends(
-        backward_kernel, triton="grpo_loss.grpo_loss_backward", extension="grpo_loss_bwd",
+    backends=backends(
+        **compiled_kernels(backward_kernel, triton="grpo_loss.grpo_loss_backward", extension="grpo_loss_bwd"),
         reference=_backward_reference,
     ),
 )

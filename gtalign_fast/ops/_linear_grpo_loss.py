@@ -26,14 +26,12 @@ from ._grpo_chunks import (
     SKIP,
     check_targets,
     chunk_kernels,
-    default_backend,
     fused_metrics,
     kernel_targets,
     loss_options,
     metrics_vector,
     reference_logp,
     validate_temperature,
-    why_unavailable,
 )
 from ._grpo_constants import (
     METRIC_HIGH,
@@ -59,7 +57,7 @@ from ._grpo_objective import (
     reference_loss,
     row_weights,
 )
-from ._op import Op, Output
+from ._op import Op, Output, backends, chunk_drivers
 from ._token_logprobs_constants import NUM_STATS as NUM_ROW_STATS
 
 OP = "linear_grpo_loss"
@@ -225,10 +223,7 @@ FORWARD = Op(
     returns=("loss", "metrics", "logp", "dhidden", "dweight", "dbias"),
     outputs=_outputs,
     check=_check,
-    backends={"triton": lambda *a: _forward_chunks("triton", *a), "cpu": lambda *a: _forward_chunks("cpu", *a),
-              "reference": _forward_reference},
-    availability=why_unavailable,
-    default=default_backend,
+    backends=backends(**chunk_drivers(_forward_chunks, "triton", "cpu"), reference=_forward_reference),
 )
 
 

@@ -20,8 +20,8 @@ torch's (cuBLAS / the CPU BLAS), the backends differ in the pass over each chunk
                  (float64-capable; for tests, O(N V) memory).
 
 The backend is chosen by ``backend=``, then ``GTALIGN_FAST_BACKEND_LINEAR_TOKEN_LOGPROBS``, then
-``GTALIGN_FAST_BACKEND``, then the device default. The op gives ``_backend.resolve`` its own
-availability rules because its CPU / CUDA paths run without the compiled extension.
+``GTALIGN_FAST_BACKEND``, then the device default. Its "cpu" / "cuda" backends are declared as
+PyTorch paths (``torch_paths``): they run without the compiled extension.
 
 Target ids outside ``[0, V)``: the CPU and reference backends raise ``IndexError`` at once; on CUDA
 the kernels set the device error flag (``gtalign_fast.ops._device_checks``; the row's log-prob is NaN)
@@ -30,7 +30,6 @@ and the error is raised by ``check_device_errors()``, without a host synchronisa
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -39,36 +38,13 @@ import torch
 from gtalign_fast.kernels import linear_token_logprobs_chunked as chunked
 
 from .. import reference
-from . import _backend, _device_checks
-from ._op import Op, Output
+from . import _device_checks
+from ._op import Op, Output, backends, chunk_drivers
 from ._token_logprobs import MIN_TEMPERATURE, check_target_range
 from ._token_logprobs_constants import NUM_STATS, STAT_LOG_SUM, STAT_ROW_MAX
 
 OP = "linear_token_logprobs"
-BACKENDS = ("triton", "cuda", "cpu", "reference")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-# ---------------------------------------------------------------------------------------------
-# Backend resolution: _backend.resolve with this op's own availability rules
-
-
-def _why_unavailable(name: str, device: torch.device) -> str | None:
-    if name == "reference":
-        return None
-    if name == "triton":
-        return _backend.why_unavailable("triton", device)
-    if name in ("cpu", "cuda"):
-        if name != device.type:
-            return f"the {name!r} backend runs on {name} tensors, got {device.type} tensors"
-        return None
-    return f"unknown backend {name!r}; choose one of {BACKENDS}"
-
-
-def _default_backend(device: torch.device) -> str:
-    if device.type == "cuda":
-        return "triton" if _why_unavailable("triton", device) is None else "cuda"
-    return "cpu" if device.type == "cpu" else "reference"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,11 +195,6 @@ def _forward_outputs(hidden, weight, bias, targets, options):
     )
 
 
-def _backend_functions(chunks, reference_fn) -> dict:
-    """Every backend but the reference shares one chunk driver, told which one runs."""
-    return {name: functools.partial(chunks, name) for name in ("triton", "cpu", "cuda")} | {"reference": reference_fn}
-
-
 FORWARD = Op(
     "linear_token_logprobs",
     inputs="Tensor hidden, Tensor weight, Tensor? bias, Tensor targets",
@@ -231,9 +202,9 @@ FORWARD = Op(
     returns=("logp", "entropy", "stats"),
     outputs=_forward_outputs,
     check=_check_data,
-    backends=_backend_functions(_forward_chunks, _forward_reference),
-    availability=_why_unavailable,
-    default=_default_backend,
+    # "cpu" / "cuda": torch's GEMMs and a pass that needs no extension (the C++ kernels when built)
+    backends=backends(**chunk_drivers(_forward_chunks, "triton", "cpu", "cuda"), reference=_forward_reference,
+                      torch_paths=("cpu", "cuda")),
 )
 
 
@@ -257,9 +228,8 @@ BACKWARD = Op(
     options=LinearTokenLogprobsOptions,
     returns=("dhidden", "dweight", "dbias"),
     outputs=_backward_outputs,
-    backends=_backend_functions(_backward_chunks, _backward_reference),
-    availability=_why_unavailable,
-    default=_default_backend,
+    backends=backends(**chunk_drivers(_backward_chunks, "triton", "cpu", "cuda"), reference=_backward_reference,
+                      torch_paths=("cpu", "cuda")),
 )
 
 

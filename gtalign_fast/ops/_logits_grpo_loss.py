@@ -20,7 +20,6 @@ from ._grpo_chunks import (
     SKIP,
     check_targets,
     chunk_kernels,
-    default_backend,
     entropy_mean,
     fused_metrics,
     kernel_targets,
@@ -28,11 +27,10 @@ from ._grpo_chunks import (
     metrics_vector,
     reference_logp,
     validate_temperature,
-    why_unavailable,
 )
 from ._grpo_constants import NUM_METRICS, NUM_STATS
 from ._grpo_objective import FLOAT_DTYPES, autograd_inside_op, options_type, reference_loss
-from ._op import Op, Output
+from ._op import Op, Output, backends, chunk_drivers
 from ._token_logprobs import rows_view
 from ._token_logprobs_constants import NUM_STATS as NUM_ROW_STATS
 
@@ -94,10 +92,7 @@ FORWARD = Op(
     returns=("loss", "metrics", "logp", "entropy", "stats", "row_stats", "row_weights"),
     outputs=_forward_outputs,
     check=_check,
-    backends={"triton": lambda *a: _forward_chunked("triton", *a), "cpu": lambda *a: _forward_chunked("cpu", *a),
-              "reference": _forward_reference},
-    availability=why_unavailable,
-    default=default_backend,
+    backends=backends(**chunk_drivers(_forward_chunked, "triton", "cpu"), reference=_forward_reference),
 )
 
 
@@ -142,10 +137,7 @@ BACKWARD = Op(
     returns=("dlogits",),
     outputs=_backward_outputs,
     mutates=("logits",),
-    backends={"triton": lambda *a: _backward_chunked("triton", *a), "cpu": lambda *a: _backward_chunked("cpu", *a),
-              "reference": _backward_reference},
-    availability=why_unavailable,
-    default=default_backend,
+    backends=backends(**chunk_drivers(_backward_chunked, "triton", "cpu"), reference=_backward_reference),
 )
 
 

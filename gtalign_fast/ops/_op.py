@@ -9,7 +9,9 @@ An op declares what is particular to it and nothing else:
   out one by one),
 - ``outputs(*inputs, options)``: the shape and dtype of each output, used both to allocate the real
   outputs and as the fake (meta) kernel, so no op writes its output shapes twice,
-- ``backends``: backend name -> ``kernel(*inputs, options, *outputs)``, which fills the outputs,
+- ``backends``: declared with :func:`backends` (the one way): backend name -> ``kernel(*inputs,
+  options, *outputs)``, which fills the outputs, and what the backend needs to run; an op's
+  declaration is the one record of which backends it has (:data:`gtalign_fast.ops._backend.DECLARED`),
 - optionally ``check(*inputs, options, backend)``: checks that read the data (run inside the op, where
   ``torch.compile`` does not trace them), and an autograd formula (:meth:`Op.register_autograd`).
 
@@ -112,8 +114,39 @@ def extension_kernel(name: str, device: torch.device):
     return kernel
 
 
-def compiled_backends(launch: Callable, *, triton: str, extension: str, reference: Callable) -> dict:
-    """The backends of an op whose Triton launcher and extension kernel take the same arguments.
+class Backend(NamedTuple):
+    """One backend of an op: ``run(*inputs, options, *outputs)`` fills the outputs; ``needs`` is what
+    it needs besides tensors on its device (:data:`gtalign_fast.ops._backend.NEEDS`)."""
+
+    run: Callable[..., None]
+    needs: str
+
+
+def backends(
+    *,
+    reference: Callable[..., None],
+    triton: Callable[..., None] | None = None,
+    cpu: Callable[..., None] | None = None,
+    cuda: Callable[..., None] | None = None,
+    torch_paths: tuple[str, ...] = (),
+) -> dict[str, Backend]:
+    """The one way an op declares its backends: one ``run(*inputs, options, *outputs)`` per backend
+    it has; one it leaves out does not exist for it (:func:`~gtalign_fast.available_backends` never
+    lists it, and asking for it raises with the reason). ``triton`` needs Triton, ``cpu`` / ``cuda``
+    the compiled extension, unless named in ``torch_paths`` (PyTorch code on that device, e.g.
+    ``linear_token_logprobs``' passes without the extension); ``reference`` runs anywhere. The run
+    functions come from :func:`compiled_kernels`, :func:`chunk_drivers`, or the op's own."""
+    runs = {"triton": triton, "cpu": cpu, "cuda": cuda, "reference": reference}
+    return {
+        name: Backend(run, "torch" if name in torch_paths else _backend.NEEDS[name])
+        for name, run in runs.items()
+        if run is not None
+    }
+
+
+def compiled_kernels(launch: Callable, *, triton: str, extension: str) -> dict[str, Callable[..., None]]:
+    """``triton``, ``cpu`` and ``cuda`` run functions (for :func:`backends`) of an op whose Triton
+    launcher and extension kernel take the same arguments.
 
     ``launch(kernel, *inputs, options, *outputs)`` turns the op's arguments into the kernels' and
     calls ``kernel``; ``triton`` names the launcher as ``"<module>.<function>"`` of
@@ -129,7 +162,13 @@ def compiled_backends(launch: Callable, *, triton: str, extension: str, referenc
     def run_extension(*args):
         launch(extension_kernel(extension, _device_of(args)), *args)
 
-    return {"triton": run_triton, "cpu": run_extension, "cuda": run_extension, "reference": reference}
+    return {"triton": run_triton, "cpu": run_extension, "cuda": run_extension}
+
+
+def chunk_drivers(driver: Callable, *names: str) -> dict[str, Callable[..., None]]:
+    """Run functions (for :func:`backends`) of an op whose backends share one driver, told which
+    backend runs: ``driver(name, *inputs, options, *outputs)``."""
+    return {name: functools.partial(driver, name) for name in names}
 
 
 class Op:
@@ -147,8 +186,9 @@ class Op:
     outputs : callable
         ``outputs(*inputs, options) -> tuple of Output``, one per name in ``returns``: shapes and
         dtypes of the results.
-    backends : mapping
-        Backend name -> ``kernel(*inputs, options, *outputs)`` filling the outputs in place.
+    backends : dict of Backend
+        From :func:`backends`: backend name -> ``kernel(*inputs, options, *outputs)`` filling the
+        outputs in place, and what it needs to run.
     options : NamedTuple class, optional
         The op's scalar arguments (``float``, ``int``, ``bool``, ``str`` fields, optionally
         ``None``-able). Without it, kernels and ``outputs`` get no options argument.
@@ -161,9 +201,6 @@ class Op:
         by ``torch.compile``).
     mutates : tuple of str
         Names of the inputs written in place.
-    availability, default : callable, optional
-        Replace :mod:`gtalign_fast.ops._backend`'s rules for which backends can run and which is the
-        default (see :func:`gtalign_fast.ops._backend.resolve`).
     """
 
     def __init__(
@@ -173,18 +210,19 @@ class Op:
         inputs: str,
         returns: tuple[str, ...],
         outputs: Callable[..., tuple[Output, ...]],
-        backends: Mapping[str, Callable[..., None]],
+        backends: Mapping[str, Backend],
         options: type | None = None,
         key: str | None = None,
         check: Callable[..., None] | None = None,
         mutates: tuple[str, ...] = (),
-        availability: Callable[[str, torch.device], str | None] | None = None,
-        default: Callable[[torch.device], str] | None = None,
     ) -> None:
         self.name, self.key = name, key or name
-        self.options, self.backends = options, dict(backends)
+        if not all(isinstance(backend, Backend) for backend in backends.values()):
+            raise TypeError(f"{name}: declare the backends with gtalign_fast.ops._op.backends(...)")
+        _backend.declare(self.key, {backend: declared.needs for backend, declared in backends.items()})
+        self.options = options
+        self.backends = {backend: declared.run for backend, declared in backends.items()}
         self._outputs, self._check = outputs, check
-        self._availability, self._default = availability, default
         self.returns = returns
         self.n_inputs = len([part for part in inputs.split(",") if part.strip()])
         self._backward: Callable | None = None  # set by register_autograd
@@ -224,10 +262,7 @@ class Op:
 
     def resolve(self, device: torch.device, backend: str) -> str:
         """The backend that runs a call on ``device`` (``backend`` may be ``""``: automatic)."""
-        name = _backend.resolve(self.key, device, backend, availability=self._availability, default=self._default)
-        if name not in self.backends:
-            raise RuntimeError(f"gtalign_fast.{self.key}: no {name!r} backend")
-        return name
+        return _backend.resolve(self.key, device, backend)
 
     def run(self, inputs: tuple, options: Any, backend: str) -> tuple[torch.Tensor, ...]:
         """The op's body: resolve and record the backend, check the data, allocate the outputs,

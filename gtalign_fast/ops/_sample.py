@@ -22,7 +22,7 @@ from .. import reference
 from . import _device_checks
 from . import _sample_constants as constants
 from ._device_checks import error_flag
-from ._op import Op, Output, extension_kernel
+from ._op import Op, Output, backends, extension_kernel
 from ._seeds import GOLDEN, signed64
 from ._token_logprobs import MIN_TEMPERATURE
 
@@ -95,7 +95,7 @@ def _run_triton(logits, temperature, top_k, top_p, min_p, forced, seeds, bias_id
     )
 
 
-def _run_cpu(*args):  # no CUDA C++ kernel: _backend.MISSING_BACKENDS
+def _run_cpu(*args):
     extension_kernel("sample", args[0].device)(*args)
 
 
@@ -185,7 +185,7 @@ OP_DEF = Op(
     mutates=("logits",),
     returns=("tokens", "logprobs", "raw_logprobs", "status"),
     outputs=_outputs,
-    backends={"triton": _run_triton, "cpu": _run_cpu, "reference": _run_reference},
+    backends=backends(triton=_run_triton, cpu=_run_cpu, reference=_run_reference),  # no CUDA C++ kernel
 )
 
 

@@ -16,7 +16,7 @@ import torch
 from .. import reference
 from . import _device_checks
 from ._device_checks import error_flag
-from ._op import Op, Output, compiled_backends
+from ._op import Op, Output, backends, compiled_kernels
 from ._token_logprobs_constants import NUM_STATS
 
 OP = "token_logprobs"
@@ -140,8 +140,9 @@ FORWARD = Op(
     returns=("logp", "entropy", "stats"),
     outputs=_forward_outputs,
     check=_check_forward,
-    backends=compiled_backends(
-        forward_kernel, triton="token_logprobs.token_logprobs_forward", extension="token_logprobs_fwd",
+    backends=backends(
+        **compiled_kernels(forward_kernel, triton="token_logprobs.token_logprobs_forward",
+                           extension="token_logprobs_fwd"),
         reference=_forward_reference,
     ),
 )
@@ -189,8 +190,9 @@ BACKWARD = Op(
     options=TokenLogprobsOptions,
     returns=("dlogits",),
     outputs=_backward_outputs,
-    backends=compiled_backends(
-        _backward_kernel, triton="token_logprobs.token_logprobs_backward", extension="token_logprobs_bwd",
+    backends=backends(
+        **compiled_kernels(_backward_kernel, triton="token_logprobs.token_logprobs_backward",
+                           extension="token_logprobs_bwd"),
         reference=_backward_reference,
     ),
 )

@@ -17,7 +17,7 @@ import torch
 from .. import reference
 from . import _device_checks
 from ._device_checks import error_flag
-from ._op import Op, Output, extension_kernel
+from ._op import Op, Output, backends, extension_kernel
 from ._welfare_constants import SCALES
 
 OP = "welfare_advantages"
@@ -147,7 +147,7 @@ OP_DEF = Op(
     returns=("welfare", "advantages", "group_mean", "group_std", "group_all_equal", "token_advantages"),
     outputs=_outputs,
     check=_check_data,
-    backends={"triton": _run_triton, "cpu": _run_extension, "cuda": _run_extension, "reference": _run_reference},
+    backends=backends(triton=_run_triton, cpu=_run_extension, cuda=_run_extension, reference=_run_reference),
 )
 
 

@@ -23,8 +23,9 @@ Each stage lives in a module named after it: :mod:`~gtalign_fast.training.rollou
 the rollout), :mod:`~gtalign_fast.training.scoring` (reward functions, advantages),
 :mod:`~gtalign_fast.training.logprobs` (per-token log-probs), :mod:`~gtalign_fast.training.optimization` (loss shares,
 optimizer), :mod:`~gtalign_fast.training.distributed`, :mod:`~gtalign_fast.training.checkpoint`,
-:mod:`~gtalign_fast.training.metrics`, :mod:`~gtalign_fast.training.preemption` (stop signals, the output-folder lock);
-this module wires them into the loop.
+:mod:`~gtalign_fast.training.metrics`, :mod:`~gtalign_fast.training.preemption` (stop signals, the output-folder lock),
+:mod:`~gtalign_fast.training.model_setup` (loading the model and tokenizer, the reference policy); this module wires
+them into the loop.
 
 Scale out: ``torchrun --nproc_per_node N script.py`` (DDP; NCCL on GPUs, gloo on CPU). Rewards are gathered
 so advantages, token counts (dapo) and metrics are global; checkpoints are written by rank 0 only.
@@ -47,8 +48,6 @@ from torch import nn
 
 from ..ops import _backend
 from ..ops._device_checks import check_device_errors
-from ..ops._grpo_chunks import default_backend as fused_loss_backend
-from ..ops._grpo_chunks import why_unavailable as fused_loss_unavailable
 from ..ops._grpo_objective import GrpoObjective
 from . import checkpoint
 from .callbacks import CallbackHandler
@@ -63,6 +62,14 @@ from .metrics import (
     peak_memory_gib,
     progress_bar,
     truncate_metrics,
+)
+from .model_setup import (
+    enable_gradient_checkpointing,
+    load_model,
+    load_tokenizer,
+    prompt_length_limit,
+    reference_model,
+    refuse_unsaveable,
 )
 from .optimization import (
     clip_gradients,
@@ -147,17 +154,17 @@ class GRPOTrainer:
         if self.backend is not None and (reason := _backend.why_unavailable(self.backend, self.device)):
             raise ValueError(f"GRPOTrainer: kernel_backend={self.backend!r} cannot run on {self.device}: {reason}")
         torch.manual_seed(args.seed)
-        self.model = self._load_model(model).to(self.device)
+        self.model = load_model(model, args.model_init_kwargs, self.device).to(self.device)
         refuse_unsaveable(self.model)
         # one run per folder; taken once the model is known to be trainable and saveable, so that a refused
         # trainer leaves nothing in output_dir (nothing is written there before this)
         hold_output_dir(args.output_dir, self, self.dist, args.overwrite_output_dir)
-        self.processing_class = self._load_tokenizer(model, processing_class)
+        self.processing_class = load_tokenizer(model, processing_class)
         self.rewards: list[RewardSpec] = reward_specs(reward_funcs, args.reward_weights, args.alpha)
         self._setup_dataset(train_dataset)
-        self.max_prompt_length = self._prompt_length_limit()
+        self.max_prompt_length = prompt_length_limit(self.model, args.max_prompt_length, args.max_completion_length)
         self.bf16 = self._resolve_bf16()
-        self.ref_model = self._setup_ref_model(ref_model)
+        self.ref_model = reference_model(self.model, ref_model, args.beta, self.device)
         self._setup_logprobs()
         self.max_steps = self._total_steps()
         self.optimizer, self.lr_scheduler = self._setup_optimizer(*optimizers)
@@ -186,26 +193,6 @@ class GRPOTrainer:
 
     # -- setup ----------------------------------------------------------------------------------
 
-    def _load_model(self, model: nn.Module | str) -> nn.Module:
-        if not isinstance(model, str):
-            return model
-        from transformers import AutoModelForCausalLM
-
-        kwargs = dict(self.args.model_init_kwargs or {})
-        kwargs.setdefault("attn_implementation", _attention_implementation(self.device))
-        return AutoModelForCausalLM.from_pretrained(model, **kwargs)
-
-    def _load_tokenizer(self, model: nn.Module | str, tokenizer: Any) -> Any:
-        if tokenizer is None and isinstance(model, str):
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(model)
-        if tokenizer is None:
-            raise ValueError("GRPOTrainer: processing_class (the tokenizer) is required when model is an instance")
-        if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
-            raise ValueError("GRPOTrainer: the tokenizer needs a pad token or an EOS token")
-        return tokenizer
-
     def _setup_dataset(self, dataset: Any) -> None:
         if dataset is None or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
             raise TypeError("GRPOTrainer: train_dataset must be a datasets.Dataset or a list of dicts")
@@ -219,45 +206,10 @@ class GRPOTrainer:
             len(dataset), self.prompts_per_process * self.dist.world, self.args.seed, self.args.shuffle_dataset
         )
 
-    def _prompt_length_limit(self) -> int | None:
-        """The longest prompt (tokens) generation may start from: ``max_prompt_length``, capped so
-        that prompt + ``max_completion_length`` fits the model's position limit
-        (``max_position_embeddings`` / ``n_positions``). Longer prompts keep their END (TRL's left
-        truncation); a cap below ``max_prompt_length`` is logged once, here."""
-        args, config = self.args, getattr(self.model, "config", None)
-        positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        if not isinstance(positions, int) or positions <= 0:
-            return args.max_prompt_length
-        room = positions - args.max_completion_length
-        if room < 1:
-            raise ValueError(
-                f"GRPOTrainer: max_completion_length={args.max_completion_length} leaves no room for a prompt in the "
-                f"model's {positions} positions (max_position_embeddings); lower max_completion_length"
-            )
-        if args.max_prompt_length is None or args.max_prompt_length > room:
-            logger.warning(
-                "GRPOTrainer: prompts are truncated to their last %d tokens (the model has %d positions, "
-                "max_completion_length=%d; max_prompt_length=%s)", room, positions, args.max_completion_length,
-                args.max_prompt_length,
-            )
-            return room
-        return args.max_prompt_length
-
     def _resolve_bf16(self) -> bool:
         if self.args.bf16 is None:
             return self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         return bool(self.args.bf16)
-
-    def _setup_ref_model(self, ref_model: nn.Module | None) -> nn.Module | None:
-        if self.args.beta == 0:
-            return None  # TRL: no reference model without a KL term
-        if ref_model is None:
-            import copy
-
-            ref_model = copy.deepcopy(self.model)  # the policy as passed in, before any update
-        ref_model = ref_model.to(self.device).eval()
-        ref_model.requires_grad_(False)
-        return ref_model
 
     def _setup_logprobs(self) -> None:
         """The log-prob modules of the policy and the reference, and the one training goes through
@@ -269,7 +221,7 @@ class GRPOTrainer:
                 if problem:
                     raise ValueError(f"GRPOTrainer: use_fused_lm_head=True but {problem}; set use_fused_lm_head=False")
         if args.gradient_checkpointing:
-            self._enable_gradient_checkpointing()
+            enable_gradient_checkpointing(self.model)
         options = dict(temperature=args.temperature, fused_head=args.use_fused_lm_head, backend=self.backend)
         self.fused_loss, self.loss_path = self._loss_path()
         self.objective = GrpoObjective.from_config(args)  # the loss options, once, whichever op runs
@@ -284,20 +236,12 @@ class GRPOTrainer:
         whenever the fused head is allowed and the op has the chosen backend), and the path's name for the log."""
         if not self.args.use_fused_lm_head:
             return False, "logits LM head (token_logprobs + grpo_loss)"
-        problem = fused_loss_unavailable(self.backend or fused_loss_backend(self.device), self.device)
+        fused_op = "linear_grpo_loss"
+        backend = self.backend or _backend.default_backend(fused_op, self.device)
+        problem = _backend.why_unavailable(backend, self.device, fused_op)
         if problem is None:
             return True, "fused LM head + GRPO loss (linear_grpo_loss)"
         return False, f"fused LM head (linear_token_logprobs + grpo_loss; not linear_grpo_loss: {problem})"
-
-    def _enable_gradient_checkpointing(self) -> None:
-        # transformers 5.2x renamed gradient_checkpointing_enable (deprecated, removed in v6).
-        if hasattr(self.model, "activation_checkpointing_enable"):
-            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        elif hasattr(self.model, "gradient_checkpointing_enable"):
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            raise ValueError(f"gradient_checkpointing=True, but {type(self.model).__name__} has no "
-                             "activation_checkpointing_enable / gradient_checkpointing_enable method")
 
     def _setup_sampler(self):
         from ..sampling.sampler import SteeringSampler
@@ -654,44 +598,3 @@ class GRPOTrainer:
         self.rollout = Rollout.from_state_dict(state["rollout"], self.device) if state["rollout"] else None
         checkpoint.restore_rng_state(state)
         logger.info("GRPOTrainer: resumed from %s at step %d", path, self.step)
-
-
-def _attention_implementation(device: torch.device) -> str:
-    import importlib.util
-
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
-
-
-_DEQUANTIZE = (
-    "Dequantize it into a plain model first: GGUF weights are already floats once loaded, so copy them into a "
-    "model built from the same config without its quantization_config:\n"
-    "    config = copy.deepcopy(model.config); del config.quantization_config\n"
-    "    plain = type(model)(config).to(model.dtype); plain.load_state_dict(model.state_dict())\n"
-    "(bitsandbytes: `model = model.dequantize()`, or attach trainable adapters with peft)."
-)
-
-
-def refuse_unsaveable(model: nn.Module) -> None:
-    """Raise ``ValueError`` for a quantized model whose checkpoints would fail or hold no training.
-
-    ``save_pretrained`` refuses a quantized model whose quantizer is not serializable (GGUF-loaded
-    models keep their GGUF quantizer after dequantizing): found at the first checkpoint, that is
-    hours into a run. A purely quantized model (bitsandbytes, ...) without adapters has frozen
-    weights: nothing would train (transformers' ``Trainer`` refuses it too). Adapters (peft) make
-    either trainable and saveable, so a model with them passes.
-    """
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is None or getattr(model, "_hf_peft_config_loaded", False) or hasattr(model, "peft_config"):
-        return
-    method = getattr(quantizer.quantization_config.quant_method, "value", quantizer.quantization_config.quant_method)
-    if not quantizer.is_serializable():
-        problem = (f"the model is quantized with {method} (is_quantized=True), and save_pretrained refuses such a "
-                   "model ('not serializable'): the first checkpoint would fail.")
-    elif not quantizer.is_qat_trainable:
-        problem = (f"the model is purely quantized with {method} and has no trainable adapters: its quantized "
-                   "weights cannot be trained.")
-    else:
-        return
-    raise ValueError(f"GRPOTrainer: {problem} {_DEQUANTIZE}")
