@@ -30,31 +30,30 @@ import triton
 import triton.language as tl
 
 from gtalign_fast.kernels.linear_token_logprobs_chunked import MAX_CHUNK_ROWS  # rows of a chunk = programs
+from gtalign_fast.kernels.softmax_grad import (
+    NUM_STATS,
+    STAT_LOG_SUM,
+    STAT_ROW_MAX,
+    block_v,
+    entropy_inputs,
+    num_warps,
+    row_inputs,
+    softmax_grad_row,
+)
 from gtalign_fast.ops import _device_checks as device_checks
-from gtalign_fast.ops import _token_logprobs_constants as constants
 
-# The stats columns are shared with token_logprobs (gtalign_fast/ops/_token_logprobs_constants.py).
-STAT_ROW_MAX = tl.constexpr(constants.STAT_ROW_MAX)
-STAT_LOG_SUM = tl.constexpr(constants.STAT_LOG_SUM)
-NUM_STATS = tl.constexpr(constants.NUM_STATS)
-
-# Vocabulary tile of one program step: wide on GPU (a memory-bound pass), narrow under the
-# interpreter so that the tests' small vocabularies still take several tiles.
-MAX_BLOCK_V = 4096
+# Vocabulary tile under the interpreter: narrow, so that the tests' small vocabularies still take
+# several tiles (on GPU: softmax_grad.block_v, wide for a memory-bound pass).
 INTERPRETER_BLOCK_V = 32
 
 
 def _block_v(vocab: int) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return INTERPRETER_BLOCK_V
-    return min(MAX_BLOCK_V, triton.next_power_of_2(vocab))
+    return block_v(vocab)
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-
-
-def _num_warps(block_v: int) -> int:
-    return 8 if block_v >= 2048 else 4
 
 
 @triton.jit
@@ -131,28 +130,11 @@ def _chunk_dlogits_kernel(
     narrowing: tl.constexpr = DZ_DTYPE != tl.float32
     dz_row = z_row.to(tl.pointer_type(DZ_DTYPE))
     inv_t = tl.cast(inv_temperature, tl.float32)
-    target = tl.load(targets_ptr + row)
-    valid = target != ignore_index
-    # The 1/T of the chain rule is folded into the incoming gradients; ignored rows get 0.
-    g = tl.where(valid, tl.load(g_logp_ptr + row), 0.0) * inv_t
-    m_ref = tl.load(stats_ptr + row * NUM_STATS + STAT_ROW_MAX)
-    log_s = tl.load(stats_ptr + row * NUM_STATS + STAT_LOG_SUM)
-    if HAS_GRAD_ENTROPY:
-        g_h = tl.where(valid, tl.load(g_entropy_ptr + row), 0.0) * inv_t
-        h = tl.load(entropy_ptr + row)
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        col_ok = cols < V
-        log_p = (_scaled_tile(z_row, b_ptr, cols, col_ok, inv_t, HAS_BIAS) - m_ref) - log_s
-        p = tl.exp(log_p)
-        # Compared, never an index: an id outside [0, V) (flagged by the forward) matches nothing.
-        dz = tl.where(cols == target, g, 0.0) - g * p
-        if HAS_GRAD_ENTROPY:
-            dz -= g_h * tl.where(p > 0, p * (log_p + h), 0.0)  # p log p = 0 where p = 0
-        dz = tl.where(valid, dz, 0.0)  # the logits of an ignored row may overflow exp: 0 * inf
-        if narrowing:
-            tl.debug_barrier()  # every warp has loaded this tile before any overwrites its bytes
-        tl.store(dz_row + cols, dz.to(DZ_DTYPE), mask=col_ok)
+    target, valid, g, row_max, log_sum = row_inputs(targets_ptr, g_logp_ptr, stats_ptr, row, ignore_index, inv_t)
+    g_h, h = entropy_inputs(g_entropy_ptr, entropy_ptr, row, valid, inv_t, HAS_GRAD_ENTROPY)
+    softmax_grad_row(z_row, 1, b_ptr, dz_row, 1, V, inv_t, target, valid, g, g_h, h, row_max, log_sum,
+                     HAS_BIAS=HAS_BIAS, HAS_GRAD_ENTROPY=HAS_GRAD_ENTROPY, OVERWRITES_NARROWER=narrowing,
+                     BLOCK_V=BLOCK_V)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +169,7 @@ def chunk_stats(logits, bias, targets, inv_temperature, ignore_index, logp, entr
         entropy if entropy is not None else logp, stats, error_flag,
         vocab, logits.stride(0), inv_temperature, ignore_index,
         ERR_TARGET_RANGE=device_checks.ERR_TARGET_RANGE, HAS_BIAS=bias is not None,
-        WITH_ENTROPY=entropy is not None, BLOCK_V=block_v, num_warps=_num_warps(block_v),
+        WITH_ENTROPY=entropy is not None, BLOCK_V=block_v, num_warps=num_warps(block_v),
     )
 
 
@@ -211,6 +193,6 @@ def chunk_dlogits(logits, bias, targets, stats, entropy, grad_logp, grad_entropy
         entropy if has_grad_entropy else grad_logp, grad_logp, grad_entropy if has_grad_entropy else grad_logp,
         vocab, logits.stride(0), inv_temperature, ignore_index,
         HAS_BIAS=bias is not None, HAS_GRAD_ENTROPY=has_grad_entropy, DZ_DTYPE=_TL_DTYPES[dz_dtype], BLOCK_V=block_v,
-        num_warps=_num_warps(block_v),
+        num_warps=num_warps(block_v),
     )
     return logits.view(dz_dtype)[:, :vocab] if dz_dtype != logits.dtype else logits

@@ -28,16 +28,11 @@ import torch
 import triton
 import triton.language as tl
 
-from gtalign_fast.kernels.token_logprobs import _check_rows
+from gtalign_fast.kernels.softmax_grad import block_v, check_rows, num_warps, row_inputs, softmax_grad_row
 from gtalign_fast.ops import _device_checks
 from gtalign_fast.ops import _token_logprobs_constants as constants
 
-STAT_ROW_MAX = tl.constexpr(constants.STAT_ROW_MAX)
-STAT_LOG_SUM = tl.constexpr(constants.STAT_LOG_SUM)
-NUM_STATS = tl.constexpr(constants.NUM_STATS)
 ERR_TARGET_RANGE = tl.constexpr(_device_checks.ERR_TARGET_RANGE)
-
-MAX_BLOCK_V = 4096
 
 
 @triton.jit
@@ -51,21 +46,12 @@ def _logits_grad_kernel(
     in_row_ptr = logits_ptr + (row // D1) * s0 + (row % D1) * s1
     out_row_ptr = out_ptr + (row // D1) * o0 + (row % D1) * o1
     inv_t = tl.cast(inv_temperature, tl.float32)
-    target = tl.load(targets_ptr + row)
-    valid = target != ignore_index
+    target, valid, g, row_max, log_sum = row_inputs(targets_ptr, g_ptr, stats_ptr, row, ignore_index, inv_t)
     bad = valid & ((target < 0) | (target >= V))
     if bad:
         tl.atomic_or(flag_ptr, ERR_TARGET_RANGE)
-    g = tl.where(valid, tl.load(g_ptr + row), 0.0) * inv_t
-    row_max = tl.load(stats_ptr + row * NUM_STATS + STAT_ROW_MAX)
-    log_sum = tl.load(stats_ptr + row * NUM_STATS + STAT_LOG_SUM)
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        in_row = cols < V
-        y = tl.load(in_row_ptr + cols * sv, mask=in_row, other=float("-inf")).to(tl.float32) * inv_t
-        p = tl.where(valid, tl.exp((y - row_max) - log_sum), 0.0)
-        grad = tl.where((cols == target) & in_row, g, 0.0) - g * p
-        tl.store(out_row_ptr + cols * ov, grad.to(out_ptr.dtype.element_ty), mask=in_row)
+    softmax_grad_row(in_row_ptr, sv, in_row_ptr, out_row_ptr, ov, V, inv_t, target, valid, g, 0.0, 0.0, row_max,
+                     log_sum, HAS_BIAS=False, HAS_GRAD_ENTROPY=False, OVERWRITES_NARROWER=False, BLOCK_V=BLOCK_V)
 
 
 def logits_grpo_grad(
@@ -84,12 +70,12 @@ def logits_grpo_grad(
         raise ValueError("logits_grpo_loss: out3d must be a [D0, D1, V] view like logits3d (dtype, device)")
     d0, d1, vocab = logits3d.shape
     n_rows = d0 * d1
-    _check_rows(logits3d, targets, (grad_logp, n_rows), (stats, n_rows * constants.NUM_STATS))
+    check_rows("logits_grpo_loss", logits3d, targets, (grad_logp, n_rows), (stats, n_rows * constants.NUM_STATS))
     if n_rows == 0 or vocab == 0:
         return
-    block_v = min(MAX_BLOCK_V, triton.next_power_of_2(max(vocab, 16)))
+    block = block_v(vocab)
     _logits_grad_kernel[(n_rows,)](
         logits3d, targets, grad_logp, stats, out3d, _device_checks.error_flag(logits3d.device),
         d1, *logits3d.stride(), *out3d.stride(), vocab, inv_temperature, ignore_index,
-        BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
+        BLOCK_V=block, num_warps=num_warps(block),
     )

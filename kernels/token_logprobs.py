@@ -21,18 +21,21 @@ import torch
 import triton
 import triton.language as tl
 
+from gtalign_fast.kernels.softmax_grad import (
+    NUM_STATS,
+    STAT_LOG_SUM,
+    STAT_ROW_MAX,
+    block_v,
+    check_rows,
+    entropy_inputs,
+    num_warps,
+    row_inputs,
+    softmax_grad_row,
+)
 from gtalign_fast.ops import _device_checks as device_checks
 from gtalign_fast.ops import _token_logprobs_constants as constants
 
-# The columns of the per-row stats are defined once, in gtalign_fast/ops/_token_logprobs_constants.py
-# (the C++ and CUDA kernels read them from csrc/token_logprobs_common.h). Triton reads a global
-# inside @triton.jit code only when it is a tl.constexpr.
-STAT_ROW_MAX = tl.constexpr(constants.STAT_ROW_MAX)
-STAT_LOG_SUM = tl.constexpr(constants.STAT_LOG_SUM)
-NUM_STATS = tl.constexpr(constants.NUM_STATS)
-
-# One program handles one row; the vocabulary is walked in blocks of this many elements.
-MAX_BLOCK_V = 4096
+# One program handles one row; the vocabulary is walked in tiles of softmax_grad.block_v(V) elements.
 
 
 @triton.jit
@@ -134,58 +137,13 @@ def _token_logprobs_bwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + (row // D1) * stride0 + (row % D1) * stride1
-    out_ptr = dlogits_ptr + row * V
     inv_t = tl.cast(inv_temperature, tl.float32)
-    target = tl.load(targets_ptr + row)
-    valid = target != ignore_index
-    # Fold the 1/T of the chain rule into the incoming gradients; ignored rows get zero gradient.
-    g_logp = tl.where(valid, tl.load(grad_logp_ptr + row), 0.0) * inv_t
-    row_max = tl.load(stats_ptr + row * NUM_STATS + STAT_ROW_MAX)
-    log_sum = tl.load(stats_ptr + row * NUM_STATS + STAT_LOG_SUM)
-    if HAS_GRAD_ENTROPY:
-        g_entropy = tl.where(valid, tl.load(grad_entropy_ptr + row), 0.0) * inv_t
-        entropy = tl.load(entropy_ptr + row)
-
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        in_row = cols < V
-        y = tl.load(row_ptr + cols * stride_v, mask=in_row, other=float("-inf")).to(tl.float32) * inv_t
-        log_p = (y - row_max) - log_sum
-        p = tl.where(valid, tl.exp(log_p), 0.0)
-        # The target is only compared with in-row columns, never an index: an id outside [0, V)
-        # (a direct call of the low-level op) matches nothing and no one-hot term is added.
-        grad = tl.where((cols == target) & in_row, g_logp, 0.0) - g_logp * p
-        if HAS_GRAD_ENTROPY:
-            # p * (log p + H); zero where p == 0 (y = -inf would give 0 * inf).
-            grad -= g_entropy * p * tl.where(p > 0, log_p + entropy, 0.0)
-        tl.store(out_ptr + cols, grad.to(dlogits_ptr.dtype.element_ty), mask=in_row)
-
-
-def _block_size(vocab_size: int) -> int:
-    return min(MAX_BLOCK_V, triton.next_power_of_2(max(vocab_size, 16)))
-
-
-def _num_warps(block_v: int) -> int:
-    return 8 if block_v >= 2048 else 4
-
-
-def _check_rows(logits3d, targets, *row_tensors) -> None:
-    """The kernels index targets and the per-row tensors by row: each must hold its rows, on the
-    logits' device (a launcher reachable without the public function's validation checks this
-    itself: metadata only, no host sync)."""
-    if logits3d.dim() != 3:
-        raise ValueError(f"token_logprobs: logits must be a [D0, D1, V] view, got shape {tuple(logits3d.shape)}")
-    n_rows = logits3d.shape[0] * logits3d.shape[1]
-    if targets.numel() != n_rows or targets.dtype != torch.int64 or not targets.is_contiguous():
-        raise ValueError(f"token_logprobs: targets must be contiguous int64 with one id per row ({n_rows})")
-    for tensor, numel in ((targets, n_rows), *row_tensors):
-        if tensor.numel() != numel or tensor.device != logits3d.device or not tensor.is_contiguous():
-            raise ValueError(
-                f"token_logprobs: a per-row tensor of {numel} contiguous elements on {logits3d.device} was "
-                f"expected, got shape {tuple(tensor.shape)} on {tensor.device}"
-            )
-        if tensor is not targets and tensor.dtype != torch.float32:
-            raise ValueError(f"token_logprobs: per-row tensors are float32, got {tensor.dtype}")
+    target, valid, g_logp, row_max, log_sum = row_inputs(targets_ptr, grad_logp_ptr, stats_ptr, row, ignore_index,
+                                                         inv_t)
+    g_entropy, entropy = entropy_inputs(grad_entropy_ptr, entropy_ptr, row, valid, inv_t, HAS_GRAD_ENTROPY)
+    softmax_grad_row(row_ptr, stride_v, row_ptr, dlogits_ptr + row * V, 1, V, inv_t, target, valid, g_logp, g_entropy,
+                     entropy, row_max, log_sum, HAS_BIAS=False, HAS_GRAD_ENTROPY=HAS_GRAD_ENTROPY,
+                     OVERWRITES_NARROWER=False, BLOCK_V=BLOCK_V)
 
 
 def token_logprobs_forward(
@@ -206,18 +164,18 @@ def token_logprobs_forward(
     C++ kernels, which check the same layout."""
     d0, d1, vocab = logits3d.shape
     n_rows = d0 * d1
-    _check_rows(logits3d, targets, (logp, n_rows), (stats, n_rows * constants.NUM_STATS),
+    check_rows("token_logprobs", logits3d, targets, (logp, n_rows), (stats, n_rows * constants.NUM_STATS),
                 *([(entropy, n_rows)] if entropy.numel() > 0 else []))
     if n_rows == 0:
         return
     if error_flag is None:
         error_flag = device_checks.error_flag(logits3d.device)
-    block_v = _block_size(vocab)
+    block = block_v(vocab)
     s0, s1, sv = logits3d.stride()
     _token_logprobs_fwd_kernel[(n_rows,)](
         logits3d, targets, logp, entropy if entropy.numel() > 0 else logp, stats, error_flag,
         d1, s0, s1, sv, vocab, inv_temperature, ignore_index, ERR_TARGET_RANGE=device_checks.ERR_TARGET_RANGE,
-        WITH_ENTROPY=entropy.numel() > 0, BLOCK_V=block_v, num_warps=_num_warps(block_v),
+        WITH_ENTROPY=entropy.numel() > 0, BLOCK_V=block, num_warps=num_warps(block),
     )
 
 
@@ -235,18 +193,18 @@ def token_logprobs_backward(
     """Launch the backward kernel: writes every element of ``dlogits`` (contiguous ``[N, V]``)."""
     d0, d1, vocab = logits3d.shape
     n_rows = d0 * d1
-    _check_rows(logits3d, targets, (grad_logp, n_rows), (stats, n_rows * constants.NUM_STATS),
+    check_rows("token_logprobs", logits3d, targets, (grad_logp, n_rows), (stats, n_rows * constants.NUM_STATS),
                 *([(grad_entropy, n_rows), (entropy, n_rows)] if grad_entropy is not None else []))
     if dlogits.numel() != n_rows * vocab or not dlogits.is_contiguous() or dlogits.device != logits3d.device:
         raise ValueError("token_logprobs: dlogits must be contiguous [N, V] on the logits' device")
     if n_rows == 0:
         return
-    block_v = _block_size(vocab)
+    block = block_v(vocab)
     s0, s1, sv = logits3d.stride()
     has_grad_entropy = grad_entropy is not None
     _token_logprobs_bwd_kernel[(n_rows,)](
         grad_logp, grad_entropy if has_grad_entropy else grad_logp, logits3d, targets, stats,
         entropy if has_grad_entropy else grad_logp, dlogits,
         d1, s0, s1, sv, vocab, inv_temperature, ignore_index,
-        HAS_GRAD_ENTROPY=has_grad_entropy, BLOCK_V=block_v, num_warps=_num_warps(block_v),
+        HAS_GRAD_ENTROPY=has_grad_entropy, BLOCK_V=block, num_warps=num_warps(block),
     )
