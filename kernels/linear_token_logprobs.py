@@ -31,14 +31,12 @@ import triton.language as tl
 
 from gtalign_fast.kernels.linear_token_logprobs_chunked import MAX_CHUNK_ROWS  # rows of a chunk = programs
 from gtalign_fast.kernels.softmax_grad import (
-    NUM_STATS,
-    STAT_LOG_SUM,
-    STAT_ROW_MAX,
     block_v,
     entropy_inputs,
     num_warps,
     row_inputs,
     softmax_grad_row,
+    store_row_results,
 )
 from gtalign_fast.ops import _device_checks as device_checks
 
@@ -110,11 +108,7 @@ def _chunk_stats_kernel(
         y_t += tl.load(b_ptr + safe_target).to(tl.float32)
     logp = (y_t * inv_t - m_ref) - log_s
     logp = tl.where(in_range, logp, float("nan"))  # a flagged row is NaN, never a plausible value
-    tl.store(logp_ptr + row, tl.where(valid, logp, 0.0))
-    tl.store(stats_ptr + row * NUM_STATS + STAT_ROW_MAX, tl.where(valid, m_ref, 0.0))
-    tl.store(stats_ptr + row * NUM_STATS + STAT_LOG_SUM, tl.where(valid, log_s, 0.0))
-    if WITH_ENTROPY:
-        tl.store(entropy_ptr + row, tl.where(valid, log_s - t / s, 0.0))
+    store_row_results(logp_ptr, entropy_ptr, stats_ptr, row, valid, logp, m_ref, log_s, log_s - t / s, WITH_ENTROPY)
 
 
 @triton.jit

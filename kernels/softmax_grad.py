@@ -8,10 +8,11 @@ probability is ``p = exp((y - m) - log s)`` and, for upstream gradients ``g`` (o
 log-prob) and ``g_H`` (of the entropy ``H``),
 ``dz = (g (1[j = target] - p) - g_H p (log p + H)) / T``. The ``1 / T`` is folded into ``g`` and
 ``g_H`` by :func:`row_inputs` / :func:`entropy_inputs`. A row whose target is ``ignore_index`` gets
-zeros, whatever its logits (``exp`` may overflow there: ``p`` is never formed for it).
+zeros, whatever its logits (``exp`` may overflow there: its ``p`` is taken as 0).
 
-Also here, once: the stats columns (:mod:`gtalign_fast.ops._token_logprobs_constants`), the vocabulary
-tile and warp count of these row-per-program kernels, and the layout check of their per-row tensors.
+Also here, once: the forward's store of those stats (:func:`store_row_results`), the stats
+columns (:mod:`gtalign_fast.ops._token_logprobs_constants`), the vocabulary tile and warp count of
+these row-per-program kernels, and the layout check of their per-row tensors.
 """
 
 from __future__ import annotations
@@ -60,6 +61,18 @@ def check_rows(op: str, logits3d: torch.Tensor, targets: torch.Tensor, *row_tens
             )
         if tensor is not targets and tensor.dtype != torch.float32:
             raise ValueError(f"{op}: per-row tensors are float32, got {tensor.dtype}")
+
+
+@triton.jit
+def store_row_results(logp_ptr, entropy_ptr, stats_ptr, row, valid, logp, m, log_s, entropy,
+                      WITH_ENTROPY: tl.constexpr):
+    """A forward's results for one row: the log-prob, the entropy (WITH_ENTROPY) and the stats
+    ``(m, log s)`` this module's gradient reads back; zeros for an ignored row."""
+    tl.store(logp_ptr + row, tl.where(valid, logp, 0.0))
+    tl.store(stats_ptr + row * NUM_STATS + STAT_ROW_MAX, tl.where(valid, m, 0.0))
+    tl.store(stats_ptr + row * NUM_STATS + STAT_LOG_SUM, tl.where(valid, log_s, 0.0))
+    if WITH_ENTROPY:
+        tl.store(entropy_ptr + row, tl.where(valid, entropy, 0.0))
 
 
 @triton.jit

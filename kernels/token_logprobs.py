@@ -22,15 +22,13 @@ import triton
 import triton.language as tl
 
 from gtalign_fast.kernels.softmax_grad import (
-    NUM_STATS,
-    STAT_LOG_SUM,
-    STAT_ROW_MAX,
     block_v,
     check_rows,
     entropy_inputs,
     num_warps,
     row_inputs,
     softmax_grad_row,
+    store_row_results,
 )
 from gtalign_fast.ops import _device_checks as device_checks
 from gtalign_fast.ops import _token_logprobs_constants as constants
@@ -109,11 +107,7 @@ def _token_logprobs_fwd_kernel(
     s = tl.where(valid, s, 1.0)
     log_s = tl.log(s)
     row_logp = tl.where(out_of_range, float("nan"), (y_target - m) - log_s)
-    tl.store(logp_ptr + row, tl.where(valid, row_logp, 0.0))
-    tl.store(stats_ptr + row * NUM_STATS + STAT_ROW_MAX, tl.where(valid, m, 0.0))
-    tl.store(stats_ptr + row * NUM_STATS + STAT_LOG_SUM, tl.where(valid, log_s, 0.0))
-    if WITH_ENTROPY:
-        tl.store(entropy_ptr + row, tl.where(valid, log_s - t / s, 0.0))
+    store_row_results(logp_ptr, entropy_ptr, stats_ptr, row, valid, row_logp, m, log_s, log_s - t / s, WITH_ENTROPY)
 
 
 @triton.jit
