@@ -229,7 +229,9 @@ def grpo_loss(
 # ---------------------------------------------------------------------------------------------
 # welfare_advantages
 
-_SCALES = tuple(SCALES)  # the public scale names, defined once in ops/_welfare_constants.py
+def _check_scale(op: str, scale: str) -> None:
+    if scale not in SCALES:  # the public scale names, defined once in ops/_welfare_constants.py
+        raise ValueError(f"{op}: scale must be one of {tuple(SCALES)}, got {scale!r}")
 
 
 def _group_bounds(group, n: int) -> list[tuple[int, int]]:
@@ -261,6 +263,55 @@ def cobb_douglas(user: torch.Tensor, llm: torch.Tensor, alpha: float) -> torch.T
     welfare = torch.exp(log_w)
     missing = torch.isnan(user) | torch.isnan(llm)
     return torch.where(missing, torch.full_like(welfare, float("nan")), welfare)
+
+
+def group_advantages(values: torch.Tensor, group, scale: str = "group", eps: float = 1e-6, unbiased: bool = True):
+    """GRPO group advantages of rewards (NaN marks a missing one) and the group statistics: the one
+    implementation of them (``welfare_advantages`` here, the trainer's plain rewards in
+    :func:`gtalign_fast.training.scoring.group_advantages`).
+
+    ``group``, ``scale``, ``eps`` and ``unbiased`` as in :func:`welfare_advantages`, whose Notes
+    state the rules. Returns ``(advantages [N], group_mean [G], group_std [G], group_all_equal [G]
+    bool)`` in the rewards' dtype.
+    """
+    _check_scale("group_advantages", scale)
+    dtype, device = values.dtype, values.device
+    valid = ~torch.isnan(values)
+    bounds = _group_bounds(group, values.numel())
+    zero = torch.zeros((), dtype=dtype, device=device)
+
+    means, stds, all_equal = [], [], []
+    for start, end in bounds:
+        rewards = values[start:end][valid[start:end]]
+        count = rewards.numel()
+        mean = rewards.mean() if count > 0 else zero
+        equal = count < 2 or bool(rewards.min() == rewards.max())
+        std = zero if equal else _std(((rewards - mean) ** 2).sum(), count, unbiased)
+        means.append(mean)
+        stds.append(std)
+        all_equal.append(equal)
+    group_mean = torch.stack(means) if means else torch.zeros(0, dtype=dtype, device=device)
+    group_std = torch.stack(stds) if stds else torch.zeros(0, dtype=dtype, device=device)
+
+    batch_rewards = values[valid]
+    batch_std = _std(((batch_rewards - batch_rewards.mean()) ** 2).sum(), batch_rewards.numel(), unbiased)
+
+    advantages = torch.zeros_like(values)
+    for g, (start, end) in enumerate(bounds):
+        if all_equal[g]:
+            continue
+        centred = values[start:end] - group_mean[g]
+        if scale == "group":
+            denominator = group_std[g] + eps
+        elif scale == "batch":
+            denominator = batch_std + eps
+        else:
+            denominator = torch.ones((), dtype=dtype, device=device)
+        scaled = centred / denominator if bool(denominator > 0) else torch.zeros_like(centred)
+        advantages[start:end] = torch.where(valid[start:end], scaled, zero)
+
+    group_all_equal = torch.tensor(all_equal, dtype=torch.bool, device=device).reshape(len(bounds))
+    return advantages, group_mean, group_std, group_all_equal
 
 
 def welfare_advantages(
@@ -303,52 +354,17 @@ def welfare_advantages(
     missing rewards, get advantage 0 (and std 0). The batch std of ``scale="batch"`` is taken over
     every valid reward of the batch. A zero denominator (std + eps == 0) gives advantage 0.
     """
-    if scale not in _SCALES:
-        raise ValueError(f"welfare_advantages: scale must be one of {_SCALES}, got {scale!r}")
+    _check_scale("welfare_advantages", scale)
     dtype = compute_dtype(user.dtype)
     u, lm = user.to(dtype), llm.to(dtype)
     bad = (u < 0) | (lm < 0) | torch.isinf(u) | torch.isinf(lm)
     if bool(bad.any()):
         raise ValueError("welfare_advantages: user and llm rewards must be finite and >= 0 (NaN = missing)")
     welfare = cobb_douglas(u, lm, alpha)
-    valid = ~torch.isnan(welfare)
-    bounds = _group_bounds(group, welfare.numel())
-    zero = torch.zeros((), dtype=dtype, device=u.device)
-
-    means, stds, all_equal = [], [], []
-    for start, end in bounds:
-        rewards = welfare[start:end][valid[start:end]]
-        count = rewards.numel()
-        mean = rewards.mean() if count > 0 else zero
-        equal = count < 2 or bool(rewards.min() == rewards.max())
-        std = zero if equal else _std(((rewards - mean) ** 2).sum(), count, unbiased)
-        means.append(mean)
-        stds.append(std)
-        all_equal.append(equal)
-    group_mean = torch.stack(means) if means else torch.zeros(0, dtype=dtype, device=u.device)
-    group_std = torch.stack(stds) if stds else torch.zeros(0, dtype=dtype, device=u.device)
-
-    batch_rewards = welfare[valid]
-    batch_std = _std(((batch_rewards - batch_rewards.mean()) ** 2).sum(), batch_rewards.numel(), unbiased)
-
-    advantages = torch.zeros_like(welfare)
-    for g, (start, end) in enumerate(bounds):
-        if all_equal[g]:
-            continue
-        centred = welfare[start:end] - group_mean[g]
-        if scale == "group":
-            denominator = group_std[g] + eps
-        elif scale == "batch":
-            denominator = batch_std + eps
-        else:
-            denominator = torch.ones((), dtype=dtype, device=u.device)
-        scaled = centred / denominator if bool(denominator > 0) else torch.zeros_like(centred)
-        advantages[start:end] = torch.where(valid[start:end], scaled, zero)
-
+    advantages, group_mean, group_std, group_all_equal = group_advantages(welfare, group, scale, eps, unbiased)
     token_advantages = None
     if mask is not None:
-        token_advantages = torch.where(mask != 0, advantages[:, None], zero)
-    group_all_equal = torch.tensor(all_equal, dtype=torch.bool, device=u.device).reshape(len(bounds))
+        token_advantages = torch.where(mask != 0, advantages[:, None], torch.zeros((), dtype=dtype, device=u.device))
     return welfare, advantages, group_mean, group_std, group_all_equal, token_advantages
 
 

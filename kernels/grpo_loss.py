@@ -9,7 +9,7 @@ contiguous ``[B, T]``.
 Forward, one launch:
 
 1. ``_grpo_loss_rows_kernel``, one program per sequence (a 1-D grid over B), walks the row in
-   blocks of tokens and writes the row's partial sums to ``row_stats[B, NUM_STATS]`` (the
+   blocks of tokens and writes the row's partial sums to ``row_stats[B, NUM_SEQUENCE_STATS]`` (the
    ``STAT_*`` columns of ``gtalign_fast.ops._grpo_constants``). Sequence-level importance sampling
    (GSPO) walks the row twice: once for the masked mean log-ratio, once for the loss.
 2. The last program to finish (a persistent zeroed counter, incremented with acquire-release
@@ -53,7 +53,7 @@ STAT_REGION = tl.constexpr(constants.STAT_REGION)
 STAT_KL_SUM = tl.constexpr(constants.STAT_KL_SUM)
 STAT_RATIO_SUM = tl.constexpr(constants.STAT_RATIO_SUM)
 STAT_SEQ_GRAD = tl.constexpr(constants.STAT_SEQ_GRAD)
-NUM_STATS = tl.constexpr(constants.NUM_STATS)
+NUM_SEQUENCE_STATS = tl.constexpr(constants.NUM_SEQUENCE_STATS)
 MODE_SEQ_MEAN = tl.constexpr(constants.MODE_SEQ_MEAN)
 MODE_TOKEN_MEAN = tl.constexpr(constants.MODE_TOKEN_MEAN)
 MODE_NORMALISER_TENSOR = tl.constexpr(constants.MODE_NORMALISER_TENSOR)
@@ -305,7 +305,7 @@ def _grpo_loss_row(
     seq_grad = tl.cast(0.0, tl.float32)
     if SEQ_LEVEL:
         seq_grad = tl.sum(dpg_acc, axis=0) * seq_dratio / tl.maximum(tokens, 1.0)
-    out = stats_ptr + row * NUM_STATS
+    out = stats_ptr + row * NUM_SEQUENCE_STATS
     tl.store(out + STAT_LOSS_SUM, tl.sum(loss_acc, axis=0))
     tl.store(out + STAT_TOKENS, tokens)
     tl.store(out + STAT_LOW, low)
@@ -351,7 +351,7 @@ def _grpo_loss_finalize(
     for start in range(0, B, BLOCK_B):
         rows = (start + offsets).to(tl.int64)
         in_batch = rows < B
-        base = stats_ptr + rows * NUM_STATS
+        base = stats_ptr + rows * NUM_SEQUENCE_STATS
         tokens_acc += tl.load(base + STAT_TOKENS, mask=in_batch, other=0.0, volatile=True)
         low_acc += tl.load(base + STAT_LOW, mask=in_batch, other=0.0, volatile=True)
         high_acc += tl.load(base + STAT_HIGH, mask=in_batch, other=0.0, volatile=True)
@@ -382,7 +382,7 @@ def _grpo_loss_finalize(
     for start in range(0, B, BLOCK_B):
         rows = (start + offsets).to(tl.int64)
         in_batch = rows < B
-        base = stats_ptr + rows * NUM_STATS
+        base = stats_ptr + rows * NUM_SEQUENCE_STATS
         if MODE == MODE_SEQ_MEAN:
             tokens = tl.load(base + STAT_TOKENS, mask=in_batch, other=1.0, volatile=True)
             weight = 1.0 / (batch * tl.maximum(tokens, 1.0))
@@ -414,7 +414,7 @@ def _grpo_loss_bwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     beta, low_bound, high_bound, delta, dual_clip = _loss_params(beta, eps_low, eps_high, delta, dual_clip, CISPO)
     row_scale = tl.load(grad_loss_ptr).to(tl.float32) * tl.load(weights_ptr + row)
-    seq_grad = tl.load(stats_ptr + row * NUM_STATS + STAT_SEQ_GRAD)
+    seq_grad = tl.load(stats_ptr + row * NUM_SEQUENCE_STATS + STAT_SEQ_GRAD)
     seq_ratio = tl.cast(1.0, tl.float32)
     if SEQ_LEVEL and ((BIAS_KL and HAS_REF) or CISPO):  # r for the KL weight or CISPO: one more pass
         seq_ratio, _ = _sequence_ratio(logp_ptr, old_ptr, mask_ptr, row, T, s_lb, s_lt, s_ob, s_ot, s_mb, s_mt,
@@ -527,7 +527,7 @@ def grpo_loss_forward(
     ``gtalign_fast.ops._device_checks``; default: the device's flag) and gives a NaN loss."""
     batch, length = logp.shape
     _check_layout(logp, old_logp, ref_logp, advantages, mask)
-    _check_outputs(logp, (loss, 1), (metrics, constants.NUM_METRICS), (row_stats, batch * constants.NUM_STATS),
+    _check_outputs(logp, (loss, 1), (metrics, constants.NUM_METRICS), (row_stats, batch * constants.NUM_SEQUENCE_STATS),
                    (row_weights, batch))
     if num_items is not None and (num_items.numel() < 1 or num_items.device != logp.device):
         raise ValueError("grpo_loss: num_items must hold one number on logp's device")
@@ -590,7 +590,7 @@ def grpo_loss_backward(
     gradient for ref_logp), of ``dref``. The arguments are those of the C++ kernels."""
     batch, length = logp.shape
     _check_layout(logp, old_logp, ref_logp, advantages, mask)
-    _check_outputs(logp, (grad_loss, 1), (row_weights, batch), (row_stats, batch * constants.NUM_STATS))
+    _check_outputs(logp, (grad_loss, 1), (row_weights, batch), (row_stats, batch * constants.NUM_SEQUENCE_STATS))
     for out in (dlogp, dref):
         if out.numel() and (out.numel() != batch * length or not out.is_contiguous() or out.dtype != logp.dtype
                             or out.device != logp.device):

@@ -28,7 +28,7 @@ import torch
 
 from gtalign_fast import reference
 from gtalign_fast.ops import _backend, _device_checks
-from gtalign_fast.ops._token_logprobs_constants import NUM_STATS, STAT_LOG_SUM, STAT_ROW_MAX
+from gtalign_fast.ops._token_logprobs_constants import NUM_SOFTMAX_STATS, STAT_LOG_SUM, STAT_ROW_MAX
 
 # Chunk size. Bytes of the float32 [R, V] logits buffer when chunk_size is not given: 64 MiB on CPU
 # (512 rows at V = 32000, H = 1024: on a 2-core Xeon the three GEMM shapes ran as fast with 256 to
@@ -200,7 +200,7 @@ def stats_cpu_extension(z, targets, inv_t, ignore_index, logp, entropy, stats, f
     if infinite.numel() == 0:
         return
     part = (torch.empty(infinite.numel(), dtype=logp.dtype), torch.empty(infinite.numel(), dtype=logp.dtype),
-            torch.empty(infinite.numel(), NUM_STATS, dtype=stats.dtype))
+            torch.empty(infinite.numel(), NUM_SOFTMAX_STATS, dtype=stats.dtype))
     stats_torch(z[infinite], targets[infinite], inv_t, ignore_index, part[0],
                 part[1] if entropy is not None else None, part[2], flag)
     logp[infinite], stats[infinite] = part[0], part[2]

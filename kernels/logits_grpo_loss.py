@@ -70,7 +70,8 @@ def logits_grpo_grad(
         raise ValueError("logits_grpo_loss: out3d must be a [D0, D1, V] view like logits3d (dtype, device)")
     d0, d1, vocab = logits3d.shape
     n_rows = d0 * d1
-    check_rows("logits_grpo_loss", logits3d, targets, (grad_logp, n_rows), (stats, n_rows * constants.NUM_STATS))
+    check_rows("logits_grpo_loss", logits3d, targets, (grad_logp, n_rows),
+               (stats, n_rows * constants.NUM_SOFTMAX_STATS))
     if n_rows == 0 or vocab == 0:
         return
     block = block_v(vocab)

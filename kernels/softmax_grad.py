@@ -28,7 +28,7 @@ from gtalign_fast.ops import _token_logprobs_constants as constants
 # inside @triton.jit code only when it is a tl.constexpr.
 STAT_ROW_MAX = tl.constexpr(constants.STAT_ROW_MAX)
 STAT_LOG_SUM = tl.constexpr(constants.STAT_LOG_SUM)
-NUM_STATS = tl.constexpr(constants.NUM_STATS)
+NUM_SOFTMAX_STATS = tl.constexpr(constants.NUM_SOFTMAX_STATS)
 
 # One program handles one row; the vocabulary is walked in tiles of at most this many elements
 # (a memory-bound pass: wide tiles, 8 warps from 2048 on).
@@ -69,8 +69,8 @@ def store_row_results(logp_ptr, entropy_ptr, stats_ptr, row, valid, logp, m, log
     """A forward's results for one row: the log-prob, the entropy (WITH_ENTROPY) and the stats
     ``(m, log s)`` this module's gradient reads back; zeros for an ignored row."""
     tl.store(logp_ptr + row, tl.where(valid, logp, 0.0))
-    tl.store(stats_ptr + row * NUM_STATS + STAT_ROW_MAX, tl.where(valid, m, 0.0))
-    tl.store(stats_ptr + row * NUM_STATS + STAT_LOG_SUM, tl.where(valid, log_s, 0.0))
+    tl.store(stats_ptr + row * NUM_SOFTMAX_STATS + STAT_ROW_MAX, tl.where(valid, m, 0.0))
+    tl.store(stats_ptr + row * NUM_SOFTMAX_STATS + STAT_LOG_SUM, tl.where(valid, log_s, 0.0))
     if WITH_ENTROPY:
         tl.store(entropy_ptr + row, tl.where(valid, entropy, 0.0))
 
@@ -82,8 +82,8 @@ def row_inputs(targets_ptr, g_ptr, stats_ptr, row, ignore_index, inv_t):
     target = tl.load(targets_ptr + row)
     valid = target != ignore_index
     g = tl.where(valid, tl.load(g_ptr + row), 0.0) * inv_t
-    row_max = tl.load(stats_ptr + row * NUM_STATS + STAT_ROW_MAX)
-    log_sum = tl.load(stats_ptr + row * NUM_STATS + STAT_LOG_SUM)
+    row_max = tl.load(stats_ptr + row * NUM_SOFTMAX_STATS + STAT_ROW_MAX)
+    log_sum = tl.load(stats_ptr + row * NUM_SOFTMAX_STATS + STAT_LOG_SUM)
     return target, valid, g, row_max, log_sum
 
 

@@ -151,14 +151,14 @@ def token_logprobs_forward(
     error_flag: torch.Tensor | None = None,
 ) -> None:
     """Launch the forward kernel: fills ``logp`` and (unless it is empty: no entropy) ``entropy``,
-    ``[N]``, and the per-row ``stats`` ``[N, NUM_STATS]`` = (max of z/T, log of the sum of
+    ``[N]``, and the per-row ``stats`` ``[N, NUM_SOFTMAX_STATS]`` = (max of z/T, log of the sum of
     exp(z/T - max)). A target outside ``[0, V)`` that is not ``ignore_index`` gets a NaN ``logp``
     and sets ``ERR_TARGET_RANGE`` in ``error_flag`` (int32 ``[1]``, see
     ``gtalign_fast.ops._device_checks``; default: the device's flag). The arguments are those of the
     C++ kernels, which check the same layout."""
     d0, d1, vocab = logits3d.shape
     n_rows = d0 * d1
-    check_rows("token_logprobs", logits3d, targets, (logp, n_rows), (stats, n_rows * constants.NUM_STATS),
+    check_rows("token_logprobs", logits3d, targets, (logp, n_rows), (stats, n_rows * constants.NUM_SOFTMAX_STATS),
                 *([(entropy, n_rows)] if entropy.numel() > 0 else []))
     if n_rows == 0:
         return
@@ -187,7 +187,7 @@ def token_logprobs_backward(
     """Launch the backward kernel: writes every element of ``dlogits`` (contiguous ``[N, V]``)."""
     d0, d1, vocab = logits3d.shape
     n_rows = d0 * d1
-    check_rows("token_logprobs", logits3d, targets, (grad_logp, n_rows), (stats, n_rows * constants.NUM_STATS),
+    check_rows("token_logprobs", logits3d, targets, (grad_logp, n_rows), (stats, n_rows * constants.NUM_SOFTMAX_STATS),
                 *([(grad_entropy, n_rows), (entropy, n_rows)] if grad_entropy is not None else []))
     if dlogits.numel() != n_rows * vocab or not dlogits.is_contiguous() or dlogits.device != logits3d.device:
         raise ValueError("token_logprobs: dlogits must be contiguous [N, V] on the logits' device")

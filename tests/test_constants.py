@@ -4,8 +4,8 @@ Triton kernels) and the C++ headers (read by the CPU and CUDA kernels) must agre
 The headers are parsed with regular expressions, so their enum and constexpr lines keep a simple
 form: ``enum Name : type { kA = 0, kB, kC = 3 };`` and ``constexpr type kName = literal;``.
 Naming: a Python constant ``NAME`` is the C++ constexpr ``k`` + CamelCase(NAME)
-(``LOG_RATIO_LIMIT`` -> ``kLogRatioLimit``); a Python constant of an enum group (its prefix below)
-is a member of that C++ enum (``STAT_LOSS_SUM`` -> ``Stat::kLossSum``).
+(``LOG_RATIO_LIMIT`` -> ``kLogRatioLimit``; the exceptions: ``CPP_NAMES``); a Python constant of an
+enum group (its prefix below) is a member of that C++ enum (``STAT_LOSS_SUM`` -> ``Stat::kLossSum``).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ KERNEL_MODULES = {
     _grpo_constants: "grpo_loss",
     _welfare_constants: "welfare_advantages",
     _sample_constants: "sample",
-    _token_logprobs_constants: "token_logprobs",
+    _token_logprobs_constants: "softmax_grad",  # the stats columns token_logprobs' kernels share
 }
 
 _ENUM = re.compile(r"\benum\s+(?:class\s+|struct\s+)?(\w+)\s*(?::\s*[\w:]+\s*)?\{([^}]*)\}\s*;")
@@ -90,6 +90,12 @@ def _camel(name: str) -> str:
     return "".join(word.capitalize() for word in name.split("_"))
 
 
+# Python constants whose C++ name is not k + CamelCase(NAME): each header keeps its count of stats
+# columns as kNumStats inside its own namespace (grpo::, token_logprobs::), where it is unambiguous;
+# the Python names say which stats they count, since one file may import both.
+CPP_NAMES = {"NUM_SEQUENCE_STATS": "kNumStats", "NUM_SOFTMAX_STATS": "kNumStats"}
+
+
 def mismatches(constants: dict[str, int | float], header: str, groups: dict[str, tuple[str, str]]) -> list[str]:
     """Every disagreement between the Python constants and a header's text: a constant missing on
     either side, a different value, an int on one side and a float on the other, an enum the
@@ -107,7 +113,7 @@ def mismatches(constants: dict[str, int | float], header: str, groups: dict[str,
             where = f"{enum}::{cpp_name}"
             matched_members.add((enum, cpp_name))
         else:
-            cpp_name = "k" + _camel(name)
+            cpp_name = CPP_NAMES.get(name, "k" + _camel(name))
             cpp_value = constexprs.get(cpp_name)
             where = cpp_name
             matched_constexprs.add(cpp_name)
@@ -151,7 +157,7 @@ def test_enum_groups_are_distinct(module, header, groups):
 def test_grpo_columns_and_metrics():
     c = _grpo_constants
     stats = sorted(value for name, value in python_constants(c).items() if name.startswith("STAT_"))
-    assert stats == list(range(c.NUM_STATS))
+    assert stats == list(range(c.NUM_SEQUENCE_STATS))
     metrics = {value: name for name, value in python_constants(c).items() if name.startswith("METRIC_")}
     assert sorted(metrics) == list(range(c.NUM_METRICS)) and len(c.METRIC_NAMES) == c.NUM_METRICS
     # METRIC_NAMES is in metrics-vector order: each name's index is its METRIC_* constant.
@@ -163,7 +169,7 @@ def test_grpo_columns_and_metrics():
 
 def test_token_logprobs_columns():
     c = _token_logprobs_constants
-    assert sorted([c.STAT_ROW_MAX, c.STAT_LOG_SUM]) == list(range(c.NUM_STATS))
+    assert sorted([c.STAT_ROW_MAX, c.STAT_LOG_SUM]) == list(range(c.NUM_SOFTMAX_STATS))
 
 
 def test_welfare_scales():

@@ -7,7 +7,7 @@ library, so the op's Python code can use it without Triton.
 
 from __future__ import annotations
 
-# Columns of row_stats [B, NUM_STATS], one row per sequence, written by the forward kernel and read
+# Columns of row_stats [B, NUM_SEQUENCE_STATS], one row per sequence, written by the forward kernel and read
 # by its finalize step and by the backward.
 STAT_LOSS_SUM = 0  # sum_t mask * (pg + beta * kl)
 STAT_TOKENS = 1  # sum_t mask
@@ -17,7 +17,7 @@ STAT_REGION = 4  # either (or indicator)
 STAT_KL_SUM = 5  # sum_t mask * kl
 STAT_RATIO_SUM = 6  # sum_t mask * r (or, with per-row metrics, the row's ratio)
 STAT_SEQ_GRAD = 7  # sequence level: d(sum_t mask * pg) / d logp_t for each masked token; else 0
-NUM_STATS = 8
+NUM_SEQUENCE_STATS = 8  # C++: grpo::kNumStats
 
 # How each loss_type normalises the row sums S_b = sum_t mask * loss_t (n_b: tokens of row b, N: all
 # tokens, L: max_completion_length). The one table from loss type to normaliser: the reference, the

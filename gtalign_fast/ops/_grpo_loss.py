@@ -2,7 +2,7 @@
 
 Forward and backward are two :class:`~gtalign_fast.ops._op.Op` (custom ops ``gtalign_fast::grpo_loss``
 and ``gtalign_fast::grpo_loss_backward``); autograd links them. The forward returns, besides the
-loss and the metrics, two small per-row tensors the backward needs: ``row_stats [B, NUM_STATS]``
+loss and the metrics, two small per-row tensors the backward needs: ``row_stats [B, NUM_SEQUENCE_STATS]``
 (partial sums of each sequence, columns ``STAT_*`` of :mod:`gtalign_fast.ops._grpo_constants`) and
 ``row_weights [B]`` (the weight of each sequence's token sum in the loss, which the aggregation
 mode fixes).
@@ -16,7 +16,7 @@ import torch
 
 from . import _device_checks, _grpo_objective
 from ._device_checks import error_flag
-from ._grpo_constants import NUM_METRICS, NUM_STATS
+from ._grpo_constants import NUM_METRICS, NUM_SEQUENCE_STATS
 from ._grpo_objective import (
     FLOAT_DTYPES,
     GrpoLossOptions,
@@ -54,7 +54,7 @@ def _forward_outputs(logp, old_logp, ref_logp, advantages, mask, num_items_tenso
     return (
         Output((), torch.float32),  # loss
         Output((NUM_METRICS,), torch.float32),  # metrics, in METRIC_NAMES order
-        Output((batch, NUM_STATS), torch.float32),  # row_stats
+        Output((batch, NUM_SEQUENCE_STATS), torch.float32),  # row_stats
         Output((batch,), torch.float32),  # row_weights
     )
 

@@ -40,7 +40,7 @@ from ._grpo_constants import (
     METRIC_RATIO,
     METRIC_REGION,
     NUM_METRICS,
-    NUM_STATS,
+    NUM_SEQUENCE_STATS,
     STAT_HIGH,
     STAT_KL_SUM,
     STAT_LOSS_SUM,
@@ -58,7 +58,7 @@ from ._grpo_objective import (
     row_weights,
 )
 from ._op import Op, Output, backends, chunk_drivers
-from ._token_logprobs_constants import NUM_STATS as NUM_ROW_STATS
+from ._token_logprobs_constants import NUM_SOFTMAX_STATS
 
 OP = "linear_grpo_loss"
 # Bytes of one chunk of logits (the reused [C, V] buffer) when chunk_size is not given.
@@ -128,9 +128,9 @@ def _forward_chunks(name, hidden, weight, bias, targets, old_logp, ref_logp, adv
                            for x in (logp, old_logp, ref_logp, adv, kernel_mask(mask)))
     n_rows = row_inputs[0].shape[0]
     chunk_tokens = min(n_tokens, rows_per_chunk * row_len)
-    row_stats = torch.empty(n_rows, NUM_STATS, dtype=torch.float32, device=device)
+    row_stats = torch.empty(n_rows, NUM_SEQUENCE_STATS, dtype=torch.float32, device=device)
     buffer = torch.empty(chunk_tokens, vocab, dtype=hidden.dtype, device=device)
-    stats = torch.empty(chunk_tokens, NUM_ROW_STATS, dtype=torch.float32, device=device)
+    stats = torch.empty(chunk_tokens, NUM_SOFTMAX_STATS, dtype=torch.float32, device=device)
     dlogp = torch.empty(chunk_tokens, dtype=torch.float32, device=device)
     scratch = [torch.empty(shape, dtype=torch.float32, device=device)
                for shape in ((), (NUM_METRICS,), (min(n_rows, rows_per_chunk),))]

@@ -41,7 +41,7 @@ from .. import reference
 from . import _device_checks
 from ._op import Op, Output, backends, chunk_drivers
 from ._token_logprobs import MIN_TEMPERATURE, check_target_range
-from ._token_logprobs_constants import NUM_STATS, STAT_LOG_SUM, STAT_ROW_MAX
+from ._token_logprobs_constants import NUM_SOFTMAX_STATS, STAT_LOG_SUM, STAT_ROW_MAX
 
 OP = "linear_token_logprobs"
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -191,7 +191,7 @@ def _forward_outputs(hidden, weight, bias, targets, options):
         Output((n_rows,), torch.float32),  # logp
         Output((n_rows if options.with_entropy else 0,), torch.float32),  # entropy
         # per row (shift m, log sum exp(z / T - m)) for the backward (columns STAT_* of _token_logprobs_constants)
-        Output((n_rows, NUM_STATS), reference.compute_dtype(hidden.dtype)),
+        Output((n_rows, NUM_SOFTMAX_STATS), reference.compute_dtype(hidden.dtype)),
     )
 
 

@@ -28,11 +28,11 @@ from ._grpo_chunks import (
     reference_logp,
     validate_temperature,
 )
-from ._grpo_constants import NUM_METRICS, NUM_STATS
+from ._grpo_constants import NUM_METRICS, NUM_SEQUENCE_STATS
 from ._grpo_objective import FLOAT_DTYPES, autograd_inside_op, options_type, reference_loss
 from ._op import Op, Output, backends, chunk_drivers
 from ._token_logprobs import rows_view
-from ._token_logprobs_constants import NUM_STATS as NUM_ROW_STATS
+from ._token_logprobs_constants import NUM_SOFTMAX_STATS
 
 OP = "logits_grpo_loss"
 
@@ -51,8 +51,8 @@ def _forward_outputs(logits, targets, old_logp, ref_logp, advantages, mask, num_
         Output((NUM_METRICS + 1,), torch.float32),  # grpo_loss' metrics, then the mean entropy
         Output((batch, length), torch.float32),  # logp (0 where masked out)
         Output((batch * length,), torch.float32),  # entropy per position
-        Output((batch * length, NUM_ROW_STATS), torch.float32),  # (max z/T, log-sum) per row
-        Output((batch, NUM_STATS), torch.float32),  # grpo row_stats
+        Output((batch * length, NUM_SOFTMAX_STATS), torch.float32),  # (max z/T, log-sum) per row
+        Output((batch, NUM_SEQUENCE_STATS), torch.float32),  # grpo row_stats
         Output((batch,), torch.float32),  # grpo row_weights
     )
 

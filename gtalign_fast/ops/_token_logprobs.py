@@ -17,7 +17,7 @@ from .. import reference
 from . import _device_checks
 from ._device_checks import error_flag
 from ._op import Op, Output, backends, compiled_kernels
-from ._token_logprobs_constants import NUM_STATS
+from ._token_logprobs_constants import NUM_SOFTMAX_STATS
 
 OP = "token_logprobs"
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -88,7 +88,7 @@ def _forward_outputs(logits, targets, options):
     """(logp, entropy, stats); stats holds per row (max of z/T, log sum exp(z/T - max)) for the
     backward (columns STAT_* of _token_logprobs_constants)."""
     entropy_shape = targets.shape if options.with_entropy else (0,)
-    stats_shape = (targets.numel(), NUM_STATS)
+    stats_shape = (targets.numel(), NUM_SOFTMAX_STATS)
     return (
         Output(targets.shape, torch.float32),
         Output(entropy_shape, torch.float32),

@@ -7,7 +7,7 @@ The C++ CPU and CUDA kernels read the same values from ``csrc/token_logprobs_com
 
 from __future__ import annotations
 
-# Columns of the per-row stats [N, NUM_STATS] the forward saves for the backward (with y = z / T).
+# Columns of the per-row stats [N, NUM_SOFTMAX_STATS] the forward saves for the backward (with y = z / T).
 STAT_ROW_MAX = 0  # m = max_v y
 STAT_LOG_SUM = 1  # log sum_v exp(y - m); m + log s is never formed (see kernels/token_logprobs.py)
-NUM_STATS = 2
+NUM_SOFTMAX_STATS = 2  # C++: token_logprobs::kNumStats

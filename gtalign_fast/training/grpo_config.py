@@ -15,12 +15,11 @@ from ..ops import _backend
 from ..ops._grpo_constants import LOSS_NORMALISERS, MICRO_BATCH_SHARES
 from ..ops._welfare_constants import SCALES
 
-__all__ = ["GRPOConfig", "LOSS_TYPES", "SCALE_REWARDS", "DISTRIBUTED_STRATEGIES", "STEERING_MODES", "SCHEDULERS"]
+__all__ = ["GRPOConfig", "LOSS_TYPES", "DISTRIBUTED_STRATEGIES", "STEERING_MODES", "SCHEDULERS"]
 
 # Each loss type's share of the global loss per micro-batch ("global_tokens", "sequences" or
 # "local_tokens"; see _grpo_constants.MICRO_BATCH_SHARES), from the one normaliser table.
 LOSS_TYPES = {loss_type: MICRO_BATCH_SHARES[norm] for loss_type, norm in LOSS_NORMALISERS.items()}
-SCALE_REWARDS = tuple(SCALES)  # "group", "batch", "none": the welfare_advantages op's names
 DISTRIBUTED_STRATEGIES = ("ddp", "fsdp2")
 STEERING_MODES = ("off", "rewrite", "reference")
 CACHE_IMPLEMENTATIONS = (None, "static", "dynamic")
@@ -235,8 +234,8 @@ class GRPOConfig:
     def _check_objective(self) -> None:
         if self.loss_type not in LOSS_TYPES:
             self._fail(f"loss_type must be one of {sorted(LOSS_TYPES)}, got {self.loss_type!r}")
-        if self.scale_rewards not in SCALE_REWARDS:
-            self._fail(f"scale_rewards must be one of {SCALE_REWARDS} (or True / False), got {self.scale_rewards!r}")
+        if self.scale_rewards not in SCALES:  # the welfare_advantages op's names, defined once
+            self._fail(f"scale_rewards must be one of {tuple(SCALES)} (or True / False), got {self.scale_rewards!r}")
         if self.importance_sampling_level not in ("token", "sequence"):
             self._fail(
                 f"importance_sampling_level must be 'token' or 'sequence', got {self.importance_sampling_level!r}"

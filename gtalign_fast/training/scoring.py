@@ -23,8 +23,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
-from .. import ops
-from .grpo_config import SCALE_REWARDS
+from .. import ops, reference
 
 logger = logging.getLogger("gtalign_fast.trainer")
 
@@ -322,40 +321,14 @@ def group_advantages(
     float64 rounding). Infinite rewards raise, as they do in the welfare op (the trainer never passes
     one: :func:`call_reward_funcs` stores them as NaN, a counted failure).
     """
-    if scale not in SCALE_REWARDS:
-        raise ValueError(f"group_advantages: scale must be one of {SCALE_REWARDS}, got {scale!r}")
     values = rewards.detach().to(torch.float64)
     if values.dim() != 1 or group_size < 1 or values.numel() % group_size:
         raise ValueError(f"group_advantages: rewards must be [N] with N a multiple of {group_size}, got "
                          f"{tuple(values.shape)}")
     if bool(torch.isinf(values).any()):
         raise ValueError("group_advantages: rewards must be finite (NaN = missing)")
-    r = values.reshape(-1, group_size)
-    valid = ~r.isnan()
-    count = valid.sum(1)
-    zero = r.new_zeros(())
-    mean = torch.where(valid, r, zero).sum(1) / count.clamp(min=1)
-    lowest = torch.where(valid, r, math.inf).amin(1)
-    highest = torch.where(valid, r, -math.inf).amax(1)
-    all_equal = (count < 2) | (lowest == highest)
-    centred = torch.where(valid, r - mean[:, None], zero)
-    std = torch.where(all_equal, zero, _std(centred.square().sum(1), count, unbiased))
-    if scale == "group":
-        denominator = (std + eps)[:, None]
-    elif scale == "batch":
-        batch = values[~values.isnan()]
-        denominator = _std((batch - batch.mean()).square().sum(), torch.tensor(batch.numel()), unbiased) + eps
-    else:
-        denominator = torch.ones((), dtype=torch.float64, device=r.device)
-    scaled = torch.where(denominator > 0, centred / denominator, zero)
-    advantages = torch.where(valid & ~all_equal[:, None], scaled, zero).reshape(-1)
-    return GroupAdvantages(advantages, mean, std, all_equal)
-
-
-def _std(deviation_sq_sum: torch.Tensor, count: torch.Tensor, unbiased: bool) -> torch.Tensor:
-    """Standard deviation from the sum of squared deviations; 0 for fewer than 2 values."""
-    divisor = (count - 1 if unbiased else count).clamp(min=1).to(deviation_sq_sum.device, torch.float64)
-    return torch.where(count.to(deviation_sq_sum.device) < 2, 0.0, torch.sqrt(deviation_sq_sum / divisor))
+    # the statistics of the welfare op's specification, one implementation (reference.group_advantages)
+    return GroupAdvantages(*reference.group_advantages(values, group_size, scale, eps, unbiased))
 
 
 def weighted_reward(per_func: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
