@@ -3,8 +3,9 @@
 :class:`CompletionLogprobs` turns (prompt, completion) token ids into the completion tokens'
 log-probs and entropies, through the fused LM head (``ops.linear_token_logprobs``: no
 ``[tokens, vocabulary]`` logits) or the model's logits (``ops.token_logprobs``);
-:func:`fused_head_problem` says why a model cannot use the fused head; :func:`rollout_logprobs`
-scores a whole rollout without gradients (the old and reference log-probs).
+:func:`fused_head_problem` says why a model cannot use the fused head, :func:`loss_path` which path
+the update takes; :func:`rollout_logprobs` scores a whole rollout without gradients (the old and
+reference log-probs).
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops import _backend
 from .distributed import is_dtensor
 
 if TYPE_CHECKING:
     from .rollout import Rollout
 
-__all__ = ["CompletionLogprobs", "fused_head_problem", "rollout_logprobs", "IGNORE_INDEX"]
+__all__ = ["CompletionLogprobs", "fused_head_problem", "loss_path", "rollout_logprobs", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
 
@@ -44,6 +46,19 @@ def fused_head_problem(model: nn.Module) -> str | None:
     if getattr(model, "base_model", None) is None or model.base_model is model:
         return "the model has no separate base model to read the last hidden state from"
     return None
+
+
+def loss_path(use_fused_lm_head: bool, backend: str | None, device: torch.device) -> tuple[bool, str]:
+    """Whether the update runs ``ops.linear_grpo_loss`` (the fused LM head + GRPO loss: the default
+    whenever the fused head is allowed and the op has the chosen backend, ``backend`` or the
+    device's default), and the path's name for the log."""
+    if not use_fused_lm_head:
+        return False, "logits LM head (token_logprobs + grpo_loss)"
+    fused_op = "linear_grpo_loss"
+    problem = _backend.why_unavailable(backend or _backend.default_backend(fused_op, device), device, fused_op)
+    if problem is None:
+        return True, "fused LM head + GRPO loss (linear_grpo_loss)"
+    return False, f"fused LM head (linear_token_logprobs + grpo_loss; not linear_grpo_loss: {problem})"
 
 
 class CompletionLogprobs(nn.Module):

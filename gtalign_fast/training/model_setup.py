@@ -1,6 +1,6 @@
-"""The trainer's model setup: the policy and its tokenizer loaded (or checked), the prompt length the
-model's positions allow, the frozen reference policy, gradient checkpointing, and the refusal of a
-model whose checkpoints would fail or hold no training."""
+"""The trainer's model setup: the policy and its tokenizer loaded (or checked), bf16, the prompt
+length the model's positions allow, the frozen reference policy, gradient checkpointing, and the
+refusal of a model whose checkpoints would fail or hold no training."""
 
 from __future__ import annotations
 
@@ -45,6 +45,13 @@ def load_tokenizer(model: nn.Module | str, tokenizer: Any) -> Any:
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
         raise ValueError("GRPOTrainer: the tokenizer needs a pad token or an EOS token")
     return tokenizer
+
+
+def bf16_enabled(bf16: bool | None, device: torch.device) -> bool:
+    """GRPOConfig's ``bf16``; None: on CUDA devices that support it."""
+    if bf16 is None:
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return bool(bf16)
 
 
 def prompt_length_limit(model: nn.Module, max_prompt_length: int | None, max_completion_length: int) -> int | None:

@@ -15,7 +15,9 @@ One optimizer step, the whole story (``GRPOTrainer._training_step``)::
         loss  = ops.linear_grpo_loss(last hidden state, LM head, ...)  (LM head + log-prob + clipped surrogate +
                                                                        k3 KL + aggregation, in token chunks: no
                                                                        [tokens, vocab] logits; without the fused
-                                                                       head ops.token_logprobs + ops.grpo_loss)
+                                                                       head ops.token_logprobs + ops.grpo_loss,
+                                                                       and ops.linear_token_logprobs + grpo_loss
+                                                                       where linear_grpo_loss lacks the backend)
         (loss * its share of the global batch).backward()
     clip gradients, optimizer, scheduler                             (a non-finite loss skips the step)
 
@@ -53,7 +55,7 @@ from . import checkpoint
 from .callbacks import CallbackHandler
 from .distributed import Dist, RootForward, distribute, fsdp_gathered, rebind_optimizer
 from .grpo_config import LOSS_TYPES, GRPOConfig
-from .logprobs import CompletionLogprobs, fused_head_problem, rollout_logprobs
+from .logprobs import CompletionLogprobs, fused_head_problem, loss_path, rollout_logprobs
 from .metrics import (
     MetricSinks,
     MetricWindow,
@@ -64,6 +66,7 @@ from .metrics import (
     truncate_metrics,
 )
 from .model_setup import (
+    bf16_enabled,
     enable_gradient_checkpointing,
     load_model,
     load_tokenizer,
@@ -163,7 +166,7 @@ class GRPOTrainer:
         self.rewards: list[RewardSpec] = reward_specs(reward_funcs, args.reward_weights, args.alpha)
         self._setup_dataset(train_dataset)
         self.max_prompt_length = prompt_length_limit(self.model, args.max_prompt_length, args.max_completion_length)
-        self.bf16 = self._resolve_bf16()
+        self.bf16 = bf16_enabled(args.bf16, self.device)
         self.ref_model = reference_model(self.model, ref_model, args.beta, self.device)
         self._setup_logprobs()
         self.max_steps = self._total_steps()
@@ -206,11 +209,6 @@ class GRPOTrainer:
             len(dataset), self.prompts_per_process * self.dist.world, self.args.seed, self.args.shuffle_dataset
         )
 
-    def _resolve_bf16(self) -> bool:
-        if self.args.bf16 is None:
-            return self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return bool(self.args.bf16)
-
     def _setup_logprobs(self) -> None:
         """The log-prob modules of the policy and the reference, and the one training goes through
         (the policy's, DDP-wrapped or FSDP2-sharded when several processes share the run)."""
@@ -223,25 +221,13 @@ class GRPOTrainer:
         if args.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
         options = dict(temperature=args.temperature, fused_head=args.use_fused_lm_head, backend=self.backend)
-        self.fused_loss, self.loss_path = self._loss_path()
+        self.fused_loss, self.loss_path = loss_path(args.use_fused_lm_head, self.backend, self.device)
         self.objective = GrpoObjective.from_config(args)  # the loss options, once, whichever op runs
         self.logprobs = CompletionLogprobs(self.model, **options)
         self.ref_logprobs = None if self.ref_model is None else CompletionLogprobs(self.ref_model, **options)
         # parameter names before sharding, to re-point an optimizer the caller built on them
         self._names_before_sharding = {id(p): name for name, p in self.model.named_parameters()}
         self.train_logprobs: nn.Module = distribute(self.logprobs, self.ref_logprobs, self.dist, fsdp=self.fsdp)
-
-    def _loss_path(self) -> tuple[bool, str]:
-        """Whether the update runs ``ops.linear_grpo_loss`` (the fused LM head + GRPO loss: the default
-        whenever the fused head is allowed and the op has the chosen backend), and the path's name for the log."""
-        if not self.args.use_fused_lm_head:
-            return False, "logits LM head (token_logprobs + grpo_loss)"
-        fused_op = "linear_grpo_loss"
-        backend = self.backend or _backend.default_backend(fused_op, self.device)
-        problem = _backend.why_unavailable(backend, self.device, fused_op)
-        if problem is None:
-            return True, "fused LM head + GRPO loss (linear_grpo_loss)"
-        return False, f"fused LM head (linear_token_logprobs + grpo_loss; not linear_grpo_loss: {problem})"
 
     def _setup_sampler(self):
         from ..sampling.sampler import SteeringSampler
