@@ -196,7 +196,7 @@ def test_rows_do_not_depend_on_slots(qwen, tokenizer, cache):
 
 
 def test_static_cache_compacts_and_grows_when_full(qwen, tokenizer, monkeypatch):
-    import gtalign_fast.sampling.sampler as sampler_module
+    import gtalign_fast.sampling.engine as engine
     import gtalign_fast.sampling.static_cache as static_cache
 
     made = []
@@ -212,8 +212,8 @@ def test_static_cache_compacts_and_grows_when_full(qwen, tokenizer, monkeypatch)
             self.compactions += compacted
             return compacted
 
-    monkeypatch.setattr(sampler_module, "ROOM", 0)  # capacity: longest prompt + max_new_tokens, no room
-    monkeypatch.setattr(sampler_module, "StaticKV", Spy)
+    monkeypatch.setattr(engine, "ROOM", 0)  # capacity: longest prompt + max_new_tokens, no room
+    monkeypatch.setattr(engine, "StaticKV", Spy)
     expected = _generate(qwen, tokenizer, "dynamic", steer="off")
     _same(expected, _generate(qwen, tokenizer, "static", slots=2, steer="off"), atol=1e-4)  # 3 waves: compacts
     _same(expected, _generate(qwen, tokenizer, "static", steer="off"), atol=1e-4)  # re-fed blocks: grows
@@ -257,12 +257,12 @@ def _model_with_attention(tokenizer, attention):
 
 
 def test_cpu_never_takes_the_graph(qwen, tokenizer, monkeypatch):
-    import gtalign_fast.sampling.sampler as sampler_module
+    import gtalign_fast.sampling.engine as engine
 
     def refuse(*args, **kwargs):
         raise AssertionError("the CUDA graph step was built on CPU")
 
-    monkeypatch.setattr(sampler_module, "GraphedDecodeStep", refuse)
+    monkeypatch.setattr(engine, "GraphedDecodeStep", refuse)
     out = SteeringSampler(qwen, tokenizer, mode="off", cache="static").generate(["a", "bc"], max_new_tokens=3, seed=0)
     assert all(len(ids) == 3 for ids in out.completion_ids)
 
@@ -270,12 +270,12 @@ def test_cpu_never_takes_the_graph(qwen, tokenizer, monkeypatch):
 def test_sync_checks_keep_the_graph_off(qwen, tokenizer, monkeypatch):
     """GTALIGN_FAST_SYNC_CHECKS reads the error flag after every launch: a host sync, which a CUDA
     graph capture refuses, so the decode step stays eager."""
-    import gtalign_fast.sampling.sampler as sampler_module
+    import gtalign_fast.sampling.engine as engine
     from gtalign_fast.ops._device_checks import sync_checks
 
     built = []
-    monkeypatch.setattr(sampler_module, "graph_supported", lambda device: True)
-    monkeypatch.setattr(sampler_module, "GraphedDecodeStep", lambda *args: built.append(args))
+    monkeypatch.setattr(engine, "graph_supported", lambda device: True)
+    monkeypatch.setattr(engine, "GraphedDecodeStep", lambda *args: built.append(args))
     sampler = SteeringSampler(qwen, tokenizer, mode="off", cache="static")
     with sync_checks():
         out = sampler.generate(["a", "bc"], max_new_tokens=3, seed=0)
@@ -370,7 +370,7 @@ def test_graph_step_logic_on_cpu_equals_the_eager_step(qwen, tokenizer, monkeypa
     CPU in place of capture / replay: the same rows as the eager static path, re-fed blocks,
     refills, compaction and steering included."""
     import gtalign_fast.sampling.decode_graph as decode_graph
-    import gtalign_fast.sampling.sampler as sampler_module
+    import gtalign_fast.sampling.engine as engine
 
     replays = []
 
@@ -385,9 +385,9 @@ def test_graph_step_logic_on_cpu_equals_the_eager_step(qwen, tokenizer, monkeypa
         def _wait(self):
             pass
 
-    monkeypatch.setattr(sampler_module, "graph_supported", lambda device: True)
-    monkeypatch.setattr(sampler_module, "GraphedDecodeStep", Uncaptured)
-    monkeypatch.setattr(sampler_module, "ROOM", 0)  # compaction / growth between replays
+    monkeypatch.setattr(engine, "graph_supported", lambda device: True)
+    monkeypatch.setattr(engine, "GraphedDecodeStep", Uncaptured)
+    monkeypatch.setattr(engine, "ROOM", 0)  # compaction / growth between replays
     for steer, slots in (("force", None), ("bias", 2)):
         eager = _generate(qwen, tokenizer, "static", slots=slots, steer=steer, graph=False)
         before = len(replays)
