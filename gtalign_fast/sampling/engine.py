@@ -10,6 +10,7 @@ step is a CUDA graph (``decode_graph.py``). The row's text is followed increment
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections import deque
 
@@ -18,6 +19,7 @@ import torch
 from ..ops import _device_checks
 from .decode_graph import GraphedDecodeStep, graph_supported
 from .detokenize import IncrementalText, TagScanner, TokenTextCache
+from .fast_decode import DecodeLinears
 from .payoff_edit import CLOSE_TAG
 from .rows import _Row
 from .static_cache import ROOM, DynamicKV, StaticKV
@@ -34,6 +36,13 @@ class DecodeEngine:
         if isinstance(prompt, str):
             return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
         return [int(t) for t in prompt]
+
+    def _decode_linears(self):
+        """While decoding on the CPU with ``decode_kernel``: the model's linear layers on the decode
+        kernel (``fast_decode.py``); else nothing changes."""
+        if self.decode_kernel and self._device().type == "cpu":
+            return DecodeLinears(getattr(self.model, "module", self.model))
+        return contextlib.nullcontext()
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device

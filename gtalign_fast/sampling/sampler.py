@@ -23,7 +23,7 @@ After an edit the row's state is exactly that of a fresh forward over the edited
 next-token logits against such a fresh forward. Every row samples with its own seed stream (a row
 seed mixed with the row's step count), so a row draws the same tokens alone or in any batch.
 
-Speed without changing a token (``cache``, ``cuda_graph``, ``generate(slots=...)``):
+Speed without changing a token (``cache``, ``cuda_graph``, ``decode_kernel``, ``generate(slots=...)``):
 
 - the row's text is followed incrementally (``detokenize.py``): tags and stop strings are looked
   for in the new token's text, never by decoding the whole row;
@@ -33,6 +33,10 @@ Speed without changing a token (``cache``, ``cuda_graph``, ``generate(slots=...)
 - on CUDA the one-token step (forward + ``sample_`` with the rows' Philox seeds) is a CUDA graph
   (``decode_graph.py``) replayed every plain step; prefill, refills, re-fed payoff blocks and
   biased draws run eagerly; the tokens come back through a pinned buffer once per step;
+- on the CPU the decode steps run the model's float32 linear layers and LM head through
+  :func:`gtalign_fast.ops.decode_linear` (``fast_decode.py``): a kernel that streams each weight
+  once for the few rows of a decode step, where PyTorch's BLAS path reads them at a third of the
+  memory bandwidth;
 - with ``slots``, at most that many rows decode at once and a finished row's lane takes the next
   waiting row (its prompt prefilled into the lane's columns), so rows of mixed lengths do not
   keep finished rows in the batch.
@@ -71,6 +75,7 @@ import torch
 from ..game.pricing import PricingPolicy
 from .draw import Draw
 from .engine import DecodeEngine
+from .fast_decode import decode_kernel_unavailable
 from .payoff_edit import PayoffEdit
 from .reference_call import ACTION_INSTRUCTIONS, ReferenceCall
 from .rows import GenerationOutput, SteeringEvent, _Row
@@ -120,6 +125,12 @@ class SteeringSampler(DecodeEngine, Draw, PayoffEdit, AnalyzeSteering, Reference
     cuda_graph : bool
         On CUDA with the static cache, replay the one-token decode step (forward + ``sample_``)
         as a CUDA graph (``decode_graph.py``); False: eager steps. Never used on CPU.
+    decode_kernel : bool, optional
+        On the CPU, run decode-shaped calls (at most 16 rows) of the model's float32 ``nn.Linear``
+        layers through :func:`gtalign_fast.ops.decode_linear` while decoding (``fast_decode.py``).
+        None (default): where the compiled extension is built; True: required (an error names why
+        it cannot run); False: never. The tokens are the same either way (the products agree to
+        float32 rounding).
     """
 
     def __init__(
@@ -138,6 +149,7 @@ class SteeringSampler(DecodeEngine, Draw, PayoffEdit, AnalyzeSteering, Reference
         steer_template: str = "{key}",
         cache: str = "auto",
         cuda_graph: bool = True,
+        decode_kernel: bool | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"SteeringSampler: mode must be one of {MODES}, got {mode!r}")
@@ -148,6 +160,11 @@ class SteeringSampler(DecodeEngine, Draw, PayoffEdit, AnalyzeSteering, Reference
             raise ValueError(f"SteeringSampler: cache='static' cannot run this model: {self._static_unsupported}")
         self.cache = cache
         self.cuda_graph = bool(cuda_graph)
+        if decode_kernel is not None and not isinstance(decode_kernel, bool):
+            raise TypeError(f"SteeringSampler: decode_kernel must be a bool or None, got {decode_kernel!r}")
+        if decode_kernel and decode_kernel_unavailable():
+            raise RuntimeError(f"SteeringSampler: decode_kernel=True, but {decode_kernel_unavailable()}")
+        self.decode_kernel = decode_kernel_unavailable() is None if decode_kernel is None else decode_kernel
         _check_steering(mode, steer_analyze, steer_strength, steer_template)
         if policy is not None and not isinstance(policy, PricingPolicy):
             raise TypeError(f"SteeringSampler: policy must be a PricingPolicy or None, got {type(policy).__name__}")
@@ -233,9 +250,10 @@ class SteeringSampler(DecodeEngine, Draw, PayoffEdit, AnalyzeSteering, Reference
         ]
         settings = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         stop_at_payoff = self.mode == "reference"
-        prefilled = self._decode_rows(rows, max_new_tokens, settings, keep_edit_logits, stop_at_payoff, slots)
-        if self.mode == "reference":
-            prefilled += self._reask(rows, max_new_tokens, settings, slots)
+        with self._decode_linears():
+            prefilled = self._decode_rows(rows, max_new_tokens, settings, keep_edit_logits, stop_at_payoff, slots)
+            if self.mode == "reference":
+                prefilled += self._reask(rows, max_new_tokens, settings, slots)
         return self._output(rows, prefilled)
 
 
