@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from gtalign_fast.sampling.detokenize import IncrementalText, TagScanner
+from gtalign_fast.sampling.fast_decode import decode_kernel_unavailable
 from gtalign_fast.sampling.sampler import SteeringSampler
 
 transformers = pytest.importorskip("transformers")
@@ -153,12 +154,12 @@ def _rows(tokenizer):
             ("Q: again, the edit", _chain(tokenizer, "a longer thought")), ("Q: s", stop), ("Hi", None)]
 
 
-def _generate(model, tokenizer, cache, slots=None, steer="force", graph=True, **kwargs):
+def _generate(model, tokenizer, cache, slots=None, steer="force", graph=True, kernel=None, **kwargs):
     from tests.test_sampler import POLICY
 
     rows = _rows(tokenizer)
     sampler = SteeringSampler(model, tokenizer, policy=POLICY, mode="rewrite", steer_analyze=steer, cache=cache,
-                              stop_strings=("END",), cuda_graph=graph)
+                              stop_strings=("END",), cuda_graph=graph, decode_kernel=kernel)
     settings = dict(max_new_tokens=len(_chain(tokenizer, "a longer thought")) + 6, temperature=0.9, top_p=0.95,
                     seed=[11, 12, 13, 14, 15, 16], forced_tokens=[s for _, s in rows], keep_edit_logits=True)
     settings.update(kwargs)
@@ -176,6 +177,37 @@ def test_static_cache_samples_what_the_dynamic_cache_samples(qwen, tokenizer):
     for a, b in zip(dynamic.events, static.events):  # float32 logits right after each edit
         if a.next_logits is not None:
             torch.testing.assert_close(b.next_logits, a.next_logits, atol=1e-5, rtol=1e-5)
+
+
+def _decode_kernel_calls(run):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as trace:
+        result = run()
+    return result, sum(e.count for e in trace.key_averages() if e.key == "gtalign_fast_C::decode_linear")
+
+
+@pytest.mark.skipif(decode_kernel_unavailable() is not None, reason=str(decode_kernel_unavailable()))
+@pytest.mark.parametrize("cache, slots", [("static", None), ("dynamic", 2)])
+def test_the_decode_kernel_samples_what_f_linear_samples(qwen, tokenizer, cache, slots):
+    """On the CPU the decode steps' linear layers run ops.decode_linear (another summation order):
+    the same tokens, edits, steering and finish reasons for the same seeds, log-probs and the logits
+    after each edit within 1e-5; the kernel ran on the plain steps and not with decode_kernel=False."""
+    plain, calls = _decode_kernel_calls(lambda: _generate(qwen, tokenizer, cache, slots=slots, kernel=False))
+    assert calls == 0
+    fast, calls = _decode_kernel_calls(lambda: _generate(qwen, tokenizer, cache, slots=slots, kernel=True))
+    assert calls > 20
+    assert [e.status for e in plain.events].count("edited") == 2
+    _same(plain, fast)
+    for a, b in zip(plain.events, fast.events):
+        if a.next_logits is not None:
+            torch.testing.assert_close(b.next_logits, a.next_logits, atol=1e-5, rtol=1e-5)
+    assert all("forward" not in m.__dict__ for m in qwen.modules())  # the model is restored
+
+
+def test_bad_decode_kernel_setting(qwen, tokenizer):
+    with pytest.raises(TypeError, match="decode_kernel"):
+        SteeringSampler(qwen, tokenizer, decode_kernel="yes")
+    assert SteeringSampler(qwen, tokenizer, decode_kernel=False).decode_kernel is False
+    assert SteeringSampler(qwen, tokenizer).decode_kernel is (decode_kernel_unavailable() is None)
 
 
 @pytest.mark.parametrize("cache", ["static", "dynamic"])
