@@ -39,10 +39,16 @@ def _linear_layers(model: Any) -> list[torch.nn.Linear]:
             and module.weight.stride(-1) == 1 and "forward" not in module.__dict__]
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def _decode_forward(kernel, layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The kernel for a decode-shaped float32 call without grad or autocast on plain tensors (FSDP's
+    DTensor shards and tensor subclasses keep ``F.linear``), else ``F.linear``."""
     rows = x.numel() // max(1, x.shape[-1])
     if (1 <= rows <= MAX_ROWS and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu")):
+            and not torch.is_autocast_enabled("cpu") and type(x) in _PLAIN and type(layer.weight) in _PLAIN
+            and x.device.type == "cpu"):
         out = kernel(x.reshape(rows, x.shape[-1]), layer.weight, layer.bias)
         return out.view(*x.shape[:-1], out.shape[-1])
     return torch.nn.functional.linear(x, layer.weight, layer.bias)
