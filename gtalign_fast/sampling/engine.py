@@ -21,7 +21,7 @@ from .decode_graph import GraphedDecodeStep, graph_supported
 from .detokenize import IncrementalText, TagScanner, TokenTextCache
 from .fast_decode import DecodeLinears
 from .payoff_edit import CLOSE_TAG
-from .rows import _Row
+from .rows import RowState
 from .static_cache import ROOM, DynamicKV, StaticKV
 
 __all__ = ["DecodeEngine"]
@@ -87,7 +87,7 @@ class DecodeEngine:
         # thread) than the DynamicCache, whose concatenation copies the whole cache every step.
         return not self._static_unsupported
 
-    def _decode_rows(self, rows: list[_Row], max_new_tokens: int, settings: dict, keep_edit_logits: bool,
+    def _decode_rows(self, rows: list[RowState], max_new_tokens: int, settings: dict, keep_edit_logits: bool,
                      stop_at_payoff: bool, slots: int | None = None) -> int:
         """Run the decoding loop on ``rows`` in place; returns the tokens prefilled.
 
@@ -216,7 +216,7 @@ class DecodeEngine:
         tokens, raw = graph(feed, positions, fed, seeds, forced)
         return tokens, raw, steered
 
-    def _prompt_batch(self, rows: list[_Row], width: int, device: torch.device):
+    def _prompt_batch(self, rows: list[RowState], width: int, device: torch.device):
         """Left-padded prompts ``[n, width]``, their mask and positions (0 on the padding)."""
         feed = [[self.pad_id] * (width - len(r.prompt_ids)) + list(r.prompt_ids) for r in rows]
         mask = [[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows]
@@ -237,7 +237,7 @@ class DecodeEngine:
         return sum(len(row.prompt_ids) for row in rows)
 
     @staticmethod
-    def _renumber_columns(lane_rows: list[_Row]) -> None:
+    def _renumber_columns(lane_rows: list[RowState]) -> None:
         """After a compaction lane ``l``'s ``k``-th visible column is column ``k``: the prompt comes
         first, then the row's fed tokens in order."""
         for row in lane_rows:
@@ -247,7 +247,7 @@ class DecodeEngine:
                     row.slots[i] = column
                     column += 1
 
-    def _check_finished(self, row: _Row, token: int, max_new_tokens: int) -> None:
+    def _check_finished(self, row: RowState, token: int, max_new_tokens: int) -> None:
         if row.finished is not None:
             return
         if token in self.eos_ids:
@@ -260,13 +260,13 @@ class DecodeEngine:
     # -----------------------------------------------------------------------------------------
     # The row's text, followed token by token
 
-    def _needs_text(self, row: _Row) -> bool:
+    def _needs_text(self, row: RowState) -> bool:
         """Whether anything still reads the row's text: stop strings, the payoff detector, or
         analyze steering that has not finished."""
         return bool(self.stop_strings) or (self.mode != "off" and not row.payoff_done) or (
             row.steer is not None and row.steer.state != "done")
 
-    def _push_text(self, row: _Row) -> None:
+    def _push_text(self, row: RowState) -> None:
         """Follow the row's text after a token was appended (O(1) tokenizer work, see detokenize)."""
         if row.text is None:
             if not self._needs_text(row):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ..game.chain import format_payoff, parse_payoff
 from ..game.pricing import choose_action
-from .rows import SteeringEvent, _Row
+from .rows import RowState, SteeringEvent
 
 __all__ = ["PayoffEdit", "OPEN_TAG", "CLOSE_TAG"]
 
@@ -17,7 +17,7 @@ class PayoffEdit:
     """The payoff half of :class:`~gtalign_fast.sampling.sampler.SteeringSampler` (a mixin: it reads
     the sampler's ``tokenizer``, ``policy``, ``rule`` and ``mode``)."""
 
-    def _detect(self, r: int, row: _Row, stop_at_payoff: bool):
+    def _detect(self, r: int, row: RowState, stop_at_payoff: bool):
         """Return ``(tail_ids, start)`` when this row's payoff must be rewritten now, else None."""
         if row.payoff_done or self.mode == "off":
             return None
@@ -76,7 +76,7 @@ class PayoffEdit:
                 lo = mid + 1
         return lo
 
-    def _replace_tail(self, row: _Row, start: int, tail_ids: list[int]) -> None:
+    def _replace_tail(self, row: RowState, start: int, tail_ids: list[int]) -> None:
         """Drop visible tokens from ``start`` (their cache columns get hidden after the next
         forward) and append the re-fed tail, whose positions continue from the old block's start."""
         row.hide = [s for s in row.slots[start:] if s >= 0]

@@ -5,7 +5,7 @@ instruction for that action (a second prefill)."""
 from __future__ import annotations
 
 from ..ops._seeds import signed64, splitmix64
-from .rows import _Row
+from .rows import RowState
 
 __all__ = ["ReferenceCall", "ACTION_INSTRUCTIONS"]
 
@@ -23,8 +23,8 @@ class ReferenceCall:
     """The second call of mode ``"reference"`` (a mixin of
     :class:`~gtalign_fast.sampling.sampler.SteeringSampler`)."""
 
-    def _reask(self, rows: list[_Row], max_new_tokens: int, settings: dict, slots: int | None) -> int:
-        second: list[tuple[int, _Row]] = []
+    def _reask(self, rows: list[RowState], max_new_tokens: int, settings: dict, slots: int | None) -> int:
+        second: list[tuple[int, RowState]] = []
         for r, row in enumerate(rows):
             event = row.event
             if row.finished != "payoff" or event is None or event.action is None:
@@ -32,7 +32,8 @@ class ReferenceCall:
             instruction = self.action_instructions[event.action.action]
             prompt_text = self.tokenizer.decode(row.prompt_ids) + "\n" + instruction + "\n"
             new_prompt = self._encode(prompt_text)
-            second.append((r, _Row(prompt_ids=new_prompt, seed=signed64(splitmix64(row.seed)), forced=None, index=r)))
+            seed = signed64(splitmix64(row.seed))
+            second.append((r, RowState(prompt_ids=new_prompt, seed=seed, forced=None, index=r)))
             event.status, event.reason = "reasked", f"second call with the {event.action.action} instruction"
             event.tokens_refed = len(new_prompt)
         if not second:

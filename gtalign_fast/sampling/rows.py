@@ -1,6 +1,6 @@
 """The sampler's records: what :meth:`SteeringSampler.generate` returns (:class:`GenerationOutput`,
-one :class:`SteeringEvent` per row) and the per-row decoding state the engine keeps (``_Row``,
-``_Steer``)."""
+one :class:`SteeringEvent` per row) and the per-row decoding state the engine keeps (``RowState``,
+``SteerState``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from ..game.pricing import ActionChoice
 from .detokenize import IncrementalText, TagScanner
 
-__all__ = ["SteeringEvent", "GenerationOutput"]
+__all__ = ["SteeringEvent", "GenerationOutput", "RowState", "SteerState"]
 
 
 @dataclass
@@ -98,7 +98,7 @@ class GenerationOutput:
 
 
 @dataclass
-class _Steer:
+class SteerState:
     """Analyze steering of one edited row: aim at ``ids`` once ``<analyze>`` opens."""
 
     ids: list[int]
@@ -114,7 +114,9 @@ class _Steer:
 
 
 @dataclass
-class _Row:
+class RowState:
+    """One row's decoding state in the engine (its tokens, cache columns, text and steering)."""
+
     prompt_ids: list[int]
     seed: int
     forced: list[int] | None
@@ -127,7 +129,7 @@ class _Row:
     payoff_done: bool = False
     event: SteeringEvent | None = None
     hide: list[int] = field(default_factory=list)  # cache columns to hide before the next forward
-    steer: _Steer | None = None  # analyze steering after an edit
+    steer: SteerState | None = None  # analyze steering after an edit
     index: int = 0  # the row's place in the output
     text: IncrementalText | None = None  # the completion's text, followed token by token while needed
     payoff_scan: TagScanner | None = None  # looks for </payoff>

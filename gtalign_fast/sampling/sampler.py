@@ -78,9 +78,9 @@ from .engine import DecodeEngine
 from .fast_decode import decode_kernel_unavailable
 from .payoff_edit import PayoffEdit
 from .reference_call import ACTION_INSTRUCTIONS, ReferenceCall
-from .rows import GenerationOutput, SteeringEvent, _Row
+from .rows import GenerationOutput, RowState, SteeringEvent
 from .static_cache import static_cache_support
-from .steering import AnalyzeSteering, _check_steering
+from .steering import AnalyzeSteering, check_steering_options
 
 __all__ = ["SteeringSampler", "SteeringEvent", "GenerationOutput", "ACTION_INSTRUCTIONS"]
 
@@ -165,7 +165,7 @@ class SteeringSampler(DecodeEngine, Draw, PayoffEdit, AnalyzeSteering, Reference
         if decode_kernel and decode_kernel_unavailable():
             raise RuntimeError(f"SteeringSampler: decode_kernel=True, but {decode_kernel_unavailable()}")
         self.decode_kernel = decode_kernel_unavailable() is None if decode_kernel is None else decode_kernel
-        _check_steering(mode, steer_analyze, steer_strength, steer_template)
+        check_steering_options(mode, steer_analyze, steer_strength, steer_template)
         if policy is not None and not isinstance(policy, PricingPolicy):
             raise TypeError(f"SteeringSampler: policy must be a PricingPolicy or None, got {type(policy).__name__}")
         self.model = model
@@ -245,7 +245,7 @@ class SteeringSampler(DecodeEngine, Draw, PayoffEdit, AnalyzeSteering, Reference
                 f"SteeringSampler.generate: forced_tokens has {len(forced_tokens)} entries for {n_rows} rows"
             )
         rows = [
-            _Row(prompt_ids=ids, seed=s, forced=None if forced_tokens is None else forced_tokens[r], index=r)
+            RowState(prompt_ids=ids, seed=s, forced=None if forced_tokens is None else forced_tokens[r], index=r)
             for r, (ids, s) in enumerate(zip(prompt_ids, seeds))
         ]
         settings = dict(temperature=temperature, top_k=top_k, top_p=top_p)
@@ -257,7 +257,7 @@ class SteeringSampler(DecodeEngine, Draw, PayoffEdit, AnalyzeSteering, Reference
         return self._output(rows, prefilled)
 
 
-    def _output(self, rows: list[_Row], prefilled: int) -> GenerationOutput:
+    def _output(self, rows: list[RowState], prefilled: int) -> GenerationOutput:
         events = []
         for r, row in enumerate(rows):
             if row.event is None:

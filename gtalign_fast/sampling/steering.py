@@ -8,15 +8,15 @@ import math
 import numbers
 
 from .detokenize import TagScanner
-from .rows import _Row, _Steer
+from .rows import RowState, SteerState
 
-__all__ = ["AnalyzeSteering", "STEER_MODES"]
+__all__ = ["AnalyzeSteering", "STEER_MODES", "check_steering_options"]
 
 STEER_MODES = ("off", "bias", "force")
 OPEN_ANALYZE, CLOSE_ANALYZE = "<analyze>", "</analyze>"
 
 
-def _check_steering(mode: str, steer_analyze, steer_strength, steer_template) -> None:
+def check_steering_options(mode: str, steer_analyze, steer_strength, steer_template) -> None:
     if steer_analyze not in STEER_MODES:
         raise ValueError(f"SteeringSampler: steer_analyze must be one of {STEER_MODES}, got {steer_analyze!r}")
     if steer_analyze != "off" and mode != "rewrite":
@@ -42,7 +42,7 @@ class AnalyzeSteering:
     """The steering half of :class:`~gtalign_fast.sampling.sampler.SteeringSampler` (a mixin: it
     reads the sampler's ``tokenizer``, ``steer_analyze`` and ``steer_template``)."""
 
-    def _start_steering(self, row: _Row, start: int) -> None:
+    def _start_steering(self, row: RowState, start: int) -> None:
         """Arm steering on a row just edited; ``start`` is where its re-fed tail begins."""
         action = row.event.action
         if self.steer_analyze == "off" or action is None:
@@ -52,12 +52,12 @@ class AnalyzeSteering:
         if not ids:
             raise ValueError(f"SteeringSampler: the steering text {text!r} encodes to no tokens")
         text_from = len(self.tokenizer.decode(row.ids[:start]))
-        row.steer = _Steer(ids=ids, search_from=start, text_from=text_from,
+        row.steer = SteerState(ids=ids, search_from=start, text_from=text_from,
                            open_scan=TagScanner(OPEN_ANALYZE, text_from))
         row.event.steer_ids = list(ids)
         self._look_for_analyze(row)  # the re-fed tail may already hold <analyze>
 
-    def _look_for_analyze(self, row: _Row) -> None:
+    def _look_for_analyze(self, row: RowState) -> None:
         """Move a row's steering on when ``<analyze>`` opens (start) or ``</analyze>`` closes (stop)."""
         steer = row.steer
         text, committed = row.text.text, row.text.committed_length
@@ -71,7 +71,7 @@ class AnalyzeSteering:
         elif steer.state == "waiting":
             steer.state = steer.status = "active"
 
-    def _follow_steering(self, row: _Row, token: int, steered: bool) -> None:
+    def _follow_steering(self, row: RowState, token: int, steered: bool) -> None:
         """Update a row's steering after its draw ``token`` (``steered``: the draw was forced/biased)."""
         steer = row.steer
         if steer is None or steer.state == "done":
