@@ -141,3 +141,39 @@ def test_decode_linears_route_small_inputs_to_the_kernel_and_restore_the_model()
     with DecodeLinears(model):  # grad mode on: F.linear, which has a gradient
         model(small).sum().backward()
     assert model[0].weight.grad is not None
+
+
+_ISA_SCRIPT = """
+import torch
+from gtalign_fast import ops, reference
+for m in range(1, 17):
+    for k, n in ((1, 3), (7, 5), (17, 33), (100, 9)):
+        g = torch.Generator().manual_seed(m * 100 + k)
+        x, w, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+        for bias in (b, None):
+            out = ops.decode_linear(x, w, bias, backend="cpu")
+            torch.testing.assert_close(out.double(), reference.decode_linear(x, w, bias), atol=1e-5, rtol=1e-5)
+print("ok")
+"""
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_every_instruction_set_path_matches_the_reference(isa):
+    """The kernel picks its instruction set at run time (AVX-512 here); GTALIGN_FAST_DECODE_LINEAR_ISA
+    forces the others, in a fresh process (the choice is made once per process)."""
+    import os
+    import subprocess
+    import sys
+
+    cpu_flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if isa == "avx2" and " avx2 " not in cpu_flags:
+        pytest.skip("this CPU has no AVX2")
+    env = {**os.environ, "GTALIGN_FAST_DECODE_LINEAR_ISA": isa, "GTALIGN_FAST_POISON": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout's gtalign_fast
+    done = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=root)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+    bad = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env={**env, "GTALIGN_FAST_DECODE_LINEAR_ISA": "sse9"},
+                         capture_output=True, text=True, timeout=300, cwd=root)
+    assert bad.returncode != 0 and "must be avx512, avx2 or scalar" in bad.stderr
