@@ -5,7 +5,8 @@ each weight once and does 2 flops per weight per row, so it is a stream over the
 floor is the memory bandwidth. PyTorch's CPU linear reads them at about a third of that at 8 rows
 (issue 24: [8, 576] x [576, 1536] in 284 us, 12.5 GB/s); the C++ kernel
 (``csrc/cpu/decode_linear.cpp``) streams each weight row once with AVX-512 (AVX2, plain C++:
-chosen at run time) and is what the sampler's CPU decode step uses for the model's linear layers
+chosen at run time; ``GTALIGN_FAST_DECODE_LINEAR_ISA=avx2|scalar`` forces one, read once per
+process) and is what the sampler's CPU decode step uses for the model's linear layers
 and LM head (``gtalign_fast/sampling/fast_decode.py``).
 
 Not differentiable (a decode step runs without gradients: the public function refuses inputs that
