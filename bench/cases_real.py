@@ -6,14 +6,18 @@ package every row says "not installed". On CUDA the weights are the same (bf16 a
 
 Rows (every provider on the same model, prompts, lengths and sampling settings):
 
-- ``real_generation``: ``SteeringSampler`` (mode rewrite and off, static and dynamic KV cache) vs
-  transformers' ``generate``; 8 chat prompts that ask for long answers x 64 new tokens at
-  temperature 1. ``tokens_per_s`` counts the tokens actually produced (HF: ``min_new_tokens``
-  keeps every row to 64; ours stop at EOS, which these prompts rarely reach).
+- ``real_generation``: ``SteeringSampler`` (mode rewrite and off, static and dynamic KV cache; on the
+  CPU also without the decode kernel, ``no-kernel``) vs transformers' ``generate``; 8 chat prompts
+  that ask for long answers x 64 new tokens at temperature 1. ``tokens_per_s`` counts the tokens
+  actually produced (HF: ``min_new_tokens`` keeps every row to 64; ours stop at EOS, which these
+  prompts rarely reach).
 - ``real_decode_step``: one decode step of 8 rows vs its floor, reading the float32 weights once
   (``model_bytes / copy_GBps``, the copy bandwidth measured in the same run). Ours: the
-  difference of two generation lengths (64 and 16 new tokens) over the 48 extra steps; HF: one
-  forward of 8 new tokens on a cache of the prompt (what ``generate`` does per step).
+  difference of two generation lengths (64 and 16 new tokens) over the 48 extra steps, with the
+  decode kernel (``ops.decode_linear`` for the linear layers, the sampler's CPU default) and
+  without it (``decode_kernel=False``), measured interleaved in one process (``*_no_kernel``
+  fields: medians over the rounds); HF: one forward of 8 new tokens on a cache of the prompt (what
+  ``generate`` does per step). No step is compiled (``compile_s`` is 0: the step runs eagerly).
 - ``real_grpo_step``: one GRPO step of ``GRPOTrainer`` vs TRL's ``GRPOTrainer``: 2 prompts x 4
   generations x 32 new tokens, ``loss_type="dapo"``, ``beta=0``, AdamW, gradient checkpointing.
   Ours reports its generation / scoring / update split (``time/*`` of the step's metrics); TRL's
@@ -84,12 +88,12 @@ def model_bytes(model) -> int:
 # Generation
 
 
-def _sampler_generate(device, mode: str, cache: str, extra: dict):
+def _sampler_generate(device, mode: str, cache: str, extra: dict, kernel: bool | None = None):
     def make():
         from gtalign_fast.sampling.sampler import SteeringSampler
 
         tokenizer = realmodel.tokenizer()
-        sampler = SteeringSampler(_model(device), tokenizer, mode=mode, cache=cache)
+        sampler = SteeringSampler(_model(device), tokenizer, mode=mode, cache=cache, decode_kernel=kernel)
         prompts = _chat_prompts(tokenizer, 8)
         rates: list[float] = []
 
@@ -146,32 +150,52 @@ def _floor(model, device, extra: dict, step_seconds: float) -> None:
                  copy_GBps=bandwidth / 1e9, model_MB=model_bytes(model) / 1e6)
 
 
-def _our_decode_step(device, extra: dict):
+def _step_seconds(sampler, prompts, device) -> float:
+    """One decode step: the time of NEW_TOKENS minus SHORT_TOKENS new tokens over the extra steps."""
+    seconds, steps = {}, {}
+    for new_tokens in (SHORT_TOKENS, NEW_TOKENS):
+        _sync(device)
+        begin = time.perf_counter()
+        with torch.no_grad(), _autocast(device):
+            out = sampler.generate(prompts, max_new_tokens=new_tokens, temperature=1.0, seed=0)
+        _sync(device)
+        seconds[new_tokens] = time.perf_counter() - begin
+        steps[new_tokens] = max(len(ids) for ids in out.completion_ids)
+    return (seconds[NEW_TOKENS] - seconds[SHORT_TOKENS]) / max(1, steps[NEW_TOKENS] - steps[SHORT_TOKENS])
+
+
+def _our_decode_step(device, extra: dict, rounds: int = 3):
     def make():
         from gtalign_fast.sampling.sampler import SteeringSampler
 
         tokenizer = realmodel.tokenizer()
         model = _model(device)
-        sampler = SteeringSampler(model, tokenizer, mode="off")
         prompts = _chat_prompts(tokenizer, 8)
+        kernel = device.type == "cpu" and SteeringSampler(model, tokenizer).decode_kernel
+        samplers = {"": SteeringSampler(model, tokenizer, mode="off")}
+        if kernel:  # A/B in one process, interleaved: the machine's load hits both alike
+            samplers["_no_kernel"] = SteeringSampler(model, tokenizer, mode="off", decode_kernel=False)
+        for sampler in samplers.values():
+            _step_seconds(sampler, prompts, device)  # warm-up
+        steps = {name: [] for name in samplers}
+        for _ in range(rounds):
+            for name, sampler in samplers.items():
+                steps[name].append(_step_seconds(sampler, prompts, device))
+        step = statistics.median(steps[""])
+        _floor(model, device, extra, step)
+        extra.update(decode_kernel=bool(kernel), compile_s=0.0, rounds=rounds,
+                     kv_cache="static" if samplers[""]._use_static(device) else "dynamic")
+        if kernel:
+            plain = statistics.median(steps["_no_kernel"])
+            extra.update(decode_step_no_kernel_ms=plain * 1e3, step_over_floor_no_kernel=plain * 1e3 /
+                         extra["decode_floor_ms"], kernel_speedup=plain / step)
 
         @torch.no_grad()
-        def generate(new_tokens):
+        def generate():  # the timed call: the cheaper one (the step is in extra)
             with _autocast(device):
-                return sampler.generate(prompts, max_new_tokens=new_tokens, temperature=1.0, seed=0)
+                return samplers[""].generate(prompts, max_new_tokens=SHORT_TOKENS, temperature=1.0, seed=0)
 
-        seconds, steps = {}, {}
-        for new_tokens in (SHORT_TOKENS, NEW_TOKENS, SHORT_TOKENS, NEW_TOKENS):  # the second pair is warm
-            _sync(device)
-            begin = time.perf_counter()
-            out = generate(new_tokens)
-            _sync(device)
-            seconds[new_tokens] = time.perf_counter() - begin
-            steps[new_tokens] = max(len(ids) for ids in out.completion_ids)
-        step = (seconds[NEW_TOKENS] - seconds[SHORT_TOKENS]) / max(1, steps[NEW_TOKENS] - steps[SHORT_TOKENS])
-        _floor(model, device, extra, step)
-        extra["kv_cache"] = "static" if sampler._use_static(device) else "dynamic"
-        return lambda: generate(SHORT_TOKENS)  # the timed call: the cheaper one (the step is in extra)
+        return generate
 
     return make
 
@@ -375,12 +399,16 @@ def cases(device: torch.device, suite: str) -> list[Case]:
         extra = {"note": "compute_loss + backward on one fixed batch"}
         add("trl_grpo_update", provider, step_shape, None if trl_reason else _trl_update(device, fused), extra,
             trl_reason)
-    generation = [("off", "static"), None, ("rewrite", "static"), ("off", "dynamic"), ("rewrite", "dynamic"), "static"]
+    generation = [("off", "static"), None, ("off", "static", False), ("rewrite", "static"), ("off", "dynamic"),
+                  ("rewrite", "dynamic"), "static"]
     for variant in generation:  # the rows a short run must not miss first: ours, then HF's generate
         extra = {}
         if isinstance(variant, tuple):
-            add("real_generation", "gtalign_fast[{},{}]".format(*variant), gen_shape,
-                None if reason else _sampler_generate(device, *variant, extra), extra)
+            if len(variant) == 3 and device.type != "cpu":
+                continue  # the decode kernel is a CPU path
+            name = ",".join(variant[:2]) + (",no-kernel" if len(variant) == 3 else "")
+            add("real_generation", f"gtalign_fast[{name}]", gen_shape,
+                None if reason else _sampler_generate(device, variant[0], variant[1], extra, *variant[2:]), extra)
         else:
             extra["note"] = "transformers model.generate, same model, prompts, lengths and sampling"
             add("real_generation", "hf-generate" + ("" if variant is None else f"[{variant}]"), gen_shape,

@@ -31,6 +31,7 @@ __all__ = [
     "GRPO_LOSS_TYPES",
     "sample",
     "philox_uniform",
+    "decode_linear",
 ]
 
 
@@ -550,3 +551,22 @@ def linear_token_logprobs(
         hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
     )
     return token_logprobs(logits, targets, temperature, with_entropy, ignore_index)
+
+
+# ---------------------------------------------------------------------------------------------
+# decode_linear
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` in float64: the specification of :func:`gtalign_fast.ops.decode_linear`.
+
+    Parameters
+    ----------
+    x : Tensor ``[M, K]``; weight : Tensor ``[N, K]``; bias : Tensor ``[N]`` or None
+
+    Returns
+    -------
+    Tensor ``[M, N]`` float64
+    """
+    out = x.double() @ weight.double().T
+    return out if bias is None else out + bias.double()

@@ -16,6 +16,7 @@ import torch
 from gtalign_fast import GRPOConfig, GRPOTrainer
 from gtalign_fast.game.payoff import format_payoff, parse_payoff
 from gtalign_fast.game.pricing import PricingPolicy
+from gtalign_fast.sampling.fast_decode import decode_kernel_unavailable
 from gtalign_fast.sampling.sampler import SteeringSampler
 from gtalign_fast.training.model_setup import refuse_unsaveable
 from tests import realmodel
@@ -171,6 +172,24 @@ def test_rewrite_matches_a_fresh_forward_over_the_edited_text(smollm2, tokenizer
         fresh = smollm2(torch.tensor([out.prompt_ids[0] + event.edited_ids])).logits[0, -1]
     torch.testing.assert_close(event.next_logits, fresh.float(), atol=1e-4, rtol=1e-4)
     assert out.completion_ids[0][: len(event.edited_ids)] == event.edited_ids
+
+
+@needs_smollm2
+@pytest.mark.skipif(decode_kernel_unavailable() is not None, reason=str(decode_kernel_unavailable()))
+def test_the_decode_kernel_draws_the_same_tokens(smollm2, tokenizer):
+    """The CPU decode kernel (ops.decode_linear for every linear layer and the LM head of a decode
+    step) sums in another order than F.linear: on the trained weights and the 49152-token vocabulary,
+    8 chat rows x 20 new tokens at temperature 1 draw the same tokens for the same seeds, with the
+    log-probs within 1e-4 (static cache; tests/test_rollout_fast.py checks both caches on a toy model)."""
+    questions = ["Write a story about a cat.", "Explain rain.", "Name three colours.", "What is 7 * 8?",
+                 "Describe a forest.", "Give me a recipe.", "Why is the sky blue?", "Tell a joke."]
+    prompts = [tokenizer.apply_chat_template(_chat(q), tokenize=False, add_generation_prompt=True) for q in questions]
+    outs = [SteeringSampler(smollm2, tokenizer, mode="off", cache="static", decode_kernel=kernel).generate(
+        prompts, max_new_tokens=20, temperature=1.0, seed=5) for kernel in (False, True)]
+    assert outs[0].completion_ids == outs[1].completion_ids
+    assert sum(map(len, outs[0].completion_ids)) > 100  # most rows ran the whole length (8 x 20 at most)
+    for a, b in zip(outs[0].logprobs, outs[1].logprobs):
+        torch.testing.assert_close(torch.tensor(b), torch.tensor(a), atol=1e-4, rtol=0)
 
 
 @needs_smollm2

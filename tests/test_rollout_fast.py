@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from gtalign_fast.sampling.detokenize import IncrementalText, TagScanner
+from gtalign_fast.sampling.fast_decode import decode_kernel_unavailable
 from gtalign_fast.sampling.sampler import SteeringSampler
 
 transformers = pytest.importorskip("transformers")
@@ -153,12 +154,12 @@ def _rows(tokenizer):
             ("Q: again, the edit", _chain(tokenizer, "a longer thought")), ("Q: s", stop), ("Hi", None)]
 
 
-def _generate(model, tokenizer, cache, slots=None, steer="force", graph=True, **kwargs):
+def _generate(model, tokenizer, cache, slots=None, steer="force", graph=True, kernel=None, **kwargs):
     from tests.test_sampler import POLICY
 
     rows = _rows(tokenizer)
     sampler = SteeringSampler(model, tokenizer, policy=POLICY, mode="rewrite", steer_analyze=steer, cache=cache,
-                              stop_strings=("END",), cuda_graph=graph)
+                              stop_strings=("END",), cuda_graph=graph, decode_kernel=kernel)
     settings = dict(max_new_tokens=len(_chain(tokenizer, "a longer thought")) + 6, temperature=0.9, top_p=0.95,
                     seed=[11, 12, 13, 14, 15, 16], forced_tokens=[s for _, s in rows], keep_edit_logits=True)
     settings.update(kwargs)
@@ -176,6 +177,37 @@ def test_static_cache_samples_what_the_dynamic_cache_samples(qwen, tokenizer):
     for a, b in zip(dynamic.events, static.events):  # float32 logits right after each edit
         if a.next_logits is not None:
             torch.testing.assert_close(b.next_logits, a.next_logits, atol=1e-5, rtol=1e-5)
+
+
+def _decode_kernel_calls(run):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as trace:
+        result = run()
+    return result, sum(e.count for e in trace.key_averages() if e.key == "gtalign_fast_C::decode_linear")
+
+
+@pytest.mark.skipif(decode_kernel_unavailable() is not None, reason=str(decode_kernel_unavailable()))
+@pytest.mark.parametrize("cache, slots", [("static", None), ("dynamic", 2)])
+def test_the_decode_kernel_samples_what_f_linear_samples(qwen, tokenizer, cache, slots):
+    """On the CPU the decode steps' linear layers run ops.decode_linear (another summation order):
+    the same tokens, edits, steering and finish reasons for the same seeds, log-probs and the logits
+    after each edit within 1e-5; the kernel ran on the plain steps and not with decode_kernel=False."""
+    plain, calls = _decode_kernel_calls(lambda: _generate(qwen, tokenizer, cache, slots=slots, kernel=False))
+    assert calls == 0
+    fast, calls = _decode_kernel_calls(lambda: _generate(qwen, tokenizer, cache, slots=slots, kernel=True))
+    assert calls > 20
+    assert [e.status for e in plain.events].count("edited") == 2
+    _same(plain, fast)
+    for a, b in zip(plain.events, fast.events):
+        if a.next_logits is not None:
+            torch.testing.assert_close(b.next_logits, a.next_logits, atol=1e-5, rtol=1e-5)
+    assert all("forward" not in m.__dict__ for m in qwen.modules())  # the model is restored
+
+
+def test_bad_decode_kernel_setting(qwen, tokenizer):
+    with pytest.raises(TypeError, match="decode_kernel"):
+        SteeringSampler(qwen, tokenizer, decode_kernel="yes")
+    assert SteeringSampler(qwen, tokenizer, decode_kernel=False).decode_kernel is False
+    assert SteeringSampler(qwen, tokenizer).decode_kernel is (decode_kernel_unavailable() is None)
 
 
 @pytest.mark.parametrize("cache", ["static", "dynamic"])
@@ -196,7 +228,7 @@ def test_rows_do_not_depend_on_slots(qwen, tokenizer, cache):
 
 
 def test_static_cache_compacts_and_grows_when_full(qwen, tokenizer, monkeypatch):
-    import gtalign_fast.sampling.sampler as sampler_module
+    import gtalign_fast.sampling.engine as engine
     import gtalign_fast.sampling.static_cache as static_cache
 
     made = []
@@ -212,8 +244,8 @@ def test_static_cache_compacts_and_grows_when_full(qwen, tokenizer, monkeypatch)
             self.compactions += compacted
             return compacted
 
-    monkeypatch.setattr(sampler_module, "ROOM", 0)  # capacity: longest prompt + max_new_tokens, no room
-    monkeypatch.setattr(sampler_module, "StaticKV", Spy)
+    monkeypatch.setattr(engine, "ROOM", 0)  # capacity: longest prompt + max_new_tokens, no room
+    monkeypatch.setattr(engine, "StaticKV", Spy)
     expected = _generate(qwen, tokenizer, "dynamic", steer="off")
     _same(expected, _generate(qwen, tokenizer, "static", slots=2, steer="off"), atol=1e-4)  # 3 waves: compacts
     _same(expected, _generate(qwen, tokenizer, "static", steer="off"), atol=1e-4)  # re-fed blocks: grows
@@ -257,12 +289,12 @@ def _model_with_attention(tokenizer, attention):
 
 
 def test_cpu_never_takes_the_graph(qwen, tokenizer, monkeypatch):
-    import gtalign_fast.sampling.sampler as sampler_module
+    import gtalign_fast.sampling.engine as engine
 
     def refuse(*args, **kwargs):
         raise AssertionError("the CUDA graph step was built on CPU")
 
-    monkeypatch.setattr(sampler_module, "GraphedDecodeStep", refuse)
+    monkeypatch.setattr(engine, "GraphedDecodeStep", refuse)
     out = SteeringSampler(qwen, tokenizer, mode="off", cache="static").generate(["a", "bc"], max_new_tokens=3, seed=0)
     assert all(len(ids) == 3 for ids in out.completion_ids)
 
@@ -270,12 +302,12 @@ def test_cpu_never_takes_the_graph(qwen, tokenizer, monkeypatch):
 def test_sync_checks_keep_the_graph_off(qwen, tokenizer, monkeypatch):
     """GTALIGN_FAST_SYNC_CHECKS reads the error flag after every launch: a host sync, which a CUDA
     graph capture refuses, so the decode step stays eager."""
-    import gtalign_fast.sampling.sampler as sampler_module
+    import gtalign_fast.sampling.engine as engine
     from gtalign_fast.ops._device_checks import sync_checks
 
     built = []
-    monkeypatch.setattr(sampler_module, "graph_supported", lambda device: True)
-    monkeypatch.setattr(sampler_module, "GraphedDecodeStep", lambda *args: built.append(args))
+    monkeypatch.setattr(engine, "graph_supported", lambda device: True)
+    monkeypatch.setattr(engine, "GraphedDecodeStep", lambda *args: built.append(args))
     sampler = SteeringSampler(qwen, tokenizer, mode="off", cache="static")
     with sync_checks():
         out = sampler.generate(["a", "bc"], max_new_tokens=3, seed=0)
@@ -370,7 +402,7 @@ def test_graph_step_logic_on_cpu_equals_the_eager_step(qwen, tokenizer, monkeypa
     CPU in place of capture / replay: the same rows as the eager static path, re-fed blocks,
     refills, compaction and steering included."""
     import gtalign_fast.sampling.decode_graph as decode_graph
-    import gtalign_fast.sampling.sampler as sampler_module
+    import gtalign_fast.sampling.engine as engine
 
     replays = []
 
@@ -385,9 +417,9 @@ def test_graph_step_logic_on_cpu_equals_the_eager_step(qwen, tokenizer, monkeypa
         def _wait(self):
             pass
 
-    monkeypatch.setattr(sampler_module, "graph_supported", lambda device: True)
-    monkeypatch.setattr(sampler_module, "GraphedDecodeStep", Uncaptured)
-    monkeypatch.setattr(sampler_module, "ROOM", 0)  # compaction / growth between replays
+    monkeypatch.setattr(engine, "graph_supported", lambda device: True)
+    monkeypatch.setattr(engine, "GraphedDecodeStep", Uncaptured)
+    monkeypatch.setattr(engine, "ROOM", 0)  # compaction / growth between replays
     for steer, slots in (("force", None), ("bias", 2)):
         eager = _generate(qwen, tokenizer, "static", slots=slots, steer=steer, graph=False)
         before = len(replays)

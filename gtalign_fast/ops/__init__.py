@@ -9,6 +9,7 @@ Every op dispatches to a backend (see :mod:`gtalign_fast.ops._backend`): ``backe
 from __future__ import annotations
 
 from ._backend import available_backends, last_backend, poison_outputs
+from ._decode_linear import decode_linear
 from ._device_checks import check_device_errors
 from ._grpo_loss import grpo_loss
 from ._linear_grpo_loss import linear_grpo_loss
@@ -28,6 +29,7 @@ __all__ = [
     "logits_grpo_loss",
     "linear_grpo_loss",
     "sample_",
+    "decode_linear",
     # backend control
     "last_backend",
     "available_backends",

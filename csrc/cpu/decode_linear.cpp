@@ -1,0 +1,293 @@
+// C++ CPU kernel for decode_linear (gtalign_fast/ops/_decode_linear.py): y = x @ W^T (+ b) for a
+// skinny x, [M, K] with M <= 16 rows: the shape of every linear layer and the LM head in a decode
+// step of a batch of lanes.
+//
+// Why a kernel of its own: at M = 8 the BLAS paths of PyTorch's CPU linear read the weights at
+// 12.5 GB/s ([8, 576] x [576, 1536] took 284 us; issue 24), a third of this machine's copy
+// bandwidth, so the decode step of a 135M model spends most of its time there. A decode-shaped
+// product does 2 * M flops per weight read: it is a stream over W. This kernel reads each row of
+// W (K contiguous floats, nn.Linear's own layout, no repacking) exactly once: a block of 2 rows is
+// multiplied with up to 8 rows of x at once (16 vector accumulators), the x rows coming from L1;
+// for M > 8 the block is reused from L1 for the next 8 rows. Each accumulator holds 16 (AVX-512) or
+// 8 (AVX2) partial sums over k, reduced once per output: summation order differs from a BLAS
+// (the results agree to float32 rounding; the tests compare with the float64 reference).
+//
+// Threads take contiguous runs of W's rows (at::parallel_for). The instruction set is chosen at
+// run time (AVX-512F, AVX2 + FMA, or plain C++), so the wheel needs no -march flag.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define GTALIGN_X86 1
+#endif
+
+namespace gtalign_fast {
+namespace cpu {
+namespace {
+
+constexpr int64_t kMaxRows = 16;   // M above this is not decode-shaped: F.linear's BLAS path is right there
+constexpr int kRowBlock = 8;       // rows of x multiplied with one block of W at once
+constexpr int kWeightBlock = 2;    // rows of W per block: 2 x 8 accumulators fill 16 of the 32 zmm registers
+constexpr int64_t kRowsPerTask = 64;  // rows of W per unit of parallel work (64 x 576 floats = 147 KB)
+// Software prefetch distance: the rows of W this far ahead (at least kPrefetchRows rows and about
+// kPrefetchBytes) are requested while the current block is multiplied. One core keeps too few
+// misses in flight on its own: measured on the Xeon of issue 24 (one thread, a model's worth of
+// decode-shaped weights, machine loaded), 5.6 GB/s without, 9.4-10.5 GB/s with 4 to 12 rows ahead.
+constexpr int64_t kPrefetchRows = 4;
+constexpr int64_t kPrefetchBytes = 16384;
+
+struct Problem {
+  const float* x;
+  int64_t ldx;
+  const float* w;
+  int64_t ldw;
+  const float* bias;  // nullptr: none
+  float* y;
+  int64_t ldy;
+  int64_t m, k;
+  int64_t n;              // rows of W
+  int64_t prefetch_rows;  // see kPrefetchBytes
+};
+
+// The row of W that block row `row` prefetches (nullptr past the end: nothing to fetch).
+inline const float* prefetch_row(const Problem& p, int64_t row) {
+  return row + p.prefetch_rows < p.n ? p.w + (row + p.prefetch_rows) * p.ldw : nullptr;
+}
+
+// Plain C++: any CPU. One output at a time, sequential sum over k.
+void rows_scalar(const Problem& p, int64_t n_begin, int64_t n_end) {
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const float* w = p.w + n * p.ldw;
+    for (int64_t m = 0; m < p.m; ++m) {
+      const float* x = p.x + m * p.ldx;
+      float acc = 0.0f;
+      for (int64_t i = 0; i < p.k; ++i) acc += x[i] * w[i];
+      p.y[m * p.ldy + n] = acc + (p.bias ? p.bias[n] : 0.0f);
+    }
+  }
+}
+
+#ifdef GTALIGN_X86
+
+// ---- AVX-512F -------------------------------------------------------------------------------
+
+// acc[j][r] += x[m0 + r] . w[n + j] for the MB rows of x starting at m0 and NB rows of W at n.
+template <int NB, int MB>
+__attribute__((target("avx512f"))) void block_avx512(const Problem& p, int64_t n, int64_t m0) {
+  __m512 acc[NB][MB];
+  for (int j = 0; j < NB; ++j)
+    for (int r = 0; r < MB; ++r) acc[j][r] = _mm512_setzero_ps();
+  const float* w[NB];
+  for (int j = 0; j < NB; ++j) w[j] = p.w + (n + j) * p.ldw;
+  const float* x = p.x + m0 * p.ldx;
+  const float* ahead[NB];  // prefetched on the first pass over x's rows only
+  for (int j = 0; j < NB; ++j) ahead[j] = m0 == 0 ? prefetch_row(p, n + j) : nullptr;
+  int64_t i = 0;
+  for (; i + 16 <= p.k; i += 16) {
+    for (int j = 0; j < NB; ++j)
+      if (ahead[j]) _mm_prefetch(reinterpret_cast<const char*>(ahead[j] + i), _MM_HINT_T0);
+    __m512 wv[NB];
+    for (int j = 0; j < NB; ++j) wv[j] = _mm512_loadu_ps(w[j] + i);
+    for (int r = 0; r < MB; ++r) {
+      const __m512 xv = _mm512_loadu_ps(x + r * p.ldx + i);
+      for (int j = 0; j < NB; ++j) acc[j][r] = _mm512_fmadd_ps(xv, wv[j], acc[j][r]);
+    }
+  }
+  if (i < p.k) {  // the K % 16 tail, masked (no read past a row's end)
+    const __mmask16 mask = static_cast<__mmask16>((1u << (p.k - i)) - 1u);
+    __m512 wv[NB];
+    for (int j = 0; j < NB; ++j) wv[j] = _mm512_maskz_loadu_ps(mask, w[j] + i);
+    for (int r = 0; r < MB; ++r) {
+      const __m512 xv = _mm512_maskz_loadu_ps(mask, x + r * p.ldx + i);
+      for (int j = 0; j < NB; ++j) acc[j][r] = _mm512_fmadd_ps(xv, wv[j], acc[j][r]);
+    }
+  }
+  for (int j = 0; j < NB; ++j) {
+    const float b = p.bias ? p.bias[n + j] : 0.0f;
+    for (int r = 0; r < MB; ++r) p.y[(m0 + r) * p.ldy + n + j] = _mm512_reduce_add_ps(acc[j][r]) + b;
+  }
+}
+
+template <int NB>
+__attribute__((target("avx512f"))) void rows_of_x_avx512(const Problem& p, int64_t n) {
+  for (int64_t m0 = 0; m0 < p.m; m0 += kRowBlock) {
+    switch (std::min<int64_t>(kRowBlock, p.m - m0)) {
+      case 1: block_avx512<NB, 1>(p, n, m0); break;
+      case 2: block_avx512<NB, 2>(p, n, m0); break;
+      case 3: block_avx512<NB, 3>(p, n, m0); break;
+      case 4: block_avx512<NB, 4>(p, n, m0); break;
+      case 5: block_avx512<NB, 5>(p, n, m0); break;
+      case 6: block_avx512<NB, 6>(p, n, m0); break;
+      case 7: block_avx512<NB, 7>(p, n, m0); break;
+      default: block_avx512<NB, 8>(p, n, m0); break;
+    }
+  }
+}
+
+__attribute__((target("avx512f"))) void rows_avx512(const Problem& p, int64_t n_begin, int64_t n_end) {
+  int64_t n = n_begin;
+  for (; n + kWeightBlock <= n_end; n += kWeightBlock) rows_of_x_avx512<kWeightBlock>(p, n);
+  for (; n < n_end; ++n) rows_of_x_avx512<1>(p, n);
+}
+
+// ---- AVX2 + FMA -----------------------------------------------------------------------------
+
+__attribute__((target("avx2,fma"))) inline float reduce_avx2(__m256 v) {
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 pairs = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)));
+}
+
+// 2 x 4 accumulators of 8 floats (of 16 ymm registers); the K % 8 tail is summed in scalar code.
+template <int NB, int MB>
+__attribute__((target("avx2,fma"))) void block_avx2(const Problem& p, int64_t n, int64_t m0) {
+  __m256 acc[NB][MB];
+  for (int j = 0; j < NB; ++j)
+    for (int r = 0; r < MB; ++r) acc[j][r] = _mm256_setzero_ps();
+  const float* w[NB];
+  for (int j = 0; j < NB; ++j) w[j] = p.w + (n + j) * p.ldw;
+  const float* x = p.x + m0 * p.ldx;
+  const float* ahead[NB];
+  for (int j = 0; j < NB; ++j) ahead[j] = m0 == 0 ? prefetch_row(p, n + j) : nullptr;
+  int64_t i = 0;
+  for (; i + 8 <= p.k; i += 8) {
+    if ((i & 15) == 0)  // one prefetch per 64-byte line
+      for (int j = 0; j < NB; ++j)
+        if (ahead[j]) _mm_prefetch(reinterpret_cast<const char*>(ahead[j] + i), _MM_HINT_T0);
+    __m256 wv[NB];
+    for (int j = 0; j < NB; ++j) wv[j] = _mm256_loadu_ps(w[j] + i);
+    for (int r = 0; r < MB; ++r) {
+      const __m256 xv = _mm256_loadu_ps(x + r * p.ldx + i);
+      for (int j = 0; j < NB; ++j) acc[j][r] = _mm256_fmadd_ps(xv, wv[j], acc[j][r]);
+    }
+  }
+  for (int j = 0; j < NB; ++j) {
+    const float b = p.bias ? p.bias[n + j] : 0.0f;
+    for (int r = 0; r < MB; ++r) {
+      float sum = reduce_avx2(acc[j][r]);
+      for (int64_t t = i; t < p.k; ++t) sum += x[r * p.ldx + t] * w[j][t];
+      p.y[(m0 + r) * p.ldy + n + j] = sum + b;
+    }
+  }
+}
+
+template <int NB>
+__attribute__((target("avx2,fma"))) void rows_of_x_avx2(const Problem& p, int64_t n) {
+  for (int64_t m0 = 0; m0 < p.m; m0 += 4) {
+    switch (std::min<int64_t>(4, p.m - m0)) {
+      case 1: block_avx2<NB, 1>(p, n, m0); break;
+      case 2: block_avx2<NB, 2>(p, n, m0); break;
+      case 3: block_avx2<NB, 3>(p, n, m0); break;
+      default: block_avx2<NB, 4>(p, n, m0); break;
+    }
+  }
+}
+
+__attribute__((target("avx2,fma"))) void rows_avx2(const Problem& p, int64_t n_begin, int64_t n_end) {
+  int64_t n = n_begin;
+  for (; n + kWeightBlock <= n_end; n += kWeightBlock) rows_of_x_avx2<kWeightBlock>(p, n);
+  for (; n < n_end; ++n) rows_of_x_avx2<1>(p, n);
+}
+
+#endif  // GTALIGN_X86
+
+using RowsKernel = void (*)(const Problem&, int64_t, int64_t);
+
+// The best instruction set this CPU has, or the one GTALIGN_FAST_DECODE_LINEAR_ISA names ("avx512",
+// "avx2", "scalar"; the tests use it to run every path on one machine). Read once per process.
+RowsKernel pick_kernel() {
+  const char* env = std::getenv("GTALIGN_FAST_DECODE_LINEAR_ISA");
+  const std::string wanted = env ? env : "";
+  bool avx512 = false, avx2 = false;
+#ifdef GTALIGN_X86
+  __builtin_cpu_init();
+  avx512 = __builtin_cpu_supports("avx512f");
+  avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+  TORCH_CHECK(wanted.empty() || wanted == "avx512" || wanted == "avx2" || wanted == "scalar",
+              "decode_linear: GTALIGN_FAST_DECODE_LINEAR_ISA must be avx512, avx2 or scalar, got '", wanted, "'");
+  TORCH_CHECK(wanted != "avx512" || avx512, "decode_linear: GTALIGN_FAST_DECODE_LINEAR_ISA=avx512, but this CPU lacks it");
+  TORCH_CHECK(wanted != "avx2" || avx2, "decode_linear: GTALIGN_FAST_DECODE_LINEAR_ISA=avx2, but this CPU lacks it");
+#ifdef GTALIGN_X86
+  if (avx512 && (wanted.empty() || wanted == "avx512")) return rows_avx512;
+  if (avx2 && (wanted.empty() || wanted == "avx2")) return rows_avx2;
+#endif
+  return rows_scalar;
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "decode_linear: CPU tensors expected");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
+              "decode_linear: float32 x and weight expected, got ", x.scalar_type(), " and ", weight.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "decode_linear: x [M, K] and weight [N, K] expected, got ",
+              x.sizes(), " and ", weight.sizes());
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxRows, "decode_linear: 1 <= M <= ", kMaxRows, " rows, got ",
+              x.size(0));
+  TORCH_CHECK(x.size(1) == weight.size(1), "decode_linear: x has K = ", x.size(1), ", weight has K = ",
+              weight.size(1));
+  TORCH_CHECK(x.stride(1) == 1 && weight.stride(1) == 1, "decode_linear: x and weight need contiguous rows");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
+                    bias->size(0) == weight.size(0) && bias->is_contiguous(),
+                "decode_linear: bias must be a contiguous float32 CPU vector of N = ", weight.size(0), " values");
+  }
+}
+
+}  // namespace
+
+// out[M, N] = x[M, K] @ weight[N, K]^T (+ bias[N]).
+void decode_linear_out_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                           const at::Tensor& out) {
+  check_inputs(x, weight, bias);
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.dim() == 2 &&
+                  out.size(0) == x.size(0) && out.size(1) == weight.size(0) && out.stride(1) == 1,
+              "decode_linear: out must be a float32 [M, N] CPU tensor with contiguous rows");
+  static const RowsKernel kernel = pick_kernel();
+  const Problem p{x.data_ptr<float>(), x.stride(0), weight.data_ptr<float>(), weight.stride(0),
+                  bias.has_value() ? bias->data_ptr<float>() : nullptr, out.data_ptr<float>(), out.stride(0),
+                  x.size(0), x.size(1), weight.size(0),
+                  std::max<int64_t>(kPrefetchRows, kPrefetchBytes / std::max<int64_t>(1, weight.stride(0) * 4))};
+  if (weight.size(1) == 0) {  // an empty sum: y = b
+    out.zero_();
+    if (bias.has_value()) out.add_(*bias);
+    return;
+  }
+  // Blocks of 2 rows never straddle two threads (an odd split would fall back to 1-row blocks).
+  at::parallel_for(0, (weight.size(0) + 1) / 2, kRowsPerTask / 2, [&](int64_t begin, int64_t end) {
+    kernel(p, 2 * begin, std::min(2 * end, weight.size(0)));
+  });
+}
+
+at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  check_inputs(x, weight, bias);
+  at::Tensor out = at::empty({x.size(0), weight.size(0)}, x.options());
+  decode_linear_out_cpu(x, weight, bias, out);
+  return out;
+}
+
+at::Tensor decode_linear_meta(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
+              "decode_linear: x [M, K] and weight [N, K] expected, got ", x.sizes(), " and ", weight.sizes());
+  return at::empty({x.size(0), weight.size(0)}, x.options());
+}
+
+}  // namespace cpu
+}  // namespace gtalign_fast
+
+TORCH_LIBRARY_FRAGMENT(gtalign_fast_C, m) {
+  m.def("decode_linear_out(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) out) -> ()");
+  m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(gtalign_fast_C, CPU, m) {
+  m.impl("decode_linear_out", &gtalign_fast::cpu::decode_linear_out_cpu);
+  m.impl("decode_linear", &gtalign_fast::cpu::decode_linear_cpu);
+}
+
+TORCH_LIBRARY_IMPL(gtalign_fast_C, Meta, m) { m.impl("decode_linear", &gtalign_fast::cpu::decode_linear_meta); }
