@@ -19,6 +19,9 @@ from .ops._grpo_constants import (
     NORM_ROWS,
     NORM_ROWS_LENGTH,
     NORM_TOKENS,
+    VESPO_METRIC,
+    VESPO_MIN_LAMBDA,
+    VESPO_MIN_LOG_WEIGHT,
 )
 from .ops._welfare_constants import SCALES
 
@@ -112,6 +115,10 @@ def grpo_loss(
     use_bias_correction_kl: bool = False,
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped-surrogate GRPO / PPO policy loss with k3 KL, written plainly from TRL and verl.
 
@@ -129,7 +136,8 @@ def grpo_loss(
     loss : Tensor, 0-dim; float64 for float64 inputs, float32 otherwise.
     metrics : dict of 0-dim Tensors
         ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean``,
-        ``ratio_mean`` and, when ``ref_logp`` is given, ``kl``.
+        ``ratio_mean`` (``vespo/phi_seq_mean`` instead of these four for ``loss_type="vespo"``) and,
+        when ``ref_logp`` is given, ``kl``.
     """
     dtype = compute_dtype(logp.dtype)
     logp = logp.to(dtype)
@@ -163,6 +171,9 @@ def grpo_loss(
         # detached, times A log p: the gradient is -min(r, eps_high) A whatever r is.
         high_bound = epsilon_high
         per_token_loss = -torch.clamp(ratio, max=epsilon_high).detach() * adv * logp
+    if loss_type == "vespo":
+        phi = _vespo_phi(logp - old, weight, adv, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
+        per_token_loss = -phi * adv * logp
     if dual_clip is not None:
         # verl's dual clip: for A < 0 the loss is capped at -A * c.
         per_token_loss = torch.where(adv < 0, torch.min(-adv * dual_clip, per_token_loss), per_token_loss)
@@ -221,9 +232,25 @@ def grpo_loss(
             "clip_ratio/region_mean": batch_mean(is_region),
             "ratio_mean": batch_mean(ratio if is_low.shape[1] == 1 else ratio.expand(batch, length)),
         }
+        if loss_type == "vespo":  # TRL logs its mean Gamma weight, no clip ratio
+            metrics = {VESPO_METRIC: batch_mean(phi)}
         if ref_logp is not None:
             metrics["kl"] = (per_token_kl * weight).sum() / total_tokens
     return loss, metrics
+
+
+def _vespo_phi(log_ratio, weight, adv, k_pos, lambda_pos, k_neg, lambda_neg) -> torch.Tensor:
+    """TRL's VESPO Gamma weight (``GRPOTrainer.get_gamma_weights``), detached: ``phi = exp(lambda +
+    k log w - lambda w)`` with ``log w`` the sequence's masked sum of per-token log-ratios (each
+    clamped to [-20, 20]), clamped to [ln 1e-8, 20]; ``(k, lambda)`` the ``_pos`` pair where
+    ``A >= 0``; ``[B, 1]`` for per-sequence advantages, else ``[B, T]``."""
+    log_ratio = log_ratio.detach()
+    seq_log_ratio = (torch.clamp(log_ratio, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT) * weight).sum(-1, keepdim=True)
+    log_w = torch.clamp(seq_log_ratio, VESPO_MIN_LOG_WEIGHT, LOG_RATIO_LIMIT)
+    nonneg = adv >= 0
+    k = torch.where(nonneg, k_pos, k_neg).to(log_w.dtype)
+    lam = torch.where(nonneg, lambda_pos, lambda_neg).to(log_w.dtype).clamp(min=VESPO_MIN_LAMBDA)
+    return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 # ---------------------------------------------------------------------------------------------

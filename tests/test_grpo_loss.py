@@ -95,8 +95,8 @@ def _configurations(backend):
     slow on CPU: there each (loss type, level, clip) gets one (beta, advantage shape) pair, rotated
     so that every pair still meets every loss type and clip setting."""
     for index, (loss_type, level, clip) in enumerate(itertools.product(LOSS_TYPES, LEVELS, CLIPS)):
-        if loss_type in ("sapo", "cispo") and clip != "clip":
-            continue  # SAPO and CISPO replace the clip: no delta, no dual clip
+        if loss_type in ("sapo", "cispo", "vespo") and clip != "clip":
+            continue  # SAPO, CISPO and VESPO replace the clip: no delta, no dual clip
         pairs = list(itertools.product(BETAS, (False, True)))
         if _interpreted_triton(backend):
             pairs = [pairs[(index + index // len(CLIPS)) % len(pairs)]]
@@ -275,9 +275,10 @@ def test_custom_op_registration():
 
     logp, old, ref, advantages, mask = _inputs(3, 5, seed=31)
     backend = kernel_backends()[0] if kernel_backends() else "reference"
-    for kl_clamp, bias_kl in ((None, False), (10.0, True)):
-        args = (logp.detach().requires_grad_(True), old, ref, advantages, mask, None, 0.04, 0.2, 0.28, 1.5, 3.0,
-                "grpo", False, 5, None, kl_clamp, bias_kl, 1.0, 1.05, backend)
+    for kl_clamp, bias_kl, loss_type in ((None, False, "grpo"), (10.0, True, "grpo"), (None, True, "vespo")):
+        clips = (None, None) if loss_type == "vespo" else (1.5, 3.0)
+        args = (logp.detach().requires_grad_(True), old, ref, advantages, mask, None, 0.04, 0.2, 0.28, *clips,
+                loss_type, False, 5, None, kl_clamp, bias_kl, 1.0, 1.05, 2.0, 3.0, 3.0, 2.0, backend)
         torch.library.opcheck(_grpo_loss.FORWARD.custom_op, args, test_utils=("test_schema", "test_faketensor",
                                                                          "test_autograd_registration"))
 
@@ -330,8 +331,8 @@ def test_matches_trl_when_installed():
 
     logp, old, ref, advantages, mask = _inputs(4, 11, seed=40, empty_row=False)
     ref = ref + 2.0 * (torch.arange(11, device=DEVICE) % 3 == 0)  # some k3 above 10: not clamped, as TRL
-    for loss_type, level, bias_kl in itertools.product(("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "sapo", "cispo"),
-                                                       LEVELS, (False, True)):
+    for loss_type, level, bias_kl in itertools.product(
+            ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "sapo", "cispo", "vespo"), LEVELS, (False, True)):
         leaf = logp.clone().requires_grad_(True)
         trl_loss = trl_grpo_loss(leaf, old, advantages, mask, ref_logp=ref, beta=0.04, epsilon_high=0.28,
                                  loss_type=loss_type, importance_sampling_level=level, use_bias_correction_kl=bias_kl)
@@ -529,6 +530,57 @@ def test_cispo_reports_trls_clip_ratio():
     mask = torch.ones(1, 4, dtype=torch.bool, device=DEVICE)
     _, metrics = ops.grpo_loss(logp, old, torch.ones(1, device=DEVICE), mask, loss_type="cispo", epsilon_high=2.0)
     assert metrics["clip_ratio/high_mean"].item() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vespo(backend):
+    # TRL's VESPO objective: -sg(phi) * A * logp, phi = exp(lambda + k log w - lambda w) of the sequence weight
+    # w (the masked sum of clamped log-ratios, its log clamped to [ln 1e-8, 20]), aggregated as dapo; with
+    # per-sequence and per-token advantages (phi per token then), on- and off-policy, one row past each clamp.
+    logp, old, ref, advantages, mask = _inputs(4, 9, seed=45)
+    old = old.clone()
+    old[0] = logp[0] - 15.0  # log-ratios 15: their sum past 20 from 2 tokens (log w clamped to 20, phi = 0)
+    old[2] = logp[2] + 25.0  # each log-ratio clamped to -20, their sum to ln 1e-8
+    assert mask[0].sum() >= 2 and mask[2].any()
+    for index, (level, adv_2d, beta, on_policy) in enumerate(
+            itertools.product(LEVELS, (False, True), BETAS, (False, True))):
+        if _interpreted_triton(backend) and index % 2:
+            continue
+        adv = torch.randn(mask.shape, generator=torch.Generator().manual_seed(index)).to(DEVICE) if adv_2d \
+            else advantages
+        _check(backend, logp, None if on_policy else old, adv, mask, ref if beta else None, ref_grad=beta > 0,
+               loss_type="vespo", importance_sampling_level=level, beta=beta, vespo_k_pos=1.5, vespo_lambda_neg=2.5,
+               num_items_in_batch=30.0 if index % 3 == 0 else None, use_bias_correction_kl=index % 3 == 1)
+
+
+def test_vespo_metric_is_trls_phi_seq_mean():
+    # vespo/phi_seq_mean: with [B] advantages the mean of phi over the B sequences (empty rows included:
+    # w = 1, phi = 1), as TRL's global_masked_mean of a [B, 1] tensor; no clip ratio is reported.
+    logp = torch.zeros(3, 2, device=DEVICE)
+    old = torch.tensor([[-0.5, 0.0], [0.0, 0.0], [0.0, 0.0]], device=DEVICE)  # w = e^0.5, 1, 1 (row 2 empty)
+    mask = torch.tensor([[1, 1], [1, 0], [0, 0]], dtype=torch.bool, device=DEVICE)
+    adv = torch.tensor([1.0, -1.0, 1.0], device=DEVICE)
+    _, metrics = ops.grpo_loss(logp, old, adv, mask, loss_type="vespo")
+    w = math.exp(0.5)
+    expected = (math.exp(3.0 + 2.0 * 0.5 - 3.0 * w) + 1.0 + 1.0) / 3
+    assert set(metrics) == {"vespo/phi_seq_mean"}
+    assert metrics["vespo/phi_seq_mean"].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_vespo_refuses_the_clip_options_and_bad_parameters():
+    logp, old, ref, advantages, mask = _inputs(2, 4, seed=0)
+    for extra in (dict(delta=1.5), dict(dual_clip=3.0)):
+        with pytest.raises(ValueError, match="vespo"):
+            ops.grpo_loss(logp, old, advantages, mask, loss_type="vespo", **extra)
+    for extra, match in ((dict(vespo_lambda_pos=0.0), "vespo_lambda_pos"), (dict(vespo_k_neg=-1.0), "vespo_k_neg")):
+        with pytest.raises(ValueError, match=match):
+            ops.grpo_loss(logp, old, advantages, mask, loss_type="vespo", **extra)
+
+
+def test_unknown_option_is_a_type_error_naming_the_op():
+    logp, old, ref, advantages, mask = _inputs(2, 4, seed=0)
+    with pytest.raises(TypeError, match=r"grpo_loss\(\) got an unexpected keyword argument 'epsilon'"):
+        ops.grpo_loss(logp, old, advantages, mask, epsilon=0.2)
 
 
 def test_cispo_refuses_the_clip_options():

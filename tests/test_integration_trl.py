@@ -208,10 +208,12 @@ def _check_parity(model_dir, tmp_path, *, fused: bool = True, tolerance: float =
         flat = [torch.cat([(d[name] - trl_before[name]).flatten() for name in names]) for d in (our_after, trl_after)]
         assert (flat[0] - flat[1]).norm() <= tolerance * flat[1].norm()
 
-    clipped = config.get("loss_type") not in ("sapo", "cispo")  # TRL logs no clip ratios for SAPO, CISPO its own
+    # TRL logs no clip ratios for SAPO, CISPO and VESPO their own
+    clipped = config.get("loss_type") not in ("sapo", "cispo", "vespo")
     keys = ["entropy"] + (["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
                            "clip_ratio/low_min", "clip_ratio/high_max"] if clipped else [])
     keys += ["cispo_clip_ratio"] if config.get("loss_type") == "cispo" else []
+    keys += ["vespo/phi_seq_mean"] if config.get("loss_type") == "vespo" else []
     keys += ["kl"] if config.get("beta") else []
     for key in keys:
         a, b = our_metrics[key], trl_metrics[key]
@@ -258,6 +260,13 @@ def test_sapo_matches_trl(model_dir, tmp_path, level):
 def test_cispo_matches_trl(model_dir, tmp_path, level):
     # epsilon_high is CISPO's ratio cap itself: 1.02 lies inside the perturbed ratios, so some tokens are capped.
     _check_parity(model_dir, tmp_path, loss_type="cispo", importance_sampling_level=level, beta=0.1, epsilon_high=1.02)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_vespo_matches_trl(model_dir, tmp_path, level):
+    # TRL's VESPO (its Gamma weight of the sequence's summed log-ratio); TRL warns at sequence level but runs it.
+    _check_parity(model_dir, tmp_path, loss_type="vespo", importance_sampling_level=level, beta=0.1,
+                  vespo_k_pos=1.5, vespo_lambda_neg=2.5)
 
 
 def test_luspo_and_delta_match_trl(model_dir, tmp_path):
@@ -330,7 +339,7 @@ def plain_trainer(model_dir, tmp_path_factory):
 
 
 REFUSALS = [
-    ({"loss_type": "vespo"}, "loss_type='vespo'"),
+    ({"loss_type": "xpo"}, "loss_type='xpo'"),  # every TRL 1.16 loss type is computed: a later one is refused
     ({"top_entropy_quantile": 0.2}, "top_entropy_quantile=0.2"),
     ({"off_policy_mask_threshold": 0.5}, "off_policy_mask_threshold=0.5"),
     ({"use_vllm": True, "vllm_importance_sampling_correction": True}, "vllm_importance_sampling_correction"),

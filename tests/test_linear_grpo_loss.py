@@ -310,3 +310,19 @@ def test_cispo(backend, level):
     inputs = _inputs(3, 5, 6, 29, seed=16)
     _check(backend, *inputs, chunk_size=4, beta=0.04, loss_type="cispo", importance_sampling_level=level,
            epsilon_high=1.05, use_bias_correction_kl=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_vespo(backend, level):
+    # TRL's VESPO: its sequence weight sums over whole rows, so chunks of 4 tokens round to whole sequences.
+    for adv_2d in (False, True):
+        inputs = _inputs(3, 5, 6, 29, seed=17, adv_2d=adv_2d)
+        _check(backend, *inputs, chunk_size=4, beta=0.04, loss_type="vespo", importance_sampling_level=level,
+               vespo_k_pos=1.5, use_bias_correction_kl=adv_2d)
+
+
+def test_unknown_option_is_a_type_error_naming_the_op():
+    hidden, weight, _, targets, advantages, mask, _, _ = _inputs(2, 3, 4, 11, seed=0)
+    with pytest.raises(TypeError, match=r"linear_grpo_loss\(\) got an unexpected keyword argument 'epsilon'"):
+        ops.linear_grpo_loss(hidden, weight, targets, advantages, mask, epsilon=0.2)

@@ -59,8 +59,26 @@ __device__ __forceinline__ float cispo_grad(float ratio, float adv, const ClipPa
   return -fminf(ratio, p.high_bound) * adv;
 }
 
+// TRL's VESPO objective (p.vespo): -sg(phi) * A * logp, phi = exp(lambda + k log w - lambda w) of the row's
+// sequence weight (p.log_w, p.w: vespo_weight), the *_pos pair where A >= 0; no gradient through phi: its
+// d / d logp is -phi * A (direct_grad). A non-finite phi is 0, as TRL's nan_to_num.
+__device__ __forceinline__ float vespo_phi(float adv, const ClipParams& p) {
+  const bool nonneg = adv >= 0.0f;
+  const float k = nonneg ? p.vespo_k_pos : p.vespo_k_neg;
+  const float lambda = nonneg ? p.vespo_lambda_pos : p.vespo_lambda_neg;
+  const float phi = expf(lambda + k * p.log_w - lambda * p.w);
+  return phi <= 3.402823466e38f ? phi : 0.0f;
+}
+
+// CISPO's and VESPO's d / d logp (their weights are detached); 0 for the other objectives.
+__device__ __forceinline__ float direct_grad(float ratio, float adv, const ClipParams& p) {
+  if (p.cispo) return cispo_grad(ratio, adv, p);
+  if (p.vespo) return -vespo_phi(adv, p) * adv;
+  return 0.0f;
+}
+
 __device__ __forceinline__ PolicyTerm policy_term(float ratio, float adv, float lp, const ClipParams& p) {
-  if (p.cispo) return {cispo_grad(ratio, adv, p) * lp, 0.0f, ratio};
+  if (p.cispo || p.vespo) return {direct_grad(ratio, adv, p) * lp, 0.0f, ratio};
   if (!p.sapo) return clip_term(ratio, adv, p);
   const float tau = adv > 0.0f ? p.sapo_tau_pos : p.sapo_tau_neg;
   const float s = 1.0f / (1.0f + expf(-tau * (ratio - 1.0f)));
@@ -192,6 +210,7 @@ __device__ void store_row_stats(float* out, const float (&sums)[kNumStats], cons
     high = (coef_1 > p.high_bound && a > 0.0f) ? 1.0f : 0.0f;
     region = fmaxf(low, high);
     ratio = seq_ratio;
+    if (p.vespo) high = vespo_phi(a, p);  // TRL's phi_seq (the other metrics are not reported for VESPO)
   }
   out[kLossSum] = sums[kLossSum];
   out[kTokens] = sums[kTokens];
@@ -221,12 +240,30 @@ __device__ float sequence_ratio(const scalar_t* __restrict__ logp, const scalar_
   return clamped_exp(sums[0] / fmaxf(sums[1], 1.0f), dratio);
 }
 
+// VESPO's sequence weight of row b into p (log w: the masked sum of the clamped log-ratios, clamped to
+// [ln 1e-8, 20], TRL's); every thread of the block calls it (block_sum synchronises).
+template <typename scalar_t>
+__device__ void vespo_weight(const scalar_t* __restrict__ logp, const scalar_t* __restrict__ old,
+                             const uint8_t* __restrict__ mask, int64_t b, int64_t length, const Strides& s,
+                             ClipParams* p) {
+  float sum[1] = {0.0f};
+  for (int64_t t = threadIdx.x; old != nullptr && t < length; t += blockDim.x) {
+    if (mask[b * s.mask_b + t * s.mask_t] == 0) continue;
+    const float lr = static_cast<float>(logp[b * s.logp_b + t * s.logp_t]) - static_cast<float>(old[b * s.old_b + t * s.old_t]);
+    sum[0] += fminf(fmaxf(lr, -kLogRatioLimit), kLogRatioLimit);
+  }
+  block_sum(sum);
+  p->log_w = fminf(fmaxf(sum[0], kVespoMinLogWeight), kLogRatioLimit);
+  p->w = expf(p->log_w);
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) grpo_loss_rows_kernel(
     const scalar_t* __restrict__ logp, const scalar_t* __restrict__ old, const scalar_t* __restrict__ ref,
     const float* __restrict__ adv, const uint8_t* __restrict__ mask, float* __restrict__ stats, int64_t length,
     Strides s, ClipParams p, bool seq_level, bool row_metrics, Finalize f) {
   const int64_t b = blockIdx.x;
+  if (p.vespo) vespo_weight(logp, old, mask, b, length, s, &p);
   float seq_ratio = 1.0f, seq_dratio = 1.0f;
   if (seq_level) seq_ratio = sequence_ratio(logp, old, mask, b, length, s, &seq_dratio);
   // The row's sums, indexed by row_stats column. kRegion is derived from kLow and kHigh after the
@@ -248,7 +285,8 @@ __global__ void __launch_bounds__(kThreads) grpo_loss_rows_kernel(
     sums[kLossSum] += term.loss + p.beta * kl;
     sums[kTokens] += 1.0f;
     sums[kLow] += (term.coef_1 < p.low_bound && a < 0.0f) ? 1.0f : 0.0f;
-    sums[kHigh] += (term.coef_1 > p.high_bound && a > 0.0f) ? 1.0f : 0.0f;
+    // VESPO: the high slot holds the sum of phi (TRL's vespo/phi_seq_mean).
+    sums[kHigh] += p.vespo ? vespo_phi(a, p) : ((term.coef_1 > p.high_bound && a > 0.0f) ? 1.0f : 0.0f);
     sums[kKlSum] += kl;
     sums[kRatioSum] += ratio;
     sums[kSeqGrad] += term.dloss_dratio + dkl_dratio;
@@ -278,6 +316,7 @@ __global__ void __launch_bounds__(kThreads) grpo_loss_bwd_kernel(
     const float* __restrict__ adv, const uint8_t* __restrict__ mask, scalar_t* __restrict__ dlogp,
     scalar_t* __restrict__ dref, int64_t length, Strides s, ClipParams p, bool seq_level) {
   const int64_t b = blockIdx.x;
+  if (p.vespo) vespo_weight(logp, old, mask, b, length, s, &p);
   const float row_scale = grad_loss[0] * weights[b];
   const float seq_grad = stats[b * kNumStats + kSeqGrad];
   // The bias-corrected KL of a sequence-level row weights each token's k3 gradient by the row's ratio;
@@ -298,8 +337,8 @@ __global__ void __launch_bounds__(kThreads) grpo_loss_bwd_kernel(
       if (old != nullptr) ratio = clamped_exp(lp - static_cast<float>(old[b * s.old_b + t * s.old_t]), &dratio);
       dloss = policy_term(ratio, adv[b * s.adv_b + t * s.adv_t], lp, p).dloss_dratio * dratio;
     }
-    // CISPO's gradient goes to logp directly (the capped ratio is detached), at either level.
-    if (p.cispo) dloss += cispo_grad(ratio, adv[b * s.adv_b + t * s.adv_t], p);
+    // CISPO's and VESPO's gradients go to logp directly (their weights are detached), at either level.
+    dloss += direct_grad(ratio, adv[b * s.adv_b + t * s.adv_t], p);
     float kl_grad = 0.0f;
     if (ref != nullptr) {
       float dkl_dref;
@@ -366,7 +405,9 @@ void check_inputs(const at::Tensor& logp, const std::optional<at::Tensor>& old_l
 void grpo_loss_fwd_cuda(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
                         const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask,
                         const std::optional<at::Tensor>& num_items, double beta, double epsilon_low,
-                        double epsilon_high, double delta, double dual_clip, double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool cispo, bool seq_level,
+                        double epsilon_high, double delta, double dual_clip, double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool cispo,
+                        double vespo_k_pos, double vespo_lambda_pos, double vespo_k_neg, double vespo_lambda_neg,
+                        bool vespo, bool seq_level,
                         bool row_metrics,
                         int64_t mode, double const_weight, at::Tensor& loss, at::Tensor& metrics,
                         at::Tensor& row_stats, at::Tensor& row_weights, const std::optional<at::Tensor>& error_flag,
@@ -392,7 +433,9 @@ void grpo_loss_fwd_cuda(const at::Tensor& logp, const std::optional<at::Tensor>&
   if (batch == 0) return;
   const c10::cuda::CUDAGuard guard(logp.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl, sapo_tau_pos, sapo_tau_neg, cispo);
+  const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl, sapo_tau_pos,
+                                        sapo_tau_neg, cispo, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
+                                        vespo_lambda_neg, vespo);
   const Strides strides = strides_of(logp, old_logp, ref_logp, advantages, mask);
   const Finalize finalize{mode == kNormaliserTensor ? num_items->data_ptr<float>() : nullptr,
                           loss.data_ptr<float>(),
@@ -418,7 +461,9 @@ void grpo_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& row_weigh
                         const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
                         const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask,
                         double beta, double epsilon_low, double epsilon_high, double delta, double dual_clip,
-                        double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool cispo, bool seq_level, at::Tensor& dlogp, at::Tensor& dref) {
+                        double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool cispo,
+                        double vespo_k_pos, double vespo_lambda_pos, double vespo_k_neg, double vespo_lambda_neg,
+                        bool vespo, bool seq_level, at::Tensor& dlogp, at::Tensor& dref) {
   check_inputs(logp, old_logp, ref_logp, advantages, mask);
   const int64_t batch = logp.size(0), length = logp.size(1);
   check_float_out(grad_loss, 1, logp, "grad_loss");
@@ -434,7 +479,9 @@ void grpo_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& row_weigh
   if (batch == 0) return;
   const c10::cuda::CUDAGuard guard(logp.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl, sapo_tau_pos, sapo_tau_neg, cispo);
+  const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl, sapo_tau_pos,
+                                        sapo_tau_neg, cispo, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
+                                        vespo_lambda_neg, vespo);
   const Strides strides = strides_of(logp, old_logp, ref_logp, advantages, mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logp.scalar_type(), "grpo_loss_bwd_cuda", [&] {
     grpo_loss_bwd_kernel<scalar_t><<<static_cast<unsigned int>(batch), kThreads, 0, stream>>>(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+from typing_extensions import Unpack  # typing.Unpack from Python 3.11 (torch depends on typing_extensions)
 
 from . import _device_checks, _grpo_objective
 from ._device_checks import error_flag
@@ -20,11 +21,12 @@ from ._grpo_constants import NUM_METRICS, NUM_STATS
 from ._grpo_objective import (
     FLOAT_DTYPES,
     GrpoLossOptions,
+    GrpoOptions,
     aggregation,
     autograd_inside_op,
+    document_options,
     kernel_mask,
     metrics_dict,
-    options_from_arguments,
     reference_loss,
     write_metrics,
 )
@@ -73,7 +75,7 @@ def _forward_args(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, 
     """The kernels' arguments (the same for the Triton, C++ CPU and CUDA launchers)."""
     mode, const_weight = aggregation(options.loss_type, logp.shape[0], options.max_completion_length,
                                      options.num_items_value, num_items_tensor is not None)
-    row_metrics = options.sequence_level and advantages.dim() == 1
+    row_metrics = _grpo_objective.row_metrics(options, advantages)
     return (
         logp, old_logp, ref_logp, _kernel_advantages(advantages, logp.shape), kernel_mask(mask), num_items_tensor,
         *_clip_args(options), options.sequence_level, row_metrics, mode, const_weight, *outputs,
@@ -82,17 +84,20 @@ def _forward_args(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, 
 
 def _clip_args(options: GrpoLossOptions) -> tuple:
     """(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, use_bias_correction_kl,
-    sapo_tau_pos, sapo_tau_neg, cispo) as the kernels take them: no delta is +inf, no dual clip is 0, no KL
-    clamp is +inf (clamping to +-inf changes nothing), the SAPO temperatures are 0 unless
-    loss_type="sapo" (a positive sapo_tau_pos selects the SAPO objective); cispo selects TRL's CISPO
-    objective (whose ratio cap, and high-clip metric bound, is epsilon_high itself)."""
+    sapo_tau_pos, sapo_tau_neg, cispo, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg,
+    vespo) as the kernels take them: no delta is +inf, no dual clip is 0, no KL clamp is +inf (clamping
+    to +-inf changes nothing), the SAPO temperatures are 0 unless loss_type="sapo" (a positive
+    sapo_tau_pos selects the SAPO objective); cispo selects TRL's CISPO objective (whose ratio cap, and
+    high-clip metric bound, is epsilon_high itself), vespo TRL's VESPO objective (the kernels floor its
+    lambdas at VESPO_MIN_LAMBDA, as TRL)."""
     delta = math.inf if options.delta is None else options.delta
     dual_clip = 0.0 if options.dual_clip is None else options.dual_clip
     kl_clamp = math.inf if options.kl_clamp is None else options.kl_clamp
     sapo = options.loss_type == "sapo"
     taus = (options.sapo_temperature_pos, options.sapo_temperature_neg) if sapo else (0.0, 0.0)
     return (options.beta, options.epsilon_low, options.epsilon_high, delta, dual_clip, kl_clamp,
-            options.use_bias_correction_kl, *taus, options.loss_type == "cispo")
+            options.use_bias_correction_kl, *taus, options.loss_type == "cispo", options.vespo_k_pos,
+            options.vespo_lambda_pos, options.vespo_k_neg, options.vespo_lambda_neg, options.loss_type == "vespo")
 
 
 _FINALIZE_COUNTERS: dict[tuple, torch.Tensor] = {}
@@ -235,6 +240,7 @@ def _check_logp(logp) -> None:
         raise ValueError(f"grpo_loss: logp must be [B, T] with B >= 1 and T >= 1, got shape {tuple(logp.shape)}")
 
 
+@document_options
 def grpo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor | None,
@@ -242,20 +248,8 @@ def grpo_loss(
     mask: torch.Tensor,
     *,
     ref_logp: torch.Tensor | None = None,
-    beta: float = 0.0,
-    epsilon_low: float = 0.2,
-    epsilon_high: float | None = None,
-    delta: float | None = None,
-    dual_clip: float | None = None,
-    loss_type: str = "grpo",
-    importance_sampling_level: str = "token",
-    max_completion_length: int | None = None,
-    num_items_in_batch: int | float | torch.Tensor | None = None,
-    kl_clamp: float | None = None,
-    use_bias_correction_kl: bool = False,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
     backend: str | None = None,
+    **options: Unpack[GrpoOptions],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped-surrogate GRPO / PPO / GSPO policy loss with k3 KL and its metrics, fused.
 
@@ -275,6 +269,10 @@ def grpo_loss(
         pg     = -sg(min(r, epsilon_high)) * A * logp    (loss_type="cispo", TRL's CISPO, instead of the
                                                           clip; sg: no gradient through the capped
                                                           ratio, so d pg / d logp = -min(r, epsilon_high) A)
+        pg     = -sg(phi) * A * logp                      (loss_type="vespo", TRL's VESPO, instead of the
+                                                          clip: phi = exp(lambda + k log w - lambda w),
+                                                          log w = clip(sum_t mask * l_t, ln 1e-8, 20), the
+                                                          sequence's; k, lambda: vespo_*_pos where A >= 0)
         kl     = exp(d) - d - 1,  d = clip(ref_logp - logp, -20, 20)
         kl     = clip(kl, -kl_clamp, kl_clamp)          (verl's low_var_kl: kl_clamp=10; default none)
         kl     = kl * r                                  (TRL's use_bias_correction_kl; default off)
@@ -299,56 +297,10 @@ def grpo_loss(
     ref_logp : Tensor, shape ``[B, T]``, same dtype as ``logp``, optional
         Reference-model log-probs. Needed when ``beta > 0``; when given, the ``kl`` metric is
         reported. Gets a gradient only if it requires one.
-    beta : float, default 0.0
-        Weight of the k3 KL, added to each token's loss before aggregation (as TRL does).
-    epsilon_low, epsilon_high : float, default 0.2 and ``epsilon_low``
-        Clip range ``[1 - epsilon_low, 1 + epsilon_high]`` (``epsilon_high > epsilon_low``:
-        DAPO's clip-higher).
-    delta : float, optional
-        Upper cap on the unclipped ratio (TRL's ``delta``, two-sided GRPO), ``> 0``.
-    dual_clip : float, optional
-        verl's ``clip_ratio_c`` (``> 1``, usually 3): for ``A < 0`` the token loss is at most
-        ``-dual_clip * A``.
-    loss_type : str, default "grpo"
-        Aggregation, with ``S_b = sum_t mask * loss_t``, ``n_b`` the tokens of row ``b``,
-        ``N = sum_b n_b`` (counts are clamped to >= 1) and ``L = max_completion_length``:
-
-        - ``"grpo"``, ``"sapo"`` (with SAPO's objective), ``"seq-mean-token-mean"``: ``mean_b(S_b / n_b)``
-        - ``"bnpo"``, ``"token-mean"``: ``sum_b S_b / N``
-        - ``"dr_grpo"``: ``sum_b S_b / (B * L)``
-        - ``"dapo"``, ``"cispo"`` (with CISPO's objective): ``sum_b S_b / num_items_in_batch`` (default ``N``)
-        - ``"luspo"`` (TRL's name), ``"seq-mean-token-sum"`` (verl's): ``mean_b S_b``
-        - ``"seq-mean-token-sum-norm"``: ``sum_b S_b / L`` (verl's Dr. GRPO form)
-    importance_sampling_level : {"token", "sequence"}, default "token"
-    max_completion_length : int, optional
-        ``L`` above (``dr_grpo`` and ``seq-mean-token-sum-norm`` only); default ``T``.
-    num_items_in_batch : int, float or 0-dim Tensor, optional
-        ``dapo`` and ``cispo`` only: the global number of completion tokens across processes, finite and
-        ``> 0`` (a CUDA tensor is read and checked by the kernel on the device, without a host sync:
-        a bad one gives a NaN loss and an error from ``check_device_errors``; a CPU tensor is checked
-        like the number). Ignored by the other loss types.
-    kl_clamp : float, optional
-        Bound on each token's k3 value, ``> 0``: ``kl = clip(kl, -kl_clamp, kl_clamp)``, no KL
-        gradient where it binds. verl's ``low_var_kl`` clamps at 10
-        (:data:`gtalign_fast.ops._grpo_constants.KL_LIMIT`; verl's plugin passes it); TRL and Liger do
-        not clamp, nor does the default (None). Either way ``d`` is clamped to [-20, 20] first, as
-        verl does (TRL does not; it only matters where TRL's KL exceeds ``exp(20) - 21``, 4.9e8).
-    use_bias_correction_kl : bool, default False
-        TRL's ``use_bias_correction_kl`` (its ``GRPOConfig`` default is True): the k3 term is
-        multiplied by the importance ratio ``r`` (the sequence's at sequence level, before
-        ``delta``), with its gradient through ``r``; the ``kl`` metric is then that product, as
-        TRL logs it.
-    sapo_temperature_pos, sapo_temperature_neg : float, default 1.0 and 1.05
-        SAPO's temperatures (TRL's names and defaults), ``> 0``; ``loss_type="sapo"`` only (which
-        refuses ``delta`` and ``dual_clip``). The clip metrics still report where ``r`` leaves
-        ``[1 - epsilon_low, 1 + epsilon_high]``.
-
-    ``loss_type="cispo"`` (TRL's CISPO) caps the ratio at ``epsilon_high`` itself (ScaleRL's
-    ``eps_max``; TRL recommends 5.0), refuses ``delta`` and ``dual_clip``, and reports TRL's
-    ``cispo_clip_ratio`` (``r > epsilon_high`` where ``A > 0``) as ``clip_ratio/high_mean``.
     backend : {"triton", "cuda", "cpu", "reference"}, optional
         Force a backend; default: ``GTALIGN_FAST_BACKEND[_GRPO_LOSS]``, else the C++ kernel on CPU
         and the CUDA C++ kernel on CUDA (the faster there, see ``_backend.CUDA_DEFAULTS``).
+    %(grpo_options)s
 
     Returns
     -------
@@ -359,12 +311,15 @@ def grpo_loss(
         ``"clip_ratio/region_mean"`` (either), ``"ratio_mean"`` (mean ``r``) and, when ``ref_logp``
         is given, ``"kl"`` (mean k3). Means over the masked tokens, or, as TRL's GSPO metrics,
         over the ``B`` sequences when both the ratio and ``advantages`` are per sequence.
+        ``loss_type="cispo"``: ``"clip_ratio/high_mean"`` is TRL's ``cispo_clip_ratio``
+        (``r > epsilon_high`` where ``A > 0``). ``loss_type="vespo"``: ``"vespo/phi_seq_mean"``
+        (TRL's: the mean ``phi``, over the sequences with ``[B]`` advantages) and ``"kl"`` only.
 
     Raises
     ------
     TypeError
-        Non-tensor inputs, unsupported dtypes, ``old_logp`` / ``ref_logp`` of another dtype than
-        ``logp``, non-number hyper-parameters.
+        A keyword that is not an option; non-tensor inputs, unsupported dtypes, ``old_logp`` /
+        ``ref_logp`` of another dtype than ``logp``, non-number hyper-parameters.
     ValueError
         Shapes (``B = 0`` or ``T = 0`` included), devices, unknown ``loss_type`` or level,
         out-of-range hyper-parameters, ``beta > 0`` without ``ref_logp``.
@@ -375,17 +330,10 @@ def grpo_loss(
     TRL does), so a micro-batch of truncated-and-masked completions does not produce NaN.
     """
     _check_logp(logp)
-    _grpo_objective.validate(
-        OP, logp.shape, logp.device, "logp is", logp.dtype, old_logp, advantages, mask, ref_logp, beta, epsilon_low,
-        epsilon_high, delta, dual_clip, loss_type, importance_sampling_level, max_completion_length,
-        num_items_in_batch, kl_clamp, use_bias_correction_kl, sapo_temperature_pos, sapo_temperature_neg,
-    )
-    num_items_tensor, options = options_from_arguments(
-        OP, logp.shape[1], beta, epsilon_low, epsilon_high, delta, dual_clip, loss_type, importance_sampling_level,
-        max_completion_length, num_items_in_batch, kl_clamp, use_bias_correction_kl, sapo_temperature_pos,
-        sapo_temperature_neg,
+    num_items_tensor, options = _grpo_objective.resolve_options(
+        OP, logp.shape, logp.device, "logp is", logp.dtype, old_logp, advantages, mask, ref_logp, options
     )
     old_logp = None if old_logp is None else old_logp.detach()
     loss, metrics, _, _ = FORWARD(logp, old_logp, ref_logp, advantages.detach(), mask.detach(), num_items_tensor,
                                   options=options, backend=backend or "")
-    return loss, metrics_dict(metrics, ref_logp is not None)
+    return loss, metrics_dict(metrics, ref_logp is not None, vespo=options.loss_type == "vespo")

@@ -20,6 +20,7 @@ adds up. Under ``torch.no_grad()`` (or with nothing requiring a gradient) only t
 from __future__ import annotations
 
 import torch
+from typing_extensions import Unpack
 
 from . import _device_checks
 from ._grpo_chunks import (
@@ -53,10 +54,13 @@ from ._grpo_constants import (
 )
 from ._grpo_objective import (
     FLOAT_DTYPES,
+    GrpoOptions,
     autograd_inside_op,
+    document_options,
     kernel_mask,
     options_type,
     reference_loss,
+    row_metrics,
     row_weights,
 )
 from ._op import Op, Output
@@ -109,14 +113,14 @@ def _forward_chunks(name, hidden, weight, bias, targets, old_logp, ref_logp, adv
     n_tokens, vocab = batch * length, weight.shape[0]
     need_grad = options.need_hidden or options.need_weight or options.need_bias
     inv_t = 1.0 / options.temperature
-    seq = grpo.sequence_level
+    seq = grpo.whole_rows
     chunk = options.chunk_size or default_chunk_tokens(n_tokens, vocab, hidden.dtype, device)
 
     ktargets = kernel_targets(targets, mask)
     weights_b = row_weights(mask, grpo, num_items_tensor)
     logp_flat = logp.view(-1)
     entropy = torch.empty(n_tokens, dtype=torch.float32, device=device)
-    if seq:  # rows of the GRPO kernels = sequences; a chunk holds whole sequences
+    if seq:  # rows of the GRPO kernels = sequences; a chunk holds whole sequences (GSPO's ratio, VESPO's weight)
         rows_per_chunk, row_len = max(1, chunk // length), length
         w_rows, row_inputs = weights_b, (logp, old_logp, ref_logp, advantages, mask)
     else:  # rows = single tokens ([N, 1] views): a chunk may cut a sequence anywhere
@@ -172,7 +176,7 @@ def _forward_chunks(name, hidden, weight, bias, targets, old_logp, ref_logp, adv
         dbias.copy_(dbias_acc)
     if name == "triton" and need_grad:  # the gradient kernel's target check (CPU: raise; CUDA: recorded)
         _device_checks.after_launch(OP, device)
-    _finish(row_stats, w_rows, entropy, mask, seq and advantages.dim() == 1, batch, loss, metrics)
+    _finish(row_stats, w_rows, entropy, mask, row_metrics(grpo, advantages), batch, loss, metrics)
 
 
 def _finish(row_stats, w_rows, entropy, mask, row_metrics, batch, loss, metrics) -> None:
@@ -259,6 +263,7 @@ def _backward(ctx, grad_loss, *_unused):
 FORWARD.register_autograd(_save, _backward, differentiable=(0,))
 
 
+@document_options
 def linear_grpo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -270,22 +275,10 @@ def linear_grpo_loss(
     ref_logp: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
-    beta: float = 0.0,
-    epsilon_low: float = 0.2,
-    epsilon_high: float | None = None,
-    delta: float | None = None,
-    dual_clip: float | None = None,
-    loss_type: str = "grpo",
-    importance_sampling_level: str = "token",
-    max_completion_length: int | None = None,
-    num_items_in_batch: int | float | torch.Tensor | None = None,
-    kl_clamp: float | None = None,
-    use_bias_correction_kl: bool = False,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
     chunk_size: int | None = None,
     return_logp: bool = False,
     backend: str | None = None,
+    **options: Unpack[GrpoOptions],
 ):
     """GRPO loss from the final hidden states: ``grpo_loss(token_logprobs((hidden @ weight.T + bias) / T,
     targets), ...)`` in chunks of tokens, with dhidden / dweight / dbias computed in the forward.
@@ -303,16 +296,15 @@ def linear_grpo_loss(
     weight : Tensor, shape ``[V, H]``, hidden's dtype
     targets : Tensor, shape ``[B, T]``, int64
         Token ids in ``[0, V)`` where ``mask`` is nonzero (any value elsewhere).
-    advantages, mask, old_logp, ref_logp, beta, epsilon_low, epsilon_high, delta, dual_clip, loss_type,
-    importance_sampling_level, max_completion_length, num_items_in_batch, kl_clamp, use_bias_correction_kl,
-    sapo_temperature_pos, sapo_temperature_neg
+    advantages, mask, old_logp, ref_logp
         As :func:`gtalign_fast.ops.grpo_loss` (``old_logp`` / ``ref_logp`` any float dtype, used in
         float32; ``old_logp=None``: on-policy, ratio 1, the true gradient).
     bias : Tensor, shape ``[V]``, hidden's dtype, optional
     temperature : float, default 1.0
         The logits are divided by it before the softmax.
     chunk_size : int, optional
-        Tokens per chunk (at sequence level rounded down to whole sequences, at least one).
+        Tokens per chunk (at sequence level and for ``loss_type="vespo"`` rounded down to whole
+        sequences, at least one).
         Default: :func:`default_chunk_tokens`, as many as keep one chunk of logits within 64 MiB
         on CPU / 512 MiB on CUDA (a multiple of 128, at least 128): few chunks keep the GEMMs
         large, the budget bounds the memory beyond the gradients.
@@ -322,6 +314,7 @@ def linear_grpo_loss(
     backend : {"triton", "cpu", "reference"}, optional
         The chunk kernels (GEMMs always on the BLAS / cuBLAS). Default:
         ``GTALIGN_FAST_BACKEND[_LINEAR_GRPO_LOSS]``, else C++ on CPU and Triton on CUDA.
+    %(grpo_options)s
 
     Returns
     -------
@@ -376,9 +369,7 @@ def linear_grpo_loss(
         raise ValueError(f"{OP}: chunk_size must be >= 1, got {chunk_size}")
     batch, length, size = hidden.shape
     old_logp, ref_logp, num_items_tensor, grpo = loss_options(
-        OP, batch, length, hidden.device, old_logp, advantages, mask, ref_logp, beta, epsilon_low, epsilon_high,
-        delta, dual_clip, loss_type, importance_sampling_level, max_completion_length, num_items_in_batch,
-        kl_clamp, use_bias_correction_kl, sapo_temperature_pos, sapo_temperature_neg)
+        OP, batch, length, hidden.device, old_logp, advantages, mask, ref_logp, options)
     grad = torch.is_grad_enabled()
     options = LinearGrpoLossOptions(
         *grpo, temperature=float(temperature), chunk_size=int(chunk_size or 0),
@@ -388,5 +379,5 @@ def linear_grpo_loss(
     loss, metrics, logp, *_ = FORWARD(hidden.reshape(batch * length, size), weight, bias, targets, old_logp, ref_logp,
                                       advantages.detach(), mask.detach(), num_items_tensor, options=options,
                                       backend=backend or "")
-    result = (loss, fused_metrics(metrics, ref_logp is not None))
+    result = (loss, fused_metrics(metrics, ref_logp is not None, grpo.loss_type == "vespo"))
     return (*result, logp.detach()) if return_logp else result

@@ -14,6 +14,7 @@ with ``inplace_backward=True``). The objective (options, validation, normaliser,
 from __future__ import annotations
 
 import torch
+from typing_extensions import Unpack
 
 from . import _device_checks
 from ._grpo_chunks import (
@@ -31,7 +32,14 @@ from ._grpo_chunks import (
     why_unavailable,
 )
 from ._grpo_constants import NUM_METRICS, NUM_STATS
-from ._grpo_objective import FLOAT_DTYPES, autograd_inside_op, options_type, reference_loss
+from ._grpo_objective import (
+    FLOAT_DTYPES,
+    GrpoOptions,
+    autograd_inside_op,
+    document_options,
+    options_type,
+    reference_loss,
+)
 from ._op import Op, Output
 from ._token_logprobs import rows_view
 from ._token_logprobs_constants import NUM_STATS as NUM_ROW_STATS
@@ -176,6 +184,7 @@ FORWARD.register_autograd(_save, _backward, differentiable=(0,))
 # Public function
 
 
+@document_options
 def logits_grpo_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -184,22 +193,10 @@ def logits_grpo_loss(
     *,
     old_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
-    beta: float = 0.0,
-    epsilon_low: float = 0.2,
-    epsilon_high: float | None = None,
-    delta: float | None = None,
-    dual_clip: float | None = None,
-    loss_type: str = "grpo",
-    importance_sampling_level: str = "token",
-    max_completion_length: int | None = None,
-    num_items_in_batch: int | float | torch.Tensor | None = None,
-    kl_clamp: float | None = None,
-    use_bias_correction_kl: bool = False,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
     temperature: float = 1.0,
     inplace_backward: bool = False,
     backend: str | None = None,
+    **options: Unpack[GrpoOptions],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO loss straight from logits: ``grpo_loss(token_logprobs(logits, targets, temperature), ...)``
     without the ``[B, T]`` log-prob round trip through autograd, and optionally with the logits
@@ -217,9 +214,7 @@ def logits_grpo_loss(
         is read (and, in place, written) without a copy.
     targets : Tensor, shape ``[B, T]``, int64
         Token ids in ``[0, V)`` wherever ``mask`` is nonzero (any value elsewhere).
-    advantages, mask, old_logp, ref_logp, beta, epsilon_low, epsilon_high, delta, dual_clip, loss_type,
-    importance_sampling_level, max_completion_length, num_items_in_batch, kl_clamp, use_bias_correction_kl,
-    sapo_temperature_pos, sapo_temperature_neg
+    advantages, mask, old_logp, ref_logp
         As :func:`gtalign_fast.ops.grpo_loss` (``old_logp`` / ``ref_logp``: any float dtype, used in
         float32; ``old_logp=None``: on-policy, ratio 1, the true gradient).
     temperature : float, default 1.0
@@ -230,6 +225,7 @@ def logits_grpo_loss(
         are destroyed by the backward; use it only when nothing else reads them afterwards.
     backend : {"triton", "cpu", "reference"}, optional
         Default: ``GTALIGN_FAST_BACKEND[_LOGITS_GRPO_LOSS]``, else the C++ kernels on CPU and Triton on CUDA.
+    %(grpo_options)s
 
     Returns
     -------
@@ -264,10 +260,8 @@ def logits_grpo_loss(
         raise ValueError(f"{OP}: inplace_backward=True would overwrite a leaf tensor that requires grad")
     batch, length, _ = logits.shape
     old_logp, ref_logp, num_items_tensor, grpo = loss_options(
-        OP, batch, length, logits.device, old_logp, advantages, mask, ref_logp, beta, epsilon_low, epsilon_high,
-        delta, dual_clip, loss_type, importance_sampling_level, max_completion_length, num_items_in_batch,
-        kl_clamp, use_bias_correction_kl, sapo_temperature_pos, sapo_temperature_neg)
+        OP, batch, length, logits.device, old_logp, advantages, mask, ref_logp, options)
     options = LogitsGrpoLossOptions(*grpo, temperature=float(temperature), inplace_backward=bool(inplace_backward))
     loss, metrics, *_ = FORWARD(logits, targets, old_logp, ref_logp, advantages.detach(), mask.detach(),
                                 num_items_tensor, options=options, backend=backend or "")
-    return loss, fused_metrics(metrics, ref_logp is not None)
+    return loss, fused_metrics(metrics, ref_logp is not None, grpo.loss_type == "vespo")
