@@ -45,6 +45,7 @@ struct ClipParams {
   float vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg;
   bool vespo;
   float log_w, w;
+  bool has_is;  // an importance-sampling ratio weights the policy term (set by the entry points)
 };
 
 inline ClipParams clip_params(double beta, double eps_low, double eps_high, double delta, double dual_clip,

@@ -119,6 +119,7 @@ def grpo_loss(
     vespo_lambda_pos: float = 3.0,
     vespo_k_neg: float = 3.0,
     vespo_lambda_neg: float = 2.0,
+    importance_sampling_ratio: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped-surrogate GRPO / PPO policy loss with k3 KL, written plainly from TRL and verl.
 
@@ -129,6 +130,8 @@ def grpo_loss(
         ``old = logp.detach()``) and of the reference model.
     advantages : Tensor, shape ``[B]`` or ``[B, T]``
     mask : Tensor, shape ``[B, T]``; nonzero = the token counts.
+    importance_sampling_ratio : Tensor, shape ``[B]``, ``[B, 1]`` or ``[B, T]``, optional
+        Weights of the policy term (TRL's vLLM IS ratio); VESPO adds their logs to its sequence weight.
     Other arguments: see :func:`gtalign_fast.ops.grpo_loss`.
 
     Returns
@@ -171,12 +174,19 @@ def grpo_loss(
         # detached, times A log p: the gradient is -min(r, eps_high) A whatever r is.
         high_bound = epsilon_high
         per_token_loss = -torch.clamp(ratio, max=epsilon_high).detach() * adv * logp
+    is_ratio = None
+    if importance_sampling_ratio is not None:  # [B, 1] per sequence, or [B, T]
+        is_ratio = importance_sampling_ratio.detach().to(dtype).reshape(batch, -1)
     if loss_type == "vespo":
-        phi = _vespo_phi(logp - old, weight, adv, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
+        phi = _vespo_phi(logp - old, weight, adv, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg,
+                         is_ratio)
         per_token_loss = -phi * adv * logp
     if dual_clip is not None:
         # verl's dual clip: for A < 0 the loss is capped at -A * c.
         per_token_loss = torch.where(adv < 0, torch.min(-adv * dual_clip, per_token_loss), per_token_loss)
+    if is_ratio is not None and loss_type != "vespo":
+        # TRL's vLLM IS correction (verl's rollout IS weights): the policy term times the ratio, before the KL.
+        per_token_loss = per_token_loss * torch.where(valid, is_ratio, 0.0)  # masked-out ratios are never read
     per_token_loss = per_token_loss.expand(batch, length)
 
     if ref_logp is not None:
@@ -239,13 +249,19 @@ def grpo_loss(
     return loss, metrics
 
 
-def _vespo_phi(log_ratio, weight, adv, k_pos, lambda_pos, k_neg, lambda_neg) -> torch.Tensor:
+def _vespo_phi(log_ratio, weight, adv, k_pos, lambda_pos, k_neg, lambda_neg, is_ratio=None) -> torch.Tensor:
     """TRL's VESPO Gamma weight (``GRPOTrainer.get_gamma_weights``), detached: ``phi = exp(lambda +
     k log w - lambda w)`` with ``log w`` the sequence's masked sum of per-token log-ratios (each
-    clamped to [-20, 20]), clamped to [ln 1e-8, 20]; ``(k, lambda)`` the ``_pos`` pair where
-    ``A >= 0``; ``[B, 1]`` for per-sequence advantages, else ``[B, T]``."""
+    clamped to [-20, 20]) plus the logs of the IS ratio (each clamped to [ln 1e-8, 20]; masked tokens
+    excluded), clamped to [ln 1e-8, 20]; ``(k, lambda)`` the ``_pos`` pair where ``A >= 0``;
+    ``[B, 1]`` for per-sequence advantages, else ``[B, T]``."""
     log_ratio = log_ratio.detach()
     seq_log_ratio = (torch.clamp(log_ratio, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT) * weight).sum(-1, keepdim=True)
+    if is_ratio is not None:
+        log_is = torch.clamp(torch.log(is_ratio), VESPO_MIN_LOG_WEIGHT, LOG_RATIO_LIMIT)
+        if log_is.shape[1] != 1:  # per token: the masked sum (a masked-out ratio is never read)
+            log_is = torch.where(weight != 0, log_is, 0.0).sum(-1, keepdim=True)
+        seq_log_ratio = seq_log_ratio + log_is
     log_w = torch.clamp(seq_log_ratio, VESPO_MIN_LOG_WEIGHT, LOG_RATIO_LIMIT)
     nonneg = adv >= 0
     k = torch.where(nonneg, k_pos, k_neg).to(log_w.dtype)

@@ -12,7 +12,22 @@ _OBJECTIVE_ARGS = frozenset(("sapo_temperature_pos", "sapo_temperature_neg", "ve
                              "vespo_k_neg", "vespo_lambda_neg"))
 
 
-def trl_grpo_loss(
+def trl_grpo_loss(*args, **kwargs) -> torch.Tensor:
+    """TRL's own ``GRPOTrainer._compute_loss`` on given per-token log-probs (the arguments of
+    :func:`trl_trainer_stub`). Differentiable w.r.t. ``logp``.
+
+    Raises
+    ------
+    ImportError
+        When TRL is not installed.
+    """
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    trainer, inputs = trl_trainer_stub(*args, **kwargs)
+    return GRPOTrainer._compute_loss(trainer, None, inputs)
+
+
+def trl_trainer_stub(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
@@ -28,11 +43,11 @@ def trl_grpo_loss(
     use_bias_correction_kl: bool = False,
     importance_sampling_ratio: torch.Tensor | None = None,
     **objective_args: float,
-) -> torch.Tensor:
-    """TRL's own ``GRPOTrainer._compute_loss`` on given per-token log-probs.
-
-    Runs TRL's code (not a re-implementation) on a minimal stand-in for the trainer state: one
-    process, no gradient accumulation, no vLLM, no entropy masking. Differentiable w.r.t. ``logp``.
+) -> tuple[types.SimpleNamespace, dict]:
+    """A minimal stand-in for TRL's ``GRPOTrainer`` state and the inputs of its ``_compute_loss``, on
+    given per-token log-probs: one process, no gradient accumulation, no vLLM generation, no entropy
+    masking. ``GRPOTrainer._compute_loss(trainer, None, inputs)`` runs TRL's own code on it (and the
+    TRL patch's ``_compute_loss`` runs on the same stand-in); the metrics land in ``trainer._metrics``.
 
     Parameters
     ----------
@@ -59,7 +74,7 @@ def trl_grpo_loss(
 
     unknown = objective_args.keys() - _OBJECTIVE_ARGS
     if unknown:
-        raise TypeError(f"trl_grpo_loss() got unexpected keyword arguments {sorted(unknown)}")
+        raise TypeError(f"trl_trainer_stub() got unexpected keyword arguments {sorted(unknown)}")
     objective_args = {name: OPTION_DEFAULTS[name] for name in _OBJECTIVE_ARGS} | objective_args
     vllm_is = importance_sampling_ratio is not None
     args = types.SimpleNamespace(delta=None, use_bias_correction_kl=use_bias_correction_kl,
@@ -93,4 +108,4 @@ def trl_grpo_loss(
                   num_items_in_batch=mask.sum() if num_items_in_batch is None else num_items_in_batch)
     if vllm_is:
         inputs["importance_sampling_ratio"] = importance_sampling_ratio
-    return GRPOTrainer._compute_loss(trainer, None, inputs)
+    return trainer, inputs

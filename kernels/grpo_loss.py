@@ -83,10 +83,10 @@ MAX_BLOCK_B = 1024
 
 @triton.jit
 def _grpo_loss_rows_kernel(
-    logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, stats_ptr,
+    logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, is_ptr, stats_ptr,
     num_items_ptr, loss_ptr, metrics_ptr, weights_ptr, error_ptr, counter_ptr,
     T,
-    s_lb, s_lt, s_ob, s_ot, s_rb, s_rt, s_ab, s_at, s_mb, s_mt,
+    s_lb, s_lt, s_ob, s_ot, s_rb, s_rt, s_ab, s_at, s_mb, s_mt, s_ib, s_it,
     beta, eps_low, eps_high, delta, dual_clip, kl_clamp, tau_pos, tau_neg, vk_pos, vl_pos, vk_neg, vl_neg,
     const_weight,
     ON_POLICY: tl.constexpr,
@@ -98,17 +98,20 @@ def _grpo_loss_rows_kernel(
     SAPO: tl.constexpr,
     CISPO: tl.constexpr,
     VESPO: tl.constexpr,
+    HAS_IS: tl.constexpr,
+    IS_ROW: tl.constexpr,
     BLOCK_T: tl.constexpr,
     FUSED: tl.constexpr,
     MODE: tl.constexpr,
     BLOCK_B: tl.constexpr,
     ERR_NUM_ITEMS: tl.constexpr,
 ):
-    _grpo_loss_row(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, stats_ptr, T,
-                   s_lb, s_lt, s_ob, s_ot, s_rb, s_rt, s_ab, s_at, s_mb, s_mt,
+    _grpo_loss_row(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, is_ptr, stats_ptr, T,
+                   s_lb, s_lt, s_ob, s_ot, s_rb, s_rt, s_ab, s_at, s_mb, s_mt, s_ib, s_it,
                    beta, eps_low, eps_high, delta, dual_clip, kl_clamp, tau_pos, tau_neg,
                    vk_pos, vl_pos, vk_neg, vl_neg,
-                   ON_POLICY, HAS_REF, SEQ_LEVEL, ROW_METRICS, DUAL_CLIP, BIAS_KL, SAPO, CISPO, VESPO, BLOCK_T)
+                   ON_POLICY, HAS_REF, SEQ_LEVEL, ROW_METRICS, DUAL_CLIP, BIAS_KL, SAPO, CISPO, VESPO, HAS_IS, IS_ROW,
+                   BLOCK_T)
     if FUSED:
         # One launch per forward: the last program to finish reduces every row. The barrier and the
         # release half of the atomic publish this program's row; its acquire half (in the last
@@ -123,9 +126,9 @@ def _grpo_loss_rows_kernel(
 
 @triton.jit
 def _grpo_loss_row(
-    logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, stats_ptr,
+    logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, is_ptr, stats_ptr,
     T,
-    s_lb, s_lt, s_ob, s_ot, s_rb, s_rt, s_ab, s_at, s_mb, s_mt,
+    s_lb, s_lt, s_ob, s_ot, s_rb, s_rt, s_ab, s_at, s_mb, s_mt, s_ib, s_it,
     beta, eps_low, eps_high, delta, dual_clip, kl_clamp, tau_pos, tau_neg, vk_pos, vl_pos, vk_neg, vl_neg,
     ON_POLICY: tl.constexpr,
     HAS_REF: tl.constexpr,
@@ -136,6 +139,8 @@ def _grpo_loss_row(
     SAPO: tl.constexpr,
     CISPO: tl.constexpr,
     VESPO: tl.constexpr,
+    HAS_IS: tl.constexpr,
+    IS_ROW: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     """One sequence's partial sums into row_stats[row] (row = the program id)."""
@@ -152,8 +157,8 @@ def _grpo_loss_row(
     log_w = tl.cast(0.0, tl.float32)
     w = tl.cast(1.0, tl.float32)
     if VESPO:  # TRL's VESPO: the row's sequence weight first
-        log_w, w = vespo_log_weight(logp_ptr, old_ptr, mask_ptr, row, T, s_lb, s_lt, s_ob, s_ot, s_mb, s_mt,
-                                    ON_POLICY, BLOCK_T)
+        log_w, w = vespo_log_weight(logp_ptr, old_ptr, mask_ptr, is_ptr, row, T, s_lb, s_lt, s_ob, s_ot, s_mb, s_mt,
+                                    s_ib, s_it, ON_POLICY, HAS_IS, IS_ROW, BLOCK_T)
 
     loss_acc = tl.zeros([BLOCK_T], tl.float32)
     tokens_acc = tl.zeros([BLOCK_T], tl.float32)
@@ -180,6 +185,10 @@ def _grpo_loss_row(
         else:
             pg, dpg, coef_1 = policy_term(ratio, adv, lp, low_bound, high_bound, delta, dual_clip, tau_pos,
                                           tau_neg, DUAL_CLIP, SAPO, CISPO)
+            if HAS_IS:  # the IS ratio weights the policy term (VESPO has it in its sequence weight instead)
+                is_ratio = load_tokens(is_ptr, row, s_ib, cols, s_it, valid)
+                pg = pg * is_ratio
+                dpg = dpg * is_ratio
         token_loss = pg
         if HAS_REF:
             ref = load_tokens(ref_ptr, row, s_rb, cols, s_rt, valid)
@@ -312,9 +321,9 @@ def _grpo_loss_finalize(
 @triton.jit
 def _grpo_loss_bwd_kernel(
     grad_loss_ptr, weights_ptr, stats_ptr,
-    logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, dlogp_ptr, dref_ptr,
+    logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, is_ptr, dlogp_ptr, dref_ptr,
     T,
-    s_lb, s_lt, s_ob, s_ot, s_rb, s_rt, s_ab, s_at, s_mb, s_mt,
+    s_lb, s_lt, s_ob, s_ot, s_rb, s_rt, s_ab, s_at, s_mb, s_mt, s_ib, s_it,
     beta, eps_low, eps_high, delta, dual_clip, kl_clamp, tau_pos, tau_neg, vk_pos, vl_pos, vk_neg, vl_neg,
     ON_POLICY: tl.constexpr,
     HAS_REF: tl.constexpr,
@@ -325,6 +334,8 @@ def _grpo_loss_bwd_kernel(
     SAPO: tl.constexpr,
     CISPO: tl.constexpr,
     VESPO: tl.constexpr,
+    HAS_IS: tl.constexpr,
+    IS_ROW: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -338,8 +349,8 @@ def _grpo_loss_bwd_kernel(
     log_w = tl.cast(0.0, tl.float32)
     w = tl.cast(1.0, tl.float32)
     if VESPO:
-        log_w, w = vespo_log_weight(logp_ptr, old_ptr, mask_ptr, row, T, s_lb, s_lt, s_ob, s_ot, s_mb, s_mt,
-                                    ON_POLICY, BLOCK_T)
+        log_w, w = vespo_log_weight(logp_ptr, old_ptr, mask_ptr, is_ptr, row, T, s_lb, s_lt, s_ob, s_ot, s_mb, s_mt,
+                                    s_ib, s_it, ON_POLICY, HAS_IS, IS_ROW, BLOCK_T)
     offsets = tl.arange(0, BLOCK_T)
     for start in range(0, T, BLOCK_T):
         cols = start + offsets
@@ -351,7 +362,10 @@ def _grpo_loss_bwd_kernel(
             dloss = tl.zeros([BLOCK_T], tl.float32) + seq_grad
             if CISPO:  # the per-token term outside seq_grad: min(r, eps_high) is detached
                 adv = load_tokens(adv_ptr, row, s_ab, cols, s_at, valid)
-                dloss += cispo_grad(ratio, adv, high_bound)
+                direct = cispo_grad(ratio, adv, high_bound)
+                if HAS_IS:  # (seq_grad has the ratio in already)
+                    direct = direct * load_tokens(is_ptr, row, s_ib, cols, s_it, valid)
+                dloss += direct
             if VESPO:  # likewise: phi is detached
                 adv = load_tokens(adv_ptr, row, s_ab, cols, s_at, valid)
                 dloss -= vespo_phi(adv, log_w, w, vk_pos, vl_pos, vk_neg, vl_neg) * adv
@@ -370,6 +384,8 @@ def _grpo_loss_bwd_kernel(
                 dloss += cispo_grad(ratio, adv, high_bound)
             if VESPO:  # -phi * A, phi detached (policy_term's clip gradient is not used: VESPO replaces it)
                 dloss = -vespo_phi(adv, log_w, w, vk_pos, vl_pos, vk_neg, vl_neg) * adv
+            elif HAS_IS:
+                dloss = dloss * load_tokens(is_ptr, row, s_ib, cols, s_it, valid)
         if HAS_REF:
             ref = load_tokens(ref_ptr, row, s_rb, cols, s_rt, valid)
             kl, dkl_dref = k3_term(lp, ref, kl_clamp)
@@ -395,6 +411,11 @@ def _strides(*tensors):
     for tensor in tensors:
         out.extend(tensor.stride() if tensor is not None else (0, 0))
     return out
+
+
+def _is_flags(is_ratio) -> dict:
+    """HAS_IS, and IS_ROW: a time stride of 0 is one IS ratio per sequence (VESPO adds its log once)."""
+    return dict(HAS_IS=is_ratio is not None, IS_ROW=is_ratio is not None and is_ratio.stride(1) == 0)
 
 
 def _check_layout(logp, *others) -> None:
@@ -425,6 +446,7 @@ def grpo_loss_forward(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     num_items: torch.Tensor | None,
+    is_ratio: torch.Tensor | None,
     beta: float,
     eps_low: float,
     eps_high: float,
@@ -457,7 +479,7 @@ def grpo_loss_forward(
     not finite and > 0 sets ``ERR_NUM_ITEMS`` in ``error_flag`` (int32 ``[1]``, see
     ``gtalign_fast.ops._device_checks``; default: the device's flag) and gives a NaN loss."""
     batch, length = logp.shape
-    _check_layout(logp, old_logp, ref_logp, advantages, mask)
+    _check_layout(logp, old_logp, ref_logp, advantages, mask, is_ratio)
     _check_outputs(logp, (loss, 1), (metrics, constants.NUM_METRICS), (row_stats, batch * constants.NUM_STATS),
                    (row_weights, batch))
     if num_items is not None and (num_items.numel() < 1 or num_items.device != logp.device):
@@ -476,14 +498,14 @@ def grpo_loss_forward(
     block_b = min(MAX_BLOCK_B, triton.next_power_of_2(max(batch, 16)))
     _grpo_loss_rows_kernel[(batch,)](
         logp, old_logp if old_logp is not None else logp, ref_logp if ref_logp is not None else logp,
-        advantages, mask, row_stats,
+        advantages, mask, is_ratio if is_ratio is not None else logp, row_stats,
         num_items, loss, metrics, row_weights, error_flag, finalize_counter if fused else error_flag,
-        length, *_strides(logp, old_logp, ref_logp, advantages, mask),
+        length, *_strides(logp, old_logp, ref_logp, advantages, mask, is_ratio),
         beta, eps_low, eps_high, delta, dual_clip, kl_clamp, sapo_tau_pos, sapo_tau_neg, vespo_k_pos,
         vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg, const_weight,
         ON_POLICY=old_logp is None, HAS_REF=ref_logp is not None, SEQ_LEVEL=seq_level,
         ROW_METRICS=row_metrics, DUAL_CLIP=dual_clip > 0, BIAS_KL=bool(bias_kl), SAPO=sapo_tau_pos > 0,
-        CISPO=bool(cispo), VESPO=bool(vespo),
+        CISPO=bool(cispo), VESPO=bool(vespo), **_is_flags(is_ratio),
         BLOCK_T=_block_t(length),
         FUSED=fused, MODE=mode, BLOCK_B=block_b, ERR_NUM_ITEMS=device_checks.ERR_NUM_ITEMS, num_warps=4,
     )
@@ -504,6 +526,7 @@ def grpo_loss_backward(
     ref_logp: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
+    is_ratio: torch.Tensor | None,
     beta: float,
     eps_low: float,
     eps_high: float,
@@ -526,7 +549,7 @@ def grpo_loss_backward(
     """Launch the backward kernel: writes every element of ``dlogp`` and, unless it is empty (no
     gradient for ref_logp), of ``dref``. The arguments are those of the C++ kernels."""
     batch, length = logp.shape
-    _check_layout(logp, old_logp, ref_logp, advantages, mask)
+    _check_layout(logp, old_logp, ref_logp, advantages, mask, is_ratio)
     _check_outputs(logp, (grad_loss, 1), (row_weights, batch), (row_stats, batch * constants.NUM_STATS))
     for out in (dlogp, dref):
         if out.numel() and (out.numel() != batch * length or not out.is_contiguous() or out.dtype != logp.dtype
@@ -537,13 +560,13 @@ def grpo_loss_backward(
     _grpo_loss_bwd_kernel[(batch,)](
         grad_loss, row_weights, row_stats,
         logp, old_logp if old_logp is not None else logp, ref_logp if ref_logp is not None else logp,
-        advantages, mask, dlogp, dref if dref.numel() > 0 else dlogp,
-        length, *_strides(logp, old_logp, ref_logp, advantages, mask),
+        advantages, mask, is_ratio if is_ratio is not None else logp, dlogp, dref if dref.numel() > 0 else dlogp,
+        length, *_strides(logp, old_logp, ref_logp, advantages, mask, is_ratio),
         beta, eps_low, eps_high, delta, dual_clip, kl_clamp, sapo_tau_pos, sapo_tau_neg, vespo_k_pos,
         vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg,
         ON_POLICY=old_logp is None, HAS_REF=ref_logp is not None, REF_GRAD=dref.numel() > 0,
         SEQ_LEVEL=seq_level, DUAL_CLIP=dual_clip > 0, BIAS_KL=bool(bias_kl), SAPO=sapo_tau_pos > 0,
-        CISPO=bool(cispo), VESPO=bool(vespo),
+        CISPO=bool(cispo), VESPO=bool(vespo), **_is_flags(is_ratio),
         BLOCK_T=_block_t(length),
         num_warps=4,
     )

@@ -133,22 +133,35 @@ def sequence_ratio(logp_ptr, old_ptr, mask_ptr, row, T, s_lb, s_lt, s_ob, s_ot, 
 
 
 @triton.jit
-def vespo_log_weight(logp_ptr, old_ptr, mask_ptr, row, T, s_lb, s_lt, s_ob, s_ot, s_mb, s_mt,
-                     ON_POLICY: tl.constexpr, BLOCK_T: tl.constexpr):
+def vespo_log_weight(logp_ptr, old_ptr, mask_ptr, is_ptr, row, T, s_lb, s_lt, s_ob, s_ot, s_mb, s_mt, s_ib, s_it,
+                     ON_POLICY: tl.constexpr, HAS_IS: tl.constexpr, IS_ROW: tl.constexpr, BLOCK_T: tl.constexpr):
     """VESPO's sequence weight of row ``row`` as ``(log w, w)``: ``log w`` the masked sum of the
-    log-ratios, each clamped to [-20, 20], clamped to [ln 1e-8, 20] (TRL's ``get_gamma_weights``)."""
+    log-ratios, each clamped to [-20, 20], plus the IS ratio's logs (each clamped to [ln 1e-8, 20];
+    one per row when ``IS_ROW``), clamped to [ln 1e-8, 20] (TRL's ``get_gamma_weights``)."""
     offsets = tl.arange(0, BLOCK_T)
     lr_acc = tl.zeros([BLOCK_T], tl.float32)
-    if not ON_POLICY:
+    if (not ON_POLICY) or (HAS_IS and not IS_ROW):
         for start in range(0, T, BLOCK_T):
             cols = start + offsets
             _, valid = load_valid(mask_ptr, row, s_mb, cols, s_mt, T)
-            lp = load_tokens(logp_ptr, row, s_lb, cols, s_lt, valid)
-            old = load_tokens(old_ptr, row, s_ob, cols, s_ot, valid)
-            lr = tl.minimum(tl.maximum(lp - old, -LOG_RATIO_LIMIT), LOG_RATIO_LIMIT)
-            lr_acc += tl.where(valid, lr, 0.0)
-    log_w = tl.minimum(tl.maximum(tl.sum(lr_acc, axis=0), VESPO_MIN_LOG_WEIGHT), LOG_RATIO_LIMIT)
+            if not ON_POLICY:
+                lp = load_tokens(logp_ptr, row, s_lb, cols, s_lt, valid)
+                old = load_tokens(old_ptr, row, s_ob, cols, s_ot, valid)
+                lr = tl.minimum(tl.maximum(lp - old, -LOG_RATIO_LIMIT), LOG_RATIO_LIMIT)
+                lr_acc += tl.where(valid, lr, 0.0)
+            if HAS_IS and not IS_ROW:
+                lr_acc += tl.where(valid, _clamped_log(load_tokens(is_ptr, row, s_ib, cols, s_it, valid)), 0.0)
+    total = tl.sum(lr_acc, axis=0)
+    if HAS_IS and IS_ROW:
+        total += _clamped_log(tl.load(is_ptr + row * s_ib).to(tl.float32))
+    log_w = tl.minimum(tl.maximum(total, VESPO_MIN_LOG_WEIGHT), LOG_RATIO_LIMIT)
     return log_w, tl.exp(log_w)
+
+
+@triton.jit
+def _clamped_log(x):
+    """``clamp(log(x), ln 1e-8, 20)`` (TRL's log of the IS ratio in VESPO; NaN for a negative ratio)."""
+    return tl.minimum(tl.maximum(tl.log(x), VESPO_MIN_LOG_WEIGHT), LOG_RATIO_LIMIT)
 
 
 @triton.jit

@@ -277,8 +277,9 @@ def test_custom_op_registration():
     backend = kernel_backends()[0] if kernel_backends() else "reference"
     for kl_clamp, bias_kl, loss_type in ((None, False, "grpo"), (10.0, True, "grpo"), (None, True, "vespo")):
         clips = (None, None) if loss_type == "vespo" else (1.5, 3.0)
-        args = (logp.detach().requires_grad_(True), old, ref, advantages, mask, None, 0.04, 0.2, 0.28, *clips,
-                loss_type, False, 5, None, kl_clamp, bias_kl, 1.0, 1.05, 2.0, 3.0, 3.0, 2.0, backend)
+        is_ratio = torch.rand(mask.shape, device=DEVICE) if loss_type == "vespo" else None
+        args = (logp.detach().requires_grad_(True), old, ref, advantages, mask, None, is_ratio, 0.04, 0.2, 0.28,
+                *clips, loss_type, False, 5, None, kl_clamp, bias_kl, 1.0, 1.05, 2.0, 3.0, 3.0, 2.0, backend)
         torch.library.opcheck(_grpo_loss.FORWARD.custom_op, args, test_utils=("test_schema", "test_faketensor",
                                                                          "test_autograd_registration"))
 
@@ -575,6 +576,105 @@ def test_vespo_refuses_the_clip_options_and_bad_parameters():
     for extra, match in ((dict(vespo_lambda_pos=0.0), "vespo_lambda_pos"), (dict(vespo_k_neg=-1.0), "vespo_k_neg")):
         with pytest.raises(ValueError, match=match):
             ops.grpo_loss(logp, old, advantages, mask, loss_type="vespo", **extra)
+
+
+def _is_ratios(mask, seed):
+    """TRL-like IS ratios: per token (1 where masked out, as TRL's, some 0 as its mask modes give, some capped
+    at 3), per sequence as [B] and as TRL's [B, 1]."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.rand(mask.shape, generator=generator, dtype=torch.float64) * 3.5
+    tokens[tokens < 0.3] = 0.0
+    tokens = torch.where(mask.cpu(), tokens.clamp(max=3.0), 1.0).float().to(DEVICE)
+    rows = (torch.rand(mask.shape[0], generator=generator) * 2.0).to(DEVICE)
+    return {"token": tokens, "sequence": rows, "sequence_b1": rows.unsqueeze(1)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_importance_sampling_ratio(backend):
+    # TRL's vLLM IS correction / verl's rollout IS weights: the policy term times the ratio (VESPO: its logs in
+    # the sequence weight), per token or per sequence, against the reference with gradients.
+    logp, old, ref, advantages, mask = _inputs(4, 9, seed=46)
+    ratios = _is_ratios(mask, 46)
+    cases = itertools.product(("grpo", "dapo", "sapo", "cispo", "vespo", "luspo"), LEVELS, tuple(ratios))
+    for index, (loss_type, level, kind) in enumerate(cases):
+        if _interpreted_triton(backend) and index % 3:
+            continue
+        clip = dict(dual_clip=3.0) if loss_type in ("grpo", "luspo") else {}
+        _check(backend, logp, old, advantages, mask, ref, ref_grad=True, loss_type=loss_type,
+               importance_sampling_level=level, beta=0.04, use_bias_correction_kl=index % 2 == 0,
+               epsilon_high=1.1 if loss_type == "cispo" else 0.28, importance_sampling_ratio=ratios[kind], **clip)
+
+
+def test_importance_sampling_ratio_leaves_the_clip_metrics():
+    # TRL counts the clipped tokens before weighting: a ratio of 0 does not hide a clipped token (issue 22.3's
+    # point about folding weights into the advantages).
+    logp, old, ref, advantages, mask = _inputs(4, 9, seed=47)
+    zeros = torch.zeros(mask.shape, device=DEVICE)
+    _, plain = ops.grpo_loss(logp, old, advantages, mask, epsilon_high=0.28)
+    loss, weighted = ops.grpo_loss(logp, old, advantages, mask, epsilon_high=0.28, importance_sampling_ratio=zeros)
+    assert loss.item() == 0.0 and plain["clip_ratio/region_mean"] > 0
+    for name in plain:
+        torch.testing.assert_close(weighted[name], plain[name], rtol=0, atol=0)
+
+
+def test_importance_sampling_ratio_matches_trl():
+    # TRL's own _compute_loss with use_vllm and vllm_importance_sampling_correction (token and sequence modes).
+    pytest.importorskip("trl.trainer.grpo_trainer")
+    from gtalign_fast.testing import trl_grpo_loss
+
+    logp, old, ref, advantages, mask = _inputs(4, 11, seed=48, empty_row=False)
+    ratios = _is_ratios(mask, 48)
+    for loss_type, level, kind in itertools.product(("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "sapo", "cispo",
+                                                     "vespo"), LEVELS, ("token", "sequence_b1")):
+        kwargs = dict(ref_logp=ref, beta=0.04, epsilon_high=1.1 if loss_type == "cispo" else 0.28,
+                      loss_type=loss_type, importance_sampling_level=level, use_bias_correction_kl=True,
+                      importance_sampling_ratio=ratios[kind])
+        leaf = logp.clone().requires_grad_(True)
+        trl_loss = trl_grpo_loss(leaf, old, advantages, mask, **kwargs)
+        (trl_grad,) = torch.autograd.grad(trl_loss, leaf)
+        ours = logp.clone().requires_grad_(True)
+        loss, _ = ops.grpo_loss(ours, old, advantages, mask, num_items_in_batch=mask.sum(), **kwargs)
+        (grad,) = torch.autograd.grad(loss, ours)
+        torch.testing.assert_close(loss, trl_loss.float(), atol=1e-5, rtol=1e-5, msg=f"{loss_type} {level} {kind}")
+        torch.testing.assert_close(grad, trl_grad.float(), atol=1e-5, rtol=1e-5, msg=f"{loss_type} {level} {kind}")
+
+
+def test_importance_sampling_ratio_refuses_bad_shapes():
+    logp, old, ref, advantages, mask = _inputs(2, 4, seed=0)
+    for bad in (torch.ones(3, device=DEVICE), torch.ones(2, 2, device=DEVICE), torch.ones(2, 4, dtype=torch.int64)):
+        with pytest.raises((ValueError, TypeError), match="importance_sampling_ratio"):
+            ops.grpo_loss(logp, old, advantages, mask, importance_sampling_ratio=bad.to(DEVICE))
+
+
+@pytest.mark.parametrize("loss_type", ["cispo", "sapo", "vespo"])
+def test_sequence_level_unclipped_objectives_follow_trl_not_liger(loss_type):
+    # Liger-Kernel refuses importance_sampling_level="sequence" with cispo / sapo / vespo (ValueError, its
+    # test_sequence_level_rejects_unsupported_loss_types); TRL 1.16 computes them (VESPO with a warning). The three
+    # ops follow TRL: accepted, and equal to TRL's own _compute_loss on the same log-probs (a deliberate difference
+    # from Liger, listed in the README).
+    pytest.importorskip("trl.trainer.grpo_trainer")
+    from gtalign_fast.testing import trl_grpo_loss
+
+    generator = torch.Generator().manual_seed(49)
+    batch, length, size, vocab = 3, 5, 8, 11
+    hidden = torch.randn(batch, length, size, generator=generator).to(DEVICE)
+    weight = torch.randn(vocab, size, generator=generator).to(DEVICE) / 3
+    targets = torch.randint(0, vocab, (batch, length), generator=generator).to(DEVICE)
+    mask = (torch.rand(batch, length, generator=generator) > 0.2).to(DEVICE)
+    advantages = torch.randn(batch, generator=generator).to(DEVICE)
+    logits = hidden @ weight.t()
+    logp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    old = logp - 0.3 * torch.randn(batch, length, generator=generator).to(DEVICE)
+    kwargs = dict(loss_type=loss_type, importance_sampling_level="sequence", epsilon_high=1.05)
+    expected = trl_grpo_loss(torch.where(mask, logp, 0.0), old, advantages, mask, **kwargs)
+    losses = {
+        "grpo_loss": ops.grpo_loss(logp, old, advantages, mask, **kwargs)[0],
+        "logits_grpo_loss": ops.logits_grpo_loss(logits, targets, advantages, mask, old_logp=old, **kwargs)[0],
+        "linear_grpo_loss": ops.linear_grpo_loss(hidden, weight, targets, advantages, mask, old_logp=old,
+                                                 chunk_size=4, **kwargs)[0],
+    }
+    for op, loss in losses.items():
+        torch.testing.assert_close(loss, expected.float(), atol=1e-5, rtol=1e-5, msg=op)
 
 
 def test_unknown_option_is_a_type_error_naming_the_op():

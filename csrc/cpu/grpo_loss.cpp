@@ -21,6 +21,7 @@
 
 #include "../device_checks_common.h"
 #include "../grpo_loss_common.h"
+#include "grpo_loss_chunk.h"
 #include "grpo_loss_terms.h"
 #include "vec_math.h"
 
@@ -30,82 +31,10 @@ namespace {
 
 using namespace gtalign_fast::grpo;  // row_stats columns, modes, metrics, limits, ClipParams (../grpo_loss_common.h)
 using namespace grpo_terms;          // the per-token terms (grpo_loss_terms.h)
+using namespace grpo_chunk;          // Inputs, Chunk, load_chunk, kChunk (grpo_loss_chunk.h)
 
-constexpr int64_t kChunk = 512;  // tokens per L1-resident chunk
-
-// The per-token terms (policy objectives, ratio, k3): grpo_loss_terms.h.
-
-// A strided [B, T] view: element (b, t) at data[b * row + t * col].
-template <typename T>
-struct View {
-  const T* data;
-  int64_t row, col;
-};
-
-template <typename T>
-View<T> view_of(const at::Tensor& tensor) {
-  return {tensor.data_ptr<T>(), tensor.stride(0), tensor.stride(1)};
-}
-
-template <typename T>
-View<T> optional_view(const std::optional<at::Tensor>& tensor) {
-  if (!tensor.has_value() || !tensor->defined()) return {nullptr, 0, 0};
-  return view_of<T>(*tensor);
-}
-
-template <typename scalar_t>
-struct Inputs {
-  View<scalar_t> logp, old, ref;
-  View<float> adv;
-  View<uint8_t> mask;
-  int64_t length;
-};
-
-// One chunk of a row as float arrays, so that every dtype and stride shares one vectorised loop.
-// The input pointers point straight into the tensors where a row is already contiguous float32
-// (the usual case: no copy), else into the L1-resident buffers, which then hold a converted copy.
-// On-policy, old = logp (log-ratio exactly 0, ratio exactly 1); without ref_logp, ref points to
-// ref_buffer, which stays zero.
-struct Chunk {
-  const float *logp, *old, *ref, *adv, *valid;
-  float logp_buffer[kChunk], old_buffer[kChunk], ref_buffer[kChunk], adv_buffer[kChunk], valid_buffer[kChunk];
-  // Filled by exp_chunk (backward only): token ratio and d ratio / d logp, k3 KL and d kl / d ref.
-  float ratio[kChunk], dratio[kChunk], kl[kChunk], dkl_dref[kChunk];
-};
-
-// Tokens [start, start + count) of row b as floats: the tensor's own memory when it already is a
-// contiguous float row, else a converted copy in `buffer`.
-template <typename T>
-const float* load_row_chunk(const View<T>& view, int64_t b, int64_t start, int64_t count, float* buffer) {
-  const T* src = view.data + b * view.row + start * view.col;
-  if constexpr (std::is_same_v<T, float>) {
-    if (view.col == 1) return src;
-  }
-  if (view.col == 0) {  // one value per row (per-sequence advantages, expanded with time stride 0)
-    std::fill_n(buffer, count, static_cast<float>(*src));
-  } else {
-    load_scaled(src, view.col, count, 1.0f, buffer);
-  }
-  return buffer;
-}
-
-inline const float* load_mask_chunk(const View<uint8_t>& view, int64_t b, int64_t start, int64_t count,
-                                    float* buffer) {
-  const uint8_t* src = view.data + b * view.row + start * view.col;
-  const int64_t stride = view.col;
-#pragma omp simd
-  for (int64_t i = 0; i < count; ++i) buffer[i] = static_cast<float>(src[i * stride] != 0);
-  return buffer;
-}
-
-template <typename scalar_t>
-void load_chunk(const Inputs<scalar_t>& in, int64_t b, int64_t start, int64_t count, bool need_adv, Chunk* c) {
-  c->valid = load_mask_chunk(in.mask, b, start, count, c->valid_buffer);
-  c->logp = load_row_chunk(in.logp, b, start, count, c->logp_buffer);
-  c->old = in.old.data != nullptr ? load_row_chunk(in.old, b, start, count, c->old_buffer) : c->logp;
-  c->ref = in.ref.data != nullptr ? load_row_chunk(in.ref, b, start, count, c->ref_buffer) : c->ref_buffer;
-  c->adv = need_adv ? load_row_chunk(in.adv, b, start, count, c->adv_buffer) : c->adv_buffer;
-}
+// The per-token terms (policy objectives, ratio, k3): grpo_loss_terms.h; the inputs' views and the chunks
+// they are read in (kChunk tokens): grpo_loss_chunk.h.
 
 struct RowSums {
   float loss = 0, tokens = 0, low = 0, high = 0, kl = 0, ratio = 0, dpg = 0;
@@ -129,13 +58,13 @@ GTALIGN_CPU_CLONES void exp_chunk(Chunk* c, int64_t count, float ref_on, float k
 // arrays). kSeqLevel: every token uses the sequence's ratio (no per-token exp). kRef: ref_logp
 // was given (without it the k3 exp is skipped and the KL is 0). No run-time flag inside the
 // loop (GCC keeps a scalar fallback for loops with invariant branches). kBiasKl: TRL's bias-corrected
-// KL (k3 * r), only with kRef. kObjective: the policy objective.
-template <bool kSeqLevel, bool kRef, bool kBiasKl, int kObjective>
+// KL (k3 * r), only with kRef. kObjective: the policy objective. kIs: an IS ratio weights the policy term.
+template <bool kSeqLevel, bool kRef, bool kBiasKl, int kObjective, bool kIs>
 GTALIGN_ALWAYS_INLINE void forward_chunk_body(const Chunk& c, int64_t count, const ClipParams params,
                                               float seq_ratio, RowSums* sums) {
   const ClipParams p = params;  // a local copy: loads through a reference inside the loop block vectorisation
   // The same for the chunk's pointers: read through `c` inside the loop, GCC keeps it scalar.
-  const float *logp = c.logp, *old = c.old, *ref = c.ref, *adv_in = c.adv, *valid_in = c.valid;
+  const float *logp = c.logp, *old = c.old, *ref = c.ref, *adv_in = c.adv, *valid_in = c.valid, *is_in = c.is;
   float loss = 0, tokens = 0, low = 0, high = 0, kl_sum = 0, ratio_sum = 0, dpg_sum = 0;
 #pragma omp simd reduction(+ : loss, tokens, low, high, kl_sum, ratio_sum, dpg_sum)
   for (int64_t i = 0; i < count; ++i) {
@@ -146,12 +75,13 @@ GTALIGN_ALWAYS_INLINE void forward_chunk_body(const Chunk& c, int64_t count, con
     const float kl = kBiasKl ? k3 * ratio : k3;  // TRL's bias correction: k3 * r
     const float adv = adv_in[i];
     const PolicyTerm term = objective_term<kObjective>(ratio, adv, logp[i], p);
-    loss += blend(valid, term.loss + p.beta * kl, 0.0f);
+    const float weight = kIs ? is_in[i] : 1.0f;  // the IS ratio of the policy term (TRL's vLLM correction)
+    loss += blend(valid, weight * term.loss + p.beta * kl, 0.0f);
     tokens += indicator(valid);
     kl_sum += blend(valid, kl, 0.0f);
     ratio_sum += blend(valid, ratio, 0.0f);
     // Only the sequence level needs d loss / d r (with the bias correction, beta * k3 is part of it).
-    if (kSeqLevel) dpg_sum += blend(valid, term.dloss_dratio + (kBiasKl ? p.beta * k3 : 0.0f), 0.0f);
+    if (kSeqLevel) dpg_sum += blend(valid, weight * term.dloss_dratio + (kBiasKl ? p.beta * k3 : 0.0f), 0.0f);
     low += indicator(valid & (term.coef_1 < p.low_bound) & (adv < 0.0f));
     if constexpr (kObjective == kVespoObjective) {
       high += blend(valid, vespo_phi(adv, p), 0.0f);  // the high slot holds VESPO's phi sum (TRL's metric)
@@ -168,18 +98,29 @@ GTALIGN_ALWAYS_INLINE void forward_chunk_body(const Chunk& c, int64_t count, con
   sums->dpg += dpg_sum;
 }
 
-// The objective's instantiation (the branch is outside the loop).
+// The objective's instantiation (the branches are outside the loop).
+template <bool kSeqLevel, bool kRef, bool kBiasKl, bool kIs>
+GTALIGN_ALWAYS_INLINE void forward_chunk_weighted(const Chunk& c, int64_t count, const ClipParams& p,
+                                                  float seq_ratio, RowSums* sums) {
+  if (p.cispo) {
+    forward_chunk_body<kSeqLevel, kRef, kBiasKl, kCispoObjective, kIs>(c, count, p, seq_ratio, sums);
+  } else if (p.sapo) {
+    forward_chunk_body<kSeqLevel, kRef, kBiasKl, kSapoObjective, kIs>(c, count, p, seq_ratio, sums);
+  } else {
+    forward_chunk_body<kSeqLevel, kRef, kBiasKl, kClipObjective, kIs>(c, count, p, seq_ratio, sums);
+  }
+}
+
+// VESPO takes the IS ratio into its sequence weight (row_params), the other objectives as a weight.
 template <bool kSeqLevel, bool kRef, bool kBiasKl>
 GTALIGN_ALWAYS_INLINE void forward_chunk_objective(const Chunk& c, int64_t count, const ClipParams& p,
                                                    float seq_ratio, RowSums* sums) {
   if (p.vespo) {
-    forward_chunk_body<kSeqLevel, kRef, kBiasKl, kVespoObjective>(c, count, p, seq_ratio, sums);
-  } else if (p.cispo) {
-    forward_chunk_body<kSeqLevel, kRef, kBiasKl, kCispoObjective>(c, count, p, seq_ratio, sums);
-  } else if (p.sapo) {
-    forward_chunk_body<kSeqLevel, kRef, kBiasKl, kSapoObjective>(c, count, p, seq_ratio, sums);
+    forward_chunk_body<kSeqLevel, kRef, kBiasKl, kVespoObjective, false>(c, count, p, seq_ratio, sums);
+  } else if (p.has_is) {
+    forward_chunk_weighted<kSeqLevel, kRef, kBiasKl, true>(c, count, p, seq_ratio, sums);
   } else {
-    forward_chunk_body<kSeqLevel, kRef, kBiasKl, kClipObjective>(c, count, p, seq_ratio, sums);
+    forward_chunk_weighted<kSeqLevel, kRef, kBiasKl, false>(c, count, p, seq_ratio, sums);
   }
 }
 
@@ -232,17 +173,25 @@ GTALIGN_CPU_CLONES void clamped_log_ratio_chunk(const Chunk& c, int64_t count, f
   *sum_out += sum;
 }
 
+// TRL's log of an IS ratio in VESPO's sequence weight: clamp(log(x), ln 1e-8, 20).
+inline float clamped_log(float x) { return std::min(std::max(std::log(x), kVespoMinLogWeight), kLogRatioLimit); }
+
 // The params of row b: with VESPO, its sequence weight (one pass over the row); else p itself.
 template <typename scalar_t>
 ClipParams row_params(const Inputs<scalar_t>& in, int64_t b, const ClipParams& p, Chunk* c) {
   ClipParams row = p;
   if (!p.vespo) return row;
   float sum = 0.0f;
+  const bool is_tokens = in.is.data != nullptr && in.is.col != 0;  // per token (else per sequence, or none)
   for (int64_t start = 0; start < in.length; start += kChunk) {
     const int64_t count = std::min(kChunk, in.length - start);
-    load_chunk(in, b, start, count, false, c);
+    load_chunk(in, b, start, count, is_tokens, c);
     clamped_log_ratio_chunk(*c, count, &sum);
+    if (is_tokens) {  // TRL: log w += sum_t clamp(log is_t, ln 1e-8, 20) (masked-out tokens skipped here)
+      for (int64_t i = 0; i < count; ++i) sum += c->valid[i] != 0.0f ? clamped_log(c->is[i]) : 0.0f;
+    }
   }
+  if (in.is.data != nullptr && !is_tokens) sum += clamped_log(in.is.data[b * in.is.row]);  // once per sequence
   vespo_row(sum, &row);
   return row;
 }
@@ -336,39 +285,55 @@ void finalize(const float* stats, int64_t batch, int64_t mode, double const_weig
 // d loss / d logp (and d loss / d ref) of one chunk, scaled by the row's weight times the
 // incoming gradient; masked tokens get exactly 0. Same structure as forward_chunk_body.
 // With the bias correction (k3 * r): d / d logp gains beta * k3 * dr / dlogp (at sequence level already
-// inside seq_grad) and the k3 gradient is weighted by r (seq_ratio at sequence level).
-template <bool kSeqLevel, int kObjective, bool kBiasKl>
+// inside seq_grad) and the k3 gradient is weighted by r (seq_ratio at sequence level). kIs: the IS ratio
+// weights the policy term (at sequence level seq_grad has it already).
+template <bool kSeqLevel, int kObjective, bool kBiasKl, bool kIs>
 GTALIGN_ALWAYS_INLINE void backward_chunk_body(const Chunk& c, int64_t count, const ClipParams params,
                                                float seq_grad, float seq_ratio, float row_scale, float* dlogp,
                                                float* dref) {
   const ClipParams p = params;  // local copies, as in forward_chunk_body
-  const float *adv = c.adv, *valid_in = c.valid, *logp = c.logp;
+  const float *adv = c.adv, *valid_in = c.valid, *logp = c.logp, *is_in = c.is;
 #pragma omp simd
   for (int64_t i = 0; i < count; ++i) {
     const bool valid = valid_in[i] != 0.0f;
     const float ratio = kSeqLevel ? seq_ratio : c.ratio[i];
     const float kl_dratio = kBiasKl ? p.beta * c.kl[i] : 0.0f;
-    float policy_grad = kSeqLevel
-                            ? seq_grad
-                            : (objective_term<kObjective>(ratio, adv[i], logp[i], p).dloss_dratio + kl_dratio) *
-                                  c.dratio[i];
+    const float weight = kIs ? is_in[i] : 1.0f;
+    float policy_grad =
+        kSeqLevel ? seq_grad
+                  : (weight * objective_term<kObjective>(ratio, adv[i], logp[i], p).dloss_dratio + kl_dratio) *
+                        c.dratio[i];
     // CISPO's and VESPO's gradients go to logp directly (their weights are detached), at either level.
-    policy_grad += direct_grad<kObjective>(ratio, adv[i], p);
+    policy_grad += weight * direct_grad<kObjective>(ratio, adv[i], p);
     const float kl_grad = p.beta * c.dkl_dref[i] * (kBiasKl ? ratio : 1.0f);
     dlogp[i] = blend(valid, row_scale * (policy_grad - kl_grad), 0.0f);
     dref[i] = blend(valid, row_scale * kl_grad, 0.0f);
   }
 }
 
-// The bias-correction branch outside the loop (bias_kl: TRL's k3 * r, with ref_logp given).
+// The bias-correction and IS branches outside the loop (bias_kl: TRL's k3 * r, with ref_logp given; VESPO
+// has the IS ratio in its sequence weight, not as a weight).
+template <bool kSeqLevel, int kObjective, bool kIs>
+GTALIGN_ALWAYS_INLINE void backward_chunk_weighted(const Chunk& c, int64_t count, const ClipParams& p, bool bias_kl,
+                                                   float seq_grad, float seq_ratio, float row_scale, float* dlogp,
+                                                   float* dref) {
+  if (bias_kl) {
+    backward_chunk_body<kSeqLevel, kObjective, true, kIs>(c, count, p, seq_grad, seq_ratio, row_scale, dlogp, dref);
+  } else {
+    backward_chunk_body<kSeqLevel, kObjective, false, kIs>(c, count, p, seq_grad, seq_ratio, row_scale, dlogp, dref);
+  }
+}
+
 template <bool kSeqLevel, int kObjective>
 GTALIGN_ALWAYS_INLINE void backward_chunk_kl(const Chunk& c, int64_t count, const ClipParams& p, bool bias_kl,
                                              float seq_grad, float seq_ratio, float row_scale, float* dlogp,
                                              float* dref) {
-  if (bias_kl) {
-    backward_chunk_body<kSeqLevel, kObjective, true>(c, count, p, seq_grad, seq_ratio, row_scale, dlogp, dref);
+  if (kObjective != kVespoObjective && p.has_is) {
+    backward_chunk_weighted<kSeqLevel, kObjective, true>(c, count, p, bias_kl, seq_grad, seq_ratio, row_scale, dlogp,
+                                                         dref);
   } else {
-    backward_chunk_body<kSeqLevel, kObjective, false>(c, count, p, seq_grad, seq_ratio, row_scale, dlogp, dref);
+    backward_chunk_weighted<kSeqLevel, kObjective, false>(c, count, p, bias_kl, seq_grad, seq_ratio, row_scale,
+                                                          dlogp, dref);
   }
 }
 
@@ -448,13 +413,18 @@ void check_float_out(const at::Tensor& out, int64_t numel, const char* name) {
 template <typename scalar_t>
 Inputs<scalar_t> make_inputs(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
                              const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages,
-                             const at::Tensor& mask) {
+                             const at::Tensor& mask, const std::optional<at::Tensor>& is_ratio) {
   return {view_of<scalar_t>(logp), optional_view<scalar_t>(old_logp), optional_view<scalar_t>(ref_logp),
-          view_of<float>(advantages), view_of<uint8_t>(mask), logp.size(1)};
+          view_of<float>(advantages), optional_view<float>(is_ratio), view_of<uint8_t>(mask), logp.size(1)};
 }
 
 void check_inputs(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
-                  const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask) {
+                  const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask,
+                  const std::optional<at::Tensor>& is_ratio) {
+  if (is_ratio.has_value() && is_ratio->defined()) {
+    check_bt(*is_ratio, logp, "is_ratio");
+    TORCH_CHECK(is_ratio->scalar_type() == at::kFloat, "grpo_loss: is_ratio must be float32 here");
+  }
   TORCH_CHECK(logp.dim() == 2, "grpo_loss: logp must be [B, T]");
   for (const auto* other : {&old_logp, &ref_logp}) {
     if (other->has_value() && (*other)->defined()) {
@@ -470,7 +440,8 @@ void check_inputs(const at::Tensor& logp, const std::optional<at::Tensor>& old_l
 
 void grpo_loss_fwd_cpu(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
                        const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask,
-                       const std::optional<at::Tensor>& num_items, double beta, double epsilon_low, double epsilon_high,
+                       const std::optional<at::Tensor>& num_items, const std::optional<at::Tensor>& is_ratio,
+                       double beta, double epsilon_low, double epsilon_high,
                        double delta, double dual_clip, double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool cispo,
                        double vespo_k_pos, double vespo_lambda_pos, double vespo_k_neg, double vespo_lambda_neg,
                        bool vespo, bool seq_level, bool row_metrics, int64_t mode,
@@ -480,7 +451,7 @@ void grpo_loss_fwd_cpu(const at::Tensor& logp, const std::optional<at::Tensor>& 
   // The error flag (gtalign_fast/ops/_device_checks.py) is for the CUDA kernel, which cannot raise
   // without a host sync; here a bad num_items raises directly (the flag is left untouched).
   error_flag_data(error_flag, logp, "grpo_loss");
-  check_inputs(logp, old_logp, ref_logp, advantages, mask);
+  check_inputs(logp, old_logp, ref_logp, advantages, mask, is_ratio);
   const int64_t batch = logp.size(0);
   check_float_out(loss, 1, "loss");
   check_float_out(metrics, kNumMetrics, "metrics");
@@ -493,12 +464,13 @@ void grpo_loss_fwd_cpu(const at::Tensor& logp, const std::optional<at::Tensor>& 
     const float n = num_items->data_ptr<float>()[0];
     TORCH_CHECK_VALUE(n > 0.0f && std::isfinite(n), "grpo_loss: num_items_in_batch must be finite and > 0, got ", n);
   }
-  const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl, sapo_tau_pos,
-                                        sapo_tau_neg, cispo, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
-                                        vespo_lambda_neg, vespo);
+  ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl, sapo_tau_pos,
+                                  sapo_tau_neg, cispo, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg,
+                                  vespo);
+  params.has_is = is_ratio.has_value() && is_ratio->defined();
   float* stats = row_stats.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logp.scalar_type(), "grpo_loss_fwd_cpu", [&] {
-    const Inputs<scalar_t> in = make_inputs<scalar_t>(logp, old_logp, ref_logp, advantages, mask);
+    const Inputs<scalar_t> in = make_inputs<scalar_t>(logp, old_logp, ref_logp, advantages, mask, is_ratio);
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(in.length, 1));
     at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
       std::unique_ptr<Chunk> chunk(new Chunk());  // zeroed: absent inputs read as 0
@@ -514,11 +486,11 @@ void grpo_loss_fwd_cpu(const at::Tensor& logp, const std::optional<at::Tensor>& 
 void grpo_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& row_weights, const at::Tensor& row_stats,
                        const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
                        const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask,
-                       double beta, double epsilon_low, double epsilon_high, double delta, double dual_clip,
+                       const std::optional<at::Tensor>& is_ratio, double beta, double epsilon_low, double epsilon_high, double delta, double dual_clip,
                        double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool cispo,
                        double vespo_k_pos, double vespo_lambda_pos, double vespo_k_neg, double vespo_lambda_neg,
                        bool vespo, bool seq_level, at::Tensor& dlogp, at::Tensor& dref) {
-  check_inputs(logp, old_logp, ref_logp, advantages, mask);
+  check_inputs(logp, old_logp, ref_logp, advantages, mask, is_ratio);
   const int64_t batch = logp.size(0), length = logp.size(1);
   check_float_out(grad_loss, 1, "grad_loss");
   check_float_out(row_weights, batch, "row_weights");
@@ -531,14 +503,15 @@ void grpo_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& row_weight
     TORCH_CHECK(dref.is_contiguous() && dref.scalar_type() == logp.scalar_type() && dref.numel() == batch * length,
                 "grpo_loss: dref must be contiguous [B, T] in logp's dtype");
   }
-  const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl, sapo_tau_pos,
-                                        sapo_tau_neg, cispo, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
-                                        vespo_lambda_neg, vespo);
+  ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl, sapo_tau_pos,
+                                  sapo_tau_neg, cispo, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg,
+                                  vespo);
+  params.has_is = is_ratio.has_value() && is_ratio->defined();
   const float grad = grad_loss.data_ptr<float>()[0];
   const float* weights = row_weights.data_ptr<float>();
   const float* stats = row_stats.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logp.scalar_type(), "grpo_loss_bwd_cpu", [&] {
-    const Inputs<scalar_t> in = make_inputs<scalar_t>(logp, old_logp, ref_logp, advantages, mask);
+    const Inputs<scalar_t> in = make_inputs<scalar_t>(logp, old_logp, ref_logp, advantages, mask, is_ratio);
     scalar_t* dlogp_data = dlogp.data_ptr<scalar_t>();
     scalar_t* dref_data = ref_grad ? dref.data_ptr<scalar_t>() : nullptr;
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(length, 1));
@@ -560,14 +533,14 @@ void grpo_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& row_weight
 TORCH_LIBRARY_FRAGMENT(gtalign_fast_C, m) {
   m.def(
       "grpo_loss_fwd(Tensor logp, Tensor? old_logp, Tensor? ref_logp, Tensor advantages, Tensor mask, "
-      "Tensor? num_items, float beta, float epsilon_low, float epsilon_high, float delta, float dual_clip, "
+      "Tensor? num_items, Tensor? is_ratio, float beta, float epsilon_low, float epsilon_high, float delta, float dual_clip, "
       "float kl_clamp, bool bias_kl, float sapo_tau_pos, float sapo_tau_neg, bool cispo, float vespo_k_pos, "
       "float vespo_lambda_pos, float vespo_k_neg, float vespo_lambda_neg, bool vespo, bool seq_level, bool row_metrics, int mode, float const_weight, Tensor(a!) loss, Tensor(b!) metrics, "
       "Tensor(c!) row_stats, Tensor(d!) row_weights, Tensor(e!)? error_flag=None, "
       "Tensor(f!)? finalize_counter=None) -> ()");
   m.def(
       "grpo_loss_bwd(Tensor grad_loss, Tensor row_weights, Tensor row_stats, Tensor logp, Tensor? old_logp, "
-      "Tensor? ref_logp, Tensor advantages, Tensor mask, float beta, float epsilon_low, float epsilon_high, "
+      "Tensor? ref_logp, Tensor advantages, Tensor mask, Tensor? is_ratio, float beta, float epsilon_low, float epsilon_high, "
       "float delta, float dual_clip, float kl_clamp, bool bias_kl, float sapo_tau_pos, float sapo_tau_neg, "
       "bool cispo, float vespo_k_pos, float vespo_lambda_pos, float vespo_k_neg, float vespo_lambda_neg, bool vespo, "
       "bool seq_level, Tensor(a!) dlogp, Tensor(b!) dref) -> ()");

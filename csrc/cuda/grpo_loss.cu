@@ -129,7 +129,7 @@ __device__ void block_sum(float (&values)[N]) {
 }
 
 struct Strides {
-  int64_t logp_b, logp_t, old_b, old_t, ref_b, ref_t, adv_b, adv_t, mask_b, mask_t;
+  int64_t logp_b, logp_t, old_b, old_t, ref_b, ref_t, adv_b, adv_t, mask_b, mask_t, is_b, is_t;
 };
 
 // What the finalize step needs besides row_stats.
@@ -242,17 +242,28 @@ __device__ float sequence_ratio(const scalar_t* __restrict__ logp, const scalar_
 
 // VESPO's sequence weight of row b into p (log w: the masked sum of the clamped log-ratios, clamped to
 // [ln 1e-8, 20], TRL's); every thread of the block calls it (block_sum synchronises).
+__device__ __forceinline__ float clamped_log(float x) {  // TRL's log of an IS ratio in VESPO's weight
+  return fminf(fmaxf(logf(x), kVespoMinLogWeight), kLogRatioLimit);
+}
+
+// With an IS ratio (is), its logs join the sum (each clamped to [ln 1e-8, 20]; a time stride of 0: one per row).
 template <typename scalar_t>
 __device__ void vespo_weight(const scalar_t* __restrict__ logp, const scalar_t* __restrict__ old,
-                             const uint8_t* __restrict__ mask, int64_t b, int64_t length, const Strides& s,
-                             ClipParams* p) {
+                             const uint8_t* __restrict__ mask, const float* __restrict__ is, int64_t b,
+                             int64_t length, const Strides& s, ClipParams* p) {
   float sum[1] = {0.0f};
-  for (int64_t t = threadIdx.x; old != nullptr && t < length; t += blockDim.x) {
+  const bool is_tokens = is != nullptr && s.is_t != 0;
+  for (int64_t t = threadIdx.x; (old != nullptr || is_tokens) && t < length; t += blockDim.x) {
     if (mask[b * s.mask_b + t * s.mask_t] == 0) continue;
-    const float lr = static_cast<float>(logp[b * s.logp_b + t * s.logp_t]) - static_cast<float>(old[b * s.old_b + t * s.old_t]);
-    sum[0] += fminf(fmaxf(lr, -kLogRatioLimit), kLogRatioLimit);
+    if (old != nullptr) {
+      const float lr = static_cast<float>(logp[b * s.logp_b + t * s.logp_t]) -
+                       static_cast<float>(old[b * s.old_b + t * s.old_t]);
+      sum[0] += fminf(fmaxf(lr, -kLogRatioLimit), kLogRatioLimit);
+    }
+    if (is_tokens) sum[0] += clamped_log(is[b * s.is_b + t * s.is_t]);
   }
   block_sum(sum);
+  if (is != nullptr && !is_tokens) sum[0] += clamped_log(is[b * s.is_b]);
   p->log_w = fminf(fmaxf(sum[0], kVespoMinLogWeight), kLogRatioLimit);
   p->w = expf(p->log_w);
 }
@@ -260,10 +271,10 @@ __device__ void vespo_weight(const scalar_t* __restrict__ logp, const scalar_t* 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) grpo_loss_rows_kernel(
     const scalar_t* __restrict__ logp, const scalar_t* __restrict__ old, const scalar_t* __restrict__ ref,
-    const float* __restrict__ adv, const uint8_t* __restrict__ mask, float* __restrict__ stats, int64_t length,
-    Strides s, ClipParams p, bool seq_level, bool row_metrics, Finalize f) {
+    const float* __restrict__ adv, const uint8_t* __restrict__ mask, const float* __restrict__ is,
+    float* __restrict__ stats, int64_t length, Strides s, ClipParams p, bool seq_level, bool row_metrics, Finalize f) {
   const int64_t b = blockIdx.x;
-  if (p.vespo) vespo_weight(logp, old, mask, b, length, s, &p);
+  if (p.vespo) vespo_weight(logp, old, mask, is, b, length, s, &p);
   float seq_ratio = 1.0f, seq_dratio = 1.0f;
   if (seq_level) seq_ratio = sequence_ratio(logp, old, mask, b, length, s, &seq_dratio);
   // The row's sums, indexed by row_stats column. kRegion is derived from kLow and kHigh after the
@@ -277,19 +288,21 @@ __global__ void __launch_bounds__(kThreads) grpo_loss_rows_kernel(
     float ratio = seq_ratio, dratio;
     if (!seq_level && old != nullptr) ratio = clamped_exp(lp - static_cast<float>(old[b * s.old_b + t * s.old_t]), &dratio);
     const PolicyTerm term = policy_term(ratio, a, lp, p);
+    // The IS ratio weights the policy term (VESPO has it in its sequence weight instead).
+    const float weight = (is != nullptr && !p.vespo) ? is[b * s.is_b + t * s.is_t] : 1.0f;
     float kl = 0.0f, dkl_dref;
     if (ref != nullptr) kl = k3_term(lp, static_cast<float>(ref[b * s.ref_b + t * s.ref_t]), p.kl_clamp, &dkl_dref);
     // TRL's bias correction: k3 * r, whose d / d r (beta * k3) joins d pg / d r for the sequence gradient.
     const float dkl_dratio = p.bias_kl ? p.beta * kl : 0.0f;
     if (p.bias_kl) kl *= ratio;
-    sums[kLossSum] += term.loss + p.beta * kl;
+    sums[kLossSum] += weight * term.loss + p.beta * kl;
     sums[kTokens] += 1.0f;
     sums[kLow] += (term.coef_1 < p.low_bound && a < 0.0f) ? 1.0f : 0.0f;
     // VESPO: the high slot holds the sum of phi (TRL's vespo/phi_seq_mean).
     sums[kHigh] += p.vespo ? vespo_phi(a, p) : ((term.coef_1 > p.high_bound && a > 0.0f) ? 1.0f : 0.0f);
     sums[kKlSum] += kl;
     sums[kRatioSum] += ratio;
-    sums[kSeqGrad] += term.dloss_dratio + dkl_dratio;
+    sums[kSeqGrad] += weight * term.dloss_dratio + dkl_dratio;
   }
   block_sum(sums);
   if (threadIdx.x == 0) store_row_stats(stats + b * kNumStats, sums, adv + b * s.adv_b, p, seq_level, row_metrics,
@@ -313,10 +326,11 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) grpo_loss_bwd_kernel(
     const float* __restrict__ grad_loss, const float* __restrict__ weights, const float* __restrict__ stats,
     const scalar_t* __restrict__ logp, const scalar_t* __restrict__ old, const scalar_t* __restrict__ ref,
-    const float* __restrict__ adv, const uint8_t* __restrict__ mask, scalar_t* __restrict__ dlogp,
-    scalar_t* __restrict__ dref, int64_t length, Strides s, ClipParams p, bool seq_level) {
+    const float* __restrict__ adv, const uint8_t* __restrict__ mask, const float* __restrict__ is,
+    scalar_t* __restrict__ dlogp, scalar_t* __restrict__ dref, int64_t length, Strides s, ClipParams p,
+    bool seq_level) {
   const int64_t b = blockIdx.x;
-  if (p.vespo) vespo_weight(logp, old, mask, b, length, s, &p);
+  if (p.vespo) vespo_weight(logp, old, mask, is, b, length, s, &p);
   const float row_scale = grad_loss[0] * weights[b];
   const float seq_grad = stats[b * kNumStats + kSeqGrad];
   // The bias-corrected KL of a sequence-level row weights each token's k3 gradient by the row's ratio;
@@ -332,13 +346,15 @@ __global__ void __launch_bounds__(kThreads) grpo_loss_bwd_kernel(
     }
     const float lp = static_cast<float>(logp[b * s.logp_b + t * s.logp_t]);
     float dloss = seq_grad, ratio = seq_ratio, dratio = 1.0f;
+    // The IS ratio weights the policy term (at sequence level seq_grad has it already; VESPO: not a weight).
+    const float weight = (is != nullptr && !p.vespo) ? is[b * s.is_b + t * s.is_t] : 1.0f;
     if (!seq_level) {
       ratio = 1.0f;
       if (old != nullptr) ratio = clamped_exp(lp - static_cast<float>(old[b * s.old_b + t * s.old_t]), &dratio);
-      dloss = policy_term(ratio, adv[b * s.adv_b + t * s.adv_t], lp, p).dloss_dratio * dratio;
+      dloss = weight * policy_term(ratio, adv[b * s.adv_b + t * s.adv_t], lp, p).dloss_dratio * dratio;
     }
     // CISPO's and VESPO's gradients go to logp directly (their weights are detached), at either level.
-    dloss += direct_grad(ratio, adv[b * s.adv_b + t * s.adv_t], p);
+    dloss += weight * direct_grad(ratio, adv[b * s.adv_b + t * s.adv_t], p);
     float kl_grad = 0.0f;
     if (ref != nullptr) {
       float dkl_dref;
@@ -365,11 +381,13 @@ const scalar_t* optional_data(const std::optional<at::Tensor>& tensor) {
 }
 
 Strides strides_of(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
-                   const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask) {
+                   const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask,
+                   const std::optional<at::Tensor>& is_ratio) {
   return {logp.stride(0), logp.stride(1),
           present(old_logp) ? old_logp->stride(0) : 0, present(old_logp) ? old_logp->stride(1) : 0,
           present(ref_logp) ? ref_logp->stride(0) : 0, present(ref_logp) ? ref_logp->stride(1) : 0,
-          advantages.stride(0), advantages.stride(1), mask.stride(0), mask.stride(1)};
+          advantages.stride(0), advantages.stride(1), mask.stride(0), mask.stride(1),
+          present(is_ratio) ? is_ratio->stride(0) : 0, present(is_ratio) ? is_ratio->stride(1) : 0};
 }
 
 // Every input is indexed with logp's [B, T] and its own strides: each must be a [B, T] view on
@@ -387,7 +405,12 @@ void check_float_out(const at::Tensor& out, int64_t numel, const at::Tensor& log
 }
 
 void check_inputs(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
-                  const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask) {
+                  const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask,
+                  const std::optional<at::Tensor>& is_ratio) {
+  if (present(is_ratio)) {
+    check_bt(*is_ratio, logp, "is_ratio");
+    TORCH_CHECK(is_ratio->scalar_type() == at::kFloat, "grpo_loss: is_ratio must be a float32 [B, T] view");
+  }
   TORCH_CHECK(logp.dim() == 2 && logp.is_cuda(), "grpo_loss: logp must be a CUDA [B, T] tensor");
   TORCH_CHECK(logp.size(0) <= INT32_MAX, "grpo_loss: at most 2^31 - 1 sequences per call");
   for (const auto* other : {&old_logp, &ref_logp}) {
@@ -404,7 +427,8 @@ void check_inputs(const at::Tensor& logp, const std::optional<at::Tensor>& old_l
 
 void grpo_loss_fwd_cuda(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
                         const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask,
-                        const std::optional<at::Tensor>& num_items, double beta, double epsilon_low,
+                        const std::optional<at::Tensor>& num_items, const std::optional<at::Tensor>& is_ratio,
+                        double beta, double epsilon_low,
                         double epsilon_high, double delta, double dual_clip, double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool cispo,
                         double vespo_k_pos, double vespo_lambda_pos, double vespo_k_neg, double vespo_lambda_neg,
                         bool vespo, bool seq_level,
@@ -412,7 +436,7 @@ void grpo_loss_fwd_cuda(const at::Tensor& logp, const std::optional<at::Tensor>&
                         int64_t mode, double const_weight, at::Tensor& loss, at::Tensor& metrics,
                         at::Tensor& row_stats, at::Tensor& row_weights, const std::optional<at::Tensor>& error_flag,
                         const std::optional<at::Tensor>& finalize_counter) {
-  check_inputs(logp, old_logp, ref_logp, advantages, mask);
+  check_inputs(logp, old_logp, ref_logp, advantages, mask, is_ratio);
   const int64_t batch = logp.size(0), length = logp.size(1);
   check_float_out(loss, 1, logp, "loss");
   check_float_out(metrics, kNumMetrics, logp, "metrics");
@@ -436,7 +460,7 @@ void grpo_loss_fwd_cuda(const at::Tensor& logp, const std::optional<at::Tensor>&
   const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl, sapo_tau_pos,
                                         sapo_tau_neg, cispo, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
                                         vespo_lambda_neg, vespo);
-  const Strides strides = strides_of(logp, old_logp, ref_logp, advantages, mask);
+  const Strides strides = strides_of(logp, old_logp, ref_logp, advantages, mask, is_ratio);
   const Finalize finalize{mode == kNormaliserTensor ? num_items->data_ptr<float>() : nullptr,
                           loss.data_ptr<float>(),
                           metrics.data_ptr<float>(),
@@ -448,8 +472,8 @@ void grpo_loss_fwd_cuda(const at::Tensor& logp, const std::optional<at::Tensor>&
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logp.scalar_type(), "grpo_loss_fwd_cuda", [&] {
     grpo_loss_rows_kernel<scalar_t><<<static_cast<unsigned int>(batch), kThreads, 0, stream>>>(
         logp.data_ptr<scalar_t>(), optional_data<scalar_t>(old_logp), optional_data<scalar_t>(ref_logp),
-        advantages.data_ptr<float>(), mask.data_ptr<uint8_t>(), row_stats.data_ptr<float>(), length, strides, params,
-        seq_level, row_metrics, finalize);
+        advantages.data_ptr<float>(), mask.data_ptr<uint8_t>(), optional_data<float>(is_ratio),
+        row_stats.data_ptr<float>(), length, strides, params, seq_level, row_metrics, finalize);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (counter != nullptr) return;  // the rows kernel's last block finalized
@@ -460,11 +484,12 @@ void grpo_loss_fwd_cuda(const at::Tensor& logp, const std::optional<at::Tensor>&
 void grpo_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& row_weights, const at::Tensor& row_stats,
                         const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
                         const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask,
-                        double beta, double epsilon_low, double epsilon_high, double delta, double dual_clip,
+                        const std::optional<at::Tensor>& is_ratio, double beta, double epsilon_low,
+                        double epsilon_high, double delta, double dual_clip,
                         double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool cispo,
                         double vespo_k_pos, double vespo_lambda_pos, double vespo_k_neg, double vespo_lambda_neg,
                         bool vespo, bool seq_level, at::Tensor& dlogp, at::Tensor& dref) {
-  check_inputs(logp, old_logp, ref_logp, advantages, mask);
+  check_inputs(logp, old_logp, ref_logp, advantages, mask, is_ratio);
   const int64_t batch = logp.size(0), length = logp.size(1);
   check_float_out(grad_loss, 1, logp, "grad_loss");
   check_float_out(row_weights, batch, logp, "row_weights");
@@ -482,12 +507,13 @@ void grpo_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& row_weigh
   const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl, sapo_tau_pos,
                                         sapo_tau_neg, cispo, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
                                         vespo_lambda_neg, vespo);
-  const Strides strides = strides_of(logp, old_logp, ref_logp, advantages, mask);
+  const Strides strides = strides_of(logp, old_logp, ref_logp, advantages, mask, is_ratio);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logp.scalar_type(), "grpo_loss_bwd_cuda", [&] {
     grpo_loss_bwd_kernel<scalar_t><<<static_cast<unsigned int>(batch), kThreads, 0, stream>>>(
         grad_loss.data_ptr<float>(), row_weights.data_ptr<float>(), row_stats.data_ptr<float>(),
         logp.data_ptr<scalar_t>(), optional_data<scalar_t>(old_logp), optional_data<scalar_t>(ref_logp),
-        advantages.data_ptr<float>(), mask.data_ptr<uint8_t>(), dlogp.data_ptr<scalar_t>(),
+        advantages.data_ptr<float>(), mask.data_ptr<uint8_t>(), optional_data<float>(is_ratio),
+        dlogp.data_ptr<scalar_t>(),
         ref_grad ? dref.data_ptr<scalar_t>() : nullptr, length, strides, params, seq_level);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

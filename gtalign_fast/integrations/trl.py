@@ -71,7 +71,6 @@ UNSUPPORTED: tuple[tuple[str, str], ...] = (
     ("loss_type", "only " + ", ".join(LOSS_TYPES) + " are computed by grpo_loss"),
     ("top_entropy_quantile", "must be 1.0: the high-entropy token mask is not applied by grpo_loss"),
     ("off_policy_mask_threshold", "must be None: the off-policy sequence mask is not applied by grpo_loss"),
-    ("vllm_importance_sampling_correction", "must be False when use_vllm=True: the vLLM IS weights are not applied"),
     ("entropy_coef", "must be 0.0 (and use_adaptive_entropy False): the entropy bonus is not added"),
     ("router_aux_loss_coef", "must be 0 for MoE models: the load-balancing loss is not computed by the fused head"),
     ("deepspeed", "ZeRO-3 is not supported: the fused head reads lm_head.weight outside the module's gather hooks; "
@@ -187,8 +186,6 @@ def _refusals(trainer) -> list[str]:
         found.append(f"top_entropy_quantile={trainer.top_entropy_quantile}")
     if getattr(trainer, "off_policy_mask_threshold", None) is not None:
         found.append(f"off_policy_mask_threshold={trainer.off_policy_mask_threshold}")
-    if getattr(trainer, "use_vllm", False) and getattr(trainer, "vllm_importance_sampling_correction", False):
-        found.append("vllm_importance_sampling_correction=True")
     if getattr(trainer, "_entropy_bonus_enabled", False):
         found.append(f"entropy_coef={getattr(trainer, 'entropy_coef', None)} / "
                      f"use_adaptive_entropy={getattr(trainer, 'use_adaptive_entropy', None)}")
@@ -431,9 +428,15 @@ def _compute_loss(self, model, inputs):
         num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
         if mode == "train":
             num_items = num_items * accumulation / self.args.steps_per_generation
+    # TRL's vLLM importance-sampling ratio ([B, T] token modes, [B, 1] sequence modes), passed through: the policy
+    # term times it (VESPO: in its sequence weight), the clip metrics counted before it, as TRL
+    is_ratio = None
+    if getattr(self, "use_vllm", False) and getattr(self, "vllm_importance_sampling_correction", False):
+        is_ratio = inputs["importance_sampling_ratio"]
     loss, metrics = ops.grpo_loss(
         logp, None if old is None else old.to(logp.dtype), inputs["advantages"], mask,
-        ref_logp=None if ref is None else ref.to(logp.dtype), **objective.op_kwargs(num_items),
+        ref_logp=None if ref is None else ref.to(logp.dtype), importance_sampling_ratio=is_ratio,
+        **objective.op_kwargs(num_items),
     )
     if not global_tokens:  # num_items_in_batch already covers the accumulation window
         loss = loss / accumulation
@@ -511,7 +514,8 @@ def patch_grpo_trainer(trainer, *, fused_lm_head: bool = True):
     Supported: ``loss_type`` grpo, bnpo, dr_grpo, dapo, luspo, sapo (with ``sapo_temperature_pos`` /
     ``sapo_temperature_neg``), cispo (its ratio cap ``epsilon_high``), vespo (``vespo_k_pos`` / ``vespo_lambda_pos``
     / ``vespo_k_neg`` / ``vespo_lambda_neg``; logs ``vespo/phi_seq_mean``); ``importance_sampling_level`` token and
-    sequence;
+    sequence; ``use_vllm`` with ``vllm_importance_sampling_correction`` (TRL's ``importance_sampling_ratio`` of every
+    ``vllm_importance_sampling_mode`` goes to ``grpo_loss`` as is);
     ``beta`` >= 0 (k3 KL against the reference model or the disabled PEFT adapter, with or without
     ``use_bias_correction_kl``, TRL's default True); ``epsilon`` /
     ``epsilon_high`` (clip-higher); ``delta`` (two-sided clip); ``temperature``; ``cast_lm_head_to_fp32``;

@@ -83,7 +83,7 @@ class ChunkKernels(NamedTuple):
     ``grpo_loss`` (which own their kernels' argument lists and error flags)."""
 
     stats: Callable  # (logits, flat targets, temperature, logp, entropy, stats): token_logprobs forward
-    grpo_forward: Callable  # grpo_loss' forward: (logp, old, ref, adv, mask, num_items, options, *outputs)
+    grpo_forward: Callable  # grpo_loss' forward: (logp, old, ref, adv, mask, num_items, is_ratio, options, *outputs)
     grpo_backward: Callable  # grpo_loss' backward: (grad_loss, row_stats, row_weights, logp, ..., dlogp, dref)
     grad: Callable  # (logits3d, targets, g, stats, inv_t, ignore, out3d): the gradient pass
 
@@ -146,7 +146,7 @@ def loss_options(op: str, batch: int, length: int, device: torch.device, old_log
     """The GRPO options of a fused op (its ``**options``), resolved by
     :func:`gtalign_fast.ops._grpo_objective.resolve_options` (errors name ``op``; ``old_logp`` /
     ``ref_logp`` may have any float dtype, they are used in float32); returns the float32 old / ref
-    log-probs, the normaliser tensor (or None) and the GrpoLossOptions."""
+    log-probs, the normaliser tensor (or None), the IS ratio (or None) and the GrpoLossOptions."""
     converted = []
     for name, value in (("old_logp", old_logp), ("ref_logp", ref_logp)):
         if value is not None:
@@ -157,10 +157,10 @@ def loss_options(op: str, batch: int, length: int, device: torch.device, old_log
             value = value.detach().to(torch.float32)
         converted.append(value)
     old_logp, ref_logp = converted
-    num_items_tensor, grpo = _grpo_objective.resolve_options(
+    num_items_tensor, grpo, is_ratio = _grpo_objective.resolve_options(
         op, (batch, length), device, "targets are", None, old_logp, advantages, mask, ref_logp, options
     )
-    return old_logp, ref_logp, num_items_tensor, grpo
+    return old_logp, ref_logp, num_items_tensor, is_ratio, grpo
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,18 +40,24 @@ OP = "grpo_loss"
 
 
 def _kernel_advantages(advantages: torch.Tensor, shape) -> torch.Tensor:
-    """float32 ``[B, T]`` view of the advantages; ``[B]`` ones are expanded with time stride 0."""
+    """float32 ``[B, T]`` view of the advantages (or of the IS ratio); ``[B]`` ones are expanded with
+    time stride 0."""
     advantages = advantages.to(torch.float32)
     if advantages.dim() == 1:  # = unsqueeze(1).expand(shape), in one op (a few us less per call)
         return advantages.as_strided(shape, (advantages.stride(0), 0))
     return advantages
 
 
+def _kernel_is_ratio(is_ratio: torch.Tensor | None, shape) -> torch.Tensor | None:
+    """The IS ratio (``_grpo_objective.kernel_is_ratio``'s) as a ``[B, T]`` view; time stride 0: per sequence."""
+    return None if is_ratio is None else _kernel_advantages(is_ratio, shape)
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward
 
 
-def _forward_outputs(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, options):
+def _forward_outputs(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, is_ratio, options):
     batch = logp.shape[0]
     return (
         Output((), torch.float32),  # loss
@@ -71,14 +77,15 @@ def _forward_reference(*args):
     row_weights.zero_()
 
 
-def _forward_args(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, options, *outputs) -> tuple:
+def _forward_args(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, is_ratio, options, *outputs) -> tuple:
     """The kernels' arguments (the same for the Triton, C++ CPU and CUDA launchers)."""
     mode, const_weight = aggregation(options.loss_type, logp.shape[0], options.max_completion_length,
                                      options.num_items_value, num_items_tensor is not None)
     row_metrics = _grpo_objective.row_metrics(options, advantages)
     return (
         logp, old_logp, ref_logp, _kernel_advantages(advantages, logp.shape), kernel_mask(mask), num_items_tensor,
-        *_clip_args(options), options.sequence_level, row_metrics, mode, const_weight, *outputs,
+        _kernel_is_ratio(is_ratio, logp.shape), *_clip_args(options), options.sequence_level, row_metrics, mode,
+        const_weight, *outputs,
     )
 
 
@@ -139,7 +146,8 @@ def forward_kernel(launch, *args) -> None:
 
 FORWARD = Op(
     "grpo_loss",
-    inputs="Tensor logp, Tensor? old_logp, Tensor? ref_logp, Tensor advantages, Tensor mask, Tensor? num_items_tensor",
+    inputs=("Tensor logp, Tensor? old_logp, Tensor? ref_logp, Tensor advantages, Tensor mask, "
+            "Tensor? num_items_tensor, Tensor? is_ratio"),
     options=GrpoLossOptions,
     returns=("loss", "metrics", "row_stats", "row_weights"),
     outputs=_forward_outputs,
@@ -162,13 +170,13 @@ def _backward_outputs(grad_loss, row_stats, row_weights, logp, old_logp, ref_log
 
 
 def _backward_reference(grad_loss, row_stats, row_weights, logp, old_logp, ref_logp, advantages, mask,
-                        num_items_tensor, ref_grad, options, dlogp, dref):
+                        num_items_tensor, is_ratio, ref_grad, options, dlogp, dref):
     with autograd_inside_op():
         leaves = [logp.detach().requires_grad_(True)]
         ref_leaf = ref_logp.detach().requires_grad_(True) if ref_grad else ref_logp
         if ref_grad:
             leaves.append(ref_leaf)
-        loss, _ = reference_loss(leaves[0], old_logp, ref_leaf, advantages, mask, num_items_tensor, options)
+        loss, _ = reference_loss(leaves[0], old_logp, ref_leaf, advantages, mask, num_items_tensor, is_ratio, options)
         grads = torch.autograd.grad(loss, leaves, grad_loss.to(loss.dtype))
     dlogp.copy_(grads[0])
     if ref_grad:
@@ -176,11 +184,12 @@ def _backward_reference(grad_loss, row_stats, row_weights, logp, old_logp, ref_l
 
 
 def _backward_args(grad_loss, row_stats, row_weights, logp, old_logp, ref_logp, advantages, mask,
-                   _num_items_tensor, _ref_grad, options) -> tuple:
+                   _num_items_tensor, is_ratio, _ref_grad, options) -> tuple:
     """The kernels' arguments before the outputs (the same for every launcher)."""
     return (
         grad_loss.to(torch.float32).reshape(()), row_weights, row_stats, logp, old_logp, ref_logp,
-        _kernel_advantages(advantages, logp.shape), kernel_mask(mask), *_clip_args(options), options.sequence_level,
+        _kernel_advantages(advantages, logp.shape), kernel_mask(mask), _kernel_is_ratio(is_ratio, logp.shape),
+        *_clip_args(options), options.sequence_level,
     )
 
 
@@ -195,7 +204,7 @@ BACKWARD = Op(
     key="grpo_loss",
     inputs=(
         "Tensor grad_loss, Tensor row_stats, Tensor row_weights, Tensor logp, Tensor? old_logp, Tensor? ref_logp, "
-        "Tensor advantages, Tensor mask, Tensor? num_items_tensor, bool ref_grad"
+        "Tensor advantages, Tensor mask, Tensor? num_items_tensor, Tensor? is_ratio, bool ref_grad"
     ),
     options=GrpoLossOptions,
     returns=("dlogp", "dref"),
@@ -214,13 +223,14 @@ def _save(ctx, inputs, options, outputs) -> None:
 
 def _backward(ctx, grad_loss, _grad_metrics, _grad_row_stats, _grad_row_weights):
     if grad_loss is None:
-        return (None,) * 6
-    logp, old_logp, ref_logp, advantages, mask, num_items_tensor, row_stats, row_weights = ctx.saved_tensors
+        return (None,) * 7
+    logp, old_logp, ref_logp, advantages, mask, num_items_tensor, is_ratio, row_stats, row_weights = ctx.saved_tensors
     ref_grad = ref_logp is not None and ctx.needs_grad[2]
     dlogp, dref = BACKWARD.call_in_backward(
-        ctx, grad_loss, row_stats, row_weights, logp, old_logp, ref_logp, advantages, mask, num_items_tensor, ref_grad
+        ctx, grad_loss, row_stats, row_weights, logp, old_logp, ref_logp, advantages, mask, num_items_tensor, is_ratio,
+        ref_grad,
     )
-    return dlogp, None, dref if ref_grad else None, None, None, None
+    return dlogp, None, dref if ref_grad else None, None, None, None, None
 
 
 FORWARD.register_autograd(_save, _backward, differentiable=(0,))
@@ -330,10 +340,10 @@ def grpo_loss(
     TRL does), so a micro-batch of truncated-and-masked completions does not produce NaN.
     """
     _check_logp(logp)
-    num_items_tensor, options = _grpo_objective.resolve_options(
+    num_items_tensor, options, is_ratio = _grpo_objective.resolve_options(
         OP, logp.shape, logp.device, "logp is", logp.dtype, old_logp, advantages, mask, ref_logp, options
     )
     old_logp = None if old_logp is None else old_logp.detach()
     loss, metrics, _, _ = FORWARD(logp, old_logp, ref_logp, advantages.detach(), mask.detach(), num_items_tensor,
-                                  options=options, backend=backend or "")
+                                  is_ratio, options=options, backend=backend or "")
     return loss, metrics_dict(metrics, ref_logp is not None, vespo=options.loss_type == "vespo")

@@ -223,6 +223,28 @@ def validate(op: str, shape, device, owner: str, dtype, old_logp, advantages, ma
             raise TypeError(f"{op}: num_items_in_batch must be a real number, got {num_items_in_batch.dtype}")
     else:
         check_number(op, "num_items_in_batch", num_items_in_batch, low=0.0, low_inclusive=False, optional=True)
+    is_ratio = o["importance_sampling_ratio"]
+    if is_ratio is not None:
+        check_tensor(op, "importance_sampling_ratio", is_ratio, None, device, owner, FLOAT_DTYPES)
+        if is_ratio.shape not in ((shape[0],), (shape[0], 1), shape):
+            raise ValueError(
+                f"{op}: importance_sampling_ratio must have shape [B] = ({shape[0]},), [B, 1] or [B, T] = {shape}, "
+                f"got {tuple(is_ratio.shape)}"
+            )
+
+
+def kernel_is_ratio(is_ratio: torch.Tensor | None) -> torch.Tensor | None:
+    """The importance-sampling ratio as the kernels take it: float32, detached, ``[B]`` (per sequence;
+    ``[B, 1]`` too) or ``[B, T]`` with a nonzero time stride (an expanded per-token view is copied:
+    the kernels read a time stride of 0 as one ratio per sequence, which VESPO adds once)."""
+    if is_ratio is None:
+        return None
+    is_ratio = is_ratio.detach().to(torch.float32)
+    if is_ratio.dim() == 2 and is_ratio.shape[1] == 1:
+        return is_ratio.reshape(-1)
+    if is_ratio.dim() == 2 and is_ratio.stride(1) == 0:
+        return is_ratio.contiguous()
+    return is_ratio
 
 
 _UNCLIPPED = ("sapo", "cispo", "vespo")  # objectives that replace the clip (delta and dual_clip refused)
@@ -243,15 +265,16 @@ def _validate_objective(op: str, loss_type: str, o: dict) -> None:
 
 
 def resolve_options(op: str, shape, device, owner: str, dtype, old_logp, advantages, mask, ref_logp,
-                    options: dict) -> tuple[torch.Tensor | None, GrpoLossOptions]:
+                    options: dict) -> tuple[torch.Tensor | None, GrpoLossOptions, torch.Tensor | None]:
     """The ops' ``**options`` (:class:`GrpoOptions`), checked by :func:`validate` and normalised by
-    :func:`options_from_arguments`; a keyword that is not an option is a TypeError naming ``op``."""
+    :func:`options_from_arguments` and :func:`kernel_is_ratio`: ``(num_items_tensor, options, is_ratio)``.
+    A keyword that is not an option is a TypeError naming ``op``."""
     if not _OPTION_NAMES >= options.keys():
         unknown = sorted(options.keys() - _OPTION_NAMES)[0]
         raise TypeError(f"{op}() got an unexpected keyword argument {unknown!r}")
     merged = {**OPTION_DEFAULTS, **options}
     validate(op, shape, device, owner, dtype, old_logp, advantages, mask, ref_logp, merged)
-    return options_from_arguments(op, shape[1], merged)
+    return (*options_from_arguments(op, shape[1], merged), kernel_is_ratio(merged["importance_sampling_ratio"]))
 
 
 def options_from_arguments(op: str, length: int, o: dict) -> tuple[torch.Tensor | None, GrpoLossOptions]:
@@ -315,7 +338,7 @@ def explain_normaliser(op: str, num_items: torch.Tensor) -> None:
 # Reference loss and metrics
 
 
-def reference_loss(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, options: GrpoLossOptions):
+def reference_loss(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, is_ratio, options: GrpoLossOptions):
     """``reference.grpo_loss`` with the op's options (what every op's reference backend computes)."""
     num_items = num_items_tensor if num_items_tensor is not None else options.num_items_value
     return reference.grpo_loss(
@@ -323,7 +346,7 @@ def reference_loss(logp, old_logp, ref_logp, advantages, mask, num_items_tensor,
         options.delta, options.dual_clip, options.loss_type, "sequence" if options.sequence_level else "token",
         options.max_completion_length, num_items, options.kl_clamp, options.use_bias_correction_kl,
         options.sapo_temperature_pos, options.sapo_temperature_neg, options.vespo_k_pos, options.vespo_lambda_pos,
-        options.vespo_k_neg, options.vespo_lambda_neg,
+        options.vespo_k_neg, options.vespo_lambda_neg, is_ratio,
     )
 
 
@@ -395,6 +418,12 @@ OPTION_DOCS = """\
     dual_clip : float, optional
         verl's ``clip_ratio_c`` (``> 1``, usually 3): for ``A < 0`` the token loss is at most
         ``-dual_clip * A``.
+    importance_sampling_ratio : Tensor, shape ``[B]``, ``[B, 1]`` or ``[B, T]``, any float dtype, optional
+        Per-sequence or per-token weights ``>= 0`` of the policy term, no gradient: TRL's vLLM
+        ``importance_sampling_ratio`` (truncated or masked IS of ``vllm_importance_sampling_mode``),
+        verl's ``rollout_is_weights``. ``loss_t = is_t * pg_t + beta * kl_t``; the clip metrics are
+        counted before weighting. With ``loss_type="vespo"`` the ratio enters the sequence weight
+        instead, as TRL: ``log w += sum_t mask * clip(log is_t, ln 1e-8, 20)`` (per sequence: once).
     loss_type : str, default "grpo"
         The objective and the aggregation, with ``S_b = sum_t mask * loss_t``, ``n_b`` the tokens of
         row ``b``, ``N = sum_b n_b`` (counts are clamped to >= 1) and ``L = max_completion_length``:
@@ -517,10 +546,12 @@ document_options(GrpoObjective)
 # generated from GrpoObjective (so the options are declared once) for the ops' ``**options: Unpack[...]``.
 OPTION_DEFAULTS: dict[str, Any] = {field.name: field.default for field in dataclasses.fields(GrpoObjective)}
 OPTION_DEFAULTS["num_items_in_batch"] = None
+OPTION_DEFAULTS["importance_sampling_ratio"] = None
 _OPTION_NAMES = OPTION_DEFAULTS.keys()
 GrpoOptions = TypedDict(  # noqa: UP013 (generated from GrpoObjective's fields: the class syntax cannot be)
     "GrpoOptions",
-    {**typing.get_type_hints(GrpoObjective), "num_items_in_batch": int | float | torch.Tensor | None},
+    {**typing.get_type_hints(GrpoObjective), "num_items_in_batch": int | float | torch.Tensor | None,
+     "importance_sampling_ratio": torch.Tensor | None},
     total=False,
 )
 GrpoOptions.__doc__ = "The GRPO ops' option keywords (see :class:`GrpoObjective`), all optional."

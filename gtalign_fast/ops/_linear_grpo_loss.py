@@ -93,7 +93,7 @@ LinearGrpoLossOptions = options_type(
 )
 
 
-def _outputs(hidden, weight, bias, targets, old_logp, ref_logp, advantages, mask, num_items_tensor, options):
+def _outputs(hidden, weight, bias, targets, old_logp, ref_logp, advantages, mask, num_items_tensor, is_ratio, options):
     return (
         Output((), torch.float32),  # loss
         Output((NUM_METRICS + 1,), torch.float32),  # grpo_loss' metrics, then the mean entropy
@@ -105,7 +105,7 @@ def _outputs(hidden, weight, bias, targets, old_logp, ref_logp, advantages, mask
 
 
 def _forward_chunks(name, hidden, weight, bias, targets, old_logp, ref_logp, advantages, mask, num_items_tensor,
-                    options, loss, metrics, logp, dhidden, dweight, dbias):
+                    is_ratio, options, loss, metrics, logp, dhidden, dweight, dbias):
     device = hidden.device
     kernels = chunk_kernels(name, device)
     grpo = options.grpo()
@@ -122,7 +122,7 @@ def _forward_chunks(name, hidden, weight, bias, targets, old_logp, ref_logp, adv
     entropy = torch.empty(n_tokens, dtype=torch.float32, device=device)
     if seq:  # rows of the GRPO kernels = sequences; a chunk holds whole sequences (GSPO's ratio, VESPO's weight)
         rows_per_chunk, row_len = max(1, chunk // length), length
-        w_rows, row_inputs = weights_b, (logp, old_logp, ref_logp, advantages, mask)
+        w_rows, row_inputs, row_is = weights_b, (logp, old_logp, ref_logp, advantages, mask), is_ratio
     else:  # rows = single tokens ([N, 1] views): a chunk may cut a sequence anywhere
         rows_per_chunk, row_len = chunk, 1
         # repeat_interleave, not expand().reshape(): at B = 1 the reshape keeps the stride-0 view, and
@@ -132,6 +132,9 @@ def _forward_chunks(name, hidden, weight, bias, targets, old_logp, ref_logp, adv
         adv = adv.unsqueeze(1).expand(batch, length) if adv.dim() == 1 else adv
         row_inputs = tuple(None if x is None else x.reshape(n_tokens, 1)
                            for x in (logp, old_logp, ref_logp, adv, kernel_mask(mask)))
+        row_is = None  # the IS ratio per token ([N, 1]: each row one token)
+        if is_ratio is not None:
+            row_is = (is_ratio.repeat_interleave(length) if is_ratio.dim() == 1 else is_ratio).reshape(n_tokens, 1)
     n_rows = row_inputs[0].shape[0]
     chunk_tokens = min(n_tokens, rows_per_chunk * row_len)
     row_stats = torch.empty(n_rows, NUM_STATS, dtype=torch.float32, device=device)
@@ -158,12 +161,13 @@ def _forward_chunks(name, hidden, weight, bias, targets, old_logp, ref_logp, adv
         z3 = z.view(1, n, vocab)
         kernels.stats(z3, ktargets[t0:t1], options.temperature, logp_flat[t0:t1], entropy[t0:t1], stats[:n])
         chunk_inputs = tuple(None if x is None else x[r0:r1] for x in row_inputs)
-        kernels.grpo_forward(*chunk_inputs, num_items_tensor, grpo, scratch[0], scratch[1], row_stats[r0:r1],
+        chunk_is = None if row_is is None else row_is[r0:r1]
+        kernels.grpo_forward(*chunk_inputs, num_items_tensor, chunk_is, grpo, scratch[0], scratch[1], row_stats[r0:r1],
                              scratch[2][: r1 - r0])
         if not need_grad:
             continue
         g = dlogp[:n]
-        kernels.grpo_backward(one, row_stats[r0:r1], w_rows[r0:r1], *chunk_inputs, None, False, grpo,
+        kernels.grpo_backward(one, row_stats[r0:r1], w_rows[r0:r1], *chunk_inputs, None, chunk_is, False, grpo,
                               g.view(chunk_inputs[0].shape), no_dref)
         kernels.grad(z3, ktargets[t0:t1], g, stats[:n], inv_t, SKIP, z3)  # dZ over Z, in place
         if options.need_hidden:
@@ -193,7 +197,7 @@ def _finish(row_stats, w_rows, entropy, mask, row_metrics, batch, loss, metrics)
 
 
 def _forward_reference(hidden, weight, bias, targets, old_logp, ref_logp, advantages, mask, num_items_tensor,
-                       options, loss, metrics, logp, dhidden, dweight, dbias):
+                       is_ratio, options, loss, metrics, logp, dhidden, dweight, dbias):
     """Materialised float64 (float32 for half inputs) logits and autograd through the reference."""
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     with autograd_inside_op():
@@ -203,7 +207,7 @@ def _forward_reference(hidden, weight, bias, targets, old_logp, ref_logp, advant
         logits = torch.nn.functional.linear(*leaves).view(*targets.shape, weight.shape[0])
         values, entropy = reference_logp(logits, targets, mask, options.temperature)
         ref_loss, ref_metrics = reference_loss(values, old_logp, ref_logp, advantages, mask, num_items_tensor,
-                                               options.grpo())
+                                               is_ratio, options.grpo())
         grads = torch.autograd.grad(ref_loss, leaves)
     loss.copy_(ref_loss)
     metrics_vector(ref_metrics, entropy.detach(), mask, metrics)
@@ -214,7 +218,7 @@ def _forward_reference(hidden, weight, bias, targets, old_logp, ref_logp, advant
             out.copy_(grad)
 
 
-def _check(hidden, weight, bias, targets, old_logp, ref_logp, advantages, mask, num_items_tensor, options,
+def _check(hidden, weight, bias, targets, old_logp, ref_logp, advantages, mask, num_items_tensor, is_ratio, options,
            backend) -> None:
     check_targets(OP, hidden.device, targets, mask, weight.shape[0], backend)
     if backend == "triton" and hidden.dtype == torch.float64:
@@ -224,7 +228,7 @@ def _check(hidden, weight, bias, targets, old_logp, ref_logp, advantages, mask, 
 FORWARD = Op(
     OP,
     inputs=("Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor? old_logp, Tensor? ref_logp, "
-            "Tensor advantages, Tensor mask, Tensor? num_items_tensor"),
+            "Tensor advantages, Tensor mask, Tensor? num_items_tensor, Tensor? is_ratio"),
     options=LinearGrpoLossOptions,
     returns=("loss", "metrics", "logp", "dhidden", "dweight", "dbias"),
     outputs=_outputs,
@@ -251,13 +255,13 @@ def _backward(ctx, grad_loss, *_unused):
             "the forward were handed out already: call the op again"
         )
     if grad_loss is None:
-        return (None,) * 9
+        return (None,) * 10
     scale = grad_loss.reshape(())
     options = ctx.options
     out = []
     for grad, need in zip(grads, (options.need_hidden, options.need_weight, options.need_bias)):
         out.append(grad.mul_(scale.to(grad.dtype)) if need else None)
-    return (*out, None, None, None, None, None, None)
+    return (*out, None, None, None, None, None, None, None)
 
 
 FORWARD.register_autograd(_save, _backward, differentiable=(0,))
@@ -368,7 +372,7 @@ def linear_grpo_loss(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"{OP}: chunk_size must be >= 1, got {chunk_size}")
     batch, length, size = hidden.shape
-    old_logp, ref_logp, num_items_tensor, grpo = loss_options(
+    old_logp, ref_logp, num_items_tensor, is_ratio, grpo = loss_options(
         OP, batch, length, hidden.device, old_logp, advantages, mask, ref_logp, options)
     grad = torch.is_grad_enabled()
     options = LinearGrpoLossOptions(
@@ -377,7 +381,7 @@ def linear_grpo_loss(
         need_bias=grad and bias is not None and bias.requires_grad,
     )
     loss, metrics, logp, *_ = FORWARD(hidden.reshape(batch * length, size), weight, bias, targets, old_logp, ref_logp,
-                                      advantages.detach(), mask.detach(), num_items_tensor, options=options,
+                                      advantages.detach(), mask.detach(), num_items_tensor, is_ratio, options=options,
                                       backend=backend or "")
     result = (loss, fused_metrics(metrics, ref_logp is not None, grpo.loss_type == "vespo"))
     return (*result, logp.detach()) if return_logp else result

@@ -54,7 +54,7 @@ LogitsGrpoLossOptions = options_type("LogitsGrpoLossOptions", temperature=float,
 
 
 
-def _forward_outputs(logits, targets, old_logp, ref_logp, advantages, mask, num_items_tensor, options):
+def _forward_outputs(logits, targets, old_logp, ref_logp, advantages, mask, num_items_tensor, is_ratio, options):
     batch, length = targets.shape
     return (
         Output((), torch.float32),  # loss
@@ -67,20 +67,21 @@ def _forward_outputs(logits, targets, old_logp, ref_logp, advantages, mask, num_
     )
 
 
-def _forward_chunked(name, logits, targets, old_logp, ref_logp, advantages, mask, num_items_tensor, options,
+def _forward_chunked(name, logits, targets, old_logp, ref_logp, advantages, mask, num_items_tensor, is_ratio, options,
                      loss, metrics, logp, entropy, stats, row_stats, weights):
     kernels = chunk_kernels(name, logits.device)
     grpo = options.grpo()
     kernels.stats(logits, kernel_targets(targets, mask), options.temperature, logp, entropy, stats)
-    kernels.grpo_forward(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, grpo, loss,
+    kernels.grpo_forward(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, is_ratio, grpo, loss,
                          metrics[:NUM_METRICS], row_stats, weights)
     metrics[NUM_METRICS] = entropy_mean(entropy, mask)
 
 
-def _forward_reference(logits, targets, old_logp, ref_logp, advantages, mask, num_items_tensor, options,
+def _forward_reference(logits, targets, old_logp, ref_logp, advantages, mask, num_items_tensor, is_ratio, options,
                        loss, metrics, logp, entropy, stats, row_stats, weights):
     ref_logp_values, ref_entropy = reference_logp(logits, targets, mask, options.temperature)
     ref_loss, ref_metrics = reference_loss(ref_logp_values, old_logp, ref_logp, advantages, mask, num_items_tensor,
+                                           is_ratio,
                                            options.grpo())
     loss.copy_(ref_loss)
     metrics_vector(ref_metrics, ref_entropy, mask, metrics)
@@ -90,14 +91,14 @@ def _forward_reference(logits, targets, old_logp, ref_logp, advantages, mask, nu
         unused.zero_()
 
 
-def _check(logits, targets, old_logp, ref_logp, advantages, mask, num_items_tensor, options, backend) -> None:
+def _check(logits, targets, old_logp, ref_logp, advantages, mask, num_items_tensor, is_ratio, options, backend) -> None:
     check_targets(OP, logits.device, targets, mask, logits.shape[-1], backend)
 
 
 FORWARD = Op(
     OP,
     inputs=("Tensor logits, Tensor targets, Tensor? old_logp, Tensor? ref_logp, Tensor advantages, Tensor mask, "
-            "Tensor? num_items_tensor"),
+            "Tensor? num_items_tensor, Tensor? is_ratio"),
     options=LogitsGrpoLossOptions,
     returns=("loss", "metrics", "logp", "entropy", "stats", "row_stats", "row_weights"),
     outputs=_forward_outputs,
@@ -110,18 +111,19 @@ FORWARD = Op(
 
 
 def _backward_outputs(grad_loss, logits, targets, logp, stats, row_stats, weights, old_logp, ref_logp, advantages,
-                      mask, num_items_tensor, options):
+                      mask, num_items_tensor, is_ratio, options):
     # In place: the gradient goes into the logits' storage; the output is an empty placeholder.
     return (Output((0,) if options.inplace_backward else logits.shape, logits.dtype),)
 
 
 def _backward_chunked(name, grad_loss, logits, targets, logp, stats, row_stats, weights, old_logp, ref_logp,
-                      advantages, mask, num_items_tensor, options, dlogits):
+                      advantages, mask, num_items_tensor, is_ratio, options, dlogits):
     kernels = chunk_kernels(name, logits.device)
     grpo = options.grpo()
     dlogp = torch.empty(logp.shape, dtype=torch.float32, device=logp.device)
     empty = dlogp.new_empty((0,))
     kernels.grpo_backward(grad_loss, row_stats, weights, logp, old_logp, ref_logp, advantages, mask, num_items_tensor,
+                          is_ratio,
                           False, grpo, dlogp, empty)
     rows = rows_view(logits)
     out = rows if options.inplace_backward else dlogits.view(rows.shape)
@@ -131,11 +133,12 @@ def _backward_chunked(name, grad_loss, logits, targets, logp, stats, row_stats, 
 
 
 def _backward_reference(grad_loss, logits, targets, logp, stats, row_stats, weights, old_logp, ref_logp, advantages,
-                        mask, num_items_tensor, options, dlogits):
+                        mask, num_items_tensor, is_ratio, options, dlogits):
     with autograd_inside_op():
         leaf = logits.detach().requires_grad_(True)
         values, _ = reference_logp(leaf, targets, mask, options.temperature, with_entropy=False)
-        loss, _ = reference_loss(values, old_logp, ref_logp, advantages, mask, num_items_tensor, options.grpo())
+        loss, _ = reference_loss(values, old_logp, ref_logp, advantages, mask, num_items_tensor, is_ratio,
+                                 options.grpo())
         (grad,) = torch.autograd.grad(loss, [leaf], grad_loss.to(loss.dtype))
     (logits if options.inplace_backward else dlogits).copy_(grad)
 
@@ -145,7 +148,7 @@ BACKWARD = Op(
     key=OP,
     inputs=("Tensor grad_loss, Tensor(a!) logits, Tensor targets, Tensor logp, Tensor stats, Tensor row_stats, "
             "Tensor row_weights, Tensor? old_logp, Tensor? ref_logp, Tensor advantages, Tensor mask, "
-            "Tensor? num_items_tensor"),
+            "Tensor? num_items_tensor, Tensor? is_ratio"),
     options=LogitsGrpoLossOptions,
     returns=("dlogits",),
     outputs=_backward_outputs,
@@ -158,23 +161,23 @@ BACKWARD = Op(
 
 
 def _save(ctx, inputs, options, outputs) -> None:
-    logits, targets, old_logp, ref_logp, advantages, mask, num_items_tensor = inputs
+    logits, targets, old_logp, ref_logp, advantages, mask, num_items_tensor, is_ratio = inputs
     _, _, logp, _, stats, row_stats, weights = outputs
     ctx.save_for_backward(logits, targets, logp, stats, row_stats, weights, old_logp, ref_logp, advantages, mask,
-                          num_items_tensor)
+                          num_items_tensor, is_ratio)
 
 
 def _backward(ctx, grad_loss, *_unused):
     if grad_loss is None:
-        return (None,) * 7
-    logits, targets, logp, stats, row_stats, weights, old_logp, ref_logp, advantages, mask, num_items = (
+        return (None,) * 8
+    logits, targets, logp, stats, row_stats, weights, old_logp, ref_logp, advantages, mask, num_items, is_ratio = (
         ctx.saved_tensors
     )
     grad_loss = grad_loss.to(torch.float32).reshape(())
     (dlogits,) = BACKWARD.call_in_backward(ctx, grad_loss, logits, targets, logp, stats, row_stats, weights,
-                                           old_logp, ref_logp, advantages, mask, num_items)
+                                           old_logp, ref_logp, advantages, mask, num_items, is_ratio)
     # In place, the gradient is the logits tensor itself (its storage now holds dlogits).
-    return (logits if ctx.options.inplace_backward else dlogits), None, None, None, None, None, None
+    return (logits if ctx.options.inplace_backward else dlogits), None, None, None, None, None, None, None
 
 
 FORWARD.register_autograd(_save, _backward, differentiable=(0,))
@@ -259,9 +262,9 @@ def logits_grpo_loss(
     if inplace_backward and logits.requires_grad and logits.is_leaf:
         raise ValueError(f"{OP}: inplace_backward=True would overwrite a leaf tensor that requires grad")
     batch, length, _ = logits.shape
-    old_logp, ref_logp, num_items_tensor, grpo = loss_options(
+    old_logp, ref_logp, num_items_tensor, is_ratio, grpo = loss_options(
         OP, batch, length, logits.device, old_logp, advantages, mask, ref_logp, options)
     options = LogitsGrpoLossOptions(*grpo, temperature=float(temperature), inplace_backward=bool(inplace_backward))
     loss, metrics, *_ = FORWARD(logits, targets, old_logp, ref_logp, advantages.detach(), mask.detach(),
-                                num_items_tensor, options=options, backend=backend or "")
+                                num_items_tensor, is_ratio, options=options, backend=backend or "")
     return loss, fused_metrics(metrics, ref_logp is not None, grpo.loss_type == "vespo")
