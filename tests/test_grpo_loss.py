@@ -507,12 +507,10 @@ def test_sapo(backend):
                beta=beta, sapo_temperature_pos=0.9, sapo_temperature_neg=1.3, use_bias_correction_kl=index % 3 == 0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_cispo(backend):
-    # TRL's CISPO objective: -sg(min(r, epsilon_high)) * A * logp, aggregated as dapo; a cap of 1.1 that
-    # some ratios exceed (the gradient is then -1.1 A) and some do not (-r A), on- and off-policy.
-    logp, old, ref, advantages, mask = _inputs(4, 9, seed=44)
-    assert ((old - logp).exp() > 1.1).any() and ((logp - old).exp() < 1.1).any()
+def _check_grid(backend, logp, old, ref, advantages, mask, **objective):
+    """``objective`` at both levels, with [B] and [B, T] advantages, beta 0 and > 0, on- and off-policy,
+    the normaliser as a number or not, with and without the KL's bias correction (half the grid under the
+    Triton interpreter)."""
     for index, (level, adv_2d, beta, on_policy) in enumerate(
             itertools.product(LEVELS, (False, True), BETAS, (False, True))):
         if _interpreted_triton(backend) and index % 2:
@@ -520,8 +518,17 @@ def test_cispo(backend):
         adv = torch.randn(mask.shape, generator=torch.Generator().manual_seed(index)).to(DEVICE) if adv_2d \
             else advantages
         _check(backend, logp, None if on_policy else old, adv, mask, ref if beta else None, ref_grad=beta > 0,
-               loss_type="cispo", importance_sampling_level=level, beta=beta, epsilon_high=1.1,
-               num_items_in_batch=30.0 if index % 3 == 0 else None, use_bias_correction_kl=index % 3 == 1)
+               importance_sampling_level=level, beta=beta, num_items_in_batch=30.0 if index % 3 == 0 else None,
+               use_bias_correction_kl=index % 3 == 1, **objective)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cispo(backend):
+    # TRL's CISPO objective: -sg(min(r, epsilon_high)) * A * logp, aggregated as dapo; a cap of 1.1 that
+    # some ratios exceed (the gradient is then -1.1 A) and some do not (-r A), on- and off-policy.
+    logp, old, ref, advantages, mask = _inputs(4, 9, seed=44)
+    assert ((old - logp).exp() > 1.1).any() and ((logp - old).exp() < 1.1).any()
+    _check_grid(backend, logp, old, ref, advantages, mask, loss_type="cispo", epsilon_high=1.1)
 
 
 def test_cispo_reports_trls_clip_ratio():
@@ -543,15 +550,7 @@ def test_vespo(backend):
     old[0] = logp[0] - 15.0  # log-ratios 15: their sum past 20 from 2 tokens (log w clamped to 20, phi = 0)
     old[2] = logp[2] + 25.0  # each log-ratio clamped to -20, their sum to ln 1e-8
     assert mask[0].sum() >= 2 and mask[2].any()
-    for index, (level, adv_2d, beta, on_policy) in enumerate(
-            itertools.product(LEVELS, (False, True), BETAS, (False, True))):
-        if _interpreted_triton(backend) and index % 2:
-            continue
-        adv = torch.randn(mask.shape, generator=torch.Generator().manual_seed(index)).to(DEVICE) if adv_2d \
-            else advantages
-        _check(backend, logp, None if on_policy else old, adv, mask, ref if beta else None, ref_grad=beta > 0,
-               loss_type="vespo", importance_sampling_level=level, beta=beta, vespo_k_pos=1.5, vespo_lambda_neg=2.5,
-               num_items_in_batch=30.0 if index % 3 == 0 else None, use_bias_correction_kl=index % 3 == 1)
+    _check_grid(backend, logp, old, ref, advantages, mask, loss_type="vespo", vespo_k_pos=1.5, vespo_lambda_neg=2.5)
 
 
 def test_vespo_metric_is_trls_phi_seq_mean():

@@ -201,7 +201,8 @@ def validate(op: str, shape, device, owner: str, dtype, old_logp, advantages, ma
     check_number(op, "delta", o["delta"], low=0.0, low_inclusive=False, optional=True)
     check_number(op, "dual_clip", o["dual_clip"], low=1.0, low_inclusive=False, optional=True)
     check_number(op, "kl_clamp", o["kl_clamp"], low=0.0, low_inclusive=False, optional=True)
-    _validate_objective(op, loss_type, o)
+    if loss_type in _UNCLIPPED:  # (a call less for the clipped objectives: this runs on every op call)
+        _validate_objective(op, loss_type, o)
     if not isinstance(o["use_bias_correction_kl"], bool):
         raise TypeError(
             f"{op}: use_bias_correction_kl must be a bool, got {type(o['use_bias_correction_kl']).__name__}"
@@ -274,7 +275,8 @@ def resolve_options(op: str, shape, device, owner: str, dtype, old_logp, advanta
         raise TypeError(f"{op}() got an unexpected keyword argument {unknown!r}")
     merged = {**OPTION_DEFAULTS, **options}
     validate(op, shape, device, owner, dtype, old_logp, advantages, mask, ref_logp, merged)
-    return (*options_from_arguments(op, shape[1], merged), kernel_is_ratio(merged["importance_sampling_ratio"]))
+    is_ratio = merged["importance_sampling_ratio"]
+    return (*options_from_arguments(op, shape[1], merged), None if is_ratio is None else kernel_is_ratio(is_ratio))
 
 
 def options_from_arguments(op: str, length: int, o: dict) -> tuple[torch.Tensor | None, GrpoLossOptions]:
@@ -289,26 +291,27 @@ def options_from_arguments(op: str, length: int, o: dict) -> tuple[torch.Tensor 
         num_items_value = None if num_items_in_batch is None else float(num_items_in_batch)
     epsilon_high, delta, dual_clip = o["epsilon_high"], o["delta"], o["dual_clip"]
     max_completion_length, kl_clamp = o["max_completion_length"], o["kl_clamp"]
+    # Positional, in GrpoLossOptions' field order (keywords cost ~2 us more per op call).
     options = GrpoLossOptions(
-        beta=float(o["beta"]),
-        epsilon_low=float(o["epsilon_low"]),
-        epsilon_high=float(o["epsilon_low"] if epsilon_high is None else epsilon_high),
-        delta=None if delta is None else float(delta),
-        dual_clip=None if dual_clip is None else float(dual_clip),
-        loss_type=o["loss_type"],
-        sequence_level=o["importance_sampling_level"] == "sequence",
-        max_completion_length=int(length if max_completion_length is None else max_completion_length),
-        num_items_value=num_items_value,
-        kl_clamp=None if kl_clamp is None else float(kl_clamp),
-        use_bias_correction_kl=bool(o["use_bias_correction_kl"]),
-        sapo_temperature_pos=float(o["sapo_temperature_pos"]),
-        sapo_temperature_neg=float(o["sapo_temperature_neg"]),
-        vespo_k_pos=float(o["vespo_k_pos"]),
-        vespo_lambda_pos=float(o["vespo_lambda_pos"]),
-        vespo_k_neg=float(o["vespo_k_neg"]),
-        vespo_lambda_neg=float(o["vespo_lambda_neg"]),
+        float(o["beta"]),
+        float(o["epsilon_low"]),
+        float(o["epsilon_low"] if epsilon_high is None else epsilon_high),
+        None if delta is None else float(delta),
+        None if dual_clip is None else float(dual_clip),
+        o["loss_type"],
+        o["importance_sampling_level"] == "sequence",
+        int(length if max_completion_length is None else max_completion_length),
+        num_items_value,
+        None if kl_clamp is None else float(kl_clamp),
+        bool(o["use_bias_correction_kl"]),
+        *(float(o[name]) for name in _OBJECTIVE_FLOATS),
     )
     return num_items_tensor, options
+
+
+# The float options of the objectives beyond the clip, in GrpoLossOptions' order (its last fields).
+_OBJECTIVE_FLOATS = ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
+                     "vespo_lambda_neg")
 
 
 def checked_normaliser(op: str, num_items: torch.Tensor) -> torch.Tensor:
@@ -469,7 +472,8 @@ OPTION_DOCS = """\
 
 def document_options(function):
     """Put :data:`OPTION_DOCS` in place of the ``%(grpo_options)s`` line of ``function``'s docstring."""
-    function.__doc__ = function.__doc__.replace("    %(grpo_options)s\n", OPTION_DOCS)
+    if function.__doc__:  # None under python -OO
+        function.__doc__ = function.__doc__.replace("    %(grpo_options)s\n", OPTION_DOCS)
     return function
 
 
