@@ -12,6 +12,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
 
@@ -30,25 +31,48 @@ enum Metric : int64_t { kMetricLow = 0, kMetricHigh, kMetricRegion, kMetricKl, k
 static_assert(kMetricRatio + 1 == kNumMetrics, "one metrics entry per Metric");
 constexpr float kLogRatioLimit = 20.0f;  // log-ratios are clamped to [-20, 20]
 constexpr float kKlLimit = 10.0f;        // verl's low_var_kl bound on k3 values (the kl_clamp verl's plugin passes)
+// TRL's VESPO: the sequence log-weight is clamped to [ln 1e-8, 20], the Gamma decay lambda to >= 1e-4.
+constexpr float kVespoMinLogWeight = -18.420680743952367f;
+constexpr float kVespoMinLambda = 1e-4f;
 
 // The op's float arguments as the kernels use them (passed to the CUDA kernels by value).
 // kl_clamp bounds each k3 value to [-kl_clamp, kl_clamp]; +inf (the ops' default, TRL's k3) clamps nothing.
 // bias_kl: TRL's use_bias_correction_kl, the k3 term times the importance ratio. sapo_tau_pos > 0 selects
 // TRL's SAPO objective -sigmoid(tau (r - 1)) 4 / tau A (tau_pos where A > 0, else tau_neg) instead of the clip.
 // cispo selects TRL's CISPO objective -sg(min(r, eps_high)) A logp: its high_bound is eps_high itself (the
-// ratio cap, and the bound of TRL's cispo_clip_ratio), not 1 + eps_high.
+// ratio cap, and the bound of TRL's cispo_clip_ratio), not 1 + eps_high. vespo selects TRL's VESPO objective
+// -sg(phi) A logp, phi = exp(lambda + k log w - lambda w) of the sequence weight w (k, lambda: the *_pos pair
+// where A >= 0, else *_neg); log_w and w are the row's, set per row by the kernels (vespo_row).
 struct ClipParams {
   float low_bound, high_bound, delta, dual_clip, beta, kl_clamp, sapo_tau_pos, sapo_tau_neg;
   bool has_dual_clip, bias_kl, sapo, cispo;
+  float vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg;
+  bool vespo;
+  float log_w, w;
+  bool has_is;  // an importance-sampling ratio weights the policy term (set by the entry points)
 };
 
 inline ClipParams clip_params(double beta, double eps_low, double eps_high, double delta, double dual_clip,
-                              double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool cispo) {
+                              double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool cispo,
+                              double vespo_k_pos, double vespo_lambda_pos, double vespo_k_neg,
+                              double vespo_lambda_neg, bool vespo) {
   const float high_bound = cispo ? static_cast<float>(eps_high) : 1.0f + static_cast<float>(eps_high);
+  const auto lambda = [](double value) { return value > kVespoMinLambda ? static_cast<float>(value) : kVespoMinLambda; };
   return {1.0f - static_cast<float>(eps_low), high_bound, static_cast<float>(delta),
           static_cast<float>(dual_clip), static_cast<float>(beta), static_cast<float>(kl_clamp),
           static_cast<float>(sapo_tau_pos), static_cast<float>(sapo_tau_neg), dual_clip > 0.0, bias_kl,
-          sapo_tau_pos > 0.0, cispo};
+          sapo_tau_pos > 0.0, cispo, static_cast<float>(vespo_k_pos), lambda(vespo_lambda_pos),
+          static_cast<float>(vespo_k_neg), lambda(vespo_lambda_neg), vespo, 0.0f, 1.0f};
+}
+
+// The sequence weight of TRL's VESPO from the row's masked sum of clamped log-ratios: log w clamped to
+// [ln 1e-8, 20] (TRL's get_gamma_weights), and w = exp(log w); written into the row's copy of the params.
+inline void vespo_row(float log_ratio_sum, ClipParams* p) {
+  const float log_w = log_ratio_sum < kVespoMinLogWeight ? kVespoMinLogWeight
+                      : log_ratio_sum > kLogRatioLimit  ? kLogRatioLimit
+                                                        : log_ratio_sum;
+  p->log_w = log_w;
+  p->w = std::exp(log_w);
 }
 
 // Per-token policy loss, d loss / d ratio, and coef_1 = min(ratio, delta).
@@ -78,8 +102,12 @@ inline void check_float_out(const at::Tensor& out, int64_t numel, const at::Tens
 
 inline void check_inputs(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
                          const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages,
-                         const at::Tensor& mask) {
+                         const at::Tensor& mask, const std::optional<at::Tensor>& is_ratio) {
   TORCH_CHECK(logp.dim() == 2, "grpo_loss: logp must be a [B, T] tensor");
+  if (present(is_ratio)) {
+    check_bt(*is_ratio, logp, "is_ratio");
+    TORCH_CHECK(is_ratio->scalar_type() == at::kFloat, "grpo_loss: is_ratio must be a float32 [B, T] view");
+  }
   for (const auto* other : {&old_logp, &ref_logp}) {
     if (present(*other)) {
       check_bt(**other, logp, "old_logp / ref_logp");

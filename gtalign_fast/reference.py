@@ -19,6 +19,9 @@ from .ops._grpo_constants import (
     NORM_ROWS,
     NORM_ROWS_LENGTH,
     NORM_TOKENS,
+    VESPO_METRIC,
+    VESPO_MIN_LAMBDA,
+    VESPO_MIN_LOG_WEIGHT,
 )
 from .ops._welfare_constants import SCALES
 
@@ -113,6 +116,11 @@ def grpo_loss(
     use_bias_correction_kl: bool = False,
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+    importance_sampling_ratio: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped-surrogate GRPO / PPO policy loss with k3 KL, written plainly from TRL and verl.
 
@@ -123,6 +131,8 @@ def grpo_loss(
         ``old = logp.detach()``) and of the reference model.
     advantages : Tensor, shape ``[B]`` or ``[B, T]``
     mask : Tensor, shape ``[B, T]``; nonzero = the token counts.
+    importance_sampling_ratio : Tensor, shape ``[B]``, ``[B, 1]`` or ``[B, T]``, optional
+        Weights of the policy term (TRL's vLLM IS ratio); VESPO adds their logs to its sequence weight.
     Other arguments: see :func:`gtalign_fast.ops.grpo_loss`.
 
     Returns
@@ -130,7 +140,8 @@ def grpo_loss(
     loss : Tensor, 0-dim; float64 for float64 inputs, float32 otherwise.
     metrics : dict of 0-dim Tensors
         ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean``,
-        ``ratio_mean`` and, when ``ref_logp`` is given, ``kl``.
+        ``ratio_mean`` (``vespo/phi_seq_mean`` instead of these four for ``loss_type="vespo"``) and,
+        when ``ref_logp`` is given, ``kl``.
     """
     dtype = compute_dtype(logp.dtype)
     logp = logp.to(dtype)
@@ -164,9 +175,19 @@ def grpo_loss(
         # detached, times A log p: the gradient is -min(r, eps_high) A whatever r is.
         high_bound = epsilon_high
         per_token_loss = -torch.clamp(ratio, max=epsilon_high).detach() * adv * logp
+    is_ratio = None
+    if importance_sampling_ratio is not None:  # [B, 1] per sequence, or [B, T]
+        is_ratio = importance_sampling_ratio.detach().to(dtype).reshape(batch, -1)
+    if loss_type == "vespo":
+        phi = _vespo_phi(logp - old, weight, adv, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg,
+                         is_ratio)
+        per_token_loss = -phi * adv * logp
     if dual_clip is not None:
         # verl's dual clip: for A < 0 the loss is capped at -A * c.
         per_token_loss = torch.where(adv < 0, torch.min(-adv * dual_clip, per_token_loss), per_token_loss)
+    if is_ratio is not None and loss_type != "vespo":
+        # TRL's vLLM IS correction (verl's rollout IS weights): the policy term times the ratio, before the KL.
+        per_token_loss = per_token_loss * torch.where(valid, is_ratio, 0.0)  # masked-out ratios are never read
     per_token_loss = per_token_loss.expand(batch, length)
 
     if ref_logp is not None:
@@ -222,9 +243,31 @@ def grpo_loss(
             "clip_ratio/region_mean": batch_mean(is_region),
             "ratio_mean": batch_mean(ratio if is_low.shape[1] == 1 else ratio.expand(batch, length)),
         }
+        if loss_type == "vespo":  # TRL logs its mean Gamma weight, no clip ratio
+            metrics = {VESPO_METRIC: batch_mean(phi)}
         if ref_logp is not None:
             metrics["kl"] = (per_token_kl * weight).sum() / total_tokens
     return loss, metrics
+
+
+def _vespo_phi(log_ratio, weight, adv, k_pos, lambda_pos, k_neg, lambda_neg, is_ratio=None) -> torch.Tensor:
+    """TRL's VESPO Gamma weight (``GRPOTrainer.get_gamma_weights``), detached: ``phi = exp(lambda +
+    k log w - lambda w)`` with ``log w`` the sequence's masked sum of per-token log-ratios (each
+    clamped to [-20, 20]) plus the logs of the IS ratio (each clamped to [ln 1e-8, 20]; masked tokens
+    excluded), clamped to [ln 1e-8, 20]; ``(k, lambda)`` the ``_pos`` pair where ``A >= 0``;
+    ``[B, 1]`` for per-sequence advantages, else ``[B, T]``."""
+    log_ratio = log_ratio.detach()
+    seq_log_ratio = (torch.clamp(log_ratio, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT) * weight).sum(-1, keepdim=True)
+    if is_ratio is not None:
+        log_is = torch.clamp(torch.log(is_ratio), VESPO_MIN_LOG_WEIGHT, LOG_RATIO_LIMIT)
+        if log_is.shape[1] != 1:  # per token: the masked sum (a masked-out ratio is never read)
+            log_is = torch.where(weight != 0, log_is, 0.0).sum(-1, keepdim=True)
+        seq_log_ratio = seq_log_ratio + log_is
+    log_w = torch.clamp(seq_log_ratio, VESPO_MIN_LOG_WEIGHT, LOG_RATIO_LIMIT)
+    nonneg = adv >= 0
+    k = torch.where(nonneg, k_pos, k_neg).to(log_w.dtype)
+    lam = torch.where(nonneg, lambda_pos, lambda_neg).to(log_w.dtype).clamp(min=VESPO_MIN_LAMBDA)
+    return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 # ---------------------------------------------------------------------------------------------

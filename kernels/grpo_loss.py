@@ -38,6 +38,18 @@ import torch
 import triton
 import triton.language as tl
 
+from gtalign_fast.kernels.grpo_loss_terms import (
+    cispo_grad,
+    k3_term,
+    load_tokens,
+    load_valid,
+    loss_params,
+    policy_term,
+    sequence_ratio,
+    token_ratio,
+    vespo_log_weight,
+    vespo_phi,
+)
 from gtalign_fast.ops import _device_checks as device_checks
 from gtalign_fast.ops import _grpo_constants as constants
 
@@ -70,127 +82,13 @@ MAX_BLOCK_B = 1024
 
 
 @triton.jit
-def _policy_term(ratio, adv, lp, low_bound, high_bound, delta, dual_clip, tau_pos, tau_neg, DUAL_CLIP: tl.constexpr,
-                 SAPO: tl.constexpr, CISPO: tl.constexpr):
-    """Per-token policy loss ``pg``, its derivative ``d pg / d ratio`` and ``coef_1`` (CISPO's
-    gradient, which goes to logp directly, is ``_cispo_grad``)."""
-    if CISPO:
-        # TRL's CISPO: -sg(min(r, eps_high)) * A * logp (high_bound is eps_high itself): no gradient via r.
-        return -tl.minimum(ratio, high_bound) * adv * lp, tl.zeros_like(ratio), ratio
-    if SAPO:
-        # TRL's SAPO: -sigmoid(tau (r - 1)) * 4 / tau * A (tau_pos where A > 0), d / d r = -4 A s (1 - s).
-        tau = tl.where(adv > 0, tl.cast(tau_pos, tl.float32), tl.cast(tau_neg, tl.float32))
-        s = 1.0 / (1.0 + tl.exp(-tau * (ratio - 1.0)))
-        return -s * 4.0 / tau * adv, -4.0 * adv * s * (1.0 - s), ratio
-    coef_1 = tl.minimum(ratio, delta)
-    gate_1 = tl.where(ratio <= delta, 1.0, 0.0)
-    coef_2 = tl.minimum(tl.maximum(ratio, low_bound), high_bound)
-    gate_2 = tl.where((ratio >= low_bound) & (ratio <= high_bound), 1.0, 0.0)
-    surrogate_1 = coef_1 * adv
-    surrogate_2 = coef_2 * adv
-    # torch.min splits the gradient evenly between equal arguments (on-policy every token ties).
-    gate = tl.where(
-        surrogate_1 < surrogate_2, gate_1, tl.where(surrogate_1 > surrogate_2, gate_2, 0.5 * (gate_1 + gate_2))
-    )
-    pg = -tl.minimum(surrogate_1, surrogate_2)
-    dpg = -adv * gate
-    if DUAL_CLIP:
-        # verl: for A < 0 the loss is capped at -c * A (no gradient once capped).
-        cap = -adv * dual_clip
-        capped = (adv < 0) & (pg > cap)
-        tie = (adv < 0) & (pg == cap)
-        pg = tl.where(capped, cap, pg)
-        dpg = tl.where(capped, 0.0, tl.where(tie, 0.5 * dpg, dpg))
-    return pg, dpg, coef_1
-
-
-@triton.jit
-def _cispo_grad(ratio, adv, high_bound):
-    """CISPO's ``d pg / d logp = -min(r, eps_high) * A`` (the capped ratio is detached, as TRL's)."""
-    return -tl.minimum(ratio, high_bound) * adv
-
-
-@triton.jit
-def _k3_term(logp, ref, kl_clamp):
-    """k3 KL ``exp(d) - d - 1`` (d = ref - logp clamped to [-20, 20], the value to
-    [-kl_clamp, kl_clamp]; kl_clamp = +inf: no clamp) and ``d kl / d ref``."""
-    kl_clamp = tl.cast(kl_clamp, tl.float32)
-    d = ref - logp
-    d_clamped = tl.minimum(tl.maximum(d, -LOG_RATIO_LIMIT), LOG_RATIO_LIMIT)
-    e = tl.exp(d_clamped)
-    kl = e - d_clamped - 1.0
-    gate = (d >= -LOG_RATIO_LIMIT) & (d <= LOG_RATIO_LIMIT) & (kl >= -kl_clamp) & (kl <= kl_clamp)
-    kl = tl.minimum(tl.maximum(kl, -kl_clamp), kl_clamp)
-    return kl, tl.where(gate, e - 1.0, 0.0)
-
-
-@triton.jit
-def _clamped_exp(log_ratio):
-    """``exp(clamp(log_ratio, -20, 20))`` and its derivative (0 where the log-ratio is clamped)."""
-    ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -LOG_RATIO_LIMIT), LOG_RATIO_LIMIT))
-    dratio = tl.where((log_ratio >= -LOG_RATIO_LIMIT) & (log_ratio <= LOG_RATIO_LIMIT), ratio, 0.0)
-    return ratio, dratio
-
-
-@triton.jit
-def _token_ratio(logp, old):
-    """Token-level importance ratio and ``d ratio / d logp`` (0 where the log-ratio is clamped)."""
-    return _clamped_exp(logp - old)
-
-
-@triton.jit
-def _loss_params(beta, eps_low, eps_high, delta, dual_clip, CISPO: tl.constexpr):
-    """The float kernel arguments (they arrive as Python floats) as float32, with the epsilons turned
-    into the clip bounds: ``(beta, 1 - eps_low, 1 + eps_high, delta, dual_clip)`` (CISPO: its ratio
-    cap ``eps_high`` itself as the high bound, TRL's ``cispo_clip_ratio``)."""
-    low_bound = 1.0 - tl.cast(eps_low, tl.float32)
-    if CISPO:
-        high_bound = tl.cast(eps_high, tl.float32)
-    else:
-        high_bound = 1.0 + tl.cast(eps_high, tl.float32)
-    return tl.cast(beta, tl.float32), low_bound, high_bound, tl.cast(delta, tl.float32), tl.cast(dual_clip, tl.float32)
-
-
-@triton.jit
-def _load_tokens(ptr, row, stride_b, cols, stride_t, valid):
-    """The ``valid`` tokens ``cols`` of row ``row`` of a strided [B, T] view, as float32 (0 elsewhere)."""
-    return tl.load(ptr + row * stride_b + cols * stride_t, mask=valid, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _load_valid(mask_ptr, row, s_mb, cols, s_mt, T):
-    """``(in_row, valid)`` for the tokens ``cols`` of row ``row``: inside the row, and inside and masked in."""
-    in_row = cols < T
-    valid = tl.load(mask_ptr + row * s_mb + cols * s_mt, mask=in_row, other=0) != 0
-    return in_row, valid
-
-
-@triton.jit
-def _sequence_ratio(logp_ptr, old_ptr, mask_ptr, row, T, s_lb, s_lt, s_ob, s_ot, s_mb, s_mt,
-                    ON_POLICY: tl.constexpr, BLOCK_T: tl.constexpr):
-    """GSPO's ratio of row ``row`` (exp of the masked mean log-ratio, clamped) and its derivative."""
-    offsets = tl.arange(0, BLOCK_T)
-    lr_acc = tl.zeros([BLOCK_T], tl.float32)
-    n_acc = tl.zeros([BLOCK_T], tl.float32)
-    for start in range(0, T, BLOCK_T):
-        cols = start + offsets
-        _, valid = _load_valid(mask_ptr, row, s_mb, cols, s_mt, T)
-        n_acc += tl.where(valid, 1.0, 0.0)
-        if not ON_POLICY:
-            lp = _load_tokens(logp_ptr, row, s_lb, cols, s_lt, valid)
-            old = _load_tokens(old_ptr, row, s_ob, cols, s_ot, valid)
-            lr_acc += tl.where(valid, lp - old, 0.0)
-    mean_lr = tl.sum(lr_acc, axis=0) / tl.maximum(tl.sum(n_acc, axis=0), 1.0)
-    return _clamped_exp(mean_lr)
-
-
-@triton.jit
 def _grpo_loss_rows_kernel(
-    logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, stats_ptr,
+    logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, is_ptr, stats_ptr,
     num_items_ptr, loss_ptr, metrics_ptr, weights_ptr, error_ptr, counter_ptr,
     T,
-    s_lb, s_lt, s_ob, s_ot, s_rb, s_rt, s_ab, s_at, s_mb, s_mt,
-    beta, eps_low, eps_high, delta, dual_clip, kl_clamp, tau_pos, tau_neg, const_weight,
+    s_lb, s_lt, s_ob, s_ot, s_rb, s_rt, s_ab, s_at, s_mb, s_mt, s_ib, s_it,
+    beta, eps_low, eps_high, delta, dual_clip, kl_clamp, tau_pos, tau_neg, vk_pos, vl_pos, vk_neg, vl_neg,
+    const_weight,
     ON_POLICY: tl.constexpr,
     HAS_REF: tl.constexpr,
     SEQ_LEVEL: tl.constexpr,
@@ -199,16 +97,21 @@ def _grpo_loss_rows_kernel(
     BIAS_KL: tl.constexpr,
     SAPO: tl.constexpr,
     CISPO: tl.constexpr,
+    VESPO: tl.constexpr,
+    HAS_IS: tl.constexpr,
+    IS_ROW: tl.constexpr,
     BLOCK_T: tl.constexpr,
     FUSED: tl.constexpr,
     MODE: tl.constexpr,
     BLOCK_B: tl.constexpr,
     ERR_NUM_ITEMS: tl.constexpr,
 ):
-    _grpo_loss_row(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, stats_ptr, T,
-                   s_lb, s_lt, s_ob, s_ot, s_rb, s_rt, s_ab, s_at, s_mb, s_mt,
+    _grpo_loss_row(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, is_ptr, stats_ptr, T,
+                   s_lb, s_lt, s_ob, s_ot, s_rb, s_rt, s_ab, s_at, s_mb, s_mt, s_ib, s_it,
                    beta, eps_low, eps_high, delta, dual_clip, kl_clamp, tau_pos, tau_neg,
-                   ON_POLICY, HAS_REF, SEQ_LEVEL, ROW_METRICS, DUAL_CLIP, BIAS_KL, SAPO, CISPO, BLOCK_T)
+                   vk_pos, vl_pos, vk_neg, vl_neg,
+                   ON_POLICY, HAS_REF, SEQ_LEVEL, ROW_METRICS, DUAL_CLIP, BIAS_KL, SAPO, CISPO, VESPO, HAS_IS, IS_ROW,
+                   BLOCK_T)
     if FUSED:
         # One launch per forward: the last program to finish reduces every row. The barrier and the
         # release half of the atomic publish this program's row; its acquire half (in the last
@@ -223,10 +126,10 @@ def _grpo_loss_rows_kernel(
 
 @triton.jit
 def _grpo_loss_row(
-    logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, stats_ptr,
+    logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, is_ptr, stats_ptr,
     T,
-    s_lb, s_lt, s_ob, s_ot, s_rb, s_rt, s_ab, s_at, s_mb, s_mt,
-    beta, eps_low, eps_high, delta, dual_clip, kl_clamp, tau_pos, tau_neg,
+    s_lb, s_lt, s_ob, s_ot, s_rb, s_rt, s_ab, s_at, s_mb, s_mt, s_ib, s_it,
+    beta, eps_low, eps_high, delta, dual_clip, kl_clamp, tau_pos, tau_neg, vk_pos, vl_pos, vk_neg, vl_neg,
     ON_POLICY: tl.constexpr,
     HAS_REF: tl.constexpr,
     SEQ_LEVEL: tl.constexpr,
@@ -235,19 +138,27 @@ def _grpo_loss_row(
     BIAS_KL: tl.constexpr,
     SAPO: tl.constexpr,
     CISPO: tl.constexpr,
+    VESPO: tl.constexpr,
+    HAS_IS: tl.constexpr,
+    IS_ROW: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     """One sequence's partial sums into row_stats[row] (row = the program id)."""
     row = tl.program_id(0).to(tl.int64)
-    beta, low_bound, high_bound, delta, dual_clip = _loss_params(beta, eps_low, eps_high, delta, dual_clip, CISPO)
+    beta, low_bound, high_bound, delta, dual_clip = loss_params(beta, eps_low, eps_high, delta, dual_clip, CISPO)
     offsets = tl.arange(0, BLOCK_T)
 
     # Sequence level (GSPO): first the masked mean log-ratio of the row.
     seq_ratio = tl.cast(1.0, tl.float32)
     seq_dratio = tl.cast(1.0, tl.float32)
     if SEQ_LEVEL:
-        seq_ratio, seq_dratio = _sequence_ratio(logp_ptr, old_ptr, mask_ptr, row, T, s_lb, s_lt, s_ob, s_ot, s_mb,
+        seq_ratio, seq_dratio = sequence_ratio(logp_ptr, old_ptr, mask_ptr, row, T, s_lb, s_lt, s_ob, s_ot, s_mb,
                                                 s_mt, ON_POLICY, BLOCK_T)
+    log_w = tl.cast(0.0, tl.float32)
+    w = tl.cast(1.0, tl.float32)
+    if VESPO:  # TRL's VESPO: the row's sequence weight first
+        log_w, w = vespo_log_weight(logp_ptr, old_ptr, mask_ptr, is_ptr, row, T, s_lb, s_lt, s_ob, s_ot, s_mb, s_mt,
+                                    s_ib, s_it, ON_POLICY, HAS_IS, IS_ROW, BLOCK_T)
 
     loss_acc = tl.zeros([BLOCK_T], tl.float32)
     tokens_acc = tl.zeros([BLOCK_T], tl.float32)
@@ -258,22 +169,30 @@ def _grpo_loss_row(
     dpg_acc = tl.zeros([BLOCK_T], tl.float32)
     for start in range(0, T, BLOCK_T):
         cols = start + offsets
-        _, valid = _load_valid(mask_ptr, row, s_mb, cols, s_mt, T)
-        lp = _load_tokens(logp_ptr, row, s_lb, cols, s_lt, valid)
-        adv = _load_tokens(adv_ptr, row, s_ab, cols, s_at, valid)
+        _, valid = load_valid(mask_ptr, row, s_mb, cols, s_mt, T)
+        lp = load_tokens(logp_ptr, row, s_lb, cols, s_lt, valid)
+        adv = load_tokens(adv_ptr, row, s_ab, cols, s_at, valid)
         if SEQ_LEVEL:
             ratio = tl.zeros([BLOCK_T], tl.float32) + seq_ratio
         elif ON_POLICY:
             ratio = tl.zeros([BLOCK_T], tl.float32) + 1.0
         else:
-            old = _load_tokens(old_ptr, row, s_ob, cols, s_ot, valid)
-            ratio, _ = _token_ratio(lp, old)
-        pg, dpg, coef_1 = _policy_term(ratio, adv, lp, low_bound, high_bound, delta, dual_clip, tau_pos, tau_neg,
-                                       DUAL_CLIP, SAPO, CISPO)
+            old = load_tokens(old_ptr, row, s_ob, cols, s_ot, valid)
+            ratio, _ = token_ratio(lp, old)
+        if VESPO:  # -sg(phi) * A * logp: no gradient through the ratio
+            phi = vespo_phi(adv, log_w, w, vk_pos, vl_pos, vk_neg, vl_neg)
+            pg, dpg, coef_1 = -phi * adv * lp, tl.zeros_like(ratio), ratio
+        else:
+            pg, dpg, coef_1 = policy_term(ratio, adv, lp, low_bound, high_bound, delta, dual_clip, tau_pos,
+                                          tau_neg, DUAL_CLIP, SAPO, CISPO)
+            if HAS_IS:  # the IS ratio weights the policy term (VESPO has it in its sequence weight instead)
+                is_ratio = load_tokens(is_ptr, row, s_ib, cols, s_it, valid)
+                pg = pg * is_ratio
+                dpg = dpg * is_ratio
         token_loss = pg
         if HAS_REF:
-            ref = _load_tokens(ref_ptr, row, s_rb, cols, s_rt, valid)
-            kl, _ = _k3_term(lp, ref, kl_clamp)
+            ref = load_tokens(ref_ptr, row, s_rb, cols, s_rt, valid)
+            kl, _ = k3_term(lp, ref, kl_clamp)
             if BIAS_KL:  # TRL's use_bias_correction_kl: kl * r, whose d / d r (beta * kl) joins dpg
                 dpg += beta * kl
                 kl = kl * ratio
@@ -284,7 +203,10 @@ def _grpo_loss_row(
         dpg_acc += tl.where(valid, dpg, 0.0)
         if not ROW_METRICS:
             low_acc += tl.where(valid & (coef_1 < low_bound) & (adv < 0), 1.0, 0.0)
-            high_acc += tl.where(valid & (coef_1 > high_bound) & (adv > 0), 1.0, 0.0)
+            if VESPO:  # the high slot holds the sum of phi (TRL's vespo/phi_seq_mean)
+                high_acc += tl.where(valid, phi, 0.0)
+            else:
+                high_acc += tl.where(valid & (coef_1 > high_bound) & (adv > 0), 1.0, 0.0)
             ratio_acc += tl.where(valid, ratio, 0.0)
 
     tokens = tl.sum(tokens_acc, axis=0)
@@ -296,6 +218,8 @@ def _grpo_loss_row(
         high = tl.where((row_coef_1 > high_bound) & (row_adv > 0), 1.0, 0.0)
         region = tl.maximum(low, high)
         ratio_stat = seq_ratio
+        if VESPO:  # TRL's phi_seq (the other metrics are not reported for VESPO)
+            high = vespo_phi(row_adv, log_w, w, vk_pos, vl_pos, vk_neg, vl_neg)
     else:
         low = tl.sum(low_acc, axis=0)
         high = tl.sum(high_acc, axis=0)
@@ -397,10 +321,10 @@ def _grpo_loss_finalize(
 @triton.jit
 def _grpo_loss_bwd_kernel(
     grad_loss_ptr, weights_ptr, stats_ptr,
-    logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, dlogp_ptr, dref_ptr,
+    logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, is_ptr, dlogp_ptr, dref_ptr,
     T,
-    s_lb, s_lt, s_ob, s_ot, s_rb, s_rt, s_ab, s_at, s_mb, s_mt,
-    beta, eps_low, eps_high, delta, dual_clip, kl_clamp, tau_pos, tau_neg,
+    s_lb, s_lt, s_ob, s_ot, s_rb, s_rt, s_ab, s_at, s_mb, s_mt, s_ib, s_it,
+    beta, eps_low, eps_high, delta, dual_clip, kl_clamp, tau_pos, tau_neg, vk_pos, vl_pos, vk_neg, vl_neg,
     ON_POLICY: tl.constexpr,
     HAS_REF: tl.constexpr,
     REF_GRAD: tl.constexpr,
@@ -409,44 +333,62 @@ def _grpo_loss_bwd_kernel(
     BIAS_KL: tl.constexpr,
     SAPO: tl.constexpr,
     CISPO: tl.constexpr,
+    VESPO: tl.constexpr,
+    HAS_IS: tl.constexpr,
+    IS_ROW: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    beta, low_bound, high_bound, delta, dual_clip = _loss_params(beta, eps_low, eps_high, delta, dual_clip, CISPO)
+    beta, low_bound, high_bound, delta, dual_clip = loss_params(beta, eps_low, eps_high, delta, dual_clip, CISPO)
     row_scale = tl.load(grad_loss_ptr).to(tl.float32) * tl.load(weights_ptr + row)
     seq_grad = tl.load(stats_ptr + row * NUM_SEQUENCE_STATS + STAT_SEQ_GRAD)
     seq_ratio = tl.cast(1.0, tl.float32)
     if SEQ_LEVEL and ((BIAS_KL and HAS_REF) or CISPO):  # r for the KL weight or CISPO: one more pass
-        seq_ratio, _ = _sequence_ratio(logp_ptr, old_ptr, mask_ptr, row, T, s_lb, s_lt, s_ob, s_ot, s_mb, s_mt,
+        seq_ratio, _ = sequence_ratio(logp_ptr, old_ptr, mask_ptr, row, T, s_lb, s_lt, s_ob, s_ot, s_mb, s_mt,
                                        ON_POLICY, BLOCK_T)
+    log_w = tl.cast(0.0, tl.float32)
+    w = tl.cast(1.0, tl.float32)
+    if VESPO:
+        log_w, w = vespo_log_weight(logp_ptr, old_ptr, mask_ptr, is_ptr, row, T, s_lb, s_lt, s_ob, s_ot, s_mb, s_mt,
+                                    s_ib, s_it, ON_POLICY, HAS_IS, IS_ROW, BLOCK_T)
     offsets = tl.arange(0, BLOCK_T)
     for start in range(0, T, BLOCK_T):
         cols = start + offsets
-        in_row, valid = _load_valid(mask_ptr, row, s_mb, cols, s_mt, T)
-        lp = _load_tokens(logp_ptr, row, s_lb, cols, s_lt, valid)
+        in_row, valid = load_valid(mask_ptr, row, s_mb, cols, s_mt, T)
+        lp = load_tokens(logp_ptr, row, s_lb, cols, s_lt, valid)
         if SEQ_LEVEL:
             ratio = tl.zeros([BLOCK_T], tl.float32) + seq_ratio
             dratio = ratio  # unused: the ratio's gradient is in seq_grad
             dloss = tl.zeros([BLOCK_T], tl.float32) + seq_grad
             if CISPO:  # the per-token term outside seq_grad: min(r, eps_high) is detached
-                adv = _load_tokens(adv_ptr, row, s_ab, cols, s_at, valid)
-                dloss += _cispo_grad(ratio, adv, high_bound)
+                adv = load_tokens(adv_ptr, row, s_ab, cols, s_at, valid)
+                direct = cispo_grad(ratio, adv, high_bound)
+                if HAS_IS:  # (seq_grad has the ratio in already)
+                    direct = direct * load_tokens(is_ptr, row, s_ib, cols, s_it, valid)
+                dloss += direct
+            if VESPO:  # likewise: phi is detached
+                adv = load_tokens(adv_ptr, row, s_ab, cols, s_at, valid)
+                dloss -= vespo_phi(adv, log_w, w, vk_pos, vl_pos, vk_neg, vl_neg) * adv
         else:
-            adv = _load_tokens(adv_ptr, row, s_ab, cols, s_at, valid)
+            adv = load_tokens(adv_ptr, row, s_ab, cols, s_at, valid)
             if ON_POLICY:
                 ratio = tl.zeros([BLOCK_T], tl.float32) + 1.0
                 dratio = ratio
             else:
-                old = _load_tokens(old_ptr, row, s_ob, cols, s_ot, valid)
-                ratio, dratio = _token_ratio(lp, old)
-            _, dpg, _ = _policy_term(ratio, adv, lp, low_bound, high_bound, delta, dual_clip, tau_pos, tau_neg,
+                old = load_tokens(old_ptr, row, s_ob, cols, s_ot, valid)
+                ratio, dratio = token_ratio(lp, old)
+            _, dpg, _ = policy_term(ratio, adv, lp, low_bound, high_bound, delta, dual_clip, tau_pos, tau_neg,
                                      DUAL_CLIP, SAPO, CISPO)
             dloss = dpg * dratio
             if CISPO:
-                dloss += _cispo_grad(ratio, adv, high_bound)
+                dloss += cispo_grad(ratio, adv, high_bound)
+            if VESPO:  # -phi * A, phi detached (policy_term's clip gradient is not used: VESPO replaces it)
+                dloss = -vespo_phi(adv, log_w, w, vk_pos, vl_pos, vk_neg, vl_neg) * adv
+            elif HAS_IS:
+                dloss = dloss * load_tokens(is_ptr, row, s_ib, cols, s_it, valid)
         if HAS_REF:
-            ref = _load_tokens(ref_ptr, row, s_rb, cols, s_rt, valid)
-            kl, dkl_dref = _k3_term(lp, ref, kl_clamp)
+            ref = load_tokens(ref_ptr, row, s_rb, cols, s_rt, valid)
+            kl, dkl_dref = k3_term(lp, ref, kl_clamp)
             if BIAS_KL:  # d (kl * r): r * dkl, plus kl * dr (at sequence level inside seq_grad)
                 if not SEQ_LEVEL:
                     dloss += beta * kl * dratio
@@ -469,6 +411,11 @@ def _strides(*tensors):
     for tensor in tensors:
         out.extend(tensor.stride() if tensor is not None else (0, 0))
     return out
+
+
+def _is_flags(is_ratio) -> dict:
+    """HAS_IS, and IS_ROW: a time stride of 0 is one IS ratio per sequence (VESPO adds its log once)."""
+    return dict(HAS_IS=is_ratio is not None, IS_ROW=is_ratio is not None and is_ratio.stride(1) == 0)
 
 
 def _check_layout(logp, *others) -> None:
@@ -499,6 +446,7 @@ def grpo_loss_forward(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     num_items: torch.Tensor | None,
+    is_ratio: torch.Tensor | None,
     beta: float,
     eps_low: float,
     eps_high: float,
@@ -509,6 +457,11 @@ def grpo_loss_forward(
     sapo_tau_pos: float,
     sapo_tau_neg: float,
     cispo: bool,
+    vespo_k_pos: float,
+    vespo_lambda_pos: float,
+    vespo_k_neg: float,
+    vespo_lambda_neg: float,
+    vespo: bool,
     seq_level: bool,
     row_metrics: bool,
     mode: int,
@@ -526,7 +479,7 @@ def grpo_loss_forward(
     not finite and > 0 sets ``ERR_NUM_ITEMS`` in ``error_flag`` (int32 ``[1]``, see
     ``gtalign_fast.ops._device_checks``; default: the device's flag) and gives a NaN loss."""
     batch, length = logp.shape
-    _check_layout(logp, old_logp, ref_logp, advantages, mask)
+    _check_layout(logp, old_logp, ref_logp, advantages, mask, is_ratio)
     _check_outputs(logp, (loss, 1), (metrics, constants.NUM_METRICS), (row_stats, batch * constants.NUM_SEQUENCE_STATS),
                    (row_weights, batch))
     if num_items is not None and (num_items.numel() < 1 or num_items.device != logp.device):
@@ -545,13 +498,14 @@ def grpo_loss_forward(
     block_b = min(MAX_BLOCK_B, triton.next_power_of_2(max(batch, 16)))
     _grpo_loss_rows_kernel[(batch,)](
         logp, old_logp if old_logp is not None else logp, ref_logp if ref_logp is not None else logp,
-        advantages, mask, row_stats,
+        advantages, mask, is_ratio if is_ratio is not None else logp, row_stats,
         num_items, loss, metrics, row_weights, error_flag, finalize_counter if fused else error_flag,
-        length, *_strides(logp, old_logp, ref_logp, advantages, mask),
-        beta, eps_low, eps_high, delta, dual_clip, kl_clamp, sapo_tau_pos, sapo_tau_neg, const_weight,
+        length, *_strides(logp, old_logp, ref_logp, advantages, mask, is_ratio),
+        beta, eps_low, eps_high, delta, dual_clip, kl_clamp, sapo_tau_pos, sapo_tau_neg, vespo_k_pos,
+        vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg, const_weight,
         ON_POLICY=old_logp is None, HAS_REF=ref_logp is not None, SEQ_LEVEL=seq_level,
         ROW_METRICS=row_metrics, DUAL_CLIP=dual_clip > 0, BIAS_KL=bool(bias_kl), SAPO=sapo_tau_pos > 0,
-        CISPO=bool(cispo),
+        CISPO=bool(cispo), VESPO=bool(vespo), **_is_flags(is_ratio),
         BLOCK_T=_block_t(length),
         FUSED=fused, MODE=mode, BLOCK_B=block_b, ERR_NUM_ITEMS=device_checks.ERR_NUM_ITEMS, num_warps=4,
     )
@@ -572,6 +526,7 @@ def grpo_loss_backward(
     ref_logp: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
+    is_ratio: torch.Tensor | None,
     beta: float,
     eps_low: float,
     eps_high: float,
@@ -582,6 +537,11 @@ def grpo_loss_backward(
     sapo_tau_pos: float,
     sapo_tau_neg: float,
     cispo: bool,
+    vespo_k_pos: float,
+    vespo_lambda_pos: float,
+    vespo_k_neg: float,
+    vespo_lambda_neg: float,
+    vespo: bool,
     seq_level: bool,
     dlogp: torch.Tensor,
     dref: torch.Tensor,
@@ -589,7 +549,7 @@ def grpo_loss_backward(
     """Launch the backward kernel: writes every element of ``dlogp`` and, unless it is empty (no
     gradient for ref_logp), of ``dref``. The arguments are those of the C++ kernels."""
     batch, length = logp.shape
-    _check_layout(logp, old_logp, ref_logp, advantages, mask)
+    _check_layout(logp, old_logp, ref_logp, advantages, mask, is_ratio)
     _check_outputs(logp, (grad_loss, 1), (row_weights, batch), (row_stats, batch * constants.NUM_SEQUENCE_STATS))
     for out in (dlogp, dref):
         if out.numel() and (out.numel() != batch * length or not out.is_contiguous() or out.dtype != logp.dtype
@@ -600,12 +560,13 @@ def grpo_loss_backward(
     _grpo_loss_bwd_kernel[(batch,)](
         grad_loss, row_weights, row_stats,
         logp, old_logp if old_logp is not None else logp, ref_logp if ref_logp is not None else logp,
-        advantages, mask, dlogp, dref if dref.numel() > 0 else dlogp,
-        length, *_strides(logp, old_logp, ref_logp, advantages, mask),
-        beta, eps_low, eps_high, delta, dual_clip, kl_clamp, sapo_tau_pos, sapo_tau_neg,
+        advantages, mask, is_ratio if is_ratio is not None else logp, dlogp, dref if dref.numel() > 0 else dlogp,
+        length, *_strides(logp, old_logp, ref_logp, advantages, mask, is_ratio),
+        beta, eps_low, eps_high, delta, dual_clip, kl_clamp, sapo_tau_pos, sapo_tau_neg, vespo_k_pos,
+        vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg,
         ON_POLICY=old_logp is None, HAS_REF=ref_logp is not None, REF_GRAD=dref.numel() > 0,
         SEQ_LEVEL=seq_level, DUAL_CLIP=dual_clip > 0, BIAS_KL=bool(bias_kl), SAPO=sapo_tau_pos > 0,
-        CISPO=bool(cispo),
+        CISPO=bool(cispo), VESPO=bool(vespo), **_is_flags(is_ratio),
         BLOCK_T=_block_t(length),
         num_warps=4,
     )

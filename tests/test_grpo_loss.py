@@ -95,8 +95,8 @@ def _configurations(backend):
     slow on CPU: there each (loss type, level, clip) gets one (beta, advantage shape) pair, rotated
     so that every pair still meets every loss type and clip setting."""
     for index, (loss_type, level, clip) in enumerate(itertools.product(LOSS_TYPES, LEVELS, CLIPS)):
-        if loss_type in ("sapo", "cispo") and clip != "clip":
-            continue  # SAPO and CISPO replace the clip: no delta, no dual clip
+        if loss_type in ("sapo", "cispo", "vespo") and clip != "clip":
+            continue  # SAPO, CISPO and VESPO replace the clip: no delta, no dual clip
         pairs = list(itertools.product(BETAS, (False, True)))
         if _interpreted_triton(backend):
             pairs = [pairs[(index + index // len(CLIPS)) % len(pairs)]]
@@ -275,9 +275,11 @@ def test_custom_op_registration():
 
     logp, old, ref, advantages, mask = _inputs(3, 5, seed=31)
     backend = kernel_backends()[0] if kernel_backends() else "reference"
-    for kl_clamp, bias_kl in ((None, False), (10.0, True)):
-        args = (logp.detach().requires_grad_(True), old, ref, advantages, mask, None, 0.04, 0.2, 0.28, 1.5, 3.0,
-                "grpo", False, 5, None, kl_clamp, bias_kl, 1.0, 1.05, backend)
+    for kl_clamp, bias_kl, loss_type in ((None, False, "grpo"), (10.0, True, "grpo"), (None, True, "vespo")):
+        clips = (None, None) if loss_type == "vespo" else (1.5, 3.0)
+        is_ratio = torch.rand(mask.shape, device=DEVICE) if loss_type == "vespo" else None
+        args = (logp.detach().requires_grad_(True), old, ref, advantages, mask, None, is_ratio, 0.04, 0.2, 0.28,
+                *clips, loss_type, False, 5, None, kl_clamp, bias_kl, 1.0, 1.05, 2.0, 3.0, 3.0, 2.0, backend)
         torch.library.opcheck(_grpo_loss.FORWARD.custom_op, args, test_utils=("test_schema", "test_faketensor",
                                                                          "test_autograd_registration"))
 
@@ -330,8 +332,8 @@ def test_matches_trl_when_installed():
 
     logp, old, ref, advantages, mask = _inputs(4, 11, seed=40, empty_row=False)
     ref = ref + 2.0 * (torch.arange(11, device=DEVICE) % 3 == 0)  # some k3 above 10: not clamped, as TRL
-    for loss_type, level, bias_kl in itertools.product(("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "sapo", "cispo"),
-                                                       LEVELS, (False, True)):
+    for loss_type, level, bias_kl in itertools.product(
+            ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "sapo", "cispo", "vespo"), LEVELS, (False, True)):
         leaf = logp.clone().requires_grad_(True)
         trl_loss = trl_grpo_loss(leaf, old, advantages, mask, ref_logp=ref, beta=0.04, epsilon_high=0.28,
                                  loss_type=loss_type, importance_sampling_level=level, use_bias_correction_kl=bias_kl)
@@ -505,12 +507,10 @@ def test_sapo(backend):
                beta=beta, sapo_temperature_pos=0.9, sapo_temperature_neg=1.3, use_bias_correction_kl=index % 3 == 0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_cispo(backend):
-    # TRL's CISPO objective: -sg(min(r, epsilon_high)) * A * logp, aggregated as dapo; a cap of 1.1 that
-    # some ratios exceed (the gradient is then -1.1 A) and some do not (-r A), on- and off-policy.
-    logp, old, ref, advantages, mask = _inputs(4, 9, seed=44)
-    assert ((old - logp).exp() > 1.1).any() and ((logp - old).exp() < 1.1).any()
+def _check_grid(backend, logp, old, ref, advantages, mask, **objective):
+    """``objective`` at both levels, with [B] and [B, T] advantages, beta 0 and > 0, on- and off-policy,
+    the normaliser as a number or not, with and without the KL's bias correction (half the grid under the
+    Triton interpreter)."""
     for index, (level, adv_2d, beta, on_policy) in enumerate(
             itertools.product(LEVELS, (False, True), BETAS, (False, True))):
         if _interpreted_triton(backend) and index % 2:
@@ -518,8 +518,17 @@ def test_cispo(backend):
         adv = torch.randn(mask.shape, generator=torch.Generator().manual_seed(index)).to(DEVICE) if adv_2d \
             else advantages
         _check(backend, logp, None if on_policy else old, adv, mask, ref if beta else None, ref_grad=beta > 0,
-               loss_type="cispo", importance_sampling_level=level, beta=beta, epsilon_high=1.1,
-               num_items_in_batch=30.0 if index % 3 == 0 else None, use_bias_correction_kl=index % 3 == 1)
+               importance_sampling_level=level, beta=beta, num_items_in_batch=30.0 if index % 3 == 0 else None,
+               use_bias_correction_kl=index % 3 == 1, **objective)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cispo(backend):
+    # TRL's CISPO objective: -sg(min(r, epsilon_high)) * A * logp, aggregated as dapo; a cap of 1.1 that
+    # some ratios exceed (the gradient is then -1.1 A) and some do not (-r A), on- and off-policy.
+    logp, old, ref, advantages, mask = _inputs(4, 9, seed=44)
+    assert ((old - logp).exp() > 1.1).any() and ((logp - old).exp() < 1.1).any()
+    _check_grid(backend, logp, old, ref, advantages, mask, loss_type="cispo", epsilon_high=1.1)
 
 
 def test_cispo_reports_trls_clip_ratio():
@@ -529,6 +538,148 @@ def test_cispo_reports_trls_clip_ratio():
     mask = torch.ones(1, 4, dtype=torch.bool, device=DEVICE)
     _, metrics = ops.grpo_loss(logp, old, torch.ones(1, device=DEVICE), mask, loss_type="cispo", epsilon_high=2.0)
     assert metrics["clip_ratio/high_mean"].item() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vespo(backend):
+    # TRL's VESPO objective: -sg(phi) * A * logp, phi = exp(lambda + k log w - lambda w) of the sequence weight
+    # w (the masked sum of clamped log-ratios, its log clamped to [ln 1e-8, 20]), aggregated as dapo; with
+    # per-sequence and per-token advantages (phi per token then), on- and off-policy, one row past each clamp.
+    logp, old, ref, advantages, mask = _inputs(4, 9, seed=45)
+    old = old.clone()
+    old[0] = logp[0] - 15.0  # log-ratios 15: their sum past 20 from 2 tokens (log w clamped to 20, phi = 0)
+    old[2] = logp[2] + 25.0  # each log-ratio clamped to -20, their sum to ln 1e-8
+    assert mask[0].sum() >= 2 and mask[2].any()
+    _check_grid(backend, logp, old, ref, advantages, mask, loss_type="vespo", vespo_k_pos=1.5, vespo_lambda_neg=2.5)
+
+
+def test_vespo_metric_is_trls_phi_seq_mean():
+    # vespo/phi_seq_mean: with [B] advantages the mean of phi over the B sequences (empty rows included:
+    # w = 1, phi = 1), as TRL's global_masked_mean of a [B, 1] tensor; no clip ratio is reported.
+    logp = torch.zeros(3, 2, device=DEVICE)
+    old = torch.tensor([[-0.5, 0.0], [0.0, 0.0], [0.0, 0.0]], device=DEVICE)  # w = e^0.5, 1, 1 (row 2 empty)
+    mask = torch.tensor([[1, 1], [1, 0], [0, 0]], dtype=torch.bool, device=DEVICE)
+    adv = torch.tensor([1.0, -1.0, 1.0], device=DEVICE)
+    _, metrics = ops.grpo_loss(logp, old, adv, mask, loss_type="vespo")
+    w = math.exp(0.5)
+    expected = (math.exp(3.0 + 2.0 * 0.5 - 3.0 * w) + 1.0 + 1.0) / 3
+    assert set(metrics) == {"vespo/phi_seq_mean"}
+    assert metrics["vespo/phi_seq_mean"].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_vespo_refuses_the_clip_options_and_bad_parameters():
+    logp, old, ref, advantages, mask = _inputs(2, 4, seed=0)
+    for extra in (dict(delta=1.5), dict(dual_clip=3.0)):
+        with pytest.raises(ValueError, match="vespo"):
+            ops.grpo_loss(logp, old, advantages, mask, loss_type="vespo", **extra)
+    for extra, match in ((dict(vespo_lambda_pos=0.0), "vespo_lambda_pos"), (dict(vespo_k_neg=-1.0), "vespo_k_neg")):
+        with pytest.raises(ValueError, match=match):
+            ops.grpo_loss(logp, old, advantages, mask, loss_type="vespo", **extra)
+
+
+def _is_ratios(mask, seed):
+    """TRL-like IS ratios: per token (1 where masked out, as TRL's, some 0 as its mask modes give, some capped
+    at 3), per sequence as [B] and as TRL's [B, 1]."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.rand(mask.shape, generator=generator, dtype=torch.float64) * 3.5
+    tokens[tokens < 0.3] = 0.0
+    tokens = torch.where(mask.cpu(), tokens.clamp(max=3.0), 1.0).float().to(DEVICE)
+    rows = (torch.rand(mask.shape[0], generator=generator) * 2.0).to(DEVICE)
+    return {"token": tokens, "sequence": rows, "sequence_b1": rows.unsqueeze(1)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_importance_sampling_ratio(backend):
+    # TRL's vLLM IS correction / verl's rollout IS weights: the policy term times the ratio (VESPO: its logs in
+    # the sequence weight), per token or per sequence, against the reference with gradients.
+    logp, old, ref, advantages, mask = _inputs(4, 9, seed=46)
+    ratios = _is_ratios(mask, 46)
+    cases = itertools.product(("grpo", "dapo", "sapo", "cispo", "vespo", "luspo"), LEVELS, tuple(ratios))
+    for index, (loss_type, level, kind) in enumerate(cases):
+        if _interpreted_triton(backend) and index % 3:
+            continue
+        clip = dict(dual_clip=3.0) if loss_type in ("grpo", "luspo") else {}
+        _check(backend, logp, old, advantages, mask, ref, ref_grad=True, loss_type=loss_type,
+               importance_sampling_level=level, beta=0.04, use_bias_correction_kl=index % 2 == 0,
+               epsilon_high=1.1 if loss_type == "cispo" else 0.28, importance_sampling_ratio=ratios[kind], **clip)
+
+
+def test_importance_sampling_ratio_leaves_the_clip_metrics():
+    # TRL counts the clipped tokens before weighting: a ratio of 0 does not hide a clipped token (issue 22.3's
+    # point about folding weights into the advantages).
+    logp, old, ref, advantages, mask = _inputs(4, 9, seed=47)
+    zeros = torch.zeros(mask.shape, device=DEVICE)
+    _, plain = ops.grpo_loss(logp, old, advantages, mask, epsilon_high=0.28)
+    loss, weighted = ops.grpo_loss(logp, old, advantages, mask, epsilon_high=0.28, importance_sampling_ratio=zeros)
+    assert loss.item() == 0.0 and plain["clip_ratio/region_mean"] > 0
+    for name in plain:
+        torch.testing.assert_close(weighted[name], plain[name], rtol=0, atol=0)
+
+
+def test_importance_sampling_ratio_matches_trl():
+    # TRL's own _compute_loss with use_vllm and vllm_importance_sampling_correction (token and sequence modes).
+    pytest.importorskip("trl.trainer.grpo_trainer")
+    from gtalign_fast.testing import trl_grpo_loss
+
+    logp, old, ref, advantages, mask = _inputs(4, 11, seed=48, empty_row=False)
+    ratios = _is_ratios(mask, 48)
+    for loss_type, level, kind in itertools.product(("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "sapo", "cispo",
+                                                     "vespo"), LEVELS, ("token", "sequence_b1")):
+        kwargs = dict(ref_logp=ref, beta=0.04, epsilon_high=1.1 if loss_type == "cispo" else 0.28,
+                      loss_type=loss_type, importance_sampling_level=level, use_bias_correction_kl=True,
+                      importance_sampling_ratio=ratios[kind])
+        leaf = logp.clone().requires_grad_(True)
+        trl_loss = trl_grpo_loss(leaf, old, advantages, mask, **kwargs)
+        (trl_grad,) = torch.autograd.grad(trl_loss, leaf)
+        ours = logp.clone().requires_grad_(True)
+        loss, _ = ops.grpo_loss(ours, old, advantages, mask, num_items_in_batch=mask.sum(), **kwargs)
+        (grad,) = torch.autograd.grad(loss, ours)
+        torch.testing.assert_close(loss, trl_loss.float(), atol=1e-5, rtol=1e-5, msg=f"{loss_type} {level} {kind}")
+        torch.testing.assert_close(grad, trl_grad.float(), atol=1e-5, rtol=1e-5, msg=f"{loss_type} {level} {kind}")
+
+
+def test_importance_sampling_ratio_refuses_bad_shapes():
+    logp, old, ref, advantages, mask = _inputs(2, 4, seed=0)
+    for bad in (torch.ones(3, device=DEVICE), torch.ones(2, 2, device=DEVICE), torch.ones(2, 4, dtype=torch.int64)):
+        with pytest.raises((ValueError, TypeError), match="importance_sampling_ratio"):
+            ops.grpo_loss(logp, old, advantages, mask, importance_sampling_ratio=bad.to(DEVICE))
+
+
+@pytest.mark.parametrize("loss_type", ["cispo", "sapo", "vespo"])
+def test_sequence_level_unclipped_objectives_follow_trl_not_liger(loss_type):
+    # Liger-Kernel refuses importance_sampling_level="sequence" with cispo / sapo / vespo (ValueError, its
+    # test_sequence_level_rejects_unsupported_loss_types); TRL 1.16 computes them (VESPO with a warning). The three
+    # ops follow TRL: accepted, and equal to TRL's own _compute_loss on the same log-probs (a deliberate difference
+    # from Liger, listed in the README).
+    pytest.importorskip("trl.trainer.grpo_trainer")
+    from gtalign_fast.testing import trl_grpo_loss
+
+    generator = torch.Generator().manual_seed(49)
+    batch, length, size, vocab = 3, 5, 8, 11
+    hidden = torch.randn(batch, length, size, generator=generator).to(DEVICE)
+    weight = torch.randn(vocab, size, generator=generator).to(DEVICE) / 3
+    targets = torch.randint(0, vocab, (batch, length), generator=generator).to(DEVICE)
+    mask = (torch.rand(batch, length, generator=generator) > 0.2).to(DEVICE)
+    advantages = torch.randn(batch, generator=generator).to(DEVICE)
+    logits = hidden @ weight.t()
+    logp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    old = logp - 0.3 * torch.randn(batch, length, generator=generator).to(DEVICE)
+    kwargs = dict(loss_type=loss_type, importance_sampling_level="sequence", epsilon_high=1.05)
+    expected = trl_grpo_loss(torch.where(mask, logp, 0.0), old, advantages, mask, **kwargs)
+    losses = {
+        "grpo_loss": ops.grpo_loss(logp, old, advantages, mask, **kwargs)[0],
+        "logits_grpo_loss": ops.logits_grpo_loss(logits, targets, advantages, mask, old_logp=old, **kwargs)[0],
+        "linear_grpo_loss": ops.linear_grpo_loss(hidden, weight, targets, advantages, mask, old_logp=old,
+                                                 chunk_size=4, **kwargs)[0],
+    }
+    for op, loss in losses.items():
+        torch.testing.assert_close(loss, expected.float(), atol=1e-5, rtol=1e-5, msg=op)
+
+
+def test_unknown_option_is_a_type_error_naming_the_op():
+    logp, old, ref, advantages, mask = _inputs(2, 4, seed=0)
+    with pytest.raises(TypeError, match=r"grpo_loss\(\) got an unexpected keyword argument 'epsilon'"):
+        ops.grpo_loss(logp, old, advantages, mask, epsilon=0.2)
 
 
 def test_cispo_refuses_the_clip_options():

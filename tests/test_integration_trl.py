@@ -208,10 +208,12 @@ def _check_parity(model_dir, tmp_path, *, fused: bool = True, tolerance: float =
         flat = [torch.cat([(d[name] - trl_before[name]).flatten() for name in names]) for d in (our_after, trl_after)]
         assert (flat[0] - flat[1]).norm() <= tolerance * flat[1].norm()
 
-    clipped = config.get("loss_type") not in ("sapo", "cispo")  # TRL logs no clip ratios for SAPO, CISPO its own
+    # TRL logs no clip ratios for SAPO, CISPO and VESPO their own
+    clipped = config.get("loss_type") not in ("sapo", "cispo", "vespo")
     keys = ["entropy"] + (["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
                            "clip_ratio/low_min", "clip_ratio/high_max"] if clipped else [])
     keys += ["cispo_clip_ratio"] if config.get("loss_type") == "cispo" else []
+    keys += ["vespo/phi_seq_mean"] if config.get("loss_type") == "vespo" else []
     keys += ["kl"] if config.get("beta") else []
     for key in keys:
         a, b = our_metrics[key], trl_metrics[key]
@@ -258,6 +260,55 @@ def test_sapo_matches_trl(model_dir, tmp_path, level):
 def test_cispo_matches_trl(model_dir, tmp_path, level):
     # epsilon_high is CISPO's ratio cap itself: 1.02 lies inside the perturbed ratios, so some tokens are capped.
     _check_parity(model_dir, tmp_path, loss_type="cispo", importance_sampling_level=level, beta=0.1, epsilon_high=1.02)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_vespo_matches_trl(model_dir, tmp_path, level):
+    # TRL's VESPO (its Gamma weight of the sequence's summed log-ratio); TRL warns at sequence level but runs it.
+    _check_parity(model_dir, tmp_path, loss_type="vespo", importance_sampling_level=level, beta=0.1,
+                  vespo_k_pos=1.5, vespo_lambda_neg=2.5)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "cispo", "vespo"])
+@pytest.mark.parametrize("mode", ["token", "sequence"])
+def test_vllm_importance_sampling_ratio_is_passed_through(loss_type, mode):
+    # With use_vllm and vllm_importance_sampling_correction, the patch hands TRL's importance_sampling_ratio
+    # ([B, T] in token modes, [B, 1] in sequence modes, 0 where a mask mode drops) to grpo_loss: the loss, the
+    # gradient and the logged metrics equal TRL's own _compute_loss on the same stand-in trainer (vLLM itself
+    # is not installed here: the ratio is what TRL's _generate_and_score_completions would pass).
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    from gtalign_fast.testing import trl_trainer_stub
+
+    g = torch.Generator().manual_seed(3)
+    logp = -2.0 * torch.rand(4, 7, generator=g) - 0.05
+    old = logp - 0.3 * torch.randn(4, 7, generator=g)
+    ref = logp + 0.3 * torch.randn(4, 7, generator=g)
+    mask = torch.rand(4, 7, generator=g) > 0.2
+    advantages = torch.randn(4, generator=g)
+    if mode == "token":
+        ratio = torch.where(mask, torch.rand(4, 7, generator=g) * 3, 1.0)
+    else:
+        ratio = torch.rand(4, 1, generator=g) * 3
+    ratio[ratio > 2.5] = 0.0  # a mask mode's dropped tokens / sequences
+    results = []
+    for compute_loss in (GRPOTrainer._compute_loss, integration._compute_loss):
+        leaf = logp.clone().requires_grad_(True)
+        trainer, inputs = trl_trainer_stub(leaf, old, advantages, mask, ref_logp=ref, beta=0.04, loss_type=loss_type,
+                                           epsilon_high=1.1 if loss_type == "cispo" else 0.28,
+                                           use_bias_correction_kl=True, importance_sampling_ratio=ratio)
+        assert trainer.use_vllm and trainer.vllm_importance_sampling_correction
+        loss = compute_loss(trainer, None, inputs)
+        (grad,) = torch.autograd.grad(loss, leaf)
+        results.append((loss.detach(), grad, dict(trainer._metrics["train"])))
+    (trl_loss, trl_grad, trl_metrics), (loss, grad, metrics) = results
+    torch.testing.assert_close(loss, trl_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, trl_grad, atol=1e-5, rtol=1e-5)
+    assert abs(trl_loss.item()) > 1e-4 and set(trl_metrics) <= set(metrics)
+    for key, values in trl_metrics.items():
+        assert len(metrics[key]) == len(values) == 1, key
+        a, b = metrics[key][0], values[0]
+        assert (math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1e-5, (key, a, b)
 
 
 def test_luspo_and_delta_match_trl(model_dir, tmp_path):
@@ -330,10 +381,9 @@ def plain_trainer(model_dir, tmp_path_factory):
 
 
 REFUSALS = [
-    ({"loss_type": "vespo"}, "loss_type='vespo'"),
+    ({"loss_type": "xpo"}, "loss_type='xpo'"),  # every TRL 1.16 loss type is computed: a later one is refused
     ({"top_entropy_quantile": 0.2}, "top_entropy_quantile=0.2"),
     ({"off_policy_mask_threshold": 0.5}, "off_policy_mask_threshold=0.5"),
-    ({"use_vllm": True, "vllm_importance_sampling_correction": True}, "vllm_importance_sampling_correction"),
     ({"_entropy_bonus_enabled": True, "entropy_coef": 0.01}, "entropy_coef=0.01"),
     ({"aux_loss_enabled": True, "router_aux_loss_coef": 0.001}, "router_aux_loss_coef"),
 ]

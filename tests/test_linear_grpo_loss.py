@@ -310,3 +310,35 @@ def test_cispo(backend, level):
     inputs = _inputs(3, 5, 6, 29, seed=16)
     _check(backend, *inputs, chunk_size=4, beta=0.04, loss_type="cispo", importance_sampling_level=level,
            epsilon_high=1.05, use_bias_correction_kl=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_vespo(backend, level):
+    # TRL's VESPO: its sequence weight sums over whole rows, so chunks of 4 tokens round to whole sequences.
+    for adv_2d in (False, True):
+        inputs = _inputs(3, 5, 6, 29, seed=17, adv_2d=adv_2d)
+        _check(backend, *inputs, chunk_size=4, beta=0.04, loss_type="vespo", importance_sampling_level=level,
+               vespo_k_pos=1.5, use_bias_correction_kl=adv_2d)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_importance_sampling_ratio(backend, level):
+    # TRL's vLLM IS ratio across chunks of 4 tokens: per token and per sequence (expanded per token when a
+    # chunk cuts a sequence), some 0, with the clip, CISPO and VESPO (whole sequences per chunk).
+    inputs = _inputs(3, 5, 6, 29, seed=18)
+    mask = inputs[5]
+    g = torch.Generator().manual_seed(18)
+    per_token = (torch.rand(mask.shape, generator=g) * 2).masked_fill(torch.rand(mask.shape, generator=g) < 0.2, 0.0)
+    for index, (loss_type, ratio) in enumerate((("dapo", per_token), ("cispo", torch.rand(3, generator=g) * 2),
+                                                ("vespo", per_token), ("grpo", torch.rand(3, 1, generator=g)))):
+        _check(backend, *inputs, chunk_size=4, beta=0.04, loss_type=loss_type, importance_sampling_level=level,
+               epsilon_high=1.05 if loss_type == "cispo" else 0.28, importance_sampling_ratio=ratio.to(DEVICE),
+               use_bias_correction_kl=index % 2 == 0)
+
+
+def test_unknown_option_is_a_type_error_naming_the_op():
+    hidden, weight, _, targets, advantages, mask, _, _ = _inputs(2, 3, 4, 11, seed=0)
+    with pytest.raises(TypeError, match=r"linear_grpo_loss\(\) got an unexpected keyword argument 'epsilon'"):
+        ops.linear_grpo_loss(hidden, weight, targets, advantages, mask, epsilon=0.2)

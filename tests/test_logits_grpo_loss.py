@@ -96,8 +96,8 @@ def _configurations(backend):
     under the slow Triton interpreter each combination gets one rotated (beta, adv shape) pair,
     and only half the loss types, alternating)."""
     for index, (loss_type, level, clip) in enumerate(itertools.product(LOSS_TYPES, ("token", "sequence"), CLIPS)):
-        if loss_type in ("sapo", "cispo") and clip != "clip":
-            continue  # SAPO and CISPO replace the clip: no delta, no dual clip
+        if loss_type in ("sapo", "cispo", "vespo") and clip != "clip":
+            continue  # SAPO, CISPO and VESPO replace the clip: no delta, no dual clip
         pairs = list(itertools.product((0.0, 0.04), (False, True)))
         if _interpreted(backend):
             if index % 2:
@@ -316,3 +316,33 @@ def test_cispo(backend, level):
     full, targets, advantages, mask, old, ref = _inputs(3, 6, 37, seed=16)
     _check(backend, full, targets, advantages, mask, old, ref, beta=0.04, loss_type="cispo",
            importance_sampling_level=level, epsilon_high=1.05, use_bias_correction_kl=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_vespo(backend, level):
+    # TRL's VESPO (-sg(phi) A logp, phi from the sequence weight), per-sequence and per-token advantages.
+    for adv_2d in (False, True):
+        full, targets, advantages, mask, old, ref = _inputs(3, 6, 37, seed=17, adv_2d=adv_2d)
+        _check(backend, full, targets, advantages, mask, old, ref, beta=0.04, loss_type="vespo",
+               importance_sampling_level=level, vespo_k_pos=1.5, use_bias_correction_kl=adv_2d)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_importance_sampling_ratio(backend, level):
+    # TRL's vLLM IS ratio, per token and per sequence (some 0), with the clip, CISPO and VESPO.
+    full, targets, advantages, mask, old, ref = _inputs(3, 6, 37, seed=18)
+    g = torch.Generator().manual_seed(18)
+    per_token = (torch.rand(mask.shape, generator=g) * 2).masked_fill(torch.rand(mask.shape, generator=g) < 0.2, 0.0)
+    for index, (loss_type, ratio) in enumerate((("dapo", per_token), ("cispo", torch.rand(3, generator=g) * 2),
+                                                ("vespo", per_token), ("grpo", torch.rand(3, 1, generator=g)))):
+        _check(backend, full, targets, advantages, mask, old, ref, beta=0.04, loss_type=loss_type,
+               importance_sampling_level=level, epsilon_high=1.05 if loss_type == "cispo" else 0.28,
+               importance_sampling_ratio=ratio.to(DEVICE), use_bias_correction_kl=index % 2 == 0)
+
+
+def test_unknown_option_is_a_type_error_naming_the_op():
+    full, targets, advantages, mask, old, ref = _inputs(2, 3, 11, seed=0)
+    with pytest.raises(TypeError, match=r"logits_grpo_loss\(\) got an unexpected keyword argument 'epsilon'"):
+        ops.logits_grpo_loss(full[:, :-1], targets, advantages, mask, epsilon=0.2)

@@ -485,11 +485,11 @@ def _grpo_custom_op(logp, num_items, backend):
     """torch.ops.gtalign_fast.grpo_loss, the registered op, without the public function's checks."""
     mask = torch.ones_like(logp, dtype=torch.bool)
     advantages = torch.ones(logp.shape[0], device=logp.device)
-    return torch.ops.gtalign_fast.grpo_loss(
-        logp, logp.detach() + 0.1, None, advantages, mask, num_items,
-        0.0, 0.2, 0.2, None, None, "dapo", False, logp.shape[1], None, None, False, 1.0, 1.05,
-        backend,
-    )
+    from gtalign_fast.ops._grpo_objective import GrpoLossOptions
+
+    options = GrpoLossOptions(0.0, 0.2, 0.2, None, None, "dapo", False, logp.shape[1], None)  # the rest: defaults
+    return torch.ops.gtalign_fast.grpo_loss(logp, logp.detach() + 0.1, None, advantages, mask, num_items, None,
+                                            *options, backend)
 
 
 def test_token_logprobs_bad_target_is_flagged_lazily(lazy_checks):
@@ -620,10 +620,14 @@ def test_launchers_refuse_inconsistent_layouts():
     mask = torch.ones(2, 5, dtype=torch.uint8, device=DEVICE)
     outputs = [torch.empty((), device=DEVICE), torch.empty(5, device=DEVICE), torch.empty(2, 8, device=DEVICE),
                torch.empty(2, device=DEVICE)]
+    from gtalign_fast.ops._grpo_loss import _clip_args
+    from gtalign_fast.ops._grpo_objective import GrpoLossOptions
+
+    clip_args = _clip_args(GrpoLossOptions(0.0, 0.2, 0.2, None, None, "grpo", False, 5, None))
     with pytest.raises(ValueError, match=r"\[B, T\]"):
-        grpo_kernels.grpo_loss_forward(logp, short, None, torch.ones(2, 5, device=DEVICE), mask, None, 0.0, 0.2, 0.2,
-                                       math.inf, 0.0, math.inf, False, 0.0, 0.0, False, False, False, 0, 0.1,
-                                       *outputs)
+        grpo_kernels.grpo_loss_forward(logp, short, None, torch.ones(2, 5, device=DEVICE), mask, None, None,
+                                       *clip_args,
+                                       False, False, 0, 0.1, *outputs)
     n = 6
     with pytest.raises(ValueError, match="output"):
         welfare_kernels.welfare_advantages(
@@ -761,7 +765,7 @@ def test_triton_grpo_one_launch_forward_matches_two_launches(loss_type, seq_leve
     mask = torch.rand(b, t, generator=generator).to(DEVICE) > 0.3
     options = _grpo_loss.GrpoLossOptions(0.05, 0.2, 0.28, None, None, loss_type, seq_level, t, None)
     num_items = torch.tensor(50.0, device=DEVICE) if loss_type == "dapo" else None
-    args = _grpo_loss._forward_args(logp, old, ref, advantages, mask, num_items, options)
+    args = _grpo_loss._forward_args(logp, old, ref, advantages, mask, num_items, None, options)
     shapes = [(1,), (5,), (b, 8), (b,)]
 
     def run(counter):

@@ -21,6 +21,8 @@
 
 #include "../device_checks_common.h"
 #include "../grpo_loss_common.h"
+#include "grpo_loss_chunk.h"
+#include "grpo_loss_terms.h"
 #include "vec_math.h"
 
 namespace gtalign_fast {
@@ -28,160 +30,11 @@ namespace cpu {
 namespace {
 
 using namespace gtalign_fast::grpo;  // row_stats columns, modes, metrics, limits, ClipParams (../grpo_loss_common.h)
+using namespace grpo_terms;          // the per-token terms (grpo_loss_terms.h)
+using namespace grpo_chunk;          // Inputs, Chunk, load_chunk, kChunk (grpo_loss_chunk.h)
 
-constexpr int64_t kChunk = 512;  // tokens per L1-resident chunk
-
-// GTALIGN_ALWAYS_INLINE (vec_math.h): the per-token helpers must be inlined into the `omp simd`
-// loops for those to vectorise.
-
-// 1.0f where c holds, else 0.0f, for the counts in the `omp simd reduction` loops below. Not
-// static_cast<float>(c): GCC 12 does vectorise such a loop but then keeps only its scalar copy
-// (the vector one lands on a dead path), so the whole reduction ran scalar in every clone.
-GTALIGN_ALWAYS_INLINE float indicator(bool c) { return blend(c, 1.0f, 0.0f); }
-
-// Per-token policy loss, d loss / d ratio, and coef_1 = min(ratio, delta). Branch-free (selects
-// only), so that the chunk loops below vectorise.
-GTALIGN_ALWAYS_INLINE PolicyTerm policy_term(float ratio, float adv, const ClipParams& p) {
-  // Selections through blend (vec_math.h), not ?: : GCC turns ?: into branches, which stop vectorisation.
-  const float coef_1 = blend(ratio <= p.delta, ratio, p.delta);
-  const float gate_1 = indicator(ratio <= p.delta);
-  const float coef_2 = clamp_f32(ratio, p.low_bound, p.high_bound);
-  const float gate_2 = indicator((ratio >= p.low_bound) & (ratio <= p.high_bound));
-  const float s1 = coef_1 * adv, s2 = coef_2 * adv;
-  // torch.min splits the gradient evenly between equal arguments (on-policy every token ties).
-  const float gate = blend(s1 < s2, gate_1, blend(s1 > s2, gate_2, 0.5f * (gate_1 + gate_2)));
-  float loss = -blend(s1 < s2, s1, s2);
-  float dloss = -adv * gate;
-  // verl's dual clip: the loss of a negative-advantage token is capped at -c * A.
-  // Bitwise & on bools, not &&: short-circuits are branches, and branches stop vectorisation.
-  const bool dual = p.has_dual_clip & (adv < 0.0f);
-  const float cap = -adv * p.dual_clip;
-  const bool capped = dual & (loss > cap);
-  const bool tie = dual & (loss == cap);
-  dloss = blend(capped, 0.0f, blend(tie, 0.5f * dloss, dloss));
-  loss = blend(capped, cap, loss);
-  return {loss, dloss, coef_1};
-}
-
-// TRL's SAPO objective: -sigmoid(tau (r - 1)) * 4 / tau * A, d / d r = -4 A s (1 - s); coef_1 = r (the
-// clip metrics keep their meaning of where r leaves [1 - eps_low, 1 + eps_high]).
-GTALIGN_ALWAYS_INLINE PolicyTerm sapo_term(float ratio, float adv, const ClipParams& p) {
-  const float tau = blend(adv > 0.0f, p.sapo_tau_pos, p.sapo_tau_neg);
-  const float s = 1.0f / (1.0f + exp_f32(-tau * (ratio - 1.0f)));
-  return {-s * 4.0f / tau * adv, -4.0f * adv * s * (1.0f - s), ratio};
-}
-
-// TRL's CISPO objective: -sg(min(r, eps_high)) * A * logp (p.high_bound is eps_high itself). No gradient
-// through r (dloss_dratio = 0): its d / d logp, -min(r, eps_high) * A, is cispo_grad; coef_1 = r.
-GTALIGN_ALWAYS_INLINE float cispo_grad(float ratio, float adv, const ClipParams& p) {
-  return -blend(ratio < p.high_bound, ratio, p.high_bound) * adv;
-}
-
-// The policy objective, a template argument so that its branch stays outside the token loops.
-constexpr int kClipObjective = 0, kSapoObjective = 1, kCispoObjective = 2;
-
-template <int kObjective>
-GTALIGN_ALWAYS_INLINE PolicyTerm objective_term(float ratio, float adv, float logp, const ClipParams& p) {
-  if constexpr (kObjective == kSapoObjective) {
-    return sapo_term(ratio, adv, p);
-  } else if constexpr (kObjective == kCispoObjective) {
-    return {cispo_grad(ratio, adv, p) * logp, 0.0f, ratio};
-  } else {
-    return policy_term(ratio, adv, p);
-  }
-}
-
-// exp(clamp(l, -20, 20)) and its derivative w.r.t. l (0 where clamped, torch.clamp's convention).
-GTALIGN_ALWAYS_INLINE float clamped_exp(float log_ratio, float* dratio) {
-  const float clamped = clamp_f32(log_ratio, -kLogRatioLimit, kLogRatioLimit);
-  const float ratio = exp_f32(clamped);
-  *dratio = blend((log_ratio >= -kLogRatioLimit) & (log_ratio <= kLogRatioLimit), ratio, 0.0f);
-  return ratio;
-}
-
-// k3 KL clamp(exp(d) - d - 1, -c, c) with d = clamp(ref - logp, -20, 20), and d kl / d ref
-// (c = kl_clamp; +inf: no clamp, TRL's k3).
-GTALIGN_ALWAYS_INLINE float k3_term(float logp, float ref, float kl_clamp, float* dkl_dref) {
-  const float d = ref - logp;
-  const float d_clamped = clamp_f32(d, -kLogRatioLimit, kLogRatioLimit);
-  const float e = exp_f32(d_clamped);
-  const float kl = e - d_clamped - 1.0f;
-  const bool pass = (d >= -kLogRatioLimit) & (d <= kLogRatioLimit) & (kl >= -kl_clamp) & (kl <= kl_clamp);
-  *dkl_dref = blend(pass, e - 1.0f, 0.0f);
-  return clamp_f32(kl, -kl_clamp, kl_clamp);
-}
-
-// A strided [B, T] view: element (b, t) at data[b * row + t * col].
-template <typename T>
-struct View {
-  const T* data;
-  int64_t row, col;
-};
-
-template <typename T>
-View<T> view_of(const at::Tensor& tensor) {
-  return {tensor.data_ptr<T>(), tensor.stride(0), tensor.stride(1)};
-}
-
-template <typename T>
-View<T> optional_view(const std::optional<at::Tensor>& tensor) {
-  if (!tensor.has_value() || !tensor->defined()) return {nullptr, 0, 0};
-  return view_of<T>(*tensor);
-}
-
-template <typename scalar_t>
-struct Inputs {
-  View<scalar_t> logp, old, ref;
-  View<float> adv;
-  View<uint8_t> mask;
-  int64_t length;
-};
-
-// One chunk of a row as float arrays, so that every dtype and stride shares one vectorised loop.
-// The input pointers point straight into the tensors where a row is already contiguous float32
-// (the usual case: no copy), else into the L1-resident buffers, which then hold a converted copy.
-// On-policy, old = logp (log-ratio exactly 0, ratio exactly 1); without ref_logp, ref points to
-// ref_buffer, which stays zero.
-struct Chunk {
-  const float *logp, *old, *ref, *adv, *valid;
-  float logp_buffer[kChunk], old_buffer[kChunk], ref_buffer[kChunk], adv_buffer[kChunk], valid_buffer[kChunk];
-  // Filled by exp_chunk (backward only): token ratio and d ratio / d logp, k3 KL and d kl / d ref.
-  float ratio[kChunk], dratio[kChunk], kl[kChunk], dkl_dref[kChunk];
-};
-
-// Tokens [start, start + count) of row b as floats: the tensor's own memory when it already is a
-// contiguous float row, else a converted copy in `buffer`.
-template <typename T>
-const float* load_row_chunk(const View<T>& view, int64_t b, int64_t start, int64_t count, float* buffer) {
-  const T* src = view.data + b * view.row + start * view.col;
-  if constexpr (std::is_same_v<T, float>) {
-    if (view.col == 1) return src;
-  }
-  if (view.col == 0) {  // one value per row (per-sequence advantages, expanded with time stride 0)
-    std::fill_n(buffer, count, static_cast<float>(*src));
-  } else {
-    load_scaled(src, view.col, count, 1.0f, buffer);
-  }
-  return buffer;
-}
-
-inline const float* load_mask_chunk(const View<uint8_t>& view, int64_t b, int64_t start, int64_t count,
-                                    float* buffer) {
-  const uint8_t* src = view.data + b * view.row + start * view.col;
-  const int64_t stride = view.col;
-#pragma omp simd
-  for (int64_t i = 0; i < count; ++i) buffer[i] = static_cast<float>(src[i * stride] != 0);
-  return buffer;
-}
-
-template <typename scalar_t>
-void load_chunk(const Inputs<scalar_t>& in, int64_t b, int64_t start, int64_t count, bool need_adv, Chunk* c) {
-  c->valid = load_mask_chunk(in.mask, b, start, count, c->valid_buffer);
-  c->logp = load_row_chunk(in.logp, b, start, count, c->logp_buffer);
-  c->old = in.old.data != nullptr ? load_row_chunk(in.old, b, start, count, c->old_buffer) : c->logp;
-  c->ref = in.ref.data != nullptr ? load_row_chunk(in.ref, b, start, count, c->ref_buffer) : c->ref_buffer;
-  c->adv = need_adv ? load_row_chunk(in.adv, b, start, count, c->adv_buffer) : c->adv_buffer;
-}
+// The per-token terms (policy objectives, ratio, k3): grpo_loss_terms.h; the inputs' views and the chunks
+// they are read in (kChunk tokens): grpo_loss_chunk.h.
 
 struct RowSums {
   float loss = 0, tokens = 0, low = 0, high = 0, kl = 0, ratio = 0, dpg = 0;
@@ -204,13 +57,14 @@ GTALIGN_CPU_CLONES void exp_chunk(Chunk* c, int64_t count, float ref_on, float k
 // Sums of one chunk of a row, exponentials included (one pass over the chunk, no ratio / kl
 // arrays). kSeqLevel: every token uses the sequence's ratio (no per-token exp). kRef: ref_logp
 // was given (without it the k3 exp is skipped and the KL is 0). No run-time flag inside the
-// loop (GCC keeps a scalar fallback for loops with invariant branches).
-template <bool kSeqLevel, bool kRef, int kObjective>
+// loop (GCC keeps a scalar fallback for loops with invariant branches). kBiasKl: TRL's bias-corrected
+// KL (k3 * r), only with kRef. kObjective: the policy objective. kIs: an IS ratio weights the policy term.
+template <bool kSeqLevel, bool kRef, bool kBiasKl, int kObjective, bool kIs>
 GTALIGN_ALWAYS_INLINE void forward_chunk_body(const Chunk& c, int64_t count, const ClipParams params,
                                               float seq_ratio, RowSums* sums) {
   const ClipParams p = params;  // a local copy: loads through a reference inside the loop block vectorisation
   // The same for the chunk's pointers: read through `c` inside the loop, GCC keeps it scalar.
-  const float *logp = c.logp, *old = c.old, *ref = c.ref, *adv_in = c.adv, *valid_in = c.valid;
+  const float *logp = c.logp, *old = c.old, *ref = c.ref, *adv_in = c.adv, *valid_in = c.valid, *is_in = c.is;
   float loss = 0, tokens = 0, low = 0, high = 0, kl_sum = 0, ratio_sum = 0, dpg_sum = 0;
 #pragma omp simd reduction(+ : loss, tokens, low, high, kl_sum, ratio_sum, dpg_sum)
   for (int64_t i = 0; i < count; ++i) {
@@ -218,17 +72,22 @@ GTALIGN_ALWAYS_INLINE void forward_chunk_body(const Chunk& c, int64_t count, con
     float unused;
     const float ratio = kSeqLevel ? seq_ratio : clamped_exp(logp[i] - old[i], &unused);
     const float k3 = kRef ? k3_term(logp[i], ref[i], p.kl_clamp, &unused) : 0.0f;
-    const float kl = blend(p.bias_kl, k3 * ratio, k3);  // TRL's bias correction: k3 * r
+    const float kl = kBiasKl ? k3 * ratio : k3;  // TRL's bias correction: k3 * r
     const float adv = adv_in[i];
     const PolicyTerm term = objective_term<kObjective>(ratio, adv, logp[i], p);
-    loss += blend(valid, term.loss + p.beta * kl, 0.0f);
+    const float weight = kIs ? is_in[i] : 1.0f;  // the IS ratio of the policy term (TRL's vLLM correction)
+    loss += blend(valid, weight * term.loss + p.beta * kl, 0.0f);
     tokens += indicator(valid);
     kl_sum += blend(valid, kl, 0.0f);
     ratio_sum += blend(valid, ratio, 0.0f);
     // Only the sequence level needs d loss / d r (with the bias correction, beta * k3 is part of it).
-    if (kSeqLevel) dpg_sum += blend(valid, term.dloss_dratio + blend(p.bias_kl, p.beta * k3, 0.0f), 0.0f);
+    if (kSeqLevel) dpg_sum += blend(valid, weight * term.dloss_dratio + (kBiasKl ? p.beta * k3 : 0.0f), 0.0f);
     low += indicator(valid & (term.coef_1 < p.low_bound) & (adv < 0.0f));
-    high += indicator(valid & (term.coef_1 > p.high_bound) & (adv > 0.0f));
+    if constexpr (kObjective == kVespoObjective) {
+      high += blend(valid, vespo_phi(adv, p), 0.0f);  // the high slot holds VESPO's phi sum (TRL's metric)
+    } else {
+      high += indicator(valid & (term.coef_1 > p.high_bound) & (adv > 0.0f));
+    }
   }
   sums->loss += loss;
   sums->tokens += tokens;
@@ -239,36 +98,54 @@ GTALIGN_ALWAYS_INLINE void forward_chunk_body(const Chunk& c, int64_t count, con
   sums->dpg += dpg_sum;
 }
 
-// The objective's instantiation (the branch is outside the loop).
-template <bool kSeqLevel, bool kRef>
-GTALIGN_ALWAYS_INLINE void forward_chunk_objective(const Chunk& c, int64_t count, const ClipParams& p,
-                                                   float seq_ratio, RowSums* sums) {
+// The objective's instantiation (the branches are outside the loop).
+template <bool kSeqLevel, bool kRef, bool kBiasKl, bool kIs>
+GTALIGN_ALWAYS_INLINE void forward_chunk_weighted(const Chunk& c, int64_t count, const ClipParams& p,
+                                                  float seq_ratio, RowSums* sums) {
   if (p.cispo) {
-    forward_chunk_body<kSeqLevel, kRef, kCispoObjective>(c, count, p, seq_ratio, sums);
+    forward_chunk_body<kSeqLevel, kRef, kBiasKl, kCispoObjective, kIs>(c, count, p, seq_ratio, sums);
   } else if (p.sapo) {
-    forward_chunk_body<kSeqLevel, kRef, kSapoObjective>(c, count, p, seq_ratio, sums);
+    forward_chunk_body<kSeqLevel, kRef, kBiasKl, kSapoObjective, kIs>(c, count, p, seq_ratio, sums);
   } else {
-    forward_chunk_body<kSeqLevel, kRef, kClipObjective>(c, count, p, seq_ratio, sums);
+    forward_chunk_body<kSeqLevel, kRef, kBiasKl, kClipObjective, kIs>(c, count, p, seq_ratio, sums);
   }
 }
 
-// The instantiations behind two multi-versioned entry points (the ref branch is outside the loop).
+// VESPO takes the IS ratio into its sequence weight (row_params), the other objectives as a weight.
+template <bool kSeqLevel, bool kRef, bool kBiasKl>
+GTALIGN_ALWAYS_INLINE void forward_chunk_objective(const Chunk& c, int64_t count, const ClipParams& p,
+                                                   float seq_ratio, RowSums* sums) {
+  if (p.vespo) {
+    forward_chunk_body<kSeqLevel, kRef, kBiasKl, kVespoObjective, false>(c, count, p, seq_ratio, sums);
+  } else if (p.has_is) {
+    forward_chunk_weighted<kSeqLevel, kRef, kBiasKl, true>(c, count, p, seq_ratio, sums);
+  } else {
+    forward_chunk_weighted<kSeqLevel, kRef, kBiasKl, false>(c, count, p, seq_ratio, sums);
+  }
+}
+
+// The ref and bias-correction branches, outside the loop (the KL's bias correction needs ref_logp).
+template <bool kSeqLevel>
+GTALIGN_ALWAYS_INLINE void forward_chunk_kl(const Chunk& c, int64_t count, const ClipParams& p, bool has_ref,
+                                            float seq_ratio, RowSums* sums) {
+  if (!has_ref) {
+    forward_chunk_objective<kSeqLevel, false, false>(c, count, p, seq_ratio, sums);
+  } else if (p.bias_kl) {
+    forward_chunk_objective<kSeqLevel, true, true>(c, count, p, seq_ratio, sums);
+  } else {
+    forward_chunk_objective<kSeqLevel, true, false>(c, count, p, seq_ratio, sums);
+  }
+}
+
+// The instantiations behind two multi-versioned entry points.
 GTALIGN_CPU_CLONES void forward_chunk_token(const Chunk& c, int64_t count, const ClipParams& p, bool has_ref,
                                             RowSums* sums) {
-  if (has_ref) {
-    forward_chunk_objective<false, true>(c, count, p, 1.0f, sums);
-  } else {
-    forward_chunk_objective<false, false>(c, count, p, 1.0f, sums);
-  }
+  forward_chunk_kl<false>(c, count, p, has_ref, 1.0f, sums);
 }
 
 GTALIGN_CPU_CLONES void forward_chunk_sequence(const Chunk& c, int64_t count, const ClipParams& p, bool has_ref,
                                                float seq_ratio, RowSums* sums) {
-  if (has_ref) {
-    forward_chunk_objective<true, true>(c, count, p, seq_ratio, sums);
-  } else {
-    forward_chunk_objective<true, false>(c, count, p, seq_ratio, sums);
-  }
+  forward_chunk_kl<true>(c, count, p, has_ref, seq_ratio, sums);
 }
 
 // Sum of the masked log-ratios of one chunk, and its token count (sequence level, first pass).
@@ -285,6 +162,40 @@ GTALIGN_CPU_CLONES void log_ratio_chunk(const Chunk& c, int64_t count, float* su
   *count_out += tokens;
 }
 
+// Sum of the masked log-ratios of one chunk, each clamped to [-20, 20] (VESPO's sequence weight, TRL's).
+GTALIGN_CPU_CLONES void clamped_log_ratio_chunk(const Chunk& c, int64_t count, float* sum_out) {
+  const float *logp = c.logp, *old = c.old, *valid_in = c.valid;  // locals: see forward_chunk_body
+  float sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < count; ++i) {
+    sum += blend(valid_in[i] != 0.0f, clamp_f32(logp[i] - old[i], -kLogRatioLimit, kLogRatioLimit), 0.0f);
+  }
+  *sum_out += sum;
+}
+
+// TRL's log of an IS ratio in VESPO's sequence weight: clamp(log(x), ln 1e-8, 20).
+inline float clamped_log(float x) { return std::min(std::max(std::log(x), kVespoMinLogWeight), kLogRatioLimit); }
+
+// The params of row b: with VESPO, its sequence weight (one pass over the row); else p itself.
+template <typename scalar_t>
+ClipParams row_params(const Inputs<scalar_t>& in, int64_t b, const ClipParams& p, Chunk* c) {
+  ClipParams row = p;
+  if (!p.vespo) return row;
+  float sum = 0.0f;
+  const bool is_tokens = in.is.data != nullptr && in.is.col != 0;  // per token (else per sequence, or none)
+  for (int64_t start = 0; start < in.length; start += kChunk) {
+    const int64_t count = std::min(kChunk, in.length - start);
+    load_chunk(in, b, start, count, is_tokens, c);
+    clamped_log_ratio_chunk(*c, count, &sum);
+    if (is_tokens) {  // TRL: log w += sum_t clamp(log is_t, ln 1e-8, 20) (masked-out tokens skipped here)
+      for (int64_t i = 0; i < count; ++i) sum += c->valid[i] != 0.0f ? clamped_log(c->is[i]) : 0.0f;
+    }
+  }
+  if (in.is.data != nullptr && !is_tokens) sum += clamped_log(in.is.data[b * in.is.row]);  // once per sequence
+  vespo_row(sum, &row);
+  return row;
+}
+
 // GSPO's ratio of row b (exp of the masked mean log-ratio, clamped) and its derivative: one pass over the row.
 template <typename scalar_t>
 float sequence_ratio(const Inputs<scalar_t>& in, int64_t b, Chunk* c, float* dratio) {
@@ -298,8 +209,9 @@ float sequence_ratio(const Inputs<scalar_t>& in, int64_t b, Chunk* c, float* dra
 }
 
 template <typename scalar_t>
-void forward_row(const Inputs<scalar_t>& in, int64_t b, const ClipParams& p, bool seq_level, bool row_metrics,
+void forward_row(const Inputs<scalar_t>& in, int64_t b, const ClipParams& params, bool seq_level, bool row_metrics,
                  Chunk* c, float* stats) {
+  const ClipParams p = row_params(in, b, params, c);
   float seq_ratio = 1.0f, seq_dratio = 1.0f;
   if (seq_level) seq_ratio = sequence_ratio(in, b, c, &seq_dratio);
   RowSums sums;
@@ -323,6 +235,7 @@ void forward_row(const Inputs<scalar_t>& in, int64_t b, const ClipParams& p, boo
     high = (coef_1 > p.high_bound && adv > 0.0f) ? 1.0f : 0.0f;
     region = std::max(low, high);
     ratio = seq_ratio;
+    if (p.vespo) high = vespo_phi(adv, p);  // TRL's phi_seq (the other metrics are not reported for VESPO)
   }
   stats[kLossSum] = sums.loss;
   stats[kTokens] = sums.tokens;
@@ -372,58 +285,93 @@ void finalize(const float* stats, int64_t batch, int64_t mode, double const_weig
 // d loss / d logp (and d loss / d ref) of one chunk, scaled by the row's weight times the
 // incoming gradient; masked tokens get exactly 0. Same structure as forward_chunk_body.
 // With the bias correction (k3 * r): d / d logp gains beta * k3 * dr / dlogp (at sequence level already
-// inside seq_grad) and the k3 gradient is weighted by r (seq_ratio at sequence level).
-template <bool kSeqLevel, int kObjective>
+// inside seq_grad) and the k3 gradient is weighted by r (seq_ratio at sequence level). kIs: the IS ratio
+// weights the policy term (at sequence level seq_grad has it already).
+template <bool kSeqLevel, int kObjective, bool kBiasKl, bool kIs>
 GTALIGN_ALWAYS_INLINE void backward_chunk_body(const Chunk& c, int64_t count, const ClipParams params,
                                                float seq_grad, float seq_ratio, float row_scale, float* dlogp,
                                                float* dref) {
   const ClipParams p = params;  // local copies, as in forward_chunk_body
-  const float *adv = c.adv, *valid_in = c.valid, *logp = c.logp;
+  const float *adv = c.adv, *valid_in = c.valid, *logp = c.logp, *is_in = c.is;
 #pragma omp simd
   for (int64_t i = 0; i < count; ++i) {
     const bool valid = valid_in[i] != 0.0f;
     const float ratio = kSeqLevel ? seq_ratio : c.ratio[i];
-    const float kl_dratio = blend(p.bias_kl, p.beta * c.kl[i], 0.0f);
-    float policy_grad = kSeqLevel
-                            ? seq_grad
-                            : (objective_term<kObjective>(ratio, adv[i], logp[i], p).dloss_dratio + kl_dratio) *
-                                  c.dratio[i];
-    // CISPO's gradient goes to logp directly (the capped ratio is detached), at either level.
-    if constexpr (kObjective == kCispoObjective) policy_grad += cispo_grad(ratio, adv[i], p);
-    const float kl_grad = p.beta * c.dkl_dref[i] * blend(p.bias_kl, ratio, 1.0f);
+    const float kl_dratio = kBiasKl ? p.beta * c.kl[i] : 0.0f;
+    const float weight = kIs ? is_in[i] : 1.0f;
+    float policy_grad =
+        kSeqLevel ? seq_grad
+                  : (weight * objective_term<kObjective>(ratio, adv[i], logp[i], p).dloss_dratio + kl_dratio) *
+                        c.dratio[i];
+    // CISPO's and VESPO's gradients go to logp directly (their weights are detached), at either level.
+    policy_grad += weight * direct_grad<kObjective>(ratio, adv[i], p);
+    const float kl_grad = p.beta * c.dkl_dref[i] * (kBiasKl ? ratio : 1.0f);
     dlogp[i] = blend(valid, row_scale * (policy_grad - kl_grad), 0.0f);
     dref[i] = blend(valid, row_scale * kl_grad, 0.0f);
   }
 }
 
-GTALIGN_CPU_CLONES void backward_chunk_token(const Chunk& c, int64_t count, const ClipParams& p, float row_scale,
-                                             float* dlogp, float* dref) {
-  if (p.cispo) {
-    backward_chunk_body<false, kCispoObjective>(c, count, p, 0.0f, 1.0f, row_scale, dlogp, dref);
-  } else if (p.sapo) {
-    backward_chunk_body<false, kSapoObjective>(c, count, p, 0.0f, 1.0f, row_scale, dlogp, dref);
+// The bias-correction and IS branches outside the loop (bias_kl: TRL's k3 * r, with ref_logp given; VESPO
+// has the IS ratio in its sequence weight, not as a weight).
+template <bool kSeqLevel, int kObjective, bool kIs>
+GTALIGN_ALWAYS_INLINE void backward_chunk_weighted(const Chunk& c, int64_t count, const ClipParams& p, bool bias_kl,
+                                                   float seq_grad, float seq_ratio, float row_scale, float* dlogp,
+                                                   float* dref) {
+  if (bias_kl) {
+    backward_chunk_body<kSeqLevel, kObjective, true, kIs>(c, count, p, seq_grad, seq_ratio, row_scale, dlogp, dref);
   } else {
-    backward_chunk_body<false, kClipObjective>(c, count, p, 0.0f, 1.0f, row_scale, dlogp, dref);
+    backward_chunk_body<kSeqLevel, kObjective, false, kIs>(c, count, p, seq_grad, seq_ratio, row_scale, dlogp, dref);
   }
 }
 
-GTALIGN_CPU_CLONES void backward_chunk_sequence(const Chunk& c, int64_t count, const ClipParams& p, float seq_grad,
-                                                float seq_ratio, float row_scale, float* dlogp, float* dref) {
-  // Only CISPO has a per-token term besides seq_grad (the clip's and SAPO's gradients are all in it).
-  if (p.cispo) {
-    backward_chunk_body<true, kCispoObjective>(c, count, p, seq_grad, seq_ratio, row_scale, dlogp, dref);
+template <bool kSeqLevel, int kObjective>
+GTALIGN_ALWAYS_INLINE void backward_chunk_kl(const Chunk& c, int64_t count, const ClipParams& p, bool bias_kl,
+                                             float seq_grad, float seq_ratio, float row_scale, float* dlogp,
+                                             float* dref) {
+  if (kObjective != kVespoObjective && p.has_is) {
+    backward_chunk_weighted<kSeqLevel, kObjective, true>(c, count, p, bias_kl, seq_grad, seq_ratio, row_scale, dlogp,
+                                                         dref);
   } else {
-    backward_chunk_body<true, kClipObjective>(c, count, p, seq_grad, seq_ratio, row_scale, dlogp, dref);
+    backward_chunk_weighted<kSeqLevel, kObjective, false>(c, count, p, bias_kl, seq_grad, seq_ratio, row_scale,
+                                                          dlogp, dref);
+  }
+}
+
+GTALIGN_CPU_CLONES void backward_chunk_token(const Chunk& c, int64_t count, const ClipParams& p, bool bias_kl,
+                                             float row_scale, float* dlogp, float* dref) {
+  if (p.vespo) {
+    backward_chunk_kl<false, kVespoObjective>(c, count, p, bias_kl, 0.0f, 1.0f, row_scale, dlogp, dref);
+  } else if (p.cispo) {
+    backward_chunk_kl<false, kCispoObjective>(c, count, p, bias_kl, 0.0f, 1.0f, row_scale, dlogp, dref);
+  } else if (p.sapo) {
+    backward_chunk_kl<false, kSapoObjective>(c, count, p, bias_kl, 0.0f, 1.0f, row_scale, dlogp, dref);
+  } else {
+    backward_chunk_kl<false, kClipObjective>(c, count, p, bias_kl, 0.0f, 1.0f, row_scale, dlogp, dref);
+  }
+}
+
+GTALIGN_CPU_CLONES void backward_chunk_sequence(const Chunk& c, int64_t count, const ClipParams& p, bool bias_kl,
+                                                float seq_grad, float seq_ratio, float row_scale, float* dlogp,
+                                                float* dref) {
+  // Only CISPO and VESPO have a per-token term besides seq_grad (the clip's and SAPO's are all in it).
+  if (p.vespo) {
+    backward_chunk_kl<true, kVespoObjective>(c, count, p, bias_kl, seq_grad, seq_ratio, row_scale, dlogp, dref);
+  } else if (p.cispo) {
+    backward_chunk_kl<true, kCispoObjective>(c, count, p, bias_kl, seq_grad, seq_ratio, row_scale, dlogp, dref);
+  } else {
+    backward_chunk_kl<true, kClipObjective>(c, count, p, bias_kl, seq_grad, seq_ratio, row_scale, dlogp, dref);
   }
 }
 
 template <typename scalar_t>
-void backward_row(const Inputs<scalar_t>& in, int64_t b, const ClipParams& p, bool seq_level, float row_scale,
+void backward_row(const Inputs<scalar_t>& in, int64_t b, const ClipParams& params, bool seq_level, float row_scale,
                   float seq_grad, Chunk* c, float* dlogp_buffer, float* dref_buffer, scalar_t* dlogp, scalar_t* dref) {
   // The bias-corrected KL of a sequence-level row weights each token's k3 gradient by the row's ratio;
   // CISPO's per-token gradient reads it too.
+  const ClipParams p = row_params(in, b, params, c);
+  const bool bias_kl = p.bias_kl && in.ref.data != nullptr;
   float seq_ratio = 1.0f, unused;
-  if (seq_level && ((p.bias_kl && in.ref.data != nullptr) || p.cispo)) seq_ratio = sequence_ratio(in, b, c, &unused);
+  if (seq_level && (bias_kl || p.cispo)) seq_ratio = sequence_ratio(in, b, c, &unused);
   for (int64_t start = 0; start < in.length; start += kChunk) {
     const int64_t count = std::min(kChunk, in.length - start);
     load_chunk(in, b, start, count, true, c);
@@ -438,9 +386,9 @@ void backward_row(const Inputs<scalar_t>& in, int64_t b, const ClipParams& p, bo
       if (dref_out != nullptr) dref_chunk = dref_out;
     }
     if (seq_level) {
-      backward_chunk_sequence(*c, count, p, seq_grad, seq_ratio, row_scale, dlogp_chunk, dref_chunk);
+      backward_chunk_sequence(*c, count, p, bias_kl, seq_grad, seq_ratio, row_scale, dlogp_chunk, dref_chunk);
     } else {
-      backward_chunk_token(*c, count, p, row_scale, dlogp_chunk, dref_chunk);
+      backward_chunk_token(*c, count, p, bias_kl, row_scale, dlogp_chunk, dref_chunk);
     }
     if constexpr (!std::is_same_v<scalar_t, float>) {
       store_as(dlogp_chunk, count, dlogp_out);
@@ -455,22 +403,25 @@ void backward_row(const Inputs<scalar_t>& in, int64_t b, const ClipParams& p, bo
 template <typename scalar_t>
 Inputs<scalar_t> make_inputs(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
                              const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages,
-                             const at::Tensor& mask) {
+                             const at::Tensor& mask, const std::optional<at::Tensor>& is_ratio) {
   return {view_of<scalar_t>(logp), optional_view<scalar_t>(old_logp), optional_view<scalar_t>(ref_logp),
-          view_of<float>(advantages), view_of<uint8_t>(mask), logp.size(1)};
+          view_of<float>(advantages), optional_view<float>(is_ratio), view_of<uint8_t>(mask), logp.size(1)};
 }
 
 void grpo_loss_fwd_cpu(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
                        const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask,
-                       const std::optional<at::Tensor>& num_items, double beta, double epsilon_low, double epsilon_high,
-                       double delta, double dual_clip, double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool cispo, bool seq_level, bool row_metrics, int64_t mode,
+                       const std::optional<at::Tensor>& num_items, const std::optional<at::Tensor>& is_ratio,
+                       double beta, double epsilon_low, double epsilon_high,
+                       double delta, double dual_clip, double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool cispo,
+                       double vespo_k_pos, double vespo_lambda_pos, double vespo_k_neg, double vespo_lambda_neg,
+                       bool vespo, bool seq_level, bool row_metrics, int64_t mode,
                        double const_weight, at::Tensor& loss, at::Tensor& metrics, at::Tensor& row_stats,
                        at::Tensor& row_weights, const std::optional<at::Tensor>& error_flag,
                        const std::optional<at::Tensor>& /*finalize_counter: the CUDA kernel's one-launch path*/) {
   // The error flag (gtalign_fast/ops/_device_checks.py) is for the CUDA kernel, which cannot raise
   // without a host sync; here a bad num_items raises directly (the flag is left untouched).
   error_flag_data(error_flag, logp, "grpo_loss");
-  check_inputs(logp, old_logp, ref_logp, advantages, mask);
+  check_inputs(logp, old_logp, ref_logp, advantages, mask, is_ratio);
   const int64_t batch = logp.size(0);
   check_float_out(loss, 1, logp, "loss");
   check_float_out(metrics, kNumMetrics, logp, "metrics");
@@ -483,10 +434,13 @@ void grpo_loss_fwd_cpu(const at::Tensor& logp, const std::optional<at::Tensor>& 
     const float n = num_items->data_ptr<float>()[0];
     TORCH_CHECK_VALUE(n > 0.0f && std::isfinite(n), "grpo_loss: num_items_in_batch must be finite and > 0, got ", n);
   }
-  const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl, sapo_tau_pos, sapo_tau_neg, cispo);
+  ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl, sapo_tau_pos,
+                                  sapo_tau_neg, cispo, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg,
+                                  vespo);
+  params.has_is = is_ratio.has_value() && is_ratio->defined();
   float* stats = row_stats.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logp.scalar_type(), "grpo_loss_fwd_cpu", [&] {
-    const Inputs<scalar_t> in = make_inputs<scalar_t>(logp, old_logp, ref_logp, advantages, mask);
+    const Inputs<scalar_t> in = make_inputs<scalar_t>(logp, old_logp, ref_logp, advantages, mask, is_ratio);
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(in.length, 1));
     at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
       std::unique_ptr<Chunk> chunk(new Chunk());  // zeroed: absent inputs read as 0
@@ -502,9 +456,11 @@ void grpo_loss_fwd_cpu(const at::Tensor& logp, const std::optional<at::Tensor>& 
 void grpo_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& row_weights, const at::Tensor& row_stats,
                        const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
                        const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask,
-                       double beta, double epsilon_low, double epsilon_high, double delta, double dual_clip,
-                       double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool cispo, bool seq_level, at::Tensor& dlogp, at::Tensor& dref) {
-  check_inputs(logp, old_logp, ref_logp, advantages, mask);
+                       const std::optional<at::Tensor>& is_ratio, double beta, double epsilon_low, double epsilon_high, double delta, double dual_clip,
+                       double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool cispo,
+                       double vespo_k_pos, double vespo_lambda_pos, double vespo_k_neg, double vespo_lambda_neg,
+                       bool vespo, bool seq_level, at::Tensor& dlogp, at::Tensor& dref) {
+  check_inputs(logp, old_logp, ref_logp, advantages, mask, is_ratio);
   const int64_t batch = logp.size(0), length = logp.size(1);
   check_float_out(grad_loss, 1, logp, "grad_loss");
   check_float_out(row_weights, batch, logp, "row_weights");
@@ -517,12 +473,15 @@ void grpo_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& row_weight
     TORCH_CHECK(dref.is_contiguous() && dref.scalar_type() == logp.scalar_type() && dref.numel() == batch * length,
                 "grpo_loss: dref must be contiguous [B, T] in logp's dtype");
   }
-  const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl, sapo_tau_pos, sapo_tau_neg, cispo);
+  ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl, sapo_tau_pos,
+                                  sapo_tau_neg, cispo, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg,
+                                  vespo);
+  params.has_is = is_ratio.has_value() && is_ratio->defined();
   const float grad = grad_loss.data_ptr<float>()[0];
   const float* weights = row_weights.data_ptr<float>();
   const float* stats = row_stats.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logp.scalar_type(), "grpo_loss_bwd_cpu", [&] {
-    const Inputs<scalar_t> in = make_inputs<scalar_t>(logp, old_logp, ref_logp, advantages, mask);
+    const Inputs<scalar_t> in = make_inputs<scalar_t>(logp, old_logp, ref_logp, advantages, mask, is_ratio);
     scalar_t* dlogp_data = dlogp.data_ptr<scalar_t>();
     scalar_t* dref_data = ref_grad ? dref.data_ptr<scalar_t>() : nullptr;
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(length, 1));
@@ -544,15 +503,17 @@ void grpo_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& row_weight
 TORCH_LIBRARY_FRAGMENT(gtalign_fast_C, m) {
   m.def(
       "grpo_loss_fwd(Tensor logp, Tensor? old_logp, Tensor? ref_logp, Tensor advantages, Tensor mask, "
-      "Tensor? num_items, float beta, float epsilon_low, float epsilon_high, float delta, float dual_clip, "
-      "float kl_clamp, bool bias_kl, float sapo_tau_pos, float sapo_tau_neg, bool cispo, bool seq_level, bool row_metrics, int mode, float const_weight, Tensor(a!) loss, Tensor(b!) metrics, "
+      "Tensor? num_items, Tensor? is_ratio, float beta, float epsilon_low, float epsilon_high, float delta, float dual_clip, "
+      "float kl_clamp, bool bias_kl, float sapo_tau_pos, float sapo_tau_neg, bool cispo, float vespo_k_pos, "
+      "float vespo_lambda_pos, float vespo_k_neg, float vespo_lambda_neg, bool vespo, bool seq_level, bool row_metrics, int mode, float const_weight, Tensor(a!) loss, Tensor(b!) metrics, "
       "Tensor(c!) row_stats, Tensor(d!) row_weights, Tensor(e!)? error_flag=None, "
       "Tensor(f!)? finalize_counter=None) -> ()");
   m.def(
       "grpo_loss_bwd(Tensor grad_loss, Tensor row_weights, Tensor row_stats, Tensor logp, Tensor? old_logp, "
-      "Tensor? ref_logp, Tensor advantages, Tensor mask, float beta, float epsilon_low, float epsilon_high, "
+      "Tensor? ref_logp, Tensor advantages, Tensor mask, Tensor? is_ratio, float beta, float epsilon_low, float epsilon_high, "
       "float delta, float dual_clip, float kl_clamp, bool bias_kl, float sapo_tau_pos, float sapo_tau_neg, "
-      "bool cispo, bool seq_level, Tensor(a!) dlogp, Tensor(b!) dref) -> ()");
+      "bool cispo, float vespo_k_pos, float vespo_lambda_pos, float vespo_k_neg, float vespo_lambda_neg, bool vespo, "
+      "bool seq_level, Tensor(a!) dlogp, Tensor(b!) dref) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(gtalign_fast_C, CPU, m) {

@@ -59,8 +59,26 @@ __device__ __forceinline__ float cispo_grad(float ratio, float adv, const ClipPa
   return -fminf(ratio, p.high_bound) * adv;
 }
 
+// TRL's VESPO objective (p.vespo): -sg(phi) * A * logp, phi = exp(lambda + k log w - lambda w) of the row's
+// sequence weight (p.log_w, p.w: vespo_weight), the *_pos pair where A >= 0; no gradient through phi: its
+// d / d logp is -phi * A (direct_grad). A non-finite phi is 0, as TRL's nan_to_num.
+__device__ __forceinline__ float vespo_phi(float adv, const ClipParams& p) {
+  const bool nonneg = adv >= 0.0f;
+  const float k = nonneg ? p.vespo_k_pos : p.vespo_k_neg;
+  const float lambda = nonneg ? p.vespo_lambda_pos : p.vespo_lambda_neg;
+  const float phi = expf(lambda + k * p.log_w - lambda * p.w);
+  return phi <= 3.402823466e38f ? phi : 0.0f;
+}
+
+// CISPO's and VESPO's d / d logp (their weights are detached); 0 for the other objectives.
+__device__ __forceinline__ float direct_grad(float ratio, float adv, const ClipParams& p) {
+  if (p.cispo) return cispo_grad(ratio, adv, p);
+  if (p.vespo) return -vespo_phi(adv, p) * adv;
+  return 0.0f;
+}
+
 __device__ __forceinline__ PolicyTerm policy_term(float ratio, float adv, float lp, const ClipParams& p) {
-  if (p.cispo) return {cispo_grad(ratio, adv, p) * lp, 0.0f, ratio};
+  if (p.cispo || p.vespo) return {direct_grad(ratio, adv, p) * lp, 0.0f, ratio};
   if (!p.sapo) return clip_term(ratio, adv, p);
   const float tau = adv > 0.0f ? p.sapo_tau_pos : p.sapo_tau_neg;
   const float s = 1.0f / (1.0f + expf(-tau * (ratio - 1.0f)));
@@ -111,7 +129,7 @@ __device__ void block_sum(float (&values)[N]) {
 }
 
 struct Strides {
-  int64_t logp_b, logp_t, old_b, old_t, ref_b, ref_t, adv_b, adv_t, mask_b, mask_t;
+  int64_t logp_b, logp_t, old_b, old_t, ref_b, ref_t, adv_b, adv_t, mask_b, mask_t, is_b, is_t;
 };
 
 // What the finalize step needs besides row_stats.
@@ -192,6 +210,7 @@ __device__ void store_row_stats(float* out, const float (&sums)[kNumStats], cons
     high = (coef_1 > p.high_bound && a > 0.0f) ? 1.0f : 0.0f;
     region = fmaxf(low, high);
     ratio = seq_ratio;
+    if (p.vespo) high = vespo_phi(a, p);  // TRL's phi_seq (the other metrics are not reported for VESPO)
   }
   out[kLossSum] = sums[kLossSum];
   out[kTokens] = sums[kTokens];
@@ -221,12 +240,41 @@ __device__ float sequence_ratio(const scalar_t* __restrict__ logp, const scalar_
   return clamped_exp(sums[0] / fmaxf(sums[1], 1.0f), dratio);
 }
 
+// VESPO's sequence weight of row b into p (log w: the masked sum of the clamped log-ratios, clamped to
+// [ln 1e-8, 20], TRL's); every thread of the block calls it (block_sum synchronises).
+__device__ __forceinline__ float clamped_log(float x) {  // TRL's log of an IS ratio in VESPO's weight
+  return fminf(fmaxf(logf(x), kVespoMinLogWeight), kLogRatioLimit);
+}
+
+// With an IS ratio (is), its logs join the sum (each clamped to [ln 1e-8, 20]; a time stride of 0: one per row).
+template <typename scalar_t>
+__device__ void vespo_weight(const scalar_t* __restrict__ logp, const scalar_t* __restrict__ old,
+                             const uint8_t* __restrict__ mask, const float* __restrict__ is, int64_t b,
+                             int64_t length, const Strides& s, ClipParams* p) {
+  float sum[1] = {0.0f};
+  const bool is_tokens = is != nullptr && s.is_t != 0;
+  for (int64_t t = threadIdx.x; (old != nullptr || is_tokens) && t < length; t += blockDim.x) {
+    if (mask[b * s.mask_b + t * s.mask_t] == 0) continue;
+    if (old != nullptr) {
+      const float lr = static_cast<float>(logp[b * s.logp_b + t * s.logp_t]) -
+                       static_cast<float>(old[b * s.old_b + t * s.old_t]);
+      sum[0] += fminf(fmaxf(lr, -kLogRatioLimit), kLogRatioLimit);
+    }
+    if (is_tokens) sum[0] += clamped_log(is[b * s.is_b + t * s.is_t]);
+  }
+  block_sum(sum);
+  if (is != nullptr && !is_tokens) sum[0] += clamped_log(is[b * s.is_b]);
+  p->log_w = fminf(fmaxf(sum[0], kVespoMinLogWeight), kLogRatioLimit);
+  p->w = expf(p->log_w);
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) grpo_loss_rows_kernel(
     const scalar_t* __restrict__ logp, const scalar_t* __restrict__ old, const scalar_t* __restrict__ ref,
-    const float* __restrict__ adv, const uint8_t* __restrict__ mask, float* __restrict__ stats, int64_t length,
-    Strides s, ClipParams p, bool seq_level, bool row_metrics, Finalize f) {
+    const float* __restrict__ adv, const uint8_t* __restrict__ mask, const float* __restrict__ is,
+    float* __restrict__ stats, int64_t length, Strides s, ClipParams p, bool seq_level, bool row_metrics, Finalize f) {
   const int64_t b = blockIdx.x;
+  if (p.vespo) vespo_weight(logp, old, mask, is, b, length, s, &p);
   float seq_ratio = 1.0f, seq_dratio = 1.0f;
   if (seq_level) seq_ratio = sequence_ratio(logp, old, mask, b, length, s, &seq_dratio);
   // The row's sums, indexed by row_stats column. kRegion is derived from kLow and kHigh after the
@@ -240,18 +288,21 @@ __global__ void __launch_bounds__(kThreads) grpo_loss_rows_kernel(
     float ratio = seq_ratio, dratio;
     if (!seq_level && old != nullptr) ratio = clamped_exp(lp - static_cast<float>(old[b * s.old_b + t * s.old_t]), &dratio);
     const PolicyTerm term = policy_term(ratio, a, lp, p);
+    // The IS ratio weights the policy term (VESPO has it in its sequence weight instead).
+    const float weight = (is != nullptr && !p.vespo) ? is[b * s.is_b + t * s.is_t] : 1.0f;
     float kl = 0.0f, dkl_dref;
     if (ref != nullptr) kl = k3_term(lp, static_cast<float>(ref[b * s.ref_b + t * s.ref_t]), p.kl_clamp, &dkl_dref);
     // TRL's bias correction: k3 * r, whose d / d r (beta * k3) joins d pg / d r for the sequence gradient.
     const float dkl_dratio = p.bias_kl ? p.beta * kl : 0.0f;
     if (p.bias_kl) kl *= ratio;
-    sums[kLossSum] += term.loss + p.beta * kl;
+    sums[kLossSum] += weight * term.loss + p.beta * kl;
     sums[kTokens] += 1.0f;
     sums[kLow] += (term.coef_1 < p.low_bound && a < 0.0f) ? 1.0f : 0.0f;
-    sums[kHigh] += (term.coef_1 > p.high_bound && a > 0.0f) ? 1.0f : 0.0f;
+    // VESPO: the high slot holds the sum of phi (TRL's vespo/phi_seq_mean).
+    sums[kHigh] += p.vespo ? vespo_phi(a, p) : ((term.coef_1 > p.high_bound && a > 0.0f) ? 1.0f : 0.0f);
     sums[kKlSum] += kl;
     sums[kRatioSum] += ratio;
-    sums[kSeqGrad] += term.dloss_dratio + dkl_dratio;
+    sums[kSeqGrad] += weight * term.dloss_dratio + dkl_dratio;
   }
   block_sum(sums);
   if (threadIdx.x == 0) store_row_stats(stats + b * kNumStats, sums, adv + b * s.adv_b, p, seq_level, row_metrics,
@@ -275,9 +326,11 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) grpo_loss_bwd_kernel(
     const float* __restrict__ grad_loss, const float* __restrict__ weights, const float* __restrict__ stats,
     const scalar_t* __restrict__ logp, const scalar_t* __restrict__ old, const scalar_t* __restrict__ ref,
-    const float* __restrict__ adv, const uint8_t* __restrict__ mask, scalar_t* __restrict__ dlogp,
-    scalar_t* __restrict__ dref, int64_t length, Strides s, ClipParams p, bool seq_level) {
+    const float* __restrict__ adv, const uint8_t* __restrict__ mask, const float* __restrict__ is,
+    scalar_t* __restrict__ dlogp, scalar_t* __restrict__ dref, int64_t length, Strides s, ClipParams p,
+    bool seq_level) {
   const int64_t b = blockIdx.x;
+  if (p.vespo) vespo_weight(logp, old, mask, is, b, length, s, &p);
   const float row_scale = grad_loss[0] * weights[b];
   const float seq_grad = stats[b * kNumStats + kSeqGrad];
   // The bias-corrected KL of a sequence-level row weights each token's k3 gradient by the row's ratio;
@@ -293,13 +346,15 @@ __global__ void __launch_bounds__(kThreads) grpo_loss_bwd_kernel(
     }
     const float lp = static_cast<float>(logp[b * s.logp_b + t * s.logp_t]);
     float dloss = seq_grad, ratio = seq_ratio, dratio = 1.0f;
+    // The IS ratio weights the policy term (at sequence level seq_grad has it already; VESPO: not a weight).
+    const float weight = (is != nullptr && !p.vespo) ? is[b * s.is_b + t * s.is_t] : 1.0f;
     if (!seq_level) {
       ratio = 1.0f;
       if (old != nullptr) ratio = clamped_exp(lp - static_cast<float>(old[b * s.old_b + t * s.old_t]), &dratio);
-      dloss = policy_term(ratio, adv[b * s.adv_b + t * s.adv_t], lp, p).dloss_dratio * dratio;
+      dloss = weight * policy_term(ratio, adv[b * s.adv_b + t * s.adv_t], lp, p).dloss_dratio * dratio;
     }
-    // CISPO's gradient goes to logp directly (the capped ratio is detached), at either level.
-    if (p.cispo) dloss += cispo_grad(ratio, adv[b * s.adv_b + t * s.adv_t], p);
+    // CISPO's and VESPO's gradients go to logp directly (their weights are detached), at either level.
+    dloss += weight * direct_grad(ratio, adv[b * s.adv_b + t * s.adv_t], p);
     float kl_grad = 0.0f;
     if (ref != nullptr) {
       float dkl_dref;
@@ -321,9 +376,10 @@ __global__ void __launch_bounds__(kThreads) grpo_loss_bwd_kernel(
 // The shared layout checks (grpo::check_inputs, ../grpo_loss_common.h), plus what the launch needs:
 // CUDA tensors and one block per sequence within the grid's limit.
 void check_inputs(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
-                  const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask) {
+                  const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask,
+                  const std::optional<at::Tensor>& is_ratio) {
   TORCH_CHECK(logp.is_cuda(), "grpo_loss: logp must be a CUDA tensor");
-  grpo::check_inputs(logp, old_logp, ref_logp, advantages, mask);
+  grpo::check_inputs(logp, old_logp, ref_logp, advantages, mask, is_ratio);
   TORCH_CHECK(logp.size(0) <= INT32_MAX, "grpo_loss: at most 2^31 - 1 sequences per call");
 }
 
@@ -333,22 +389,27 @@ const scalar_t* optional_data(const std::optional<at::Tensor>& tensor) {
 }
 
 Strides strides_of(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
-                   const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask) {
+                   const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask,
+                   const std::optional<at::Tensor>& is_ratio) {
   return {logp.stride(0), logp.stride(1),
           present(old_logp) ? old_logp->stride(0) : 0, present(old_logp) ? old_logp->stride(1) : 0,
           present(ref_logp) ? ref_logp->stride(0) : 0, present(ref_logp) ? ref_logp->stride(1) : 0,
-          advantages.stride(0), advantages.stride(1), mask.stride(0), mask.stride(1)};
+          advantages.stride(0), advantages.stride(1), mask.stride(0), mask.stride(1),
+          present(is_ratio) ? is_ratio->stride(0) : 0, present(is_ratio) ? is_ratio->stride(1) : 0};
 }
 
 void grpo_loss_fwd_cuda(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
                         const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask,
-                        const std::optional<at::Tensor>& num_items, double beta, double epsilon_low,
-                        double epsilon_high, double delta, double dual_clip, double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool cispo, bool seq_level,
+                        const std::optional<at::Tensor>& num_items, const std::optional<at::Tensor>& is_ratio,
+                        double beta, double epsilon_low,
+                        double epsilon_high, double delta, double dual_clip, double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool cispo,
+                        double vespo_k_pos, double vespo_lambda_pos, double vespo_k_neg, double vespo_lambda_neg,
+                        bool vespo, bool seq_level,
                         bool row_metrics,
                         int64_t mode, double const_weight, at::Tensor& loss, at::Tensor& metrics,
                         at::Tensor& row_stats, at::Tensor& row_weights, const std::optional<at::Tensor>& error_flag,
                         const std::optional<at::Tensor>& finalize_counter) {
-  check_inputs(logp, old_logp, ref_logp, advantages, mask);
+  check_inputs(logp, old_logp, ref_logp, advantages, mask, is_ratio);
   const int64_t batch = logp.size(0), length = logp.size(1);
   check_float_out(loss, 1, logp, "loss");
   check_float_out(metrics, kNumMetrics, logp, "metrics");
@@ -369,8 +430,10 @@ void grpo_loss_fwd_cuda(const at::Tensor& logp, const std::optional<at::Tensor>&
   if (batch == 0) return;
   const c10::cuda::CUDAGuard guard(logp.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl, sapo_tau_pos, sapo_tau_neg, cispo);
-  const Strides strides = strides_of(logp, old_logp, ref_logp, advantages, mask);
+  const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl, sapo_tau_pos,
+                                        sapo_tau_neg, cispo, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
+                                        vespo_lambda_neg, vespo);
+  const Strides strides = strides_of(logp, old_logp, ref_logp, advantages, mask, is_ratio);
   const Finalize finalize{mode == kNormaliserTensor ? num_items->data_ptr<float>() : nullptr,
                           loss.data_ptr<float>(),
                           metrics.data_ptr<float>(),
@@ -382,8 +445,8 @@ void grpo_loss_fwd_cuda(const at::Tensor& logp, const std::optional<at::Tensor>&
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logp.scalar_type(), "grpo_loss_fwd_cuda", [&] {
     grpo_loss_rows_kernel<scalar_t><<<static_cast<unsigned int>(batch), kThreads, 0, stream>>>(
         logp.data_ptr<scalar_t>(), optional_data<scalar_t>(old_logp), optional_data<scalar_t>(ref_logp),
-        advantages.data_ptr<float>(), mask.data_ptr<uint8_t>(), row_stats.data_ptr<float>(), length, strides, params,
-        seq_level, row_metrics, finalize);
+        advantages.data_ptr<float>(), mask.data_ptr<uint8_t>(), optional_data<float>(is_ratio),
+        row_stats.data_ptr<float>(), length, strides, params, seq_level, row_metrics, finalize);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (counter != nullptr) return;  // the rows kernel's last block finalized
@@ -394,9 +457,12 @@ void grpo_loss_fwd_cuda(const at::Tensor& logp, const std::optional<at::Tensor>&
 void grpo_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& row_weights, const at::Tensor& row_stats,
                         const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
                         const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask,
-                        double beta, double epsilon_low, double epsilon_high, double delta, double dual_clip,
-                        double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool cispo, bool seq_level, at::Tensor& dlogp, at::Tensor& dref) {
-  check_inputs(logp, old_logp, ref_logp, advantages, mask);
+                        const std::optional<at::Tensor>& is_ratio, double beta, double epsilon_low,
+                        double epsilon_high, double delta, double dual_clip,
+                        double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool cispo,
+                        double vespo_k_pos, double vespo_lambda_pos, double vespo_k_neg, double vespo_lambda_neg,
+                        bool vespo, bool seq_level, at::Tensor& dlogp, at::Tensor& dref) {
+  check_inputs(logp, old_logp, ref_logp, advantages, mask, is_ratio);
   const int64_t batch = logp.size(0), length = logp.size(1);
   check_float_out(grad_loss, 1, logp, "grad_loss");
   check_float_out(row_weights, batch, logp, "row_weights");
@@ -411,13 +477,16 @@ void grpo_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& row_weigh
   if (batch == 0) return;
   const c10::cuda::CUDAGuard guard(logp.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl, sapo_tau_pos, sapo_tau_neg, cispo);
-  const Strides strides = strides_of(logp, old_logp, ref_logp, advantages, mask);
+  const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl, sapo_tau_pos,
+                                        sapo_tau_neg, cispo, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
+                                        vespo_lambda_neg, vespo);
+  const Strides strides = strides_of(logp, old_logp, ref_logp, advantages, mask, is_ratio);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logp.scalar_type(), "grpo_loss_bwd_cuda", [&] {
     grpo_loss_bwd_kernel<scalar_t><<<static_cast<unsigned int>(batch), kThreads, 0, stream>>>(
         grad_loss.data_ptr<float>(), row_weights.data_ptr<float>(), row_stats.data_ptr<float>(),
         logp.data_ptr<scalar_t>(), optional_data<scalar_t>(old_logp), optional_data<scalar_t>(ref_logp),
-        advantages.data_ptr<float>(), mask.data_ptr<uint8_t>(), dlogp.data_ptr<scalar_t>(),
+        advantages.data_ptr<float>(), mask.data_ptr<uint8_t>(), optional_data<float>(is_ratio),
+        dlogp.data_ptr<scalar_t>(),
         ref_grad ? dref.data_ptr<scalar_t>() : nullptr, length, strides, params, seq_level);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -63,14 +63,14 @@ LOSS_TYPES: dict[str, str] = {
     "luspo": "luspo",
     "sapo": "sapo",
     "cispo": "cispo",
+    "vespo": "vespo",
 }
 
 # TRL options we do not compute: (GRPOConfig field, why), checked by patch_grpo_trainer.
 UNSUPPORTED: tuple[tuple[str, str], ...] = (
-    ("loss_type", "only " + ", ".join(LOSS_TYPES) + " are computed by grpo_loss (not vespo)"),
+    ("loss_type", "only " + ", ".join(LOSS_TYPES) + " are computed by grpo_loss"),
     ("top_entropy_quantile", "must be 1.0: the high-entropy token mask is not applied by grpo_loss"),
     ("off_policy_mask_threshold", "must be None: the off-policy sequence mask is not applied by grpo_loss"),
-    ("vllm_importance_sampling_correction", "must be False when use_vllm=True: the vLLM IS weights are not applied"),
     ("entropy_coef", "must be 0.0 (and use_adaptive_entropy False): the entropy bonus is not added"),
     ("router_aux_loss_coef", "must be 0 for MoE models: the load-balancing loss is not computed by the fused head"),
     ("deepspeed", "ZeRO-3 is not supported: the fused head reads lm_head.weight outside the module's gather hooks; "
@@ -186,8 +186,6 @@ def _refusals(trainer) -> list[str]:
         found.append(f"top_entropy_quantile={trainer.top_entropy_quantile}")
     if getattr(trainer, "off_policy_mask_threshold", None) is not None:
         found.append(f"off_policy_mask_threshold={trainer.off_policy_mask_threshold}")
-    if getattr(trainer, "use_vllm", False) and getattr(trainer, "vllm_importance_sampling_correction", False):
-        found.append("vllm_importance_sampling_correction=True")
     if getattr(trainer, "_entropy_bonus_enabled", False):
         found.append(f"entropy_coef={getattr(trainer, 'entropy_coef', None)} / "
                      f"use_adaptive_entropy={getattr(trainer, 'use_adaptive_entropy', None)}")
@@ -388,9 +386,10 @@ _MULTIMODAL_INPUTS = ("pixel_values", "image_grid_thw", "num_images", "pixel_att
 
 def _objective(self) -> GrpoObjective:
     """The GRPO objective of TRL's trainer ``self`` (its attributes and ``args``, TRL's names)."""
-    sapo = self.loss_type == "sapo"
-    # TRL's sapo and cispo ignore delta (they have no clip); grpo_loss refuses a delta with them rather than ignore it
-    unclipped = self.loss_type in ("sapo", "cispo")
+    sapo, vespo = self.loss_type == "sapo", self.loss_type == "vespo"
+    # TRL's sapo, cispo and vespo ignore delta (they have no clip); grpo_loss refuses a delta with them rather
+    # than ignore it
+    unclipped = self.loss_type in ("sapo", "cispo", "vespo")
     return cached_objective(
         beta=float(self.beta), epsilon_low=float(self.epsilon_low), epsilon_high=float(self.epsilon_high),
         delta=None if self.args.delta is None or unclipped else float(self.args.delta),
@@ -399,7 +398,11 @@ def _objective(self) -> GrpoObjective:
         use_bias_correction_kl=bool(getattr(self.args, "use_bias_correction_kl", False)),
         **({"sapo_temperature_pos": float(self.args.sapo_temperature_pos),
             "sapo_temperature_neg": float(self.args.sapo_temperature_neg)} if sapo else {}),
+        **({name: float(getattr(self.args, name)) for name in _VESPO_FIELDS} if vespo else {}),
     )
+
+
+_VESPO_FIELDS = ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")  # TRL's GRPOConfig names
 
 
 def _compute_loss(self, model, inputs):
@@ -418,16 +421,24 @@ def _compute_loss(self, model, inputs):
     old = inputs.get("old_per_token_logps")
     ref = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
     num_items = None
-    if self.loss_type in ("dapo", "cispo"):
+    objective = _objective(self)
+    global_tokens = objective.micro_batch_share == "global_tokens"  # dapo, cispo, vespo: num_items_in_batch
+    if global_tokens:
         # TRL: num_items_in_batch spans the generation batch; rescale it to one accumulation window
         num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
         if mode == "train":
             num_items = num_items * accumulation / self.args.steps_per_generation
+    # TRL's vLLM importance-sampling ratio ([B, T] token modes, [B, 1] sequence modes), passed through: the policy
+    # term times it (VESPO: in its sequence weight), the clip metrics counted before it, as TRL
+    is_ratio = None
+    if getattr(self, "use_vllm", False) and getattr(self, "vllm_importance_sampling_correction", False):
+        is_ratio = inputs["importance_sampling_ratio"]
     loss, metrics = ops.grpo_loss(
         logp, None if old is None else old.to(logp.dtype), inputs["advantages"], mask,
-        ref_logp=None if ref is None else ref.to(logp.dtype), **_objective(self).op_kwargs(num_items),
+        ref_logp=None if ref is None else ref.to(logp.dtype), importance_sampling_ratio=is_ratio,
+        **objective.op_kwargs(num_items),
     )
-    if self.loss_type not in ("dapo", "cispo"):  # their normaliser already covers the accumulation window
+    if not global_tokens:  # num_items_in_batch already covers the accumulation window
         loss = loss / accumulation
     _log_metrics(self, mode, metrics, logp, old, inputs["advantages"], mask, entropies)
     return loss
@@ -447,6 +458,10 @@ def _log_metrics(self, mode: str, metrics: Mapping[str, torch.Tensor], logp, old
     entropy_mean = (entropies.detach() * mask).sum() / tokens.clamp(min=1.0)
     self._metrics[mode]["entropy"].append(global_mean(entropy_mean, tokens))
     if self.loss_type == "sapo":  # TRL logs clip ratios only for its clipped objectives
+        return
+    if self.loss_type == "vespo":  # TRL's mean Gamma weight, over the sequences for [B] advantages
+        count = torch.tensor(float(mask.shape[0]), device=tokens.device) if advantages.dim() == 1 else tokens
+        self._metrics[mode]["vespo/phi_seq_mean"].append(global_mean(metrics["vespo/phi_seq_mean"], count))
         return
     clip_count = torch.tensor(float(mask.shape[0]), device=tokens.device) if sequence else tokens
     if self.loss_type == "cispo":  # grpo_loss' high clip for cispo is TRL's r > epsilon_high where A > 0
@@ -497,7 +512,10 @@ def patch_grpo_trainer(trainer, *, fused_lm_head: bool = True):
     no-op.
 
     Supported: ``loss_type`` grpo, bnpo, dr_grpo, dapo, luspo, sapo (with ``sapo_temperature_pos`` /
-    ``sapo_temperature_neg``), cispo (its ratio cap ``epsilon_high``); ``importance_sampling_level`` token and sequence;
+    ``sapo_temperature_neg``), cispo (its ratio cap ``epsilon_high``), vespo (``vespo_k_pos`` / ``vespo_lambda_pos``
+    / ``vespo_k_neg`` / ``vespo_lambda_neg``; logs ``vespo/phi_seq_mean``); ``importance_sampling_level`` token and
+    sequence; ``use_vllm`` with ``vllm_importance_sampling_correction`` (TRL's ``importance_sampling_ratio`` of every
+    ``vllm_importance_sampling_mode`` goes to ``grpo_loss`` as is);
     ``beta`` >= 0 (k3 KL against the reference model or the disabled PEFT adapter, with or without
     ``use_bias_correction_kl``, TRL's default True); ``epsilon`` /
     ``epsilon_high`` (clip-higher); ``delta`` (two-sided clip); ``temperature``; ``cast_lm_head_to_fp32``;

@@ -26,7 +26,7 @@ import torch
 from .. import reference
 from . import _grpo_objective
 from ._grpo_constants import NUM_METRICS
-from ._grpo_objective import FLOAT_DTYPES, metrics_dict, options_from_arguments, write_metrics
+from ._grpo_objective import FLOAT_DTYPES, metrics_dict, write_metrics
 from ._op import extension_kernel
 from ._token_logprobs import MIN_TEMPERATURE, check_target_range
 
@@ -45,7 +45,7 @@ class ChunkKernels(NamedTuple):
     ``grpo_loss`` (which own their kernels' argument lists and error flags)."""
 
     stats: Callable  # (logits, flat targets, temperature, logp, entropy, stats): token_logprobs forward
-    grpo_forward: Callable  # grpo_loss' forward: (logp, old, ref, adv, mask, num_items, options, *outputs)
+    grpo_forward: Callable  # grpo_loss' forward: (logp, old, ref, adv, mask, num_items, is_ratio, options, *outputs)
     grpo_backward: Callable  # grpo_loss' backward: (grad_loss, row_stats, row_weights, logp, ..., dlogp, dref)
     grad: Callable  # (logits3d, targets, g, stats, inv_t, ignore, out3d): the gradient pass
 
@@ -104,11 +104,11 @@ def validate_temperature(op: str, temperature) -> None:
 
 
 def loss_options(op: str, batch: int, length: int, device: torch.device, old_logp, advantages, mask, ref_logp,
-                 *loss_arguments):
-    """The loss arguments of a fused op, validated by :func:`gtalign_fast.ops._grpo_objective.validate`
-    (errors name ``op``; ``old_logp`` / ``ref_logp`` may have any float dtype, they are used in
-    float32); returns the float32 old / ref log-probs, the normaliser tensor (or None) and the
-    GrpoLossOptions. ``loss_arguments``: ``beta`` to ``sapo_temperature_neg``, in grpo_loss' order."""
+                 options: dict):
+    """The GRPO options of a fused op (its ``**options``), resolved by
+    :func:`gtalign_fast.ops._grpo_objective.resolve_options` (errors name ``op``; ``old_logp`` /
+    ``ref_logp`` may have any float dtype, they are used in float32); returns the float32 old / ref
+    log-probs, the normaliser tensor (or None), the IS ratio (or None) and the GrpoLossOptions."""
     converted = []
     for name, value in (("old_logp", old_logp), ("ref_logp", ref_logp)):
         if value is not None:
@@ -119,10 +119,10 @@ def loss_options(op: str, batch: int, length: int, device: torch.device, old_log
             value = value.detach().to(torch.float32)
         converted.append(value)
     old_logp, ref_logp = converted
-    _grpo_objective.validate(op, (batch, length), device, "targets are", None, old_logp, advantages, mask, ref_logp,
-                             *loss_arguments)
-    num_items_tensor, options = options_from_arguments(op, length, *loss_arguments)
-    return old_logp, ref_logp, num_items_tensor, options
+    num_items_tensor, grpo, is_ratio = _grpo_objective.resolve_options(
+        op, (batch, length), device, "targets are", None, old_logp, advantages, mask, ref_logp, options
+    )
+    return old_logp, ref_logp, num_items_tensor, is_ratio, grpo
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,6 +148,6 @@ def metrics_vector(ref_metrics: dict, entropy: torch.Tensor, mask: torch.Tensor,
     out[NUM_METRICS] = entropy_mean(entropy.reshape(-1), mask)
 
 
-def fused_metrics(metrics: torch.Tensor, has_ref: bool) -> dict[str, torch.Tensor]:
+def fused_metrics(metrics: torch.Tensor, has_ref: bool, vespo: bool) -> dict[str, torch.Tensor]:
     """The fused ops' metrics dict: grpo_loss' then ``"entropy"``."""
-    return metrics_dict(metrics, has_ref, (ENTROPY_METRIC,))
+    return metrics_dict(metrics, has_ref, (ENTROPY_METRIC,), vespo)

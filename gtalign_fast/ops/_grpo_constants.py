@@ -41,6 +41,7 @@ LOSS_NORMALISERS = {
     "luspo": NORM_ROWS,  # TRL's name for seq-mean-token-sum
     "sapo": NORM_ROW_TOKENS,  # TRL's SAPO objective, aggregated as grpo
     "cispo": NORM_NUM_ITEMS,  # TRL's CISPO objective, aggregated as dapo
+    "vespo": NORM_NUM_ITEMS,  # TRL's VESPO objective, aggregated as dapo
 }
 LOSS_TYPES = tuple(LOSS_NORMALISERS)
 
@@ -68,8 +69,15 @@ MODE_CONSTANT = 3  # w_b = const_weight
 METRIC_NAMES = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "kl", "ratio_mean")
 METRIC_LOW, METRIC_HIGH, METRIC_REGION, METRIC_KL, METRIC_RATIO = range(len(METRIC_NAMES))
 NUM_METRICS = len(METRIC_NAMES)
+# loss_type="vespo" reports TRL's mean Gamma weight in the METRIC_HIGH slot, under TRL's name, and no clip
+# ratios or ratio_mean (TRL logs none for it).
+VESPO_METRIC = "vespo/phi_seq_mean"
 
 # Clamp limits (verl's): log-ratios to [-20, 20] before exp; verl's low_var_kl bound on the k3 value,
 # which the ops apply only when asked (their kl_clamp option; verl's plugin passes KL_LIMIT).
 LOG_RATIO_LIMIT = 20.0
 KL_LIMIT = 10.0
+# TRL's VESPO bounds: the sequence log-weight is clamped to [log(1e-8), 20] (its reference implementation's
+# floor, ln 1e-8), and the Gamma decay lambda to >= 1e-4.
+VESPO_MIN_LOG_WEIGHT = -18.420680743952367
+VESPO_MIN_LAMBDA = 1e-4

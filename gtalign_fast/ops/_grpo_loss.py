@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+from typing_extensions import Unpack  # typing.Unpack from Python 3.11 (torch depends on typing_extensions)
 
 from . import _device_checks, _grpo_objective
 from ._device_checks import error_flag
@@ -20,11 +21,12 @@ from ._grpo_constants import NUM_METRICS, NUM_SEQUENCE_STATS
 from ._grpo_objective import (
     FLOAT_DTYPES,
     GrpoLossOptions,
+    GrpoOptions,
     aggregation,
     autograd_inside_op,
+    document_options,
     kernel_mask,
     metrics_dict,
-    options_from_arguments,
     reference_loss,
     write_metrics,
 )
@@ -38,18 +40,24 @@ OP = "grpo_loss"
 
 
 def _kernel_advantages(advantages: torch.Tensor, shape) -> torch.Tensor:
-    """float32 ``[B, T]`` view of the advantages; ``[B]`` ones are expanded with time stride 0."""
+    """float32 ``[B, T]`` view of the advantages (or of the IS ratio); ``[B]`` ones are expanded with
+    time stride 0."""
     advantages = advantages.to(torch.float32)
     if advantages.dim() == 1:  # = unsqueeze(1).expand(shape), in one op (a few us less per call)
         return advantages.as_strided(shape, (advantages.stride(0), 0))
     return advantages
 
 
+def _kernel_is_ratio(is_ratio: torch.Tensor | None, shape) -> torch.Tensor | None:
+    """The IS ratio (``_grpo_objective.kernel_is_ratio``'s) as a ``[B, T]`` view; time stride 0: per sequence."""
+    return None if is_ratio is None else _kernel_advantages(is_ratio, shape)
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward
 
 
-def _forward_outputs(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, options):
+def _forward_outputs(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, is_ratio, options):
     batch = logp.shape[0]
     return (
         Output((), torch.float32),  # loss
@@ -69,30 +77,34 @@ def _forward_reference(*args):
     row_weights.zero_()
 
 
-def _forward_args(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, options, *outputs) -> tuple:
+def _forward_args(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, is_ratio, options, *outputs) -> tuple:
     """The kernels' arguments (the same for the Triton, C++ CPU and CUDA launchers)."""
     mode, const_weight = aggregation(options.loss_type, logp.shape[0], options.max_completion_length,
                                      options.num_items_value, num_items_tensor is not None)
-    row_metrics = options.sequence_level and advantages.dim() == 1
+    row_metrics = _grpo_objective.row_metrics(options, advantages)
     return (
         logp, old_logp, ref_logp, _kernel_advantages(advantages, logp.shape), kernel_mask(mask), num_items_tensor,
-        *_clip_args(options), options.sequence_level, row_metrics, mode, const_weight, *outputs,
+        _kernel_is_ratio(is_ratio, logp.shape), *_clip_args(options), options.sequence_level, row_metrics, mode,
+        const_weight, *outputs,
     )
 
 
 def _clip_args(options: GrpoLossOptions) -> tuple:
     """(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, use_bias_correction_kl,
-    sapo_tau_pos, sapo_tau_neg, cispo) as the kernels take them: no delta is +inf, no dual clip is 0, no KL
-    clamp is +inf (clamping to +-inf changes nothing), the SAPO temperatures are 0 unless
-    loss_type="sapo" (a positive sapo_tau_pos selects the SAPO objective); cispo selects TRL's CISPO
-    objective (whose ratio cap, and high-clip metric bound, is epsilon_high itself)."""
+    sapo_tau_pos, sapo_tau_neg, cispo, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg,
+    vespo) as the kernels take them: no delta is +inf, no dual clip is 0, no KL clamp is +inf (clamping
+    to +-inf changes nothing), the SAPO temperatures are 0 unless loss_type="sapo" (a positive
+    sapo_tau_pos selects the SAPO objective); cispo selects TRL's CISPO objective (whose ratio cap, and
+    high-clip metric bound, is epsilon_high itself), vespo TRL's VESPO objective (the kernels floor its
+    lambdas at VESPO_MIN_LAMBDA, as TRL)."""
     delta = math.inf if options.delta is None else options.delta
     dual_clip = 0.0 if options.dual_clip is None else options.dual_clip
     kl_clamp = math.inf if options.kl_clamp is None else options.kl_clamp
     sapo = options.loss_type == "sapo"
     taus = (options.sapo_temperature_pos, options.sapo_temperature_neg) if sapo else (0.0, 0.0)
     return (options.beta, options.epsilon_low, options.epsilon_high, delta, dual_clip, kl_clamp,
-            options.use_bias_correction_kl, *taus, options.loss_type == "cispo")
+            options.use_bias_correction_kl, *taus, options.loss_type == "cispo", options.vespo_k_pos,
+            options.vespo_lambda_pos, options.vespo_k_neg, options.vespo_lambda_neg, options.loss_type == "vespo")
 
 
 _FINALIZE_COUNTERS: dict[tuple, torch.Tensor] = {}
@@ -134,7 +146,8 @@ def forward_kernel(launch, *args) -> None:
 
 FORWARD = Op(
     "grpo_loss",
-    inputs="Tensor logp, Tensor? old_logp, Tensor? ref_logp, Tensor advantages, Tensor mask, Tensor? num_items_tensor",
+    inputs=("Tensor logp, Tensor? old_logp, Tensor? ref_logp, Tensor advantages, Tensor mask, "
+            "Tensor? num_items_tensor, Tensor? is_ratio"),
     options=GrpoLossOptions,
     returns=("loss", "metrics", "row_stats", "row_weights"),
     outputs=_forward_outputs,
@@ -158,13 +171,13 @@ def _backward_outputs(grad_loss, row_stats, row_weights, logp, old_logp, ref_log
 
 
 def _backward_reference(grad_loss, row_stats, row_weights, logp, old_logp, ref_logp, advantages, mask,
-                        num_items_tensor, ref_grad, options, dlogp, dref):
+                        num_items_tensor, is_ratio, ref_grad, options, dlogp, dref):
     with autograd_inside_op():
         leaves = [logp.detach().requires_grad_(True)]
         ref_leaf = ref_logp.detach().requires_grad_(True) if ref_grad else ref_logp
         if ref_grad:
             leaves.append(ref_leaf)
-        loss, _ = reference_loss(leaves[0], old_logp, ref_leaf, advantages, mask, num_items_tensor, options)
+        loss, _ = reference_loss(leaves[0], old_logp, ref_leaf, advantages, mask, num_items_tensor, is_ratio, options)
         grads = torch.autograd.grad(loss, leaves, grad_loss.to(loss.dtype))
     dlogp.copy_(grads[0])
     if ref_grad:
@@ -172,11 +185,12 @@ def _backward_reference(grad_loss, row_stats, row_weights, logp, old_logp, ref_l
 
 
 def _backward_args(grad_loss, row_stats, row_weights, logp, old_logp, ref_logp, advantages, mask,
-                   _num_items_tensor, _ref_grad, options) -> tuple:
+                   _num_items_tensor, is_ratio, _ref_grad, options) -> tuple:
     """The kernels' arguments before the outputs (the same for every launcher)."""
     return (
         grad_loss.to(torch.float32).reshape(()), row_weights, row_stats, logp, old_logp, ref_logp,
-        _kernel_advantages(advantages, logp.shape), kernel_mask(mask), *_clip_args(options), options.sequence_level,
+        _kernel_advantages(advantages, logp.shape), kernel_mask(mask), _kernel_is_ratio(is_ratio, logp.shape),
+        *_clip_args(options), options.sequence_level,
     )
 
 
@@ -191,7 +205,7 @@ BACKWARD = Op(
     key="grpo_loss",
     inputs=(
         "Tensor grad_loss, Tensor row_stats, Tensor row_weights, Tensor logp, Tensor? old_logp, Tensor? ref_logp, "
-        "Tensor advantages, Tensor mask, Tensor? num_items_tensor, bool ref_grad"
+        "Tensor advantages, Tensor mask, Tensor? num_items_tensor, Tensor? is_ratio, bool ref_grad"
     ),
     options=GrpoLossOptions,
     returns=("dlogp", "dref"),
@@ -210,13 +224,14 @@ def _save(ctx, inputs, options, outputs) -> None:
 
 def _backward(ctx, grad_loss, _grad_metrics, _grad_row_stats, _grad_row_weights):
     if grad_loss is None:
-        return (None,) * 6
-    logp, old_logp, ref_logp, advantages, mask, num_items_tensor, row_stats, row_weights = ctx.saved_tensors
+        return (None,) * 7
+    logp, old_logp, ref_logp, advantages, mask, num_items_tensor, is_ratio, row_stats, row_weights = ctx.saved_tensors
     ref_grad = ref_logp is not None and ctx.needs_grad[2]
     dlogp, dref = BACKWARD.call_in_backward(
-        ctx, grad_loss, row_stats, row_weights, logp, old_logp, ref_logp, advantages, mask, num_items_tensor, ref_grad
+        ctx, grad_loss, row_stats, row_weights, logp, old_logp, ref_logp, advantages, mask, num_items_tensor, is_ratio,
+        ref_grad,
     )
-    return dlogp, None, dref if ref_grad else None, None, None, None
+    return dlogp, None, dref if ref_grad else None, None, None, None, None
 
 
 FORWARD.register_autograd(_save, _backward, differentiable=(0,))
@@ -236,6 +251,7 @@ def _check_logp(logp) -> None:
         raise ValueError(f"grpo_loss: logp must be [B, T] with B >= 1 and T >= 1, got shape {tuple(logp.shape)}")
 
 
+@document_options
 def grpo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor | None,
@@ -243,20 +259,8 @@ def grpo_loss(
     mask: torch.Tensor,
     *,
     ref_logp: torch.Tensor | None = None,
-    beta: float = 0.0,
-    epsilon_low: float = 0.2,
-    epsilon_high: float | None = None,
-    delta: float | None = None,
-    dual_clip: float | None = None,
-    loss_type: str = "grpo",
-    importance_sampling_level: str = "token",
-    max_completion_length: int | None = None,
-    num_items_in_batch: int | float | torch.Tensor | None = None,
-    kl_clamp: float | None = None,
-    use_bias_correction_kl: bool = False,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
     backend: str | None = None,
+    **options: Unpack[GrpoOptions],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped-surrogate GRPO / PPO / GSPO policy loss with k3 KL and its metrics, fused.
 
@@ -276,6 +280,10 @@ def grpo_loss(
         pg     = -sg(min(r, epsilon_high)) * A * logp    (loss_type="cispo", TRL's CISPO, instead of the
                                                           clip; sg: no gradient through the capped
                                                           ratio, so d pg / d logp = -min(r, epsilon_high) A)
+        pg     = -sg(phi) * A * logp                      (loss_type="vespo", TRL's VESPO, instead of the
+                                                          clip: phi = exp(lambda + k log w - lambda w),
+                                                          log w = clip(sum_t mask * l_t, ln 1e-8, 20), the
+                                                          sequence's; k, lambda: vespo_*_pos where A >= 0)
         kl     = exp(d) - d - 1,  d = clip(ref_logp - logp, -20, 20)
         kl     = clip(kl, -kl_clamp, kl_clamp)          (verl's low_var_kl: kl_clamp=10; default none)
         kl     = kl * r                                  (TRL's use_bias_correction_kl; default off)
@@ -300,56 +308,10 @@ def grpo_loss(
     ref_logp : Tensor, shape ``[B, T]``, same dtype as ``logp``, optional
         Reference-model log-probs. Needed when ``beta > 0``; when given, the ``kl`` metric is
         reported. Gets a gradient only if it requires one.
-    beta : float, default 0.0
-        Weight of the k3 KL, added to each token's loss before aggregation (as TRL does).
-    epsilon_low, epsilon_high : float, default 0.2 and ``epsilon_low``
-        Clip range ``[1 - epsilon_low, 1 + epsilon_high]`` (``epsilon_high > epsilon_low``:
-        DAPO's clip-higher).
-    delta : float, optional
-        Upper cap on the unclipped ratio (TRL's ``delta``, two-sided GRPO), ``> 0``.
-    dual_clip : float, optional
-        verl's ``clip_ratio_c`` (``> 1``, usually 3): for ``A < 0`` the token loss is at most
-        ``-dual_clip * A``.
-    loss_type : str, default "grpo"
-        Aggregation, with ``S_b = sum_t mask * loss_t``, ``n_b`` the tokens of row ``b``,
-        ``N = sum_b n_b`` (counts are clamped to >= 1) and ``L = max_completion_length``:
-
-        - ``"grpo"``, ``"sapo"`` (with SAPO's objective), ``"seq-mean-token-mean"``: ``mean_b(S_b / n_b)``
-        - ``"bnpo"``, ``"token-mean"``: ``sum_b S_b / N``
-        - ``"dr_grpo"``: ``sum_b S_b / (B * L)``
-        - ``"dapo"``, ``"cispo"`` (with CISPO's objective): ``sum_b S_b / num_items_in_batch`` (default ``N``)
-        - ``"luspo"`` (TRL's name), ``"seq-mean-token-sum"`` (verl's): ``mean_b S_b``
-        - ``"seq-mean-token-sum-norm"``: ``sum_b S_b / L`` (verl's Dr. GRPO form)
-    importance_sampling_level : {"token", "sequence"}, default "token"
-    max_completion_length : int, optional
-        ``L`` above (``dr_grpo`` and ``seq-mean-token-sum-norm`` only); default ``T``.
-    num_items_in_batch : int, float or 0-dim Tensor, optional
-        ``dapo`` and ``cispo`` only: the global number of completion tokens across processes, finite and
-        ``> 0`` (a CUDA tensor is read and checked by the kernel on the device, without a host sync:
-        a bad one gives a NaN loss and an error from ``check_device_errors``; a CPU tensor is checked
-        like the number). Ignored by the other loss types.
-    kl_clamp : float, optional
-        Bound on each token's k3 value, ``> 0``: ``kl = clip(kl, -kl_clamp, kl_clamp)``, no KL
-        gradient where it binds. verl's ``low_var_kl`` clamps at 10
-        (:data:`gtalign_fast.ops._grpo_constants.KL_LIMIT`; verl's plugin passes it); TRL and Liger do
-        not clamp, nor does the default (None). Either way ``d`` is clamped to [-20, 20] first, as
-        verl does (TRL does not; it only matters where TRL's KL exceeds ``exp(20) - 21``, 4.9e8).
-    use_bias_correction_kl : bool, default False
-        TRL's ``use_bias_correction_kl`` (its ``GRPOConfig`` default is True): the k3 term is
-        multiplied by the importance ratio ``r`` (the sequence's at sequence level, before
-        ``delta``), with its gradient through ``r``; the ``kl`` metric is then that product, as
-        TRL logs it.
-    sapo_temperature_pos, sapo_temperature_neg : float, default 1.0 and 1.05
-        SAPO's temperatures (TRL's names and defaults), ``> 0``; ``loss_type="sapo"`` only (which
-        refuses ``delta`` and ``dual_clip``). The clip metrics still report where ``r`` leaves
-        ``[1 - epsilon_low, 1 + epsilon_high]``.
-
-    ``loss_type="cispo"`` (TRL's CISPO) caps the ratio at ``epsilon_high`` itself (ScaleRL's
-    ``eps_max``; TRL recommends 5.0), refuses ``delta`` and ``dual_clip``, and reports TRL's
-    ``cispo_clip_ratio`` (``r > epsilon_high`` where ``A > 0``) as ``clip_ratio/high_mean``.
     backend : {"triton", "cuda", "cpu", "reference"}, optional
         Force a backend; default: ``GTALIGN_FAST_BACKEND[_GRPO_LOSS]``, else the C++ kernel on CPU
         and the CUDA C++ kernel on CUDA (the faster there, see ``_backend.CUDA_DEFAULTS``).
+    %(grpo_options)s
 
     Returns
     -------
@@ -360,12 +322,15 @@ def grpo_loss(
         ``"clip_ratio/region_mean"`` (either), ``"ratio_mean"`` (mean ``r``) and, when ``ref_logp``
         is given, ``"kl"`` (mean k3). Means over the masked tokens, or, as TRL's GSPO metrics,
         over the ``B`` sequences when both the ratio and ``advantages`` are per sequence.
+        ``loss_type="cispo"``: ``"clip_ratio/high_mean"`` is TRL's ``cispo_clip_ratio``
+        (``r > epsilon_high`` where ``A > 0``). ``loss_type="vespo"``: ``"vespo/phi_seq_mean"``
+        (TRL's: the mean ``phi``, over the sequences with ``[B]`` advantages) and ``"kl"`` only.
 
     Raises
     ------
     TypeError
-        Non-tensor inputs, unsupported dtypes, ``old_logp`` / ``ref_logp`` of another dtype than
-        ``logp``, non-number hyper-parameters.
+        A keyword that is not an option; non-tensor inputs, unsupported dtypes, ``old_logp`` /
+        ``ref_logp`` of another dtype than ``logp``, non-number hyper-parameters.
     ValueError
         Shapes (``B = 0`` or ``T = 0`` included), devices, unknown ``loss_type`` or level,
         out-of-range hyper-parameters, ``beta > 0`` without ``ref_logp``.
@@ -376,17 +341,10 @@ def grpo_loss(
     TRL does), so a micro-batch of truncated-and-masked completions does not produce NaN.
     """
     _check_logp(logp)
-    _grpo_objective.validate(
-        OP, logp.shape, logp.device, "logp is", logp.dtype, old_logp, advantages, mask, ref_logp, beta, epsilon_low,
-        epsilon_high, delta, dual_clip, loss_type, importance_sampling_level, max_completion_length,
-        num_items_in_batch, kl_clamp, use_bias_correction_kl, sapo_temperature_pos, sapo_temperature_neg,
-    )
-    num_items_tensor, options = options_from_arguments(
-        OP, logp.shape[1], beta, epsilon_low, epsilon_high, delta, dual_clip, loss_type, importance_sampling_level,
-        max_completion_length, num_items_in_batch, kl_clamp, use_bias_correction_kl, sapo_temperature_pos,
-        sapo_temperature_neg,
+    num_items_tensor, options, is_ratio = _grpo_objective.resolve_options(
+        OP, logp.shape, logp.device, "logp is", logp.dtype, old_logp, advantages, mask, ref_logp, options
     )
     old_logp = None if old_logp is None else old_logp.detach()
     loss, metrics, _, _ = FORWARD(logp, old_logp, ref_logp, advantages.detach(), mask.detach(), num_items_tensor,
-                                  options=options, backend=backend or "")
-    return loss, metrics_dict(metrics, ref_logp is not None)
+                                  is_ratio, options=options, backend=backend or "")
+    return loss, metrics_dict(metrics, ref_logp is not None, vespo=options.loss_type == "vespo")

@@ -22,7 +22,7 @@ import dataclasses
 import functools
 import math
 import typing
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypedDict
 
 import torch
 
@@ -30,6 +30,7 @@ from .. import reference
 from ._grpo_constants import (
     LOSS_NORMALISERS,
     LOSS_TYPES,
+    METRIC_HIGH,
     METRIC_NAMES,
     MICRO_BATCH_SHARES,
     MODE_CONSTANT,
@@ -42,6 +43,7 @@ from ._grpo_constants import (
     NORM_ROWS,
     NORM_ROWS_LENGTH,
     NORM_TOKENS,
+    VESPO_METRIC,
 )
 from ._op import plain_eager
 
@@ -65,6 +67,16 @@ class GrpoLossOptions(NamedTuple):
     use_bias_correction_kl: bool = False  # TRL's: the k3 term weighted by the importance ratio
     sapo_temperature_pos: float = 1.0  # loss_type="sapo" only (TRL's defaults)
     sapo_temperature_neg: float = 1.05
+    vespo_k_pos: float = 2.0  # loss_type="vespo" only (TRL's defaults)
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+
+    @property
+    def whole_rows(self) -> bool:
+        """Whether a kernel row must be a whole sequence: the sequence ratio (GSPO) and VESPO's
+        sequence weight are sums over the row (the fused ops then chunk by sequences)."""
+        return self.sequence_level or self.loss_type == "vespo"
 
 
 _N_GRPO = len(GrpoLossOptions._fields)
@@ -157,12 +169,10 @@ def check_tensor(op: str, name: str, tensor, shape, device, owner: str, dtypes=N
         raise ValueError(f"{op}: {name} is on {tensor.device} but {owner} on {device}")
 
 
-def validate(op: str, shape, device, owner: str, dtype, old_logp, advantages, mask, ref_logp, beta, epsilon_low,
-             epsilon_high, delta, dual_clip, loss_type, importance_sampling_level, max_completion_length,
-             num_items_in_batch, kl_clamp=None, use_bias_correction_kl=False, sapo_temperature_pos=1.0,
-             sapo_temperature_neg=1.05) -> None:
+def validate(op: str, shape, device, owner: str, dtype, old_logp, advantages, mask, ref_logp, o: dict) -> None:
     """The loss arguments of ``op`` for ``[B, T] = shape`` tokens on ``device`` (``owner`` names
-    the input that fixed them); ``old_logp`` / ``ref_logp`` must have ``dtype`` unless it is None."""
+    the input that fixed them); ``old_logp`` / ``ref_logp`` must have ``dtype`` unless it is None.
+    ``o``: every option of :class:`GrpoOptions` (the defaults merged in)."""
     shape = tuple(shape)
     for name, other in (("old_logp", old_logp), ("ref_logp", ref_logp)):
         if other is not None:
@@ -178,35 +188,32 @@ def validate(op: str, shape, device, owner: str, dtype, old_logp, advantages, ma
     check_tensor(op, "mask", mask, shape, device, owner)
     if mask.dtype.is_complex:
         raise TypeError(f"{op}: mask must be bool, integer or float, got {mask.dtype}")
+    loss_type, level = o["loss_type"], o["importance_sampling_level"]
     if loss_type not in LOSS_NORMALISERS:
         raise ValueError(f"{op}: unknown loss_type {loss_type!r}; choose one of {LOSS_TYPES}")
-    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
-        raise ValueError(
-            f"{op}: importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
-            f"got {importance_sampling_level!r}"
-        )
-    check_number(op, "beta", beta, low=0.0)
-    if beta != 0.0 and ref_logp is None:
+    if level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(f"{op}: importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, got {level!r}")
+    check_number(op, "beta", o["beta"], low=0.0)
+    if o["beta"] != 0.0 and ref_logp is None:
         raise ValueError(f"{op}: beta > 0 needs ref_logp (the reference model's log-probs)")
-    check_number(op, "epsilon_low", epsilon_low, low=0.0)
-    check_number(op, "epsilon_high", epsilon_high, low=0.0, optional=True)
-    check_number(op, "delta", delta, low=0.0, low_inclusive=False, optional=True)
-    check_number(op, "dual_clip", dual_clip, low=1.0, low_inclusive=False, optional=True)
-    check_number(op, "kl_clamp", kl_clamp, low=0.0, low_inclusive=False, optional=True)
-    if loss_type == "sapo":  # the temperatures are read by SAPO only (checked there: a few us per call)
-        check_number(op, "sapo_temperature_pos", sapo_temperature_pos, low=0.0, low_inclusive=False)
-        check_number(op, "sapo_temperature_neg", sapo_temperature_neg, low=0.0, low_inclusive=False)
-        if delta is not None or dual_clip is not None:
-            raise ValueError(f"{op}: loss_type='sapo' replaces the clip: delta and dual_clip must be None")
-    elif loss_type == "cispo" and (delta is not None or dual_clip is not None):
-        raise ValueError(f"{op}: loss_type='cispo' replaces the clip: delta and dual_clip must be None")
-    if not isinstance(use_bias_correction_kl, bool):
-        raise TypeError(f"{op}: use_bias_correction_kl must be a bool, got {type(use_bias_correction_kl).__name__}")
-    if max_completion_length is not None:
-        if isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int):
-            raise TypeError(f"{op}: max_completion_length must be an int, got {type(max_completion_length).__name__}")
-        if max_completion_length < 1:
-            raise ValueError(f"{op}: max_completion_length must be >= 1, got {max_completion_length}")
+    check_number(op, "epsilon_low", o["epsilon_low"], low=0.0)
+    check_number(op, "epsilon_high", o["epsilon_high"], low=0.0, optional=True)
+    check_number(op, "delta", o["delta"], low=0.0, low_inclusive=False, optional=True)
+    check_number(op, "dual_clip", o["dual_clip"], low=1.0, low_inclusive=False, optional=True)
+    check_number(op, "kl_clamp", o["kl_clamp"], low=0.0, low_inclusive=False, optional=True)
+    if loss_type in _UNCLIPPED:  # (a call less for the clipped objectives: this runs on every op call)
+        _validate_objective(op, loss_type, o)
+    if not isinstance(o["use_bias_correction_kl"], bool):
+        raise TypeError(
+            f"{op}: use_bias_correction_kl must be a bool, got {type(o['use_bias_correction_kl']).__name__}"
+        )
+    length = o["max_completion_length"]
+    if length is not None:
+        if isinstance(length, bool) or not isinstance(length, int):
+            raise TypeError(f"{op}: max_completion_length must be an int, got {type(length).__name__}")
+        if length < 1:
+            raise ValueError(f"{op}: max_completion_length must be >= 1, got {length}")
+    num_items_in_batch = o["num_items_in_batch"]
     if isinstance(num_items_in_batch, torch.Tensor):
         check_tensor(op, "num_items_in_batch", num_items_in_batch, None, device, owner)
         if num_items_in_batch.numel() != 1:
@@ -217,35 +224,94 @@ def validate(op: str, shape, device, owner: str, dtype, old_logp, advantages, ma
             raise TypeError(f"{op}: num_items_in_batch must be a real number, got {num_items_in_batch.dtype}")
     else:
         check_number(op, "num_items_in_batch", num_items_in_batch, low=0.0, low_inclusive=False, optional=True)
+    is_ratio = o["importance_sampling_ratio"]
+    if is_ratio is not None:
+        check_tensor(op, "importance_sampling_ratio", is_ratio, None, device, owner, FLOAT_DTYPES)
+        if is_ratio.shape not in ((shape[0],), (shape[0], 1), shape):
+            raise ValueError(
+                f"{op}: importance_sampling_ratio must have shape [B] = ({shape[0]},), [B, 1] or [B, T] = {shape}, "
+                f"got {tuple(is_ratio.shape)}"
+            )
 
 
-def options_from_arguments(op: str, length: int, beta, epsilon_low, epsilon_high, delta, dual_clip, loss_type,
-                           importance_sampling_level, max_completion_length, num_items_in_batch, kl_clamp=None,
-                           use_bias_correction_kl=False, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05):
-    """The (validated) keyword arguments of the GRPO-loss ops as ``GrpoLossOptions``, plus
-    ``num_items_in_batch`` as a float32 tensor when it was given as one (else None: it is an option).
-    ``length`` is T, the default ``max_completion_length``."""
+def kernel_is_ratio(is_ratio: torch.Tensor | None) -> torch.Tensor | None:
+    """The importance-sampling ratio as the kernels take it: float32, detached, ``[B]`` (per sequence;
+    ``[B, 1]`` too) or ``[B, T]`` with a nonzero time stride (an expanded per-token view is copied:
+    the kernels read a time stride of 0 as one ratio per sequence, which VESPO adds once)."""
+    if is_ratio is None:
+        return None
+    is_ratio = is_ratio.detach().to(torch.float32)
+    if is_ratio.dim() == 2 and is_ratio.shape[1] == 1:
+        return is_ratio.reshape(-1)
+    if is_ratio.dim() == 2 and is_ratio.stride(1) == 0:
+        return is_ratio.contiguous()
+    return is_ratio
+
+
+_UNCLIPPED = ("sapo", "cispo", "vespo")  # objectives that replace the clip (delta and dual_clip refused)
+
+
+def _validate_objective(op: str, loss_type: str, o: dict) -> None:
+    """The options of the objectives other than the clip (checked only when selected: a few us per call)."""
+    if loss_type == "sapo":
+        check_number(op, "sapo_temperature_pos", o["sapo_temperature_pos"], low=0.0, low_inclusive=False)
+        check_number(op, "sapo_temperature_neg", o["sapo_temperature_neg"], low=0.0, low_inclusive=False)
+    elif loss_type == "vespo":
+        for name in ("vespo_k_pos", "vespo_k_neg"):
+            check_number(op, name, o[name], low=0.0)
+        for name in ("vespo_lambda_pos", "vespo_lambda_neg"):
+            check_number(op, name, o[name], low=0.0, low_inclusive=False)
+    if loss_type in _UNCLIPPED and (o["delta"] is not None or o["dual_clip"] is not None):
+        raise ValueError(f"{op}: loss_type={loss_type!r} replaces the clip: delta and dual_clip must be None")
+
+
+def resolve_options(op: str, shape, device, owner: str, dtype, old_logp, advantages, mask, ref_logp,
+                    options: dict) -> tuple[torch.Tensor | None, GrpoLossOptions, torch.Tensor | None]:
+    """The ops' ``**options`` (:class:`GrpoOptions`), checked by :func:`validate` and normalised by
+    :func:`options_from_arguments` and :func:`kernel_is_ratio`: ``(num_items_tensor, options, is_ratio)``.
+    A keyword that is not an option is a TypeError naming ``op``."""
+    if not _OPTION_NAMES >= options.keys():
+        unknown = sorted(options.keys() - _OPTION_NAMES)[0]
+        raise TypeError(f"{op}() got an unexpected keyword argument {unknown!r}")
+    merged = {**OPTION_DEFAULTS, **options}
+    validate(op, shape, device, owner, dtype, old_logp, advantages, mask, ref_logp, merged)
+    is_ratio = merged["importance_sampling_ratio"]
+    return (*options_from_arguments(op, shape[1], merged), None if is_ratio is None else kernel_is_ratio(is_ratio))
+
+
+def options_from_arguments(op: str, length: int, o: dict) -> tuple[torch.Tensor | None, GrpoLossOptions]:
+    """The (validated) options ``o`` as ``GrpoLossOptions``, plus ``num_items_in_batch`` as a
+    float32 tensor when it was given as one (else None: it is an option). ``length`` is T, the
+    default ``max_completion_length``."""
+    num_items_in_batch = o["num_items_in_batch"]
     if isinstance(num_items_in_batch, torch.Tensor):
         num_items_tensor, num_items_value = checked_normaliser(op, num_items_in_batch), None
     else:
         num_items_tensor = None
         num_items_value = None if num_items_in_batch is None else float(num_items_in_batch)
+    epsilon_high, delta, dual_clip = o["epsilon_high"], o["delta"], o["dual_clip"]
+    max_completion_length, kl_clamp = o["max_completion_length"], o["kl_clamp"]
+    # Positional, in GrpoLossOptions' field order (keywords cost ~2 us more per op call).
     options = GrpoLossOptions(
-        beta=float(beta),
-        epsilon_low=float(epsilon_low),
-        epsilon_high=float(epsilon_low if epsilon_high is None else epsilon_high),
-        delta=None if delta is None else float(delta),
-        dual_clip=None if dual_clip is None else float(dual_clip),
-        loss_type=loss_type,
-        sequence_level=importance_sampling_level == "sequence",
-        max_completion_length=int(length if max_completion_length is None else max_completion_length),
-        num_items_value=num_items_value,
-        kl_clamp=None if kl_clamp is None else float(kl_clamp),
-        use_bias_correction_kl=bool(use_bias_correction_kl),
-        sapo_temperature_pos=float(sapo_temperature_pos),
-        sapo_temperature_neg=float(sapo_temperature_neg),
+        float(o["beta"]),
+        float(o["epsilon_low"]),
+        float(o["epsilon_low"] if epsilon_high is None else epsilon_high),
+        None if delta is None else float(delta),
+        None if dual_clip is None else float(dual_clip),
+        o["loss_type"],
+        o["importance_sampling_level"] == "sequence",
+        int(length if max_completion_length is None else max_completion_length),
+        num_items_value,
+        None if kl_clamp is None else float(kl_clamp),
+        bool(o["use_bias_correction_kl"]),
+        *(float(o[name]) for name in _OBJECTIVE_FLOATS),
     )
     return num_items_tensor, options
+
+
+# The float options of the objectives beyond the clip, in GrpoLossOptions' order (its last fields).
+_OBJECTIVE_FLOATS = ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
+                     "vespo_lambda_neg")
 
 
 def checked_normaliser(op: str, num_items: torch.Tensor) -> torch.Tensor:
@@ -275,29 +341,46 @@ def explain_normaliser(op: str, num_items: torch.Tensor) -> None:
 # Reference loss and metrics
 
 
-def reference_loss(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, options: GrpoLossOptions):
+def reference_loss(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, is_ratio, options: GrpoLossOptions):
     """``reference.grpo_loss`` with the op's options (what every op's reference backend computes)."""
     num_items = num_items_tensor if num_items_tensor is not None else options.num_items_value
     return reference.grpo_loss(
         logp, old_logp, advantages, mask, ref_logp, options.beta, options.epsilon_low, options.epsilon_high,
         options.delta, options.dual_clip, options.loss_type, "sequence" if options.sequence_level else "token",
         options.max_completion_length, num_items, options.kl_clamp, options.use_bias_correction_kl,
-        options.sapo_temperature_pos, options.sapo_temperature_neg,
+        options.sapo_temperature_pos, options.sapo_temperature_neg, options.vespo_k_pos, options.vespo_lambda_pos,
+        options.vespo_k_neg, options.vespo_lambda_neg, is_ratio,
     )
+
+
+def row_metrics(options: GrpoLossOptions, advantages: torch.Tensor) -> bool:
+    """Whether the metrics are means over the ``B`` sequences (one value per row, as TRL's): the
+    ratio (GSPO) or VESPO's weight, and the advantage, are per sequence."""
+    return options.whole_rows and advantages.dim() == 1
 
 
 def write_metrics(ref_metrics: dict, out: torch.Tensor) -> None:
     """The reference's metrics dict into the first ``NUM_METRICS`` entries of the metrics vector."""
     for index, name in enumerate(METRIC_NAMES):
         out[index] = ref_metrics[name] if name in ref_metrics else 0.0
+    if VESPO_METRIC in ref_metrics:
+        out[METRIC_HIGH] = ref_metrics[VESPO_METRIC]
 
 
-def metrics_dict(metrics: torch.Tensor, has_ref: bool, extra: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+_NOT_VESPO = frozenset(("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "ratio_mean"))
+
+
+def metrics_dict(metrics: torch.Tensor, has_ref: bool, extra: tuple[str, ...] = (),
+                 vespo: bool = False) -> dict[str, torch.Tensor]:
     """The metrics vector as the ops return it: ``METRIC_NAMES`` then ``extra``, without ``kl``
-    when no ``ref_logp`` was given."""
+    when no ``ref_logp`` was given; for VESPO (``vespo``) TRL's ``vespo/phi_seq_mean`` instead of
+    the clip ratios and ``ratio_mean``."""
     values = metrics.detach().unbind()  # one call for the 0-dim views
     names = METRIC_NAMES + extra if extra else METRIC_NAMES
-    return {name: value for name, value in zip(names, values) if has_ref or name != "kl"}
+    out = {name: value for name, value in zip(names, values) if has_ref or name != "kl"}
+    if vespo:
+        out = {VESPO_METRIC: values[METRIC_HIGH]} | {k: v for k, v in out.items() if k not in _NOT_VESPO}
+    return out
 
 
 @contextlib.contextmanager
@@ -325,13 +408,88 @@ def kernel_mask(mask: torch.Tensor) -> torch.Tensor:
 # The objective as one value
 
 
+# The options of the three GRPO ops, documented once: every op's docstring shows this text in place
+# of its ``%(grpo_options)s`` line (:func:`document_options`), and so does GrpoObjective's.
+OPTION_DOCS = """\
+    beta : float, default 0.0
+        Weight of the k3 KL, added to each token's loss before aggregation (as TRL does).
+    epsilon_low, epsilon_high : float, default 0.2 and ``epsilon_low``
+        Clip range ``[1 - epsilon_low, 1 + epsilon_high]`` (``epsilon_high > epsilon_low``:
+        DAPO's clip-higher; ``loss_type="cispo"``: the ratio cap is ``epsilon_high`` itself).
+    delta : float, optional
+        Upper cap on the unclipped ratio (TRL's ``delta``, two-sided GRPO), ``> 0``.
+    dual_clip : float, optional
+        verl's ``clip_ratio_c`` (``> 1``, usually 3): for ``A < 0`` the token loss is at most
+        ``-dual_clip * A``.
+    importance_sampling_ratio : Tensor, shape ``[B]``, ``[B, 1]`` or ``[B, T]``, any float dtype, optional
+        Per-sequence or per-token weights ``>= 0`` of the policy term, no gradient: TRL's vLLM
+        ``importance_sampling_ratio`` (truncated or masked IS of ``vllm_importance_sampling_mode``),
+        verl's ``rollout_is_weights``. ``loss_t = is_t * pg_t + beta * kl_t``; the clip metrics are
+        counted before weighting. With ``loss_type="vespo"`` the ratio enters the sequence weight
+        instead, as TRL: ``log w += sum_t mask * clip(log is_t, ln 1e-8, 20)`` (per sequence: once).
+    loss_type : str, default "grpo"
+        The objective and the aggregation, with ``S_b = sum_t mask * loss_t``, ``n_b`` the tokens of
+        row ``b``, ``N = sum_b n_b`` (counts are clamped to >= 1) and ``L = max_completion_length``:
+
+        - ``"grpo"``, ``"sapo"`` (SAPO's objective), ``"seq-mean-token-mean"``: ``mean_b(S_b / n_b)``
+        - ``"bnpo"``, ``"token-mean"``: ``sum_b S_b / N``
+        - ``"dr_grpo"``: ``sum_b S_b / (B * L)``
+        - ``"dapo"``, ``"cispo"``, ``"vespo"`` (CISPO's and VESPO's objectives):
+          ``sum_b S_b / num_items_in_batch`` (default ``N``)
+        - ``"luspo"`` (TRL's name), ``"seq-mean-token-sum"`` (verl's): ``mean_b S_b``
+        - ``"seq-mean-token-sum-norm"``: ``sum_b S_b / L`` (verl's Dr. GRPO form)
+
+        ``"sapo"``, ``"cispo"`` and ``"vespo"`` replace the clip and refuse ``delta`` and ``dual_clip``.
+    importance_sampling_level : {"token", "sequence"}, default "token"
+        Per-token ratios, or one per sequence (GSPO: the exp of the masked mean log-ratio).
+    max_completion_length : int, optional
+        ``L`` above (``dr_grpo`` and ``seq-mean-token-sum-norm`` only); default ``T``.
+    num_items_in_batch : int, float or 0-dim Tensor, optional
+        ``dapo``, ``cispo`` and ``vespo`` only: the global number of completion tokens across
+        processes, finite and ``> 0`` (a CUDA tensor is read and checked by the kernel on the device,
+        without a host sync: a bad one gives a NaN loss and an error from ``check_device_errors``;
+        a CPU tensor is checked like the number). Ignored by the other loss types.
+    kl_clamp : float, optional
+        Bound on each token's k3 value, ``> 0``: ``kl = clip(kl, -kl_clamp, kl_clamp)``, no KL
+        gradient where it binds. verl's ``low_var_kl`` clamps at 10
+        (:data:`gtalign_fast.ops._grpo_constants.KL_LIMIT`; verl's plugin passes it); TRL and Liger do
+        not clamp, nor does the default (None). Either way ``d`` is clamped to [-20, 20] first, as
+        verl does (TRL does not; it only matters where TRL's KL exceeds ``exp(20) - 21``, 4.9e8).
+    use_bias_correction_kl : bool, default False
+        TRL's ``use_bias_correction_kl`` (its ``GRPOConfig`` default is True): the k3 term is
+        multiplied by the importance ratio ``r`` (the sequence's at sequence level, before
+        ``delta``), with its gradient through ``r``; the ``kl`` metric is then that product, as
+        TRL logs it.
+    sapo_temperature_pos, sapo_temperature_neg : float, default 1.0 and 1.05
+        SAPO's temperatures (TRL's names and defaults), ``> 0``; ``loss_type="sapo"`` only. The clip
+        metrics still report where ``r`` leaves ``[1 - epsilon_low, 1 + epsilon_high]``.
+    vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg : float, default 2.0, 3.0, 3.0, 2.0
+        VESPO's Gamma weight (TRL's names and defaults; ``loss_type="vespo"`` only): ``k >= 0``, the
+        power, and ``lambda > 0``, the decay (used as ``max(lambda, 1e-4)``, as TRL), the ``_pos``
+        pair where ``A >= 0``, else the ``_neg`` pair.
+"""
+
+
+def document_options(function):
+    """Put :data:`OPTION_DOCS` in place of the ``%(grpo_options)s`` line of ``function``'s docstring."""
+    if function.__doc__:  # None under python -OO
+        function.__doc__ = function.__doc__.replace("    %(grpo_options)s\n", OPTION_DOCS)
+    return function
+
+
 @dataclasses.dataclass(frozen=True)
 class GrpoObjective:
-    """The GRPO objective's hyper-parameters, named as the ops' keyword arguments (TRL's names).
+    """The GRPO objective's hyper-parameters, named as the ops' keyword arguments (TRL's names):
+    the one declaration of the GRPO options (names, types, defaults) of ``grpo_loss``,
+    ``logits_grpo_loss`` and ``linear_grpo_loss``, whose ``**options`` are :class:`GrpoOptions`.
 
     Built once (by the trainer from its config; by the TRL and verl adapters from theirs through
     :func:`cached_objective`) and passed to whichever op computes the loss as
     ``**objective.op_kwargs(num_items_in_batch)``.
+
+    Parameters
+    ----------
+    %(grpo_options)s
     """
 
     beta: float = 0.0
@@ -346,6 +504,10 @@ class GrpoObjective:
     use_bias_correction_kl: bool = False
     sapo_temperature_pos: float = 1.0
     sapo_temperature_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
 
     def __post_init__(self) -> None:
         if self.loss_type not in LOSS_NORMALISERS:
@@ -362,6 +524,8 @@ class GrpoObjective:
             importance_sampling_level=args.importance_sampling_level,
             max_completion_length=args.max_completion_length, use_bias_correction_kl=args.use_bias_correction_kl,
             sapo_temperature_pos=args.sapo_temperature_pos, sapo_temperature_neg=args.sapo_temperature_neg,
+            vespo_k_pos=args.vespo_k_pos, vespo_lambda_pos=args.vespo_lambda_pos, vespo_k_neg=args.vespo_k_neg,
+            vespo_lambda_neg=args.vespo_lambda_neg,
         )
 
     @property
@@ -380,6 +544,21 @@ class GrpoObjective:
 
 
 _OBJECTIVE_FIELDS = tuple(field.name for field in dataclasses.fields(GrpoObjective))
+document_options(GrpoObjective)
+
+# The ops' option keywords: GrpoObjective's fields and the per-call num_items_in_batch. GrpoOptions is
+# generated from GrpoObjective (so the options are declared once) for the ops' ``**options: Unpack[...]``.
+OPTION_DEFAULTS: dict[str, Any] = {field.name: field.default for field in dataclasses.fields(GrpoObjective)}
+OPTION_DEFAULTS["num_items_in_batch"] = None
+OPTION_DEFAULTS["importance_sampling_ratio"] = None
+_OPTION_NAMES = OPTION_DEFAULTS.keys()
+GrpoOptions = TypedDict(  # noqa: UP013 (generated from GrpoObjective's fields: the class syntax cannot be)
+    "GrpoOptions",
+    {**typing.get_type_hints(GrpoObjective), "num_items_in_batch": int | float | torch.Tensor | None,
+     "importance_sampling_ratio": torch.Tensor | None},
+    total=False,
+)
+GrpoOptions.__doc__ = "The GRPO ops' option keywords (see :class:`GrpoObjective`), all optional."
 
 
 @functools.lru_cache(maxsize=256)

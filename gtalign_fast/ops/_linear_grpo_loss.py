@@ -20,6 +20,7 @@ adds up. Under ``torch.no_grad()`` (or with nothing requiring a gradient) only t
 from __future__ import annotations
 
 import torch
+from typing_extensions import Unpack
 
 from . import _device_checks
 from ._grpo_chunks import (
@@ -51,10 +52,13 @@ from ._grpo_constants import (
 )
 from ._grpo_objective import (
     FLOAT_DTYPES,
+    GrpoOptions,
     autograd_inside_op,
+    document_options,
     kernel_mask,
     options_type,
     reference_loss,
+    row_metrics,
     row_weights,
 )
 from ._op import Op, Output, backends, chunk_drivers
@@ -87,7 +91,7 @@ LinearGrpoLossOptions = options_type(
 )
 
 
-def _outputs(hidden, weight, bias, targets, old_logp, ref_logp, advantages, mask, num_items_tensor, options):
+def _outputs(hidden, weight, bias, targets, old_logp, ref_logp, advantages, mask, num_items_tensor, is_ratio, options):
     return (
         Output((), torch.float32),  # loss
         Output((NUM_METRICS + 1,), torch.float32),  # grpo_loss' metrics, then the mean entropy
@@ -99,7 +103,7 @@ def _outputs(hidden, weight, bias, targets, old_logp, ref_logp, advantages, mask
 
 
 def _forward_chunks(name, hidden, weight, bias, targets, old_logp, ref_logp, advantages, mask, num_items_tensor,
-                    options, loss, metrics, logp, dhidden, dweight, dbias):
+                    is_ratio, options, loss, metrics, logp, dhidden, dweight, dbias):
     device = hidden.device
     kernels = chunk_kernels(name, device)
     grpo = options.grpo()
@@ -107,16 +111,16 @@ def _forward_chunks(name, hidden, weight, bias, targets, old_logp, ref_logp, adv
     n_tokens, vocab = batch * length, weight.shape[0]
     need_grad = options.need_hidden or options.need_weight or options.need_bias
     inv_t = 1.0 / options.temperature
-    seq = grpo.sequence_level
+    seq = grpo.whole_rows
     chunk = options.chunk_size or default_chunk_tokens(n_tokens, vocab, hidden.dtype, device)
 
     ktargets = kernel_targets(targets, mask)
     weights_b = row_weights(mask, grpo, num_items_tensor)
     logp_flat = logp.view(-1)
     entropy = torch.empty(n_tokens, dtype=torch.float32, device=device)
-    if seq:  # rows of the GRPO kernels = sequences; a chunk holds whole sequences
+    if seq:  # rows of the GRPO kernels = sequences; a chunk holds whole sequences (GSPO's ratio, VESPO's weight)
         rows_per_chunk, row_len = max(1, chunk // length), length
-        w_rows, row_inputs = weights_b, (logp, old_logp, ref_logp, advantages, mask)
+        w_rows, row_inputs, row_is = weights_b, (logp, old_logp, ref_logp, advantages, mask), is_ratio
     else:  # rows = single tokens ([N, 1] views): a chunk may cut a sequence anywhere
         rows_per_chunk, row_len = chunk, 1
         # repeat_interleave, not expand().reshape(): at B = 1 the reshape keeps the stride-0 view, and
@@ -126,6 +130,9 @@ def _forward_chunks(name, hidden, weight, bias, targets, old_logp, ref_logp, adv
         adv = adv.unsqueeze(1).expand(batch, length) if adv.dim() == 1 else adv
         row_inputs = tuple(None if x is None else x.reshape(n_tokens, 1)
                            for x in (logp, old_logp, ref_logp, adv, kernel_mask(mask)))
+        row_is = None  # the IS ratio per token ([N, 1]: each row one token)
+        if is_ratio is not None:
+            row_is = (is_ratio.repeat_interleave(length) if is_ratio.dim() == 1 else is_ratio).reshape(n_tokens, 1)
     n_rows = row_inputs[0].shape[0]
     chunk_tokens = min(n_tokens, rows_per_chunk * row_len)
     row_stats = torch.empty(n_rows, NUM_SEQUENCE_STATS, dtype=torch.float32, device=device)
@@ -152,12 +159,13 @@ def _forward_chunks(name, hidden, weight, bias, targets, old_logp, ref_logp, adv
         z3 = z.view(1, n, vocab)
         kernels.stats(z3, ktargets[t0:t1], options.temperature, logp_flat[t0:t1], entropy[t0:t1], stats[:n])
         chunk_inputs = tuple(None if x is None else x[r0:r1] for x in row_inputs)
-        kernels.grpo_forward(*chunk_inputs, num_items_tensor, grpo, scratch[0], scratch[1], row_stats[r0:r1],
+        chunk_is = None if row_is is None else row_is[r0:r1]
+        kernels.grpo_forward(*chunk_inputs, num_items_tensor, chunk_is, grpo, scratch[0], scratch[1], row_stats[r0:r1],
                              scratch[2][: r1 - r0])
         if not need_grad:
             continue
         g = dlogp[:n]
-        kernels.grpo_backward(one, row_stats[r0:r1], w_rows[r0:r1], *chunk_inputs, None, False, grpo,
+        kernels.grpo_backward(one, row_stats[r0:r1], w_rows[r0:r1], *chunk_inputs, None, chunk_is, False, grpo,
                               g.view(chunk_inputs[0].shape), no_dref)
         kernels.grad(z3, ktargets[t0:t1], g, stats[:n], inv_t, SKIP, z3)  # dZ over Z, in place
         if options.need_hidden:
@@ -170,7 +178,7 @@ def _forward_chunks(name, hidden, weight, bias, targets, old_logp, ref_logp, adv
         dbias.copy_(dbias_acc)
     if name == "triton" and need_grad:  # the gradient kernel's target check (CPU: raise; CUDA: recorded)
         _device_checks.after_launch(OP, device)
-    _finish(row_stats, w_rows, entropy, mask, seq and advantages.dim() == 1, batch, loss, metrics)
+    _finish(row_stats, w_rows, entropy, mask, row_metrics(grpo, advantages), batch, loss, metrics)
 
 
 def _finish(row_stats, w_rows, entropy, mask, row_metrics, batch, loss, metrics) -> None:
@@ -187,7 +195,7 @@ def _finish(row_stats, w_rows, entropy, mask, row_metrics, batch, loss, metrics)
 
 
 def _forward_reference(hidden, weight, bias, targets, old_logp, ref_logp, advantages, mask, num_items_tensor,
-                       options, loss, metrics, logp, dhidden, dweight, dbias):
+                       is_ratio, options, loss, metrics, logp, dhidden, dweight, dbias):
     """Materialised float64 (float32 for half inputs) logits and autograd through the reference."""
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     with autograd_inside_op():
@@ -197,7 +205,7 @@ def _forward_reference(hidden, weight, bias, targets, old_logp, ref_logp, advant
         logits = torch.nn.functional.linear(*leaves).view(*targets.shape, weight.shape[0])
         values, entropy = reference_logp(logits, targets, mask, options.temperature)
         ref_loss, ref_metrics = reference_loss(values, old_logp, ref_logp, advantages, mask, num_items_tensor,
-                                               options.grpo())
+                                               is_ratio, options.grpo())
         grads = torch.autograd.grad(ref_loss, leaves)
     loss.copy_(ref_loss)
     metrics_vector(ref_metrics, entropy.detach(), mask, metrics)
@@ -208,7 +216,7 @@ def _forward_reference(hidden, weight, bias, targets, old_logp, ref_logp, advant
             out.copy_(grad)
 
 
-def _check(hidden, weight, bias, targets, old_logp, ref_logp, advantages, mask, num_items_tensor, options,
+def _check(hidden, weight, bias, targets, old_logp, ref_logp, advantages, mask, num_items_tensor, is_ratio, options,
            backend) -> None:
     check_targets(OP, hidden.device, targets, mask, weight.shape[0], backend)
     if backend == "triton" and hidden.dtype == torch.float64:
@@ -218,7 +226,7 @@ def _check(hidden, weight, bias, targets, old_logp, ref_logp, advantages, mask, 
 FORWARD = Op(
     OP,
     inputs=("Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor? old_logp, Tensor? ref_logp, "
-            "Tensor advantages, Tensor mask, Tensor? num_items_tensor"),
+            "Tensor advantages, Tensor mask, Tensor? num_items_tensor, Tensor? is_ratio"),
     options=LinearGrpoLossOptions,
     returns=("loss", "metrics", "logp", "dhidden", "dweight", "dbias"),
     outputs=_outputs,
@@ -242,18 +250,19 @@ def _backward(ctx, grad_loss, *_unused):
             "the forward were handed out already: call the op again"
         )
     if grad_loss is None:
-        return (None,) * 9
+        return (None,) * 10
     scale = grad_loss.reshape(())
     options = ctx.options
     out = []
     for grad, need in zip(grads, (options.need_hidden, options.need_weight, options.need_bias)):
         out.append(grad.mul_(scale.to(grad.dtype)) if need else None)
-    return (*out, None, None, None, None, None, None)
+    return (*out, None, None, None, None, None, None, None)
 
 
 FORWARD.register_autograd(_save, _backward, differentiable=(0,))
 
 
+@document_options
 def linear_grpo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -265,22 +274,10 @@ def linear_grpo_loss(
     ref_logp: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
-    beta: float = 0.0,
-    epsilon_low: float = 0.2,
-    epsilon_high: float | None = None,
-    delta: float | None = None,
-    dual_clip: float | None = None,
-    loss_type: str = "grpo",
-    importance_sampling_level: str = "token",
-    max_completion_length: int | None = None,
-    num_items_in_batch: int | float | torch.Tensor | None = None,
-    kl_clamp: float | None = None,
-    use_bias_correction_kl: bool = False,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
     chunk_size: int | None = None,
     return_logp: bool = False,
     backend: str | None = None,
+    **options: Unpack[GrpoOptions],
 ):
     """GRPO loss from the final hidden states: ``grpo_loss(token_logprobs((hidden @ weight.T + bias) / T,
     targets), ...)`` in chunks of tokens, with dhidden / dweight / dbias computed in the forward.
@@ -298,16 +295,15 @@ def linear_grpo_loss(
     weight : Tensor, shape ``[V, H]``, hidden's dtype
     targets : Tensor, shape ``[B, T]``, int64
         Token ids in ``[0, V)`` where ``mask`` is nonzero (any value elsewhere).
-    advantages, mask, old_logp, ref_logp, beta, epsilon_low, epsilon_high, delta, dual_clip, loss_type,
-    importance_sampling_level, max_completion_length, num_items_in_batch, kl_clamp, use_bias_correction_kl,
-    sapo_temperature_pos, sapo_temperature_neg
+    advantages, mask, old_logp, ref_logp
         As :func:`gtalign_fast.ops.grpo_loss` (``old_logp`` / ``ref_logp`` any float dtype, used in
         float32; ``old_logp=None``: on-policy, ratio 1, the true gradient).
     bias : Tensor, shape ``[V]``, hidden's dtype, optional
     temperature : float, default 1.0
         The logits are divided by it before the softmax.
     chunk_size : int, optional
-        Tokens per chunk (at sequence level rounded down to whole sequences, at least one).
+        Tokens per chunk (at sequence level and for ``loss_type="vespo"`` rounded down to whole
+        sequences, at least one).
         Default: :func:`default_chunk_tokens`, as many as keep one chunk of logits within 64 MiB
         on CPU / 512 MiB on CUDA (a multiple of 128, at least 128): few chunks keep the GEMMs
         large, the budget bounds the memory beyond the gradients.
@@ -317,6 +313,7 @@ def linear_grpo_loss(
     backend : {"triton", "cpu", "reference"}, optional
         The chunk kernels (GEMMs always on the BLAS / cuBLAS). Default:
         ``GTALIGN_FAST_BACKEND[_LINEAR_GRPO_LOSS]``, else C++ on CPU and Triton on CUDA.
+    %(grpo_options)s
 
     Returns
     -------
@@ -370,10 +367,8 @@ def linear_grpo_loss(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"{OP}: chunk_size must be >= 1, got {chunk_size}")
     batch, length, size = hidden.shape
-    old_logp, ref_logp, num_items_tensor, grpo = loss_options(
-        OP, batch, length, hidden.device, old_logp, advantages, mask, ref_logp, beta, epsilon_low, epsilon_high,
-        delta, dual_clip, loss_type, importance_sampling_level, max_completion_length, num_items_in_batch,
-        kl_clamp, use_bias_correction_kl, sapo_temperature_pos, sapo_temperature_neg)
+    old_logp, ref_logp, num_items_tensor, is_ratio, grpo = loss_options(
+        OP, batch, length, hidden.device, old_logp, advantages, mask, ref_logp, options)
     grad = torch.is_grad_enabled()
     options = LinearGrpoLossOptions(
         *grpo, temperature=float(temperature), chunk_size=int(chunk_size or 0),
@@ -381,7 +376,7 @@ def linear_grpo_loss(
         need_bias=grad and bias is not None and bias.requires_grad,
     )
     loss, metrics, logp, *_ = FORWARD(hidden.reshape(batch * length, size), weight, bias, targets, old_logp, ref_logp,
-                                      advantages.detach(), mask.detach(), num_items_tensor, options=options,
+                                      advantages.detach(), mask.detach(), num_items_tensor, is_ratio, options=options,
                                       backend=backend or "")
-    result = (loss, fused_metrics(metrics, ref_logp is not None))
+    result = (loss, fused_metrics(metrics, ref_logp is not None, grpo.loss_type == "vespo"))
     return (*result, logp.detach()) if return_logp else result

@@ -14,6 +14,7 @@ with ``inplace_backward=True``). The objective (options, validation, normaliser,
 from __future__ import annotations
 
 import torch
+from typing_extensions import Unpack
 
 from . import _device_checks
 from ._grpo_chunks import (
@@ -29,7 +30,14 @@ from ._grpo_chunks import (
     validate_temperature,
 )
 from ._grpo_constants import NUM_METRICS, NUM_SEQUENCE_STATS
-from ._grpo_objective import FLOAT_DTYPES, autograd_inside_op, options_type, reference_loss
+from ._grpo_objective import (
+    FLOAT_DTYPES,
+    GrpoOptions,
+    autograd_inside_op,
+    document_options,
+    options_type,
+    reference_loss,
+)
 from ._op import Op, Output, backends, chunk_drivers
 from ._token_logprobs import rows_view
 from ._token_logprobs_constants import NUM_SOFTMAX_STATS
@@ -44,7 +52,7 @@ LogitsGrpoLossOptions = options_type("LogitsGrpoLossOptions", temperature=float,
 
 
 
-def _forward_outputs(logits, targets, old_logp, ref_logp, advantages, mask, num_items_tensor, options):
+def _forward_outputs(logits, targets, old_logp, ref_logp, advantages, mask, num_items_tensor, is_ratio, options):
     batch, length = targets.shape
     return (
         Output((), torch.float32),  # loss
@@ -57,20 +65,21 @@ def _forward_outputs(logits, targets, old_logp, ref_logp, advantages, mask, num_
     )
 
 
-def _forward_chunked(name, logits, targets, old_logp, ref_logp, advantages, mask, num_items_tensor, options,
+def _forward_chunked(name, logits, targets, old_logp, ref_logp, advantages, mask, num_items_tensor, is_ratio, options,
                      loss, metrics, logp, entropy, stats, row_stats, weights):
     kernels = chunk_kernels(name, logits.device)
     grpo = options.grpo()
     kernels.stats(logits, kernel_targets(targets, mask), options.temperature, logp, entropy, stats)
-    kernels.grpo_forward(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, grpo, loss,
+    kernels.grpo_forward(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, is_ratio, grpo, loss,
                          metrics[:NUM_METRICS], row_stats, weights)
     metrics[NUM_METRICS] = entropy_mean(entropy, mask)
 
 
-def _forward_reference(logits, targets, old_logp, ref_logp, advantages, mask, num_items_tensor, options,
+def _forward_reference(logits, targets, old_logp, ref_logp, advantages, mask, num_items_tensor, is_ratio, options,
                        loss, metrics, logp, entropy, stats, row_stats, weights):
     ref_logp_values, ref_entropy = reference_logp(logits, targets, mask, options.temperature)
     ref_loss, ref_metrics = reference_loss(ref_logp_values, old_logp, ref_logp, advantages, mask, num_items_tensor,
+                                           is_ratio,
                                            options.grpo())
     loss.copy_(ref_loss)
     metrics_vector(ref_metrics, ref_entropy, mask, metrics)
@@ -80,14 +89,14 @@ def _forward_reference(logits, targets, old_logp, ref_logp, advantages, mask, nu
         unused.zero_()
 
 
-def _check(logits, targets, old_logp, ref_logp, advantages, mask, num_items_tensor, options, backend) -> None:
+def _check(logits, targets, old_logp, ref_logp, advantages, mask, num_items_tensor, is_ratio, options, backend) -> None:
     check_targets(OP, logits.device, targets, mask, logits.shape[-1], backend)
 
 
 FORWARD = Op(
     OP,
     inputs=("Tensor logits, Tensor targets, Tensor? old_logp, Tensor? ref_logp, Tensor advantages, Tensor mask, "
-            "Tensor? num_items_tensor"),
+            "Tensor? num_items_tensor, Tensor? is_ratio"),
     options=LogitsGrpoLossOptions,
     returns=("loss", "metrics", "logp", "entropy", "stats", "row_stats", "row_weights"),
     outputs=_forward_outputs,
@@ -97,18 +106,19 @@ FORWARD = Op(
 
 
 def _backward_outputs(grad_loss, logits, targets, logp, stats, row_stats, weights, old_logp, ref_logp, advantages,
-                      mask, num_items_tensor, options):
+                      mask, num_items_tensor, is_ratio, options):
     # In place: the gradient goes into the logits' storage; the output is an empty placeholder.
     return (Output((0,) if options.inplace_backward else logits.shape, logits.dtype),)
 
 
 def _backward_chunked(name, grad_loss, logits, targets, logp, stats, row_stats, weights, old_logp, ref_logp,
-                      advantages, mask, num_items_tensor, options, dlogits):
+                      advantages, mask, num_items_tensor, is_ratio, options, dlogits):
     kernels = chunk_kernels(name, logits.device)
     grpo = options.grpo()
     dlogp = torch.empty(logp.shape, dtype=torch.float32, device=logp.device)
     empty = dlogp.new_empty((0,))
     kernels.grpo_backward(grad_loss, row_stats, weights, logp, old_logp, ref_logp, advantages, mask, num_items_tensor,
+                          is_ratio,
                           False, grpo, dlogp, empty)
     rows = rows_view(logits)
     out = rows if options.inplace_backward else dlogits.view(rows.shape)
@@ -118,11 +128,12 @@ def _backward_chunked(name, grad_loss, logits, targets, logp, stats, row_stats, 
 
 
 def _backward_reference(grad_loss, logits, targets, logp, stats, row_stats, weights, old_logp, ref_logp, advantages,
-                        mask, num_items_tensor, options, dlogits):
+                        mask, num_items_tensor, is_ratio, options, dlogits):
     with autograd_inside_op():
         leaf = logits.detach().requires_grad_(True)
         values, _ = reference_logp(leaf, targets, mask, options.temperature, with_entropy=False)
-        loss, _ = reference_loss(values, old_logp, ref_logp, advantages, mask, num_items_tensor, options.grpo())
+        loss, _ = reference_loss(values, old_logp, ref_logp, advantages, mask, num_items_tensor, is_ratio,
+                                 options.grpo())
         (grad,) = torch.autograd.grad(loss, [leaf], grad_loss.to(loss.dtype))
     (logits if options.inplace_backward else dlogits).copy_(grad)
 
@@ -132,7 +143,7 @@ BACKWARD = Op(
     key=OP,
     inputs=("Tensor grad_loss, Tensor(a!) logits, Tensor targets, Tensor logp, Tensor stats, Tensor row_stats, "
             "Tensor row_weights, Tensor? old_logp, Tensor? ref_logp, Tensor advantages, Tensor mask, "
-            "Tensor? num_items_tensor"),
+            "Tensor? num_items_tensor, Tensor? is_ratio"),
     options=LogitsGrpoLossOptions,
     returns=("dlogits",),
     outputs=_backward_outputs,
@@ -142,23 +153,23 @@ BACKWARD = Op(
 
 
 def _save(ctx, inputs, options, outputs) -> None:
-    logits, targets, old_logp, ref_logp, advantages, mask, num_items_tensor = inputs
+    logits, targets, old_logp, ref_logp, advantages, mask, num_items_tensor, is_ratio = inputs
     _, _, logp, _, stats, row_stats, weights = outputs
     ctx.save_for_backward(logits, targets, logp, stats, row_stats, weights, old_logp, ref_logp, advantages, mask,
-                          num_items_tensor)
+                          num_items_tensor, is_ratio)
 
 
 def _backward(ctx, grad_loss, *_unused):
     if grad_loss is None:
-        return (None,) * 7
-    logits, targets, logp, stats, row_stats, weights, old_logp, ref_logp, advantages, mask, num_items = (
+        return (None,) * 8
+    logits, targets, logp, stats, row_stats, weights, old_logp, ref_logp, advantages, mask, num_items, is_ratio = (
         ctx.saved_tensors
     )
     grad_loss = grad_loss.to(torch.float32).reshape(())
     (dlogits,) = BACKWARD.call_in_backward(ctx, grad_loss, logits, targets, logp, stats, row_stats, weights,
-                                           old_logp, ref_logp, advantages, mask, num_items)
+                                           old_logp, ref_logp, advantages, mask, num_items, is_ratio)
     # In place, the gradient is the logits tensor itself (its storage now holds dlogits).
-    return (logits if ctx.options.inplace_backward else dlogits), None, None, None, None, None, None
+    return (logits if ctx.options.inplace_backward else dlogits), None, None, None, None, None, None, None
 
 
 FORWARD.register_autograd(_save, _backward, differentiable=(0,))
@@ -168,6 +179,7 @@ FORWARD.register_autograd(_save, _backward, differentiable=(0,))
 # Public function
 
 
+@document_options
 def logits_grpo_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -176,22 +188,10 @@ def logits_grpo_loss(
     *,
     old_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
-    beta: float = 0.0,
-    epsilon_low: float = 0.2,
-    epsilon_high: float | None = None,
-    delta: float | None = None,
-    dual_clip: float | None = None,
-    loss_type: str = "grpo",
-    importance_sampling_level: str = "token",
-    max_completion_length: int | None = None,
-    num_items_in_batch: int | float | torch.Tensor | None = None,
-    kl_clamp: float | None = None,
-    use_bias_correction_kl: bool = False,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
     temperature: float = 1.0,
     inplace_backward: bool = False,
     backend: str | None = None,
+    **options: Unpack[GrpoOptions],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO loss straight from logits: ``grpo_loss(token_logprobs(logits, targets, temperature), ...)``
     without the ``[B, T]`` log-prob round trip through autograd, and optionally with the logits
@@ -209,9 +209,7 @@ def logits_grpo_loss(
         is read (and, in place, written) without a copy.
     targets : Tensor, shape ``[B, T]``, int64
         Token ids in ``[0, V)`` wherever ``mask`` is nonzero (any value elsewhere).
-    advantages, mask, old_logp, ref_logp, beta, epsilon_low, epsilon_high, delta, dual_clip, loss_type,
-    importance_sampling_level, max_completion_length, num_items_in_batch, kl_clamp, use_bias_correction_kl,
-    sapo_temperature_pos, sapo_temperature_neg
+    advantages, mask, old_logp, ref_logp
         As :func:`gtalign_fast.ops.grpo_loss` (``old_logp`` / ``ref_logp``: any float dtype, used in
         float32; ``old_logp=None``: on-policy, ratio 1, the true gradient).
     temperature : float, default 1.0
@@ -222,6 +220,7 @@ def logits_grpo_loss(
         are destroyed by the backward; use it only when nothing else reads them afterwards.
     backend : {"triton", "cpu", "reference"}, optional
         Default: ``GTALIGN_FAST_BACKEND[_LOGITS_GRPO_LOSS]``, else the C++ kernels on CPU and Triton on CUDA.
+    %(grpo_options)s
 
     Returns
     -------
@@ -255,11 +254,9 @@ def logits_grpo_loss(
     if inplace_backward and logits.requires_grad and logits.is_leaf:
         raise ValueError(f"{OP}: inplace_backward=True would overwrite a leaf tensor that requires grad")
     batch, length, _ = logits.shape
-    old_logp, ref_logp, num_items_tensor, grpo = loss_options(
-        OP, batch, length, logits.device, old_logp, advantages, mask, ref_logp, beta, epsilon_low, epsilon_high,
-        delta, dual_clip, loss_type, importance_sampling_level, max_completion_length, num_items_in_batch,
-        kl_clamp, use_bias_correction_kl, sapo_temperature_pos, sapo_temperature_neg)
+    old_logp, ref_logp, num_items_tensor, is_ratio, grpo = loss_options(
+        OP, batch, length, logits.device, old_logp, advantages, mask, ref_logp, options)
     options = LogitsGrpoLossOptions(*grpo, temperature=float(temperature), inplace_backward=bool(inplace_backward))
     loss, metrics, *_ = FORWARD(logits, targets, old_logp, ref_logp, advantages.detach(), mask.detach(),
-                                num_items_tensor, options=options, backend=backend or "")
-    return loss, fused_metrics(metrics, ref_logp is not None)
+                                num_items_tensor, is_ratio, options=options, backend=backend or "")
+    return loss, fused_metrics(metrics, ref_logp is not None, grpo.loss_type == "vespo")

@@ -38,7 +38,8 @@ class GRPOConfig:
     ``loss_type="dapo"``, ``scale_rewards="group"``, ``importance_sampling_level="token"``,
     ``num_iterations=1``, ``mask_truncated_completions=False``, ``use_bias_correction_kl=True``
     (with ``beta > 0`` the k3 KL is multiplied by the importance ratio), ``sapo_temperature_pos=1.0``,
-    ``sapo_temperature_neg=1.05`` (``loss_type="sapo"``), ``learning_rate=1e-6``,
+    ``sapo_temperature_neg=1.05`` (``loss_type="sapo"``), ``vespo_k_pos=2.0``, ``vespo_lambda_pos=3.0``,
+    ``vespo_k_neg=3.0``, ``vespo_lambda_neg=2.0`` (``loss_type="vespo"``), ``learning_rate=1e-6``,
     ``logging_steps=10``, ``gradient_checkpointing=True``; and from ``TrainingArguments``
     ``per_device_train_batch_size=8``, ``gradient_accumulation_steps=1``, ``max_steps=-1``,
     ``num_train_epochs=3``, ``save_steps=500``, ``seed=42``, ``max_grad_norm=1.0``, AdamW betas
@@ -159,6 +160,10 @@ class GRPOConfig:
     loss_type: str = "dapo"
     sapo_temperature_pos: float = 1.0
     sapo_temperature_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
     scale_rewards: str | bool = "group"
     importance_sampling_level: str = "token"
     mask_truncated_completions: bool = False
@@ -250,7 +255,11 @@ class GRPOConfig:
             self._fail(f"dual_clip must be > 1, got {self.dual_clip}")
         if not (self.sapo_temperature_pos > 0 and self.sapo_temperature_neg > 0):
             self._fail(f"sapo temperatures must be > 0, got {self.sapo_temperature_pos}, {self.sapo_temperature_neg}")
-        if self.loss_type in ("sapo", "cispo") and (self.delta is not None or self.dual_clip is not None):
+        if not (self.vespo_k_pos >= 0 and self.vespo_k_neg >= 0 and self.vespo_lambda_pos > 0
+                and self.vespo_lambda_neg > 0):
+            self._fail("vespo_k_pos / vespo_k_neg must be >= 0 and vespo_lambda_pos / vespo_lambda_neg > 0, got "
+                       f"{self.vespo_k_pos}, {self.vespo_k_neg}, {self.vespo_lambda_pos}, {self.vespo_lambda_neg}")
+        if self.loss_type in ("sapo", "cispo", "vespo") and (self.delta is not None or self.dual_clip is not None):
             self._fail(f"loss_type={self.loss_type!r} replaces the clip: delta and dual_clip must be None")
         if self.num_iterations < 1:
             self._fail(f"num_iterations must be >= 1, got {self.num_iterations}")
