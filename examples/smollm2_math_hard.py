@@ -43,13 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train_file", required=True, help="GTAlign's math-hard train.parquet")
     parser.add_argument("--output_dir", default="runs/smollm2-math-hard")
     parser.add_argument("--warm_start_rows", type=int, default=64, help="rows whose chains the warm start trains on")
-    parser.add_argument("--warm_start_steps", type=int, default=12)
+    parser.add_argument("--warm_start_steps", type=int, default=14)
     parser.add_argument("--warm_start_learning_rate", type=float, default=5e-5)
     parser.add_argument("--max_steps", type=int, default=16, help="GRPO steps")
-    parser.add_argument("--learning_rate", type=float, default=1e-5, help="GRPO learning rate")
+    parser.add_argument("--learning_rate", type=float, default=2e-5, help="GRPO learning rate")
     parser.add_argument("--num_generations", type=int, default=4)
     parser.add_argument("--prompts_per_step", type=int, default=2)
-    parser.add_argument("--max_completion_length", type=int, default=224)
+    parser.add_argument("--max_completion_length", type=int, default=320)
     parser.add_argument("--max_prompt_length", type=int, default=1280, help="longer prompts are dropped")
     parser.add_argument("--prompt", choices=("compact", "full"), default="compact",
                         help="compact: the authors' first instruction sentences + the question (about 1/8 of the "
@@ -96,7 +96,13 @@ def write_curve(path: str, warm_losses: list[float], history: list[dict]) -> lis
     return lines
 
 
-def plot_curve(path: str, lines: list[dict], title: str) -> None:
+def running_mean(values: list[float], window: int) -> list[float]:
+    """Mean of each value and the ``window - 1`` before it (fewer at the start)."""
+    return [sum(values[max(0, i - window + 1): i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
+
+
+def plot_curve(path: str, lines: list[dict], title: str, window: int = 4) -> None:
+    """Warm-start loss (left); F and W per GRPO step, as points, and their running mean (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,8 +113,11 @@ def plot_curve(path: str, lines: list[dict], title: str) -> None:
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.plot([line["step"] for line in warm], [line["loss"] for line in warm], marker=".")
     left.set(title="supervised warm start", xlabel="step", ylabel="completion NLL (nats/token)")
-    for name in CURVE_METRICS:
-        right.plot([line["step"] for line in grpo], [line[name] for line in grpo], marker="o", label=name)
+    steps = [line["step"] for line in grpo]
+    for name, color in zip(CURVE_METRICS, ("tab:blue", "tab:orange")):
+        values = [line[name] for line in grpo]
+        right.plot(steps, values, "o", color=color, alpha=0.35)
+        right.plot(steps, running_mean(values, window), "-", color=color, label=f"{name} (mean of {window} steps)")
     right.set(title="GRPO (mutual-welfare reward)", xlabel="GRPO step", ylabel="batch mean", ylim=(0, 1.05))
     right.legend()
     figure.suptitle(title)

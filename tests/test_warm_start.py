@@ -125,3 +125,19 @@ def test_example_compact_prompt_keeps_the_opening_instruction_and_the_question()
         "blocks. Do not include anything outside these tags.\nQuestion: What is the volume of the pyramid?")}]
     with pytest.raises(ValueError, match="not a GTAlign math-hard prompt"):
         example.compact_prompt([{"role": "user", "content": "What is 2+2?"}])
+
+
+def test_example_writes_the_curve_as_jsonl_and_png(tmp_path):
+    import json
+
+    example = _example_module()
+    history = [{"step": s, "welfare/F": f, "welfare/W": w, "reward": w, "loss": 0.1}
+               for s, f, w in ((1, 0.25, 0.1), (2, 0.5, 0.2), (3, 0.75, 0.3))]
+    lines = example.write_curve(str(tmp_path / "curve.jsonl"), [1.5, 0.9], history)
+    written = [json.loads(line) for line in (tmp_path / "curve.jsonl").read_text().splitlines()]
+    assert written == lines
+    assert [line["stage"] for line in lines] == ["warm_start", "warm_start", "grpo", "grpo", "grpo"]
+    assert [line["format rate F"] for line in lines[2:]] == [0.25, 0.5, 0.75]
+    assert example.running_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    example.plot_curve(str(tmp_path / "curve.png"), lines, "test")
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
