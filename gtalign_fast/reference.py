@@ -23,6 +23,7 @@ from .ops._grpo_constants import (
     VESPO_MIN_LAMBDA,
     VESPO_MIN_LOG_WEIGHT,
 )
+from .ops._seeds import philox_uniform  # the noise every sample_ backend draws (its specification)
 from .ops._welfare_constants import SCALES
 
 __all__ = [
@@ -413,57 +414,7 @@ def welfare_advantages(
 
 
 # ---------------------------------------------------------------------------------------------
-# sample_ (the fused sampling kernel): the counter-based noise and the sampling specification
-
-_PHILOX_ROUND_A = 0xD2511F53
-_PHILOX_ROUND_B = 0xCD9E8D57
-_PHILOX_KEY_A = 0x9E3779B9
-_PHILOX_KEY_B = 0xBB67AE85
-_MASK32 = 0xFFFFFFFF
-
-
-def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """High and low 32 bits of ``a * b`` for a 32-bit constant ``a`` and uint32 values held in
-    int64 ``b``, without int64 overflow (``b`` is split into 16-bit halves)."""
-    low_product = b.bitwise_and(0xFFFF) * a  # < 2**48
-    high_product = b.bitwise_right_shift(16) * a  # < 2**48
-    high = (low_product.bitwise_right_shift(16) + high_product).bitwise_right_shift(16)
-    low = (low_product + high_product.bitwise_and(0xFFFF).bitwise_left_shift(16)).bitwise_and(_MASK32)
-    return high, low
-
-
-def philox_uniform(seeds: torch.Tensor, vocab: int) -> torch.Tensor:
-    """The uniform noise every ``sample_`` backend draws: ``u[b, j]`` for row seed ``seeds[b]``.
-
-    Philox4x32-10 with key ``(seed mod 2**32, seed div 2**32)`` (the seed read as uint64) and
-    counter ``(j, 0, 0, 0)``, exactly as Triton's ``tl.randint(seed, j)``; the first output word
-    ``r`` becomes ``u = ((r >> 8) + 0.5) / 2**24``, in ``[2**-25, 1 - 2**-25]`` (never 0 or 1, so
-    the Gumbel noise ``-log(-log u)`` is finite: within ``[-2.86, 17.33]``).
-
-    Parameters
-    ----------
-    seeds : Tensor, shape ``[B]``, int64
-    vocab : int
-
-    Returns
-    -------
-    Tensor, shape ``[B, vocab]``, float32
-    """
-    seeds = seeds.to(torch.int64).reshape(-1, 1)
-    k0 = seeds.bitwise_and(_MASK32)
-    k1 = seeds.bitwise_right_shift(32).bitwise_and(_MASK32)  # arithmetic shift, then masked: uint64 high word
-    c0 = torch.arange(vocab, dtype=torch.int64, device=seeds.device).expand(seeds.shape[0], vocab)
-    c1 = torch.zeros_like(c0)
-    c2 = torch.zeros_like(c0)
-    c3 = torch.zeros_like(c0)
-    for _ in range(10):
-        hi_b, lo_b = _mulhilo32(_PHILOX_ROUND_B, c2)
-        hi_a, lo_a = _mulhilo32(_PHILOX_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0 = (k0 + _PHILOX_KEY_A).bitwise_and(_MASK32)
-        k1 = (k1 + _PHILOX_KEY_B).bitwise_and(_MASK32)
-    return (c0.bitwise_right_shift(8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
-
+# sample_ (the fused sampling kernel): the sampling specification (its noise: ops._seeds.philox_uniform)
 
 def sample(
     logits: torch.Tensor,

@@ -64,10 +64,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gtalign_fast.ops import _device_checks as device_checks
 from gtalign_fast.ops import _sample_constants as constants
-from gtalign_fast.ops._device_checks import ERR_FORCED_TOKEN as ERR_FORCED_TOKEN_CODE
-from gtalign_fast.ops._device_checks import ERR_SAMPLE_INPUT as ERR_SAMPLE_INPUT_CODE
-from gtalign_fast.ops._device_checks import ERR_TARGET_RANGE as ERR_TARGET_RANGE_CODE
 from gtalign_fast.ops._token_logprobs import MIN_TEMPERATURE
 
 # The per-row status words are defined once, in gtalign_fast/ops/_sample_constants.py (the C++ kernel
@@ -77,7 +75,7 @@ STATUS_OK = tl.constexpr(constants.STATUS_OK)
 STATUS_BAD_LOGITS = tl.constexpr(constants.STATUS_BAD_LOGITS)
 STATUS_NO_FINITE_LOGIT = tl.constexpr(constants.STATUS_NO_FINITE_LOGIT)
 STATUS_NO_FINITE_LOGIT_AFTER_BIAS = tl.constexpr(constants.STATUS_NO_FINITE_LOGIT_AFTER_BIAS)
-ERR_SAMPLE_INPUT = tl.constexpr(ERR_SAMPLE_INPUT_CODE)
+ERR_SAMPLE_INPUT = tl.constexpr(device_checks.ERR_SAMPLE_INPUT)
 # The radix select (see the module docstring) and the per-chunk partials' columns.
 RADIX_BITS = tl.constexpr(constants.RADIX_BITS)
 NUM_BUCKETS = tl.constexpr(constants.NUM_BUCKETS)
@@ -588,7 +586,7 @@ def sample(
     _reduce_kernel[(batch,)](
         vocab, parts, MIN_TEMPERATURE, temperature, top_k, top_p, min_p, forced, ids, values, n_bias,
         row_stats, originals, forced_z, draw_f, draw_i, tokens, logprobs, raw_logprobs, status, error_flag,
-        ERR_FORCED_TOKEN=ERR_FORCED_TOKEN_CODE, ERR_TARGET_RANGE=ERR_TARGET_RANGE_CODE,
+        ERR_FORCED_TOKEN=device_checks.ERR_FORCED_TOKEN, ERR_TARGET_RANGE=device_checks.ERR_TARGET_RANGE,
         HAS_BIAS=has_bias, BLOCK_K=block_k, P_BLOCK=p_block, num_warps=4,
     )
 

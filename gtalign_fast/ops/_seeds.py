@@ -1,4 +1,6 @@
-"""Seed arithmetic shared by ``sample_`` and the :class:`~gtalign_fast.SteeringSampler`.
+"""Seed arithmetic shared by ``sample_`` and the :class:`~gtalign_fast.SteeringSampler`, and the
+counter-based noise a row's seed gives (:func:`philox_uniform`, the specification every
+``sample_`` backend draws; :mod:`gtalign_fast.reference` names it beside ``sample``).
 
 Seeds are int64 tensors on the device (the kernels' Philox keys), so every helper here maps Python
 ints onto the signed 64-bit range. Rows get seeds of their own so that a row's draws depend on its
@@ -36,3 +38,55 @@ def batch_row_seeds(seed: int, batch: int, device: torch.device | str) -> torch.
 def step_seed(row_seed: int, step: int) -> int:
     """The sampling seed (int64) of a row at its ``step``-th draw: depends on nothing else."""
     return signed64(splitmix64((row_seed & MASK64) ^ splitmix64(step)))
+
+
+# The counter-based noise: Philox4x32-10, as Triton's tl.randint
+
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_MASK32 = 0xFFFFFFFF
+
+
+def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of ``a * b`` for a 32-bit constant ``a`` and uint32 values held in
+    int64 ``b``, without int64 overflow (``b`` is split into 16-bit halves)."""
+    low_product = b.bitwise_and(0xFFFF) * a  # < 2**48
+    high_product = b.bitwise_right_shift(16) * a  # < 2**48
+    high = (low_product.bitwise_right_shift(16) + high_product).bitwise_right_shift(16)
+    low = (low_product + high_product.bitwise_and(0xFFFF).bitwise_left_shift(16)).bitwise_and(_MASK32)
+    return high, low
+
+
+def philox_uniform(seeds: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The uniform noise every ``sample_`` backend draws: ``u[b, j]`` for row seed ``seeds[b]``.
+
+    Philox4x32-10 with key ``(seed mod 2**32, seed div 2**32)`` (the seed read as uint64) and
+    counter ``(j, 0, 0, 0)``, exactly as Triton's ``tl.randint(seed, j)``; the first output word
+    ``r`` becomes ``u = ((r >> 8) + 0.5) / 2**24``, in ``[2**-25, 1 - 2**-25]`` (never 0 or 1, so
+    the Gumbel noise ``-log(-log u)`` is finite: within ``[-2.86, 17.33]``).
+
+    Parameters
+    ----------
+    seeds : Tensor, shape ``[B]``, int64
+    vocab : int
+
+    Returns
+    -------
+    Tensor, shape ``[B, vocab]``, float32
+    """
+    seeds = seeds.to(torch.int64).reshape(-1, 1)
+    k0 = seeds.bitwise_and(_MASK32)
+    k1 = seeds.bitwise_right_shift(32).bitwise_and(_MASK32)  # arithmetic shift, then masked: uint64 high word
+    c0 = torch.arange(vocab, dtype=torch.int64, device=seeds.device).expand(seeds.shape[0], vocab)
+    c1 = torch.zeros_like(c0)
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    for _ in range(10):
+        hi_b, lo_b = _mulhilo32(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo32(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A).bitwise_and(_MASK32)
+        k1 = (k1 + _PHILOX_KEY_B).bitwise_and(_MASK32)
+    return (c0.bitwise_right_shift(8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
