@@ -208,10 +208,14 @@ def _ours_closure(setup: Setup, device: torch.device, phase: str):
     return step
 
 
-def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
-    """Measured device copy bandwidth in bytes/s (a ``copy_`` of ``nbytes``, read + write counted)."""
-    if device.type != "cuda":
-        nbytes = min(nbytes, 1 << 26)
+def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> float:
+    """Measured device copy bandwidth in bytes/s (a ``copy_`` of ``nbytes``, read + write counted).
+
+    ``nbytes`` defaults to 1 GiB on CUDA and 64 MiB elsewhere (the default suite stays quick); a
+    floor for reading data larger than the caches must pass at least that data's size (a CPU's L3
+    can hold 64 MiB, which then measures the cache, not memory)."""
+    if nbytes is None:
+        nbytes = 1 << 30 if device.type == "cuda" else 1 << 26
     source = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
     target = torch.empty_like(source)
     target.copy_(source)

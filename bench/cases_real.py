@@ -12,7 +12,8 @@ Rows (every provider on the same model, prompts, lengths and sampling settings):
   actually produced (HF: ``min_new_tokens`` keeps every row to 64; ours stop at EOS, which these
   prompts rarely reach).
 - ``real_decode_step``: one decode step of 8 rows vs its floor, reading the float32 weights once
-  (``model_bytes / copy_GBps``, the copy bandwidth measured in the same run). Ours: the
+  (``model_bytes / copy_GBps``, the bandwidth of a copy as large as the weights, measured in the
+  same run: a smaller one fits the L3 cache). Ours: the
   difference of two generation lengths (64 and 16 new tokens) over the 48 extra steps, with the
   decode kernel (``ops.decode_linear`` for the linear layers, the sampler's CPU default) and
   without it (``decode_kernel=False``), measured interleaved in one process (``*_no_kernel``
@@ -144,7 +145,7 @@ def _hf_generate(device, cache: str | None, extra: dict):
 
 
 def _floor(model, device, extra: dict, step_seconds: float) -> None:
-    bandwidth = copy_bandwidth(device)
+    bandwidth = copy_bandwidth(device, nbytes=model_bytes(model))  # as much as the weights: not a cache's worth
     floor = model_bytes(model) / bandwidth
     extra.update(decode_step_ms=step_seconds * 1e3, decode_floor_ms=floor * 1e3, step_over_floor=step_seconds / floor,
                  copy_GBps=bandwidth / 1e9, model_MB=model_bytes(model) / 1e6)
