@@ -13,6 +13,7 @@ from typing import Any
 
 from ..ops import _backend
 from ..ops._grpo_constants import LOSS_NORMALISERS, MICRO_BATCH_SHARES
+from ..ops._grpo_objective import OPTION_DEFAULTS
 from ..ops._welfare_constants import SCALES
 
 __all__ = ["GRPOConfig", "LOSS_TYPES", "DISTRIBUTED_STRATEGIES", "STEERING_MODES", "SCHEDULERS"]
@@ -158,12 +159,13 @@ class GRPOConfig:
     delta: float | None = None
     use_bias_correction_kl: bool = True
     loss_type: str = "dapo"
-    sapo_temperature_pos: float = 1.0
-    sapo_temperature_neg: float = 1.05
-    vespo_k_pos: float = 2.0
-    vespo_lambda_pos: float = 3.0
-    vespo_k_neg: float = 3.0
-    vespo_lambda_neg: float = 2.0
+    # TRL's SAPO / VESPO defaults, as the loss objective declares them (one place for the numbers)
+    sapo_temperature_pos: float = OPTION_DEFAULTS["sapo_temperature_pos"]
+    sapo_temperature_neg: float = OPTION_DEFAULTS["sapo_temperature_neg"]
+    vespo_k_pos: float = OPTION_DEFAULTS["vespo_k_pos"]
+    vespo_lambda_pos: float = OPTION_DEFAULTS["vespo_lambda_pos"]
+    vespo_k_neg: float = OPTION_DEFAULTS["vespo_k_neg"]
+    vespo_lambda_neg: float = OPTION_DEFAULTS["vespo_lambda_neg"]
     scale_rewards: str | bool = "group"
     importance_sampling_level: str = "token"
     mask_truncated_completions: bool = False
