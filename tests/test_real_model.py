@@ -180,16 +180,20 @@ def test_the_decode_kernel_draws_the_same_tokens(smollm2, tokenizer):
     """The CPU decode kernel (ops.decode_linear for every linear layer and the LM head of a decode
     step) sums in another order than F.linear: on the trained weights and the 49152-token vocabulary,
     8 chat rows x 20 new tokens at temperature 1 draw the same tokens for the same seeds, with the
-    log-probs within 1e-4 (static cache; tests/test_rollout_fast.py checks both caches on a toy model)."""
+    log-probs within 1e-4 (static cache; tests/test_rollout_fast.py checks both caches on a toy model).
+    The same for the native step (every layer in C++, sampling/native_decode.py), which the decode
+    steps run by default on this model."""
     questions = ["Write a story about a cat.", "Explain rain.", "Name three colours.", "What is 7 * 8?",
                  "Describe a forest.", "Give me a recipe.", "Why is the sky blue?", "Tell a joke."]
     prompts = [tokenizer.apply_chat_template(_chat(q), tokenize=False, add_generation_prompt=True) for q in questions]
-    outs = [SteeringSampler(smollm2, tokenizer, mode="off", cache="static", decode_kernel=kernel).generate(
-        prompts, max_new_tokens=20, temperature=1.0, seed=5) for kernel in (False, True)]
-    assert outs[0].completion_ids == outs[1].completion_ids
+    settings = [dict(decode_kernel=False), dict(decode_kernel=True, native_decode=False), dict(native_decode=True)]
+    outs = [SteeringSampler(smollm2, tokenizer, mode="off", cache="static", **kwargs).generate(
+        prompts, max_new_tokens=20, temperature=1.0, seed=5) for kwargs in settings]
     assert sum(map(len, outs[0].completion_ids)) > 100  # most rows ran the whole length (8 x 20 at most)
-    for a, b in zip(outs[0].logprobs, outs[1].logprobs):
-        torch.testing.assert_close(torch.tensor(b), torch.tensor(a), atol=1e-4, rtol=0)
+    for out in outs[1:]:
+        assert out.completion_ids == outs[0].completion_ids
+        for a, b in zip(outs[0].logprobs, out.logprobs):
+            torch.testing.assert_close(torch.tensor(b), torch.tensor(a), atol=1e-4, rtol=0)
 
 
 @needs_smollm2

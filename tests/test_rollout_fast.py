@@ -154,12 +154,14 @@ def _rows(tokenizer):
             ("Q: again, the edit", _chain(tokenizer, "a longer thought")), ("Q: s", stop), ("Hi", None)]
 
 
-def _generate(model, tokenizer, cache, slots=None, steer="force", graph=True, kernel=None, **kwargs):
+def _generate(model, tokenizer, cache, slots=None, steer="force", graph=True, kernel=None, native_decode=None,
+              **kwargs):
     from tests.test_sampler import POLICY
 
     rows = _rows(tokenizer)
     sampler = SteeringSampler(model, tokenizer, policy=POLICY, mode="rewrite", steer_analyze=steer, cache=cache,
-                              stop_strings=("END",), cuda_graph=graph, decode_kernel=kernel)
+                              stop_strings=("END",), cuda_graph=graph, decode_kernel=kernel,
+                              native_decode=native_decode)
     settings = dict(max_new_tokens=len(_chain(tokenizer, "a longer thought")) + 6, temperature=0.9, top_p=0.95,
                     seed=[11, 12, 13, 14, 15, 16], forced_tokens=[s for _, s in rows], keep_edit_logits=True)
     settings.update(kwargs)
@@ -193,7 +195,8 @@ def test_the_decode_kernel_samples_what_f_linear_samples(qwen, tokenizer, cache,
     after each edit within 1e-5; the kernel ran on the plain steps and not with decode_kernel=False."""
     plain, calls = _decode_kernel_calls(lambda: _generate(qwen, tokenizer, cache, slots=slots, kernel=False))
     assert calls == 0
-    fast, calls = _decode_kernel_calls(lambda: _generate(qwen, tokenizer, cache, slots=slots, kernel=True))
+    fast, calls = _decode_kernel_calls(lambda: _generate(qwen, tokenizer, cache, slots=slots, kernel=True,
+                                                         native_decode=False))  # tests/test_native_decode.py
     assert calls > 20
     assert [e.status for e in plain.events].count("edited") == 2
     _same(plain, fast)

@@ -22,6 +22,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <vector>
+
+#include "decode_linear.h"
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
 #define GTALIGN_X86 1
@@ -241,6 +244,33 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const c10::opti
 
 }  // namespace
 
+// y_j = x @ W_j^T (+ b_j) for every job j (decode_linear.h): one parallel region over the rows of
+// all the weights, so that a layer's q, k and v (or gate and up) products are one pass of threads.
+void decode_linears(const float* x, int64_t ldx, int64_t m, int64_t k, const LinearJob* jobs, int count) {
+  static const RowsKernel kernel = pick_kernel();
+  std::vector<Problem> problems;
+  std::vector<int64_t> first_pair{0};  // blocks of 2 rows of W, numbered across the jobs
+  for (int j = 0; j < count; ++j) {
+    const LinearJob& job = jobs[j];
+    problems.push_back(Problem{x, ldx, job.w, job.ldw, job.bias, job.y, job.ldy, m, k, job.n,
+                               std::max<int64_t>(kPrefetchRows, kPrefetchBytes / std::max<int64_t>(1, job.ldw * 4))});
+    first_pair.push_back(first_pair.back() + (job.n + 1) / 2);
+  }
+  if (k == 0) {  // an empty sum: y = b
+    for (const Problem& p : problems)
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t n = 0; n < p.n; ++n) p.y[r * p.ldy + n] = p.bias ? p.bias[n] : 0.0f;
+    return;
+  }
+  // Blocks of 2 rows never straddle two threads (an odd split would fall back to 1-row blocks).
+  at::parallel_for(0, first_pair.back(), kRowsPerTask / 2, [&](int64_t begin, int64_t end) {
+    for (int j = 0; j < count; ++j) {
+      const int64_t lo = std::max(begin, first_pair[j]), hi = std::min(end, first_pair[j + 1]);
+      if (lo < hi) kernel(problems[j], 2 * (lo - first_pair[j]), std::min(2 * (hi - first_pair[j]), problems[j].n));
+    }
+  });
+}
+
 // out[M, N] = x[M, K] @ weight[N, K]^T (+ bias[N]).
 void decode_linear_out_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                            const at::Tensor& out) {
@@ -248,20 +278,9 @@ void decode_linear_out_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.dim() == 2 &&
                   out.size(0) == x.size(0) && out.size(1) == weight.size(0) && out.stride(1) == 1,
               "decode_linear: out must be a float32 [M, N] CPU tensor with contiguous rows");
-  static const RowsKernel kernel = pick_kernel();
-  const Problem p{x.data_ptr<float>(), x.stride(0), weight.data_ptr<float>(), weight.stride(0),
-                  bias.has_value() ? bias->data_ptr<float>() : nullptr, out.data_ptr<float>(), out.stride(0),
-                  x.size(0), x.size(1), weight.size(0),
-                  std::max<int64_t>(kPrefetchRows, kPrefetchBytes / std::max<int64_t>(1, weight.stride(0) * 4))};
-  if (weight.size(1) == 0) {  // an empty sum: y = b
-    out.zero_();
-    if (bias.has_value()) out.add_(*bias);
-    return;
-  }
-  // Blocks of 2 rows never straddle two threads (an odd split would fall back to 1-row blocks).
-  at::parallel_for(0, (weight.size(0) + 1) / 2, kRowsPerTask / 2, [&](int64_t begin, int64_t end) {
-    kernel(p, 2 * begin, std::min(2 * end, weight.size(0)));
-  });
+  const LinearJob job{weight.data_ptr<float>(), weight.stride(0), bias.has_value() ? bias->data_ptr<float>() : nullptr,
+                      weight.size(0), out.data_ptr<float>(), out.stride(0)};
+  decode_linears(x.data_ptr<float>(), x.stride(0), x.size(0), x.size(1), &job, 1);
 }
 
 at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {

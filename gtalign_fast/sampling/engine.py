@@ -20,6 +20,7 @@ from ..ops import _device_checks
 from .decode_graph import GraphedDecodeStep, graph_supported
 from .detokenize import IncrementalText, TagScanner, TokenTextCache
 from .fast_decode import DecodeLinears
+from .native_decode import NativeDecodeStep
 from .payoff_edit import CLOSE_TAG
 from .rows import RowState
 from .static_cache import ROOM, DynamicKV, StaticKV
@@ -75,8 +76,16 @@ class DecodeEngine:
         """The KV cache of one decoding run (``self.cache``; see static_cache.py)."""
         if self._use_static(device):
             capacity = prompt_width + max_new_tokens + ROOM
-            return StaticKV(getattr(self.model, "module", self.model), self._forward, lanes, capacity, device)
+            model = getattr(self.model, "module", self.model)
+            return StaticKV(model, self._forward, lanes, capacity, device, native=self._native_step(model, device))
         return DynamicKV(self._forward)
+
+    def _native_step(self, model, device: torch.device) -> NativeDecodeStep | None:
+        """The native one-token step (``native_decode.py``) when ``native_decode`` is on, the model
+        is supported and decoding runs on the CPU; else None (the model's forward)."""
+        if not self.native_decode or device.type != "cpu":
+            return None
+        return NativeDecodeStep(model)
 
     def _use_static(self, device: torch.device) -> bool:
         if self.cache == "dynamic":

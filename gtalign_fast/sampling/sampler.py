@@ -23,7 +23,8 @@ After an edit the row's state is exactly that of a fresh forward over the edited
 next-token logits against such a fresh forward. Every row samples with its own seed stream (a row
 seed mixed with the row's step count), so a row draws the same tokens alone or in any batch.
 
-Speed without changing a token (``cache``, ``cuda_graph``, ``decode_kernel``, ``generate(slots=...)``):
+Speed without changing a token (``cache``, ``cuda_graph``, ``decode_kernel``, ``native_decode``,
+``generate(slots=...)``):
 
 - the row's text is followed incrementally (``detokenize.py``): tags and stop strings are looked
   for in the new token's text, never by decoding the whole row;
@@ -37,6 +38,8 @@ Speed without changing a token (``cache``, ``cuda_graph``, ``decode_kernel``, ``
   :func:`gtalign_fast.ops.decode_linear` (``fast_decode.py``): a kernel that streams each weight
   once for the few rows of a decode step, where PyTorch's BLAS path reads them at a third of the
   memory bandwidth;
+- on the CPU the one-token steps of Llama and Qwen2 models run in one native call
+  (``native_decode.py``): every layer in C++ around the same kernel, no per-op dispatch;
 - with ``slots``, at most that many rows decode at once and a finished row's lane takes the next
   waiting row (its prompt prefilled into the lane's columns), so rows of mixed lengths do not
   keep finished rows in the batch.
@@ -76,6 +79,7 @@ from ..game.pricing import PricingPolicy
 from .draw import Draw
 from .engine import DecodeEngine
 from .fast_decode import decode_kernel_unavailable
+from .native_decode import native_decode_support
 from .payoff_edit import PayoffEdit
 from .reference_call import ACTION_INSTRUCTIONS, ReferenceCall
 from .rows import GenerationOutput, RowState, SteeringEvent
@@ -131,6 +135,13 @@ class SteeringSampler(DecodeEngine, Draw, PayoffEdit, AnalyzeSteering, Reference
         None (default): where the compiled extension is built; True: required (an error names why
         it cannot run); False: never. The tokens are the same either way (the products agree to
         float32 rounding).
+    native_decode : bool, optional
+        On the CPU with the static cache and ``decode_kernel``, run each one-token step of a Llama
+        or Qwen2 model (float32, plain modules) in one native call (``native_decode.py``:
+        every layer in C++, q/k/v and gate/up as single passes over their weights). None
+        (default): where the model and settings allow it; True: required (an error says why it
+        cannot run); False: never (the model's forward, with ``decode_kernel``'s linear layers).
+        The tokens are the same either way (logits agree to float32 rounding).
     """
 
     def __init__(
@@ -150,6 +161,7 @@ class SteeringSampler(DecodeEngine, Draw, PayoffEdit, AnalyzeSteering, Reference
         cache: str = "auto",
         cuda_graph: bool = True,
         decode_kernel: bool | None = None,
+        native_decode: bool | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"SteeringSampler: mode must be one of {MODES}, got {mode!r}")
@@ -165,6 +177,7 @@ class SteeringSampler(DecodeEngine, Draw, PayoffEdit, AnalyzeSteering, Reference
         if decode_kernel and decode_kernel_unavailable():
             raise RuntimeError(f"SteeringSampler: decode_kernel=True, but {decode_kernel_unavailable()}")
         self.decode_kernel = decode_kernel_unavailable() is None if decode_kernel is None else decode_kernel
+        self.native_decode = self._check_native_decode(native_decode, model)
         check_steering_options(mode, steer_analyze, steer_strength, steer_template)
         if policy is not None and not isinstance(policy, PricingPolicy):
             raise TypeError(f"SteeringSampler: policy must be a PricingPolicy or None, got {type(policy).__name__}")
@@ -185,6 +198,21 @@ class SteeringSampler(DecodeEngine, Draw, PayoffEdit, AnalyzeSteering, Reference
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = pad if pad is not None else (min(self.eos_ids) if self.eos_ids else 0)
+
+    def _check_native_decode(self, native_decode: bool | None, model) -> bool:
+        """``native_decode`` resolved (see the class docstring); True that cannot run raises."""
+        if native_decode is not None and not isinstance(native_decode, bool):
+            raise TypeError(f"SteeringSampler: native_decode must be a bool or None, got {native_decode!r}")
+        if native_decode is False:
+            return False
+        why = native_decode_support(getattr(model, "module", model))
+        if not self.decode_kernel:
+            why = "decode_kernel is off"
+        elif self.cache == "dynamic" or self._static_unsupported:
+            why = f"it needs the static cache ({self._static_unsupported or 'cache=dynamic'})"
+        if why and native_decode:
+            raise ValueError(f"SteeringSampler: native_decode=True, but {why}")
+        return not why
 
     # -----------------------------------------------------------------------------------------
     # Public API

@@ -149,12 +149,15 @@ class StaticKV:
     capacity : int
         Columns preallocated.
     device : torch.device
+    native : NativeDecodeStep, optional
+        Runs the one-token steps it can (``native_decode.py``) instead of ``forward``.
     """
 
     kind = "static"
 
-    def __init__(self, model: Any, forward, lanes: int, capacity: int, device: torch.device) -> None:
+    def __init__(self, model: Any, forward, lanes: int, capacity: int, device: torch.device, native=None) -> None:
         self._forward = forward
+        self._native = native
         self.lanes, self.capacity, self.device = lanes, capacity, device
         self.cursor = 0
         self.prompt_width = 0
@@ -181,7 +184,10 @@ class StaticKV:
         self.kv_length = self.cursor + width
         self.write_columns = self.columns[self.cursor: self.cursor + width]
         self.visible[:, self.cursor: self.cursor + width] = feed_mask.bool()
-        logits, _ = self._forward(feed, self.attention_mask(width), positions, self.cache, keep_last)
+        if self._native is not None and self.cursor > 0 and self._native.usable(feed):
+            logits = self._native(feed, positions, self)  # the buffers exist: the prefill made them
+        else:
+            logits, _ = self._forward(feed, self.attention_mask(width), positions, self.cache, keep_last)
         self.cursor += width
         return logits
 

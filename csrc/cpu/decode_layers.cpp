@@ -1,0 +1,268 @@
+// C++ CPU kernel for one decode step of a Llama-family decoder stack (gtalign_fast/sampling/native_decode.py):
+// every layer of the model for one token per lane, from the fed tokens' embeddings to the final norm,
+// in one call.
+//
+// Why: with the linear layers on decode_linear (decode_linear.cpp), a decode step of SmolLM2-135M at
+// 8 lanes spent about half its time outside the weight stream (issue 24's profile: 26 ms of linear
+// products in a 52 ms step): the eager Hugging Face layer runs about 60 small ATen ops per layer (the
+// RMSNorms, RoPE, the cache write, the mask, SDPA, SiLU, the residual adds), each a few microseconds
+// of dispatch plus the Python around it, for tensors of a few KB. Here a layer is 4 passes over the
+// weights (q/k/v together, o, gate/up together, down; decode_linears) and a few loops over
+// [lanes, hidden]-sized buffers in between; the attention over the cache runs in parallel over
+// (lane, head). torch.compile would be the other way to get there; on this CPU it compiled for
+// minutes and ran slower (issue 24), and this kernel ships compiled with the wheel.
+//
+// The maths is the Hugging Face modules' (LlamaRMSNorm, LlamaAttention with rotate-half RoPE and
+// grouped-query attention, LlamaMLP with SiLU, Qwen2's q/k/v biases), in float32, with the cache
+// layout of sampling/static_cache.py: keys [lanes, kv_heads, capacity, head_dim] stored after RoPE,
+// the step's key and value written at column `column`, and lane r's query attending to the columns
+// j <= column with visible[r, j]. Sums run in another order than ATen's (results agree to float32
+// rounding; the tests compare with the float64 forward of the same model).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "decode_linear.h"
+#include "vec_math.h"
+
+namespace gtalign_fast {
+namespace cpu {
+namespace {
+
+// The tensors of one layer in the `weights` list, in this order (native_decode.py builds it).
+enum Weight { kInputNorm, kQ, kK, kV, kO, kPostNorm, kGate, kUp, kDown, kWeightsPerLayer };
+// The optional biases of one layer in the `biases` list.
+enum Bias { kBiasQ, kBiasK, kBiasV, kBiasO, kBiasGate, kBiasUp, kBiasDown, kBiasesPerLayer };
+constexpr int64_t kMaxRows = 16;  // decode_linear's limit
+
+struct Dims {
+  int64_t rows, hidden, heads, kv_heads, head_dim, inter, capacity, column;
+  int64_t q_width() const { return heads * head_dim; }
+  int64_t kv_width() const { return kv_heads * head_dim; }
+};
+
+const float* data_or_null(const c10::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr<float>() : nullptr; }
+
+// ---------------------------------------------------------------------------------------------
+// Input checks: every size the loops below use is checked here, so no input reads out of bounds.
+
+void check_tensor(const at::Tensor& t, at::IntArrayRef sizes, const char* what, at::ScalarType dtype = at::kFloat) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous() && t.sizes() == sizes,
+              "decode_layers: ", what, " must be a contiguous ", dtype, " CPU tensor of shape ", sizes, ", got ",
+              t.scalar_type(), " ", t.sizes(), t.is_contiguous() ? "" : " (not contiguous)", " on ", t.device());
+}
+
+Dims check_inputs(const at::Tensor& hidden, at::TensorList weights, const c10::List<c10::optional<at::Tensor>>& biases,
+                  at::TensorList keys, at::TensorList values, const at::Tensor& cos, const at::Tensor& sin,
+                  const at::Tensor& visible, int64_t column, int64_t heads, int64_t kv_heads,
+                  const at::Tensor& final_norm) {
+  TORCH_CHECK(hidden.dim() == 2 && hidden.size(0) >= 1 && hidden.size(0) <= kMaxRows,
+              "decode_layers: hidden must be [rows, hidden] with 1 <= rows <= ", kMaxRows, ", got ", hidden.sizes());
+  TORCH_CHECK(cos.dim() == 2 && cos.size(1) > 0 && cos.size(1) % 2 == 0,
+              "decode_layers: cos must be [rows, head_dim] with an even head_dim, got ", cos.sizes());
+  TORCH_CHECK(heads > 0 && kv_heads > 0 && heads % kv_heads == 0, "decode_layers: num_heads (", heads,
+              ") must be a positive multiple of num_kv_heads (", kv_heads, ")");
+  const int64_t layers = static_cast<int64_t>(keys.size());
+  TORCH_CHECK(layers >= 1 && static_cast<int64_t>(values.size()) == layers &&
+                  static_cast<int64_t>(weights.size()) == kWeightsPerLayer * layers &&
+                  static_cast<int64_t>(biases.size()) == kBiasesPerLayer * layers,
+              "decode_layers: per layer ", int(kWeightsPerLayer), " weights, ", int(kBiasesPerLayer),
+              " biases, one key and one value buffer; got ", weights.size(), ", ", biases.size(), ", ", keys.size(),
+              " and ", values.size());
+  TORCH_CHECK(keys[0].dim() == 4, "decode_layers: key buffers must be [lanes, kv_heads, capacity, head_dim], got ",
+              keys[0].sizes());
+  TORCH_CHECK(weights[kGate].dim() == 2, "decode_layers: gate_proj must be 2-D, got ", weights[kGate].sizes());
+  Dims d{hidden.size(0), hidden.size(1), heads, kv_heads, cos.size(1), weights[kGate].size(0), keys[0].size(2), column};
+  check_tensor(hidden, {d.rows, d.hidden}, "hidden");
+  check_tensor(cos, {d.rows, d.head_dim}, "cos");
+  check_tensor(sin, {d.rows, d.head_dim}, "sin");
+  check_tensor(visible, {d.rows, d.capacity}, "visible", at::kBool);
+  check_tensor(final_norm, {d.hidden}, "final_norm");
+  TORCH_CHECK(column >= 0 && column < d.capacity, "decode_layers: column ", column, " outside the cache's ",
+              d.capacity, " columns");
+  const std::vector<std::vector<int64_t>> weight_sizes = {
+      {d.hidden}, {d.q_width(), d.hidden}, {d.kv_width(), d.hidden}, {d.kv_width(), d.hidden},
+      {d.hidden, d.q_width()}, {d.hidden}, {d.inter, d.hidden}, {d.inter, d.hidden}, {d.hidden, d.inter}};
+  const std::vector<int64_t> bias_sizes = {d.q_width(), d.kv_width(), d.kv_width(), d.hidden, d.inter, d.inter, d.hidden};
+  for (int64_t l = 0; l < layers; ++l) {
+    for (int w = 0; w < kWeightsPerLayer; ++w) check_tensor(weights[kWeightsPerLayer * l + w], weight_sizes[w], "a layer weight");
+    for (int b = 0; b < kBiasesPerLayer; ++b) {
+      const c10::optional<at::Tensor> bias = biases.get(kBiasesPerLayer * l + b);
+      if (bias.has_value()) check_tensor(*bias, {bias_sizes[b]}, "a layer bias");
+    }
+    check_tensor(keys[l], {d.rows, d.kv_heads, d.capacity, d.head_dim}, "a key buffer");
+    check_tensor(values[l], {d.rows, d.kv_heads, d.capacity, d.head_dim}, "a value buffer");
+  }
+  return d;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The element-wise pieces (buffers of [rows, width] floats, row-major)
+
+// out = weight * (x * rsqrt(mean(x^2) + eps)): LlamaRMSNorm's order of operations.
+GTALIGN_CPU_CLONES void rms_norm(const float* x, const float* weight, int64_t rows, int64_t n, float eps, float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * n;
+    float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t i = 0; i < n; ++i) squares += xr[i] * xr[i];
+    const float scale = 1.0f / std::sqrt(squares / static_cast<float>(n) + eps);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[r * n + i] = weight[i] * (xr[i] * scale);
+  }
+}
+
+// Rotate-half RoPE in place on `heads` heads per row: v * cos + rotate_half(v) * sin, where
+// rotate_half(v) = (-v[half:], v[:half]) and cos / sin [rows, head_dim] hold the row's position.
+void rope(float* v, int64_t rows, int64_t heads, int64_t head_dim, const float* cos, const float* sin) {
+  const int64_t half = head_dim / 2;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* c = cos + r * head_dim;
+    const float* s = sin + r * head_dim;
+    for (int64_t h = 0; h < heads; ++h) {
+      float* x = v + (r * heads + h) * head_dim;
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = x[i], b = x[i + half];
+        x[i] = a * c[i] - b * s[i];
+        x[i + half] = b * c[i + half] + a * s[i + half];
+      }
+    }
+  }
+}
+
+// gate = silu(gate) * up, silu(g) = g / (1 + exp(-g)).
+GTALIGN_CPU_CLONES void silu_mul(float* gate, const float* up, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) gate[i] = gate[i] / (1.0f + exp_f32(-gate[i])) * up[i];
+}
+
+GTALIGN_CPU_CLONES void add_into(float* x, const float* y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) x[i] += y[i];
+}
+
+GTALIGN_CPU_CLONES float dot(const float* a, const float* b, int64_t n) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+GTALIGN_CPU_CLONES void axpy(float alpha, const float* x, float* y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention over the cache
+
+// keys/values[r, g, column, :] = the step's k / v of lane r, kv head g.
+void store_kv(const Dims& d, const float* k, const float* v, float* keys, float* values) {
+  for (int64_t r = 0; r < d.rows; ++r)
+    for (int64_t g = 0; g < d.kv_heads; ++g) {
+      const int64_t at = ((r * d.kv_heads + g) * d.capacity + d.column) * d.head_dim;
+      std::copy_n(k + (r * d.kv_heads + g) * d.head_dim, d.head_dim, keys + at);
+      std::copy_n(v + (r * d.kv_heads + g) * d.head_dim, d.head_dim, values + at);
+    }
+}
+
+// out[r, h] = softmax_j(scaling * q[r, h] . keys[r, g, j]) @ values[r, g, j] over the visible columns
+// j <= column of lane r, g = h / (heads / kv_heads) (grouped-query attention). A lane that sees no
+// column gets zeros (only a lane fed nothing can, and its output is never read).
+void attention(const Dims& d, const float* q, const float* keys, const float* values, const bool* visible,
+               float scaling, float* out) {
+  const int64_t group = d.heads / d.kv_heads;
+  at::parallel_for(0, d.rows * d.heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(d.column + 1);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r = task / d.heads, h = task % d.heads;
+      const float* qv = q + task * d.head_dim;
+      const int64_t base = (r * d.kv_heads + h / group) * d.capacity * d.head_dim;
+      const bool* seen = visible + r * d.capacity;
+      float top = -kInfF32;
+      for (int64_t j = 0; j <= d.column; ++j) {
+        scores[j] = seen[j] ? scaling * dot(qv, keys + base + j * d.head_dim, d.head_dim) : -kInfF32;
+        top = std::max(top, scores[j]);
+      }
+      float* o = out + task * d.head_dim;
+      std::fill_n(o, d.head_dim, 0.0f);
+      if (top == -kInfF32) continue;
+      float total = 0.0f;
+      for (int64_t j = 0; j <= d.column; ++j) {
+        if (!seen[j]) continue;
+        const float weight = exp_f32(scores[j] - top);
+        total += weight;
+        axpy(weight, values + base + j * d.head_dim, o, d.head_dim);
+      }
+      const float inv = 1.0f / total;
+      for (int64_t i = 0; i < d.head_dim; ++i) o[i] *= inv;
+    }
+  });
+}
+
+LinearJob job(const at::Tensor& weight, const c10::optional<at::Tensor>& bias, float* y) {
+  return LinearJob{weight.data_ptr<float>(), weight.size(1), data_or_null(bias), weight.size(0), y, weight.size(0)};
+}
+
+}  // namespace
+
+// One decode step through every layer; returns the final-normed hidden state [rows, hidden].
+at::Tensor decode_layers_cpu(const at::Tensor& hidden, at::TensorList weights,
+                             const c10::List<c10::optional<at::Tensor>>& biases, at::TensorList keys,
+                             at::TensorList values, const at::Tensor& cos, const at::Tensor& sin,
+                             const at::Tensor& visible, int64_t column, int64_t num_heads, int64_t num_kv_heads,
+                             double eps, double scaling, const at::Tensor& final_norm) {
+  const Dims d = check_inputs(hidden, weights, biases, keys, values, cos, sin, visible, column, num_heads,
+                              num_kv_heads, final_norm);
+  const int64_t rows = d.rows, width = d.hidden;
+  std::vector<float> x(hidden.data_ptr<float>(), hidden.data_ptr<float>() + rows * width);  // the residual stream
+  std::vector<float> normed(rows * width), delta(rows * width);
+  std::vector<float> q(rows * d.q_width()), k(rows * d.kv_width()), v(rows * d.kv_width()), mixed(rows * d.q_width());
+  std::vector<float> gate(rows * d.inter), up(rows * d.inter);
+  const float eps_f = static_cast<float>(eps);
+  for (size_t l = 0; l < keys.size(); ++l) {
+    const at::Tensor* w = &weights[kWeightsPerLayer * l];
+    auto bias = [&](int b) { return biases.get(kBiasesPerLayer * l + b); };
+    // Attention block
+    rms_norm(x.data(), w[kInputNorm].data_ptr<float>(), rows, width, eps_f, normed.data());
+    const LinearJob qkv[3] = {job(w[kQ], bias(kBiasQ), q.data()), job(w[kK], bias(kBiasK), k.data()),
+                              job(w[kV], bias(kBiasV), v.data())};
+    decode_linears(normed.data(), width, rows, width, qkv, 3);
+    rope(q.data(), rows, d.heads, d.head_dim, cos.data_ptr<float>(), sin.data_ptr<float>());
+    rope(k.data(), rows, d.kv_heads, d.head_dim, cos.data_ptr<float>(), sin.data_ptr<float>());
+    store_kv(d, k.data(), v.data(), keys[l].data_ptr<float>(), values[l].data_ptr<float>());
+    attention(d, q.data(), keys[l].data_ptr<float>(), values[l].data_ptr<float>(), visible.data_ptr<bool>(),
+              static_cast<float>(scaling), mixed.data());
+    const LinearJob out_proj = job(w[kO], bias(kBiasO), delta.data());
+    decode_linears(mixed.data(), d.q_width(), rows, d.q_width(), &out_proj, 1);
+    add_into(x.data(), delta.data(), rows * width);
+    // MLP block
+    rms_norm(x.data(), w[kPostNorm].data_ptr<float>(), rows, width, eps_f, normed.data());
+    const LinearJob gate_up[2] = {job(w[kGate], bias(kBiasGate), gate.data()), job(w[kUp], bias(kBiasUp), up.data())};
+    decode_linears(normed.data(), width, rows, width, gate_up, 2);
+    silu_mul(gate.data(), up.data(), rows * d.inter);
+    const LinearJob down = job(w[kDown], bias(kBiasDown), delta.data());
+    decode_linears(gate.data(), d.inter, rows, d.inter, &down, 1);
+    add_into(x.data(), delta.data(), rows * width);
+  }
+  at::Tensor out = at::empty({rows, width}, hidden.options());
+  rms_norm(x.data(), final_norm.data_ptr<float>(), rows, width, eps_f, out.data_ptr<float>());
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace gtalign_fast
+
+TORCH_LIBRARY_FRAGMENT(gtalign_fast_C, m) {
+  m.def(
+      "decode_layers(Tensor hidden, Tensor[] weights, Tensor?[] biases, Tensor(a!)[] keys, Tensor(b!)[] values, "
+      "Tensor cos, Tensor sin, Tensor visible, int column, int num_heads, int num_kv_heads, float eps, float scaling, "
+      "Tensor final_norm) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(gtalign_fast_C, CPU, m) { m.impl("decode_layers", &gtalign_fast::cpu::decode_layers_cpu); }
