@@ -100,16 +100,21 @@ struct RoundKeys {
 #ifdef GTALIGN_X86
 // Both vector versions follow philox_word round by round. A 32x32 -> 64 multiply exists only on
 // the even 32-bit lanes (vpmuludq), so each mulhilo runs twice: on the even lanes as they are and
-// on the odd lanes shuffled down (shuffle_epi32 0xF5: lane 2j+1 -> 2j); the high and low halves
-// are then put back in place with a shuffle and a blend (odd-lane mask 0xAA...). Shuffles run on
-// another port than the multiplies, unlike 64-bit shifts. Round 0 starts from c1 = c2 = c3 = 0,
-// so its B-products vanish; the last round only needs c0 (GCC drops the dead halves).
+// on the odd lanes shuffled down (shuffle_epi32 0xF5 = DDBB: lane 2j+1 -> 2j). The halves then go
+// back in place: the high word of an odd lane's product already sits in that lane, an even lane's
+// is shuffled down to it (and the other way round for the low words); AVX-512 does each with one
+// masked shuffle, AVX2 with a shuffle and a blend. Round 0 starts from c1 = c2 = c3 = 0, so its
+// B-products vanish; the last round only needs c0 (GCC drops the dead halves).
 
+// GCC 12's AVX-512 intrinsics pass an `_mm512_undefined_epi32()` (a self-initialised variable) as
+// the unused merge source of unmasked multiplies and shuffles, which -Wmaybe-uninitialized reports.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 __attribute__((target("avx512f"))) inline void mulhilo_avx512(__m512i a, __m512i x, __m512i* hi, __m512i* lo) {
   const __m512i even = _mm512_mul_epu32(x, a);
   const __m512i odd = _mm512_mul_epu32(_mm512_shuffle_epi32(x, _MM_PERM_DDBB), a);
-  *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_shuffle_epi32(even, _MM_PERM_DDBB), odd);
-  *lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_shuffle_epi32(odd, _MM_PERM_CCAA));
+  *hi = _mm512_mask_shuffle_epi32(odd, 0x5555, even, _MM_PERM_DDBB);   // even lanes: dword 2j+1 of even
+  *lo = _mm512_mask_shuffle_epi32(even, 0xAAAA, odd, _MM_PERM_CCAA);   // odd lanes: dword 2j of odd
 }
 
 __attribute__((target("avx512f"))) void philox_words_avx512(uint64_t seed, int64_t start, int64_t count,
@@ -141,6 +146,8 @@ __attribute__((target("avx512f"))) void philox_words_avx512(uint64_t seed, int64
     _mm512_mask_storeu_epi32(out + i, static_cast<__mmask16>((1u << left) - 1u), c0);
   }
 }
+
+#pragma GCC diagnostic pop
 
 __attribute__((target("avx2"))) inline void mulhilo_avx2(__m256i a, __m256i x, __m256i* hi, __m256i* lo) {
   const __m256i even = _mm256_mul_epu32(x, a);
