@@ -8,12 +8,14 @@
 // buffer (y) and a buffer of exp(y - max) (a few hundred KB per thread, never [B, V]), so the
 // bisection probes are compare-and-sum loops over L2-resident floats. Rows run in parallel.
 //
-// Where the time goes (SmolLM2's [8, 49152] float32 at T = 1, one thread): the Philox words were
-// about 60% of it as a `#pragma omp simd` loop (GCC widens each 32x32 multiply to a 64-bit lane,
-// so it runs 8 counters per AVX-512 register with many shuffles). They are now explicit AVX-512 /
-// AVX2 code on 16 / 8 counters (philox_words_*), picked at run time; the rest of the draw is
-// split into loops that vectorise (scores, argmax, write-back) and the one loop that must stay
-// sequential (the kept mass, summed in column order as before, so log-probs keep their bits).
+// Where the time goes (SmolLM2's [8, 49152] float32 at T = 1, one thread, perf): the noise was
+// about 60% of it, as a `#pragma omp simd` loop in which GCC widens each 32x32 multiply of Philox
+// to a 64-bit lane (8 counters per AVX-512 register, many shuffles). Now the Philox words are
+// explicit AVX-512 / AVX2 code on 16 / 8 counters (philox_words_*, picked at run time), the two
+// logs of the Gumbel noise are computed only for columns that can still win (gumbel_of_candidates),
+// and the rest of the draw is split into loops that vectorise (scores, argmax, write-back) and the
+// one loop that must stay sequential: the kept mass, summed in column order as before. Every
+// token, log-prob and processed logit keeps its bits.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -44,6 +46,7 @@ constexpr float kPosInf = std::numeric_limits<float>::infinity();
 // Gumbel noise from u in [2^-25, 1 - 2^-25] lies in [-2.86, 17.33]: a token more than 20.2 below
 // the row maximum can never win the draw, so its noise is not computed (exact, with margin).
 constexpr float kNoiseReach = 21.0f;
+constexpr double kNoiseMin = -2.87;
 constexpr int64_t kNoiseChunk = 256;
 
 // ---------------------------------------------------------------------------------------------
@@ -371,12 +374,58 @@ GTALIGN_CPU_CLONES float scores_chunk(const float* y, const float* noise, int64_
 
 // One thread's buffers: y and weight hold a row (V floats each), the rest one chunk of columns.
 struct Scratch {
-  std::vector<float> y, weight, noise, zeros, score;
-  std::vector<uint32_t> words;
+  std::vector<float> y, weight, noise, zeros, score, candidate_noise;
+  std::vector<uint32_t> words, candidate_words;
+  std::vector<int64_t> candidates;
+  std::vector<uint8_t> flags;
   explicit Scratch(int64_t vocab)
       : y(vocab), weight(vocab), noise(kNoiseChunk, 0.0f), zeros(kNoiseChunk, 0.0f), score(kNoiseChunk),
-        words(kNoiseChunk) {}
+        candidate_noise(kNoiseChunk), words(kNoiseChunk), candidate_words(kNoiseChunk), candidates(kNoiseChunk),
+        flags(kNoiseChunk) {}
 };
+
+// Most columns of a row cannot win the draw, once a lower bound on the winning score is known (the
+// best score of the chunks drawn before): a column of value v needs noise g > floor - v, i.e.
+// u > exp(-exp(-(floor - v))). losing_word_bound gives, for a chunk whose values are at most v_max,
+// the largest (word >> 8) whose u lies below that bound at v_max (-1 where no word is that low):
+// those columns lose for certain. (u(w) <= (w + 1) / 2^24, and the bound keeps 2 more words away.)
+int64_t losing_word_bound(double needed_noise) {
+  if (!(needed_noise > kNoiseMin)) return -1;  // NaN too (an infinite row max): no skipping
+  return static_cast<int64_t>(std::floor(std::exp(-std::exp(-needed_noise)) * 16777216.0)) - 2;
+}
+
+// flag[j] = whether column j's word is above `bound` (a vectorised pass before the packing).
+GTALIGN_CPU_CLONES void flag_candidates(const uint32_t* words, int64_t count, uint32_t bound, uint8_t* flag) {
+#pragma omp simd
+  for (int64_t j = 0; j < count; ++j) flag[j] = static_cast<uint8_t>((words[j] >> 8) > bound);
+}
+
+// Gumbel noise of the columns of a chunk whose word is above `bound` (0 <= bound < 2^24), -inf (a
+// score that never wins) for the others: the candidates are packed, their noise computed by the
+// same loop as for a whole chunk (gumbel_of_words: the same bits), and put back. Candidates are
+// rare where this runs, so the packing tests the flags 8 at a time.
+void gumbel_of_candidates(const uint32_t* words, int64_t count, int64_t bound, Scratch& scratch, float* noise) {
+  uint8_t* flag = scratch.flags.data();
+  flag_candidates(words, count, static_cast<uint32_t>(bound), flag);
+  int64_t* index = scratch.candidates.data();
+  uint32_t* packed = scratch.candidate_words.data();
+  int64_t found = 0;  // found <= j < count: inside the buffers
+  for (int64_t group = 0; group < count; group += 8) {
+    const int64_t end = std::min(group + 8, count);
+    uint64_t any = 0;
+    if (end - group == 8) std::memcpy(&any, flag + group, 8);
+    if (end - group == 8 && any == 0) continue;
+    for (int64_t j = group; j < end; ++j) {
+      if (flag[j]) {
+        index[found] = j;
+        packed[found++] = words[j];
+      }
+    }
+  }
+  std::fill(noise, noise + count, kNegInf);
+  gumbel_of_words(packed, found, scratch.candidate_noise.data());
+  for (int64_t k = 0; k < found; ++k) noise[index[k]] = scratch.candidate_noise[k];
+}
 
 template <typename scalar_t>
 RowResult sample_row(scalar_t* row, int64_t stride_v, int64_t n, const RowParams& params, const int64_t* ids,
@@ -425,15 +474,25 @@ RowResult sample_row(scalar_t* row, int64_t stride_v, int64_t n, const RowParams
   const bool noisy = !params.greedy;
   const float reach = noisy ? m - kNoiseReach : kNegInf;
   const float* noise = noisy ? scratch.noise.data() : scratch.zeros.data();
+  // floor: a lower bound on the winning score (the best score drawn so far), less a margin far
+  // above the float error of the noise (about 1e-5) and of v + g (ulps of |m|), so that a column
+  // skipped against it could not even tie.
+  const double margin = 1e-2 + 1e-5 * std::fabs(static_cast<double>(m));
   float kept_mass = 0.0f, best_score = kNegInf, best_y = 0.0f, best_z = 0.0f;
   int64_t best_index = 0;
   const float* score = scratch.score.data();
   for (int64_t start = 0; start < n; start += kNoiseChunk) {
     const int64_t count = std::min(kNoiseChunk, n - start);
     // A chunk with no value within reach of the max cannot win the draw: its noise is not computed.
-    if (noisy && max_of(y + start, count) >= reach) {
+    const float chunk_max = noisy ? max_of(y + start, count) : kNegInf;
+    if (noisy && chunk_max >= reach) {
       philox(params.seed, start, count, scratch.words.data());
-      gumbel_of_words(scratch.words.data(), count, scratch.noise.data());
+      const int64_t bound = losing_word_bound(static_cast<double>(best_score) - margin - chunk_max);
+      if (bound < 0) {
+        gumbel_of_words(scratch.words.data(), count, scratch.noise.data());
+      } else {
+        gumbel_of_candidates(scratch.words.data(), count, bound, scratch, scratch.noise.data());
+      }
     }
     const float chunk_best = scores_chunk(y + start, noise, count, filter, reach, scratch.score.data());
     // Strictly better than the earlier chunks, at its first column: ties keep the lowest index.
