@@ -90,6 +90,21 @@ def test_philox_matches_the_published_known_answer():
     assert word == 0x6627E8D5 >> 8
 
 
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_uniform_of_one_wins_from_far_below(backend):
+    """Seed 2857 draws u = 1.0 at column 1755 (the top word: (2^24 - 0.5) / 2^24 rounds to 1 in
+    float32), so its noise is +inf and it wins over a max 20 higher (within the C++ kernel's reach
+    of 21 below the max). That kernel computes the noise only for columns that can still win, and
+    no finite bound on the noise holds: this column must stay among them."""
+    seeds = torch.tensor([2857], dtype=torch.int64, device=DEVICE)
+    assert float(reference.philox_uniform(seeds, 1756)[0, 1755]) == 1.0
+    logits = _logits(1, 4096, torch.float32, seed=3)
+    logits[0, 0] = 40.0
+    logits[0, 1755] = 20.0
+    tokens, _, _ = ops.sample_(logits, seed=seeds, backend=backend)
+    assert tokens.tolist() == [1755]
+
 # The C++ kernel computes Philox words with AVX-512, AVX2 or scalar code, picked at run time;
 # GTALIGN_FAST_SAMPLE_ISA forces one, in a fresh process (the choice is made once per process).
 # The script checks the words against the specification for counts that end mid-vector and seeds
