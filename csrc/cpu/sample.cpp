@@ -43,8 +43,12 @@ using namespace gtalign_fast::sample;  // status words (../sample_common.h)
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kPosInf = std::numeric_limits<float>::infinity();
-// Gumbel noise from u in [2^-25, 1 - 2^-25] lies in [-2.86, 17.33]: a token more than 20.2 below
-// the row maximum can never win the draw, so its noise is not computed (exact, with margin).
+// Gumbel noise g = -log(-log u) from u >= 2^-25 is at least -2.86 (kNoiseMin, with margin). It is
+// at most 15.95, except for the top word, where u = (2^24 - 0.5) / 2^24 rounds to 1.0 in float32
+// and g = +inf (probability 2^-24 per column; the reference draws the same +inf). A column more
+// than kNoiseReach below the row max gets no noise (a -inf score): it could only win through
+// that top word, where the reference would draw it. That rare difference is kept, so draws keep
+// their bits. (No upper bound on g is used anywhere else: the +inf case has to stay drawable.)
 constexpr float kNoiseReach = 21.0f;
 constexpr double kNoiseMin = -2.87;
 constexpr int64_t kNoiseChunk = 256;
