@@ -90,6 +90,92 @@ def test_philox_matches_the_published_known_answer():
     assert word == 0x6627E8D5 >> 8
 
 
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_uniform_of_one_wins_from_far_below(backend):
+    """Seed 2857 draws u = 1.0 at column 1755 (the top word: (2^24 - 0.5) / 2^24 rounds to 1 in
+    float32), so its noise is +inf and it wins over a max 20 higher (within the C++ kernel's reach
+    of 21 below the max). That kernel computes the noise only for columns that can still win, and
+    no finite bound on the noise holds: this column must stay among them."""
+    seeds = torch.tensor([2857], dtype=torch.int64, device=DEVICE)
+    assert float(reference.philox_uniform(seeds, 1756)[0, 1755]) == 1.0
+    logits = _logits(1, 4096, torch.float32, seed=3)
+    logits[0, 0] = 40.0
+    logits[0, 1755] = 20.0
+    tokens, _, _ = ops.sample_(logits, seed=seeds, backend=backend)
+    assert tokens.tolist() == [1755]
+
+# The C++ kernel computes Philox words with AVX-512, AVX2 or scalar code, picked at run time;
+# GTALIGN_FAST_SAMPLE_ISA forces one, in a fresh process (the choice is made once per process).
+# The script checks the words against the specification for counts that end mid-vector and seeds
+# at the edges of int64, draws against the reference (long rows too, where most chunks' noise is
+# only computed for the few columns that can still win), and prints the draws' bits for comparison.
+_ISA_SCRIPT = """
+import json
+import torch
+from gtalign_fast import ops, reference
+from gtalign_fast.ops._sample import uniform_noise
+
+seeds = torch.tensor([0, 1, -1, -7, 2**32 - 1, 2**32, 2**62 + 12345, -(2**63), 2**63 - 1], dtype=torch.int64)
+for vocab in (1, 7, 8, 9, 15, 16, 17, 31, 255, 256, 257, 1000):
+    assert torch.equal(uniform_noise(seeds, vocab, backend="cpu"), reference.philox_uniform(seeds, vocab)), vocab
+
+draws = []
+for batch, vocab in ((7, 1), (9, 17), (12, 1000), (5, 4099), (10, 20000)):
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(batch, vocab, generator=g) * 3
+    if vocab > 512:
+        logits[0::2, 256:512] -= 60.0  # whole chunks out of reach of the max: their noise is skipped
+        logits[1::3, vocab - 3] += 30.0
+    rows = [dict(t=1.0, k=0, p=1.0, mp=0.0), dict(t=0.7, k=5, p=1.0, mp=0.0), dict(t=0.0, k=0, p=1.0, mp=0.0),
+            dict(t=1.3, k=0, p=0.6, mp=0.0), dict(t=0.9, k=0, p=1.0, mp=0.2)]
+    rows = [rows[i % len(rows)] for i in range(batch)]
+    args = dict(temperature=torch.tensor([r["t"] for r in rows]), top_k=torch.tensor([r["k"] for r in rows]),
+                top_p=torch.tensor([r["p"] for r in rows]), min_p=torch.tensor([r["mp"] for r in rows]),
+                seed=torch.randint(-(2**63), 2**63 - 1, (batch,), generator=g),
+                forced=torch.full((batch,), -1), bias_ids=torch.randint(0, vocab, (batch, 1), generator=g),
+                bias_values=torch.randn(batch, 1, generator=g) * 3)
+    args["forced"][3::4] = vocab // 2
+    args["bias_ids"][1::2] = -1  # padding
+    ref_tokens, _, _, _ = reference.sample(logits, args["temperature"], args["top_k"], args["top_p"], args["min_p"],
+                                           args["bias_ids"], args["bias_values"], args["forced"], args["seed"])
+    buffer = logits.clone()
+    tokens, logp, raw = ops.sample_(buffer, backend="cpu", **args)
+    assert torch.equal(tokens, ref_tokens), (vocab, tokens, ref_tokens)
+    draws.append([tokens.tolist(), logp.view(torch.int32).tolist(), raw.view(torch.int32).tolist(),
+                  buffer.view(torch.int32).sum().item()])
+print(json.dumps(draws))
+"""
+
+
+def _run_isa_script(isa: str):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "GTALIGN_FAST_SAMPLE_ISA": isa}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout's gtalign_fast
+    return subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=root)
+
+
+@pytest.mark.skipif("cpu" not in kernel_backends("sample"), reason="no C++ CPU kernel")
+def test_every_cpu_philox_path_draws_the_same_bits():
+    import os
+
+    cpu_flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    isas = ["scalar"] + [isa for isa, flag in (("avx2", " avx2 "), ("avx512", " avx512f ")) if flag in cpu_flags]
+    draws = {}
+    for isa in isas:
+        done = _run_isa_script(isa)
+        assert done.returncode == 0, (isa, done.stderr[-3000:])
+        draws[isa] = done.stdout.strip().splitlines()[-1]
+    # Same tokens, log-prob bits and processed buffers whatever computed the words.
+    assert all(draws[isa] == draws["scalar"] for isa in isas), {isa: d[:200] for isa, d in draws.items()}
+    bad = _run_isa_script("sse9")
+    assert bad.returncode != 0 and "must be avx512, avx2 or scalar" in bad.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # Against the reference
 
