@@ -96,9 +96,9 @@ DEFAULT_SMS = 132  # an H100 / H200; used on CPU tensors (the interpreter) so te
 
 @triton.jit
 def _uniform(seed, cols):
-    """Philox4x32-10 uniform in [2**-25, 1 - 2**-25] for (row seed, column); see reference.philox_uniform."""
+    """Philox4x32-10 uniform in [2**-25, 1 - 2**-24] for (row seed, column); see reference.philox_uniform."""
     r = tl.randint(seed, cols.to(tl.int32)).to(tl.uint32, bitcast=True)
-    return ((r >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    return tl.minimum(((r >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0), 0.99999994)  # 1 - 2**-24
 
 
 @triton.jit
@@ -406,9 +406,9 @@ def _final_kernel(
         keep = (u >= tau_u) & (y - m >= log_min_p)
         keep = tl.where(is_forced, cols == forced, keep) & in_chunk
         kept_mass += tl.sum(tl.where(keep, tl.exp(y - m), 0.0), axis=0)
-        # Philox4x32-10 uniform in [2**-25, 1 - 2**-25] for (row seed, column); see reference.philox_uniform.
+        # Philox4x32-10 uniform in [2**-25, 1 - 2**-24] for (row seed, column); see reference.philox_uniform.
         r = tl.randint(seed, cols.to(tl.int32)).to(tl.uint32, bitcast=True)
-        uniform = ((r >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        uniform = tl.minimum(((r >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0), 0.99999994)  # 1 - 2**-24
         gumbel = -tl.log(-tl.log(uniform))
         score = tl.where(keep, tl.where(greedy, y, y + gumbel), float("-inf"))
         block_best = tl.max(score, axis=0)

@@ -92,18 +92,23 @@ def test_philox_matches_the_published_known_answer():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_uniform_of_one_wins_from_far_below(backend):
-    """Seed 2857 draws u = 1.0 at column 1755 (the top word: (2^24 - 0.5) / 2^24 rounds to 1 in
-    float32), so its noise is +inf and it wins over a max 20 higher (within the C++ kernel's reach
-    of 21 below the max). That kernel computes the noise only for columns that can still win, and
-    no finite bound on the noise holds: this column must stay among them."""
+def test_the_top_philox_word_has_finite_noise(backend):
+    """Seed 2857 draws the top Philox word at column 1755, whose ((2^24 - 1) + 0.5) / 2^24 rounds to
+    1.0 in float32: noise +inf, a token drawn whatever its logit (once per ~340 draws over a
+    49152-token vocabulary). The uniform is bounded by 1 - 2^-24 (noise 16.64): 20 below the max
+    that column cannot win, 10 below it can, and every backend draws what the reference draws."""
     seeds = torch.tensor([2857], dtype=torch.int64, device=DEVICE)
-    assert float(reference.philox_uniform(seeds, 1756)[0, 1755]) == 1.0
-    logits = _logits(1, 4096, torch.float32, seed=3)
-    logits[0, 0] = 40.0
-    logits[0, 1755] = 20.0
-    tokens, _, _ = ops.sample_(logits, seed=seeds, backend=backend)
-    assert tokens.tolist() == [1755]
+    assert float(reference.philox_uniform(seeds, 1756)[0, 1755]) == 1.0 - 2.0**-24
+    for below, wins in ((20.0, False), (10.0, True)):
+        logits = _logits(1, 4096, torch.float32, seed=3)
+        logits[0, 0] = 40.0
+        logits[0, 1755] = 40.0 - below
+        one = torch.ones(1, device=DEVICE)
+        expected = reference.sample(logits, one, 0 * one.long(), one, 0 * one, None, None, -one.long(), seeds)[0]
+        assert (expected.tolist() == [1755]) is wins
+        tokens, _, _ = ops.sample_(logits, seed=seeds, backend=backend)
+        assert tokens.tolist() == expected.tolist()
+
 
 # The C++ kernel computes Philox words with AVX-512, AVX2 or scalar code, picked at run time;
 # GTALIGN_FAST_SAMPLE_ISA forces one, in a fresh process (the choice is made once per process).

@@ -43,12 +43,10 @@ using namespace gtalign_fast::sample;  // status words (../sample_common.h)
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kPosInf = std::numeric_limits<float>::infinity();
-// Gumbel noise g = -log(-log u) from u >= 2^-25 is at least -2.86 (kNoiseMin, with margin). It is
-// at most 15.95, except for the top word, where u = (2^24 - 0.5) / 2^24 rounds to 1.0 in float32
-// and g = +inf (probability 2^-24 per column; the reference draws the same +inf). A column more
-// than kNoiseReach below the row max gets no noise (a -inf score): it could only win through
-// that top word, where the reference would draw it. That rare difference is kept, so draws keep
-// their bits. (No upper bound on g is used anywhere else: the +inf case has to stay drawable.)
+// Gumbel noise g = -log(-log u) from u in [2^-25, 1 - 2^-24] lies in [-2.86, 16.64] (kNoiseMin
+// with margin; the top word's u is bounded below 1, see uniform_of): a column more than
+// kNoiseReach below the row maximum can never win the draw, so its noise is not computed (exact,
+// with margin).
 constexpr float kNoiseReach = 21.0f;
 constexpr double kNoiseMin = -2.87;
 constexpr int64_t kNoiseChunk = 256;
@@ -225,8 +223,10 @@ PhiloxWords philox_kernel() {
   return kernel;
 }
 
+// u = min(((word >> 8) + 0.5) / 2^24, 1 - 2^-24): the top word's (2^24 - 0.5) / 2^24 would round to
+// 1.0 in float32 (noise +inf); see ops/_seeds.py philox_uniform.
 static inline float uniform_of(uint32_t word) {
-  return (static_cast<float>(word >> 8) + 0.5f) * (1.0f / 16777216.0f);
+  return std::min((static_cast<float>(word >> 8) + 0.5f) * (1.0f / 16777216.0f), 0.99999994f);
 }
 
 // Gumbel noise -log(-log u) of Philox words. The expression is the one the kernel has always used,

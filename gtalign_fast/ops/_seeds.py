@@ -59,13 +59,20 @@ def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return high, low
 
 
+UNIFORM_MAX = 1.0 - 2.0**-24
+"""The largest uniform of :func:`philox_uniform` (float32's largest value below 1)."""
+
+
 def philox_uniform(seeds: torch.Tensor, vocab: int) -> torch.Tensor:
     """The uniform noise every ``sample_`` backend draws: ``u[b, j]`` for row seed ``seeds[b]``.
 
     Philox4x32-10 with key ``(seed mod 2**32, seed div 2**32)`` (the seed read as uint64) and
     counter ``(j, 0, 0, 0)``, exactly as Triton's ``tl.randint(seed, j)``; the first output word
-    ``r`` becomes ``u = ((r >> 8) + 0.5) / 2**24``, in ``[2**-25, 1 - 2**-25]`` (never 0 or 1, so
-    the Gumbel noise ``-log(-log u)`` is finite: within ``[-2.86, 17.33]``).
+    ``r`` becomes ``u = min(((r >> 8) + 0.5) / 2**24, 1 - 2**-24)`` in float32, within
+    ``[2**-25, 1 - 2**-24]``: never 0 or 1, so the Gumbel noise ``-log(-log u)`` is finite, within
+    ``[-2.86, 16.64]``. (The bound matters for the top word only: ``(2**24 - 0.5) / 2**24`` rounds to
+    1.0 in float32, whose noise would be +inf, a column drawn whatever its logit, with probability
+    2**-24 per column: about one draw in 340 over a 49152-token vocabulary.)
 
     Parameters
     ----------
@@ -89,4 +96,5 @@ def philox_uniform(seeds: torch.Tensor, vocab: int) -> torch.Tensor:
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = (k0 + _PHILOX_KEY_A).bitwise_and(_MASK32)
         k1 = (k1 + _PHILOX_KEY_B).bitwise_and(_MASK32)
-    return (c0.bitwise_right_shift(8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+    uniform = (c0.bitwise_right_shift(8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+    return uniform.clamp_(max=UNIFORM_MAX)
