@@ -242,7 +242,7 @@ FORWARD.register_autograd(_save, _backward, differentiable=(0,))
 
 
 def _check_logp(logp) -> None:
-    """``logp`` here; the loss arguments are checked by :func:`gtalign_fast.ops._grpo_objective.validate`."""
+    """``logp`` here; the loss arguments are checked by :func:`gtalign_fast.ops._grpo_objective.resolve_options`."""
     if not isinstance(logp, torch.Tensor):
         raise TypeError(f"grpo_loss: logp must be a tensor, got {type(logp).__name__}")
     if logp.dtype not in FLOAT_DTYPES:
