@@ -10,6 +10,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -52,18 +53,52 @@ struct ClipParams {
   bool has_is;  // an importance-sampling ratio weights the policy term (set by the entry points)
 };
 
-inline ClipParams clip_params(double beta, double eps_low, double eps_high, double delta, double dual_clip,
-                              double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool cispo,
-                              double vespo_k_pos, double vespo_lambda_pos, double vespo_k_neg,
-                              double vespo_lambda_neg, bool vespo) {
+// The objective's parameters as the ops pass them: one float[] argument of kNumParams values in Param
+// order (bools as 0 / 1), built once per set of options by gtalign_fast/ops/_grpo_loss.py (kernel_params):
+// a Python float argument costs as much to pass as a small kernel's work, a list element about half.
+enum Param : int64_t {
+  kParamBeta = 0,
+  kParamEpsilonLow,
+  kParamEpsilonHigh,
+  kParamDelta,
+  kParamDualClip,
+  kParamKlClamp,
+  kParamBiasKl,
+  kParamSapoTauPos,
+  kParamSapoTauNeg,
+  kParamCispo,
+  kParamVespoKPos,
+  kParamVespoLambdaPos,
+  kParamVespoKNeg,
+  kParamVespoLambdaNeg,
+  kParamVespo,
+  kParamSeqLevel
+};
+constexpr int64_t kNumParams = 16;
+static_assert(kParamSeqLevel + 1 == kNumParams, "one params entry per Param");
+
+inline void check_params(c10::ArrayRef<double> params) {
+  TORCH_CHECK(static_cast<int64_t>(params.size()) == kNumParams, "grpo_loss: params must hold ", kNumParams,
+              " values (gtalign_fast.ops._grpo_loss.kernel_params), got ", params.size());
+}
+
+inline ClipParams clip_params(c10::ArrayRef<double> params) {
+  check_params(params);
+  const double eps_high = params[kParamEpsilonHigh];
+  const bool cispo = params[kParamCispo] != 0.0;
   const float high_bound = cispo ? static_cast<float>(eps_high) : 1.0f + static_cast<float>(eps_high);
   const auto lambda = [](double value) { return value > kVespoMinLambda ? static_cast<float>(value) : kVespoMinLambda; };
-  return {1.0f - static_cast<float>(eps_low), high_bound, static_cast<float>(delta),
-          static_cast<float>(dual_clip), static_cast<float>(beta), static_cast<float>(kl_clamp),
-          static_cast<float>(sapo_tau_pos), static_cast<float>(sapo_tau_neg), dual_clip > 0.0, bias_kl,
-          sapo_tau_pos > 0.0, cispo, static_cast<float>(vespo_k_pos), lambda(vespo_lambda_pos),
-          static_cast<float>(vespo_k_neg), lambda(vespo_lambda_neg), vespo, 0.0f, 1.0f};
+  const double sapo_tau_pos = params[kParamSapoTauPos];
+  return {1.0f - static_cast<float>(params[kParamEpsilonLow]), high_bound, static_cast<float>(params[kParamDelta]),
+          static_cast<float>(params[kParamDualClip]), static_cast<float>(params[kParamBeta]),
+          static_cast<float>(params[kParamKlClamp]), static_cast<float>(sapo_tau_pos),
+          static_cast<float>(params[kParamSapoTauNeg]), params[kParamDualClip] > 0.0, params[kParamBiasKl] != 0.0,
+          sapo_tau_pos > 0.0, cispo, static_cast<float>(params[kParamVespoKPos]), lambda(params[kParamVespoLambdaPos]),
+          static_cast<float>(params[kParamVespoKNeg]), lambda(params[kParamVespoLambdaNeg]),
+          params[kParamVespo] != 0.0, 0.0f, 1.0f};
 }
+
+inline bool seq_level_of(c10::ArrayRef<double> params) { return params[kParamSeqLevel] != 0.0; }
 
 // The sequence weight of TRL's VESPO from the row's masked sum of clamped log-ratios: log w clamped to
 // [ln 1e-8, 20] (TRL's get_gamma_weights), and w = exp(log w); written into the row's copy of the params.

@@ -34,6 +34,8 @@ the same for every token of the row; the forward stores it in ``row_stats[:, STA
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
@@ -439,6 +441,33 @@ def _check_outputs(logp, *outputs) -> None:
                              f"{out.dtype} {tuple(out.shape)} on {out.device}")
 
 
+def _float_params(params: Sequence[float]) -> tuple[float, ...]:
+    """The kernels' float arguments (beta ... vespo_lambda_neg) from the ops' ``params`` list
+    (``_grpo_constants.PARAM_*`` order, as the C++ kernels take it)."""
+    if len(params) != constants.NUM_PARAMS:
+        raise ValueError(f"grpo_loss: params must hold {constants.NUM_PARAMS} values "
+                         f"(gtalign_fast.ops._grpo_loss.kernel_params), got {len(params)}")
+    return tuple(params[index] for index in _FLOAT_PARAMS)
+
+
+# The float parameters in the kernels' argument order.
+_FLOAT_PARAMS = (
+    constants.PARAM_BETA, constants.PARAM_EPSILON_LOW, constants.PARAM_EPSILON_HIGH, constants.PARAM_DELTA,
+    constants.PARAM_DUAL_CLIP, constants.PARAM_KL_CLAMP, constants.PARAM_SAPO_TAU_POS, constants.PARAM_SAPO_TAU_NEG,
+    constants.PARAM_VESPO_K_POS, constants.PARAM_VESPO_LAMBDA_POS, constants.PARAM_VESPO_K_NEG,
+    constants.PARAM_VESPO_LAMBDA_NEG,
+)
+
+
+def _param_flags(params: Sequence[float]) -> dict[str, bool]:
+    """The compile-time switches the parameters select (as the C++ kernels' clip_params)."""
+    return {
+        "SEQ_LEVEL": params[constants.PARAM_SEQ_LEVEL] != 0, "DUAL_CLIP": params[constants.PARAM_DUAL_CLIP] > 0,
+        "BIAS_KL": params[constants.PARAM_BIAS_KL] != 0, "SAPO": params[constants.PARAM_SAPO_TAU_POS] > 0,
+        "CISPO": params[constants.PARAM_CISPO] != 0, "VESPO": params[constants.PARAM_VESPO] != 0,
+    }
+
+
 def grpo_loss_forward(
     logp: torch.Tensor,
     old_logp: torch.Tensor | None,
@@ -447,22 +476,7 @@ def grpo_loss_forward(
     mask: torch.Tensor,
     num_items: torch.Tensor | None,
     is_ratio: torch.Tensor | None,
-    beta: float,
-    eps_low: float,
-    eps_high: float,
-    delta: float,
-    dual_clip: float,
-    kl_clamp: float,
-    bias_kl: bool,
-    sapo_tau_pos: float,
-    sapo_tau_neg: float,
-    cispo: bool,
-    vespo_k_pos: float,
-    vespo_lambda_pos: float,
-    vespo_k_neg: float,
-    vespo_lambda_neg: float,
-    vespo: bool,
-    seq_level: bool,
+    params: Sequence[float],
     row_metrics: bool,
     mode: int,
     const_weight: float,
@@ -500,12 +514,9 @@ def grpo_loss_forward(
         logp, old_logp if old_logp is not None else logp, ref_logp if ref_logp is not None else logp,
         advantages, mask, is_ratio if is_ratio is not None else logp, row_stats,
         num_items, loss, metrics, row_weights, error_flag, finalize_counter if fused else error_flag,
-        length, *_strides(logp, old_logp, ref_logp, advantages, mask, is_ratio),
-        beta, eps_low, eps_high, delta, dual_clip, kl_clamp, sapo_tau_pos, sapo_tau_neg, vespo_k_pos,
-        vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg, const_weight,
-        ON_POLICY=old_logp is None, HAS_REF=ref_logp is not None, SEQ_LEVEL=seq_level,
-        ROW_METRICS=row_metrics, DUAL_CLIP=dual_clip > 0, BIAS_KL=bool(bias_kl), SAPO=sapo_tau_pos > 0,
-        CISPO=bool(cispo), VESPO=bool(vespo), **_is_flags(is_ratio),
+        length, *_strides(logp, old_logp, ref_logp, advantages, mask, is_ratio), *_float_params(params),
+        const_weight, ON_POLICY=old_logp is None, HAS_REF=ref_logp is not None, ROW_METRICS=row_metrics,
+        **_param_flags(params), **_is_flags(is_ratio),
         BLOCK_T=_block_t(length),
         FUSED=fused, MODE=mode, BLOCK_B=block_b, ERR_NUM_ITEMS=device_checks.ERR_NUM_ITEMS, num_warps=4,
     )
@@ -527,22 +538,7 @@ def grpo_loss_backward(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     is_ratio: torch.Tensor | None,
-    beta: float,
-    eps_low: float,
-    eps_high: float,
-    delta: float,
-    dual_clip: float,
-    kl_clamp: float,
-    bias_kl: bool,
-    sapo_tau_pos: float,
-    sapo_tau_neg: float,
-    cispo: bool,
-    vespo_k_pos: float,
-    vespo_lambda_pos: float,
-    vespo_k_neg: float,
-    vespo_lambda_neg: float,
-    vespo: bool,
-    seq_level: bool,
+    params: Sequence[float],
     dlogp: torch.Tensor,
     dref: torch.Tensor,
 ) -> None:
@@ -561,12 +557,9 @@ def grpo_loss_backward(
         grad_loss, row_weights, row_stats,
         logp, old_logp if old_logp is not None else logp, ref_logp if ref_logp is not None else logp,
         advantages, mask, is_ratio if is_ratio is not None else logp, dlogp, dref if dref.numel() > 0 else dlogp,
-        length, *_strides(logp, old_logp, ref_logp, advantages, mask, is_ratio),
-        beta, eps_low, eps_high, delta, dual_clip, kl_clamp, sapo_tau_pos, sapo_tau_neg, vespo_k_pos,
-        vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg,
+        length, *_strides(logp, old_logp, ref_logp, advantages, mask, is_ratio), *_float_params(params),
         ON_POLICY=old_logp is None, HAS_REF=ref_logp is not None, REF_GRAD=dref.numel() > 0,
-        SEQ_LEVEL=seq_level, DUAL_CLIP=dual_clip > 0, BIAS_KL=bool(bias_kl), SAPO=sapo_tau_pos > 0,
-        CISPO=bool(cispo), VESPO=bool(vespo), **_is_flags(is_ratio),
+        **_param_flags(params), **_is_flags(is_ratio),
         BLOCK_T=_block_t(length),
         num_warps=4,
     )

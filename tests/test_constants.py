@@ -32,7 +32,8 @@ SHARED = [
     (
         _grpo_constants,
         "csrc/grpo_loss_common.h",
-        {"STAT_": ("Stat", "k"), "MODE_": ("Mode", "k"), "METRIC_": ("Metric", "kMetric")},
+        {"STAT_": ("Stat", "k"), "MODE_": ("Mode", "k"), "METRIC_": ("Metric", "kMetric"),
+         "PARAM_": ("Param", "kParam")},
     ),
     (_welfare_constants, "csrc/welfare_advantages_common.h", {"SCALE_": ("ScaleMode", "kScale")}),
     (_sample_constants, "csrc/sample_common.h", {"STATUS_": ("Status", "kStatus")}),

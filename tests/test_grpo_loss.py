@@ -696,3 +696,72 @@ def test_sapo_refuses_the_clip_options():
             ops.grpo_loss(logp, old, advantages, mask, loss_type="sapo", **extra)
     with pytest.raises(ValueError, match="sapo_temperature_neg"):
         ops.grpo_loss(logp, old, advantages, mask, loss_type="sapo", sapo_temperature_neg=0.0)
+
+
+def test_cached_scalar_options_keep_every_check():
+    """The scalar options are checked once per distinct set of values: equal values of another type
+    (True == 1 == 1.0) are a different set, a set that failed raises again, T stays in the key."""
+    from gtalign_fast.ops import _grpo_objective
+
+    logp, old, ref, advantages, mask = _inputs(2, 4, seed=0)
+    ops.grpo_loss(logp, old, advantages, mask, use_bias_correction_kl=True, beta=1.0, ref_logp=ref)
+    for _ in range(2):
+        with pytest.raises(TypeError, match="use_bias_correction_kl must be a bool, got int"):
+            ops.grpo_loss(logp, old, advantages, mask, use_bias_correction_kl=1, beta=1.0, ref_logp=ref)
+        with pytest.raises(TypeError, match="beta must be a Python float, got bool"):
+            ops.grpo_loss(logp, old, advantages, mask, use_bias_correction_kl=True, beta=True, ref_logp=ref)
+        with pytest.raises(ValueError, match="beta > 0 needs ref_logp"):  # has_ref is part of the key
+            ops.grpo_loss(logp, old, advantages, mask, use_bias_correction_kl=True, beta=1.0)
+        with pytest.raises(TypeError, match="epsilon_low must be a Python float, got list"):  # unhashable
+            ops.grpo_loss(logp, old, advantages, mask, epsilon_low=[0.2])
+    # dr_grpo's default L is T: a longer call of the same options normalises by its own T.
+    for length in (4, 6):
+        logp, old, ref, advantages, mask = _inputs(2, length, seed=1)
+        loss, _ = ops.grpo_loss(logp, old, advantages, mask, loss_type="dr_grpo", backend="reference")
+        expected, _ = reference.grpo_loss(logp.double(), old.double(), advantages.double(), mask, loss_type="dr_grpo")
+        torch.testing.assert_close(loss, expected.float(), **LOSS_TOL)
+    resolved = _grpo_objective.scalar_options("grpo_loss", 6, False, {"loss_type": "dr_grpo"})
+    assert resolved is _grpo_objective.scalar_options("grpo_loss", 6, False, {"loss_type": "dr_grpo"})
+    assert resolved.max_completion_length == 6
+
+
+def test_kernel_params_follow_the_param_order():
+    """kernel_params puts each option where _grpo_constants.PARAM_* (C++ grpo::Param, which
+    tests/test_constants.py checks against it) says the kernels read it."""
+    from gtalign_fast.ops import _grpo_constants as c
+    from gtalign_fast.ops._grpo_loss import kernel_params
+    from gtalign_fast.ops._grpo_objective import GrpoLossOptions
+
+    options = GrpoLossOptions(0.1, 0.2, 0.3, 1.5, 3.0, "sapo", True, 7, None, 4.0, True, 1.1, 1.2, 2.1, 3.1, 3.2, 2.2)
+    expected = {
+        c.PARAM_BETA: 0.1, c.PARAM_EPSILON_LOW: 0.2, c.PARAM_EPSILON_HIGH: 0.3, c.PARAM_DELTA: 1.5,
+        c.PARAM_DUAL_CLIP: 3.0, c.PARAM_KL_CLAMP: 4.0, c.PARAM_BIAS_KL: 1.0, c.PARAM_SAPO_TAU_POS: 1.1,
+        c.PARAM_SAPO_TAU_NEG: 1.2, c.PARAM_CISPO: 0.0, c.PARAM_VESPO_K_POS: 2.1, c.PARAM_VESPO_LAMBDA_POS: 3.1,
+        c.PARAM_VESPO_K_NEG: 3.2, c.PARAM_VESPO_LAMBDA_NEG: 2.2, c.PARAM_VESPO: 0.0, c.PARAM_SEQ_LEVEL: 1.0,
+    }
+    params = kernel_params(options)
+    assert len(params) == c.NUM_PARAMS and dict(enumerate(params)) == expected
+    plain = kernel_params(GrpoLossOptions(0.0, 0.2, 0.2, None, None, "cispo", False, 7, None))
+    assert (plain[c.PARAM_DELTA], plain[c.PARAM_DUAL_CLIP], plain[c.PARAM_KL_CLAMP]) == (math.inf, 0.0, math.inf)
+    assert (plain[c.PARAM_SAPO_TAU_POS], plain[c.PARAM_CISPO], plain[c.PARAM_VESPO]) == (0.0, 1.0, 0.0)
+    assert kernel_params(options._replace(loss_type="vespo"))[c.PARAM_VESPO] == 1.0
+
+
+def test_compiled_kernels_refuse_a_params_list_of_another_length():
+    from gtalign_fast.ops import _backend
+    from gtalign_fast.ops._grpo_loss import kernel_params
+    from gtalign_fast.ops._grpo_objective import GrpoLossOptions
+
+    if _backend.why_unavailable("cpu", torch.device("cpu"), "grpo_loss") is not None:
+        pytest.skip("no C++ CPU kernel here")
+    logp, old, ref, advantages, mask = _inputs(2, 4, seed=0, dtype=torch.float32)
+    logp, old, advantages, mask = logp.cpu(), old.cpu(), advantages.cpu(), mask.cpu()
+    params = kernel_params(GrpoLossOptions(0.0, 0.2, 0.2, None, None, "grpo", False, 4, None))
+    outputs = (torch.empty(()), torch.empty(5), torch.empty(2, 8), torch.empty(2))
+    kernel = torch.ops.gtalign_fast_C.grpo_loss_fwd
+    kernel(logp, old, None, advantages.unsqueeze(1).expand(2, 4), mask.view(torch.uint8), None, None, params,
+           False, 0, 0.0, *outputs)
+    assert torch.isfinite(outputs[0])
+    with pytest.raises(RuntimeError, match="params must hold 16 values"):
+        kernel(logp, old, None, advantages.unsqueeze(1).expand(2, 4), mask.view(torch.uint8), None, None,
+               params[:-1], False, 0, 0.0, *outputs)

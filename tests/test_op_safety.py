@@ -620,14 +620,16 @@ def test_launchers_refuse_inconsistent_layouts():
     mask = torch.ones(2, 5, dtype=torch.uint8, device=DEVICE)
     outputs = [torch.empty((), device=DEVICE), torch.empty(5, device=DEVICE), torch.empty(2, 8, device=DEVICE),
                torch.empty(2, device=DEVICE)]
-    from gtalign_fast.ops._grpo_loss import _clip_args
+    from gtalign_fast.ops._grpo_loss import kernel_params
     from gtalign_fast.ops._grpo_objective import GrpoLossOptions
 
-    clip_args = _clip_args(GrpoLossOptions(0.0, 0.2, 0.2, None, None, "grpo", False, 5, None))
+    params = kernel_params(GrpoLossOptions(0.0, 0.2, 0.2, None, None, "grpo", False, 5, None))
     with pytest.raises(ValueError, match=r"\[B, T\]"):
-        grpo_kernels.grpo_loss_forward(logp, short, None, torch.ones(2, 5, device=DEVICE), mask, None, None,
-                                       *clip_args,
-                                       False, False, 0, 0.1, *outputs)
+        grpo_kernels.grpo_loss_forward(logp, short, None, torch.ones(2, 5, device=DEVICE), mask, None, None, params,
+                                       False, 0, 0.1, *outputs)
+    with pytest.raises(ValueError, match="params must hold 16 values"):
+        grpo_kernels.grpo_loss_forward(logp, logp, None, torch.ones(2, 5, device=DEVICE), mask, None, None,
+                                       params[:-1], False, 0, 0.1, *outputs)
     n = 6
     with pytest.raises(ValueError, match="output"):
         welfare_kernels.welfare_advantages(

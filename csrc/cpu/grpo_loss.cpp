@@ -411,10 +411,7 @@ Inputs<scalar_t> make_inputs(const at::Tensor& logp, const std::optional<at::Ten
 void grpo_loss_fwd_cpu(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
                        const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask,
                        const std::optional<at::Tensor>& num_items, const std::optional<at::Tensor>& is_ratio,
-                       double beta, double epsilon_low, double epsilon_high,
-                       double delta, double dual_clip, double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool cispo,
-                       double vespo_k_pos, double vespo_lambda_pos, double vespo_k_neg, double vespo_lambda_neg,
-                       bool vespo, bool seq_level, bool row_metrics, int64_t mode,
+                       c10::ArrayRef<double> params, bool row_metrics, int64_t mode,
                        double const_weight, at::Tensor& loss, at::Tensor& metrics, at::Tensor& row_stats,
                        at::Tensor& row_weights, const std::optional<at::Tensor>& error_flag,
                        const std::optional<at::Tensor>& /*finalize_counter: the CUDA kernel's one-launch path*/) {
@@ -434,10 +431,9 @@ void grpo_loss_fwd_cpu(const at::Tensor& logp, const std::optional<at::Tensor>& 
     const float n = num_items->data_ptr<float>()[0];
     TORCH_CHECK_VALUE(n > 0.0f && std::isfinite(n), "grpo_loss: num_items_in_batch must be finite and > 0, got ", n);
   }
-  ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl, sapo_tau_pos,
-                                  sapo_tau_neg, cispo, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg,
-                                  vespo);
-  params.has_is = is_ratio.has_value() && is_ratio->defined();
+  ClipParams clip = clip_params(params);
+  clip.has_is = is_ratio.has_value() && is_ratio->defined();
+  const bool seq_level = seq_level_of(params);
   float* stats = row_stats.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logp.scalar_type(), "grpo_loss_fwd_cpu", [&] {
     const Inputs<scalar_t> in = make_inputs<scalar_t>(logp, old_logp, ref_logp, advantages, mask, is_ratio);
@@ -445,7 +441,7 @@ void grpo_loss_fwd_cpu(const at::Tensor& logp, const std::optional<at::Tensor>& 
     at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
       std::unique_ptr<Chunk> chunk(new Chunk());  // zeroed: absent inputs read as 0
       for (int64_t b = begin; b < end; ++b) {
-        forward_row(in, b, params, seq_level, row_metrics, chunk.get(), stats + b * kNumStats);
+        forward_row(in, b, clip, seq_level, row_metrics, chunk.get(), stats + b * kNumStats);
       }
     });
   });
@@ -456,10 +452,8 @@ void grpo_loss_fwd_cpu(const at::Tensor& logp, const std::optional<at::Tensor>& 
 void grpo_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& row_weights, const at::Tensor& row_stats,
                        const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
                        const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask,
-                       const std::optional<at::Tensor>& is_ratio, double beta, double epsilon_low, double epsilon_high, double delta, double dual_clip,
-                       double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool cispo,
-                       double vespo_k_pos, double vespo_lambda_pos, double vespo_k_neg, double vespo_lambda_neg,
-                       bool vespo, bool seq_level, at::Tensor& dlogp, at::Tensor& dref) {
+                       const std::optional<at::Tensor>& is_ratio, c10::ArrayRef<double> params, at::Tensor& dlogp,
+                       at::Tensor& dref) {
   check_inputs(logp, old_logp, ref_logp, advantages, mask, is_ratio);
   const int64_t batch = logp.size(0), length = logp.size(1);
   check_float_out(grad_loss, 1, logp, "grad_loss");
@@ -473,10 +467,9 @@ void grpo_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& row_weight
     TORCH_CHECK(dref.is_contiguous() && dref.scalar_type() == logp.scalar_type() && dref.numel() == batch * length,
                 "grpo_loss: dref must be contiguous [B, T] in logp's dtype");
   }
-  ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl, sapo_tau_pos,
-                                  sapo_tau_neg, cispo, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg,
-                                  vespo);
-  params.has_is = is_ratio.has_value() && is_ratio->defined();
+  ClipParams clip = clip_params(params);
+  clip.has_is = is_ratio.has_value() && is_ratio->defined();
+  const bool seq_level = seq_level_of(params);
   const float grad = grad_loss.data_ptr<float>()[0];
   const float* weights = row_weights.data_ptr<float>();
   const float* stats = row_stats.data_ptr<float>();
@@ -489,7 +482,7 @@ void grpo_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& row_weight
       std::unique_ptr<Chunk> chunk(new Chunk());  // zeroed: absent inputs read as 0
       std::vector<float> dlogp_buffer(kChunk), dref_buffer(kChunk);
       for (int64_t b = begin; b < end; ++b) {
-        backward_row(in, b, params, seq_level, grad * weights[b], stats[b * kNumStats + kSeqGrad], chunk.get(),
+        backward_row(in, b, clip, seq_level, grad * weights[b], stats[b * kNumStats + kSeqGrad], chunk.get(),
                      dlogp_buffer.data(), dref_buffer.data(), dlogp_data, dref_data);
       }
     });
@@ -503,17 +496,14 @@ void grpo_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& row_weight
 TORCH_LIBRARY_FRAGMENT(gtalign_fast_C, m) {
   m.def(
       "grpo_loss_fwd(Tensor logp, Tensor? old_logp, Tensor? ref_logp, Tensor advantages, Tensor mask, "
-      "Tensor? num_items, Tensor? is_ratio, float beta, float epsilon_low, float epsilon_high, float delta, float dual_clip, "
-      "float kl_clamp, bool bias_kl, float sapo_tau_pos, float sapo_tau_neg, bool cispo, float vespo_k_pos, "
-      "float vespo_lambda_pos, float vespo_k_neg, float vespo_lambda_neg, bool vespo, bool seq_level, bool row_metrics, int mode, float const_weight, Tensor(a!) loss, Tensor(b!) metrics, "
+      "Tensor? num_items, Tensor? is_ratio, float[] params, bool row_metrics, int mode, float const_weight, "
+      "Tensor(a!) loss, Tensor(b!) metrics, "
       "Tensor(c!) row_stats, Tensor(d!) row_weights, Tensor(e!)? error_flag=None, "
       "Tensor(f!)? finalize_counter=None) -> ()");
   m.def(
       "grpo_loss_bwd(Tensor grad_loss, Tensor row_weights, Tensor row_stats, Tensor logp, Tensor? old_logp, "
-      "Tensor? ref_logp, Tensor advantages, Tensor mask, Tensor? is_ratio, float beta, float epsilon_low, float epsilon_high, "
-      "float delta, float dual_clip, float kl_clamp, bool bias_kl, float sapo_tau_pos, float sapo_tau_neg, "
-      "bool cispo, float vespo_k_pos, float vespo_lambda_pos, float vespo_k_neg, float vespo_lambda_neg, bool vespo, "
-      "bool seq_level, Tensor(a!) dlogp, Tensor(b!) dref) -> ()");
+      "Tensor? ref_logp, Tensor advantages, Tensor mask, Tensor? is_ratio, float[] params, Tensor(a!) dlogp, "
+      "Tensor(b!) dref) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(gtalign_fast_C, CPU, m) {

@@ -401,14 +401,9 @@ Strides strides_of(const at::Tensor& logp, const std::optional<at::Tensor>& old_
 void grpo_loss_fwd_cuda(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
                         const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask,
                         const std::optional<at::Tensor>& num_items, const std::optional<at::Tensor>& is_ratio,
-                        double beta, double epsilon_low,
-                        double epsilon_high, double delta, double dual_clip, double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool cispo,
-                        double vespo_k_pos, double vespo_lambda_pos, double vespo_k_neg, double vespo_lambda_neg,
-                        bool vespo, bool seq_level,
-                        bool row_metrics,
-                        int64_t mode, double const_weight, at::Tensor& loss, at::Tensor& metrics,
-                        at::Tensor& row_stats, at::Tensor& row_weights, const std::optional<at::Tensor>& error_flag,
-                        const std::optional<at::Tensor>& finalize_counter) {
+                        c10::ArrayRef<double> params, bool row_metrics, int64_t mode, double const_weight,
+                        at::Tensor& loss, at::Tensor& metrics, at::Tensor& row_stats, at::Tensor& row_weights,
+                        const std::optional<at::Tensor>& error_flag, const std::optional<at::Tensor>& finalize_counter) {
   check_inputs(logp, old_logp, ref_logp, advantages, mask, is_ratio);
   const int64_t batch = logp.size(0), length = logp.size(1);
   check_float_out(loss, 1, logp, "loss");
@@ -430,9 +425,8 @@ void grpo_loss_fwd_cuda(const at::Tensor& logp, const std::optional<at::Tensor>&
   if (batch == 0) return;
   const c10::cuda::CUDAGuard guard(logp.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl, sapo_tau_pos,
-                                        sapo_tau_neg, cispo, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
-                                        vespo_lambda_neg, vespo);
+  const ClipParams clip = clip_params(params);
+  const bool seq_level = seq_level_of(params);
   const Strides strides = strides_of(logp, old_logp, ref_logp, advantages, mask, is_ratio);
   const Finalize finalize{mode == kNormaliserTensor ? num_items->data_ptr<float>() : nullptr,
                           loss.data_ptr<float>(),
@@ -446,7 +440,7 @@ void grpo_loss_fwd_cuda(const at::Tensor& logp, const std::optional<at::Tensor>&
     grpo_loss_rows_kernel<scalar_t><<<static_cast<unsigned int>(batch), kThreads, 0, stream>>>(
         logp.data_ptr<scalar_t>(), optional_data<scalar_t>(old_logp), optional_data<scalar_t>(ref_logp),
         advantages.data_ptr<float>(), mask.data_ptr<uint8_t>(), optional_data<float>(is_ratio),
-        row_stats.data_ptr<float>(), length, strides, params, seq_level, row_metrics, finalize);
+        row_stats.data_ptr<float>(), length, strides, clip, seq_level, row_metrics, finalize);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (counter != nullptr) return;  // the rows kernel's last block finalized
@@ -457,11 +451,8 @@ void grpo_loss_fwd_cuda(const at::Tensor& logp, const std::optional<at::Tensor>&
 void grpo_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& row_weights, const at::Tensor& row_stats,
                         const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
                         const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages, const at::Tensor& mask,
-                        const std::optional<at::Tensor>& is_ratio, double beta, double epsilon_low,
-                        double epsilon_high, double delta, double dual_clip,
-                        double kl_clamp, bool bias_kl, double sapo_tau_pos, double sapo_tau_neg, bool cispo,
-                        double vespo_k_pos, double vespo_lambda_pos, double vespo_k_neg, double vespo_lambda_neg,
-                        bool vespo, bool seq_level, at::Tensor& dlogp, at::Tensor& dref) {
+                        const std::optional<at::Tensor>& is_ratio, c10::ArrayRef<double> params, at::Tensor& dlogp,
+                        at::Tensor& dref) {
   check_inputs(logp, old_logp, ref_logp, advantages, mask, is_ratio);
   const int64_t batch = logp.size(0), length = logp.size(1);
   check_float_out(grad_loss, 1, logp, "grad_loss");
@@ -477,9 +468,8 @@ void grpo_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& row_weigh
   if (batch == 0) return;
   const c10::cuda::CUDAGuard guard(logp.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const ClipParams params = clip_params(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, bias_kl, sapo_tau_pos,
-                                        sapo_tau_neg, cispo, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
-                                        vespo_lambda_neg, vespo);
+  const ClipParams clip = clip_params(params);
+  const bool seq_level = seq_level_of(params);
   const Strides strides = strides_of(logp, old_logp, ref_logp, advantages, mask, is_ratio);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logp.scalar_type(), "grpo_loss_bwd_cuda", [&] {
     grpo_loss_bwd_kernel<scalar_t><<<static_cast<unsigned int>(batch), kThreads, 0, stream>>>(
@@ -487,7 +477,7 @@ void grpo_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& row_weigh
         logp.data_ptr<scalar_t>(), optional_data<scalar_t>(old_logp), optional_data<scalar_t>(ref_logp),
         advantages.data_ptr<float>(), mask.data_ptr<uint8_t>(), optional_data<float>(is_ratio),
         dlogp.data_ptr<scalar_t>(),
-        ref_grad ? dref.data_ptr<scalar_t>() : nullptr, length, strides, params, seq_level);
+        ref_grad ? dref.data_ptr<scalar_t>() : nullptr, length, strides, clip, seq_level);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -19,6 +19,27 @@ STAT_RATIO_SUM = 6  # sum_t mask * r (or, with per-row metrics, the row's ratio)
 STAT_SEQ_GRAD = 7  # sequence level: d(sum_t mask * pg) / d logp_t for each masked token; else 0
 NUM_SEQUENCE_STATS = 8  # C++: grpo::kNumStats
 
+# The objective's parameters as the kernels take them: one float[] argument of NUM_PARAMS values in this
+# order, bools as 0 / 1 (gtalign_fast.ops._grpo_loss.kernel_params builds it; C++: grpo::Param). One list
+# costs about half as much to pass to a compiled op as the same values as separate float arguments.
+PARAM_BETA = 0
+PARAM_EPSILON_LOW = 1
+PARAM_EPSILON_HIGH = 2  # loss_type="cispo": the ratio cap itself
+PARAM_DELTA = 3  # +inf: no two-sided cap
+PARAM_DUAL_CLIP = 4  # 0: no dual clip
+PARAM_KL_CLAMP = 5  # +inf: unclamped
+PARAM_BIAS_KL = 6  # use_bias_correction_kl
+PARAM_SAPO_TAU_POS = 7  # > 0 selects SAPO
+PARAM_SAPO_TAU_NEG = 8
+PARAM_CISPO = 9
+PARAM_VESPO_K_POS = 10
+PARAM_VESPO_LAMBDA_POS = 11
+PARAM_VESPO_K_NEG = 12
+PARAM_VESPO_LAMBDA_NEG = 13
+PARAM_VESPO = 14
+PARAM_SEQ_LEVEL = 15  # importance_sampling_level="sequence"
+NUM_PARAMS = 16
+
 # How each loss_type normalises the row sums S_b = sum_t mask * loss_t (n_b: tokens of row b, N: all
 # tokens, L: max_completion_length). The one table from loss type to normaliser: the reference, the
 # kernels' aggregation modes and row weights (gtalign_fast.ops._grpo_objective) and the trainer's

@@ -84,27 +84,38 @@ def _forward_args(logp, old_logp, ref_logp, advantages, mask, num_items_tensor, 
     row_metrics = _grpo_objective.row_metrics(options, advantages)
     return (
         logp, old_logp, ref_logp, _kernel_advantages(advantages, logp.shape), kernel_mask(mask), num_items_tensor,
-        _kernel_is_ratio(is_ratio, logp.shape), *_clip_args(options), options.sequence_level, row_metrics, mode,
-        const_weight, *outputs,
+        _kernel_is_ratio(is_ratio, logp.shape), kernel_params(options), row_metrics, mode, const_weight, *outputs,
     )
 
 
-def _clip_args(options: GrpoLossOptions) -> tuple:
-    """(beta, epsilon_low, epsilon_high, delta, dual_clip, kl_clamp, use_bias_correction_kl,
-    sapo_tau_pos, sapo_tau_neg, cispo, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg,
-    vespo) as the kernels take them: no delta is +inf, no dual clip is 0, no KL clamp is +inf (clamping
-    to +-inf changes nothing), the SAPO temperatures are 0 unless loss_type="sapo" (a positive
-    sapo_tau_pos selects the SAPO objective); cispo selects TRL's CISPO objective (whose ratio cap, and
-    high-clip metric bound, is epsilon_high itself), vespo TRL's VESPO objective (the kernels floor its
-    lambdas at VESPO_MIN_LAMBDA, as TRL)."""
-    delta = math.inf if options.delta is None else options.delta
-    dual_clip = 0.0 if options.dual_clip is None else options.dual_clip
-    kl_clamp = math.inf if options.kl_clamp is None else options.kl_clamp
-    sapo = options.loss_type == "sapo"
-    taus = (options.sapo_temperature_pos, options.sapo_temperature_neg) if sapo else (0.0, 0.0)
-    return (options.beta, options.epsilon_low, options.epsilon_high, delta, dual_clip, kl_clamp,
-            options.use_bias_correction_kl, *taus, options.loss_type == "cispo", options.vespo_k_pos,
-            options.vespo_lambda_pos, options.vespo_k_neg, options.vespo_lambda_neg, options.loss_type == "vespo")
+def kernel_params(options: GrpoLossOptions) -> tuple[float, ...]:
+    """The objective's parameters as the kernels take them: one ``float[]`` argument, in the order of
+    ``_grpo_constants.PARAM_*`` (C++: ``grpo::Param``), bools as 0 / 1 (a compiled op's float arguments
+    cost ~0.3 us each to pass, a list's elements about half that). No delta is +inf, no dual clip is 0,
+    no KL clamp is +inf (clamping to +-inf changes nothing), the SAPO temperatures are 0 unless
+    loss_type="sapo" (a positive sapo_tau_pos selects the SAPO objective); cispo selects TRL's CISPO
+    objective (whose ratio cap, and high-clip metric bound, is epsilon_high itself), vespo TRL's VESPO
+    objective (the kernels floor its lambdas at VESPO_MIN_LAMBDA, as TRL)."""
+    loss_type = options.loss_type
+    sapo = loss_type == "sapo"
+    return (  # PARAM_BETA, ..., PARAM_SEQ_LEVEL (tests/test_grpo_loss.py checks the order)
+        options.beta,
+        options.epsilon_low,
+        options.epsilon_high,
+        math.inf if options.delta is None else options.delta,
+        0.0 if options.dual_clip is None else options.dual_clip,
+        math.inf if options.kl_clamp is None else options.kl_clamp,
+        1.0 if options.use_bias_correction_kl else 0.0,
+        options.sapo_temperature_pos if sapo else 0.0,
+        options.sapo_temperature_neg if sapo else 0.0,
+        1.0 if loss_type == "cispo" else 0.0,
+        options.vespo_k_pos,
+        options.vespo_lambda_pos,
+        options.vespo_k_neg,
+        options.vespo_lambda_neg,
+        1.0 if loss_type == "vespo" else 0.0,
+        1.0 if options.sequence_level else 0.0,
+    )
 
 
 _FINALIZE_COUNTERS: dict[tuple, torch.Tensor] = {}
@@ -190,7 +201,7 @@ def _backward_args(grad_loss, row_stats, row_weights, logp, old_logp, ref_logp, 
     return (
         grad_loss.to(torch.float32).reshape(()), row_weights, row_stats, logp, old_logp, ref_logp,
         _kernel_advantages(advantages, logp.shape), kernel_mask(mask), _kernel_is_ratio(is_ratio, logp.shape),
-        *_clip_args(options), options.sequence_level,
+        kernel_params(options),
     )
 
 
@@ -242,7 +253,7 @@ FORWARD.register_autograd(_save, _backward, differentiable=(0,))
 
 
 def _check_logp(logp) -> None:
-    """``logp`` here; the loss arguments are checked by :func:`gtalign_fast.ops._grpo_objective.validate`."""
+    """``logp`` here; the loss arguments are checked by :func:`gtalign_fast.ops._grpo_objective.resolve_options`."""
     if not isinstance(logp, torch.Tensor):
         raise TypeError(f"grpo_loss: logp must be a tensor, got {type(logp).__name__}")
     if logp.dtype not in FLOAT_DTYPES:

@@ -7,7 +7,8 @@ shares):
 
 - :class:`GrpoLossOptions`, the op-level scalars, and :func:`options_type`, which builds the fused
   ops' option tuples from it (its fields, then theirs) instead of copying the fields;
-- :func:`validate`, the checks of the loss arguments, naming the op that was called;
+- :func:`resolve_options`, the checks of the loss arguments (naming the op that was called) and
+  their normalised form, the scalars checked once per distinct set of values;
 - :func:`aggregation` and :func:`row_weights`, the kernels' view of the normaliser table
   (``_grpo_constants.LOSS_NORMALISERS``, the only place a loss type's normaliser is written);
 - :func:`reference_loss` and :func:`metrics_dict`, the reference adapter and the metrics;
@@ -169,10 +170,9 @@ def check_tensor(op: str, name: str, tensor, shape, device, owner: str, dtypes=N
         raise ValueError(f"{op}: {name} is on {tensor.device} but {owner} on {device}")
 
 
-def validate(op: str, shape, device, owner: str, dtype, old_logp, advantages, mask, ref_logp, o: dict) -> None:
-    """The loss arguments of ``op`` for ``[B, T] = shape`` tokens on ``device`` (``owner`` names
-    the input that fixed them); ``old_logp`` / ``ref_logp`` must have ``dtype`` unless it is None.
-    ``o``: every option of :class:`GrpoOptions` (the defaults merged in)."""
+def check_inputs(op: str, shape, device, owner: str, dtype, old_logp, advantages, mask, ref_logp) -> None:
+    """The loss tensors of ``op`` for ``[B, T] = shape`` tokens on ``device`` (``owner`` names the
+    input that fixed them); ``old_logp`` / ``ref_logp`` must have ``dtype`` unless it is None."""
     shape = tuple(shape)
     for name, other in (("old_logp", old_logp), ("ref_logp", ref_logp)):
         if other is not None:
@@ -188,21 +188,26 @@ def validate(op: str, shape, device, owner: str, dtype, old_logp, advantages, ma
     check_tensor(op, "mask", mask, shape, device, owner)
     if mask.dtype.is_complex:
         raise TypeError(f"{op}: mask must be bool, integer or float, got {mask.dtype}")
+
+
+def check_scalars(op: str, has_ref: bool, o: dict) -> None:
+    """The scalar options ``o`` (every option of :class:`GrpoOptions`, the defaults merged in; a
+    ``num_items_in_batch`` tensor is checked by :func:`resolve_options`); ``has_ref``: whether
+    ``ref_logp`` was given."""
     loss_type, level = o["loss_type"], o["importance_sampling_level"]
     if loss_type not in LOSS_NORMALISERS:
         raise ValueError(f"{op}: unknown loss_type {loss_type!r}; choose one of {LOSS_TYPES}")
     if level not in IMPORTANCE_SAMPLING_LEVELS:
         raise ValueError(f"{op}: importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, got {level!r}")
     check_number(op, "beta", o["beta"], low=0.0)
-    if o["beta"] != 0.0 and ref_logp is None:
+    if o["beta"] != 0.0 and not has_ref:
         raise ValueError(f"{op}: beta > 0 needs ref_logp (the reference model's log-probs)")
     check_number(op, "epsilon_low", o["epsilon_low"], low=0.0)
     check_number(op, "epsilon_high", o["epsilon_high"], low=0.0, optional=True)
     check_number(op, "delta", o["delta"], low=0.0, low_inclusive=False, optional=True)
     check_number(op, "dual_clip", o["dual_clip"], low=1.0, low_inclusive=False, optional=True)
     check_number(op, "kl_clamp", o["kl_clamp"], low=0.0, low_inclusive=False, optional=True)
-    if loss_type in _UNCLIPPED:  # (a call less for the clipped objectives: this runs on every op call)
-        _validate_objective(op, loss_type, o)
+    _check_objective(op, loss_type, o)
     if not isinstance(o["use_bias_correction_kl"], bool):
         raise TypeError(
             f"{op}: use_bias_correction_kl must be a bool, got {type(o['use_bias_correction_kl']).__name__}"
@@ -214,24 +219,25 @@ def validate(op: str, shape, device, owner: str, dtype, old_logp, advantages, ma
         if length < 1:
             raise ValueError(f"{op}: max_completion_length must be >= 1, got {length}")
     num_items_in_batch = o["num_items_in_batch"]
-    if isinstance(num_items_in_batch, torch.Tensor):
-        check_tensor(op, "num_items_in_batch", num_items_in_batch, None, device, owner)
-        if num_items_in_batch.numel() != 1:
-            raise ValueError(
-                f"{op}: num_items_in_batch must hold one number, got shape {tuple(num_items_in_batch.shape)}"
-            )
-        if num_items_in_batch.dtype == torch.bool or num_items_in_batch.is_complex():
-            raise TypeError(f"{op}: num_items_in_batch must be a real number, got {num_items_in_batch.dtype}")
-    else:
+    if not isinstance(num_items_in_batch, torch.Tensor):
         check_number(op, "num_items_in_batch", num_items_in_batch, low=0.0, low_inclusive=False, optional=True)
-    is_ratio = o["importance_sampling_ratio"]
-    if is_ratio is not None:
-        check_tensor(op, "importance_sampling_ratio", is_ratio, None, device, owner, FLOAT_DTYPES)
-        if is_ratio.shape not in ((shape[0],), (shape[0], 1), shape):
-            raise ValueError(
-                f"{op}: importance_sampling_ratio must have shape [B] = ({shape[0]},), [B, 1] or [B, T] = {shape}, "
-                f"got {tuple(is_ratio.shape)}"
-            )
+
+
+def _check_num_items_tensor(op: str, num_items_in_batch: torch.Tensor, device, owner: str) -> None:
+    check_tensor(op, "num_items_in_batch", num_items_in_batch, None, device, owner)
+    if num_items_in_batch.numel() != 1:
+        raise ValueError(f"{op}: num_items_in_batch must hold one number, got shape {tuple(num_items_in_batch.shape)}")
+    if num_items_in_batch.dtype == torch.bool or num_items_in_batch.is_complex():
+        raise TypeError(f"{op}: num_items_in_batch must be a real number, got {num_items_in_batch.dtype}")
+
+
+def _check_is_ratio(op: str, is_ratio, shape, device, owner: str) -> None:
+    check_tensor(op, "importance_sampling_ratio", is_ratio, None, device, owner, FLOAT_DTYPES)
+    if is_ratio.shape not in ((shape[0],), (shape[0], 1), tuple(shape)):
+        raise ValueError(
+            f"{op}: importance_sampling_ratio must have shape [B] = ({shape[0]},), [B, 1] or [B, T] = {tuple(shape)}, "
+            f"got {tuple(is_ratio.shape)}"
+        )
 
 
 def kernel_is_ratio(is_ratio: torch.Tensor | None) -> torch.Tensor | None:
@@ -251,8 +257,8 @@ def kernel_is_ratio(is_ratio: torch.Tensor | None) -> torch.Tensor | None:
 _UNCLIPPED = ("sapo", "cispo", "vespo")  # objectives that replace the clip (delta and dual_clip refused)
 
 
-def _validate_objective(op: str, loss_type: str, o: dict) -> None:
-    """The options of the objectives other than the clip (checked only when selected: a few us per call)."""
+def _check_objective(op: str, loss_type: str, o: dict) -> None:
+    """The options of the objectives other than the clip, checked only when selected."""
     if loss_type == "sapo":
         check_number(op, "sapo_temperature_pos", o["sapo_temperature_pos"], low=0.0, low_inclusive=False)
         check_number(op, "sapo_temperature_neg", o["sapo_temperature_neg"], low=0.0, low_inclusive=False)
@@ -267,49 +273,86 @@ def _validate_objective(op: str, loss_type: str, o: dict) -> None:
 
 def resolve_options(op: str, shape, device, owner: str, dtype, old_logp, advantages, mask, ref_logp,
                     options: dict) -> tuple[torch.Tensor | None, GrpoLossOptions, torch.Tensor | None]:
-    """The ops' ``**options`` (:class:`GrpoOptions`), checked by :func:`validate` and normalised by
-    :func:`options_from_arguments` and :func:`kernel_is_ratio`: ``(num_items_tensor, options, is_ratio)``.
+    """The ops' ``**options`` (:class:`GrpoOptions`) for the loss tensors, checked and normalised:
+    ``(num_items_tensor, options, is_ratio)``. The tensors are checked on every call
+    (:func:`check_inputs`); the scalars once per distinct set of values (:func:`scalar_options`).
     A keyword that is not an option is a TypeError naming ``op``."""
     if not _OPTION_NAMES >= options.keys():
         unknown = sorted(options.keys() - _OPTION_NAMES)[0]
         raise TypeError(f"{op}() got an unexpected keyword argument {unknown!r}")
-    merged = {**OPTION_DEFAULTS, **options}
-    validate(op, shape, device, owner, dtype, old_logp, advantages, mask, ref_logp, merged)
-    is_ratio = merged["importance_sampling_ratio"]
-    return (*options_from_arguments(op, shape[1], merged), None if is_ratio is None else kernel_is_ratio(is_ratio))
+    check_inputs(op, shape, device, owner, dtype, old_logp, advantages, mask, ref_logp)
+    num_items = options.get("num_items_in_batch")
+    is_ratio = options.get("importance_sampling_ratio")
+    num_items_is_tensor = isinstance(num_items, torch.Tensor)
+    scalars = options
+    if num_items_is_tensor or "importance_sampling_ratio" in options:  # the tensors stay out of the cache key
+        scalars = {name: value for name, value in options.items() if name not in _PER_CALL_OPTIONS}
+        if not num_items_is_tensor:
+            scalars["num_items_in_batch"] = num_items
+    grpo = scalar_options(op, shape[1], ref_logp is not None, scalars)
+    if num_items_is_tensor:
+        _check_num_items_tensor(op, num_items, device, owner)
+    if is_ratio is not None:
+        _check_is_ratio(op, is_ratio, shape, device, owner)
+    num_items_tensor = checked_normaliser(op, num_items) if num_items_is_tensor else None
+    return num_items_tensor, grpo, None if is_ratio is None else kernel_is_ratio(is_ratio)
 
 
-def options_from_arguments(op: str, length: int, o: dict) -> tuple[torch.Tensor | None, GrpoLossOptions]:
-    """The (validated) options ``o`` as ``GrpoLossOptions``, plus ``num_items_in_batch`` as a
-    float32 tensor when it was given as one (else None: it is an option). ``length`` is T, the
-    default ``max_completion_length``."""
+# The options that may be tensors: checked on every call, never part of scalar_options' cache key.
+_PER_CALL_OPTIONS = ("num_items_in_batch", "importance_sampling_ratio")
+
+# scalar_options' cache: (T, has_ref, the options' items, their types) -> GrpoLossOptions. Types are
+# part of the key because 1 == 1.0 == True (a bool beta or an int use_bias_correction_kl is refused).
+_SCALAR_OPTIONS: dict[tuple, GrpoLossOptions] = {}
+_SCALAR_OPTIONS_MAX = 256  # distinct option sets (num_items_in_batch given as a number varies per step)
+
+
+def scalar_options(op: str, length: int, has_ref: bool, scalars: dict) -> GrpoLossOptions:
+    """The scalar options ``scalars`` (no tensor) checked by :func:`check_scalars` and normalised by
+    :func:`options_from_arguments`, once per distinct set of values: every op call resolves its
+    options, and the checks cost more than the smallest kernels. A set that fails a check is not
+    stored, so it raises on every call with the same message. ``length`` is T."""
+    key = (length, has_ref, tuple(scalars.items()), tuple(map(type, scalars.values())))
+    try:
+        options = _SCALAR_OPTIONS.get(key)
+    except TypeError:  # an unhashable value: the checks refuse it, with their own message
+        key, options = None, None
+    if options is None:
+        merged = {**OPTION_DEFAULTS, **scalars}
+        check_scalars(op, has_ref, merged)
+        options = options_from_arguments(length, merged)
+        if key is not None:
+            if len(_SCALAR_OPTIONS) >= _SCALAR_OPTIONS_MAX:
+                _SCALAR_OPTIONS.clear()
+            _SCALAR_OPTIONS[key] = options
+    return options
+
+
+def options_from_arguments(length: int, o: dict) -> GrpoLossOptions:
+    """The (checked) scalar options ``o`` as ``GrpoLossOptions`` (``num_items_in_batch`` as
+    ``num_items_value`` when it is a number; a tensor is the op's input instead). ``length`` is T,
+    the default ``max_completion_length``."""
     num_items_in_batch = o["num_items_in_batch"]
-    if isinstance(num_items_in_batch, torch.Tensor):
-        num_items_tensor, num_items_value = checked_normaliser(op, num_items_in_batch), None
-    else:
-        num_items_tensor = None
-        num_items_value = None if num_items_in_batch is None else float(num_items_in_batch)
+    num_items_value = None if num_items_in_batch is None else float(num_items_in_batch)
     epsilon_high, delta, dual_clip = o["epsilon_high"], o["delta"], o["dual_clip"]
     max_completion_length, kl_clamp = o["max_completion_length"], o["kl_clamp"]
-    # Positional, in GrpoLossOptions' field order (keywords cost ~2 us more per op call).
-    options = GrpoLossOptions(
-        float(o["beta"]),
-        float(o["epsilon_low"]),
-        float(o["epsilon_low"] if epsilon_high is None else epsilon_high),
-        None if delta is None else float(delta),
-        None if dual_clip is None else float(dual_clip),
-        o["loss_type"],
-        o["importance_sampling_level"] == "sequence",
-        int(length if max_completion_length is None else max_completion_length),
-        num_items_value,
-        None if kl_clamp is None else float(kl_clamp),
-        bool(o["use_bias_correction_kl"]),
-        *(float(o[name]) for name in _OBJECTIVE_FLOATS),
+    return GrpoLossOptions(
+        beta=float(o["beta"]),
+        epsilon_low=float(o["epsilon_low"]),
+        epsilon_high=float(o["epsilon_low"] if epsilon_high is None else epsilon_high),
+        delta=None if delta is None else float(delta),
+        dual_clip=None if dual_clip is None else float(dual_clip),
+        loss_type=o["loss_type"],
+        sequence_level=o["importance_sampling_level"] == "sequence",
+        max_completion_length=int(length if max_completion_length is None else max_completion_length),
+        num_items_value=num_items_value,
+        kl_clamp=None if kl_clamp is None else float(kl_clamp),
+        use_bias_correction_kl=bool(o["use_bias_correction_kl"]),
+        **{name: float(o[name]) for name in _OBJECTIVE_FLOATS},
     )
-    return num_items_tensor, options
 
 
-# The float options of the objectives beyond the clip, in GrpoLossOptions' order (its last fields).
+# The float options of the objectives beyond the clip (GrpoLossOptions' last fields).
 _OBJECTIVE_FLOATS = ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
                      "vespo_lambda_neg")
 
