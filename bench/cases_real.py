@@ -152,7 +152,8 @@ def _hf_generate(device, cache: str | None, extra: dict):
 def _floor(model, device, extra: dict, step_seconds: float) -> None:
     bandwidth = copy_bandwidth(device, nbytes=model_bytes(model))  # as much as the weights: not a cache's worth
     floor = model_bytes(model) / bandwidth
-    extra.update(decode_step_ms=step_seconds * 1e3, decode_floor_ms=floor * 1e3, step_over_floor=step_seconds / floor,
+    extra.update(decode_step_ms=step_seconds * 1e3, plot_ms=step_seconds * 1e3, decode_floor_ms=floor * 1e3,
+                 step_over_floor=step_seconds / floor,
                  copy_GBps=bandwidth / 1e9, model_MB=model_bytes(model) / 1e6)
 
 
