@@ -198,12 +198,17 @@ def test_the_decode_kernel_samples_what_f_linear_samples(qwen, tokenizer, cache,
     fast, calls = _decode_kernel_calls(lambda: _generate(qwen, tokenizer, cache, slots=slots, kernel=True,
                                                          native_decode=False))  # tests/test_native_decode.py
     assert calls > 20
+    _same_rows_and_edits(plain, fast)
+    assert all("forward" not in m.__dict__ for m in qwen.modules())  # the model is restored
+
+
+def _same_rows_and_edits(plain, fast):
+    """``_rows``' two edits happened, and ``_same`` holds, with the logits after each edit within 1e-5."""
     assert [e.status for e in plain.events].count("edited") == 2
     _same(plain, fast)
     for a, b in zip(plain.events, fast.events):
         if a.next_logits is not None:
             torch.testing.assert_close(b.next_logits, a.next_logits, atol=1e-5, rtol=1e-5)
-    assert all("forward" not in m.__dict__ for m in qwen.modules())  # the model is restored
 
 
 def test_bad_decode_kernel_setting(qwen, tokenizer):
