@@ -111,6 +111,14 @@ def test_refusals_say_why(tokenizer):
         SteeringSampler(model, tokenizer, native_decode=True)
     hook.remove()
     assert native_decode_support(model) == ""
+    # a hook added after the sampler was built: the next run keeps the model's forward, or raises if required
+    default, required = SteeringSampler(model, tokenizer), SteeringSampler(model, tokenizer, native_decode=True)
+    hook = model.model.layers[0].self_attn.register_forward_hook(lambda *args: None)
+    _, calls = _decode_layers_calls(lambda: default.generate(["Hi"], max_new_tokens=3, seed=0))
+    assert calls == 0
+    with pytest.raises(ValueError, match="native_decode=True, but layer 0's attention"):
+        required.generate(["Hi"], max_new_tokens=3, seed=0)
+    hook.remove()
     assert "not 'silu'" in native_decode_support(_model("llama", len(tokenizer), hidden_act="gelu"))
     assert "bfloat16" in native_decode_support(_model("llama", len(tokenizer)).to(torch.bfloat16))
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -20,7 +20,7 @@ from ..ops import _device_checks
 from .decode_graph import GraphedDecodeStep, graph_supported
 from .detokenize import IncrementalText, TagScanner, TokenTextCache
 from .fast_decode import DecodeLinears
-from .native_decode import NativeDecodeStep
+from .native_decode import NativeDecodeStep, native_decode_support
 from .payoff_edit import CLOSE_TAG
 from .rows import RowState
 from .static_cache import ROOM, DynamicKV, StaticKV
@@ -82,10 +82,15 @@ class DecodeEngine:
 
     def _native_step(self, model, device: torch.device) -> NativeDecodeStep | None:
         """The native one-token step (``native_decode.py``) when ``native_decode`` is on, the model
-        is supported and decoding runs on the CPU; else None (the model's forward)."""
+        is supported and decoding runs on the CPU; else None (the model's forward). Support is
+        checked again per run: adapters or hooks added since the sampler was built turn it off
+        (or raise, where ``native_decode=True`` asked for it)."""
         if not self.native_decode or device.type != "cpu":
             return None
-        return NativeDecodeStep(model)
+        why = native_decode_support(model)
+        if why and self._native_decode_required:
+            raise ValueError(f"SteeringSampler: native_decode=True, but {why}")
+        return None if why else NativeDecodeStep(model)
 
     def _use_static(self, device: torch.device) -> bool:
         if self.cache == "dynamic":

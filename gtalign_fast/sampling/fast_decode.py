@@ -24,7 +24,7 @@ from ..ops import _backend
 from ..ops._decode_linear import MAX_ROWS
 from ..ops._op import extension_kernel
 
-__all__ = ["DecodeLinears", "decode_kernel_unavailable"]
+__all__ = ["DecodeLinears", "decode_kernel_unavailable", "routed_by_decode_linears"]
 
 
 def decode_kernel_unavailable() -> str | None:
@@ -37,6 +37,13 @@ def _linear_layers(model: Any) -> list[torch.nn.Linear]:
     return [module for module in model.modules() if isinstance(module, torch.nn.Linear)
             and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu"
             and module.weight.stride(-1) == 1 and "forward" not in module.__dict__]
+
+
+def routed_by_decode_linears(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s replaced ``forward`` is :class:`DecodeLinears`' routing (the same
+    product as ``nn.Linear``'s own forward), not someone else's."""
+    forward = module.__dict__.get("forward")
+    return getattr(getattr(forward, "__func__", None), "routed_by_decode_linears", False)
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -72,6 +79,7 @@ class DecodeLinears:
         self.layers = _linear_layers(self.model)
         for layer in self.layers:
             layer.forward = types.MethodType(lambda layer, x: _decode_forward(kernel, layer, x), layer)
+            layer.forward.__func__.routed_by_decode_linears = True
         return self
 
     def __exit__(self, *exc_info) -> None:

@@ -30,6 +30,7 @@ import torch
 
 from ..ops._decode_linear import MAX_ROWS
 from ..ops._op import extension_kernel
+from .fast_decode import routed_by_decode_linears
 
 __all__ = ["NativeDecodeStep", "native_decode_support"]
 
@@ -43,8 +44,10 @@ _PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "sel
 
 
 def _plain(module: torch.nn.Module) -> bool:
-    """No hooks and no replaced forward: the module computes what its class says."""
-    return not (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
+    """No hooks and no replaced forward (but the decode kernel's routing of ``fast_decode.py``, which
+    computes the same product): the module computes what its class says."""
+    replaced = "forward" in module.__dict__ and not routed_by_decode_linears(module)
+    return not (module._forward_hooks or module._forward_pre_hooks or replaced)
 
 
 def _linear_problem(name: str, module: Any) -> str:

@@ -178,6 +178,7 @@ class SteeringSampler(DecodeEngine, Draw, PayoffEdit, AnalyzeSteering, Reference
             raise RuntimeError(f"SteeringSampler: decode_kernel=True, but {decode_kernel_unavailable()}")
         self.decode_kernel = decode_kernel_unavailable() is None if decode_kernel is None else decode_kernel
         self.native_decode = self._check_native_decode(native_decode, model)
+        self._native_decode_required = native_decode is True
         check_steering_options(mode, steer_analyze, steer_strength, steer_template)
         if policy is not None and not isinstance(policy, PricingPolicy):
             raise TypeError(f"SteeringSampler: policy must be a PricingPolicy or None, got {type(policy).__name__}")
