@@ -45,9 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warm_start_rows", type=int, default=64, help="rows whose chains the warm start trains on")
     parser.add_argument("--warm_start_steps", type=int, default=14)
     parser.add_argument("--warm_start_learning_rate", type=float, default=5e-5)
-    parser.add_argument("--max_steps", type=int, default=16, help="GRPO steps")
-    parser.add_argument("--learning_rate", type=float, default=2e-5, help="GRPO learning rate")
-    parser.add_argument("--num_generations", type=int, default=4)
+    parser.add_argument("--max_steps", type=int, default=30, help="GRPO steps")
+    parser.add_argument("--learning_rate", type=float, default=3e-5, help="GRPO learning rate")
+    parser.add_argument("--num_generations", type=int, default=8,
+                        help="completions per prompt (with 2 prompts a step, 16 completions: fewer leave F and W "
+                             "inside the step-to-step noise)")
     parser.add_argument("--prompts_per_step", type=int, default=2)
     parser.add_argument("--max_completion_length", type=int, default=320)
     parser.add_argument("--max_prompt_length", type=int, default=1280, help="longer prompts are dropped")
@@ -77,10 +79,14 @@ def warm_start_examples(rows, seed: int) -> list[tuple[list[dict], str]]:
     return [(list(row["prompt"]), well_formed_chain(row["ground_truth"], rng=rng)) for row in rows]
 
 
-def read_metrics(output_dir: str) -> list[dict]:
-    """The trainer's ``metrics.jsonl``: one dict per logged step."""
-    with open(os.path.join(output_dir, "metrics.jsonl")) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+def read_metrics(output_dir: str, start: int = 0) -> list[dict]:
+    """The trainer's ``metrics.jsonl`` from its ``start``-th record on (the trainer appends: a run in a
+    folder that holds an earlier run's file skips that run's records); none when it does not exist."""
+    path = os.path.join(output_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()][start:]
 
 
 def write_curve(path: str, warm_losses: list[float], history: list[dict]) -> list[dict]:
@@ -156,10 +162,12 @@ def main(argv: list[str] | None = None) -> None:
         beta=0.0, loss_type="dapo", logging_steps=1, save_steps=0, seed=args.seed, use_cpu=True,
         overwrite_output_dir=True,
     )
+    earlier_records = len(read_metrics(args.output_dir))
     trainer = GRPOTrainer(model, gtalign_reward(), args=config, train_dataset=grpo_rows, processing_class=tokenizer)
     trainer.train()
     total_s = time.perf_counter() - started
-    lines = write_curve(os.path.join(args.output_dir, "curve.jsonl"), warm_losses, read_metrics(args.output_dir))
+    history = read_metrics(args.output_dir, start=earlier_records)
+    lines = write_curve(os.path.join(args.output_dir, "curve.jsonl"), warm_losses, history)
     title = (f"SmolLM2-135M-Instruct on GTAlign math-hard, CPU: {args.warm_start_steps} warm-start + "
              f"{args.max_steps} GRPO steps, {total_s / 60:.0f} min")
     plot_curve(os.path.join(args.output_dir, "curve.png"), lines, title)
