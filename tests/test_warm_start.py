@@ -141,3 +141,11 @@ def test_example_writes_the_curve_as_jsonl_and_png(tmp_path):
     assert example.running_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     example.plot_curve(str(tmp_path / "curve.png"), lines, "test")
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_example_reads_only_its_own_runs_metrics(tmp_path):
+    """The trainer appends to metrics.jsonl: records of an earlier run in the same folder are skipped."""
+    example = _example_module()
+    assert example.read_metrics(str(tmp_path)) == []
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "old": true}\n{"step": 1}\n\n{"step": 2}\n')
+    assert example.read_metrics(str(tmp_path), start=1) == [{"step": 1}, {"step": 2}]
