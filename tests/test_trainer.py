@@ -415,6 +415,25 @@ def test_fused_lm_head_matches_logits_path(tmp_path, mask_truncated):
                 assert row[key] == pytest.approx(row_plain[key], rel=1e-4, abs=1e-6), key
 
 
+def test_shared_prompt_forward_gives_the_same_update(tmp_path):
+    """share_prompt_prefix packs each prompt's completions into one row (update, old and reference
+    log-probs): the same parameters and logged metrics as one row per completion."""
+    settings = dict(beta=0.04, num_iterations=2, steps=2, gradient_checkpointing=True)
+    shared = sgd_trainer(tmp_path, "shared", share_prompt_prefix=True, **settings)
+    plain = sgd_trainer(tmp_path, "plain", share_prompt_prefix=False, **settings)
+    assert shared.logprobs._packed(  # the rollout's micro-batches really are packed
+        {"attention_mask": torch.ones(2, 3, dtype=torch.long)}, torch.ones(2, 2, dtype=torch.long),
+        torch.ones(2, 1, dtype=torch.long),
+    ) is not None
+    before = parameters(shared)
+    shared.train()
+    plain.train()
+    assert_same_update(parameters(shared), parameters(plain), before, atol=2e-6)
+    for row, row_plain in zip(read_metrics(shared), read_metrics(plain)):
+        for key in ("entropy", "kl", "loss"):
+            assert row[key] == pytest.approx(row_plain[key], rel=1e-5, abs=1e-7), key
+
+
 def test_gradient_checkpointing_gives_the_same_update(tmp_path):
     plain = sgd_trainer(tmp_path, "plain", gradient_checkpointing=False)
     checkpointed = sgd_trainer(tmp_path, "checkpointed", gradient_checkpointing=True)

@@ -76,6 +76,13 @@ class GRPOConfig:
         Compute log-probs from the last hidden state with ``linear_token_logprobs`` (no logits in
         memory). False: ``logits -> token_logprobs``. Models that transform their logits (soft-capping,
         logit scales) need False: the trainer refuses rather than compute different log-probs.
+    share_prompt_prefix : bool or None
+        With the fused LM head, the completions of a prompt share one forward of it in the update
+        (and in the old / reference log-probs): packed as ``[prompt, c_1, ..., c_k]`` under a mask
+        that lets each completion see the prompt and itself only, the same log-probs and gradients
+        as one row per completion (:mod:`~gtalign_fast.training.prompt_sharing`). None: where the
+        model supports it (Llama, Qwen2/3, Mistral with sdpa or eager attention) and it saves flops;
+        True: always (ValueError where the model cannot); False: never.
     pricing_policy : PricingPolicy or None
         Pricing policy applied to the payoff matrix during rollouts (steering).
     steering_mode : {"off", "rewrite", "reference"} or None
@@ -176,6 +183,7 @@ class GRPOConfig:
     dual_clip: float | None = None
     kernel_backend: str | None = None
     use_fused_lm_head: bool = True
+    share_prompt_prefix: bool | None = None
     pricing_policy: Any = None
     steering_mode: str | None = None
     max_consecutive_nan_steps: int = 5

@@ -18,6 +18,7 @@ from torch import nn
 from .. import ops
 from ..ops import _backend
 from .distributed import is_dtensor
+from .prompt_sharing import ForwardCost, pack, packing_pays, prompt_runs, sharing_problem, window_problem
 
 if TYPE_CHECKING:
     from .rollout import Rollout
@@ -71,14 +72,30 @@ class CompletionLogprobs(nn.Module):
     output embedding's weight and bias: the ``[tokens, vocabulary]`` logits never exist. Without it
     the model computes logits for the last ``C + 1`` positions only (``logits_to_keep``) and
     ``ops.token_logprobs`` reads their ``[:, :-1]`` slice in place.
+
+    ``share_prompt_prefix`` (fused head only): rows that share a prompt run it through the model once
+    (:mod:`~gtalign_fast.training.prompt_sharing`). None: where the model supports it and the packed
+    forward costs fewer flops; True: whenever rows share a prompt (ValueError where the model cannot);
+    False: never.
     """
 
-    def __init__(self, model: nn.Module, *, temperature: float, fused_head: bool, backend: str | None) -> None:
+    def __init__(
+        self, model: nn.Module, *, temperature: float, fused_head: bool, backend: str | None,
+        share_prompt_prefix: bool | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.temperature = temperature
         self.fused_head = fused_head
         self.backend = backend
+        problem = sharing_problem(model) if share_prompt_prefix is not False else None
+        if share_prompt_prefix and (problem or not fused_head):
+            raise ValueError(
+                f"CompletionLogprobs: share_prompt_prefix=True, but {problem or 'it needs the fused LM head'}; "
+                "set share_prompt_prefix to None or False"
+            )
+        self.share_prompt_prefix = share_prompt_prefix if problem is None and fused_head else False
+        self._cost = ForwardCost.of(model) if self.share_prompt_prefix is not False else None
 
     def forward(
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
@@ -100,19 +117,20 @@ class CompletionLogprobs(nn.Module):
         if loss_kwargs is not None:
             if not self.fused_head:
                 raise ValueError("CompletionLogprobs: loss_kwargs needs the fused LM head (fused_head=True)")
-            hidden, weight, bias = self._head_inputs(inputs, n_completion)
+            hidden, weight, bias = self._head_inputs(inputs, prompt_ids, completion_ids)
             return ops.linear_grpo_loss(hidden, weight, completion_ids, bias=bias, temperature=self.temperature,
                                         backend=self.backend, **loss_kwargs)
         if self.fused_head:
-            return self._fused(inputs, targets, n_completion, with_entropy)
+            return self._fused(inputs, prompt_ids, completion_ids, targets, with_entropy)
         logits = self.model(**inputs, logits_to_keep=n_completion + 1).logits  # [N, C + 1, V]
         result = ops.token_logprobs(
             logits[:, :-1], targets, temperature=self.temperature, with_entropy=with_entropy, backend=self.backend
         )
         return result if with_entropy else (result, None)
 
-    def _fused(self, inputs: dict, targets: torch.Tensor, n_completion: int, with_entropy: bool):
-        hidden, weight, bias = self._head_inputs(inputs, n_completion)
+    def _fused(self, inputs: dict, prompt_ids: torch.Tensor, completion_ids: torch.Tensor, targets: torch.Tensor,
+               with_entropy: bool):
+        hidden, weight, bias = self._head_inputs(inputs, prompt_ids, completion_ids)
         result = ops.linear_token_logprobs(
             hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), bias=bias,
             temperature=self.temperature, with_entropy=with_entropy, backend=self.backend,
@@ -123,11 +141,19 @@ class CompletionLogprobs(nn.Module):
             return logp.reshape(targets.shape).clone(), entropy.reshape(targets.shape).clone()
         return result.reshape(targets.shape).clone(), None
 
-    def _head_inputs(self, inputs: dict, n_completion: int):
+    def _head_inputs(self, inputs: dict, prompt_ids: torch.Tensor, completion_ids: torch.Tensor):
         """The hidden states that predict the completion ``[N, C, H]`` and the LM head's weight and bias."""
-        hidden = self.model.base_model(**inputs).last_hidden_state  # [N, P + C, H]
-        # position t predicts token t + 1: the completion is predicted by the C positions before its end
-        hidden = hidden[:, -(n_completion + 1) : -1]
+        packed = self._packed(inputs, prompt_ids, completion_ids)
+        if packed is not None:
+            hidden = self.model.base_model(
+                input_ids=packed.input_ids, attention_mask=packed.attention_mask, position_ids=packed.position_ids,
+                use_cache=False,
+            ).last_hidden_state  # [R, L, H]
+            hidden = packed.gather(hidden, completion_ids.shape)
+        else:
+            hidden = self.model.base_model(**inputs).last_hidden_state  # [N, P + C, H]
+            # position t predicts token t + 1: the completion is predicted by the C positions before its end
+            hidden = hidden[:, -(completion_ids.shape[1] + 1) : -1]
         head = self.model.get_output_embeddings()
         if is_dtensor(head.weight):  # the known ZeRO-3 / FSDP bug: a fused loss that reads a head shard
             raise RuntimeError(
@@ -139,6 +165,25 @@ class CompletionLogprobs(nn.Module):
         weight = head.weight.to(hidden.dtype)
         bias = head.bias.to(hidden.dtype) if getattr(head, "bias", None) is not None else None
         return hidden, weight, bias
+
+    def _packed(self, inputs: dict, prompt_ids: torch.Tensor, completion_ids: torch.Tensor):
+        """The packed batch of the rows that share a prompt, or None for the plain forward."""
+        if self.share_prompt_prefix is False:
+            return None
+        prompt_mask = inputs["attention_mask"][:, : prompt_ids.shape[1]]
+        completion_mask = inputs["attention_mask"][:, prompt_ids.shape[1] :]
+        runs = prompt_runs(prompt_ids, prompt_mask)
+        p, c = prompt_ids.shape[1], completion_ids.shape[1]
+        auto = self.share_prompt_prefix is None
+        if not runs or max(runs) == 1 or (auto and not packing_pays(runs, p, c, self._cost)):
+            return None
+        problem = window_problem(self.model, p + c)
+        if problem and not auto:
+            raise ValueError(f"CompletionLogprobs: share_prompt_prefix=True, but {problem}; set it to None")
+        if problem:
+            return None
+        return pack(prompt_ids, prompt_mask, completion_ids, completion_mask, runs,
+                    attention=self.model.config._attn_implementation, mask_dtype=self.model.dtype)
 
     def lm_forward(self, **kwargs: Any) -> Any:
         """The wrapped model's own forward (generation). Registered as an FSDP forward method when

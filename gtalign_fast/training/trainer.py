@@ -223,6 +223,7 @@ class GRPOTrainer:
         options = dict(temperature=args.temperature, fused_head=args.use_fused_lm_head, backend=self.backend)
         self.fused_loss, self.loss_path = loss_path(args.use_fused_lm_head, self.backend, self.device)
         self.objective = GrpoObjective.from_config(args)  # the loss options, once, whichever op runs
+        options["share_prompt_prefix"] = args.share_prompt_prefix
         self.logprobs = CompletionLogprobs(self.model, **options)
         self.ref_logprobs = None if self.ref_model is None else CompletionLogprobs(self.ref_model, **options)
         # parameter names before sharding, to re-point an optimizer the caller built on them
