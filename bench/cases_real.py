@@ -29,6 +29,8 @@ Rows (every provider on the same model, prompts, lengths and sampling settings):
   Each split is the per-stage median over the calls after the warm-up (``split_calls`` of them).
   ``gtalign_fast[no-recompute]``: ours without gradient checkpointing (the issue leaves that choice
   to us where the peak stays at or below TRL's with it; read ``peak_extra_MiB`` of both rows).
+  ``gtalign_fast[no-share]``: ours with ``share_prompt_prefix=False``, one forward per completion in
+  the update (the default runs each prompt once for its group, training/prompt_sharing.py).
 - ``trl_grpo_update``: TRL's update (``compute_loss`` + ``backward`` on one fixed batch of
   full-length completions) unpatched vs ``patch_grpo_trainer`` (as ``bench/cases_trl_patch.py``).
 """
@@ -411,6 +413,9 @@ def cases(device: torch.device, suite: str) -> list[Case]:
     extra = {"note": "one _training_step, gradient_checkpointing=False (TRL keeps it on)"}
     add("real_grpo_step", "gtalign_fast[no-recompute]", step_shape,
         None if reason else _our_step(device, extra, gradient_checkpointing=False), extra)
+    extra = {"note": "one _training_step, share_prompt_prefix=False (one forward per completion in the update)"}
+    add("real_grpo_step", "gtalign_fast[no-share]", step_shape,
+        None if reason else _our_step(device, extra, share_prompt_prefix=False), extra)
     trl_reason = reason or missing("trl") or missing("datasets")
     extra = {"note": "one trainer.train() call with max_steps=1"}
     add("real_grpo_step", "trl", step_shape, None if trl_reason else _trl_step(device, extra), extra, trl_reason)

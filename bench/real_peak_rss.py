@@ -23,7 +23,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-VARIANTS = ("gtalign_fast", "gtalign_fast[no-recompute]", "trl")
+# ours as the trainer defaults, without gradient checkpointing, without the shared prompt forward; TRL's
+VARIANTS = {"gtalign_fast": {}, "gtalign_fast[no-recompute]": {"gradient_checkpointing": False},
+            "gtalign_fast[no-share]": {"share_prompt_prefix": False}, "trl": None}
 
 
 def _measure(variant: str) -> dict:
@@ -37,8 +39,7 @@ def _measure(variant: str) -> dict:
     if variant == "trl":
         step = cases_real._trl_step(device, extra)()
     else:
-        changes = {"gradient_checkpointing": False} if variant.endswith("[no-recompute]") else {}
-        step = cases_real._our_step(device, extra, **changes)()
+        step = cases_real._our_step(device, extra, **VARIANTS[variant])()
     step()  # warm-up
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")

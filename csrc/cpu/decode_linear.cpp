@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "decode_linear.h"
+#include "isa.h"
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
 #define GTALIGN_X86 1
@@ -202,26 +203,15 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const Problem& p, int64_t n_b
 
 using RowsKernel = void (*)(const Problem&, int64_t, int64_t);
 
-// The best instruction set this CPU has, or the one GTALIGN_FAST_DECODE_LINEAR_ISA names ("avx512",
-// "avx2", "scalar"; the tests use it to run every path on one machine). Read once per process.
+// The best instruction set this CPU has, or the one GTALIGN_FAST_DECODE_LINEAR_ISA names (isa.h).
 RowsKernel pick_kernel() {
-  const char* env = std::getenv("GTALIGN_FAST_DECODE_LINEAR_ISA");
-  const std::string wanted = env ? env : "";
-  bool avx512 = false, avx2 = false;
+  switch (pick_isa("GTALIGN_FAST_DECODE_LINEAR_ISA", "decode_linear", /*avx2_needs_fma=*/true)) {
 #ifdef GTALIGN_X86
-  __builtin_cpu_init();
-  avx512 = __builtin_cpu_supports("avx512f");
-  avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case Isa::kAvx512: return rows_avx512;
+    case Isa::kAvx2: return rows_avx2;
 #endif
-  TORCH_CHECK(wanted.empty() || wanted == "avx512" || wanted == "avx2" || wanted == "scalar",
-              "decode_linear: GTALIGN_FAST_DECODE_LINEAR_ISA must be avx512, avx2 or scalar, got '", wanted, "'");
-  TORCH_CHECK(wanted != "avx512" || avx512, "decode_linear: GTALIGN_FAST_DECODE_LINEAR_ISA=avx512, but this CPU lacks it");
-  TORCH_CHECK(wanted != "avx2" || avx2, "decode_linear: GTALIGN_FAST_DECODE_LINEAR_ISA=avx2, but this CPU lacks it");
-#ifdef GTALIGN_X86
-  if (avx512 && (wanted.empty() || wanted == "avx512")) return rows_avx512;
-  if (avx2 && (wanted.empty() || wanted == "avx2")) return rows_avx2;
-#endif
-  return rows_scalar;
+    default: return rows_scalar;
+  }
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {

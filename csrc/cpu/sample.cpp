@@ -33,6 +33,7 @@
 #endif
 
 #include "../sample_common.h"
+#include "isa.h"
 #include "vec_math.h"
 
 namespace gtalign_fast {
@@ -194,26 +195,15 @@ __attribute__((target("avx2"))) void philox_words_avx2(uint64_t seed, int64_t st
 }
 #endif  // GTALIGN_X86
 
-// The best instruction set this CPU has, or the one GTALIGN_FAST_SAMPLE_ISA names ("avx512",
-// "avx2", "scalar"; the tests use it to run every path on one machine). Read once per process.
+// The best instruction set this CPU has, or the one GTALIGN_FAST_SAMPLE_ISA names (isa.h).
 PhiloxWords pick_philox() {
-  const char* env = std::getenv("GTALIGN_FAST_SAMPLE_ISA");
-  const std::string wanted = env ? env : "";
-  bool avx512 = false, avx2 = false;
+  switch (pick_isa("GTALIGN_FAST_SAMPLE_ISA", "sample_", /*avx2_needs_fma=*/false)) {
 #ifdef GTALIGN_X86
-  __builtin_cpu_init();
-  avx512 = __builtin_cpu_supports("avx512f");
-  avx2 = __builtin_cpu_supports("avx2");
+    case Isa::kAvx512: return philox_words_avx512;
+    case Isa::kAvx2: return philox_words_avx2;
 #endif
-  TORCH_CHECK(wanted.empty() || wanted == "avx512" || wanted == "avx2" || wanted == "scalar",
-              "sample_: GTALIGN_FAST_SAMPLE_ISA must be avx512, avx2 or scalar, got '", wanted, "'");
-  TORCH_CHECK(wanted != "avx512" || avx512, "sample_: GTALIGN_FAST_SAMPLE_ISA=avx512, but this CPU lacks it");
-  TORCH_CHECK(wanted != "avx2" || avx2, "sample_: GTALIGN_FAST_SAMPLE_ISA=avx2, but this CPU lacks it");
-#ifdef GTALIGN_X86
-  if (avx512 && (wanted.empty() || wanted == "avx512")) return philox_words_avx512;
-  if (avx2 && (wanted.empty() || wanted == "avx2")) return philox_words_avx2;
-#endif
-  return philox_words_scalar;
+    default: return philox_words_scalar;
+  }
 }
 
 // Called on the calling thread before any parallel region, so a bad GTALIGN_FAST_SAMPLE_ISA
