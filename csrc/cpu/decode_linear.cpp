@@ -6,8 +6,8 @@
 // 12.5 GB/s ([8, 576] x [576, 1536] took 284 us; issue 24), a third of this machine's copy
 // bandwidth, so the decode step of a 135M model spends most of its time there. A decode-shaped
 // product does 2 * M flops per weight read: it is a stream over W. This kernel reads each row of
-// W (K contiguous floats, nn.Linear's own layout, no repacking) exactly once: a block of 2 rows is
-// multiplied with up to 8 rows of x at once (16 vector accumulators), the x rows coming from L1;
+// W (K contiguous floats, nn.Linear's own layout, no repacking) exactly once: a block of 3 rows (AVX2:
+// 2) is multiplied with up to 8 rows of x at once (24 vector accumulators), the x rows coming from L1;
 // for M > 8 the block is reused from L1 for the next 8 rows. Each accumulator holds 16 (AVX-512) or
 // 8 (AVX2) partial sums over k, reduced once per output: summation order differs from a BLAS
 // (the results agree to float32 rounding; the tests compare with the float64 reference).
@@ -37,7 +37,12 @@ namespace {
 
 constexpr int64_t kMaxRows = 16;   // M above this is not decode-shaped: F.linear's BLAS path is right there
 constexpr int kRowBlock = 8;       // rows of x multiplied with one block of W at once
-constexpr int kWeightBlock = 2;    // rows of W per block: 2 x 8 accumulators fill 16 of the 32 zmm registers
+// Rows of W per block: 3 x 8 accumulators, 3 rows of W and one row of x fill 28 of the 32 zmm
+// registers. Each x vector is loaded once and used for 3 FMAs: with 2 rows of W the compiler folded
+// x's loads into the FMAs (18 loads per 16 FMAs) and the loads, not the FMAs, set the pace
+// (L2-resident [8, 576] x W: 13-14 GB/s a core folded, 21-26 with x in a register; 2 threads on a
+// DRAM-resident 400 MB W, 21 -> 22-24 GB/s on this machine's noisy memory).
+constexpr int kWeightBlock = 3;
 constexpr int64_t kRowsPerTask = 64;  // rows of W per unit of parallel work (64 x 576 floats = 147 KB)
 // Software prefetch distance: the rows of W this far ahead (at least kPrefetchRows rows and about
 // kPrefetchBytes) are requested while the current block is multiplied. One core keeps too few
@@ -99,7 +104,8 @@ __attribute__((target("avx512f"))) void block_avx512(const Problem& p, int64_t n
     __m512 wv[NB];
     for (int j = 0; j < NB; ++j) wv[j] = _mm512_loadu_ps(w[j] + i);
     for (int r = 0; r < MB; ++r) {
-      const __m512 xv = _mm512_loadu_ps(x + r * p.ldx + i);
+      __m512 xv = _mm512_loadu_ps(x + r * p.ldx + i);
+      asm("" : "+v"(xv));  // x stays in a register for the NB FMAs: no reload folded into each (see kWeightBlock)
       for (int j = 0; j < NB; ++j) acc[j][r] = _mm512_fmadd_ps(xv, wv[j], acc[j][r]);
     }
   }
@@ -139,6 +145,7 @@ __attribute__((target("avx512f"))) void rows_avx512(const Problem& p, int64_t n_
   for (; n + kWeightBlock <= n_end; n += kWeightBlock) rows_of_x_avx512<kWeightBlock>(p, n);
   for (; n < n_end; ++n) rows_of_x_avx512<1>(p, n);
 }
+static_assert(kWeightBlock * kRowBlock + kWeightBlock + 1 <= 32, "the AVX-512 block must fit the zmm registers");
 
 // ---- AVX2 + FMA -----------------------------------------------------------------------------
 
@@ -195,7 +202,7 @@ __attribute__((target("avx2,fma"))) void rows_of_x_avx2(const Problem& p, int64_
 
 __attribute__((target("avx2,fma"))) void rows_avx2(const Problem& p, int64_t n_begin, int64_t n_end) {
   int64_t n = n_begin;
-  for (; n + kWeightBlock <= n_end; n += kWeightBlock) rows_of_x_avx2<kWeightBlock>(p, n);
+  for (; n + 2 <= n_end; n += 2) rows_of_x_avx2<2>(p, n);  // 2 x 4 accumulators of the 16 ymm registers
   for (; n < n_end; ++n) rows_of_x_avx2<1>(p, n);
 }
 
@@ -239,12 +246,12 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const c10::opti
 void decode_linears(const float* x, int64_t ldx, int64_t m, int64_t k, const LinearJob* jobs, int count) {
   static const RowsKernel kernel = pick_kernel();
   std::vector<Problem> problems;
-  std::vector<int64_t> first_pair{0};  // blocks of 2 rows of W, numbered across the jobs
+  std::vector<int64_t> first_block{0};  // blocks of kWeightBlock rows of W, numbered across the jobs
   for (int j = 0; j < count; ++j) {
     const LinearJob& job = jobs[j];
     problems.push_back(Problem{x, ldx, job.w, job.ldw, job.bias, job.y, job.ldy, m, k, job.n,
                                std::max<int64_t>(kPrefetchRows, kPrefetchBytes / std::max<int64_t>(1, job.ldw * 4))});
-    first_pair.push_back(first_pair.back() + (job.n + 1) / 2);
+    first_block.push_back(first_block.back() + (job.n + kWeightBlock - 1) / kWeightBlock);
   }
   if (k == 0) {  // an empty sum: y = b
     for (const Problem& p : problems)
@@ -252,11 +259,13 @@ void decode_linears(const float* x, int64_t ldx, int64_t m, int64_t k, const Lin
         for (int64_t n = 0; n < p.n; ++n) p.y[r * p.ldy + n] = p.bias ? p.bias[n] : 0.0f;
     return;
   }
-  // Blocks of 2 rows never straddle two threads (an odd split would fall back to 1-row blocks).
-  at::parallel_for(0, first_pair.back(), kRowsPerTask / 2, [&](int64_t begin, int64_t end) {
+  // Blocks never straddle two threads (a split inside one would fall back to 1-row blocks).
+  at::parallel_for(0, first_block.back(), kRowsPerTask / kWeightBlock, [&](int64_t begin, int64_t end) {
     for (int j = 0; j < count; ++j) {
-      const int64_t lo = std::max(begin, first_pair[j]), hi = std::min(end, first_pair[j + 1]);
-      if (lo < hi) kernel(problems[j], 2 * (lo - first_pair[j]), std::min(2 * (hi - first_pair[j]), problems[j].n));
+      const int64_t lo = std::max(begin, first_block[j]), hi = std::min(end, first_block[j + 1]);
+      if (lo < hi)
+        kernel(problems[j], kWeightBlock * (lo - first_block[j]),
+               std::min(kWeightBlock * (hi - first_block[j]), problems[j].n));
     }
   });
 }
