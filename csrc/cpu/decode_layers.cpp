@@ -146,14 +146,16 @@ GTALIGN_CPU_CLONES void add_into(float* x, const float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] += y[i];
 }
 
-GTALIGN_CPU_CLONES float dot(const float* a, const float* b, int64_t n) {
+// dot and axpy over one head (head_dim floats) are inlined into attend_group, and so compiled for
+// each of its instruction-set clones (as clones of their own, each call went through the resolver).
+GTALIGN_ALWAYS_INLINE float dot(const float* a, const float* b, int64_t n) {
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
   return sum;
 }
 
-GTALIGN_CPU_CLONES void axpy(float alpha, const float* x, float* y, int64_t n) {
+GTALIGN_ALWAYS_INLINE void axpy(float alpha, const float* x, float* y, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
@@ -171,36 +173,75 @@ void store_kv(const Dims& d, const float* k, const float* v, float* keys, float*
     }
 }
 
-// out[r, h] = softmax_j(scaling * q[r, h] . keys[r, g, j]) @ values[r, g, j] over the visible columns
-// j <= column of lane r, g = h / (heads / kv_heads) (grouped-query attention). A lane that sees no
-// column gets zeros (only a lane fed nothing can, and its output is never read).
+// weights[j] = exp(scores[j] - top) for the columns `seen` marks, 0 elsewhere; returns their sum.
+GTALIGN_ALWAYS_INLINE float softmax_weights(const float* scores, const bool* seen, int64_t count, float top,
+                                            float* weights) {
+  float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+  for (int64_t j = 0; j < count; ++j) {
+    weights[j] = blend(seen[j], exp_f32(scores[j] - top), 0.0f);
+    total += weights[j];
+  }
+  return total;
+}
+
+// The `group` query heads q [group, head_dim] that share one kv head: o[g] = softmax_j(scaling *
+// q[g] . keys[j]) @ values[j] over the columns j <= column that `seen` marks (keys / values: that kv
+// head's [capacity, head_dim] rows). Each key and value row is read once for the whole group.
+// scratch: 2 * group * (column + 1) floats. A head that sees no column gets zeros.
+GTALIGN_CPU_CLONES void attend_group(const float* q, int64_t group, const float* keys, const float* values,
+                                     const bool* seen, int64_t column, int64_t head_dim, float scaling, float* scratch,
+                                     float* o) {
+  const int64_t count = column + 1;
+  float* scores = scratch;                  // [group, count]
+  float* weights = scratch + group * count;  // [group, count]
+  for (int64_t j = 0; j < count; ++j)
+    for (int64_t g = 0; g < group; ++g)
+      scores[g * count + j] = seen[j] ? scaling * dot(q + g * head_dim, keys + j * head_dim, head_dim) : -kInfF32;
+  std::fill_n(o, group * head_dim, 0.0f);
+  std::vector<float> inverse(group, 0.0f);
+  for (int64_t g = 0; g < group; ++g) {
+    const float top = *std::max_element(scores + g * count, scores + (g + 1) * count);
+    if (top == -kInfF32) {
+      std::fill_n(weights + g * count, count, 0.0f);
+      continue;
+    }
+    inverse[g] = 1.0f / softmax_weights(scores + g * count, seen, count, top, weights + g * count);
+  }
+  for (int64_t j = 0; j < count; ++j) {
+    if (!seen[j]) continue;
+    for (int64_t g = 0; g < group; ++g) axpy(weights[g * count + j], values + j * head_dim, o + g * head_dim, head_dim);
+  }
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t i = 0; i < head_dim; ++i) o[g * head_dim + i] *= inverse[g];
+}
+
+// Request the first rows of a kv head's keys and values (the next task's) while this one computes:
+// each task's rows are two short streams, and their first misses would otherwise be paid in full.
+void prefetch_rows(const float* keys, const float* values, int64_t floats) {
+  constexpr int64_t kLine = 16;  // floats per 64-byte line
+  for (int64_t i = 0; i < floats; i += kLine) {
+    __builtin_prefetch(keys + i);
+    __builtin_prefetch(values + i);
+  }
+}
+
+// out[r, h] for every lane r and query head h (grouped-query attention: heads h of kv head g =
+// h / (heads / kv_heads) are one task, see attend_group). A lane that sees no column gets zeros (only
+// a lane fed nothing can, and its output is never read).
 void attention(const Dims& d, const float* q, const float* keys, const float* values, const bool* visible,
                float scaling, float* out) {
   const int64_t group = d.heads / d.kv_heads;
-  at::parallel_for(0, d.rows * d.heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(d.column + 1);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t r = task / d.heads, h = task % d.heads;
-      const float* qv = q + task * d.head_dim;
-      const int64_t base = (r * d.kv_heads + h / group) * d.capacity * d.head_dim;
-      const bool* seen = visible + r * d.capacity;
-      float top = -kInfF32;
-      for (int64_t j = 0; j <= d.column; ++j) {
-        scores[j] = seen[j] ? scaling * dot(qv, keys + base + j * d.head_dim, d.head_dim) : -kInfF32;
-        top = std::max(top, scores[j]);
-      }
-      float* o = out + task * d.head_dim;
-      std::fill_n(o, d.head_dim, 0.0f);
-      if (top == -kInfF32) continue;
-      float total = 0.0f;
-      for (int64_t j = 0; j <= d.column; ++j) {
-        if (!seen[j]) continue;
-        const float weight = exp_f32(scores[j] - top);
-        total += weight;
-        axpy(weight, values + base + j * d.head_dim, o, d.head_dim);
-      }
-      const float inv = 1.0f / total;
-      for (int64_t i = 0; i < d.head_dim; ++i) o[i] *= inv;
+  const int64_t stride = d.capacity * d.head_dim;                          // floats of one (lane, kv head)
+  const int64_t ahead = std::min<int64_t>((d.column + 1) * d.head_dim, 1024);  // 4 KB of each stream
+  at::parallel_for(0, d.rows * d.kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(2 * group * (d.column + 1));
+    for (int64_t task = begin; task < end; ++task) {  // task = lane * kv_heads + kv head
+      if (task + 1 < end) prefetch_rows(keys + (task + 1) * stride, values + (task + 1) * stride, ahead);
+      const int64_t lane = task / d.kv_heads;
+      attend_group(q + task * group * d.head_dim, group, keys + task * stride, values + task * stride,
+                   visible + lane * d.capacity, d.column, d.head_dim, scaling, scratch.data(),
+                   out + task * group * d.head_dim);
     }
   });
 }
