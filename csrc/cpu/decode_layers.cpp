@@ -188,22 +188,23 @@ GTALIGN_ALWAYS_INLINE float softmax_weights(const float* scores, const bool* see
 // The `group` query heads q [group, head_dim] that share one kv head: o[g] = softmax_j(scaling *
 // q[g] . keys[j]) @ values[j] over the columns j <= column that `seen` marks (keys / values: that kv
 // head's [capacity, head_dim] rows). Each key and value row is read once for the whole group.
-// scratch: 2 * group * (column + 1) floats. A head that sees no column gets zeros.
+// scratch: (2 * (column + 1) + 1) * group floats. A head that sees no column gets zeros.
 GTALIGN_CPU_CLONES void attend_group(const float* q, int64_t group, const float* keys, const float* values,
                                      const bool* seen, int64_t column, int64_t head_dim, float scaling, float* scratch,
                                      float* o) {
   const int64_t count = column + 1;
   float* scores = scratch;                  // [group, count]
   float* weights = scratch + group * count;  // [group, count]
+  float* inverse = weights + group * count;  // [group]: 1 / the softmax's sum
   for (int64_t j = 0; j < count; ++j)
     for (int64_t g = 0; g < group; ++g)
       scores[g * count + j] = seen[j] ? scaling * dot(q + g * head_dim, keys + j * head_dim, head_dim) : -kInfF32;
   std::fill_n(o, group * head_dim, 0.0f);
-  std::vector<float> inverse(group, 0.0f);
   for (int64_t g = 0; g < group; ++g) {
     const float top = *std::max_element(scores + g * count, scores + (g + 1) * count);
     if (top == -kInfF32) {
       std::fill_n(weights + g * count, count, 0.0f);
+      inverse[g] = 0.0f;
       continue;
     }
     inverse[g] = 1.0f / softmax_weights(scores + g * count, seen, count, top, weights + g * count);
@@ -235,7 +236,7 @@ void attention(const Dims& d, const float* q, const float* keys, const float* va
   const int64_t stride = d.capacity * d.head_dim;                          // floats of one (lane, kv head)
   const int64_t ahead = std::min<int64_t>((d.column + 1) * d.head_dim, 1024);  // 4 KB of each stream
   at::parallel_for(0, d.rows * d.kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(2 * group * (d.column + 1));
+    std::vector<float> scratch((2 * (d.column + 1) + 1) * group);
     for (int64_t task = begin; task < end; ++task) {  // task = lane * kv_heads + kv head
       if (task + 1 < end) prefetch_rows(keys + (task + 1) * stride, values + (task + 1) * stride, ahead);
       const int64_t lane = task / d.kv_heads;

@@ -39,9 +39,10 @@ constexpr int64_t kMaxRows = 16;   // M above this is not decode-shaped: F.linea
 constexpr int kRowBlock = 8;       // rows of x multiplied with one block of W at once
 // Rows of W per block: 3 x 8 accumulators, 3 rows of W and one row of x fill 28 of the 32 zmm
 // registers. Each x vector is loaded once and used for 3 FMAs: with 2 rows of W the compiler folded
-// x's loads into the FMAs (18 loads per 16 FMAs) and the loads, not the FMAs, set the pace
-// (L2-resident [8, 576] x W: 13-14 GB/s a core folded, 21-26 with x in a register; 2 threads on a
-// DRAM-resident 400 MB W, 21 -> 22-24 GB/s on this machine's noisy memory).
+// x's loads into the FMAs (18 loads per 16 FMAs) and the loads, not the FMAs, set the pace. On the
+// Xeon of issue 24 (3 interleaved rounds, 2 threads): a 400 MB W at M = 8 went from 22.1-23.7 to
+// 24.5-25.3 GB/s and SmolLM2's decode step from 31.1-33.5 to 29.4-30.7 ms (an L2-resident W in a
+// stand-alone test: 13-14 GB/s a core with the folded loads, 21-26 with x in a register).
 constexpr int kWeightBlock = 3;
 constexpr int64_t kRowsPerTask = 64;  // rows of W per unit of parallel work (64 x 576 floats = 147 KB)
 // Software prefetch distance: the rows of W this far ahead (at least kPrefetchRows rows and about
