@@ -168,9 +168,18 @@ def test_share_prompt_prefix_refusals():
     with pytest.raises(ValueError, match="fused LM head"):
         CompletionLogprobs(tiny_model("llama"), temperature=1.0, fused_head=False, backend=None,
                            share_prompt_prefix=True)
-    # None: quietly the plain forward where the model cannot share
+    # None: the plain forward where the model cannot share, and the log line says why
     auto = CompletionLogprobs(gpt2, temperature=1.0, fused_head=True, backend=None)
     assert auto.share_prompt_prefix is False
+    assert auto.sharing == "shared prompt forward off (model_type 'gpt2' is not one of " \
+        "('llama', 'qwen2', 'qwen3', 'mistral'))"
+    llama = tiny_model("llama")
+    assert CompletionLogprobs(llama, temperature=1.0, fused_head=True, backend=None).sharing == \
+        "shared prompt forward on where it saves flops"
+    assert CompletionLogprobs(llama, temperature=1.0, fused_head=False, backend=None).sharing == \
+        "shared prompt forward off (it needs the fused LM head)"
+    off = CompletionLogprobs(llama, temperature=1.0, fused_head=True, backend=None, share_prompt_prefix=False)
+    assert off.sharing == "shared prompt forward off (share_prompt_prefix=False)"
 
     class FlashModel(torch.nn.Module):
         config = transformers.LlamaConfig(attn_implementation="eager")

@@ -62,6 +62,17 @@ def loss_path(use_fused_lm_head: bool, backend: str | None, device: torch.device
     return False, f"fused LM head (linear_token_logprobs + grpo_loss; not linear_grpo_loss: {problem})"
 
 
+def _sharing_description(share_prompt_prefix: bool | None, problem: str | None, fused_head: bool) -> str:
+    """Whether the shared prompt forward runs, and why not, in words."""
+    if share_prompt_prefix is False:
+        return "shared prompt forward off (share_prompt_prefix=False)"
+    if problem:
+        return f"shared prompt forward off ({problem})"
+    if not fused_head:
+        return "shared prompt forward off (it needs the fused LM head)"
+    return "shared prompt forward on" + (" where it saves flops" if share_prompt_prefix is None else "")
+
+
 class CompletionLogprobs(nn.Module):
     """Log-probs (and entropies) of the completion tokens under ``model`` at ``temperature``.
 
@@ -96,6 +107,7 @@ class CompletionLogprobs(nn.Module):
             )
         self.share_prompt_prefix = share_prompt_prefix if problem is None and fused_head else False
         self._cost = ForwardCost.of(model) if self.share_prompt_prefix is not False else None
+        self.sharing = _sharing_description(share_prompt_prefix, problem, fused_head)  # the trainer logs it
 
     def forward(
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,

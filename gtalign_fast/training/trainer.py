@@ -179,9 +179,9 @@ class GRPOTrainer:
         self.preemption, self._saved_step = Preemption(args.preemption_grace_s, self.dist), None
         self.sampler = self._setup_sampler()
         logger.info(
-            "GRPOTrainer: %d process(es) on %s, attention %s, %s, bf16 %s, %d steps",
+            "GRPOTrainer: %d process(es) on %s, attention %s, %s, %s, bf16 %s, %d steps",
             self.dist.world, self.device, getattr(self.model.config, "_attn_implementation", "?"),
-            self.loss_path, self.bf16, self.max_steps,
+            self.loss_path, self.logprobs.sharing, self.bf16, self.max_steps,
         )
 
     @property
