@@ -210,7 +210,10 @@ def test_one_grpo_step_with_its_own_tokenizer(tmp_path, tokenizer):
     assert not bool((rollout.advantages == 0).all())  # distinct characters differ: something to learn
     changed = [name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])]
     assert changed, "the step left every weight unchanged"
-    # The trainer's per-token log-probs (fused LM head, vocabulary 49152) equal a plain forward's.
+    # The trainer's per-token log-probs (fused LM head, vocabulary 49152, each prompt's completions
+    # sharing its forward) equal a plain forward's.
+    both_masks = {"attention_mask": torch.cat([rollout.prompt_mask, rollout.completion_mask], 1)}
+    assert trainer.logprobs._packed(both_masks, rollout.prompt_ids, rollout.completion_ids) is not None
     model.eval()
     with torch.no_grad():
         logp, _ = trainer.logprobs(rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
