@@ -12,6 +12,9 @@ Rows (every provider on the same model, prompts, lengths and sampling settings):
   that ask for long answers x 64 new tokens at temperature 1. ``tokens_per_s`` counts the tokens
   actually produced (HF: ``min_new_tokens`` keeps every row to 64; ours stop at EOS, which these
   prompts rarely reach).
+- ``real_generation_paired``: ours (off, static cache) and HF ``generate`` called alternately in one
+  row, so that the machine's drift over the run does not bias their ratio (``speedup_vs_hf``,
+  the median over the pairs).
 - ``real_decode_step``: one decode step of 8 rows vs its floor, reading the float32 weights once
   (``model_bytes / copy_GBps``, the bandwidth of a copy as large as the weights, measured in the
   same run: a smaller one fits the L3 cache). Ours: the
@@ -143,6 +146,37 @@ def _hf_generate(device, cache: str | None, extra: dict):
                                       pad_token_id=tokenizer.pad_token_id, **options)
 
         return _with_throughput(generate, extra, 8 * NEW_TOKENS, device)
+
+    return make
+
+
+def _paired_generation(device, extra: dict):
+    """Ours (off, static cache) and HF ``generate`` (its default cache) called alternately, one pair
+    per timed call: the machine's drift over a run (HF's own rate moved between 92 and 113 tokens/s
+    from one run to the next) then hits both sides of a pair alike. ``extra``: both rates and
+    ``speedup_vs_hf``, medians over the pairs after the first (the warm-up)."""
+
+    def make():
+        ours_extra: dict = {}
+        ours = _sampler_generate(device, "off", "static", ours_extra, {})()
+        hf = _hf_generate(device, None, {})()
+        rates: list[tuple[float, float]] = []  # (ours, HF) tokens/s of each pair
+
+        def pair():
+            seconds = []
+            for generate in (ours, hf):
+                _sync(device)
+                begin = time.perf_counter()
+                generate()
+                _sync(device)
+                seconds.append(time.perf_counter() - begin)
+            rates.append((ours_extra["tokens_per_call"] / seconds[0], 8 * NEW_TOKENS / seconds[1]))
+            timed = rates[1:] or rates
+            extra.update(ours_tokens_per_s=statistics.median(r[0] for r in timed),
+                         hf_tokens_per_s=statistics.median(r[1] for r in timed),
+                         speedup_vs_hf=statistics.median(r[0] / r[1] for r in timed), pairs=len(timed))
+
+        return pair
 
     return make
 
@@ -442,4 +476,7 @@ def cases(device: torch.device, suite: str) -> list[Case]:
             extra["note"] = "transformers model.generate, same model, prompts, lengths and sampling"
             add("real_generation", "hf-generate" + ("" if variant is None else f"[{variant}]"), gen_shape,
                 None if reason else _hf_generate(device, variant, extra), extra)
+    extra = {"note": "ours (off, static cache) and HF generate (default cache) alternately, one pair per call"}
+    add("real_generation_paired", "gtalign_fast[off,static] / hf-generate", gen_shape,
+        None if reason else _paired_generation(device, extra), extra)
     return out
