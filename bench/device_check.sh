@@ -67,6 +67,7 @@ if wants tests; then
     tests/test_token_logprobs.py tests/test_linear_token_logprobs.py tests/test_welfare_advantages.py \
     tests/test_grpo_loss.py tests/test_logits_grpo_loss.py tests/test_linear_grpo_loss.py \
     tests/test_sample.py tests/test_rollout_fast.py tests/test_sampler.py tests/test_trainer.py \
+    tests/test_prompt_sharing.py \
     >"$OUT/tests.log" 2>&1
   echo "tests exit $?"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | cut -c1-200 | head -40; tail -1 "$OUT/tests.log"
 fi

@@ -216,3 +216,19 @@ def test_the_grpo_op_sees_the_same_hidden_states():
                              position_ids=positions).last_hidden_state[:, -(ids[2].shape[1] + 1):-1]
     real = torch.cat([torch.ones(len(ids[3]), 1, dtype=torch.long), ids[3][:, :-1]], 1).bool()  # predicting states
     torch.testing.assert_close(shared[real], plain[real], atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA check (bench/device_check.sh)")
+@pytest.mark.parametrize("bf16", [False, True])
+def test_shared_prompts_on_cuda(bf16):
+    """sdpa's CUDA kernels with the packed boolean mask: float32 within 1e-4 of the plain forward; under
+    bf16 autocast within bf16 rounding (a wrong mask moves log-probs by whole units)."""
+    model = tiny_model("llama").float().cuda()
+    ids = [t.cuda() for t in batch([3, 1, 2])]
+    options = dict(temperature=1.0, fused_head=True, backend=None)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        logp, _ = CompletionLogprobs(model, share_prompt_prefix=True, **options)(*ids)
+        logp_plain, _ = CompletionLogprobs(model, share_prompt_prefix=False, **options)(*ids)
+    assert bool(logp.isfinite().all())
+    close = dict(atol=5e-2, rtol=2e-2) if bf16 else dict(atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logp.float(), logp_plain.float(), **close)
