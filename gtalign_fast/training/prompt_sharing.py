@@ -21,6 +21,7 @@ packed batch.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -152,7 +153,7 @@ def pack(
         raise ValueError(f"pack: runs {runs} do not cover the {n} rows")
     device = prompt_ids.device
     rows, length = len(runs), p + max(runs) * c
-    first = torch.tensor([sum(runs[:r]) for r in range(rows)], device=device)  # each run's first row
+    first = torch.tensor(list(itertools.accumulate(runs[:-1], initial=0)), device=device)  # each run's first row
     run = torch.tensor([r for r, k in enumerate(runs) for _ in range(k)], device=device)  # [N]
     slot = torch.tensor([j for k in runs for j in range(k)], device=device)  # [N]: the completion's place in its run
     cols = p + slot[:, None] * c + torch.arange(c, device=device)  # [N, C]
