@@ -4,6 +4,7 @@ autograd's (grad_output scaling, accumulation, DDP all-reduce)."""
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -211,6 +212,10 @@ def _ddp_worker(rank: int, world: int, directory: str) -> None:
         model(hidden[rows], targets[rows], advantages[rows], mask[rows], old[rows]).backward()
         if rank == 0:
             torch.save(model.module.weight.grad, os.path.join(directory, "grad.pt"))
+        # Free DDP while Python still runs: alive at finalisation, it can abort the process (see
+        # gtalign_fast.training.distributed.release_ddp_at_exit).
+        del model
+        gc.collect()
     finally:
         dist.destroy_process_group()
 

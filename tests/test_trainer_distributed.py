@@ -15,10 +15,13 @@ resume that re-shards it.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
+import gc
 import os
 import tempfile
+import weakref
 import zlib
 
 import pytest
@@ -26,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gtalign_fast.training.distributed import full_value
+from gtalign_fast.training.distributed import full_value, release_ddp_at_exit
 from gtalign_fast.training.rollout import pad_rows
 from gtalign_fast.training.trainer import Generation
 from tests.test_trainer import install_missing_ops, toy
@@ -133,9 +136,23 @@ def _spawn_two_processes(worker, tmp_path, monkeypatch) -> None:
 
 def _worker(rank: int, world: int, directory: str) -> None:
     with _process_group(rank, world, directory):
-        results = {name: train_config(name, world, os.path.join(directory, name)) for name in CONFIGS}
+        results = {}
+        for name in CONFIGS:
+            trainer = make_trainer(name, world, os.path.join(directory, name))
+            trainer.train()
+            results[name] = parameters(trainer)
+            results[f"{name}/ddp_freed"] = _exit_hook_frees_the_ddp_wrapper(trainer)
         if rank == 0:
             torch.save(results, os.path.join(directory, "two_processes.pt"))
+
+
+def _exit_hook_frees_the_ddp_wrapper(trainer) -> bool:
+    """The trainer's exit hook (release_ddp_at_exit) puts the plain policy back and frees the DDP wrapper."""
+    wrapper = weakref.ref(trainer.train_logprobs)
+    if not isinstance(wrapper(), torch.nn.parallel.DistributedDataParallel):
+        return False
+    trainer._release_ddp()
+    return wrapper() is None and trainer.train_logprobs is trainer.logprobs
 
 
 @pytest.mark.timeout(300)
@@ -149,6 +166,7 @@ def test_two_processes_make_the_same_update_as_one(tmp_path, monkeypatch):
         assert moved > 1e-4, f"{name}: the update did not move the parameters"
         for key in one:
             torch.testing.assert_close(two[name][key], one[key], atol=2e-6, rtol=1e-4, msg=f"{name}: {key}")
+        assert two[f"{name}/ddp_freed"], f"{name}: the exit hook left the DDP wrapper alive"
     # the metrics were written once (rank 0) per step
     with open(tmp_path / "dapo-batch" / "metrics.jsonl") as handle:
         assert len(handle.readlines()) == STEPS
@@ -203,6 +221,33 @@ def test_fsdp2_two_processes_make_the_same_update_as_one(tmp_path, monkeypatch):
         torch.testing.assert_close(two["resumed"][key], value, atol=0, rtol=0, msg=f"resumed: {key}")
     for key, value in two["adam"].items():
         torch.testing.assert_close(two["adam_resumed"][key], value, atol=1e-6, rtol=1e-5, msg=f"adam resume: {key}")
+
+
+def test_the_exit_hook_frees_the_wrapper_and_holds_the_trainer_weakly(monkeypatch):
+    hooks = []
+    monkeypatch.setattr(atexit, "register", hooks.append)
+
+    class Wrapper(torch.nn.Module):  # in a reference cycle, as DDP is: only the collector frees it
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.cycle = module, [self]
+
+    class Trainer:
+        def __init__(self):
+            self.logprobs = torch.nn.Linear(2, 2)
+            self.train_logprobs = Wrapper(self.logprobs)
+
+    trainer = Trainer()
+    release = release_ddp_at_exit(trainer)
+    assert hooks == [release]
+    wrapper = weakref.ref(trainer.train_logprobs)
+    release()
+    assert trainer.train_logprobs is trainer.logprobs and wrapper() is None
+    owner = weakref.ref(trainer)
+    del trainer
+    gc.collect()
+    assert owner() is None  # the registered hook keeps no trainer alive ...
+    release()  # ... and does nothing once it is gone
 
 
 def test_fsdp2_needs_an_initialised_process_group(tmp_path, monkeypatch):

@@ -53,7 +53,7 @@ from ..ops._device_checks import check_device_errors
 from ..ops._grpo_objective import GrpoObjective
 from . import checkpoint
 from .callbacks import CallbackHandler
-from .distributed import Dist, RootForward, distribute, fsdp_gathered, rebind_optimizer
+from .distributed import Dist, RootForward, distribute, fsdp_gathered, rebind_optimizer, release_ddp_at_exit
 from .grpo_config import LOSS_TYPES, GRPOConfig
 from .logprobs import CompletionLogprobs, fused_head_problem, loss_path, rollout_logprobs
 from .metrics import (
@@ -229,6 +229,7 @@ class GRPOTrainer:
         # parameter names before sharding, to re-point an optimizer the caller built on them
         self._names_before_sharding = {id(p): name for name, p in self.model.named_parameters()}
         self.train_logprobs: nn.Module = distribute(self.logprobs, self.ref_logprobs, self.dist, fsdp=self.fsdp)
+        self._release_ddp = None if self.train_logprobs is self.logprobs else release_ddp_at_exit(self)
 
     def _setup_sampler(self):
         from ..sampling.sampler import SteeringSampler
