@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from gtalign_fast.sampling.detokenize import IncrementalText, TagScanner
+from gtalign_fast.sampling.engine import shared_prefix_length
 from gtalign_fast.sampling.fast_decode import decode_kernel_unavailable
 from gtalign_fast.sampling.sampler import SteeringSampler
 
@@ -261,6 +262,49 @@ def test_rows_of_one_prompt_share_its_prefill(qwen, tokenizer, cache):
     for a, b in zip(alone.events, shared.events):
         if a.next_logits is not None:
             torch.testing.assert_close(b.next_logits, a.next_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prefix_length():
+    assert shared_prefix_length([[1] * 40 + [2], [1] * 40 + [3, 4]]) == 40
+    assert shared_prefix_length([[1] * 40, [1] * 50]) == 39  # each prompt keeps a token of its own
+    assert shared_prefix_length([[1] * 20 + [2], [1] * 20 + [3], [1] * 20 + [4]]) == 20  # 2 x 20 saved
+    assert shared_prefix_length([[1] * 20 + [2], [1] * 20 + [3]]) == 0  # saves fewer than 32 tokens
+    assert shared_prefix_length([[5] + [1] * 40, [6] + [1] * 40]) == 0
+    assert shared_prefix_length([[1] * 40]) == 0  # one distinct prompt: its rows share it whole already
+    assert shared_prefix_length([[], [1] * 40]) == 0
+
+
+@pytest.mark.parametrize("slots", [None, 3])
+def test_prompts_share_their_common_prefix_in_the_prefill(qwen, tokenizer, slots):
+    """Prompts that start alike (a chat template's system prompt) prefill those tokens once on the
+    static cache: the same tokens, edits and log-probs as prefilling every prompt whole. With
+    ``slots``, the lanes refilled later take whole prompts (mixed layouts in one cache)."""
+    from tests.test_sampler import POLICY
+
+    system = "Q: " + " ".join(["short"] * 24) + " A longer prompt than the others"
+    prompts = [system + tail for tail in (" Q: stop soon", "", " Q: short Q: short", " END")]
+    chain = _chain(tokenizer)
+    forced = [chain, None, None, chain, None, None, chain, None]  # 2 rows per prompt: edits in some lanes
+
+    def generate(share_prompt_prefix):
+        sampler = SteeringSampler(qwen, tokenizer, policy=POLICY, mode="rewrite", cache="static",
+                                  share_prompt_prefix=share_prompt_prefix)
+        return sampler.generate(prompts, num_return_sequences=2, max_new_tokens=len(chain) + 4, temperature=0.9,
+                                seed=3, forced_tokens=forced, keep_edit_logits=True, slots=slots)
+
+    shared, whole = generate(True), generate(False)
+    encoded = [_ids(tokenizer, p) for p in prompts]
+    first = encoded[: 2 if slots else 4]  # the distinct prompts of the first prefill (2 rows each)
+    common = shared_prefix_length(first)
+    assert common >= 30 and whole.tokens_prefilled - shared.tokens_prefilled == common * (len(first) - 1)
+    assert [e.status for e in shared.events].count("edited") == 3
+    whole.tokens_prefilled = shared.tokens_prefilled
+    _same(whole, shared, atol=1e-5)
+    for a, b in zip(whole.events, shared.events):
+        if a.next_logits is not None:
+            torch.testing.assert_close(b.next_logits, a.next_logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(TypeError, match="share_prompt_prefix"):
+        SteeringSampler(qwen, tokenizer, share_prompt_prefix="yes")
 
 
 def test_static_cache_compacts_and_grows_when_full(qwen, tokenizer, monkeypatch):

@@ -17,6 +17,7 @@ occurrence) only, never of a random stream that the layout would split different
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import zlib
@@ -181,6 +182,9 @@ def main(model_dir: str, out_dir: str) -> None:
                       for side in ("trl", "ours")}
                for name in CONFIGS}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    # Free the last trainer's DDP wrapper (in reference cycles) while Python still runs: alive at
+    # finalisation it can abort the process (gtalign_fast.training.distributed.release_ddp_at_exit).
+    gc.collect()
 
 
 if __name__ == "__main__":

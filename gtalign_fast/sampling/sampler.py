@@ -24,7 +24,7 @@ next-token logits against such a fresh forward. Every row samples with its own s
 seed mixed with the row's step count), so a row draws the same tokens alone or in any batch.
 
 Speed without changing a token (``cache``, ``cuda_graph``, ``decode_kernel``, ``native_decode``,
-``generate(slots=...)``):
+``share_prompt_prefix``, ``generate(slots=...)``):
 
 - the row's text is followed incrementally (``detokenize.py``): tags and stop strings are looked
   for in the new token's text, never by decoding the whole row;
@@ -40,6 +40,8 @@ Speed without changing a token (``cache``, ``cuda_graph``, ``decode_kernel``, ``
   memory bandwidth;
 - on the CPU the one-token steps of Llama and Qwen2 models run in one native call
   (``native_decode.py``): every layer in C++ around the same kernel, no per-op dispatch;
+- the prompts' common first tokens (a chat template's system prompt) are prefilled once for all
+  lanes (static cache), and each distinct prompt once for the rows that share it;
 - with ``slots``, at most that many rows decode at once and a finished row's lane takes the next
   waiting row (its prompt prefilled into the lane's columns), so rows of mixed lengths do not
   keep finished rows in the batch.
@@ -142,6 +144,12 @@ class SteeringSampler(DecodeEngine, Draw, PayoffEdit, AnalyzeSteering, Reference
         (default): where the model and settings allow it; True: required (an error says why it
         cannot run); False: never (the model's forward, with ``decode_kernel``'s linear layers).
         The tokens are the same either way (logits agree to float32 rounding).
+    share_prompt_prefix : bool
+        With the static cache, run the tokens that every prompt of a batch starts with (a chat
+        template's system prompt) once and copy their keys and values into every lane; the rest of
+        each prompt is prefilled after it (``StaticKV.prefill_prefix``). Only where it saves at
+        least ``engine.MIN_SHARED_PREFIX_TOKENS`` (32) prompt tokens. The tokens are the same either way
+        (logits agree to float32 rounding); False: each prompt is prefilled whole.
     """
 
     def __init__(
@@ -162,6 +170,7 @@ class SteeringSampler(DecodeEngine, Draw, PayoffEdit, AnalyzeSteering, Reference
         cuda_graph: bool = True,
         decode_kernel: bool | None = None,
         native_decode: bool | None = None,
+        share_prompt_prefix: bool = True,
     ):
         if mode not in MODES:
             raise ValueError(f"SteeringSampler: mode must be one of {MODES}, got {mode!r}")
@@ -179,6 +188,9 @@ class SteeringSampler(DecodeEngine, Draw, PayoffEdit, AnalyzeSteering, Reference
         self.decode_kernel = decode_kernel_unavailable() is None if decode_kernel is None else decode_kernel
         self.native_decode = self._check_native_decode(native_decode, model)
         self._native_decode_required = native_decode is True
+        if not isinstance(share_prompt_prefix, bool):
+            raise TypeError(f"SteeringSampler: share_prompt_prefix must be a bool, got {share_prompt_prefix!r}")
+        self.share_prompt_prefix = share_prompt_prefix
         check_steering_options(mode, steer_analyze, steer_strength, steer_template)
         if policy is not None and not isinstance(policy, PricingPolicy):
             raise TypeError(f"SteeringSampler: policy must be a PricingPolicy or None, got {type(policy).__name__}")

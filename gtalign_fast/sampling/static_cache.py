@@ -121,10 +121,16 @@ def _slot_cache(config: Any, owner: "StaticKV"):
                 self.keys = key_states.new_zeros(shape + key_states.shape[3:])
                 self.values = value_states.new_zeros(shape + value_states.shape[3:])
                 self.is_initialized = True
-            if owner.share is not None:  # a shared prefill (column 0 on): the prompts' own keys are all it sees
+            if owner.share is not None:  # a shared prefill: rows of distinct prompts, copied into the lanes
                 self.keys.index_copy_(2, owner.write_columns, key_states.index_select(0, owner.share))
                 self.values.index_copy_(2, owner.write_columns, value_states.index_select(0, owner.share))
-                return key_states, value_states
+                if owner.cursor == 0:  # the prompts' own keys are all they see
+                    return key_states, value_states
+                # after a shared prefix (the same in every lane: lane 0's), then their own keys
+                rows, start = key_states.shape[0], owner.cursor
+                prefix_keys = self.keys[:1, :, :start].expand(rows, -1, -1, -1)
+                prefix_values = self.values[:1, :, :start].expand(rows, -1, -1, -1)
+                return torch.cat([prefix_keys, key_states], dim=2), torch.cat([prefix_values, value_states], dim=2)
             self.keys.index_copy_(2, owner.write_columns, key_states)
             self.values.index_copy_(2, owner.write_columns, value_states)
             if owner.kv_length == owner.capacity:
@@ -205,23 +211,39 @@ class StaticKV:
         self.cursor += width
         return logits
 
+    def prefill_prefix(self, feed: torch.Tensor) -> None:
+        """Run ``feed`` ``[1, c]``, the tokens every prompt starts with (positions ``0..c-1``), once
+        and write their keys and values into the columns ``[0, c)`` of every lane; the prompts'
+        other tokens then go through :meth:`prefill`, which starts at column ``c``."""
+        width = feed.shape[1]
+        self._shared_forward(feed, torch.ones_like(feed), torch.arange(width, device=feed.device)[None],
+                             torch.zeros(self.lanes, dtype=torch.long, device=feed.device))
+
     def prefill(self, feed: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                 share: torch.Tensor | None = None) -> torch.Tensor:
-        """As :meth:`DynamicKV.prefill`; a shared prefill writes each prompt's keys and values into
-        the columns ``[0, P)`` of every lane that takes it, in the same forward."""
-        self.prompt_width = feed.shape[1]
+        """As :meth:`DynamicKV.prefill`, from the cursor (column 0, or after :meth:`prefill_prefix`);
+        a shared prefill writes each prompt's keys and values into the columns of every lane that
+        takes it, in the same forward."""
+        self.prompt_width = self.cursor + feed.shape[1]
         if share is None:
             return self._run(feed, mask, positions, True)
-        width = feed.shape[1]
-        self.kv_length, self.write_columns = width, self.columns[:width]
-        self.visible[:, :width] = mask.bool().index_select(0, share)
+        return self._shared_forward(feed, mask, positions, share).index_select(0, share)
+
+    def _shared_forward(self, feed, mask, positions, share) -> torch.Tensor:
+        """The forward of ``feed`` ``[n, w]`` (distinct prompts, or their parts after the prefix)
+        at columns ``[cursor, cursor + w)``; lane ``l`` takes row ``share[l]``. Returns the rows'
+        last logits ``[n, 1, vocab]``."""
+        start, width = self.cursor, feed.shape[1]
+        self.kv_length, self.write_columns = start + width, self.columns[start: start + width]
+        self.visible[:, start: start + width] = mask.bool().index_select(0, share)
+        rows_visible = torch.cat([self.visible[:1, :start].expand(feed.shape[0], -1), mask.bool()], dim=1)
         self.share = share
         try:
-            logits, _ = self._forward(feed, self.attention_mask(width, mask.bool()), positions, self.cache, True)
+            logits, _ = self._forward(feed, self.attention_mask(width, rows_visible), positions, self.cache, True)
         finally:
             self.share = None
-        self.cursor = width
-        return logits.index_select(0, share)
+        self.cursor = start + width
+        return logits
 
     def hide(self, lane: int, columns: list[int]) -> None:
         self.visible[lane, columns] = False
