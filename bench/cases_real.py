@@ -6,15 +6,17 @@ package every row says "not installed". On CUDA the weights are the same (bf16 a
 
 Rows (every provider on the same model, prompts, lengths and sampling settings):
 
-- ``real_generation``: ``SteeringSampler`` (mode rewrite and off, static and dynamic KV cache; on the
-  CPU also without the native step, ``linears``: the model's forward with the decode kernel, and
-  without the decode kernel, ``no-kernel``) vs transformers' ``generate``; 8 chat prompts
+- ``real_generation``: ``SteeringSampler`` (mode rewrite and off, static and dynamic KV cache;
+  ``no-prefix``: each prompt prefilled whole, ``share_prompt_prefix=False``, where the default runs
+  the chat template's 24 common first tokens once; on the CPU also without the native step,
+  ``linears``: the model's forward with the decode kernel, and without the decode kernel,
+  ``no-kernel``) vs transformers' ``generate``; 8 chat prompts
   that ask for long answers x 64 new tokens at temperature 1. ``tokens_per_s`` counts the tokens
   actually produced (HF: ``min_new_tokens`` keeps every row to 64; ours stop at EOS, which these
   prompts rarely reach).
-- ``real_generation_paired``: ours (off, static cache) and HF ``generate`` called alternately in one
-  row, so that the machine's drift over the run does not bias their ratio (``speedup_vs_hf``,
-  the median over the pairs).
+- ``real_generation_paired``: ours (off, static cache; and ``no-prefix``) and HF ``generate`` called
+  in turn in one row, so that the machine's drift over the run does not bias their ratios
+  (``speedup_vs_hf``, ``speedup_vs_hf_no_prefix``: medians over the rounds).
 - ``real_decode_step``: one decode step of 8 rows vs its floor, reading the float32 weights once
   (``model_bytes / copy_GBps``, the bandwidth of a copy as large as the weights, measured in the
   same run: a smaller one fits the L3 cache). Ours: the
@@ -151,30 +153,35 @@ def _hf_generate(device, cache: str | None, extra: dict):
 
 
 def _paired_generation(device, extra: dict):
-    """Ours (off, static cache) and HF ``generate`` (its default cache) called alternately, one pair
-    per timed call: the machine's drift over a run (HF's own rate moved between 92 and 113 tokens/s
-    from one run to the next) then hits both sides of a pair alike. ``extra``: both rates and
-    ``speedup_vs_hf``, medians over the pairs after the first (the warm-up)."""
+    """Ours (off, static cache; also without the shared prompt prefix) and HF ``generate`` (its
+    default cache) called in turn, one round per timed call: the machine's drift over a run (HF's
+    own rate moved between 92 and 113 tokens/s from one run to the next) then hits every side of a
+    round alike. ``extra``: the rates, ``speedup_vs_hf`` and ``speedup_vs_hf_no_prefix``, medians
+    over the rounds after the first (the warm-up)."""
 
     def make():
-        ours_extra: dict = {}
+        ours_extra, plain_extra = {}, {}
         ours = _sampler_generate(device, "off", "static", ours_extra, {})()
+        plain = _sampler_generate(device, "off", "static", plain_extra, {"share_prompt_prefix": False})()
         hf = _hf_generate(device, None, {})()
-        rates: list[tuple[float, float]] = []  # (ours, HF) tokens/s of each pair
+        rates: list[tuple[float, float, float]] = []  # (ours, ours without the prefix, HF) tokens/s of each round
 
         def pair():
             seconds = []
-            for generate in (ours, hf):
+            for generate in (ours, plain, hf):
                 _sync(device)
                 begin = time.perf_counter()
                 generate()
                 _sync(device)
                 seconds.append(time.perf_counter() - begin)
-            rates.append((ours_extra["tokens_per_call"] / seconds[0], 8 * NEW_TOKENS / seconds[1]))
+            rates.append((ours_extra["tokens_per_call"] / seconds[0], plain_extra["tokens_per_call"] / seconds[1],
+                          8 * NEW_TOKENS / seconds[2]))
             timed = rates[1:] or rates
             extra.update(ours_tokens_per_s=statistics.median(r[0] for r in timed),
-                         hf_tokens_per_s=statistics.median(r[1] for r in timed),
-                         speedup_vs_hf=statistics.median(r[0] / r[1] for r in timed), pairs=len(timed))
+                         ours_no_prefix_tokens_per_s=statistics.median(r[1] for r in timed),
+                         hf_tokens_per_s=statistics.median(r[2] for r in timed),
+                         speedup_vs_hf=statistics.median(r[0] / r[2] for r in timed),
+                         speedup_vs_hf_no_prefix=statistics.median(r[1] / r[2] for r in timed), pairs=len(timed))
 
         return pair
 
@@ -460,16 +467,18 @@ def cases(device: torch.device, suite: str) -> list[Case]:
     # (mode, cache, label, sampler options); labelled variants turn off a CPU path (native step, kernel)
     ours = {"off-static": ("off", "static", "", {}), "linears": ("off", "static", ",linears", {"native_decode": False}),
             "no-kernel": ("off", "static", ",no-kernel", {"decode_kernel": False}),
+            "no-prefix": ("off", "static", ",no-prefix", {"share_prompt_prefix": False}),
             "rewrite-static": ("rewrite", "static", "", {}), "off-dynamic": ("off", "dynamic", "", {}),
             "rewrite-dynamic": ("rewrite", "dynamic", "", {})}
-    generation = ["off-static", None, "linears", "no-kernel", "rewrite-static", "off-dynamic", "rewrite-dynamic",
-                  "static"]
+    generation = ["off-static", None, "no-prefix", "linears", "no-kernel", "rewrite-static", "off-dynamic",
+                  "rewrite-dynamic", "static"]
+    cpu_paths = {"linears", "no-kernel"}  # the native step and the decode kernel are CPU paths
     for variant in generation:  # the rows a short run must not miss first: ours, then HF's generate
         extra = {}
         if variant in ours:
             mode, cache, label, options = ours[variant]
-            if label and device.type != "cpu":
-                continue  # the native step and the decode kernel are CPU paths
+            if variant in cpu_paths and device.type != "cpu":
+                continue
             add("real_generation", f"gtalign_fast[{mode},{cache}{label}]", gen_shape,
                 None if reason else _sampler_generate(device, mode, cache, extra, options), extra)
         else:
