@@ -268,17 +268,20 @@ def test_shared_prefix_length():
     assert shared_prefix_length([[1] * 40 + [2], [1] * 40 + [3, 4]]) == 40
     assert shared_prefix_length([[1] * 40, [1] * 50]) == 39  # each prompt keeps a token of its own
     assert shared_prefix_length([[1] * 20 + [2], [1] * 20 + [3], [1] * 20 + [4]]) == 20  # 2 x 20 saved
-    assert shared_prefix_length([[1] * 20 + [2], [1] * 20 + [3]]) == 0  # saves fewer than 32 tokens
+    assert shared_prefix_length([[1] * 20 + [2], [1] * 20 + [3]]) == 20  # the packed prefill: any count saves
     assert shared_prefix_length([[5] + [1] * 40, [6] + [1] * 40]) == 0
     assert shared_prefix_length([[1] * 40]) == 0  # one distinct prompt: its rows share it whole already
     assert shared_prefix_length([[], [1] * 40]) == 0
 
 
 @pytest.mark.parametrize("slots", [None, 3])
-def test_prompts_share_their_common_prefix_in_the_prefill(qwen, tokenizer, slots):
+def test_prompts_share_their_common_prefix_in_the_prefill(qwen, tokenizer, slots, monkeypatch):
     """Prompts that start alike (a chat template's system prompt) prefill those tokens once on the
-    static cache: the same tokens, edits and log-probs as prefilling every prompt whole. With
-    ``slots``, the lanes refilled later take whole prompts (mixed layouts in one cache)."""
+    static cache, packed end to end without padding: the same tokens, edits and log-probs as the
+    dynamic cache's padded batch, with and without the shared prefix, in one packed forward or in
+    chunks (the later ones read the prefix from the cache). With ``slots``, the lanes refilled
+    later take whole prompts (mixed layouts in one cache)."""
+    import gtalign_fast.sampling.static_cache as static_cache
     from tests.test_sampler import POLICY
 
     system = "Q: " + " ".join(["short"] * 24) + " A longer prompt than the others"
@@ -286,25 +289,57 @@ def test_prompts_share_their_common_prefix_in_the_prefill(qwen, tokenizer, slots
     chain = _chain(tokenizer)
     forced = [chain, None, None, chain, None, None, chain, None]  # 2 rows per prompt: edits in some lanes
 
-    def generate(share_prompt_prefix):
-        sampler = SteeringSampler(qwen, tokenizer, policy=POLICY, mode="rewrite", cache="static",
+    def generate(cache="static", share_prompt_prefix=True):
+        sampler = SteeringSampler(qwen, tokenizer, policy=POLICY, mode="rewrite", cache=cache,
                                   share_prompt_prefix=share_prompt_prefix)
         return sampler.generate(prompts, num_return_sequences=2, max_new_tokens=len(chain) + 4, temperature=0.9,
                                 seed=3, forced_tokens=forced, keep_edit_logits=True, slots=slots)
 
-    shared, whole = generate(True), generate(False)
+    padded, shared, whole = generate("dynamic"), generate(), generate(share_prompt_prefix=False)
+    monkeypatch.setattr(static_cache, "PACKED_PREFILL_TOKENS", 40)  # a chunk per prompt after the first
+    chunked = generate()
     encoded = [_ids(tokenizer, p) for p in prompts]
     first = encoded[: 2 if slots else 4]  # the distinct prompts of the first prefill (2 rows each)
     common = shared_prefix_length(first)
     assert common >= 30 and whole.tokens_prefilled - shared.tokens_prefilled == common * (len(first) - 1)
+    assert padded.tokens_prefilled == whole.tokens_prefilled == chunked.tokens_prefilled + common * (len(first) - 1)
     assert [e.status for e in shared.events].count("edited") == 3
-    whole.tokens_prefilled = shared.tokens_prefilled
-    _same(whole, shared, atol=1e-5)
-    for a, b in zip(whole.events, shared.events):
-        if a.next_logits is not None:
-            torch.testing.assert_close(b.next_logits, a.next_logits, atol=1e-5, rtol=1e-5)
+    for out in (shared, whole, chunked):
+        out.tokens_prefilled = padded.tokens_prefilled
+        _same(padded, out, atol=1e-5)
+        for a, b in zip(padded.events, out.events):
+            if a.next_logits is not None:
+                torch.testing.assert_close(b.next_logits, a.next_logits, atol=1e-5, rtol=1e-5)
     with pytest.raises(TypeError, match="share_prompt_prefix"):
         SteeringSampler(qwen, tokenizer, share_prompt_prefix="yes")
+
+
+def test_packed_prefill_layout(monkeypatch):
+    """pack_prompts: the prefix once (segment -1, seen by all), each prompt's own tokens once,
+    scattered into every lane that takes it, ending at column ``width``; chunks past the limit."""
+    import gtalign_fast.sampling.static_cache as static_cache
+    from gtalign_fast.sampling.static_cache import pack_prompts
+
+    prompts = [[7, 7, 1, 2], [7, 7, 3], [7, 7, 4, 5, 6]]
+    (chunk,) = pack_prompts(prompts, [0, 1, 1, 2], common=2, width=5, device=torch.device("cpu"))
+    assert chunk.feed.tolist() == [[7, 7, 1, 2, 3, 4, 5, 6]]
+    assert chunk.positions.tolist() == [[0, 1, 2, 3, 2, 2, 3, 4]]
+    assert chunk.last.tolist() == [3, 4, 7] and chunk.prefix_columns == 0
+    seen = chunk.mask[0, 0].int().tolist()
+    assert seen[4] == [1, 1, 0, 0, 1, 0, 0, 0]  # prompt 1's token: the prefix and itself
+    assert seen[7] == [1, 1, 0, 0, 0, 1, 1, 1]
+    assert seen[1] == [1, 1, 0, 0, 0, 0, 0, 0]
+    where = sorted(zip(chunk.lanes.tolist(), chunk.columns.tolist(), chunk.tokens.tolist()))
+    expected = [(lane, c, c) for lane in range(4) for c in range(2)]  # the prefix into every lane
+    expected += [(0, 3, 2), (0, 4, 3), (1, 4, 4), (2, 4, 4), (3, 2, 5), (3, 3, 6), (3, 4, 7)]
+    assert where == sorted(expected)
+
+    monkeypatch.setattr(static_cache, "PACKED_PREFILL_TOKENS", 5)
+    first, second = pack_prompts(prompts, [0, 1, 1, 2], common=2, width=5, device=torch.device("cpu"))
+    assert first.feed.tolist() == [[7, 7, 1, 2, 3]] and first.prefix_columns == 0
+    assert second.feed.tolist() == [[4, 5, 6]] and second.positions.tolist() == [[2, 3, 4]]
+    assert second.prefix_columns == 2 and second.mask.shape == (1, 1, 3, 5) and second.mask[0, 0, :, :2].all()
+    assert second.lanes.tolist() == [3, 3, 3] and second.columns.tolist() == [2, 3, 4]
 
 
 def test_static_cache_compacts_and_grows_when_full(qwen, tokenizer, monkeypatch):
@@ -343,8 +378,11 @@ def test_reference_mode_on_the_static_cache(qwen, tokenizer):
         for cache, slots in (("dynamic", None), ("static", None), ("static", 1))
     ]
     assert outs[0].events[0].status == "reasked"
+    common = shared_prefix_length(outs[0].prompt_ids)  # "Q:": run once by the static cache's packed prefill
+    assert common == 2 and outs[1].tokens_prefilled == outs[0].tokens_prefilled - common
+    outs[1].tokens_prefilled = outs[0].tokens_prefilled
     _same(outs[0], outs[1])
-    _same(outs[0], outs[2], atol=1e-4)
+    _same(outs[0], outs[2], atol=1e-4)  # one lane: nothing shared
 
 
 def test_bad_cache_and_slots(qwen, tokenizer):

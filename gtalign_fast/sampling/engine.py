@@ -25,22 +25,17 @@ from .payoff_edit import CLOSE_TAG
 from .rows import RowState
 from .static_cache import ROOM, DynamicKV, StaticKV
 
-__all__ = ["DecodeEngine", "MIN_SHARED_PREFIX_TOKENS", "shared_prefix_length"]
-
-MIN_SHARED_PREFIX_TOKENS = 32
-"""Prompt tokens a shared-prefix prefill must save to run: below that, the extra forward of the
-prefix (a few ms of per-layer overhead on the CPU) costs about what it saves."""
+__all__ = ["DecodeEngine", "shared_prefix_length"]
 
 
 def shared_prefix_length(prompts: list[list[int]]) -> int:
     """The tokens every prompt starts with, at most the shortest prompt's length minus one (each
-    prompt keeps a token of its own, whose forward gives the row's first logits); 0 when sharing
-    them would save fewer than ``MIN_SHARED_PREFIX_TOKENS`` tokens."""
+    prompt keeps a token of its own, whose forward gives the row's first logits); 0 for fewer than
+    two prompts. The packed prefill runs them once whatever their number: it costs no extra forward."""
     if len(prompts) < 2:
         return 0
     first, length = prompts[0], min(map(len, prompts)) - 1
-    common = next((i for i in range(length) if any(p[i] != first[i] for p in prompts[1:])), max(length, 0))
-    return common if common * (len(prompts) - 1) >= MIN_SHARED_PREFIX_TOKENS else 0
+    return next((i for i in range(length) if any(p[i] != first[i] for p in prompts[1:])), max(length, 0))
 
 
 class DecodeEngine:
@@ -72,11 +67,13 @@ class DecodeEngine:
             self._cache_name = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
         return self._cache_name
 
-    def _forward(self, feed, mask, positions, cache, keep_last=False):
-        """One model forward; ``keep_last``: only the last column's logits are needed (the model
-        computes just those where it takes ``logits_to_keep``)."""
+    def _forward(self, feed, mask, positions, cache, keep=False):
+        """One model forward. ``keep``: True, only the last column's logits are needed; a [n] int64
+        tensor, only those columns' (the model computes just those where it takes
+        ``logits_to_keep``, else all of them)."""
         name = self._cache_argument()
-        extra = {"logits_to_keep": 1} if keep_last and self._takes_logits_to_keep() else {}
+        wanted = 1 if keep is True else keep
+        extra = {"logits_to_keep": wanted} if wanted is not False and self._takes_logits_to_keep() else {}
         out = self.model(input_ids=feed, attention_mask=mask, position_ids=positions, use_cache=True,
                          **{name: cache}, **extra)
         return out.logits, getattr(out, name)
@@ -224,24 +221,24 @@ class DecodeEngine:
     def _prefill(self, kv, lane_rows: list[RowState], width: int, device: torch.device):
         """Prefill the lanes' prompts, each distinct prompt once: lanes that share one (the
         ``num_return_sequences`` rows of a prompt, GRPO's group) get copies of its keys, values and
-        last logits (a row's forward does not depend on the other rows of its batch). With the
-        static cache, the tokens all prompts start with run first, once (``shared_prefix_length``);
-        a lane's columns are then that prefix, padding, the rest of its prompt. Returns the lanes'
-        next-token logits ``[lanes, vocab]`` float32 and the prompt tokens run."""
+        last logits (a row's forward does not depend on the other rows of its batch). The static
+        cache packs the prompts without padding and runs the tokens they all start with once
+        (``shared_prefix_length``, ``StaticKV.prefill_packed``); a lane's columns are then that
+        prefix, padding, the rest of its prompt. Returns the lanes' next-token logits
+        ``[lanes, vocab]`` float32 and the prompt tokens run."""
         distinct: dict[tuple[int, ...], int] = {}
         for row in lane_rows:
             distinct.setdefault(tuple(row.prompt_ids), len(distinct))
         prompts = [list(ids) for ids in distinct]
-        common = shared_prefix_length(prompts) if self.share_prompt_prefix and kv.kind == "static" else 0
-        if common:  # the tokens all prompts start with: once, into every lane's first columns
-            kv.prefill_prefix(torch.tensor([prompts[0][:common]], dtype=torch.long, device=device))
-        feed, mask, positions = self._prompt_batch([p[common:] for p in prompts], width - common, device)
-        positions += common * mask  # the suffixes' positions go on from the prefix (padding stays 0)
-        share = None
-        if len(prompts) < len(lane_rows):
-            share = torch.tensor([distinct[tuple(row.prompt_ids)] for row in lane_rows], device=device)
+        lane_prompt = [distinct[tuple(row.prompt_ids)] for row in lane_rows]
+        if kv.kind == "static":
+            common = shared_prefix_length(prompts) if self.share_prompt_prefix else 0
+            logits = kv.prefill_packed(prompts, lane_prompt, common, width)
+            return logits, common + sum(len(p) - common for p in prompts)
+        feed, mask, positions = self._prompt_batch(prompts, width, device)
+        share = None if len(prompts) == len(lane_rows) else torch.tensor(lane_prompt, device=device)
         logits = kv.prefill(feed, mask, positions, share)
-        return logits[:, -1, :].float(), common + sum(len(p) - common for p in prompts)
+        return logits[:, -1, :].float(), sum(map(len, prompts))
 
     def _make_graph(self, kv, next_logits, settings, device):
         """The CUDA-graph decode step of this run, or None (CPU, dynamic cache, turned off, or

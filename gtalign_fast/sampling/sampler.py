@@ -40,8 +40,9 @@ Speed without changing a token (``cache``, ``cuda_graph``, ``decode_kernel``, ``
   memory bandwidth;
 - on the CPU the one-token steps of Llama and Qwen2 models run in one native call
   (``native_decode.py``): every layer in C++ around the same kernel, no per-op dispatch;
-- the prompts' common first tokens (a chat template's system prompt) are prefilled once for all
-  lanes (static cache), and each distinct prompt once for the rows that share it;
+- the static cache's prefill packs the prompts end to end in one row (no padding), runs the tokens
+  they all start with (a chat template's system prompt) once for all lanes, and each distinct
+  prompt once for the rows that share it;
 - with ``slots``, at most that many rows decode at once and a finished row's lane takes the next
   waiting row (its prompt prefilled into the lane's columns), so rows of mixed lengths do not
   keep finished rows in the batch.
@@ -146,9 +147,9 @@ class SteeringSampler(DecodeEngine, Draw, PayoffEdit, AnalyzeSteering, Reference
         The tokens are the same either way (logits agree to float32 rounding).
     share_prompt_prefix : bool
         With the static cache, run the tokens that every prompt of a batch starts with (a chat
-        template's system prompt) once and copy their keys and values into every lane; the rest of
-        each prompt is prefilled after it (``StaticKV.prefill_prefix``). Only where it saves at
-        least ``engine.MIN_SHARED_PREFIX_TOKENS`` (32) prompt tokens. The tokens are the same either way
+        template's system prompt) once and write their keys and values into every lane
+        (``StaticKV.prefill_packed``: the static cache's prefill packs the prompts end to end, no
+        padding, so the prefix costs no forward of its own). The tokens are the same either way
         (logits agree to float32 rounding); False: each prompt is prefilled whole.
     """
 
@@ -276,6 +277,10 @@ class SteeringSampler(DecodeEngine, Draw, PayoffEdit, AnalyzeSteering, Reference
         n_rows = len(prompt_ids)
         if n_rows == 0:
             raise ValueError("SteeringSampler.generate: no prompts")
+        empty = next((r // num_return_sequences for r, ids in enumerate(prompt_ids) if not ids), None)
+        if empty is not None:
+            raise ValueError(f"SteeringSampler.generate: prompt {empty} has no tokens (the first draw needs "
+                             "the logits after at least one)")
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()))
         seeds = [seed + r for r in range(n_rows)] if isinstance(seed, int) else [int(s) for s in seed]

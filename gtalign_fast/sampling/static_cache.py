@@ -21,14 +21,113 @@ frees too little is the cache reallocated larger.
 
 from __future__ import annotations
 
+from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["DynamicKV", "StaticKV", "static_cache_support", "ROOM"]
+__all__ = ["DynamicKV", "StaticKV", "static_cache_support", "pack_prompts", "PackedChunk", "ROOM",
+           "PACKED_PREFILL_TOKENS"]
 
 ROOM = 128
 """Columns reserved beyond ``longest prompt + max_new_tokens`` for re-fed payoff blocks."""
+
+PACKED_PREFILL_TOKENS = 2048
+"""Tokens of one packed prefill forward at most (its mask is ``[tokens, tokens]``); a prompt
+longer than that runs in a forward of its own."""
+
+
+@dataclass
+class PackedChunk:
+    """One forward of a packed prefill (:meth:`StaticKV.prefill_packed`): prompts end to end in
+    one row, no padding.
+
+    Attributes
+    ----------
+    feed, positions : [1, T] int64
+        The tokens (the common prefix first, in the first chunk) and their positions.
+    mask : [1, 1, T, prefix_columns + T] bool
+        Token ``i`` sees the cached prefix columns, and the chunk's tokens ``j <= i`` of the
+        prefix or of its own prompt.
+    last : [n] int64
+        Each of the chunk's prompts' last token (its logits are the first draw's).
+    tokens, lanes, columns : [D] int64
+        Where the keys and values go: token ``tokens[d]`` into lane ``lanes[d]``, column ``columns[d]``.
+    prefix_columns : int
+        The prefix's columns that the chunk reads from the cache (0 in the chunk that computes it).
+    """
+
+    feed: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor
+    last: torch.Tensor
+    tokens: torch.Tensor
+    lanes: torch.Tensor
+    columns: torch.Tensor
+    prefix_columns: int
+
+
+def _chunks_of(prompts: list[list[int]], common: int) -> list[list[int]]:
+    """The prompts' indices in order, split greedily into chunks of at most
+    ``PACKED_PREFILL_TOKENS`` tokens (the first also holds the ``common`` prefix)."""
+    chunks: list[list[int]] = [[]]
+    size = common
+    for index, prompt in enumerate(prompts):
+        own = len(prompt) - common
+        if chunks[-1] and size + own > PACKED_PREFILL_TOKENS:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(index)
+        size += own
+    return chunks
+
+
+def pack_prompts(prompts: list[list[int]], lane_prompt: list[int], common: int, width: int,
+                 device: torch.device) -> list[PackedChunk]:
+    """The packed prefill of the distinct ``prompts`` into lanes (lane ``l`` takes prompt
+    ``lane_prompt[l]``): the ``common`` first tokens (every prompt's) once, into columns
+    ``[0, common)`` of every lane; each prompt's other tokens once, into the columns ending at
+    ``width`` of each lane that takes it. Every prompt needs a token after the prefix."""
+    lanes_of: dict[int, list[int]] = defaultdict(list)
+    for lane, prompt in enumerate(lane_prompt):
+        lanes_of[prompt].append(lane)
+    chunks = []
+    for number, group in enumerate(_chunks_of(prompts, common)):
+        feed, positions, segment, last, tokens, lanes, columns = [], [], [], [], [], [], []
+        if number == 0 and common:  # the prefix, segment -1: seen by every prompt
+            feed += prompts[0][:common]
+            positions += range(common)
+            segment += [-1] * common
+            for lane in range(len(lane_prompt)):
+                tokens += range(common)
+                lanes += [lane] * common
+                columns += range(common)
+        for index in group:
+            own, start = prompts[index][common:], len(feed)
+            feed += own
+            positions += range(common, common + len(own))
+            segment += [index] * len(own)
+            last.append(len(feed) - 1)
+            for lane in lanes_of[index]:
+                tokens += range(start, start + len(own))
+                lanes += [lane] * len(own)
+                columns += range(width - len(own), width)
+        chunks.append(_packed_chunk(feed, positions, segment, last, tokens, lanes, columns,
+                                    0 if number == 0 else common, device))
+    return chunks
+
+
+def _packed_chunk(feed, positions, segment, last, tokens, lanes, columns, prefix_columns, device) -> PackedChunk:
+    def long(values):
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    seg, order = long(segment), torch.arange(len(feed), device=device)
+    own = (order[None, :] <= order[:, None]) & ((seg[None, :] == seg[:, None]) | (seg[None, :] == -1))
+    seen_prefix = torch.ones((len(feed), prefix_columns), dtype=torch.bool, device=device)
+    mask = torch.cat([seen_prefix, own], dim=1)[None, None]
+    return PackedChunk(long([feed]), long([positions]), mask, long(last), long(tokens), long(lanes), long(columns),
+                       prefix_columns)
 
 
 def _text_config(model: Any) -> Any:
@@ -121,16 +220,16 @@ def _slot_cache(config: Any, owner: "StaticKV"):
                 self.keys = key_states.new_zeros(shape + key_states.shape[3:])
                 self.values = value_states.new_zeros(shape + value_states.shape[3:])
                 self.is_initialized = True
-            if owner.share is not None:  # a shared prefill: rows of distinct prompts, copied into the lanes
-                self.keys.index_copy_(2, owner.write_columns, key_states.index_select(0, owner.share))
-                self.values.index_copy_(2, owner.write_columns, value_states.index_select(0, owner.share))
-                if owner.cursor == 0:  # the prompts' own keys are all they see
+            if owner.packed is not None:  # a packed prefill: scatter the sequence's tokens into the lanes
+                chunk = owner.packed
+                for buffer, states in ((self.keys, key_states), (self.values, value_states)):
+                    buffer[chunk.lanes, :, chunk.columns] = states[0].index_select(1, chunk.tokens).transpose(0, 1)
+                if not chunk.prefix_columns:
                     return key_states, value_states
-                # after a shared prefix (the same in every lane: lane 0's), then their own keys
-                rows, start = key_states.shape[0], owner.cursor
-                prefix_keys = self.keys[:1, :, :start].expand(rows, -1, -1, -1)
-                prefix_values = self.values[:1, :, :start].expand(rows, -1, -1, -1)
-                return torch.cat([prefix_keys, key_states], dim=2), torch.cat([prefix_values, value_states], dim=2)
+                # a later chunk: the common prefix (lane 0's first columns, the same in every lane), then its own tokens
+                prefix = slice(0, chunk.prefix_columns)
+                return (torch.cat([self.keys[:1, :, prefix], key_states], dim=2),
+                        torch.cat([self.values[:1, :, prefix], value_states], dim=2))
             self.keys.index_copy_(2, owner.write_columns, key_states)
             self.values.index_copy_(2, owner.write_columns, value_states)
             if owner.kv_length == owner.capacity:
@@ -184,7 +283,7 @@ class StaticKV:
         self.write_columns = self.columns[:1]
         self.kv_length = capacity  # columns the attention reads: all in a graph, those in use in eager steps
         self.generation = 0  # bumped when the buffers are reallocated (a captured graph is then stale)
-        self.share: torch.Tensor | None = None  # during a shared prefill: the prompt of each lane
+        self.packed: PackedChunk | None = None  # during a packed prefill: where the chunk's tokens go
 
     @property
     def next_column(self) -> int:
@@ -211,39 +310,28 @@ class StaticKV:
         self.cursor += width
         return logits
 
-    def prefill_prefix(self, feed: torch.Tensor) -> None:
-        """Run ``feed`` ``[1, c]``, the tokens every prompt starts with (positions ``0..c-1``), once
-        and write their keys and values into the columns ``[0, c)`` of every lane; the prompts'
-        other tokens then go through :meth:`prefill`, which starts at column ``c``."""
-        width = feed.shape[1]
-        self._shared_forward(feed, torch.ones_like(feed), torch.arange(width, device=feed.device)[None],
-                             torch.zeros(self.lanes, dtype=torch.long, device=feed.device))
-
-    def prefill(self, feed: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                share: torch.Tensor | None = None) -> torch.Tensor:
-        """As :meth:`DynamicKV.prefill`, from the cursor (column 0, or after :meth:`prefill_prefix`);
-        a shared prefill writes each prompt's keys and values into the columns of every lane that
-        takes it, in the same forward."""
-        self.prompt_width = self.cursor + feed.shape[1]
-        if share is None:
-            return self._run(feed, mask, positions, True)
-        return self._shared_forward(feed, mask, positions, share).index_select(0, share)
-
-    def _shared_forward(self, feed, mask, positions, share) -> torch.Tensor:
-        """The forward of ``feed`` ``[n, w]`` (distinct prompts, or their parts after the prefix)
-        at columns ``[cursor, cursor + w)``; lane ``l`` takes row ``share[l]``. Returns the rows'
-        last logits ``[n, 1, vocab]``."""
-        start, width = self.cursor, feed.shape[1]
-        self.kv_length, self.write_columns = start + width, self.columns[start: start + width]
-        self.visible[:, start: start + width] = mask.bool().index_select(0, share)
-        rows_visible = torch.cat([self.visible[:1, :start].expand(feed.shape[0], -1), mask.bool()], dim=1)
-        self.share = share
-        try:
-            logits, _ = self._forward(feed, self.attention_mask(width, rows_visible), positions, self.cache, True)
-        finally:
-            self.share = None
-        self.cursor = start + width
-        return logits
+    def prefill_packed(self, prompts: list[list[int]], lane_prompt: list[int], common: int, width: int) -> torch.Tensor:
+        """Prefill the lanes from column 0 without padding (module docstring): the distinct
+        ``prompts``' tokens in one sequence (chunks of at most ``PACKED_PREFILL_TOKENS``), their
+        ``common`` first tokens once; lane ``l`` takes prompt ``lane_prompt[l]``. A lane's columns
+        are then the prefix ``[0, common)``, padding (hidden), its prompt's other tokens ending at
+        column ``width``. Returns the lanes' next-token logits ``[lanes, vocab]`` float32."""
+        last_logits: list[torch.Tensor] = []
+        for chunk in pack_prompts(prompts, lane_prompt, common, width, self.device):
+            self.kv_length = chunk.prefix_columns + chunk.feed.shape[1]
+            self.packed = chunk
+            try:
+                logits, _ = self._forward(chunk.feed, chunk.mask, chunk.positions, self.cache, chunk.last)
+            finally:
+                self.packed = None
+            if logits.shape[1] != chunk.last.numel():  # a model without logits_to_keep: every column's logits
+                logits = logits.index_select(1, chunk.last)
+            last_logits.append(logits[0].float())
+        for lane, prompt in enumerate(lane_prompt):
+            self.visible[lane, :common] = True
+            self.visible[lane, width - (len(prompts[prompt]) - common): width] = True
+        self.cursor = self.prompt_width = width
+        return torch.cat(last_logits).index_select(0, torch.tensor(lane_prompt, device=self.device))
 
     def hide(self, lane: int, columns: list[int]) -> None:
         self.visible[lane, columns] = False
