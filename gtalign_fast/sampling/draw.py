@@ -46,9 +46,10 @@ class Draw:
             ids = [[biased.get(r, -1)] for r in range(n_rows)]
             bias_values = torch.full((n_rows, 1), self.steer_strength, dtype=torch.float32, device=device)
             bias = dict(bias_ids=torch.tensor(ids, dtype=torch.long, device=device), bias_values=bias_values)
-        logits = next_logits.clone()  # sample_ works in place; keep next_logits for edits/debugging
+        # In place: every lane's logits are drawn from once, then overwritten by its next step (or
+        # refill) before the next draw; keep_edit_logits copies them before this.
         tokens, _, raw = sample_(
-            logits, forced=torch.tensor(forced, dtype=torch.long, device=device),
+            next_logits, forced=torch.tensor(forced, dtype=torch.long, device=device),
             seed=torch.tensor(seeds, dtype=torch.long, device=device), backend=self.backend, **bias, **settings
         )
         return tokens.tolist(), raw.tolist(), steered
