@@ -465,6 +465,66 @@ def test_cuda_graph_step_samples_what_the_eager_step_samples(qwen, tokenizer, st
         qwen.to("cpu")
 
 
+def test_kept_cache_is_reused_by_the_next_call_of_the_same_shape(qwen, tokenizer):
+    """keep_cache: the next generate call with the same lanes and columns (rounded up to
+    CAPACITY_STEP) reuses the static cache's buffers, reset in place, and samples what a fresh
+    sampler samples; another shape, another training mode or release_cache() gives a new one."""
+    from gtalign_fast.sampling.engine import CAPACITY_STEP
+
+    prompts = ["Q: one", "Q: two and more words", "Q: three"]
+    settings = dict(max_new_tokens=12, temperature=0.9, seed=5)
+
+    def fresh(keep_cache=True, **changes):
+        sampler = SteeringSampler(qwen, tokenizer, mode="off", cache="static", keep_cache=keep_cache)
+        return sampler, sampler.generate(prompts, **{**settings, **changes})
+
+    sampler, first = fresh()
+    kept = sampler._kept_kv
+    assert kept is not None and kept.capacity % CAPACITY_STEP == 0
+    buffer = kept.cache.layers[0].keys.data_ptr()
+    again = sampler.generate(prompts, **{**settings, "seed": 6})
+    assert sampler._kept_kv is kept and kept.cache.layers[0].keys.data_ptr() == buffer
+    _same(fresh(seed=6)[1], again)
+    _same(first, sampler.generate(prompts, **settings))  # back to the first seed: the same rows
+    sampler.generate(prompts[:2], **settings)  # 2 lanes: another shape
+    assert sampler._kept_kv is not kept
+    qwen.train()
+    try:
+        trained = sampler._kept_kv
+        sampler.generate(prompts[:2], **settings)
+        assert sampler._kept_kv is not trained  # the training mode is part of the key
+    finally:
+        qwen.eval()
+    sampler.release_cache()
+    assert sampler._kept_kv is None
+    unkept, out = fresh(keep_cache=False)
+    assert unkept._kept_kv is None
+    _same(first, out)
+    with pytest.raises(TypeError, match="keep_cache"):
+        SteeringSampler(qwen, tokenizer, keep_cache=1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_is_captured_once_for_successive_calls(qwen, tokenizer):
+    """On CUDA with keep_cache: two generate calls of the same shape replay one captured step
+    (graph_stats counts one capture) and sample what fresh samplers sample, settings included."""
+    model = qwen.to("cuda")
+    try:
+        prompts = ["Q: one", "Q: two and more words", "Q: three"]
+
+        def run(sampler, seed, temperature):
+            return sampler.generate(prompts, max_new_tokens=12, temperature=temperature, seed=seed)
+
+        sampler = SteeringSampler(model, tokenizer, mode="off", cache="static")
+        first, second = run(sampler, 1, 0.9), run(sampler, 2, 0.7)
+        assert sampler.graph_stats["captures"] == 1 and sampler.graph_stats["seconds"] > 0
+        for out, seed, temperature in ((first, 1, 0.9), (second, 2, 0.7)):
+            _same(run(SteeringSampler(model, tokenizer, mode="off", cache="static", keep_cache=False), seed,
+                      temperature), out)
+    finally:
+        qwen.to("cpu")
+
+
 def test_trainer_passes_the_slot_budget_and_cache_through(tmp_path):
     """max_num_seqs (slots) and cache_implementation reach the sampler; the completions
     of a step do not depend on them."""

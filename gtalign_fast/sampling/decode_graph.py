@@ -3,8 +3,10 @@
 On a GPU a small model's decode step is dominated by kernel launches: a 0.5B model launches
 hundreds of kernels per token, each a few microseconds of Python and driver work. With the
 static cache (``static_cache.StaticKV``) nothing in a width-1 step changes shape or address, so
-the step, model forward and ``sample_`` with the rows' Philox seeds, is captured once per
-decoding run and replayed for every plain step:
+the step, model forward and ``sample_`` with the rows' Philox seeds, is captured once and
+replayed for every plain step; the sampler keeps the cache and its captured step for the next
+``generate`` call of the same shape (``SteeringSampler(keep_cache=True)``), so a training run
+captures once per shape, not once per call:
 
 - inputs: the fed token, its position and whether the lane is fed, the row seeds and forced
   tokens of the next draw, the cache column; packed into one pinned host buffer and copied to
@@ -24,6 +26,7 @@ capture disables autocast's weight-cast cache (cached casts would be freed under
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -51,9 +54,13 @@ class GraphedDecodeStep:
         ``temperature``, ``top_k``, ``top_p`` of the run (fixed for the graph's life).
     backend : str or None
         ``sample_``'s backend.
+    stats : dict, optional
+        ``{"captures": int, "seconds": float}``, counted up at each capture (its host time,
+        synchronised: once per captured shape, off the replayed path).
     """
 
-    def __init__(self, forward, kv: Any, next_logits: torch.Tensor, settings: dict, backend: str | None) -> None:
+    def __init__(self, forward, kv: Any, next_logits: torch.Tensor, settings: dict, backend: str | None,
+                 stats: dict | None = None) -> None:
         lanes, device = kv.lanes, kv.device
         self._forward, self.kv, self.next_logits, self.backend = forward, kv, next_logits, backend
         self.generation = kv.generation
@@ -65,11 +72,20 @@ class GraphedDecodeStep:
         self.host_raw = torch.zeros(lanes, dtype=torch.float32, pin_memory=pinned)
         self.tokens = torch.zeros(lanes, dtype=torch.int64, device=device)
         self.raw = torch.zeros(lanes, dtype=torch.float32, device=device)
-        self.temperature = torch.full((lanes,), float(settings["temperature"]), dtype=torch.float32, device=device)
-        self.top_k = torch.full((lanes,), int(settings["top_k"]), dtype=torch.int64, device=device)
-        self.top_p = torch.full((lanes,), float(settings["top_p"]), dtype=torch.float32, device=device)
+        self.temperature = torch.zeros(lanes, dtype=torch.float32, device=device)
+        self.top_k = torch.zeros(lanes, dtype=torch.int64, device=device)
+        self.top_p = torch.zeros(lanes, dtype=torch.float32, device=device)
+        self.set_settings(settings)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.lanes = lanes
+        self.stats = stats if stats is not None else {"captures": 0, "seconds": 0.0}
+
+    def set_settings(self, settings: dict) -> None:
+        """The sampling settings of the next replays, written in place (the graph reads them there:
+        a graph kept for a later run takes that run's settings without a new capture)."""
+        self.temperature.fill_(float(settings["temperature"]))
+        self.top_k.fill_(int(settings["top_k"]))
+        self.top_p.fill_(float(settings["top_p"]))
 
     def _body(self) -> None:
         lanes, kv = self.lanes, self.kv
@@ -94,6 +110,13 @@ class GraphedDecodeStep:
         return torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False)
 
     def _capture(self) -> None:
+        begin = time.perf_counter()
+        self._record()
+        torch.cuda.current_stream().synchronize()  # once per capture: its time is reported (stats)
+        self.stats["captures"] += 1
+        self.stats["seconds"] += time.perf_counter() - begin
+
+    def _record(self) -> None:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), self._autocast():

@@ -25,7 +25,20 @@ from .payoff_edit import CLOSE_TAG
 from .rows import RowState
 from .static_cache import ROOM, DynamicKV, StaticKV
 
-__all__ = ["DecodeEngine", "shared_prefix_length"]
+__all__ = ["DecodeEngine", "shared_prefix_length", "CAPACITY_STEP"]
+
+CAPACITY_STEP = 128
+"""The static cache's columns are rounded up to a multiple of this, so that the next ``generate``
+call with prompts of about the same length finds the same shape and reuses the kept cache."""
+
+
+def _cache_key(model, lanes: int, capacity: int, device: torch.device) -> tuple:
+    """What a kept static cache (and the decode step captured on it) depends on: its shape, the
+    forward's dtype (autocast), the training mode (dropout) and where the weights live (a captured
+    step reads them by address; an in-place optimizer step keeps them)."""
+    autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    weights = tuple(p.data_ptr() for p in model.parameters())
+    return lanes, capacity, str(device), autocast, model.training, weights
 
 
 def shared_prefix_length(prompts: list[list[int]]) -> int:
@@ -85,12 +98,33 @@ class DecodeEngine:
         return self._logits_to_keep
 
     def _make_kv(self, lanes: int, prompt_width: int, max_new_tokens: int, device: torch.device):
-        """The KV cache of one decoding run (``self.cache``; see static_cache.py)."""
-        if self._use_static(device):
-            capacity = prompt_width + max_new_tokens + ROOM
-            model = getattr(self.model, "module", self.model)
-            return StaticKV(model, self._forward, lanes, capacity, device, native=self._native_step(model, device))
-        return DynamicKV(self._forward)
+        """The KV cache of one decoding run (``self.cache``; see static_cache.py). A static cache
+        kept from an earlier run (``keep_cache``) is reset and reused when the lanes, the columns
+        (rounded up to ``CAPACITY_STEP``), the device, autocast, training mode and the weights'
+        storage are the same; its captured decode step then stays valid."""
+        if not self._use_static(device):
+            return DynamicKV(self._forward)
+        capacity = -(-(prompt_width + max_new_tokens + ROOM) // CAPACITY_STEP) * CAPACITY_STEP
+        model = getattr(self.model, "module", self.model)
+        native = self._native_step(model, device)
+        key = _cache_key(model, lanes, capacity, device)
+        kept, self._kept_kv = self._kept_kv, None  # taken: a concurrent call would make its own
+        if kept is not None and kept.key == key:
+            kept.reset(native)
+            return kept
+        kv = StaticKV(model, self._forward, lanes, capacity, device, native=native)
+        kv.key = key
+        return kv
+
+    def _keep(self, kv) -> None:
+        """Keep a static cache for the next run (``keep_cache``), unless it grew (its shape is not
+        the one its key names)."""
+        if self.keep_cache and kv.kind == "static" and kv.generation == 0:
+            self._kept_kv = kv
+
+    def release_cache(self) -> None:
+        """Free the static KV cache (and captured decode step) kept for the next ``generate`` call."""
+        self._kept_kv = None
 
     def _native_step(self, model, device: torch.device) -> NativeDecodeStep | None:
         """The native one-token step (``native_decode.py``) when ``native_decode`` is on, the model
@@ -131,6 +165,8 @@ class DecodeEngine:
         waiting = deque(rows[n_lanes:])
         kv = self._make_kv(n_lanes, prompt_width, max_new_tokens, device)
         next_logits, prefilled = self._prefill(kv, lane_rows, prompt_width, device)
+        if kv.kind == "static":
+            next_logits = kv.adopt_logits(next_logits)  # a reused cache's buffer: its captured step writes it
         next_position = [len(row.prompt_ids) for row in lane_rows]
 
         graph = self._make_graph(kv, next_logits, settings, device)
@@ -216,6 +252,7 @@ class DecodeEngine:
                 for lane in edited_now:
                     if lane in feeds:
                         lane_rows[lane].event.next_logits = next_logits[lane].clone()
+        self._keep(kv)
         return prefilled
 
     def _prefill(self, kv, lane_rows: list[RowState], width: int, device: torch.device):
@@ -245,7 +282,13 @@ class DecodeEngine:
         synchronous device checks: they read the error flag after each launch, which a capture refuses)."""
         if not (self.cuda_graph and kv.kind == "static" and graph_supported(device)) or _device_checks._sync_checks:
             return None
-        return GraphedDecodeStep(self._forward, kv, next_logits, settings, self.backend)
+        graph = kv.graph
+        if graph is not None and graph.next_logits is next_logits and graph.backend == self.backend:
+            graph.set_settings(settings)  # a reused cache's step: captured once, replayed in this run too
+        else:
+            graph = kv.graph = GraphedDecodeStep(self._forward, kv, next_logits, settings, self.backend,
+                                                 self.graph_stats)
+        return graph
 
     def _graph_step(self, graph, lane_rows, feeds, first_slot):
         """Feed one token per fed lane and draw the next tokens in one graph replay; returns the

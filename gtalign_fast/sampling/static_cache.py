@@ -284,6 +284,11 @@ class StaticKV:
         self.kv_length = capacity  # columns the attention reads: all in a graph, those in use in eager steps
         self.generation = 0  # bumped when the buffers are reallocated (a captured graph is then stale)
         self.packed: PackedChunk | None = None  # during a packed prefill: where the chunk's tokens go
+        # What a later run on this cache reuses (SteeringSampler(keep_cache=True)): its key
+        # (engine._cache_key), the next-token logits buffer and the decode step captured on both.
+        self.key: tuple | None = None
+        self.next_logits: torch.Tensor | None = None
+        self.graph = None
 
     @property
     def next_column(self) -> int:
@@ -332,6 +337,29 @@ class StaticKV:
             self.visible[lane, width - (len(prompts[prompt]) - common): width] = True
         self.cursor = self.prompt_width = width
         return torch.cat(last_logits).index_select(0, torch.tensor(lane_prompt, device=self.device))
+
+    def reset(self, native=None) -> None:
+        """Make a used cache ready for a new run, in place (no address changes: a decode step
+        captured on it stays valid): every column hidden and zeroed, the cursor at column 0;
+        ``native``: this run's native step (support is checked per run)."""
+        self._native = native
+        self.cursor = self.prompt_width = 0
+        self.kv_length = self.capacity
+        self.write_columns = self.columns[:1]
+        self.visible.zero_()
+        for layer in self.cache.layers:
+            if layer.keys is not None:
+                layer.keys.zero_()
+                layer.values.zero_()
+
+    def adopt_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The run's next-token logits buffer ``[lanes, vocab]`` float32: the one an earlier run
+        left (a step captured on this cache writes it), refilled with ``logits``, else ``logits``."""
+        if self.next_logits is None or self.next_logits.shape != logits.shape:
+            self.next_logits, self.graph = logits, None
+        else:
+            self.next_logits.copy_(logits)
+        return self.next_logits
 
     def hide(self, lane: int, columns: list[int]) -> None:
         self.visible[lane, columns] = False
