@@ -25,7 +25,10 @@ Rows (every provider on the same model, prompts, lengths and sampling settings):
   on the decode kernel (``native_decode=False``: ``*_linears`` fields) and without the kernel
   (``decode_kernel=False``: ``*_no_kernel``), measured interleaved in one process (medians over the
   rounds); HF: one forward of 8 new tokens on a cache of the prompt (what
-  ``generate`` does per step). No step is compiled (``compile_s`` is 0: the step runs eagerly).
+  ``generate`` does per step). ``compile_s`` / ``graph_captures``: the CUDA graph captures of the
+  sampler over the row's calls and their time (the kept cache, ``keep_cache``, is reused across
+  calls, so one capture per shape); 0 on the CPU, where the native step ships compiled. The
+  generation rows report them too, with ``first_call_s`` (the warm-up call, which captures).
 - ``real_grpo_step``: one GRPO step of ``GRPOTrainer`` vs TRL's ``GRPOTrainer``: 2 prompts x 4
   generations x 32 new tokens, ``loss_type="dapo"``, ``beta=0``, AdamW, gradient checkpointing.
   Ours reports its generation / scoring / update split (``time/*`` of the step's metrics); TRL's
@@ -118,8 +121,11 @@ def _sampler_generate(device, mode: str, cache: str, extra: dict, options: dict)
                 out = sampler.generate(prompts, max_new_tokens=NEW_TOKENS, temperature=1.0, seed=0)
             _sync(device)
             tokens = sum(len(ids) for ids in out.completion_ids)  # EOS may end a row early
-            rates.append(tokens / (time.perf_counter() - begin))
-            extra.update(tokens_per_call=tokens, tokens_per_s=statistics.median(rates))
+            seconds = time.perf_counter() - begin
+            rates.append(tokens / seconds)
+            extra.setdefault("first_call_s", seconds)  # the warm-up call: on CUDA it captures the graph
+            extra.update(tokens_per_call=tokens, tokens_per_s=statistics.median(rates),
+                         graph_captures=sampler.graph_stats["captures"], compile_s=sampler.graph_stats["seconds"])
             return out
 
         return generate
@@ -239,7 +245,8 @@ def _our_decode_step(device, extra: dict, rounds: int = 3):
                 steps[name].append(_step_seconds(sampler, prompts, device))
         step = statistics.median(steps[""])
         _floor(model, device, extra, step)
-        extra.update(decode_kernel=bool(kernel), native_decode=bool(native), compile_s=0.0, rounds=rounds,
+        extra.update(decode_kernel=bool(kernel), native_decode=bool(native), rounds=rounds,
+                     compile_s=default.graph_stats["seconds"], graph_captures=default.graph_stats["captures"],
                      kv_cache="static" if default._use_static(device) else "dynamic")
         for name in samplers:
             if name:
