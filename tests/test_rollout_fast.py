@@ -478,6 +478,7 @@ def test_kept_cache_is_reused_by_the_next_call_of_the_same_shape(qwen, tokenizer
         sampler = SteeringSampler(qwen, tokenizer, mode="off", cache="static", keep_cache=keep_cache)
         return sampler, sampler.generate(prompts, **{**settings, **changes})
 
+    assert fresh(keep_cache=None)[0]._kept_kv is None  # the default on the CPU: nothing captured, nothing kept
     sampler, first = fresh()
     kept = sampler._kept_kv
     assert kept is not None and kept.capacity % CAPACITY_STEP == 0
@@ -506,8 +507,9 @@ def test_kept_cache_is_reused_by_the_next_call_of_the_same_shape(qwen, tokenizer
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_is_captured_once_for_successive_calls(qwen, tokenizer):
-    """On CUDA with keep_cache: two generate calls of the same shape replay one captured step
-    (graph_stats counts one capture) and sample what fresh samplers sample, settings included."""
+    """On CUDA (keep_cache's default keeps a captured step): two generate calls of the same shape
+    replay one captured step (graph_stats counts one capture) and sample what fresh samplers
+    sample, settings included."""
     model = qwen.to("cuda")
     try:
         prompts = ["Q: one", "Q: two and more words", "Q: three"]

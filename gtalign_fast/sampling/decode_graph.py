@@ -5,7 +5,7 @@ hundreds of kernels per token, each a few microseconds of Python and driver work
 static cache (``static_cache.StaticKV``) nothing in a width-1 step changes shape or address, so
 the step, model forward and ``sample_`` with the rows' Philox seeds, is captured once and
 replayed for every plain step; the sampler keeps the cache and its captured step for the next
-``generate`` call of the same shape (``SteeringSampler(keep_cache=True)``), so a training run
+``generate`` call of the same shape (``SteeringSampler(keep_cache=None)``, the default), so a training run
 captures once per shape, not once per call:
 
 - inputs: the fed token, its position and whether the lane is fed, the row seeds and forced

@@ -117,9 +117,11 @@ class DecodeEngine:
         return kv
 
     def _keep(self, kv) -> None:
-        """Keep a static cache for the next run (``keep_cache``), unless it grew (its shape is not
-        the one its key names)."""
-        if self.keep_cache and kv.kind == "static" and kv.generation == 0:
+        """Keep a static cache for the next run (``keep_cache``; None: where a step was captured on
+        it), unless it grew (its shape is not the one its key names)."""
+        if kv.kind != "static" or kv.generation != 0:
+            return
+        if self.keep_cache or (self.keep_cache is None and kv.graph is not None):
             self._kept_kv = kv
 
     def release_cache(self) -> None:

@@ -151,12 +151,15 @@ class SteeringSampler(DecodeEngine, Draw, PayoffEdit, AnalyzeSteering, Reference
         (``StaticKV.prefill_packed``: the static cache's prefill packs the prompts end to end, no
         padding, so the prefix costs no forward of its own). The tokens are the same either way
         (logits agree to float32 rounding); False: each prompt is prefilled whole.
-    keep_cache : bool
+    keep_cache : bool, optional
         Keep the static KV cache, and on CUDA the decode step captured on it, for the next
         ``generate`` call with the same lanes, columns (rounded up to ``engine.CAPACITY_STEP``, 128),
         autocast, training mode and weight storage: the graph is then captured once per shape,
         not once per call. Between calls it holds ``2 x layers x lanes x kv_heads x columns x
-        head_dim`` values; :meth:`release_cache` frees them. False: a cache per call, freed with it.
+        head_dim`` values; :meth:`release_cache` frees them. None (default): where a decode step
+        was captured (CUDA graphs), whose capture costs far more than the allocation; on the CPU
+        nothing is captured, and a cache per call keeps that memory free between calls (for a
+        training step's update). False: a cache per call, freed with it.
 
     Attributes
     ----------
@@ -184,7 +187,7 @@ class SteeringSampler(DecodeEngine, Draw, PayoffEdit, AnalyzeSteering, Reference
         decode_kernel: bool | None = None,
         native_decode: bool | None = None,
         share_prompt_prefix: bool = True,
-        keep_cache: bool = True,
+        keep_cache: bool | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"SteeringSampler: mode must be one of {MODES}, got {mode!r}")
@@ -205,8 +208,8 @@ class SteeringSampler(DecodeEngine, Draw, PayoffEdit, AnalyzeSteering, Reference
         if not isinstance(share_prompt_prefix, bool):
             raise TypeError(f"SteeringSampler: share_prompt_prefix must be a bool, got {share_prompt_prefix!r}")
         self.share_prompt_prefix = share_prompt_prefix
-        if not isinstance(keep_cache, bool):
-            raise TypeError(f"SteeringSampler: keep_cache must be a bool, got {keep_cache!r}")
+        if keep_cache is not None and not isinstance(keep_cache, bool):
+            raise TypeError(f"SteeringSampler: keep_cache must be a bool or None, got {keep_cache!r}")
         self.keep_cache = keep_cache
         self._kept_kv = None
         self.graph_stats = {"captures": 0, "seconds": 0.0}
