@@ -1,8 +1,9 @@
 """The batching engine: the decoding loop of :class:`~gtalign_fast.sampling.sampler.SteeringSampler`.
 
-Prompts are left-padded and prefilled together; every step feeds each lane its own list of tokens
-(one sampled token, a re-fed payoff tail, or nothing once finished) with explicit positions and a
-mask, so cache columns can be hidden later. With ``slots`` a finished row's lane takes the next
+Prompts are prefilled together (the static cache packs them end to end, the dynamic one
+left-pads them); every step feeds each lane its own list of tokens (one sampled token, a re-fed
+payoff tail, or nothing once finished) with explicit positions and a mask, so cache columns can be
+hidden later. With ``slots`` a finished row's lane takes the next
 waiting row. The KV cache is static (``static_cache.py``) or dynamic; on CUDA the plain one-token
 step is a CUDA graph (``decode_graph.py``). The row's text is followed incrementally
 (``detokenize.py``) for the payoff detector, analyze steering and stop strings.

@@ -17,6 +17,12 @@ to the next: what a CUDA graph needs (``decode_graph.py``; eager steps attend ov
 use only, views of the buffers). When the cursor reaches the end, the
 visible columns of every lane are gathered to the front (on the device, in place); only when that
 frees too little is the cache reallocated larger.
+
+The static cache's prefill packs the batch's distinct prompts end to end in one row, without
+padding (:func:`pack_prompts`, :meth:`StaticKV.prefill_packed`): the tokens every prompt starts
+with come first, once; a block mask lets each prompt's tokens see that prefix and their own
+earlier tokens; the keys and values are then scattered into the lanes' columns (a lane: the
+prefix, padding, its prompt's other tokens), where the decode steps find them.
 """
 
 from __future__ import annotations
@@ -284,7 +290,7 @@ class StaticKV:
         self.kv_length = capacity  # columns the attention reads: all in a graph, those in use in eager steps
         self.generation = 0  # bumped when the buffers are reallocated (a captured graph is then stale)
         self.packed: PackedChunk | None = None  # during a packed prefill: where the chunk's tokens go
-        # What a later run on this cache reuses (SteeringSampler(keep_cache=True)): its key
+        # What a later run on this cache reuses (SteeringSampler(keep_cache=...)): its key
         # (engine._cache_key), the next-token logits buffer and the decode step captured on both.
         self.key: tuple | None = None
         self.next_logits: torch.Tensor | None = None
