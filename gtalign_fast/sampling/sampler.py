@@ -24,7 +24,7 @@ next-token logits against such a fresh forward. Every row samples with its own s
 seed mixed with the row's step count), so a row draws the same tokens alone or in any batch.
 
 Speed without changing a token (``cache``, ``cuda_graph``, ``decode_kernel``, ``native_decode``,
-``share_prompt_prefix``, ``generate(slots=...)``):
+``share_prompt_prefix``, ``keep_cache``, ``generate(slots=...)``):
 
 - the row's text is followed incrementally (``detokenize.py``): tags and stop strings are looked
   for in the new token's text, never by decoding the whole row;
@@ -33,7 +33,9 @@ Speed without changing a token (``cache``, ``cuda_graph``, ``decode_kernel``, ``
   (hidden payoff columns are masked exactly as in the dynamic cache, positions are the same);
 - on CUDA the one-token step (forward + ``sample_`` with the rows' Philox seeds) is a CUDA graph
   (``decode_graph.py``) replayed every plain step; prefill, refills, re-fed payoff blocks and
-  biased draws run eagerly; the tokens come back through a pinned buffer once per step;
+  biased draws run eagerly; the tokens come back through a pinned buffer once per step; the
+  cache and the graph captured on it serve the next ``generate`` call of the same shape
+  (``keep_cache``), so a training run captures once per shape;
 - on the CPU the decode steps run the model's float32 linear layers and LM head through
   :func:`gtalign_fast.ops.decode_linear` (``fast_decode.py``): a kernel that streams each weight
   once for the few rows of a decode step, where PyTorch's BLAS path reads them at a third of the
