@@ -51,7 +51,8 @@ class GraphedDecodeStep:
     next_logits : Tensor ``[lanes, V]`` float32
         The sampler's buffer of next-token logits; each replay writes it.
     settings : dict
-        ``temperature``, ``top_k``, ``top_p`` of the run (fixed for the graph's life).
+        ``temperature``, ``top_k``, ``top_p`` of the run; a later run sets its own with
+        :meth:`set_settings` (the graph reads them in place).
     backend : str or None
         ``sample_``'s backend.
     stats : dict, optional

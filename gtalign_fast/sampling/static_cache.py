@@ -279,15 +279,11 @@ class StaticKV:
 
     def __init__(self, model: Any, forward, lanes: int, capacity: int, device: torch.device, native=None) -> None:
         self._forward = forward
-        self._native = native
         self.lanes, self.capacity, self.device = lanes, capacity, device
-        self.cursor = 0
-        self.prompt_width = 0
         self.cache = _slot_cache(_text_config(model), self)
         self.visible = torch.zeros((lanes, capacity), dtype=torch.bool, device=device)
         self.columns = torch.arange(capacity, device=device)
-        self.write_columns = self.columns[:1]
-        self.kv_length = capacity  # columns the attention reads: all in a graph, those in use in eager steps
+        self.reset(native)  # the run state: cursor, widths, write columns (the buffers come with the prefill)
         self.generation = 0  # bumped when the buffers are reallocated (a captured graph is then stale)
         self.packed: PackedChunk | None = None  # during a packed prefill: where the chunk's tokens go
         # What a later run on this cache reuses (SteeringSampler(keep_cache=...)): its key
@@ -345,12 +341,12 @@ class StaticKV:
         return torch.cat(last_logits).index_select(0, torch.tensor(lane_prompt, device=self.device))
 
     def reset(self, native=None) -> None:
-        """Make a used cache ready for a new run, in place (no address changes: a decode step
-        captured on it stays valid): every column hidden and zeroed, the cursor at column 0;
-        ``native``: this run's native step (support is checked per run)."""
+        """The run state of a new cache, or a used one made ready for a new run, in place (no
+        address changes: a decode step captured on it stays valid): every column hidden and
+        zeroed, the cursor at column 0; ``native``: this run's native step (checked per run)."""
         self._native = native
         self.cursor = self.prompt_width = 0
-        self.kv_length = self.capacity
+        self.kv_length = self.capacity  # columns the attention reads: all in a graph, those in use in eager steps
         self.write_columns = self.columns[:1]
         self.visible.zero_()
         for layer in self.cache.layers:
