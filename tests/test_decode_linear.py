@@ -50,6 +50,37 @@ def test_awkward_widths_without_bias(backend, k):
 
 
 @needs_kernel
+@pytest.mark.parametrize("m", [8, 13, 16])
+def test_a_row_gets_the_same_bits_whatever_rows_share_the_call(m):
+    """A row of x is summed in one order however many rows are multiplied with it: blocks of 8 rows
+    sum their 8 accumulators together (store_sums8), a lone row on its own, and the bits agree. So a
+    lane's logits do not depend on the other lanes of its batch."""
+    x, weight, bias = _inputs(m, 576, 67, seed=m)
+    together = ops.decode_linear(x, weight, bias)
+    for row in range(m):
+        assert torch.equal(ops.decode_linear(x[row:row + 1], weight, bias)[0], together[row]), row
+
+
+@needs_kernel
+def test_the_bits_do_not_depend_on_the_threads_or_who_takes_which_rows():
+    """Threads take chunks of W's rows from their own share and then from the back of the others'
+    (decode_linear.cpp, Share): with more threads than cores (so that some fall behind and the others
+    take their rows) and with one, every output keeps its bits."""
+    x, weight, bias = _inputs(8, 64, 6001, seed=3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = ops.decode_linear(x, weight, bias)
+        for count in (2, 3, 7):
+            torch.set_num_threads(count)
+            for _ in range(20):
+                assert torch.equal(ops.decode_linear(x, weight, bias), alone), count
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(alone.double(), reference.decode_linear(x, weight, bias), **_tolerance(64))
+
+
+@needs_kernel
 def test_kernel_reads_strided_rows_and_writes_only_its_output():
     """x and out as row-strided views of bigger buffers (a slice of a hidden state): the kernel
     honours the row strides and leaves the other columns alone."""

@@ -19,6 +19,8 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <atomic>
+#include <memory>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
@@ -44,7 +46,10 @@ constexpr int kRowBlock = 8;       // rows of x multiplied with one block of W a
 // 24.5-25.3 GB/s and SmolLM2's decode step from 31.1-33.5 to 29.4-30.7 ms (an L2-resident W in a
 // stand-alone test: 13-14 GB/s a core with the folded loads, 21-26 with x in a register).
 constexpr int kWeightBlock = 3;
-constexpr int64_t kRowsPerTask = 64;  // rows of W per unit of parallel work (64 x 576 floats = 147 KB)
+// Parallel work: each thread's share of W's rows has at least kBlocksPerShare blocks (63 rows, 145 KB
+// at K = 576), and is taken kBlocksPerChunk blocks (24 rows) at a time (see Share).
+constexpr int64_t kBlocksPerShare = 21;
+constexpr int64_t kBlocksPerChunk = 8;
 // Software prefetch distance: the rows of W this far ahead (at least kPrefetchRows rows and about
 // kPrefetchBytes) are requested while the current block is multiplied. One core keeps too few
 // misses in flight on its own: measured on the Xeon of issue 24 (one thread, a model's worth of
@@ -87,6 +92,37 @@ void rows_scalar(const Problem& p, int64_t n_begin, int64_t n_end) {
 
 // ---- AVX-512F -------------------------------------------------------------------------------
 
+// The horizontal sums of 8 accumulators at once, in the order _mm512_reduce_add_ps adds each one's
+// 16 lanes (upper 256 bits + lower, then upper 128 + lower, then lanes (0 + 2) + (1 + 3)), so the
+// results keep their bits: the pairs of accumulators share each level's shuffles, 24 vector
+// instructions for the 8 sums where 8 separate reductions take about 64, and the shuffles compete
+// with the FMAs for one port (about a tenth of a block's time at K = 576 went to the reductions).
+// [a's 256-bit halves added | b's]: 128-bit lanes (a0 + a2, a1 + a3, b0 + b2, b1 + b3).
+__attribute__((target("avx512f"))) inline __m512 add_256_halves(__m512 a, __m512 b) {
+  return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+}
+
+// For a and b from add_256_halves: 128-bit lanes (a0 + a1, a2 + a3, b0 + b1, b2 + b3).
+__attribute__((target("avx512f"))) inline __m512 add_128_halves(__m512 a, __m512 b) {
+  return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
+}
+
+// y[r * ldy] = the sum of acc[r]'s 16 lanes + bias, r = 0..7.
+__attribute__((target("avx512f"))) inline void store_sums8(const __m512 acc[8], float bias, float* y, int64_t ldy) {
+  // Lane L of low (high) holds the 4 partial sums of accumulator L (L + 4).
+  const __m512 low = add_128_halves(add_256_halves(acc[0], acc[1]), add_256_halves(acc[2], acc[3]));
+  const __m512 high = add_128_halves(add_256_halves(acc[4], acc[5]), add_256_halves(acc[6], acc[7]));
+  // Lane L: (low0 + low2, low1 + low3, high0 + high2, high1 + high3), then the two pairs added.
+  const __m512 pairs = _mm512_add_ps(_mm512_shuffle_ps(low, high, 0x44), _mm512_shuffle_ps(low, high, 0xEE));
+  const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(pairs, pairs, 0x88), _mm512_shuffle_ps(pairs, pairs, 0xDD));
+  alignas(64) float lanes[16];  // lane L: (sum L, sum L + 4, the same again)
+  _mm512_store_ps(lanes, sums);
+  for (int r = 0; r < 4; ++r) {
+    y[r * ldy] = lanes[4 * r] + bias;
+    y[(r + 4) * ldy] = lanes[4 * r + 1] + bias;
+  }
+}
+
 // acc[j][r] += x[m0 + r] . w[n + j] for the MB rows of x starting at m0 and NB rows of W at n.
 template <int NB, int MB>
 __attribute__((target("avx512f"))) void block_avx512(const Problem& p, int64_t n, int64_t m0) {
@@ -121,7 +157,12 @@ __attribute__((target("avx512f"))) void block_avx512(const Problem& p, int64_t n
   }
   for (int j = 0; j < NB; ++j) {
     const float b = p.bias ? p.bias[n + j] : 0.0f;
-    for (int r = 0; r < MB; ++r) p.y[(m0 + r) * p.ldy + n + j] = _mm512_reduce_add_ps(acc[j][r]) + b;
+    float* y = p.y + m0 * p.ldy + n + j;
+    if constexpr (MB == 8) {
+      store_sums8(acc[j], b, y, p.ldy);
+    } else {
+      for (int r = 0; r < MB; ++r) y[r * p.ldy] = _mm512_reduce_add_ps(acc[j][r]) + b;
+    }
   }
 }
 
@@ -242,6 +283,41 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const c10::opti
 
 }  // namespace
 
+// A contiguous share of the blocks, [front, back). Its own thread takes chunks from the front, in
+// order, so that its stream and prefetches run on from one chunk into the next; a thread that has
+// finished its own share takes chunks from the back of another's. Both ends live in one atomic word
+// (front in the low 32 bits), so a take is one compare-and-swap.
+//
+// Why not a static split: the two cores of a cloud VM do not run at one speed (a neighbour on a
+// core's sibling thread, the VM's own Python on one of them), and with halves fixed in advance the
+// faster core waited for the slower one at the end of every product: libgomp's barrier held 8.5% of
+// a generation's profile (bench/real_generation_profile.py on SmolLM2).
+class alignas(64) Share {
+ public:
+  void reset(int64_t front, int64_t back) { bounds_.store(pack(front, back), std::memory_order_relaxed); }
+
+  // Up to `chunk` blocks [lo, hi) from the front or the back; false when the share is empty.
+  bool take(bool from_front, int64_t chunk, int64_t& lo, int64_t& hi) {
+    uint64_t seen = bounds_.load(std::memory_order_relaxed);
+    while (true) {
+      const int64_t front = static_cast<int64_t>(seen & 0xffffffffu), back = static_cast<int64_t>(seen >> 32);
+      if (front >= back) return false;
+      const int64_t size = std::min(chunk, back - front);
+      lo = from_front ? front : back - size;
+      hi = lo + size;
+      // The blocks' outputs are published by the parallel region's closing barrier: relaxed is enough.
+      if (bounds_.compare_exchange_weak(seen, from_front ? pack(hi, back) : pack(front, lo), std::memory_order_relaxed))
+        return true;
+    }
+  }
+
+ private:
+  static uint64_t pack(int64_t front, int64_t back) {
+    return static_cast<uint64_t>(front) | static_cast<uint64_t>(back) << 32;
+  }
+  std::atomic<uint64_t> bounds_{0};
+};
+
 // y_j = x @ W_j^T (+ b_j) for every job j (decode_linear.h): one parallel region over the rows of
 // all the weights, so that a layer's q, k and v (or gate and up) products are one pass of threads.
 void decode_linears(const float* x, int64_t ldx, int64_t m, int64_t k, const LinearJob* jobs, int count) {
@@ -260,13 +336,29 @@ void decode_linears(const float* x, int64_t ldx, int64_t m, int64_t k, const Lin
         for (int64_t n = 0; n < p.n; ++n) p.y[r * p.ldy + n] = p.bias ? p.bias[n] : 0.0f;
     return;
   }
-  // Blocks never straddle two threads (a split inside one would fall back to 1-row blocks).
-  at::parallel_for(0, first_block.back(), kRowsPerTask / kWeightBlock, [&](int64_t begin, int64_t end) {
+  const int64_t blocks = first_block.back();
+  TORCH_CHECK(blocks < (int64_t{1} << 32), "decode_linears: ", blocks, " blocks of rows, more than a share can hold");
+  // Blocks [lo, hi) of the numbering across the jobs. Blocks never straddle two chunks (a split
+  // inside one would fall back to 1-row blocks).
+  auto run = [&](int64_t lo, int64_t hi) {
     for (int j = 0; j < count; ++j) {
-      const int64_t lo = std::max(begin, first_block[j]), hi = std::min(end, first_block[j + 1]);
-      if (lo < hi)
-        kernel(problems[j], kWeightBlock * (lo - first_block[j]),
-               std::min(kWeightBlock * (hi - first_block[j]), problems[j].n));
+      const int64_t begin = std::max(lo, first_block[j]), end = std::min(hi, first_block[j + 1]);
+      if (begin < end)
+        kernel(problems[j], kWeightBlock * (begin - first_block[j]),
+               std::min(kWeightBlock * (end - first_block[j]), problems[j].n));
+    }
+  };
+  const int64_t threads = std::clamp<int64_t>(blocks / kBlocksPerShare, 1, at::get_num_threads());
+  std::unique_ptr<Share[]> shares(new Share[threads]);
+  for (int64_t t = 0; t < threads; ++t) shares[t].reset(blocks * t / threads, blocks * (t + 1) / threads);
+  // One index per thread (parallel_for gives each of `threads` threads one; run inline, the first
+  // index takes every share).
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t owner = begin; owner < end; ++owner) {
+      int64_t lo, hi;
+      while (shares[owner].take(/*from_front=*/true, kBlocksPerChunk, lo, hi)) run(lo, hi);
+      for (int64_t i = 1; i < threads; ++i)
+        while (shares[(owner + i) % threads].take(/*from_front=*/false, kBlocksPerChunk, lo, hi)) run(lo, hi);
     }
   });
 }
