@@ -41,9 +41,17 @@ def _model(kind: str, vocab_size: int, **config):
     return model
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+# head_dim 12 runs the attention's portable loops; 16 and 64 its AVX-512 path where the CPU has one
+# (decode_layers.cpp, attend_group_avx512), 64 with 2 query heads per kv head, 16 with 3.
+SHAPES = {"hd12": {}, "hd64": dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1),
+          "hd16": dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=2)}
+
+
+@pytest.fixture(scope="module", params=[("llama", "hd12"), ("qwen2", "hd12"), ("llama", "hd64"), ("qwen2", "hd16")],
+                ids=lambda p: "-".join(p))
 def model(request, tokenizer):
-    return _model(request.param, len(tokenizer))
+    kind, shape = request.param
+    return _model(kind, len(tokenizer), **SHAPES[shape])
 
 
 def _decode_layers_calls(run):
@@ -188,3 +196,49 @@ def test_kernel_rejects_a_wrong_layer_weight(tokenizer):
     inputs["keys"][2] = inputs["keys"][2][:, :, :-1]  # a key buffer one column short
     with pytest.raises(RuntimeError, match="a key buffer must be"):
         torch.ops.gtalign_fast_C.decode_layers(**inputs)
+
+
+_PORTABLE_SCRIPT = """
+import sys
+import torch
+sys.path.insert(0, ".")
+from tests.test_native_decode import _attention_case
+out = torch.ops.gtalign_fast_C.decode_layers(**_attention_case())
+torch.save(out, sys.argv[1])
+"""
+
+
+def _attention_case():
+    """A step of a 2-layer model with head_dim 64 over 37 filled cache columns (two blocks of 16
+    and a tail), some hidden: random keys and values, a real rotation."""
+    torch.manual_seed(5)
+    model = _model("llama", 64, hidden_size=256, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
+    inputs = _kernel_inputs(model, rows=3, capacity=48, column=36)
+    inputs["keys"] = [torch.randn_like(k) for k in inputs["keys"]]
+    inputs["values"] = [torch.randn_like(v) for v in inputs["values"]]
+    angles = torch.rand(3, 32) * 6
+    inputs["cos"], inputs["sin"] = torch.cat([angles.cos()] * 2, 1), torch.cat([angles.sin()] * 2, 1)
+    inputs["visible"][0, 5:9] = False
+    inputs["visible"][2, 20] = False
+    return inputs
+
+
+def test_attentions_avx512_path_agrees_with_the_portable_loops(tmp_path):
+    """GTALIGN_FAST_DECODE_LAYERS_ISA=avx2 (a fresh process: read once) runs the portable attention;
+    here the default runs AVX-512 where the CPU has it. The two agree to float32 rounding (the
+    scores are summed in another order), and a bad value is refused by name."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "GTALIGN_FAST_DECODE_LAYERS_ISA": "avx2"}
+    path = tmp_path / "portable.pt"
+    done = subprocess.run([sys.executable, "-c", _PORTABLE_SCRIPT, str(path)], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    here = torch.ops.gtalign_fast_C.decode_layers(**_attention_case())
+    torch.testing.assert_close(here, torch.load(path), atol=1e-5, rtol=1e-5)
+    bad = subprocess.run([sys.executable, "-c", _PORTABLE_SCRIPT, str(path)], cwd=root, capture_output=True, text=True,
+                         env={**env, "GTALIGN_FAST_DECODE_LAYERS_ISA": "sse9"}, timeout=300)
+    assert bad.returncode != 0 and "must be avx512, avx2 or scalar" in bad.stderr

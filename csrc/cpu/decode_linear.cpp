@@ -28,6 +28,7 @@
 
 #include "decode_linear.h"
 #include "isa.h"
+#include "lane_sums.h"
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
 #define GTALIGN_X86 1
@@ -91,37 +92,6 @@ void rows_scalar(const Problem& p, int64_t n_begin, int64_t n_end) {
 #ifdef GTALIGN_X86
 
 // ---- AVX-512F -------------------------------------------------------------------------------
-
-// The horizontal sums of 8 accumulators at once, in the order _mm512_reduce_add_ps adds each one's
-// 16 lanes (upper 256 bits + lower, then upper 128 + lower, then lanes (0 + 2) + (1 + 3)), so the
-// results keep their bits: the pairs of accumulators share each level's shuffles, 24 vector
-// instructions for the 8 sums where 8 separate reductions take about 64, and the shuffles compete
-// with the FMAs for one port (about a tenth of a block's time at K = 576 went to the reductions).
-// [a's 256-bit halves added | b's]: 128-bit lanes (a0 + a2, a1 + a3, b0 + b2, b1 + b3).
-__attribute__((target("avx512f"))) inline __m512 add_256_halves(__m512 a, __m512 b) {
-  return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
-}
-
-// For a and b from add_256_halves: 128-bit lanes (a0 + a1, a2 + a3, b0 + b1, b2 + b3).
-__attribute__((target("avx512f"))) inline __m512 add_128_halves(__m512 a, __m512 b) {
-  return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
-}
-
-// y[r * ldy] = the sum of acc[r]'s 16 lanes + bias, r = 0..7.
-__attribute__((target("avx512f"))) inline void store_sums8(const __m512 acc[8], float bias, float* y, int64_t ldy) {
-  // Lane L of low (high) holds the 4 partial sums of accumulator L (L + 4).
-  const __m512 low = add_128_halves(add_256_halves(acc[0], acc[1]), add_256_halves(acc[2], acc[3]));
-  const __m512 high = add_128_halves(add_256_halves(acc[4], acc[5]), add_256_halves(acc[6], acc[7]));
-  // Lane L: (low0 + low2, low1 + low3, high0 + high2, high1 + high3), then the two pairs added.
-  const __m512 pairs = _mm512_add_ps(_mm512_shuffle_ps(low, high, 0x44), _mm512_shuffle_ps(low, high, 0xEE));
-  const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(pairs, pairs, 0x88), _mm512_shuffle_ps(pairs, pairs, 0xDD));
-  alignas(64) float lanes[16];  // lane L: (sum L, sum L + 4, the same again)
-  _mm512_store_ps(lanes, sums);
-  for (int r = 0; r < 4; ++r) {
-    y[r * ldy] = lanes[4 * r] + bias;
-    y[(r + 4) * ldy] = lanes[4 * r + 1] + bias;
-  }
-}
 
 // acc[j][r] += x[m0 + r] . w[n + j] for the MB rows of x starting at m0 and NB rows of W at n.
 template <int NB, int MB>
