@@ -51,12 +51,17 @@ constexpr int kWeightBlock = 3;
 // at K = 576), and is taken kBlocksPerChunk blocks (24 rows) at a time (see Share).
 constexpr int64_t kBlocksPerShare = 21;
 constexpr int64_t kBlocksPerChunk = 8;
-// Software prefetch distance: the rows of W this far ahead (at least kPrefetchRows rows and about
-// kPrefetchBytes) are requested while the current block is multiplied. One core keeps too few
-// misses in flight on its own: measured on the Xeon of issue 24 (one thread, a model's worth of
-// decode-shaped weights, machine loaded), 5.6 GB/s without, 9.4-10.5 GB/s with 4 to 12 rows ahead.
+// Software prefetches run in two streams ahead of the block being multiplied (one core keeps too
+// few misses in flight on its own: measured on the Xeon of issue 24, one thread, 5.6 GB/s without
+// prefetches, 9.4-10.5 GB/s with):
+// - far: the rows about kPrefetchBytes ahead (at least kPrefetchRows rows), into L2;
+// - near: the next block's rows (kWeightBlock ahead), into L1, so that a block starts on lines at hand.
+// Measured there (425 MB of [*, 576] weights, 8 rows of x, 2 threads, 3 interleaved rounds; the
+// standalone copy of this kernel): one stream of L1 prefetches 16 KB ahead, as before, 15.8-16.8 ms;
+// the two streams with the far one 32 KB ahead 13.3-13.6 ms, 64 KB ahead 13.1-13.5 ms, where one
+// row of x streams in 13.0 ms. At K = 1536 (down_proj) the two designs are level (16.8-17.5 ms).
 constexpr int64_t kPrefetchRows = 4;
-constexpr int64_t kPrefetchBytes = 16384;
+constexpr int64_t kPrefetchBytes = 65536;
 
 struct Problem {
   const float* x;
@@ -67,13 +72,13 @@ struct Problem {
   float* y;
   int64_t ldy;
   int64_t m, k;
-  int64_t n;              // rows of W
-  int64_t prefetch_rows;  // see kPrefetchBytes
+  int64_t n;         // rows of W
+  int64_t far_rows;  // see kPrefetchBytes
 };
 
-// The row of W that block row `row` prefetches (nullptr past the end: nothing to fetch).
-inline const float* prefetch_row(const Problem& p, int64_t row) {
-  return row + p.prefetch_rows < p.n ? p.w + (row + p.prefetch_rows) * p.ldw : nullptr;
+// The row of W `ahead` rows after row `row` (nullptr past the end: nothing to fetch).
+inline const float* row_ahead(const Problem& p, int64_t row, int64_t ahead) {
+  return row + ahead < p.n ? p.w + (row + ahead) * p.ldw : nullptr;
 }
 
 // Plain C++: any CPU. One output at a time, sequential sum over k.
@@ -91,6 +96,27 @@ void rows_scalar(const Problem& p, int64_t n_begin, int64_t n_end) {
 
 #ifdef GTALIGN_X86
 
+// The far and near prefetch rows of the NB rows of W at `n`, on the first pass over x's rows only
+// (a second pass, M > 8, finds the block in L1).
+template <int NB>
+struct Ahead {
+  const float* far[NB];
+  const float* near[NB];
+  Ahead(const Problem& p, int64_t n, int64_t m0) {
+    for (int j = 0; j < NB; ++j) {
+      far[j] = m0 == 0 ? row_ahead(p, n + j, p.far_rows) : nullptr;
+      near[j] = m0 == 0 ? row_ahead(p, n + j, kWeightBlock) : nullptr;
+    }
+  }
+  // Request the 64-byte line at column i of every row ahead.
+  void fetch(int64_t i) const {
+    for (int j = 0; j < NB; ++j) {
+      if (far[j]) _mm_prefetch(reinterpret_cast<const char*>(far[j] + i), _MM_HINT_T1);
+      if (near[j]) _mm_prefetch(reinterpret_cast<const char*>(near[j] + i), _MM_HINT_T0);
+    }
+  }
+};
+
 // ---- AVX-512F -------------------------------------------------------------------------------
 
 // acc[j][r] += x[m0 + r] . w[n + j] for the MB rows of x starting at m0 and NB rows of W at n.
@@ -102,12 +128,10 @@ __attribute__((target("avx512f"))) void block_avx512(const Problem& p, int64_t n
   const float* w[NB];
   for (int j = 0; j < NB; ++j) w[j] = p.w + (n + j) * p.ldw;
   const float* x = p.x + m0 * p.ldx;
-  const float* ahead[NB];  // prefetched on the first pass over x's rows only
-  for (int j = 0; j < NB; ++j) ahead[j] = m0 == 0 ? prefetch_row(p, n + j) : nullptr;
+  const Ahead<NB> ahead(p, n, m0);
   int64_t i = 0;
   for (; i + 16 <= p.k; i += 16) {
-    for (int j = 0; j < NB; ++j)
-      if (ahead[j]) _mm_prefetch(reinterpret_cast<const char*>(ahead[j] + i), _MM_HINT_T0);
+    ahead.fetch(i);
     __m512 wv[NB];
     for (int j = 0; j < NB; ++j) wv[j] = _mm512_loadu_ps(w[j] + i);
     for (int r = 0; r < MB; ++r) {
@@ -176,13 +200,10 @@ __attribute__((target("avx2,fma"))) void block_avx2(const Problem& p, int64_t n,
   const float* w[NB];
   for (int j = 0; j < NB; ++j) w[j] = p.w + (n + j) * p.ldw;
   const float* x = p.x + m0 * p.ldx;
-  const float* ahead[NB];
-  for (int j = 0; j < NB; ++j) ahead[j] = m0 == 0 ? prefetch_row(p, n + j) : nullptr;
+  const Ahead<NB> ahead(p, n, m0);
   int64_t i = 0;
   for (; i + 8 <= p.k; i += 8) {
-    if ((i & 15) == 0)  // one prefetch per 64-byte line
-      for (int j = 0; j < NB; ++j)
-        if (ahead[j]) _mm_prefetch(reinterpret_cast<const char*>(ahead[j] + i), _MM_HINT_T0);
+    if ((i & 15) == 0) ahead.fetch(i);  // one prefetch per 64-byte line
     __m256 wv[NB];
     for (int j = 0; j < NB; ++j) wv[j] = _mm256_loadu_ps(w[j] + i);
     for (int r = 0; r < MB; ++r) {
