@@ -72,13 +72,22 @@ struct Problem {
   float* y;
   int64_t ldy;
   int64_t m, k;
-  int64_t n;         // rows of W
-  int64_t far_rows;  // see kPrefetchBytes
+  int64_t n;             // rows of W
+  int64_t far_rows;      // see kPrefetchBytes
+  const Problem* after;  // the call's next weight (nullptr: none), whose rows follow W's in the stream
 };
 
-// The row of W `ahead` rows after row `row` (nullptr past the end: nothing to fetch).
+// The row `ahead` rows after row `row` of W, read on into the weights after it (one call's weights
+// multiply the same x, so their rows are as long): the prefetches run on across q / k / v and gate /
+// up. nullptr past the last: nothing to fetch.
 inline const float* row_ahead(const Problem& p, int64_t row, int64_t ahead) {
-  return row + ahead < p.n ? p.w + (row + ahead) * p.ldw : nullptr;
+  const Problem* weight = &p;
+  int64_t at = row + ahead;
+  while (weight && at >= weight->n) {
+    at -= weight->n;
+    weight = weight->after;
+  }
+  return weight ? weight->w + at * weight->ldw : nullptr;
 }
 
 // Plain C++: any CPU. One output at a time, sequential sum over k.
@@ -309,17 +318,31 @@ class alignas(64) Share {
   std::atomic<uint64_t> bounds_{0};
 };
 
+// The blocks of kWeightBlock rows of a call's weights, numbered across its jobs (blocks never
+// straddle two jobs), and how many threads share them (each at least kBlocksPerShare blocks).
+struct Blocks {
+  std::vector<int64_t> first{0};  // first[j]: job j's first block; first[count]: every block
+  int64_t threads = 1;
+
+  Blocks(const LinearJob* jobs, int count) {
+    for (int j = 0; j < count; ++j) first.push_back(first.back() + (jobs[j].n + kWeightBlock - 1) / kWeightBlock);
+    threads = std::clamp<int64_t>(total() / kBlocksPerShare, 1, at::get_num_threads());
+  }
+  int64_t total() const { return first.back(); }
+  int64_t share_begin(int64_t owner) const { return total() * owner / threads; }
+};
+
 // y_j = x @ W_j^T (+ b_j) for every job j (decode_linear.h): one parallel region over the rows of
 // all the weights, so that a layer's q, k and v (or gate and up) products are one pass of threads.
 void decode_linears(const float* x, int64_t ldx, int64_t m, int64_t k, const LinearJob* jobs, int count) {
   static const RowsKernel kernel = pick_kernel();
-  std::vector<Problem> problems;
-  std::vector<int64_t> first_block{0};  // blocks of kWeightBlock rows of W, numbered across the jobs
+  const Blocks blocks(jobs, count);
+  std::vector<Problem> problems(count);
+  const int64_t far_rows = std::max<int64_t>(kPrefetchRows, kPrefetchBytes / std::max<int64_t>(1, k * 4));
   for (int j = 0; j < count; ++j) {
     const LinearJob& job = jobs[j];
-    problems.push_back(Problem{x, ldx, job.w, job.ldw, job.bias, job.y, job.ldy, m, k, job.n,
-                               std::max<int64_t>(kPrefetchRows, kPrefetchBytes / std::max<int64_t>(1, job.ldw * 4))});
-    first_block.push_back(first_block.back() + (job.n + kWeightBlock - 1) / kWeightBlock);
+    problems[j] = Problem{x, ldx, job.w, job.ldw, job.bias, job.y, job.ldy, m, k, job.n, far_rows,
+                          j + 1 < count ? &problems[j + 1] : nullptr};
   }
   if (k == 0) {  // an empty sum: y = b
     for (const Problem& p : problems)
@@ -327,21 +350,21 @@ void decode_linears(const float* x, int64_t ldx, int64_t m, int64_t k, const Lin
         for (int64_t n = 0; n < p.n; ++n) p.y[r * p.ldy + n] = p.bias ? p.bias[n] : 0.0f;
     return;
   }
-  const int64_t blocks = first_block.back();
-  TORCH_CHECK(blocks < (int64_t{1} << 32), "decode_linears: ", blocks, " blocks of rows, more than a share can hold");
+  TORCH_CHECK(blocks.total() < (int64_t{1} << 32), "decode_linears: ", blocks.total(),
+              " blocks of rows, more than a share can hold");
   // Blocks [lo, hi) of the numbering across the jobs. Blocks never straddle two chunks (a split
   // inside one would fall back to 1-row blocks).
   auto run = [&](int64_t lo, int64_t hi) {
     for (int j = 0; j < count; ++j) {
-      const int64_t begin = std::max(lo, first_block[j]), end = std::min(hi, first_block[j + 1]);
+      const int64_t begin = std::max(lo, blocks.first[j]), end = std::min(hi, blocks.first[j + 1]);
       if (begin < end)
-        kernel(problems[j], kWeightBlock * (begin - first_block[j]),
-               std::min(kWeightBlock * (end - first_block[j]), problems[j].n));
+        kernel(problems[j], kWeightBlock * (begin - blocks.first[j]),
+               std::min(kWeightBlock * (end - blocks.first[j]), problems[j].n));
     }
   };
-  const int64_t threads = std::clamp<int64_t>(blocks / kBlocksPerShare, 1, at::get_num_threads());
+  const int64_t threads = blocks.threads;
   std::unique_ptr<Share[]> shares(new Share[threads]);
-  for (int64_t t = 0; t < threads; ++t) shares[t].reset(blocks * t / threads, blocks * (t + 1) / threads);
+  for (int64_t t = 0; t < threads; ++t) shares[t].reset(blocks.share_begin(t), blocks.share_begin(t + 1));
   // One index per thread (parallel_for gives each of `threads` threads one; run inline, the first
   // index takes every share).
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
