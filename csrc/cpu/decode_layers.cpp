@@ -192,6 +192,21 @@ GTALIGN_ALWAYS_INLINE float softmax_weights(const float* scores, const bool* see
   return total;
 }
 
+// weights[g] = the softmax of scores[g] over the seen columns and inverse[g] = 1 / its sum, for the
+// `group` rows of scores [group, count]; a row that sees no column gets zero weights and inverse 0.
+GTALIGN_ALWAYS_INLINE void softmax_rows(const float* scores, const bool* seen, int64_t group, int64_t count,
+                                        float* weights, float* inverse) {
+  for (int64_t g = 0; g < group; ++g) {
+    const float top = *std::max_element(scores + g * count, scores + (g + 1) * count);
+    if (top == -kInfF32) {
+      std::fill_n(weights + g * count, count, 0.0f);
+      inverse[g] = 0.0f;
+      continue;
+    }
+    inverse[g] = 1.0f / softmax_weights(scores + g * count, seen, count, top, weights + g * count);
+  }
+}
+
 // Request one row of a cache (head_dim floats) ahead of its use, a line at a time.
 GTALIGN_ALWAYS_INLINE void prefetch_row(const float* row, int64_t floats) {
   constexpr int64_t kLine = 16;  // floats per 64-byte line
@@ -215,15 +230,7 @@ GTALIGN_CPU_CLONES void attend_group(const float* q, int64_t group, const float*
       scores[g * count + j] = seen[j] ? scaling * dot(q + g * head_dim, keys + j * head_dim, head_dim) : -kInfF32;
   }
   std::fill_n(o, group * head_dim, 0.0f);
-  for (int64_t g = 0; g < group; ++g) {
-    const float top = *std::max_element(scores + g * count, scores + (g + 1) * count);
-    if (top == -kInfF32) {
-      std::fill_n(weights + g * count, count, 0.0f);
-      inverse[g] = 0.0f;
-      continue;
-    }
-    inverse[g] = 1.0f / softmax_weights(scores + g * count, seen, count, top, weights + g * count);
-  }
+  softmax_rows(scores, seen, group, count, weights, inverse);
   for (int64_t j = 0; j < count; ++j) {
     if (next_values) prefetch_row(next_values + j * head_dim, head_dim);
     if (!seen[j]) continue;
@@ -313,15 +320,7 @@ __attribute__((target("avx512f"))) void attend_group_avx512(const float* q, int6
     seen_masks[j0 / 16] = m;
   }
   scores_avx512<D>(q, group, keys, seen_masks, count, scaling, scores, next_keys);
-  for (int64_t g = 0; g < group; ++g) {
-    const float top = *std::max_element(scores + g * count, scores + (g + 1) * count);
-    if (top == -kInfF32) {
-      std::fill_n(weights + g * count, count, 0.0f);
-      inverse[g] = 0.0f;
-      continue;
-    }
-    inverse[g] = 1.0f / softmax_weights(scores + g * count, seen, count, top, weights + g * count);
-  }
+  softmax_rows(scores, seen, group, count, weights, inverse);
   constexpr int kMaxHeads = D == 1 ? 4 : 16 / D;  // heads per pass over the values: at most 16 accumulators
   for (int64_t first = 0; first < group; first += kMaxHeads) {
     const float* ahead = first == 0 ? next_values : nullptr;
