@@ -216,7 +216,9 @@ GTALIGN_ALWAYS_INLINE void prefetch_row(const float* row, int64_t floats) {
 // The `group` query heads q [group, head_dim] that share one kv head: o[g] = softmax_j(scaling *
 // q[g] . keys[j]) @ values[j] over the columns j <= column that `seen` marks (keys / values: that kv
 // head's [capacity, head_dim] rows). Each key and value row is read once for the whole group.
-// scratch: (2 * (column + 1) + 1) * group floats. A head that sees no column gets zeros.
+// scratch: (2 * (column + 1) + 1) * group floats, and column / 16 + 2 more for attend_group_avx512's
+// masks. A head that sees no column gets zeros. next_keys / next_values (or nullptr): the next task's
+// rows, prefetched a row at a time alongside this task's.
 GTALIGN_CPU_CLONES void attend_group(const float* q, int64_t group, const float* keys, const float* values,
                                      const bool* seen, int64_t column, int64_t head_dim, float scaling, float* scratch,
                                      float* o, const float* next_keys, const float* next_values) {
@@ -245,7 +247,8 @@ GTALIGN_CPU_CLONES void attend_group(const float* q, int64_t group, const float*
 // scores[g * count + j] = scaling * q[g] . keys[j] (or -inf where !seen[j]), 16 columns at a time.
 template <int D>
 __attribute__((target("avx512f"))) void scores_avx512(const float* q, int64_t group, const float* keys,
-                                                     const uint16_t* seen_masks, int64_t count, float scaling, float* scores, const float* next_keys) {
+                                                     const uint16_t* seen_masks, int64_t count, float scaling,
+                                                     float* scores, const float* next_keys) {
   constexpr int64_t kHeadDim = 16 * D;
   const __m512 scale = _mm512_set1_ps(scaling), minus_inf = _mm512_set1_ps(-kInfF32);
   for (int64_t g = 0; g < group; ++g) {
@@ -259,7 +262,8 @@ __attribute__((target("avx512f"))) void scores_avx512(const float* q, int64_t gr
       for (int c = 0; c < 16; ++c) {
         if (c < live) {
           acc[c] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k + c * kHeadDim));
-          for (int d = 1; d < D; ++d) acc[c] = _mm512_fmadd_ps(qv[d], _mm512_loadu_ps(k + c * kHeadDim + 16 * d), acc[c]);
+          for (int d = 1; d < D; ++d)
+            acc[c] = _mm512_fmadd_ps(qv[d], _mm512_loadu_ps(k + c * kHeadDim + 16 * d), acc[c]);
         } else {
           acc[c] = _mm512_setzero_ps();
         }
@@ -313,7 +317,9 @@ __attribute__((target("avx512f"))) void attend_group_avx512(const float* q, int6
   float* scores = scratch;
   float* weights = scratch + group * count;
   float* inverse = weights + group * count;
-  uint16_t* seen_masks = reinterpret_cast<uint16_t*>(inverse + group);  // bit c: column 16 * i + c is seen
+  // Bit c of mask i: column 16 * i + c is seen (in the scratch floats after inverse, only ever
+  // read and written as uint16_t).
+  uint16_t* seen_masks = reinterpret_cast<uint16_t*>(inverse + group);
   for (int64_t j0 = 0; j0 < count; j0 += 16) {
     uint16_t m = 0;
     for (int64_t c = 0; c < 16 && j0 + c < count; ++c) m |= static_cast<uint16_t>(seen[j0 + c]) << c;
@@ -327,8 +333,12 @@ __attribute__((target("avx512f"))) void attend_group_avx512(const float* q, int6
     switch (std::min<int64_t>(kMaxHeads, group - first)) {
       case 1: mix_avx512<D, 1>(weights, first, values, seen, count, inverse, o, ahead); break;
       case 2: mix_avx512<D, 2>(weights, first, values, seen, count, inverse, o, ahead); break;
-      case 3: if constexpr (kMaxHeads >= 3) mix_avx512<D, 3>(weights, first, values, seen, count, inverse, o, ahead); break;
-      default: if constexpr (kMaxHeads >= 4) mix_avx512<D, 4>(weights, first, values, seen, count, inverse, o, ahead); break;
+      case 3:
+        if constexpr (kMaxHeads >= 3) mix_avx512<D, 3>(weights, first, values, seen, count, inverse, o, ahead);
+        break;
+      default:
+        if constexpr (kMaxHeads >= 4) mix_avx512<D, 4>(weights, first, values, seen, count, inverse, o, ahead);
+        break;
     }
   }
 }
@@ -383,9 +393,9 @@ void attention(const Dims& d, const float* q, const float* keys, const float* va
       const bool ahead = next < tasks;
       const int64_t lane = task / d.kv_heads;
       attend(q + task * group * d.head_dim, group, keys + task * stride, values + task * stride,
-                   visible + lane * d.capacity, d.column, d.head_dim, scaling, scratch.data(),
-                   out + task * group * d.head_dim, ahead ? keys + next * stride : nullptr,
-                   ahead ? values + next * stride : nullptr);
+             visible + lane * d.capacity, d.column, d.head_dim, scaling, scratch.data(),
+             out + task * group * d.head_dim, ahead ? keys + next * stride : nullptr,
+             ahead ? values + next * stride : nullptr);
       task = next;
     }
   });

@@ -20,9 +20,9 @@
 
 #include <algorithm>
 #include <atomic>
-#include <memory>
 #include <cstdint>
 #include <cstdlib>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -55,7 +55,8 @@ constexpr int64_t kBlocksPerChunk = 8;
 // few misses in flight on its own: measured on the Xeon of issue 24, one thread, 5.6 GB/s without
 // prefetches, 9.4-10.5 GB/s with):
 // - far: the rows about kPrefetchBytes ahead (at least kPrefetchRows rows), into L2;
-// - near: the next block's rows (kWeightBlock ahead), into L1, so that a block starts on lines at hand.
+// - near: the rows kWeightBlock ahead (the next AVX-512 block), into L1, so that a block starts on
+//   lines at hand.
 // Measured there (425 MB of [*, 576] weights, 8 rows of x, 2 threads, 3 interleaved rounds; the
 // standalone copy of this kernel): one stream of L1 prefetches 16 KB ahead, as before, 15.8-16.8 ms;
 // the two streams with the far one 32 KB ahead 13.3-13.6 ms, 64 KB ahead 13.1-13.5 ms, where one
