@@ -11,7 +11,6 @@ outgrew it; the rows show instead how much each row adds (README, "Where the tim
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -37,7 +36,7 @@ def _seconds(call, repeats: int) -> float:
 
 
 def main() -> None:
-    from bench.run import device_name, device_slug, environment
+    from bench.run import write_side_result
     from gtalign_fast.ops._op import extension_kernel
 
     linear = extension_kernel("decode_linear", torch.device("cpu"))
@@ -63,14 +62,8 @@ def main() -> None:
         hot_gflops[m] = 2 * m * hot.numel() / _seconds(lambda: linear(x, hot, None), 2000) / 1e9
     torch.set_num_threads(threads)
     print("one thread, L2-resident weight, GFLOP/s:", hot_gflops)
-    device = torch.device("cpu")
-    result = {"suite": "decode-linear-rows", "environment": environment(device), "weight_MB": WEIGHT_MB,
-              "k": k, "rounds": ROUNDS, "rows": rows, "hot_one_thread_GFLOPs": hot_gflops}
-    name = f"{device_slug(device_name(device))}-decode-linear-rows.json"
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
-    with open(path, "w") as handle:
-        json.dump(result, handle, indent=1)
-    print("wrote", path)
+    write_side_result("decode-linear-rows", {"weight_MB": WEIGHT_MB, "k": k, "rounds": ROUNDS, "rows": rows,
+                                             "hot_one_thread_GFLOPs": hot_gflops})
 
 
 if __name__ == "__main__":

@@ -58,10 +58,8 @@ def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--variant":
         print(json.dumps(_measure(sys.argv[2])))
         return
-    import torch
-
     from bench.cases_real import GRPO
-    from bench.run import device_name, device_slug, environment
+    from bench.run import write_side_result
 
     rows = []
     for variant in VARIANTS:  # one fresh process each
@@ -69,13 +67,7 @@ def main() -> None:
                              check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(rows[-1])
-    device = torch.device("cpu")
-    result = {"suite": "real-peak-rss", "environment": environment(device), "grpo": GRPO, "rows": rows}
-    name = f"{device_slug(device_name(device))}-real-peak-rss.json"
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
-    with open(path, "w") as handle:
-        json.dump(result, handle, indent=1)
-    print("wrote", path)
+    write_side_result("real-peak-rss", {"grpo": GRPO, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -110,6 +110,18 @@ def environment(device: torch.device) -> dict:
     }
 
 
+def write_side_result(suite: str, fields: dict, device: torch.device = torch.device("cpu")) -> str:
+    """Write a side script's result (``bench/decode_linear_rows.py``, ``bench/real_peak_rss.py``) as
+    ``bench/results/<device>-<suite>.json``: ``{"suite", "environment", **fields}``. Returns the path."""
+    result = {"suite": suite, "environment": environment(device), **fields}
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                        f"{device_slug(device_name(device))}-{suite}.json")
+    with open(path, "w") as handle:
+        json.dump(result, handle, indent=1)
+    print("wrote", path)
+    return path
+
+
 def measure_limits(device: torch.device) -> dict:
     """Measure this device's copy bandwidth (bytes read + written per second) and matmul rate."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
